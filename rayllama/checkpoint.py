@@ -1,0 +1,340 @@
+"""Checkpoints as Hugging Face Llama directories, written atomically.
+
+One on-disk format for every stage (pretrain, SFT, reward, PPO) and for import/export:
+
+    config.json          HF LlamaConfig (LlamaForCausalLM, or LlamaForSequenceClassification with num_labels 1)
+    model.safetensors    the state dict, whose keys already are HF's
+    tokenizer.model      SentencePiece model (copied, if given)
+    rayllama.json        our meta: kind ("causal" | "scalar"), step, whatever the caller passes
+    train_state.pt       optimizer / scheduler / RNG / data position (torch.save), if given
+
+Atomicity: everything is written into a sibling temp dir `.<name>.tmp-<pid>`, each file and the dir fsynced,
+then renamed into place. An existing target is first renamed aside to `.<name>.old-<pid>` and removed only
+after the new one is in place. A kill at any moment therefore leaves a complete old or new checkpoint: if
+it lands between the two renames, the loaders here find the complete `.old-` copy (`resolve`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rayllama.model import ModelConfig, ScalarHeadModel, Transformer
+
+CONFIG, WEIGHTS, TOKENIZER, META, TRAIN_STATE = (
+    "config.json", "model.safetensors", "tokenizer.model", "rayllama.json", "train_state.pt")
+SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX = (
+    "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+ARCHITECTURES = {"causal": "LlamaForCausalLM", "scalar": "LlamaForSequenceClassification"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, incomplete or inconsistent with its config."""
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def hf_config_dict(cfg: ModelConfig, kind: str = "causal", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The HF LlamaConfig for `cfg` (what `LlamaConfig.to_dict()` would hold for our fields)."""
+    if kind not in ARCHITECTURES:
+        raise ValueError(f"checkpoint kind {kind!r} is not one of {sorted(ARCHITECTURES)}")
+    dtype_name = str(dtype).removeprefix("torch.")
+    out: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[kind]],
+        "model_type": "llama",
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "max_position_embeddings": cfg.max_seq_len,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    if kind == "scalar":
+        out.update(num_labels=1, pad_token_id=0, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    return out
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """ModelConfig from an HF Llama config.json dict; CheckpointError (a ValueError) for what we cannot run."""
+    if hf.get("model_type", "llama") != "llama":
+        raise CheckpointError(f"config model_type {hf.get('model_type')!r} is not 'llama'; only Llama is supported")
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if key not in hf:
+            raise CheckpointError(f"config.json lacks {key!r}; it is not a Llama config (re-export it)")
+    unsupported = [k for k in ("attention_bias", "mlp_bias") if hf.get(k)]
+    if unsupported or hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"config uses {unsupported or hf.get('hidden_act')}; rayllama supports "
+                              f"bias-free Llama with silu only")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise CheckpointError(f"config rope_type {rope_type!r} is not supported; rayllama implements plain RoPE")
+    cfg = ModelConfig(
+        dim=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        vocab_size=hf["vocab_size"],
+        ffn_dim=hf["intermediate_size"],
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        max_seq_len=hf.get("max_position_embeddings", 4096),
+    )
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise CheckpointError(f"config.json: {e}") from None
+    if hf.get("head_dim") not in (None, cfg.head_dim):
+        raise CheckpointError(f"config head_dim {hf['head_dim']} != hidden_size / num_attention_heads "
+                              f"({cfg.head_dim}); rayllama needs the standard head_dim")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- save
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _siblings(target: Path, tag: str) -> list[Path]:
+    """`.<name>.<tag>-<pid>` dirs next to target, newest first."""
+    found = [p for p in target.parent.glob(f".{target.name}.{tag}-*") if p.is_dir()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _remove_stale(target: Path) -> None:
+    """Remove temp/aside dirs left by dead writers (never those of a live process)."""
+    for tag in ("tmp", "old"):
+        for p in _siblings(target, tag):
+            pid = p.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or int(pid) == os.getpid() or not _pid_alive(int(pid)):
+                if tag == "old" and not target.exists():
+                    continue  # the only complete copy: resolve() loads it, the next save replaces it
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def save_model(path: str | Path, model: Transformer | ScalarHeadModel, cfg: ModelConfig, *,
+               tokenizer_model: str | Path | None = None, meta: dict[str, Any] | None = None,
+               train_state: dict[str, Any] | None = None) -> Path:
+    """Write `model` as an HF Llama directory at `path`, atomically (see module docstring). Returns path."""
+    if not isinstance(model, Transformer | ScalarHeadModel):
+        raise TypeError(f"save_model wants a Transformer or ScalarHeadModel, got {type(model).__name__}")
+    kind = "scalar" if isinstance(model, ScalarHeadModel) else "causal"
+    if tokenizer_model is not None and not Path(tokenizer_model).is_file():
+        raise CheckpointError(f"tokenizer_model {tokenizer_model} does not exist; pass the .model file or None")
+    target = Path(path).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    aside = target.parent / f".{target.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        dtype = next(iter(state.values())).dtype
+        save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
+        _write_json(tmp / CONFIG, hf_config_dict(cfg, kind, dtype))
+        if tokenizer_model is not None:
+            shutil.copyfile(tokenizer_model, tmp / TOKENIZER)
+        if train_state is not None:
+            torch.save(train_state, tmp / TRAIN_STATE)
+        _write_json(tmp / META, {**(meta or {}), "kind": kind})
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+        if target.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(target, aside)
+        os.rename(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if aside.exists() and not target.exists():
+            os.rename(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    _remove_stale(target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+def resolve(path: str | Path) -> Path:
+    """The directory to read for `path`: itself, or the complete copy a save killed mid-swap left aside."""
+    target = Path(path).absolute()
+    if target.is_dir():
+        return target
+    for old in _siblings(target, "old"):
+        if is_complete(old):
+            return old
+    raise CheckpointError(f"checkpoint {target} does not exist; check the path (or train that stage first)")
+
+
+def _check_safetensors(file: Path) -> None:
+    """Header check: 8-byte little-endian n, n bytes of JSON, then exactly max(data_offsets) bytes of data."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size:
+                raise ValueError
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt); "
+                              f"re-save or re-download the checkpoint") from None
+    if size != 8 + n + end:
+        raise CheckpointError(f"{file} is truncated ({size} bytes, header says {8 + n + end}); "
+                              f"re-save or re-download the checkpoint")
+
+
+def _weight_files(d: Path) -> list[Path]:
+    """The weight files of `d` (one safetensors, a sharded safetensors index, or pytorch_model.bin[.index])."""
+    if (d / WEIGHTS).is_file():
+        return [d / WEIGHTS]
+    for index_name in (SAFETENSORS_INDEX, TORCH_BIN_INDEX):
+        if (d / index_name).is_file():
+            try:
+                weight_map = json.loads((d / index_name).read_text())["weight_map"]
+            except (ValueError, KeyError):
+                raise CheckpointError(f"{d / index_name} is unreadable; re-save the checkpoint") from None
+            files = [d / name for name in sorted(set(weight_map.values()))]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{d} lacks shards {missing} named in {index_name}; copy them in")
+            return files
+    if (d / TORCH_BIN).is_file():
+        return [d / TORCH_BIN]
+    raise CheckpointError(f"{d} has no {WEIGHTS} (nor sharded/pytorch_model.bin weights); "
+                          f"the save did not finish, re-save it")
+
+
+def _read_config(d: Path) -> dict[str, Any]:
+    if not (d / CONFIG).is_file():
+        raise CheckpointError(f"{d} has no {CONFIG}; it is not a (complete) checkpoint, re-save it")
+    try:
+        return json.loads((d / CONFIG).read_text())
+    except ValueError:
+        raise CheckpointError(f"{d / CONFIG} is not valid JSON; re-save the checkpoint") from None
+
+
+def is_complete(path: str | Path) -> bool:
+    """True if `path` holds a readable config and weight files that are all present and not truncated."""
+    d = Path(path)
+    try:
+        config_from_hf(_read_config(d))
+        for f in _weight_files(d):
+            if f.suffix == ".safetensors":
+                _check_safetensors(f)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _load_state(d: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in _weight_files(d):
+        if f.suffix == ".safetensors":
+            _check_safetensors(f)
+            try:
+                state.update(load_file(f))
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+                raise CheckpointError(f"{f} could not be read ({e}); re-save the checkpoint") from None
+        else:
+            state.update(torch.load(f, map_location="cpu", weights_only=True))
+    return state
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               ) -> tuple[Transformer | ScalarHeadModel, ModelConfig, dict[str, Any]]:
+    """(model, cfg, meta) from a directory written by `save_model` or by transformers' `save_pretrained`.
+
+    Builds a ScalarHeadModel for LlamaForSequenceClassification (num_labels 1), else a Transformer;
+    weights are cast to `dtype` and placed on `device`; the model is returned in train mode.
+    """
+    d = resolve(path)
+    hf = _read_config(d)
+    cfg = config_from_hf(hf)
+    arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
+    kind = "scalar" if arch == ARCHITECTURES["scalar"] else "causal"
+    n_labels = hf.get("num_labels", len(hf.get("id2label") or {}) or 2)  # HF's default is 2 labels
+    if kind == "scalar" and n_labels != 1:
+        raise CheckpointError(f"{d / CONFIG}: sequence classifier has num_labels {n_labels}; reward models need 1")
+    state = _load_state(d)
+    if kind == "causal" and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()  # tied in the source, untied here
+    with torch.device("meta"):
+        model = ScalarHeadModel(cfg) if kind == "scalar" else Transformer(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{d}: weights lack {missing[:3]} / have unexpected {unexpected[:3]} "
+                              f"for a {arch}; the weights do not match config.json, re-export the checkpoint")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != shape:
+            raise CheckpointError(f"{d}: tensor {k} has shape {tuple(state[k].shape)} but config.json implies "
+                                  f"{shape}; the weights do not match config.json, re-export the checkpoint")
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    meta: dict[str, Any] = {"kind": kind}
+    if (d / META).is_file():
+        meta.update(json.loads((d / META).read_text()))
+    return model, cfg, meta
+
+
+def load_train_state(path: str | Path) -> dict[str, Any] | None:
+    """The `train_state` dict saved with the checkpoint, or None. Uses pickle: load only your own files."""
+    f = resolve(path) / TRAIN_STATE
+    if not f.is_file():
+        return None
+    return torch.load(f, map_location="cpu", weights_only=False)

@@ -1,0 +1,270 @@
+"""SentencePiece BPE tokenizer as Llama 2 uses it, and the Llama-2-chat template.
+
+Training settings follow Llama 2's tokenizer: BPE, byte fallback (no unknown characters), digits split into single
+pieces, ``identity`` normalisation with a dummy prefix and no whitespace squashing (so text round-trips exactly,
+newlines included), ids unk 0 / bos 1 / eos 2 and no pad piece. The four chat tags are user-defined symbols, so
+each costs one piece in a tiny vocabulary.
+
+Chat template (Meta's ``Llama.chat_completion``): a leading system message is folded into the first user turn as
+``<<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user}``; each answered turn is
+``[bos] + encode(f"[INST] {user.strip()} [/INST] {answer.strip()} ") + [eos]`` and a final unanswered turn
+``[bos] + encode(f"[INST] {user.strip()} [/INST]")``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
+ROLES = ("system", "user", "assistant")
+N_BYTE_PIECES = 256
+REQUIRED_CHARS = "".join(chr(c) for c in range(33, 127))  # printable ASCII but space (space is "▁")
+
+
+class DialogError(ValueError):
+    """A dialogue that breaks the chat template's rules (the message names the index and the rule)."""
+
+
+def _sentences(texts: Iterable[str | os.PathLike], max_bytes: int) -> Iterator[str]:
+    """Lines of the texts (or of the files, for paths), skipping empty ones; longer lines are cut to max_bytes."""
+    for item in texts:
+        if isinstance(item, os.PathLike):
+            path = Path(item)
+            if not path.is_file():
+                raise ValueError(f"tokenizer training file {path} does not exist; pass existing text files or strings")
+            text = path.read_text(encoding="utf-8")
+        elif isinstance(item, str):
+            text = item
+        else:
+            raise ValueError(f"tokenizer training input {item!r:.60} is not a str or path; pass strings or paths")
+        for line in text.splitlines():
+            if line.strip():
+                yield line.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
+
+
+def train_tokenizer(
+    texts: Iterable[str] | Sequence[os.PathLike],
+    model_prefix: str | os.PathLike,
+    vocab_size: int,
+    *,
+    max_sentence_length: int = 4192,
+    input_sentence_size: int = 1_000_000,
+    num_threads: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Train a Llama-style SentencePiece BPE model; returns ``{model_prefix}.model`` (``.vocab`` beside it).
+
+    Every non-empty line of the texts is one training sentence (at most ``max_sentence_length`` bytes; longer
+    lines are truncated); at most ``input_sentence_size`` lines are kept, sampled with ``seed``. The model is
+    trained in a temp directory and renamed into place, so a crash leaves no half-written file.
+    """
+    n_fixed = 3 + len(SPECIAL_TAGS) + N_BYTE_PIECES + len(REQUIRED_CHARS)  # specials, tags, bytes, ASCII
+    if vocab_size <= n_fixed:
+        raise ValueError(f"vocab_size {vocab_size} leaves no room for learned pieces (needs > {n_fixed}); use e.g. 4000")
+    prefix = Path(model_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    sentences = list(_sentences(texts, max_sentence_length))
+    if not sentences:
+        raise ValueError("tokenizer training text is empty; pass non-empty strings or text files")
+    if len(sentences) > input_sentence_size:
+        sentences = random.Random(seed).sample(sentences, input_sentence_size)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{prefix.name}.", dir=prefix.parent))
+    try:
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(sentences),
+                model_prefix=str(tmp_dir / "sp"),
+                model_type="bpe",
+                vocab_size=vocab_size,
+                character_coverage=0.99995,
+                required_chars=REQUIRED_CHARS,  # digits etc. stay pieces even if the corpus rarely has them
+                byte_fallback=True,
+                split_digits=True,
+                allow_whitespace_only_pieces=True,
+                normalization_rule_name="identity",
+                add_dummy_prefix=True,
+                remove_extra_whitespaces=False,
+                unk_id=0,
+                bos_id=1,
+                eos_id=2,
+                pad_id=-1,
+                user_defined_symbols=list(SPECIAL_TAGS),
+                max_sentence_length=max_sentence_length,
+                shuffle_input_sentence=False,  # sampled above, reproducibly
+                num_threads=num_threads,
+                minloglevel=2,
+            )
+        except RuntimeError as e:  # e.g. "Vocabulary size is too high" for too little text
+            msg = str(e).strip().splitlines()[-1]
+            raise ValueError(f"training a {vocab_size}-piece tokenizer failed ({msg}); use more text or a smaller vocab") from e
+        for ext in (".vocab", ".model"):  # .model last: its presence means the pair is complete
+            os.replace(tmp_dir / f"sp{ext}", f"{prefix}{ext}")
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return Path(f"{prefix}.model")
+
+
+class Tokenizer:
+    """A loaded SentencePiece model plus the Llama-2-chat template.
+
+    ``pad_id`` is 0 (the unk id; Llama has no pad piece): padded positions are always masked by an attention/loss
+    mask, so their id only has to be a valid embedding row.
+    """
+
+    def __init__(self, model_path: str | os.PathLike):
+        path = Path(model_path)
+        if not path.is_file():
+            raise ValueError(
+                f"tokenizer model {path} does not exist; train one with rayllama.tokenizer.train_tokenizer "
+                "or set the tokenizer path to a SentencePiece .model file"
+            )
+        self._load(path, path.read_bytes())
+
+    def _load(self, path: Path, proto: bytes) -> None:
+        self._path, self._proto = path, proto
+        try:
+            if not proto:
+                raise RuntimeError("empty file")
+            self._sp = spm.SentencePieceProcessor(model_proto=proto)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(
+                f"tokenizer model {path} is not a SentencePiece model ({str(e).strip()[:80]}); "
+                "retrain it with rayllama.tokenizer.train_tokenizer"
+            ) from e
+        if self._sp.bos_id() < 0 or self._sp.eos_id() < 0:
+            raise ValueError(f"tokenizer model {path} has no bos/eos pieces; train it with bos_id=1, eos_id=2")
+
+    def __getstate__(self) -> dict:  # picklable for Ray: ship the model bytes, not a file path
+        return {"path": str(self._path), "proto": self._proto}
+
+    def __setstate__(self, state: dict) -> None:
+        self._load(Path(state["path"]), state["proto"])
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self._path)!r}, vocab_size={self.vocab_size})"
+
+    @property
+    def model_path(self) -> Path:
+        return self._path
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.vocab_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        return 0
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of ``text``, optionally framed by bos / eos."""
+        if not isinstance(text, str):
+            raise ValueError(f"encode takes a str, got {type(text).__name__}; decode bytes first")
+        ids = self._sp.encode(text, out_type=int)
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; bos and eos are dropped wherever they occur (decoding does not stop at eos)."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size}); check the model/vocab")
+        return self._sp.decode([i for i in ids if i != self.bos_id and i != self.eos_id])
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
+    # --- chat template ---------------------------------------------------------------------------------------
+
+    def encode_dialog_turns(self, messages: Sequence[Mapping[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """Per answered turn, ``(ids, answer_mask)`` of ``[bos] [INST] user [/INST] answer </s>``.
+
+        The prompt part ``encode("[INST] {user} [/INST]")`` and the answer part ``encode("{answer} ")`` are
+        encoded separately and concatenated (sentencepiece's dummy prefix gives the answer the leading "▁" that
+        stands for the space after ``[/INST]``); the mask is 1 on the answer ids and eos. This equals encoding
+        the whole turn string because ``[/INST]`` is an atomic piece and no learned piece crosses the "▁" that
+        starts the answer (tests check it token for token).
+        """
+        turns = _check_dialog(messages, last="assistant")
+        out = []
+        for user, answer in turns:
+            prompt = [self.bos_id] + self.encode(f"{B_INST} {user.strip()} {E_INST}")
+            reply = self.encode(f"{answer.strip()} ") + [self.eos_id]
+            out.append((prompt + reply, [0] * len(prompt) + [1] * len(reply)))
+        return out
+
+    def encode_dialog(self, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[int]]:
+        """Ids of a dialogue ending with an assistant message, and a mask that is 1 exactly on the answer tokens
+        and their eos (0 on bos, ``[INST]``, system and user tokens): the SFT loss mask."""
+        ids: list[int] = []
+        mask: list[int] = []
+        for turn_ids, turn_mask in self.encode_dialog_turns(messages):
+            ids += turn_ids
+            mask += turn_mask
+        return ids, mask
+
+    def encode_prompt(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Ids of a dialogue ending with a user message, ending with that turn's ``[/INST]``: ready to generate."""
+        *turns, (last_user, _) = _check_dialog(messages, last="user")
+        ids: list[int] = []
+        for user, answer in turns:
+            ids += [self.bos_id] + self.encode(f"{B_INST} {user.strip()} {E_INST}")
+            ids += self.encode(f"{answer.strip()} ") + [self.eos_id]
+        return ids + [self.bos_id] + self.encode(f"{B_INST} {last_user.strip()} {E_INST}")
+
+
+def _check_dialog(messages: Sequence[Mapping[str, str]], last: str) -> list[tuple[str, str | None]]:
+    """Validate a dialogue and return its (user, answer) turns, the system prompt folded into the first user turn.
+
+    Rules: a non-empty list of {"role", "content": str}; roles system/user/assistant; system only at index 0;
+    then user, assistant, user, ... alternating; the last message has role ``last`` (the final turn's answer is
+    None when last == "user"); no content holds a chat tag ([INST], [/INST], <<SYS>>, <</SYS>>).
+    """
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence) or not messages:
+        raise DialogError("dialog must be a non-empty list of {'role', 'content'} messages")
+    system = None
+    expected = "user"
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
+            raise DialogError(f"message {i} must be a dict with 'role' and 'content'")
+        role, content = msg["role"], msg["content"]
+        if role not in ROLES:
+            raise DialogError(f"message {i} has unknown role {role!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise DialogError(f"message {i} content is {type(content).__name__}, not str")
+        tag = next((t for t in SPECIAL_TAGS if t in content), None)
+        if tag:
+            raise DialogError(f"message {i} contains the chat tag {tag!r}; remove it from the content")
+        if role == "system":
+            if i != 0:
+                raise DialogError(f"message {i} is a system message; only message 0 may be system")
+            system = content
+        elif role != expected:
+            rule = "the first turn must be the user's" if i == (system is not None) else f"two {role} turns in a row"
+            raise DialogError(f"message {i} has role {role!r} but {expected!r} was expected ({rule})")
+        else:
+            expected = "assistant" if role == "user" else "user"
+    final = messages[-1]["role"]
+    if final != last:
+        raise DialogError(f"message {len(messages) - 1} has role {final!r}; the dialog must end with role {last!r}")
+    contents = [m["content"] for m in messages[1:]] if system is not None else [m["content"] for m in messages]
+    if system is not None:
+        contents[0] = B_SYS + system + E_SYS + contents[0]
+    answers: list[str | None] = contents[1::2] + [None] * (len(contents) % 2)
+    return list(zip(contents[0::2], answers))

@@ -1,0 +1,256 @@
+"""Tokenizer: training settings (Llama's), exact round trips, special ids, and the Llama-2-chat template.
+
+The template oracle is Meta's ``Llama.chat_completion`` (llama/generation.py), restated in
+``meta_chat_completion_tokens`` below: it encodes each whole turn string at once, while the code under test encodes
+prompt and answer separately (to build the answer mask); the two must agree token for token.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import time
+
+import pytest
+
+from rayllama.data.corpus import shakespeare_documents, tokenizer_training_texts
+from rayllama.tokenizer import DialogError, Tokenizer, train_tokenizer
+
+VOCAB = 4000
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    texts = tokenizer_training_texts()  # the pipeline's tokenizer input: ~5.3 MB (Shakespeare + chat)
+    prefix = tmp_path_factory.mktemp("tok") / "sp"
+    t0 = time.perf_counter()
+    path = train_tokenizer(texts, prefix, VOCAB)
+    mb = sum(len(t.encode()) for t in texts) / 1e6
+    print(f"\ntrain_tokenizer: {VOCAB} pieces on {mb:.2f} MB in {time.perf_counter() - t0:.2f} s")
+    return Tokenizer(path)
+
+
+def meta_chat_completion_tokens(tok: Tokenizer, dialog: list[dict]) -> list[int]:
+    """Meta's chat_completion prompt tokens, extended (as SFT needs) to a dialogue that ends with an answer."""
+    B_INST, E_INST = "[INST]", "[/INST]"
+    B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+    if dialog[0]["role"] == "system":
+        dialog = [
+            {"role": dialog[1]["role"], "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
+        ] + dialog[2:]
+    tokens: list[int] = sum(
+        (
+            tok.encode(f"{B_INST} {(p['content']).strip()} {E_INST} {(a['content']).strip()} ", bos=True, eos=True)
+            for p, a in zip(dialog[::2], dialog[1::2])
+        ),
+        [],
+    )
+    if dialog[-1]["role"] == "user":
+        tokens += tok.encode(f"{B_INST} {(dialog[-1]['content']).strip()} {E_INST}", bos=True)
+    return tokens
+
+
+def _dialog(*turns: str, system: str | None = None) -> list[dict]:
+    msgs = [{"role": "system", "content": system}] if system is not None else []
+    return msgs + [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
+
+
+# --- training and the vocabulary -------------------------------------------------------------------------------
+
+
+def test_trained_files_and_vocab(tok: Tokenizer) -> None:
+    assert tok.vocab_size == VOCAB
+    assert tok.model_path.is_file() and tok.model_path.with_suffix(".vocab").is_file()
+    assert sorted(p.name for p in tok.model_path.parent.iterdir()) == ["sp.model", "sp.vocab"]  # no temp left
+
+
+def test_special_ids(tok: Tokenizer) -> None:
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0)
+    pieces = [tok.id_to_piece(i) for i in range(7)]
+    assert pieces == ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
+    assert tok.encode("Hi", bos=True, eos=True) == [1] + tok.encode("Hi") + [2]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "To be, or not to be: that is the question.",
+        "What is 1234 + 5678? It is 6912.",
+        "  leading spaces, trailing spaces  ",
+        "line one\nline two\n\n\tindented after a blank line\n",
+        "Punctuation: ;:!?.,'\"()[]{}<>@#$%^&*-_=+/\\|~`",
+        "Naïve café — 東京 🎭 ümlaut",
+        "[INST] tags <<SYS>> as text <</SYS>> [/INST]",
+        "",
+    ],
+)
+def test_round_trip(tok: Tokenizer, text: str) -> None:
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert 0 not in ids  # byte fallback: nothing is ever unknown
+    assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.eos_id]) == text  # bos/eos dropped, no early stop
+
+
+def test_digits_split_and_byte_fallback(tok: Tokenizer) -> None:
+    # split_digits: every digit is its own piece; the dummy prefix makes the leading "▁".
+    assert [tok.id_to_piece(i) for i in tok.encode("2024")] == ["▁", "2", "0", "2", "4"]
+    # "東" is U+6771 = UTF-8 e6 9d b1: absent from the corpus, so it falls back to its three bytes.
+    assert [tok.id_to_piece(i) for i in tok.encode("東")] == ["▁", "<0xE6>", "<0x9D>", "<0xB1>"]
+    # A newline never occurs inside a training sentence, so it is the byte piece <0x0A> (as in Llama).
+    assert "<0x0A>" in [tok.id_to_piece(i) for i in tok.encode("a\nb")]
+
+
+def test_decode_rejects_out_of_range(tok: Tokenizer) -> None:
+    with pytest.raises(ValueError, match=f"token id {VOCAB} is outside"):
+        tok.decode([5, VOCAB])
+
+
+def test_pickle_carries_the_model(tok: Tokenizer, tmp_path) -> None:
+    copy = tmp_path / "copy.model"
+    copy.write_bytes(tok.model_path.read_bytes())
+    blob = pickle.dumps(Tokenizer(copy))
+    copy.unlink()  # an actor on another node has no file: the pickle must carry the model
+    clone = pickle.loads(blob)
+    text = "Now is the winter of our discontent 42"
+    assert clone.encode(text) == tok.encode(text) and clone.model_path == copy
+
+
+def test_training_is_deterministic_and_accepts_paths(tmp_path) -> None:
+    doc = shakespeare_documents()[7]  # one play, ~150 kB
+    (tmp_path / "a.txt").write_text(doc)
+    m1 = train_tokenizer([tmp_path / "a.txt"], tmp_path / "m1" / "sp", 600)
+    m2 = train_tokenizer([doc], tmp_path / "m2" / "sp", 600)
+    assert m1.read_bytes() == m2.read_bytes()
+    assert Tokenizer(m1).vocab_size == 600
+
+
+def test_training_errors_leave_nothing(tmp_path) -> None:
+    with pytest.raises(ValueError, match="vocab_size 300 leaves no room"):
+        train_tokenizer(["some text"], tmp_path / "sp", 300)
+    with pytest.raises(ValueError, match="empty"):
+        train_tokenizer(["", "\n  \n"], tmp_path / "sp", 1000)
+    with pytest.raises(ValueError, match="does not exist"):
+        train_tokenizer([tmp_path / "missing.txt"], tmp_path / "sp", 1000)
+    with pytest.raises(ValueError, match="5000-piece tokenizer failed"):  # far too little text for 5000 pieces
+        train_tokenizer(["a tiny text of a few words"], tmp_path / "sp", 5000)
+    assert list(tmp_path.iterdir()) == []  # atomic: no model, no vocab, no temp directory
+
+
+def test_load_errors(tmp_path) -> None:
+    missing = tmp_path / "nope.model"
+    with pytest.raises(ValueError, match=r"nope\.model does not exist; train one with .*train_tokenizer"):
+        Tokenizer(missing)
+    for name, data in [("garbage.model", b"not a protobuf at all"), ("empty.model", b"")]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"{name} is not a SentencePiece model"):
+            Tokenizer(tmp_path / name)
+
+
+# --- chat template ---------------------------------------------------------------------------------------------
+
+THREE_TURNS = _dialog(
+    "  Hi\n", "Hello", "What is 12+30?", "42.", "Thanks!", " You're welcome.\n", system="Be brief."
+)
+
+
+def test_template_matches_hand_written_string(tok: Tokenizer) -> None:
+    ids, mask = tok.encode_dialog(THREE_TURNS)
+    bos, eos, enc = [tok.bos_id], [tok.eos_id], tok.encode
+    expected = (
+        bos + enc("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello ") + eos
+        + bos + enc("[INST] What is 12+30? [/INST] 42. ") + eos
+        + bos + enc("[INST] Thanks! [/INST] You're welcome. ") + eos
+    )  # fmt: skip
+    assert ids == expected
+    assert ids == meta_chat_completion_tokens(tok, THREE_TURNS)
+    # The chat tags are single pieces: the first turn reads <s> ▁ [INST] ▁ <<SYS>> ...
+    assert [tok.id_to_piece(i) for i in ids[:5]] == ["<s>", "▁", "[INST]", "▁", "<<SYS>>"]
+
+
+def test_answer_mask_covers_exactly_the_answers(tok: Tokenizer) -> None:
+    ids, mask = tok.encode_dialog(THREE_TURNS)
+    assert len(mask) == len(ids) and set(mask) == {0, 1} and mask[0] == 0
+    runs: list[list[int]] = []  # maximal runs of masked ids
+    for i, (t, m) in enumerate(zip(ids, mask)):
+        if m and (i == 0 or not mask[i - 1]):
+            runs.append([])
+        if m:
+            runs[-1].append(t)
+    assert [r[-1] for r in runs] == [tok.eos_id] * 3  # each answer ends with its </s>
+    assert [tok.decode(r) for r in runs] == ["Hello ", "42. ", "You're welcome. "]  # the template's answer + " "
+    prompts = [t for t, m in zip(ids, mask) if not m]
+    assert tok.bos_id in prompts and tok.eos_id not in prompts
+    assert tok.decode(prompts) == "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST][INST] What is 12+30? [/INST]" + (
+        "[INST] Thanks! [/INST]"
+    )
+
+
+def test_encode_prompt_ends_with_inst_and_prefixes_training(tok: Tokenizer) -> None:
+    prompt = tok.encode_prompt(THREE_TURNS[:-1])
+    assert prompt == meta_chat_completion_tokens(tok, THREE_TURNS[:-1])
+    assert prompt[-1] == 4  # [/INST]
+    ids, mask = tok.encode_dialog(THREE_TURNS)
+    assert ids[: len(prompt)] == prompt and not any(mask[: len(prompt)]) and all(mask[len(prompt) :])
+    assert tok.encode_prompt(_dialog("Hi")) == [1] + tok.encode("[INST] Hi [/INST]")
+
+
+def test_template_equals_meta_on_random_dialogs(tok: Tokenizer) -> None:
+    """Split encoding (prompt | answer) == Meta's whole-string encoding, on messy random dialogues."""
+    rng = random.Random(0)
+    words = shakespeare_documents()[12].split(" ")[:5000] + ["12", "3.5", "é", "東京", "\n", "  ", "\t", "?!"]
+
+    def text() -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(0, 12))) + rng.choice(["", " ", "\n", "."])
+
+    turns_checked = 0
+    for _ in range(60):
+        n = rng.randint(1, 4)
+        system = text() if rng.random() < 0.5 else None
+        answered = _dialog(*(text() for _ in range(2 * n)), system=system)
+        ids, mask = tok.encode_dialog(answered)
+        assert ids == meta_chat_completion_tokens(tok, answered)
+        assert tok.encode_prompt(answered[:-1]) == meta_chat_completion_tokens(tok, answered[:-1])
+        answers = [m["content"].strip() for m in answered if m["role"] == "assistant"]
+        assert sum(mask) == sum(len(tok.encode(f"{a} ")) + 1 for a in answers)
+        turns_checked += n
+    assert turns_checked > 100
+
+
+def test_dialog_turns_concatenate_to_dialog(tok: Tokenizer) -> None:
+    turns = tok.encode_dialog_turns(THREE_TURNS)
+    ids, mask = tok.encode_dialog(THREE_TURNS)
+    assert len(turns) == 3
+    assert sum((t for t, _ in turns), []) == ids and sum((m for _, m in turns), []) == mask
+
+
+U, A, S = "user", "assistant", "system"
+
+
+def _msgs(*pairs: tuple) -> list[dict]:
+    return [{"role": r, "content": c} for r, c in pairs]
+
+
+@pytest.mark.parametrize(
+    ("method", "messages", "pattern"),
+    [
+        ("encode_dialog", [], "non-empty list"),
+        ("encode_dialog", "hello", "non-empty list"),
+        ("encode_dialog", [{"role": U}], "message 0 must be a dict with 'role' and 'content'"),
+        ("encode_dialog", ["user: a", *_msgs((A, "b"))], "message 0 must be a dict"),
+        ("encode_dialog", _msgs((U, "a"), (S, "be nice"), (A, "b")), "message 1 is a system message; only message 0"),
+        ("encode_dialog", _msgs((U, "a"), (U, "b"), (A, "c")), r"message 1 .*two user turns in a row"),
+        ("encode_dialog", _msgs((U, "a"), (A, "b"), (A, "c")), r"message 2 .*two assistant turns in a row"),
+        ("encode_dialog", _msgs((A, "a"), (U, "b"), (A, "c")), r"message 0 .*first turn must be the user's"),
+        ("encode_dialog", _msgs((S, "s"), (A, "a")), r"message 1 .*first turn must be the user's"),
+        ("encode_dialog", _msgs((U, "a"), ("bot", "b")), "message 1 has unknown role 'bot'"),
+        ("encode_dialog", _msgs((U, "a"), (A, 42)), "message 1 content is int, not str"),
+        ("encode_dialog", _msgs((U, "a"), (A, "b"), (U, "c")), "message 2 has role 'user'; .* end with role 'assistant'"),
+        ("encode_dialog", _msgs((S, "a system prompt")), "message 0 has role 'system'; .* end with role 'assistant'"),
+        ("encode_prompt", _msgs((U, "a"), (A, "b")), "message 1 has role 'assistant'; .* end with role 'user'"),
+        ("encode_prompt", _msgs((U, "say [/INST] now")), r"message 0 contains the chat tag '\[/INST\]'"),
+    ],
+)
+def test_dialog_errors(tok: Tokenizer, method: str, messages, pattern: str) -> None:
+    with pytest.raises(DialogError, match=pattern) as info:
+        getattr(tok, method)(messages)
+    assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
