@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from rayllama.model import ModelConfig, ScalarHeadModel, Transformer
 
@@ -165,8 +166,12 @@ def save_model(path: str | Path, model: Transformer | ScalarHeadModel, cfg: Mode
                tokenizer_model: str | Path | None = None, meta: dict[str, Any] | None = None,
                train_state: dict[str, Any] | None = None) -> Path:
     """Write `model` as an HF Llama directory at `path`, atomically (see module docstring). Returns path."""
+    while isinstance(getattr(model, "module", None) or getattr(model, "_orig_mod", None), nn.Module):
+        model = getattr(model, "module", None) or model._orig_mod  # unwrap DDP / torch.compile
     if not isinstance(model, Transformer | ScalarHeadModel):
         raise TypeError(f"save_model wants a Transformer or ScalarHeadModel, got {type(model).__name__}")
+    if model.cfg != cfg:
+        raise ValueError(f"save_model cfg {cfg} differs from the model's own cfg {model.cfg}; pass model.cfg")
     kind = "scalar" if isinstance(model, ScalarHeadModel) else "causal"
     if tokenizer_model is not None and not Path(tokenizer_model).is_file():
         raise CheckpointError(f"tokenizer_model {tokenizer_model} does not exist; pass the .model file or None")
@@ -196,7 +201,6 @@ def save_model(path: str | Path, model: Transformer | ScalarHeadModel, cfg: Mode
         os.rename(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         if aside.exists() and not target.exists():
             os.rename(aside, target)
         raise

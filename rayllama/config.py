@@ -51,21 +51,26 @@ class TokenizerConfig:
 
 @dataclass
 class WorldConfig:
-    """Sizes of what the toy assistant world writes (rayllama.data.toyworld)."""
+    """Sizes of what the toy assistant world writes (rayllama.data.toyworld.write_world)."""
 
     seed: int = 0
-    n_pretrain_texts: int = 20000
-    n_sft: int = 1200
-    sft_error_rate: float = 0.3
-    n_preference: int = 3000  # per kind (helpfulness, safety)
-    n_preference_heldout: int = 600
-    n_rl_prompts: int = 2000
-    n_gatt: int = 400
-    n_eval_safe: int = 200
-    n_eval_unsafe: int = 100
-    n_eval_borderline: int = 100
-    n_eval_gatt: int = 40
+    pretrain_world: int = 4000  # world documents for pretraining
+    pretrain_world_heldout: int = 200
+    sft: int = 2000  # demonstrations (partly imperfect on purpose: RLHF needs headroom)
+    pref_helpfulness: int = 3000
+    pref_safety: int = 3000
+    pref_helpfulness_heldout: int = 400
+    pref_safety_heldout: int = 400
+    prompts: int = 2000  # RL prompts with is_safety tags
+    gatt: int = 600
     gatt_turns: int = 6
+    eval_safe: int = 60
+    eval_unsafe: int = 20
+    eval_borderline: int = 20
+    eval_gatt: int = 20
+
+    def sizes(self) -> dict[str, int]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("seed", "pretrain_world_heldout")}
 
 
 @dataclass
@@ -135,6 +140,58 @@ class RewardConfig:
 
 
 @dataclass
+class ActorResources:
+    """Ray resources of one RL actor (fractional CPUs on a laptop, GPUs on a cluster)."""
+
+    num_cpus: float = 0.25
+    num_gpus: float = 0.0
+
+
+@dataclass
+class RLResources:
+    learner: ActorResources = field(default_factory=ActorResources)
+    reference: ActorResources = field(default_factory=ActorResources)
+    reward: ActorResources = field(default_factory=ActorResources)  # each of the two scorers
+    rollout: ActorResources = field(default_factory=ActorResources)  # each generator
+    placement_timeout_s: float = 60.0
+    max_restarts: int = 3  # every RL actor restarts this many times after a crash
+    call_timeout_s: float = 600.0  # a remote call slower than this is an error naming the actor
+
+
+@dataclass
+class PPOConfig:
+    """LLaMA 2 PPO (section 3.2.3): constant lr 1e-6, batch 512, mini-batch 64, clip 0.2, beta 0.01, one gradient
+    step per mini-batch, reward = whiten(logit(R_c)) - beta * KL with the 0.15 safety gate. Tiny configs scale
+    the sizes and the lr."""
+
+    iterations: int = 100
+    prompts_per_iteration: int = 512
+    samples_per_prompt: int = 1
+    mini_batch_size: int = 64
+    epochs_per_iteration: int = 1  # passes over the iteration's rollouts (one gradient step per mini-batch)
+    clip: float = 0.2
+    value_clip: float = 0.2
+    value_coef: float = 1.0
+    kl_beta: float = 0.01
+    kl_estimator: str = "k1"  # k1 | k3
+    gamma: float = 1.0
+    lam: float = 0.95
+    safety_gate: float = 0.15
+    whiten_advantages: bool = True
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    value_init: str = "reward"  # reward (the helpfulness RM) | sft (the SFT trunk with a fresh head)
+    num_learners: int = 1
+    num_generators: int = 1
+    engine: str = "torch"  # torch | vllm | auto
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, schedule="constant"))
+    checkpoint_every: int = 10
+    eval_every: int = 0  # 0: gold eval after the stage only
+    resources: RLResources = field(default_factory=RLResources)
+
+
+@dataclass
 class PipelineConfig:
     name: str = "tiny"
     run_dir: str = "runs/${name}"
@@ -150,6 +207,7 @@ class PipelineConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
 def _accepted_keys(node_type: Any) -> str:
@@ -190,29 +248,48 @@ def _translate(err: Exception, source: str) -> ConfigError:
     return ConfigError(f"invalid config in {source}: {str(err).splitlines()[0]}")
 
 
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found; pass an existing YAML file such as configs/ppo.yaml")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file '{path}'{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(loaded).__name__}")
+    return loaded or {}
+
+
+def _with_bases(path: Path, loaded: dict, depth: int = 0) -> list[tuple[Path, dict]]:
+    """[(file, mapping)] from the outermost `base:` file to `path` itself; `base` is relative to its file."""
+    loaded = dict(loaded)
+    base = loaded.pop("base", None)
+    if base is None:
+        return [(path, loaded)]
+    if depth > 8:
+        raise ConfigError(f"config file '{path}': 'base' chain is longer than 8 files (a cycle?)")
+    base_path = (path.parent / str(base)).resolve()
+    return _with_bases(base_path, _read_yaml(base_path), depth + 1) + [(path, loaded)]
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Load `path` (YAML) over the defaults, apply `key=value` overrides, validate, return dataclasses."""
-    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     merged = OmegaConf.structured(PipelineConfig)
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' not found; pass an existing YAML file such as configs/ppo.yaml")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"config file '{path}'{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(loaded).__name__}")
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.create(loaded or {}))
-        except OmegaConfBaseException as e:
-            raise _translate(e, f"config file '{path}'") from None
+        loaded = _read_yaml(path)
+        for source, mapping in _with_bases(path, loaded):
+            try:
+                merged = OmegaConf.merge(merged, OmegaConf.create(mapping))
+            except OmegaConfBaseException as e:
+                raise _translate(e, f"config file '{source}'") from None
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. pretrain.steps=100)")
@@ -261,7 +338,17 @@ def validate(cfg: PipelineConfig) -> None:
         _check(o.lr > 0, f"{name}.optim.lr {o.lr} must be > 0")
         _check(0.0 <= o.final_lr_ratio <= 1.0, f"{name}.optim.final_lr_ratio {o.final_lr_ratio} must be in [0, 1]")
     _check(cfg.reward.margin in ("none", "small", "large"), f"reward.margin '{cfg.reward.margin}' is not none, small or large")
-    _check(0.0 <= cfg.world.sft_error_rate < 1.0, f"world.sft_error_rate {cfg.world.sft_error_rate} must be in [0, 1)")
+    p = cfg.ppo
+    rollouts = p.prompts_per_iteration * p.samples_per_prompt
+    _check(
+        rollouts % (p.mini_batch_size * p.num_learners) == 0,
+        f"ppo.prompts_per_iteration x ppo.samples_per_prompt = {rollouts} is not a multiple of ppo.mini_batch_size x "
+        f"ppo.num_learners = {p.mini_batch_size * p.num_learners}; make it a multiple",
+    )
+    _check(p.engine in ("torch", "vllm", "auto"), f"ppo.engine '{p.engine}' is not torch, vllm or auto")
+    _check(p.value_init in ("reward", "sft"), f"ppo.value_init '{p.value_init}' is not reward or sft")
+    _check(p.kl_estimator in ("k1", "k3"), f"ppo.kl_estimator '{p.kl_estimator}' is not k1 or k3")
+    _check(0.0 < p.clip < 1.0, f"ppo.clip {p.clip} must be in (0, 1)")
 
 
 def model_config(cfg: PipelineConfig, vocab_size: int):

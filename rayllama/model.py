@@ -127,7 +127,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin: a rotation by angle[p, i] of each pair (x_i, x_{i+D/2})."""
-    return x * cos[:, None] - rotate_half(x) * sin[:, None]  # (B, H, T, D)
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]  # (B, H, T, D)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -154,6 +154,12 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (n_layers, B, K, max_len, D)
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # (n_layers, B, K, max_len, D)
         self.length = 0
+
+    @classmethod
+    def for_model(cls, model: nn.Module, batch_size: int, max_len: int) -> KVCache:
+        """A cache on the device and in the dtype of `model` (a Transformer), sized for `model.cfg`."""
+        p = next(model.parameters())
+        return cls(batch_size, max_len, model.cfg, device=p.device, dtype=p.dtype)
 
     @property
     def batch_size(self) -> int:

@@ -2,8 +2,9 @@
 
 Training settings follow Llama 2's tokenizer: BPE, byte fallback (no unknown characters), digits split into single
 pieces, ``identity`` normalisation with a dummy prefix and no whitespace squashing (so text round-trips exactly,
-newlines included), ids unk 0 / bos 1 / eos 2 and no pad piece. The four chat tags are user-defined symbols, so
-each costs one piece in a tiny vocabulary.
+newlines included), ids unk 0 / bos 1 / eos 2 and no pad piece. Two additions for tiny vocabularies: the four
+chat tags are user-defined symbols (one piece each, ids 3-6), and every printable ASCII character is a required
+piece (so digits and punctuation never fall back to bytes, however rare in the corpus).
 
 Chat template (Meta's ``Llama.chat_completion``): a leading system message is folded into the first user turn as
 ``<<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user}``; each answered turn is
@@ -13,10 +14,9 @@ Chat template (Meta's ``Llama.chat_completion``): a leading system message is fo
 
 from __future__ import annotations
 
+import io
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -40,12 +40,16 @@ def _sentences(texts: Iterable[str | os.PathLike], max_bytes: int) -> Iterator[s
         if isinstance(item, os.PathLike):
             path = Path(item)
             if not path.is_file():
-                raise ValueError(f"tokenizer training file {path} does not exist; pass existing text files or strings")
+                raise ValueError(
+                    f"tokenizer training file {path} does not exist; pass existing text files or strings"
+                )
             text = path.read_text(encoding="utf-8")
         elif isinstance(item, str):
             text = item
         else:
-            raise ValueError(f"tokenizer training input {item!r:.60} is not a str or path; pass strings or paths")
+            raise ValueError(
+                f"tokenizer training input {item!r:.60} is not a str or path; pass strings or paths"
+            )
         for line in text.splitlines():
             if line.strip():
                 yield line.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
@@ -65,11 +69,16 @@ def train_tokenizer(
 
     Every non-empty line of the texts is one training sentence (at most ``max_sentence_length`` bytes; longer
     lines are truncated); at most ``input_sentence_size`` lines are kept, sampled with ``seed``. The model is
-    trained in a temp directory and renamed into place, so a crash leaves no half-written file.
+    trained in memory and written to a temp file renamed into place, so a crash leaves no half-written file.
+    The same input gives byte-identical model files.
     """
     n_fixed = 3 + len(SPECIAL_TAGS) + N_BYTE_PIECES + len(REQUIRED_CHARS)  # specials, tags, bytes, ASCII
     if vocab_size <= n_fixed:
-        raise ValueError(f"vocab_size {vocab_size} leaves no room for learned pieces (needs > {n_fixed}); use e.g. 4000")
+        raise ValueError(
+            f"vocab_size {vocab_size} leaves no room for learned pieces (needs > {n_fixed}); use e.g. 4000"
+        )
+    if isinstance(texts, (str, bytes, os.PathLike)):
+        raise ValueError("train_tokenizer takes a list of texts or paths, not one; wrap it in a list")
     prefix = Path(model_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     sentences = list(_sentences(texts, max_sentence_length))
@@ -77,40 +86,51 @@ def train_tokenizer(
         raise ValueError("tokenizer training text is empty; pass non-empty strings or text files")
     if len(sentences) > input_sentence_size:
         sentences = random.Random(seed).sample(sentences, input_sentence_size)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{prefix.name}.", dir=prefix.parent))
+    writer = io.BytesIO()
     try:
-        try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(sentences),
-                model_prefix=str(tmp_dir / "sp"),
-                model_type="bpe",
-                vocab_size=vocab_size,
-                character_coverage=0.99995,
-                required_chars=REQUIRED_CHARS,  # digits etc. stay pieces even if the corpus rarely has them
-                byte_fallback=True,
-                split_digits=True,
-                allow_whitespace_only_pieces=True,
-                normalization_rule_name="identity",
-                add_dummy_prefix=True,
-                remove_extra_whitespaces=False,
-                unk_id=0,
-                bos_id=1,
-                eos_id=2,
-                pad_id=-1,
-                user_defined_symbols=list(SPECIAL_TAGS),
-                max_sentence_length=max_sentence_length,
-                shuffle_input_sentence=False,  # sampled above, reproducibly
-                num_threads=num_threads,
-                minloglevel=2,
-            )
-        except RuntimeError as e:  # e.g. "Vocabulary size is too high" for too little text
-            msg = str(e).strip().splitlines()[-1]
-            raise ValueError(f"training a {vocab_size}-piece tokenizer failed ({msg}); use more text or a smaller vocab") from e
-        for ext in (".vocab", ".model"):  # .model last: its presence means the pair is complete
-            os.replace(tmp_dir / f"sp{ext}", f"{prefix}{ext}")
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=writer,  # in memory: no file until the model is complete, and no path inside it
+            model_type="bpe",
+            vocab_size=vocab_size,
+            character_coverage=0.99995,
+            required_chars=REQUIRED_CHARS,  # digits etc. stay pieces even if the corpus rarely has them
+            byte_fallback=True,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            normalization_rule_name="identity",
+            add_dummy_prefix=True,
+            remove_extra_whitespaces=False,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            user_defined_symbols=list(SPECIAL_TAGS),
+            max_sentence_length=max_sentence_length,
+            shuffle_input_sentence=False,  # sampled above, reproducibly
+            num_threads=num_threads,
+            minloglevel=2,
+        )
+    except RuntimeError as e:  # e.g. "Vocabulary size is too high" for too little text
+        msg = str(e).strip().splitlines()[-1]
+        raise ValueError(
+            f"training a {vocab_size}-piece tokenizer failed ({msg}); use more text or a smaller vocab"
+        ) from e
+    proto = writer.getvalue()
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size()))
+    _write_atomic(Path(f"{prefix}.vocab"), vocab.encode("utf-8"))  # human-readable listing: piece, score
+    _write_atomic(Path(f"{prefix}.model"), proto)
     return Path(f"{prefix}.model")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class Tokenizer:
@@ -141,7 +161,9 @@ class Tokenizer:
                 "retrain it with rayllama.tokenizer.train_tokenizer"
             ) from e
         if self._sp.bos_id() < 0 or self._sp.eos_id() < 0:
-            raise ValueError(f"tokenizer model {path} has no bos/eos pieces; train it with bos_id=1, eos_id=2")
+            raise ValueError(
+                f"tokenizer model {path} has no bos/eos pieces; train it with bos_id=1, eos_id=2"
+            )
 
     def __getstate__(self) -> dict:  # picklable for Ray: ship the model bytes, not a file path
         return {"path": str(self._path), "proto": self._proto}
@@ -180,11 +202,16 @@ class Tokenizer:
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``; bos and eos are dropped wherever they occur (decoding does not stop at eos)."""
+        """Text of ``ids``; bos and eos are dropped wherever they occur (decoding does not stop at eos).
+
+        Padding (id 0 = unk) is not dropped: it decodes as " ⁇ ", so cut padded positions with the mask first.
+        """
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size}); check the model/vocab")
+            raise ValueError(
+                f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size}); check the model/vocab"
+            )
         return self._sp.decode([i for i in ids if i != self.bos_id and i != self.eos_id])
 
     def id_to_piece(self, token_id: int) -> str:
@@ -201,13 +228,17 @@ class Tokenizer:
         the whole turn string because ``[/INST]`` is an atomic piece and no learned piece crosses the "▁" that
         starts the answer (tests check it token for token).
         """
-        turns = _check_dialog(messages, last="assistant")
         out = []
-        for user, answer in turns:
-            prompt = [self.bos_id] + self.encode(f"{B_INST} {user.strip()} {E_INST}")
-            reply = self.encode(f"{answer.strip()} ") + [self.eos_id]
+        for user, answer in _check_dialog(messages, last="assistant"):
+            prompt, reply = self._prompt_ids(user), self._answer_ids(answer)
             out.append((prompt + reply, [0] * len(prompt) + [1] * len(reply)))
         return out
+
+    def _prompt_ids(self, user: str) -> list[int]:
+        return [self.bos_id] + self.encode(f"{B_INST} {user.strip()} {E_INST}")
+
+    def _answer_ids(self, answer: str) -> list[int]:
+        return self.encode(f"{answer.strip()} ") + [self.eos_id]
 
     def encode_dialog(self, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[int]]:
         """Ids of a dialogue ending with an assistant message, and a mask that is 1 exactly on the answer tokens
@@ -222,11 +253,8 @@ class Tokenizer:
     def encode_prompt(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Ids of a dialogue ending with a user message, ending with that turn's ``[/INST]``: ready to generate."""
         *turns, (last_user, _) = _check_dialog(messages, last="user")
-        ids: list[int] = []
-        for user, answer in turns:
-            ids += [self.bos_id] + self.encode(f"{B_INST} {user.strip()} {E_INST}")
-            ids += self.encode(f"{answer.strip()} ") + [self.eos_id]
-        return ids + [self.bos_id] + self.encode(f"{B_INST} {last_user.strip()} {E_INST}")
+        ids = [t for user, answer in turns for t in self._prompt_ids(user) + self._answer_ids(answer)]
+        return ids + self._prompt_ids(last_user)
 
 
 def _check_dialog(messages: Sequence[Mapping[str, str]], last: str) -> list[tuple[str, str | None]]:
@@ -256,15 +284,18 @@ def _check_dialog(messages: Sequence[Mapping[str, str]], last: str) -> list[tupl
                 raise DialogError(f"message {i} is a system message; only message 0 may be system")
             system = content
         elif role != expected:
-            rule = "the first turn must be the user's" if i == (system is not None) else f"two {role} turns in a row"
+            first_turn = i == (1 if system is not None else 0)
+            rule = "the first turn must be the user's" if first_turn else f"two {role} turns in a row"
             raise DialogError(f"message {i} has role {role!r} but {expected!r} was expected ({rule})")
         else:
             expected = "assistant" if role == "user" else "user"
     final = messages[-1]["role"]
     if final != last:
-        raise DialogError(f"message {len(messages) - 1} has role {final!r}; the dialog must end with role {last!r}")
-    contents = [m["content"] for m in messages[1:]] if system is not None else [m["content"] for m in messages]
-    if system is not None:
+        raise DialogError(
+            f"message {len(messages) - 1} has role {final!r}; the dialog must end with role {last!r}"
+        )
+    contents = [m["content"] for m in messages[1 if system is not None else 0 :]]
+    if system is not None:  # Meta's chat_completion: fold the system prompt into the first user turn
         contents[0] = B_SYS + system + E_SYS + contents[0]
     answers: list[str | None] = contents[1::2] + [None] * (len(contents) % 2)
     return list(zip(contents[0::2], answers))

@@ -14,6 +14,7 @@ from rayllama.model import (
     ScalarHeadModel,
     Transformer,
     count_params,
+    positions_and_mask,
     preset,
 )
 
@@ -105,6 +106,26 @@ def test_padded_batch_matches_transformers(side: str) -> None:
         torch.testing.assert_close(ours[i][real[i]], alone[i], atol=ATOL, rtol=0)
 
 
+def test_positions_and_mask_by_hand() -> None:
+    """RoPE is relative, so logits cannot see a constant position shift: check the rule itself.
+
+    mask [[0,0,1,1],[1,1,1,0]]: cumsum-1 = [[-1,-1,0,1],[0,1,2,2]] -> clamp 0 -> positions below.
+    Allowed keys = causal AND real key, plus the diagonal (pad queries see only themselves).
+    """
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0]])
+    pos, allowed = positions_and_mask(mask, 2, 4, 0, torch.device("cpu"))
+    assert pos.tolist() == [[0, 0, 0, 1], [0, 1, 2, 2]]
+    assert allowed.shape == (2, 1, 4, 4)
+    assert allowed[0, 0].int().tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    assert allowed[1, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    # Decoding one token after a cache of 2: positions continue from the real-token count.
+    pos, allowed = positions_and_mask(torch.tensor([[0, 1, 1], [1, 1, 1]]), 2, 1, 2, torch.device("cpu"))
+    assert pos.tolist() == [[1], [2]]
+    assert allowed[:, 0].int().tolist() == [[[0, 1, 1]], [[1, 1, 1]]]
+    pos, allowed = positions_and_mask(None, 2, 3, 0, torch.device("cpu"))
+    assert allowed is None and pos.tolist() == [[0, 1, 2]] * 2  # SDPA is_causal fast path
+
+
 def test_all_ones_mask_equals_no_mask() -> None:
     model = make(CONFIGS["mqa"])
     x = tokens(2, 9, model.cfg.vocab_size)
@@ -119,7 +140,7 @@ def test_kv_cache_incremental_equals_full_forward(name: str) -> None:
     x = tokens(2, 11, model.cfg.vocab_size)
     with torch.no_grad():
         full = model(x)
-        cache = KVCache(2, 16, model.cfg)
+        cache = KVCache.for_model(model, 2, 16)
         steps = [model(x[:, :5], cache=cache)]
         for t in range(5, 11):
             steps.append(model(x[:, t:t + 1], cache=cache))

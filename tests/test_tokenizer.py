@@ -36,11 +36,16 @@ def meta_chat_completion_tokens(tok: Tokenizer, dialog: list[dict]) -> list[int]
     B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
     if dialog[0]["role"] == "system":
         dialog = [
-            {"role": dialog[1]["role"], "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
+            {
+                "role": dialog[1]["role"],
+                "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"],
+            }
         ] + dialog[2:]
     tokens: list[int] = sum(
         (
-            tok.encode(f"{B_INST} {(p['content']).strip()} {E_INST} {(a['content']).strip()} ", bos=True, eos=True)
+            tok.encode(
+                f"{B_INST} {(p['content']).strip()} {E_INST} {(a['content']).strip()} ", bos=True, eos=True
+            )
             for p, a in zip(dialog[::2], dialog[1::2])
         ),
         [],
@@ -127,11 +132,15 @@ def test_training_is_deterministic_and_accepts_paths(tmp_path) -> None:
 def test_training_errors_leave_nothing(tmp_path) -> None:
     with pytest.raises(ValueError, match="vocab_size 300 leaves no room"):
         train_tokenizer(["some text"], tmp_path / "sp", 300)
+    with pytest.raises(ValueError, match="not one; wrap it in a list"):
+        train_tokenizer("one text, not a list of texts", tmp_path / "sp", 1000)
     with pytest.raises(ValueError, match="empty"):
         train_tokenizer(["", "\n  \n"], tmp_path / "sp", 1000)
     with pytest.raises(ValueError, match="does not exist"):
         train_tokenizer([tmp_path / "missing.txt"], tmp_path / "sp", 1000)
-    with pytest.raises(ValueError, match="5000-piece tokenizer failed"):  # far too little text for 5000 pieces
+    with pytest.raises(
+        ValueError, match="5000-piece tokenizer failed"
+    ):  # far too little text for 5000 pieces
         train_tokenizer(["a tiny text of a few words"], tmp_path / "sp", 5000)
     assert list(tmp_path.iterdir()) == []  # atomic: no model, no vocab, no temp directory
 
@@ -148,8 +157,10 @@ def test_load_errors(tmp_path) -> None:
 
 # --- chat template ---------------------------------------------------------------------------------------------
 
+# Surrounding whitespace is stripped (Meta strips the folded "<<SYS>>...{user}" string, so only the trailing
+# whitespace of the first user message goes when there is a system prompt: "Hi \n" -> "Hi").
 THREE_TURNS = _dialog(
-    "  Hi\n", "Hello", "What is 12+30?", "42.", "Thanks!", " You're welcome.\n", system="Be brief."
+    "Hi \n", "Hello", " What is 12+30?", "42.", "Thanks!", " You're welcome.\n", system="Be brief."
 )
 
 
@@ -167,22 +178,34 @@ def test_template_matches_hand_written_string(tok: Tokenizer) -> None:
     assert [tok.id_to_piece(i) for i in ids[:5]] == ["<s>", "▁", "[INST]", "▁", "<<SYS>>"]
 
 
+def _runs(ids: list[int], mask: list[int], value: int) -> list[list[int]]:
+    """Maximal runs of consecutive ids whose mask equals value."""
+    runs: list[list[int]] = []
+    for i, (t, m) in enumerate(zip(ids, mask)):
+        if m == value:
+            if i == 0 or mask[i - 1] != value:
+                runs.append([])
+            runs[-1].append(t)
+    return runs
+
+
 def test_answer_mask_covers_exactly_the_answers(tok: Tokenizer) -> None:
     ids, mask = tok.encode_dialog(THREE_TURNS)
     assert len(mask) == len(ids) and set(mask) == {0, 1} and mask[0] == 0
-    runs: list[list[int]] = []  # maximal runs of masked ids
-    for i, (t, m) in enumerate(zip(ids, mask)):
-        if m and (i == 0 or not mask[i - 1]):
-            runs.append([])
-        if m:
-            runs[-1].append(t)
-    assert [r[-1] for r in runs] == [tok.eos_id] * 3  # each answer ends with its </s>
-    assert [tok.decode(r) for r in runs] == ["Hello ", "42. ", "You're welcome. "]  # the template's answer + " "
-    prompts = [t for t, m in zip(ids, mask) if not m]
-    assert tok.bos_id in prompts and tok.eos_id not in prompts
-    assert tok.decode(prompts) == "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST][INST] What is 12+30? [/INST]" + (
-        "[INST] Thanks! [/INST]"
-    )
+    answers = _runs(ids, mask, 1)
+    assert [r[-1] for r in answers] == [tok.eos_id] * 3  # each answer ends with its </s>
+    assert [tok.decode(r) for r in answers] == [
+        "Hello ",
+        "42. ",
+        "You're welcome. ",
+    ]  # answer + template's " "
+    prompts = _runs(ids, mask, 0)
+    assert [r[0] for r in prompts] == [tok.bos_id] * 3 and all(tok.eos_id not in r for r in prompts)
+    assert [tok.decode(r) for r in prompts] == [
+        "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]",
+        "[INST] What is 12+30? [/INST]",
+        "[INST] Thanks! [/INST]",
+    ]
 
 
 def test_encode_prompt_ends_with_inst_and_prefixes_training(tok: Tokenizer) -> None:
@@ -190,17 +213,20 @@ def test_encode_prompt_ends_with_inst_and_prefixes_training(tok: Tokenizer) -> N
     assert prompt == meta_chat_completion_tokens(tok, THREE_TURNS[:-1])
     assert prompt[-1] == 4  # [/INST]
     ids, mask = tok.encode_dialog(THREE_TURNS)
-    assert ids[: len(prompt)] == prompt and not any(mask[: len(prompt)]) and all(mask[len(prompt) :])
+    # Generation continues exactly where training's last answer starts: the prompt is a prefix of the
+    # training ids and everything after it (the last answer and its </s>) is masked in.
+    assert ids[: len(prompt)] == prompt and mask[len(prompt) - 1] == 0 and all(mask[len(prompt) :])
     assert tok.encode_prompt(_dialog("Hi")) == [1] + tok.encode("[INST] Hi [/INST]")
 
 
-def test_template_equals_meta_on_random_dialogs(tok: Tokenizer) -> None:
-    """Split encoding (prompt | answer) == Meta's whole-string encoding, on messy random dialogues."""
-    rng = random.Random(0)
+def _assert_template_equals_meta_on_random_dialogs(tok: Tokenizer, seed: int = 0) -> None:
+    rng = random.Random(seed)
     words = shakespeare_documents()[12].split(" ")[:5000] + ["12", "3.5", "é", "東京", "\n", "  ", "\t", "?!"]
 
     def text() -> str:
-        return " ".join(rng.choice(words) for _ in range(rng.randint(0, 12))) + rng.choice(["", " ", "\n", "."])
+        return " ".join(rng.choice(words) for _ in range(rng.randint(0, 12))) + rng.choice(
+            ["", " ", "\n", "."]
+        )
 
     turns_checked = 0
     for _ in range(60):
@@ -214,6 +240,26 @@ def test_template_equals_meta_on_random_dialogs(tok: Tokenizer) -> None:
         assert sum(mask) == sum(len(tok.encode(f"{a} ")) + 1 for a in answers)
         turns_checked += n
     assert turns_checked > 100
+
+
+def test_template_equals_meta_on_random_dialogs(tok: Tokenizer) -> None:
+    """Split encoding (prompt | answer) == Meta's whole-string encoding, on messy random dialogues."""
+    _assert_template_equals_meta_on_random_dialogs(tok)
+
+
+def test_template_with_a_llama_style_model_without_tag_pieces(tmp_path) -> None:
+    """A real Llama-2 tokenizer has no [INST] pieces ("[/INST]" is "▁[", "/", "INST", "]"): still exact."""
+    import sentencepiece as spm
+
+    lines = [x for x in shakespeare_documents()[3].splitlines() if x.strip()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(tmp_path / "llama"), model_type="bpe", vocab_size=800,
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+    )  # fmt: skip
+    tok = Tokenizer(tmp_path / "llama.model")
+    assert "[/INST]" not in [tok.id_to_piece(i) for i in range(tok.vocab_size)]
+    _assert_template_equals_meta_on_random_dialogs(tok, seed=1)
 
 
 def test_dialog_turns_concatenate_to_dialog(tok: Tokenizer) -> None:
@@ -237,16 +283,32 @@ def _msgs(*pairs: tuple) -> list[dict]:
         ("encode_dialog", "hello", "non-empty list"),
         ("encode_dialog", [{"role": U}], "message 0 must be a dict with 'role' and 'content'"),
         ("encode_dialog", ["user: a", *_msgs((A, "b"))], "message 0 must be a dict"),
-        ("encode_dialog", _msgs((U, "a"), (S, "be nice"), (A, "b")), "message 1 is a system message; only message 0"),
+        (
+            "encode_dialog",
+            _msgs((U, "a"), (S, "be nice"), (A, "b")),
+            "message 1 is a system message; only message 0",
+        ),
         ("encode_dialog", _msgs((U, "a"), (U, "b"), (A, "c")), r"message 1 .*two user turns in a row"),
         ("encode_dialog", _msgs((U, "a"), (A, "b"), (A, "c")), r"message 2 .*two assistant turns in a row"),
         ("encode_dialog", _msgs((A, "a"), (U, "b"), (A, "c")), r"message 0 .*first turn must be the user's"),
         ("encode_dialog", _msgs((S, "s"), (A, "a")), r"message 1 .*first turn must be the user's"),
         ("encode_dialog", _msgs((U, "a"), ("bot", "b")), "message 1 has unknown role 'bot'"),
         ("encode_dialog", _msgs((U, "a"), (A, 42)), "message 1 content is int, not str"),
-        ("encode_dialog", _msgs((U, "a"), (A, "b"), (U, "c")), "message 2 has role 'user'; .* end with role 'assistant'"),
-        ("encode_dialog", _msgs((S, "a system prompt")), "message 0 has role 'system'; .* end with role 'assistant'"),
-        ("encode_prompt", _msgs((U, "a"), (A, "b")), "message 1 has role 'assistant'; .* end with role 'user'"),
+        (
+            "encode_dialog",
+            _msgs((U, "a"), (A, "b"), (U, "c")),
+            "message 2 has role 'user'; .* end with role 'assistant'",
+        ),
+        (
+            "encode_dialog",
+            _msgs((S, "a system prompt")),
+            "message 0 has role 'system'; .* end with role 'assistant'",
+        ),
+        (
+            "encode_prompt",
+            _msgs((U, "a"), (A, "b")),
+            "message 1 has role 'assistant'; .* end with role 'user'",
+        ),
         ("encode_prompt", _msgs((U, "say [/INST] now")), r"message 0 contains the chat tag '\[/INST\]'"),
     ],
 )

@@ -24,7 +24,9 @@ ATTRIBUTION: str = (CORPUS_DIR / "ATTRIBUTION.txt").read_text(encoding="utf-8")
 
 def _read_xz(path: Path) -> str:
     if not path.is_file():
-        raise ValueError(f"bundled corpus {path} is missing; reinstall rayllama or run python -m rayllama.data.make_corpus")
+        raise ValueError(
+            f"bundled corpus {path} is missing; reinstall rayllama or run python -m rayllama.data.make_corpus"
+        )
     return lzma.decompress(path.read_bytes()).decode("utf-8")
 
 
@@ -105,7 +107,9 @@ def write_pretrain_jsonl(path: str | os.PathLike, texts: Iterable[str]) -> Path:
         with tmp.open("w", encoding="utf-8") as f:
             for text in texts:
                 if not isinstance(text, str):
-                    raise ValueError(f"pretrain text for {path} is {type(text).__name__}, not str; pass strings")
+                    raise ValueError(
+                        f"pretrain text for {path} is {type(text).__name__}, not str; pass strings"
+                    )
                 f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
         tmp.replace(path)
     finally:

@@ -82,7 +82,12 @@ class PromptRecord:
 
 Record = PretrainRecord | SFTRecord | PreferenceRecord | PromptRecord
 
-_FORMAT_OF = {PretrainRecord: "pretrain", SFTRecord: "sft", PreferenceRecord: "preference", PromptRecord: "prompts"}
+_FORMAT_OF = {
+    PretrainRecord: "pretrain",
+    SFTRecord: "sft",
+    PreferenceRecord: "preference",
+    PromptRecord: "prompts",
+}
 # key order of the known fields per format (writers sort keys anyway; this fixes what parse() looks for)
 _FIELDS = {
     "pretrain": ("text",),
@@ -162,7 +167,9 @@ def _messages(messages: Any, fld: str, last_role: str) -> list[Message]:
             if i != 0:
                 raise _FieldError(f"{here}.role", "a system message may only come first")
         elif role != expected:
-            raise _FieldError(f"{here}.role", f"expected {expected!r} here (turns alternate, starting with user)")
+            raise _FieldError(
+                f"{here}.role", f"expected {expected!r} here (turns alternate, starting with user)"
+            )
         else:
             expected = "assistant" if role == "user" else "user"
         out.append({"role": role, "content": m["content"]})
@@ -198,9 +205,14 @@ def _parse(obj: Any, fmt: str) -> Record:
         kind = _need(obj, "kind", str, "a kind string")
         if kind not in KINDS:
             raise _FieldError("kind", f"unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
-        return PreferenceRecord(prompt=prompt, chosen=_need(obj, "chosen", str, "a string"),
-                                rejected=_need(obj, "rejected", str, "a string"), rating=rating, kind=kind,
-                                extra=extra)
+        return PreferenceRecord(
+            prompt=prompt,
+            chosen=_need(obj, "chosen", str, "a string"),
+            rejected=_need(obj, "rejected", str, "a string"),
+            rating=rating,
+            kind=kind,
+            extra=extra,
+        )
     turns = _optional(obj, "turns", list, "a list of task objects")
     if turns is not None:
         for i, t in enumerate(turns):
@@ -208,10 +220,14 @@ def _parse(obj: Any, fmt: str) -> Record:
                 raise _FieldError(f"turns[{i}]", f"expected a task object, got {_type_name(t)}")
         if not turns:
             raise _FieldError("turns", "empty list (omit the field for a single-turn prompt)")
-    return PromptRecord(prompt=prompt, is_safety=_need(obj, "is_safety", bool, "true or false"),
-                        task=_optional(obj, "task", dict, "a task object"),
-                        instruction=_optional(obj, "instruction", dict, "an instruction object"),
-                        turns=turns, extra=extra)
+    return PromptRecord(
+        prompt=prompt,
+        is_safety=_need(obj, "is_safety", bool, "true or false"),
+        task=_optional(obj, "task", dict, "a task object"),
+        instruction=_optional(obj, "instruction", dict, "an instruction object"),
+        turns=turns,
+        extra=extra,
+    )
 
 
 def record_to_dict(record: Record | Mapping[str, Any]) -> dict[str, Any]:

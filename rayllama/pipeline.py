@@ -1,0 +1,270 @@
+"""The stages in order, each skipped when its output is complete, each followed by the gold evaluation."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from rayllama.checkpoint import is_complete
+from rayllama.config import PipelineConfig
+from rayllama.data import formats, toyworld
+from rayllama.data.corpus import corpus_split
+
+log = logging.getLogger("rayllama")
+
+SUMMARY_KEYS = (
+    "gold_helpfulness",
+    "refusal_rate_unsafe",
+    "over_refusal_borderline",
+    "adherence_turn_4plus",
+    "heldout_perplexity",
+    "rm_accuracy",
+    "rm_accuracy_significantly_better",
+    "kl",
+)
+
+
+class PipelineError(RuntimeError):
+    """A stage failed or cannot start; the message names the stage and the fix."""
+
+
+def write_world_once(data_dir: Path, cfg: PipelineConfig) -> dict[str, Path]:
+    """The toy world's JSONL files under data_dir, written once (the same seed and sizes always give the same
+    bytes, so existing files with matching world_meta.json are reused) and then read back by the stages."""
+    import json
+
+    meta_path = data_dir / "world_meta.json"
+    sizes = cfg.world.sizes()
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text().splitlines()[0])
+        if meta.get("seed") == cfg.world.seed and meta.get("sizes") == sizes:
+            files = {name: data_dir / f for name, f in meta["files"].items()}
+            if all(p.exists() for p in files.values()):
+                return files
+    return toyworld.write_world(data_dir, cfg.world.seed, sizes)
+
+
+def template_text(messages: list[dict]) -> str:
+    """A dialogue as chat-template text (for tokenizer training: the template's markers must be in the data)."""
+    parts, system = [], ""
+    for m in messages:
+        if m["role"] == "system":
+            system = f"<<SYS>>\n{m['content']}\n<</SYS>>\n\n"
+        elif m["role"] == "user":
+            parts.append(f"[INST] {system}{m['content']} [/INST]")
+            system = ""
+        else:
+            parts.append(f" {m['content']} ")
+    return "".join(parts)
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, run):
+        self.cfg, self.run = cfg, run
+        self.files = write_world_once(run.data, cfg)
+        self.sft_dialogues = [r.messages for r in formats.read_sft(self.files["sft"])]
+        self.pairs = {k: formats.read_preferences(self.files[f"pref_{k}"]) for k in ("helpfulness", "safety")}
+        self.heldout_pairs = {
+            k: formats.read_preferences(self.files[f"pref_{k}_heldout"]) for k in ("helpfulness", "safety")
+        }
+        self.rl_prompts = formats.read_prompts(self.files["prompts"])
+        self.eval_set = formats.read_prompts(self.files["eval"])
+        self.results = run.load_eval()
+        self._tok = None
+
+    # ------------------------------------------------------------------------------------------- plumbing
+
+    @property
+    def tok(self):
+        from rayllama.tokenizer import Tokenizer
+
+        if self._tok is None:
+            if not self.run.tokenizer.exists():
+                raise PipelineError(f"no tokenizer at {self.run.tokenizer}; add 'tokenizer' to stages")
+            self._tok = Tokenizer(self.run.tokenizer)
+        return self._tok
+
+    def _require(self, path: Path, stage: str) -> Path:
+        if not is_complete(path):
+            raise PipelineError(f"stage needs {path}, which is missing; add '{stage}' to stages before it")
+        return path
+
+    def policy_dir(self) -> Path:
+        """The newest policy: the last complete RL/SFT stage output."""
+        for stage in ("gatt", "ppo", "rejection", "sft", "pretrain"):
+            if stage in self.cfg.stages and is_complete(self.run.model(stage)):
+                latest = self.run.model(stage)
+                # the order in cfg.stages decides between rejection and ppo
+                if stage in ("ppo", "rejection"):
+                    done = [s for s in self.cfg.stages if s in ("ppo", "rejection") and is_complete(self.run.model(s))]
+                    latest = self.run.model(done[-1])
+                return latest
+        return self._require(self.run.model("sft"), "sft")
+
+    def _record(self, stage: str, metrics: dict) -> None:
+        self.results.setdefault(stage, {}).update(metrics)
+        self.run.save_eval(self.results)
+
+    def gold_eval(self, stage: str, model_dir: Path) -> None:
+        """Gold helpfulness / refusal / over-refusal / adherence by turn of `model_dir`, once per stage."""
+        if "gold_helpfulness" in self.results.get(stage, {}):
+            return
+        from rayllama.chat import ChatModel
+        from rayllama.eval import evaluate
+
+        t0 = time.time()
+        chat = ChatModel.from_checkpoint(model_dir)
+        metrics = evaluate(chat.greedy_fn(), self.eval_set)
+        turns = [v for k, v in metrics.items() if k.startswith("adherence_turn_") and int(k.rsplit("_", 1)[1]) >= 4]
+        if turns:
+            metrics["adherence_turn_4plus"] = sum(turns) / len(turns)
+        self._record(stage, metrics)
+        log.info(
+            f"gold eval after {stage} ({time.time() - t0:.0f} s): helpfulness {metrics['gold_helpfulness']:.3f}, "
+            f"refusal(unsafe) {metrics['refusal_rate_unsafe']:.3f}, over-refusal {metrics['over_refusal_borderline']:.3f}"
+        )
+
+    # ------------------------------------------------------------------------------------------- stages
+
+    def stage_tokenizer(self) -> None:
+        from rayllama.tokenizer import train_tokenizer
+
+        if self.cfg.tokenizer.model_path:
+            import shutil
+
+            self.run.tokenizer.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.cfg.tokenizer.model_path, self.run.tokenizer)
+            return
+        if self.run.tokenizer.exists():
+            log.info("tokenizer: complete, skipped")
+            return
+        texts, budget = [], self.cfg.tokenizer.max_train_chars
+        corpus_train, _ = corpus_split(seed=self.cfg.seed)
+        world_texts = [r.text for r in formats.read_pretrain(self.files["pretrain_world"])]
+        chat_texts = [template_text(d) for d in self.sft_dialogues]
+        # half world + chat text (short, many distinct words), half Shakespeare
+        for source in (world_texts + chat_texts, corpus_train):
+            used = 0
+            for t in source:
+                if used > budget // 2:
+                    break
+                texts.append(t)
+                used += len(t)
+        t0 = time.time()
+        train_tokenizer(texts, self.run.tokenizer.with_suffix(""), self.cfg.tokenizer.vocab_size)
+        log.info(f"tokenizer: {self.cfg.tokenizer.vocab_size} pieces trained in {time.time() - t0:.1f} s")
+
+    def stage_pretrain(self) -> None:
+        from rayllama.train.stages import run_pretrain
+
+        out = self.run.model("pretrain")
+        if is_complete(out):
+            log.info("pretrain: complete, skipped")
+        else:
+            corpus_train, corpus_heldout = corpus_split(seed=self.cfg.seed)
+            world = [r.text for r in formats.read_pretrain(self.files["pretrain_world"])]
+            world_heldout = [r.text for r in toyworld.pretrain_texts(self.cfg.world.pretrain_world_heldout,
+                                                                     self.cfg.world.seed, split="heldout")]
+            run_pretrain(self.cfg, self.run.root, self.tok, corpus_train, corpus_heldout, world, world_heldout)
+        from rayllama.checkpoint import load_model
+
+        ev = load_model(out)[2].get("eval", {})
+        if "eval_perplexity" in ev:
+            self._record(
+                "pretrain",
+                {"heldout_perplexity": ev["eval_perplexity"], "perplexity_uniform_baseline": float(self.tok.vocab_size)},
+            )
+            log.info(f"pretrain: held-out perplexity {ev['eval_perplexity']:.1f} (uniform baseline {self.tok.vocab_size})")
+        self.gold_eval("pretrain", out)
+
+    def stage_sft(self) -> None:
+        from rayllama.train.stages import run_sft
+
+        out = self.run.model("sft")
+        if is_complete(out):
+            log.info("sft: complete, skipped")
+        else:
+            run_sft(self.cfg, self.run.root, self.tok, self.sft_dialogues, self._require(self.run.model("pretrain"), "pretrain"))
+        self.gold_eval("sft", out)
+
+    def stage_reward(self) -> None:
+        from rayllama.checkpoint import load_model
+        from rayllama.train.stages import run_reward
+
+        sft = self._require(self.run.model("sft"), "sft")
+        for kind in ("helpfulness", "safety"):
+            out = self.run.reward_model(kind)
+            if is_complete(out):
+                log.info(f"reward-{kind}: complete, skipped")
+            else:
+                run_reward(self.cfg, self.run.root, self.tok, kind, self.pairs[kind], self.heldout_pairs[kind],
+                           self.pairs["helpfulness"], sft)
+            ev = load_model(out)[2].get("eval", {})
+            self._record(f"reward-{kind}", {f"rm_{k}" if not k.startswith("rm_") else k: v for k, v in ev.items()})
+        print(reward_table(self.results))
+
+    def stage_ppo(self) -> None:
+        import actors.group  # the driver is the composition root: it alone builds actors (DESIGN: rooms and doors)
+        from rayllama.rl.ppo import run_ppo
+
+        out_dir = self.run.root / "ppo"
+        if is_complete(out_dir / "model"):
+            log.info("ppo: complete, skipped")
+        else:
+            start = self._policy_before("ppo")
+            handles = actors.group.create_rl_actors(
+                self.cfg, start, self._require(self.run.model("sft"), "sft"),
+                self._require(self.run.reward_model("helpfulness"), "reward"),
+                self._require(self.run.reward_model("safety"), "reward"),
+            )
+            try:
+                summary = run_ppo(self.cfg, handles, list(self.rl_prompts), self.tok, out_dir)
+            finally:
+                actors.group.shutdown_rl_actors(handles)
+            self._record("ppo", {k: v for k, v in summary.items() if isinstance(v, int | float)})
+        self.gold_eval("ppo", out_dir / "model")
+
+    def _policy_before(self, stage: str) -> Path:
+        """The policy a stage starts from: the output of the stage before it among sft/rejection/ppo."""
+        idx = self.cfg.stages.index(stage)
+        for prev in reversed(self.cfg.stages[:idx]):
+            if prev in ("rejection", "ppo", "sft"):
+                return self._require(self.run.model(prev), prev)
+        return self._require(self.run.model("sft"), "sft")
+
+    # ------------------------------------------------------------------------------------------- the run
+
+    def run_all(self) -> None:
+        for stage in self.cfg.stages:
+            fn = getattr(self, f"stage_{stage}", None)
+            if fn is None:
+                raise PipelineError(f"stage '{stage}' is not available in this version; remove it from stages")
+            t0 = time.time()
+            log.info(f"== stage {stage}")
+            fn()
+            if "seconds" not in self.results.get(stage, {}):
+                self._record(stage, {"seconds": round(time.time() - t0, 1)})
+        print(self.summary())
+
+    def summary(self) -> str:
+        from rayllama.eval import format_table
+
+        rows = {s: {k: v for k, v in self.results.get(s, {}).items() if k in SUMMARY_KEYS} for s in self.results}
+        return format_table({s: r for s, r in rows.items() if r})
+
+
+RATING_COLUMNS = ("significantly_better", "better", "slightly_better", "negligibly_better")
+
+
+def reward_table(results: dict) -> str:
+    """Held-out accuracy per rating level for both reward models (LLaMA 2 Table 8 layout)."""
+    head = f"{'reward model':<22}" + "".join(f"{c:>22}" for c in RATING_COLUMNS) + f"{'overall':>10}"
+    lines = [head, "-" * len(head)]
+    for kind in ("helpfulness", "safety"):
+        r = results.get(f"reward-{kind}", {})
+        if not r:
+            continue
+        cells = "".join(f"{r.get(f'rm_accuracy_{c}', float('nan')):>22.3f}" for c in RATING_COLUMNS)
+        lines.append(f"{kind:<22}{cells}{r.get('rm_accuracy', float('nan')):>10.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""The Ray Train stages: pretrain, SFT and the two reward models. Each builds its tensors once (skipped when they
+exist), describes a TrainJob and runs it on the shared loop (rayllama.train.loop)."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from rayllama.config import PipelineConfig, model_config
+from rayllama.losses import MARGINS
+from rayllama.tokenizer import Tokenizer
+from rayllama.train.data import (
+    num_examples,
+    pack_texts,
+    preference_rows,
+    safety_mix,
+    save_tensors,
+    sft_rows,
+)
+from rayllama.train.loop import TrainJob, run_train_job
+
+
+def _tensors(path: Path, build) -> Path:
+    if not path.exists():
+        save_tensors(path, build())
+    return path
+
+
+def mix_pretrain_texts(corpus: list[str], world: list[str], world_share: float, seed: int) -> list[str]:
+    """Corpus documents plus toy-world texts, the world repeated or cut so that it makes about `world_share` of
+    the characters, shuffled deterministically."""
+    corpus_chars = sum(len(t) for t in corpus)
+    world_chars = max(1, sum(len(t) for t in world))
+    target = world_share / max(1e-9, 1.0 - world_share) * corpus_chars
+    reps = target / world_chars
+    texts = list(corpus) + list(world) * int(reps)
+    texts += world[: int((reps - int(reps)) * len(world))]
+    random.Random(seed).shuffle(texts)
+    return texts
+
+
+def run_pretrain(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, corpus_train: list[str], corpus_heldout: list[str],
+                 world_train: list[str], world_heldout: list[str]) -> dict:
+    p = cfg.pretrain
+    data_dir = run_dir / "data"
+    train = _tensors(
+        data_dir / "pretrain.pt",
+        lambda: pack_texts(mix_pretrain_texts(corpus_train, world_train, p.world_text_share, cfg.seed), tok, p.seq_len),
+    )
+    heldout = _tensors(data_dir / "pretrain_heldout.pt", lambda: pack_texts(corpus_heldout + world_heldout, tok, p.seq_len))
+    job = TrainJob(
+        stage="pretrain", objective="lm", data_path=str(train), eval_path=str(heldout),
+        output=str(run_dir / "pretrain" / "model"), log_dir=str(run_dir / "pretrain"),
+        optim=p.optim, total_steps=p.steps, batch_size=p.batch_size, micro_batch_size=p.micro_batch_size,
+        model=model_config(cfg, tok.vocab_size), tokenizer_model=str(tok.model_path),
+        checkpoint_every=p.checkpoint_every, eval_every=p.eval_every, log_every=p.log_every,
+        seed=cfg.seed, threads=cfg.threads_per_worker, device=cfg.device,
+    )
+    return run_train_job(job, cfg.scaling)
+
+
+def run_sft(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, dialogues: list[list[dict]], init: Path) -> dict:
+    s = cfg.sft
+    path = run_dir / "data" / "sft.pt"
+    if not path.exists():
+        rows, _dropped = sft_rows(dialogues, tok, s.max_seq_len)
+        save_tensors(path, rows)
+    n = num_examples(torch.load(path))
+    job = TrainJob(
+        stage="sft", objective="lm", data_path=str(path), output=str(run_dir / "sft" / "model"),
+        log_dir=str(run_dir / "sft"), optim=s.optim, total_steps=max(1, math.ceil(s.epochs * n / s.batch_size)),
+        batch_size=s.batch_size, micro_batch_size=s.micro_batch_size, init=str(init),
+        tokenizer_model=str(tok.model_path), checkpoint_every=s.checkpoint_every, log_every=s.log_every,
+        seed=cfg.seed, threads=cfg.threads_per_worker, device=cfg.device,
+    )
+    return run_train_job(job, cfg.scaling)
+
+
+def run_reward(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, kind: str, pairs: list, heldout_pairs: list,
+               helpful_pairs: list, init: Path) -> dict:
+    """One reward model (kind = helpfulness | safety). The safety RM's data mixes in helpfulness pairs
+    (reward.safety_helpfulness_share, LLaMA 2's 90/10)."""
+    r = cfg.reward
+    margins = MARGINS[r.margin]
+    tag = f"reward_{kind}_{r.margin}"
+    train_pairs = pairs if kind == "helpfulness" else safety_mix(pairs, helpful_pairs, r.safety_helpfulness_share, cfg.seed)
+
+    def rows(ps):
+        return preference_rows(ps, tok, r.max_seq_len, margins)[0]
+
+    train = _tensors(run_dir / "data" / f"{tag}.pt", lambda: rows(train_pairs))
+    heldout = _tensors(run_dir / "data" / f"{tag}_heldout.pt", lambda: rows(heldout_pairs))
+    n = num_examples(torch.load(train))
+    job = TrainJob(
+        stage=f"reward-{kind}", objective="reward", data_path=str(train), eval_path=str(heldout),
+        output=str(run_dir / "reward" / kind / "model"), log_dir=str(run_dir / "reward" / kind),
+        optim=r.optim, total_steps=max(1, math.ceil(r.epochs * n / r.batch_size)),
+        batch_size=r.batch_size, micro_batch_size=r.micro_batch_size, init=str(init),
+        tokenizer_model=str(tok.model_path), checkpoint_every=r.checkpoint_every, log_every=r.log_every,
+        seed=cfg.seed, threads=cfg.threads_per_worker, device=cfg.device,
+    )
+    return run_train_job(job, cfg.scaling)

@@ -1,0 +1,193 @@
+"""Typed config of the chat endpoint (`configs/serve.yaml`), loaded like `rayllama.config`: OmegaConf structured
+configs over the YAML file plus `key=value` overrides; every mistake is a one-line `ConfigError` naming the key,
+the file (or override) and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from rayllama.config import ConfigError, RayConfig
+
+ENGINES = ("torch",)  # the shared GenerationEngine implementations serve/app.py can build
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class HTTPConfig:
+    host: str = "127.0.0.1"  # loopback only unless told otherwise (0.0.0.0 exposes it to the network)
+    port: int = 8000
+
+
+@dataclass
+class ReplicaConfig:
+    """Ray Serve replicas of the chat deployment and the Ray resources of each."""
+
+    num_replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_ongoing_requests: int = 64  # per replica; more wait in Serve's queue
+
+
+@dataclass
+class LimitsConfig:
+    """What one request may ask for; beyond these it gets a 4xx naming the limit."""
+
+    max_prompt_tokens: int = 384  # chat-template tokens of the whole dialogue (413 beyond)
+    max_tokens: int = 128  # the largest `max_tokens` a request may set (400 beyond)
+    default_max_tokens: int = 64  # when the request sets none (capped by what the context leaves)
+    max_n: int = 4  # choices per request
+    max_stop: int = 4  # stop strings per request
+    max_request_bytes: int = 1_000_000  # HTTP body size (413 beyond)
+
+
+@dataclass
+class BatchConfig:
+    """Concurrent requests are collected for up to `wait_ms` and generated in one engine call per sampling
+    setting (`@serve.batch`)."""
+
+    max_requests: int = 16
+    wait_ms: float = 5.0
+    engine_max_rows: int = 64  # TorchEngine.max_batch_size: sequences decoded at once (requests x n)
+
+
+@dataclass
+class AuthConfig:
+    """Bearer-token auth on /v1/*: on when `token` or `token_env` is set (/health stays open)."""
+
+    token: Optional[str] = None
+    token_env: Optional[str] = None  # name of an environment variable holding the token (read at startup)
+
+
+@dataclass
+class ServeConfig:
+    model_dir: str = "runs/tiny/ppo/model"  # any complete checkpoint dir with tokenizer.model (the driver's policy)
+    tokenizer_path: Optional[str] = None  # default: <model_dir>/tokenizer.model
+    model_name: str = "rayllama-chat"  # the id clients pass as `model` and /v1/models lists
+    default_system_prompt: Optional[str] = None  # used when a request has no system message (GAtt's <<SYS>>)
+    engine: str = "torch"
+    device: str = "cpu"  # cpu | cuda
+    dtype: str = "float32"
+    torch_threads: int = 1  # intra-op threads of each replica
+    app_name: str = "rayllama"
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    replicas: ReplicaConfig = field(default_factory=ReplicaConfig)
+    http: HTTPConfig = field(default_factory=HTTPConfig)
+    ray: RayConfig = field(default_factory=lambda: RayConfig(include_dashboard=False))
+
+
+def _holder(path: str) -> Any:
+    """The dataclass type that holds the keys under a dotted path ('' is the root), or None."""
+    node: Any = ServeConfig
+    for part in [p for p in path.split(".") if p]:
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields or fields[part].default_factory is dataclasses.MISSING:
+            return None
+        node = type(fields[part].default_factory())
+    return node
+
+
+def _translate(err: Exception, source: str) -> ConfigError:
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        holder = _holder(parent)
+        accepted = ", ".join(f.name for f in dataclasses.fields(holder)) if holder else "?"
+        where = f"under '{parent}'" if parent else "at the top level"
+        return ConfigError(f"unknown config key '{key}' in {source}; accepted keys {where}: {accepted}")
+    if isinstance(err, ValidationError):
+        return ConfigError(f"bad value for config key '{key}' in {source}: {str(err).splitlines()[0]}")
+    return ConfigError(f"invalid config in {source}: {str(err).splitlines()[0]}")
+
+
+def load_serve_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ServeConfig:
+    """Load `path` (YAML) over the defaults, apply `key=value` overrides, validate, return a ServeConfig."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    merged = OmegaConf.structured(ServeConfig)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' not found; pass an existing YAML file such as configs/serve.yaml")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file '{path}'{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(loaded).__name__}")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.create(loaded or {}))
+        except OmegaConfBaseException as e:
+            raise _translate(e, f"config file '{path}'") from None
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. http.port=8001)")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise _translate(e, f"override '{item}'") from None
+    try:
+        cfg: ServeConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _translate(e, f"config '{path}'") from None
+    validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: ServeConfig) -> None:
+    """Semantic checks the type system cannot express; each failure names the key and the fix."""
+    _check(cfg.engine in ENGINES, f"engine '{cfg.engine}' is not one of {', '.join(ENGINES)}")
+    _check(cfg.device in ("cpu", "cuda"), f"device '{cfg.device}' is not cpu or cuda")
+    _check(cfg.dtype in DTYPES, f"dtype '{cfg.dtype}' is not one of {', '.join(DTYPES)}")
+    _check(cfg.torch_threads >= 1, f"torch_threads {cfg.torch_threads} must be >= 1")
+    _check(bool(cfg.model_name.strip()), "model_name is empty; set it to the id clients will send, e.g. rayllama-chat")
+    lim = cfg.limits
+    for name in ("max_prompt_tokens", "max_tokens", "default_max_tokens", "max_n", "max_request_bytes"):
+        _check(getattr(lim, name) >= 1, f"limits.{name} {getattr(lim, name)} must be >= 1")
+    _check(lim.max_stop >= 0, f"limits.max_stop {lim.max_stop} must be >= 0")
+    _check(lim.default_max_tokens <= lim.max_tokens,
+           f"limits.default_max_tokens {lim.default_max_tokens} exceeds limits.max_tokens {lim.max_tokens}; "
+           f"lower it or raise limits.max_tokens")
+    _check(cfg.batch.max_requests >= 1, f"batch.max_requests {cfg.batch.max_requests} must be >= 1")
+    _check(cfg.batch.wait_ms >= 0, f"batch.wait_ms {cfg.batch.wait_ms} must be >= 0")
+    _check(cfg.batch.engine_max_rows >= 1, f"batch.engine_max_rows {cfg.batch.engine_max_rows} must be >= 1")
+    r = cfg.replicas
+    _check(r.num_replicas >= 1, f"replicas.num_replicas {r.num_replicas} must be >= 1")
+    _check(r.num_cpus >= 0 and r.num_gpus >= 0, f"replicas.num_cpus {r.num_cpus} / num_gpus {r.num_gpus} must be >= 0")
+    _check(r.max_ongoing_requests >= 1, f"replicas.max_ongoing_requests {r.max_ongoing_requests} must be >= 1")
+    _check(cfg.device == "cpu" or r.num_gpus > 0,
+           f"device '{cfg.device}' needs replicas.num_gpus > 0 (it is {r.num_gpus}); set replicas.num_gpus=1")
+    _check(1 <= cfg.http.port <= 65535, f"http.port {cfg.http.port} must be in 1..65535")
+    _check(bool(cfg.http.host), "http.host is empty; use 127.0.0.1 (local only) or 0.0.0.0 (all interfaces)")
+    if cfg.auth.token is not None:
+        _check(bool(cfg.auth.token.strip()), "auth.token is empty; set a non-empty token or remove the key")
+
+
+def resolve_auth_token(cfg: ServeConfig) -> str | None:
+    """The bearer token requests must carry, or None when auth is off. `auth.token` wins over `auth.token_env`."""
+    if cfg.auth.token:
+        return cfg.auth.token
+    if cfg.auth.token_env:
+        value = os.environ.get(cfg.auth.token_env, "").strip()
+        if not value:
+            raise ConfigError(f"auth.token_env names ${cfg.auth.token_env}, which is unset or empty; export it "
+                              f"(export {cfg.auth.token_env}=...) or remove auth.token_env")
+        return value
+    return None
