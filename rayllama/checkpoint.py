@@ -2,7 +2,7 @@
 
 One on-disk format for every stage (pretrain, SFT, reward, PPO) and for import/export:
 
-    config.json          HF LlamaConfig (LlamaForCausalLM, or LlamaForSequenceClassification with num_labels 1)
+    config.json          HF LlamaConfig (LlamaForCausalLM, or LlamaForSequenceClassification, num_labels 1)
     model.safetensors    the state dict, whose keys already are HF's
     tokenizer.model      SentencePiece model (copied, if given)
     rayllama.json        our meta: kind ("causal" | "scalar"), step, whatever the caller passes
@@ -43,7 +43,8 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------- config
 
 
-def hf_config_dict(cfg: ModelConfig, kind: str = "causal", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def hf_config_dict(cfg: ModelConfig, kind: str = "causal",
+                   dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """The HF LlamaConfig for `cfg` (what `LlamaConfig.to_dict()` would hold for our fields)."""
     if kind not in ARCHITECTURES:
         raise ValueError(f"checkpoint kind {kind!r} is not one of {sorted(ARCHITECTURES)}")
@@ -80,9 +81,10 @@ def hf_config_dict(cfg: ModelConfig, kind: str = "causal", dtype: torch.dtype = 
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """ModelConfig from an HF Llama config.json dict; CheckpointError (a ValueError) for what we cannot run."""
+    """ModelConfig from an HF Llama config.json dict; CheckpointError for what rayllama cannot run."""
     if hf.get("model_type", "llama") != "llama":
-        raise CheckpointError(f"config model_type {hf.get('model_type')!r} is not 'llama'; only Llama is supported")
+        raise CheckpointError(f"config model_type {hf.get('model_type')!r} is not 'llama'; "
+                              f"only Llama is supported")
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if key not in hf:
             raise CheckpointError(f"config.json lacks {key!r}; it is not a Llama config (re-export it)")
@@ -93,7 +95,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise CheckpointError(f"config rope_type {rope_type!r} is not supported; rayllama implements plain RoPE")
+        raise CheckpointError(f"config rope_type {rope_type!r} is not supported; "
+                              f"rayllama implements plain RoPE")
     cfg = ModelConfig(
         dim=hf["hidden_size"],
         n_layers=hf["num_hidden_layers"],
@@ -174,7 +177,8 @@ def save_model(path: str | Path, model: Transformer | ScalarHeadModel, cfg: Mode
         raise ValueError(f"save_model cfg {cfg} differs from the model's own cfg {model.cfg}; pass model.cfg")
     kind = "scalar" if isinstance(model, ScalarHeadModel) else "causal"
     if tokenizer_model is not None and not Path(tokenizer_model).is_file():
-        raise CheckpointError(f"tokenizer_model {tokenizer_model} does not exist; pass the .model file or None")
+        raise CheckpointError(f"tokenizer_model {tokenizer_model} does not exist; "
+                              f"pass the .model file or None")
     target = Path(path).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(target)
@@ -201,6 +205,7 @@ def save_model(path: str | Path, model: Transformer | ScalarHeadModel, cfg: Mode
         os.rename(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         if aside.exists() and not target.exists():
             os.rename(aside, target)
         raise
@@ -218,7 +223,7 @@ def resolve(path: str | Path) -> Path:
     if target.is_dir():
         return target
     for old in _siblings(target, "old"):
-        if is_complete(old):
+        if _dir_complete(old):
             return old
     raise CheckpointError(f"checkpoint {target} does not exist; check the path (or train that stage first)")
 
@@ -242,7 +247,7 @@ def _check_safetensors(file: Path) -> None:
 
 
 def _weight_files(d: Path) -> list[Path]:
-    """The weight files of `d` (one safetensors, a sharded safetensors index, or pytorch_model.bin[.index])."""
+    """The weight files of `d`: one safetensors, a sharded safetensors index, or pytorch_model.bin[.index]."""
     if (d / WEIGHTS).is_file():
         return [d / WEIGHTS]
     for index_name in (SAFETENSORS_INDEX, TORCH_BIN_INDEX):
@@ -272,8 +277,14 @@ def _read_config(d: Path) -> dict[str, Any]:
 
 
 def is_complete(path: str | Path) -> bool:
-    """True if `path` holds a readable config and weight files that are all present and not truncated."""
-    d = Path(path)
+    """True if `path` (or the copy `resolve` finds) holds a readable config and untruncated weight files."""
+    try:
+        return _dir_complete(resolve(path))
+    except CheckpointError:
+        return False
+
+
+def _dir_complete(d: Path) -> bool:
     try:
         config_from_hf(_read_config(d))
         for f in _weight_files(d):
@@ -291,7 +302,7 @@ def _load_state(d: Path) -> dict[str, torch.Tensor]:
             _check_safetensors(f)
             try:
                 state.update(load_file(f))
-            except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+            except Exception as e:  # safetensors raises its own error type
                 raise CheckpointError(f"{f} could not be read ({e}); re-save the checkpoint") from None
         else:
             state.update(torch.load(f, map_location="cpu", weights_only=True))
@@ -312,10 +323,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     kind = "scalar" if arch == ARCHITECTURES["scalar"] else "causal"
     n_labels = hf.get("num_labels", len(hf.get("id2label") or {}) or 2)  # HF's default is 2 labels
     if kind == "scalar" and n_labels != 1:
-        raise CheckpointError(f"{d / CONFIG}: sequence classifier has num_labels {n_labels}; reward models need 1")
+        raise CheckpointError(f"{d / CONFIG}: sequence classifier has num_labels {n_labels}; "
+                              f"reward models need 1")
     state = _load_state(d)
     if kind == "causal" and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()  # tied in the source, untied here
+        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()  # tied there, untied here
     with torch.device("meta"):
         model = ScalarHeadModel(cfg) if kind == "scalar" else Transformer(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -326,7 +338,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                               f"for a {arch}; the weights do not match config.json, re-export the checkpoint")
     for k, shape in expected.items():
         if tuple(state[k].shape) != shape:
-            raise CheckpointError(f"{d}: tensor {k} has shape {tuple(state[k].shape)} but config.json implies "
+            raise CheckpointError(f"{d}: tensor {k} has shape {tuple(state[k].shape)} "
+                                  f"but config.json implies "
                                   f"{shape}; the weights do not match config.json, re-export the checkpoint")
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)

@@ -47,24 +47,29 @@ def _generate(generate_fn: GenerateFn, dialogues: list[Messages]) -> list[str]:
         return []
     answers = list(generate_fn(dialogues))
     if len(answers) != len(dialogues):
-        raise ValueError(f"generate_fn returned {len(answers)} answers for {len(dialogues)} dialogues; "
-                         "it must return one string per dialogue, in order")
+        raise ValueError(
+            f"generate_fn returned {len(answers)} answers for {len(dialogues)} dialogues; "
+            "it must return one string per dialogue, in order"
+        )
     for a in answers:
         if not isinstance(a, str):
             raise ValueError(f"generate_fn returned a {type(a).__name__}; it must return strings")
     return answers
 
 
-def evaluate(generate_fn: GenerateFn, eval_set: Sequence[PromptRecord], max_turns: int | None = None
-             ) -> dict[str, float | int]:
+def evaluate(
+    generate_fn: GenerateFn, eval_set: Sequence[PromptRecord], max_turns: int | None = None
+) -> dict[str, float | int]:
     """Score `generate_fn` (a batch of dialogues, each ending with a user turn -> one answer each) with the gold
     judge on `eval_set` (toyworld.eval_sets or eval.jsonl records). `max_turns` caps the GAtt turns."""
     single = [r for r in eval_set if not r.turns]
     multi = [r for r in eval_set if r.turns]
     for r in single:
         if r.task is None:
-            raise ValueError(f"eval prompt {r.prompt[-1]['content']!r} has no task payload; use records from "
-                             "toyworld.eval_sets / eval.jsonl")
+            raise ValueError(
+                f"eval prompt {r.prompt[-1]['content']!r} has no task payload; use records from "
+                "toyworld.eval_sets / eval.jsonl"
+            )
 
     # single-turn: one batched call
     answers = _generate(generate_fn, [[dict(m) for m in r.prompt] for r in single])
@@ -114,8 +119,9 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def format_table(rows: Mapping[str, Mapping[str, Any]], metrics: Sequence[str] | None = None,
-                 transpose: bool = False) -> str:
+def format_table(
+    rows: Mapping[str, Mapping[str, Any]], metrics: Sequence[str] | None = None, transpose: bool = False
+) -> str:
     """A fixed-width table: one row per stage (the keys of `rows`), one column per metric (`metrics`, or every
     metric in first-seen order). `transpose=True` puts metrics down and stages across (narrower)."""
     if metrics is None:
@@ -128,7 +134,9 @@ def format_table(rows: Mapping[str, Mapping[str, Any]], metrics: Sequence[str] |
     else:
         table = [header, *body]
     widths = [max(len(r[c]) for r in table) for c in range(len(table[0]))]
-    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths)))
-             for r in table]
+    lines = [
+        "  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths)))
+        for r in table
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(line.rstrip() for line in lines)

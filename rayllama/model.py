@@ -1,7 +1,7 @@
 """The LLaMA 2 transformer (Touvron et al., 2023): RMSNorm, RoPE, grouped-query attention, SwiGLU, KV cache.
 
 Reads like Meta's `llama/model.py`, but trainable, device-agnostic, with the KV cache an object passed in, and
-with parameter names equal to Hugging Face `LlamaForCausalLM`'s, so `model.state_dict()` *is* an HF checkpoint.
+with parameter names equal to Hugging Face `LlamaForCausalLM`'s, so `model.state_dict()` is an HF checkpoint.
 RoPE uses HF's `rotate_half` layout (first half / second half of each head, not interleaved pairs), so the
 weights need no permutation either way.
 
@@ -47,7 +47,8 @@ class ModelConfig:
             raise ValueError(f"model dim {self.dim} is not divisible by n_heads {self.n_heads}; "
                              f"make dim a multiple of n_heads")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"model n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}; "
+            raise ValueError(f"model n_heads {self.n_heads} is not divisible by n_kv_heads "
+                             f"{self.n_kv_heads}; "
                              f"use an n_kv_heads that divides n_heads (1 = MQA, n_heads = MHA)")
         if self.head_dim % 2:
             raise ValueError(f"model head_dim {self.head_dim} (dim / n_heads) is odd; RoPE needs an even "
@@ -108,7 +109,7 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE angles (Su et al., 2021): angle[p, i] = p * theta^(-2i/D) for i < D/2, duplicated over both halves.
+    """RoPE angles (Su et al., 2021): angle[p, i] = p * theta^(-2i/D), i < D/2, repeated for both halves.
 
     positions: (B, T) long -> cos, sin: (B, T, D). Computed in float32 on the fly (no buffer, so casting
     the model to bf16 never degrades the frequencies and the state dict holds weights only).
@@ -263,7 +264,8 @@ def positions_and_mask(attention_mask: torch.Tensor | None, b: int, t: int, past
         attention_mask = torch.ones(b, s, dtype=torch.long, device=device)
     if attention_mask.shape != (b, s):
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but tokens (B={b}, T={t}) "
-                         f"after a cache of length {past} need ({b}, {s}); pass the mask for all tokens so far")
+                         f"after a cache of length {past} need ({b}, {s}); "
+                         f"pass the mask for all tokens so far")
     keep = attention_mask.to(device=device, dtype=torch.bool)  # (B, S)
     positions = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
     if past == 0 and bool(keep.all()):
@@ -294,8 +296,9 @@ class LlamaTrunk(nn.Module):
             raise ValueError(f"sequence length {past + t} exceeds max_seq_len {self.cfg.max_seq_len}; "
                              f"truncate the input or raise max_seq_len")
         if cache is not None and (cache.batch_size != b or past + t > cache.max_len):
-            raise ValueError(f"KVCache holds {cache.batch_size} rows x {cache.max_len} positions ({past} used) "
-                             f"but got {b} rows x {t} new tokens; allocate a larger cache or select() its rows")
+            raise ValueError(f"KVCache holds {cache.batch_size} rows x {cache.max_len} positions "
+                             f"({past} used) but got {b} rows x {t} new tokens; "
+                             f"allocate a larger cache or select() its rows")
         h = self.embed_tokens(tokens)  # (B, T, E)
         positions, mask = positions_and_mask(attention_mask, b, t, past, tokens.device)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)  # (B, T, D)
@@ -367,7 +370,8 @@ class ScalarHeadModel(nn.Module):
             cfg = cfg or source.cfg
             source = source.state_dict()
         if cfg is None:
-            raise ValueError("ScalarHeadModel.from_transformer got a state dict without cfg; pass cfg=ModelConfig")
+            raise ValueError("ScalarHeadModel.from_transformer got a state dict without cfg; "
+                             "pass cfg=ModelConfig")
         model = cls(cfg)
         trunk = {k[len("model."):]: v for k, v in source.items() if k.startswith("model.")}
         model.model.load_state_dict(trunk, strict=True)

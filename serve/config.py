@@ -9,7 +9,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from rayllama.config import ConfigError, RayConfig
 
@@ -59,16 +59,16 @@ class BatchConfig:
 class AuthConfig:
     """Bearer-token auth on /v1/*: on when `token` or `token_env` is set (/health stays open)."""
 
-    token: Optional[str] = None
-    token_env: Optional[str] = None  # name of an environment variable holding the token (read at startup)
+    token: str | None = None
+    token_env: str | None = None  # name of an environment variable holding the token (read at startup)
 
 
 @dataclass
 class ServeConfig:
     model_dir: str = "runs/tiny/ppo/model"  # any complete checkpoint dir with tokenizer.model (the driver's policy)
-    tokenizer_path: Optional[str] = None  # default: <model_dir>/tokenizer.model
+    tokenizer_path: str | None = None  # default: <model_dir>/tokenizer.model
     model_name: str = "rayllama-chat"  # the id clients pass as `model` and /v1/models lists
-    default_system_prompt: Optional[str] = None  # used when a request has no system message (GAtt's <<SYS>>)
+    default_system_prompt: str | None = None  # used when a request has no system message (GAtt's <<SYS>>)
     engine: str = "torch"
     device: str = "cpu"  # cpu | cuda
     dtype: str = "float32"

@@ -88,9 +88,15 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
 def validation_error(e: ValidationError) -> APIError:
     """The first pydantic error as one line: 'messages.1.role: Input should be ... (got 'robot')'."""
     err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "list[", "str")))
+    loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
     got = "" if err["type"] == "missing" else f" (got {err.get('input')!r:.60})"
     return APIError(400, f"{loc or 'body'}: {err['msg']}{got}", param=loc or None)
+
+
+def _is_union_tag(part: Any) -> bool:
+    """pydantic names the member of a union in `loc` ('stop', 'list[str]', 0); drop those names."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none", "TextPart")
+                                      or part.startswith(("list[", "function-")))
 
 
 def new_id() -> str:

@@ -93,7 +93,8 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path) -> None:
 
     rm = ScalarHeadModel.from_transformer(model, score_std=0.1).eval()
     out = save_model(tmp_path / "export_rm", rm, CFG)
-    hf_rm = transformers.LlamaForSequenceClassification.from_pretrained(out, attn_implementation="eager").eval()
+    hf_rm = transformers.LlamaForSequenceClassification.from_pretrained(out, attn_implementation="eager")
+    hf_rm.eval()
     mask = torch.ones_like(x)
     with torch.no_grad():
         torch.testing.assert_close(hf_rm(x).logits[:, 0], rm.last_token_score(x, mask), atol=1e-4, rtol=0)
@@ -215,6 +216,7 @@ def test_kill_between_renames_loads_the_aside_copy(tmp_path) -> None:
     dead_pid = 2**22 + 12345  # above Linux's pid_max default range, so not a live process
     os.rename(target, tmp_path / f".ckpt.old-{dead_pid}")
     (tmp_path / f".ckpt.tmp-{dead_pid}").mkdir()  # the dead writer's half-written new checkpoint
+    assert is_complete(target)
     loaded, _, meta = load_model(target)
     assert meta["step"] == 1 and torch.equal(loaded.lm_head.weight, old.lm_head.weight)
     save_model(target, make(seed=1), CFG, meta={"step": 2})

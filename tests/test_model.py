@@ -19,10 +19,12 @@ from rayllama.model import (
 )
 
 CONFIGS = {
-    "gqa": ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=97, ffn_dim=96, max_seq_len=64),
+    "gqa": ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=97, ffn_dim=96,
+                       max_seq_len=64),
     "mqa": ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=1, vocab_size=97, ffn_dim=80,
                        norm_eps=1e-6, rope_theta=500000.0, max_seq_len=64),
-    "mha": ModelConfig(dim=48, n_layers=3, n_heads=4, n_kv_heads=4, vocab_size=61, ffn_dim=128, max_seq_len=64),
+    "mha": ModelConfig(dim=48, n_layers=3, n_heads=4, n_kv_heads=4, vocab_size=61, ffn_dim=128,
+                       max_seq_len=64),
 }
 ATOL = 1e-4
 

@@ -303,6 +303,7 @@ def write_jsonl(path: str | os.PathLike[str], records: Iterable[Record | Mapping
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; data files are for everyone to read
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             for record in records:
                 f.write(dumps_record(record))

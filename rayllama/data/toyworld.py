@@ -66,6 +66,8 @@ from rayllama.data.formats import (
     write_jsonl,
 )
 
+# bump when the tables or generators change what write_world writes (it goes into world_meta.json)
+WORLD_VERSION = 1
 SAFE_TYPES = ("add", "sub", "reverse", "count", "fact", "copy")
 TASK_TYPES = (*SAFE_TYPES, "unsafe", "borderline")
 SPLITS = ("train", "heldout")
@@ -871,7 +873,12 @@ def write_world(
         ),
     }
     paths = {name: write_jsonl(out_dir / f"{name}.jsonl", records) for name, records in files.items()}
-    meta = {"seed": seed, "sizes": z, "files": {name: f"{name}.jsonl" for name in files}}
+    meta = {
+        "version": WORLD_VERSION,
+        "seed": seed,
+        "sizes": z,
+        "files": {name: f"{name}.jsonl" for name in files},
+    }
     write_jsonl(out_dir / "world_meta.json", [meta])
     paths["meta"] = out_dir / "world_meta.json"
     return paths

@@ -1,0 +1,88 @@
+"""RolloutGenerator: samples responses for PPO with a `GenerationEngine`, and takes the learner's new weights.
+
+Every `Completion` carries the weight version that produced it. `update_weights(state, version, checksum)`
+refuses a version older than the one held (`StaleWeightsError`) and a state whose `weights_checksum` differs from
+the sender's (`WeightChecksumError`), then loads the weights and records the version.
+
+Engines: "torch" (rayllama.generation.TorchEngine, this process, CPU or one GPU) now; "vllm" arrives behind the
+same interface in its own issue; "auto" picks torch until then.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from rayllama.checkpoint import load_model
+from rayllama.generation import Completion, GenerationEngine, SamplingParams, TorchEngine
+from rayllama.model import ModelConfig, Transformer
+from rayllama.rl.actors_api import StaleWeightsError, WeightChecksumError, checksums_match, weights_checksum
+
+ENGINES = ("torch", "vllm", "auto")
+
+
+def make_engine(kind: str, model_dir: str | Path, device: str,
+                max_batch_size: int) -> tuple[GenerationEngine, ModelConfig]:
+    """The generation engine `kind` over the causal LM checkpoint at `model_dir`, and the model's config."""
+    if kind not in ENGINES:
+        raise ValueError(f"unknown generation engine {kind!r}; choose one of {', '.join(ENGINES)}")
+    if kind == "vllm":
+        raise ValueError("generation engine 'vllm' is not available yet; set ppo.engine=torch (or auto)")
+    model, cfg, _ = load_model(model_dir, device=device)
+    if not isinstance(model, Transformer):
+        raise ValueError(f"rollout checkpoint {model_dir} is a reward model; pass the policy (causal LM) checkpoint")
+    return TorchEngine(model, device=device, max_batch_size=max_batch_size), cfg
+
+
+def _as_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A tensor over the received array without copying (Ray hands out read-only numpy views)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    with warnings.catch_warnings():  # read-only is fine: load_weights only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(value)
+
+
+class RolloutGenerator:
+    """Samples PPO rollouts from the latest policy weights it was sent."""
+
+    def __init__(self, model_dir: str | Path, engine: str = "torch", *, device: str = "cpu",
+                 max_batch_size: int = 64, threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.engine, self.model_cfg = make_engine(engine, model_dir, device, max_batch_size)
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        """`params.n` completions per prompt; each carries `weight_version`."""
+        return self.engine.generate(prompt_ids, params)
+
+    def update_weights(self, state: Mapping[str, Any], version: int, checksum: float) -> int:
+        """Load `state` as weight `version` after checking it is not stale and its checksum matches."""
+        current = self.engine.weight_version
+        if version < current:
+            raise StaleWeightsError(f"weight version {version} is older than the generator's {current}; "
+                                    f"send the learner's latest weights")
+        received = weights_checksum(state)
+        if not checksums_match(received, checksum):
+            raise WeightChecksumError(f"weights for version {version} have checksum {received!r} but the sender "
+                                      f"computed {checksum!r}; the transfer is corrupt, send them again")
+        self.engine.load_weights({k: _as_tensor(v) for k, v in state.items()}, version)
+        return version
+
+    def version(self) -> int:
+        return self.engine.weight_version
+
+    def max_seq_len(self) -> int:
+        """Longest prompt + response the engine's model takes."""
+        return self.model_cfg.max_seq_len
+
+
+@ray.remote
+class RolloutGeneratorActor(RolloutGenerator):
+    """Ray shell (one process per generator); `update_weights` receives the state Ray resolved from one ref."""

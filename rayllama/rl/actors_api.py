@@ -1,0 +1,171 @@
+"""The handles the RL loops drive (`RLActors`), the weight-sync contract, and the errors of both.
+
+`rl/` never imports `actors/`: the driver builds an `RLActors` with `actors.group.create_rl_actors` (Ray actors)
+or `actors.group.create_local_rl_actors` / `local_actors` (plain objects in this process, for tests and benches),
+and the loops call methods by name on its handles, Ray-style:
+
+    refs = [g.generate.remote(prompts, params) for g in actors.generators]
+    results = actors.get(refs, "generate")
+
+A `LocalHandle` runs `obj.method(*args)` at `.remote()` time and returns the result itself, which
+`RLActors.get` passes through, so the same loop code runs with and without Ray.
+
+Weight sync: the learner publishes `(state, version, checksum)`; `state` maps parameter names to numpy arrays
+(zero-copy through Ray's object store), `version` increases with every update, and `checksum` is
+`weights_checksum(state)`. A generator refuses a version older than its own (`StaleWeightsError`) and a state
+whose checksum differs (`WeightChecksumError`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+T = TypeVar("T")
+
+
+class StaleWeightsError(ValueError):
+    """A weight update older than the weights a generator already holds."""
+
+
+class WeightChecksumError(ValueError):
+    """Received weights whose checksum differs from the one the sender computed (corrupt or mixed-up tensors)."""
+
+
+class StaleRolloutError(RuntimeError):
+    """Rollouts produced by weights other than the latest ones pushed to the generators."""
+
+
+class ActorCallError(RuntimeError):
+    """A remote call that timed out or whose actor died more often than the retries allow."""
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+def state_to_numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray | torch.Tensor]:
+    """CPU numpy views of a state dict's tensors (what Ray ships zero-copy); dtypes numpy lacks (bf16) stay
+    tensors."""
+    out: dict[str, np.ndarray | torch.Tensor] = {}
+    for name, tensor in state.items():
+        t = tensor.detach().cpu().contiguous()
+        out[name] = t if t.dtype == torch.bfloat16 else t.numpy()
+    return out
+
+
+def weights_checksum(state: Mapping[str, np.ndarray | torch.Tensor]) -> float:
+    """sum_k (k + 1) * sum(float64(w_k)) over the tensors w_k in sorted-name order.
+
+    Cheap (one pass at memory speed) and real: a changed element changes its tensor's float64 sum (float32 values
+    are exact in float64, so only the summation rounds, at ~1e-16 of the partial sums), and the position weight
+    k + 1 catches tensors swapped between names. Numpy's summation order is fixed by the shape, so sender and
+    receiver compute the same bits for the same data.
+    """
+    total = 0.0
+    for k, name in enumerate(sorted(state)):
+        w = state[name]
+        if isinstance(w, torch.Tensor):
+            w = w.detach().float().cpu().numpy()
+        total += (k + 1) * float(np.add.reduce(np.ascontiguousarray(w).reshape(-1), dtype=np.float64))
+    return total
+
+
+def checksums_match(a: float, b: float) -> bool:
+    """Equal up to 1e-12 relative (the bits normally agree exactly; the slack only absorbs a numpy change)."""
+    return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-300)
+
+
+# ---------------------------------------------------------------------------------------------- handles
+
+
+class _LocalMethod:
+    def __init__(self, method: Callable[..., Any]) -> None:
+        self._method = method
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        """Run now; the result stands in for the ObjectRef Ray would return."""
+        return self._method(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._method(*args, **kwargs)
+
+
+class LocalHandle:
+    """A plain object behind the handle interface: `h.method.remote(*args)` == `obj.method(*args)`, evaluated now."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __getattr__(self, name: str) -> _LocalMethod:
+        return _LocalMethod(getattr(self.obj, name))
+
+    def __repr__(self) -> str:
+        return f"LocalHandle({type(self.obj).__name__})"
+
+
+@dataclass
+class RLActors:
+    """The RL roles the loops drive: Ray actor handles, or `LocalHandle`s when `local`.
+
+    learners[0] is rank 0 (it publishes weights and writes checkpoints); generators are called round-robin.
+    """
+
+    learners: list[Any]  # PolicyLearner handles, rank order
+    reference: Any  # ReferenceModel
+    reward_helpfulness: Any  # RewardScorer(kind="helpfulness")
+    reward_safety: Any  # RewardScorer(kind="safety")
+    generators: list[Any]  # RolloutGenerator handles
+    local: bool = False
+    call_timeout_s: float | None = None  # None: wait forever
+    retries: int = 1  # re-issues of a call whose actor died (it restarts, see max_restarts)
+    placement_group: Any = None  # the group holding the Ray actors (removed by shutdown_rl_actors)
+    names: dict[str, Any] = field(default_factory=dict)  # actor name -> handle, for logs and fault injection
+
+    def put(self, value: T) -> T:
+        """One copy in the object store that every later call reads (local: the value itself)."""
+        if self.local:
+            return value
+        import ray
+
+        return ray.put(value)
+
+    def get(self, refs: Any, what: str) -> Any:
+        """Wait for a ref or a list of refs at most `call_timeout_s`; `what` names the call in errors."""
+        if self.local:
+            return refs
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        try:
+            return ray.get(refs, timeout=self.call_timeout_s)
+        except GetTimeoutError:
+            raise ActorCallError(f"{what} did not answer within {self.call_timeout_s:.0f} s; raise "
+                                 f"ppo.resources.call_timeout_s or look at the actor's log") from None
+
+    def call(self, issue: Callable[[], Any], what: str) -> Any:
+        """`get(issue(), what)`, re-issuing the calls up to `retries` times when an actor died (Ray restarts it)."""
+        if self.local:
+            return issue()
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        for attempt in range(self.retries + 1):
+            try:
+                return self.get(issue(), what)
+            except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+                if attempt == self.retries:
+                    raise ActorCallError(f"{what} failed: an actor died {attempt + 1} time(s) "
+                                         f"({type(e).__name__}); see its log") from e
+        raise AssertionError("unreachable")
+
+
+def local_actors(learners: list[Any], reference: Any, reward_helpfulness: Any, reward_safety: Any,
+                 generators: list[Any]) -> RLActors:
+    """`RLActors` over plain objects (real role classes or stand-ins with the same methods), in this process."""
+    return RLActors(learners=[LocalHandle(x) for x in learners], reference=LocalHandle(reference),
+                    reward_helpfulness=LocalHandle(reward_helpfulness), reward_safety=LocalHandle(reward_safety),
+                    generators=[LocalHandle(x) for x in generators], local=True)
