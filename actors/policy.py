@@ -29,7 +29,13 @@ import torch
 from rayllama.checkpoint import load_model, load_train_state, save_model
 from rayllama.config import PPOConfig
 from rayllama.generation import SamplingParams, TorchEngine
-from rayllama.losses import entropy_from_logits, logprobs_from_logits, masked_mean, ppo_policy_loss, value_loss
+from rayllama.losses import (
+    entropy_from_logits,
+    logprobs_from_logits,
+    masked_mean,
+    ppo_policy_loss,
+    value_loss,
+)
 from rayllama.model import ScalarHeadModel, Transformer
 from rayllama.rl.actors_api import state_to_numpy, weights_checksum
 from rayllama.rl.experience import (

@@ -116,7 +116,7 @@ def trim(x: Rows) -> Rows:
     Keeps the layout (P shrinks, A shrinks); the model read-outs on the trimmed batch equal the untrimmed ones
     on the kept columns. Used per micro-batch, where lengths vary less than in the whole batch.
     """
-    p_len, a_len = x.prompt_len, x.num_actions
+    p_len = x.prompt_len
     real_prompt = x.attention_mask[:, :p_len].bool().any(0)  # (P,)
     first = int(real_prompt.float().argmax()) if bool(real_prompt.any()) else p_len - 1
     first = min(first, p_len - 1)  # keep at least one prompt column (the logits of a_0 are read there)

@@ -1,0 +1,158 @@
+"""Create (and shut down) the RL roles as named Ray actors in one placement group, or in this process.
+
+Roles and names (the dashboard shows them):
+
+    policy-learner-<i>   PolicyLearner, i < ppo.num_learners (a torch.distributed group when > 1)
+    reference            ReferenceModel (the SFT checkpoint, frozen)
+    reward-helpfulness   RewardScorer("helpfulness")
+    reward-safety        RewardScorer("safety")
+    rollout-<i>          RolloutGenerator, i < ppo.num_generators
+
+Resources per role come from `ppo.resources` (one bundle per actor, fractional CPUs allowed). If the bundles do
+not fit within `placement_timeout_s`, creation fails with a one-line `PlacementError` naming what was asked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rayllama.checkpoint import is_complete, resolve
+from rayllama.config import ActorResources, PipelineConfig
+from rayllama.rl.actors_api import ActorCallError, RLActors, local_actors
+
+
+class PlacementError(RuntimeError):
+    """The RL actors' resources do not fit in the Ray cluster."""
+
+
+def _require(path: str | Path | None, what: str, key: str) -> str:
+    try:
+        ok = path is not None and is_complete(resolve(path))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{what} checkpoint {path} is missing or incomplete; run the {key} stage first "
+                         f"(or fix the path)")
+    return str(path)
+
+
+def _bundle(res: ActorResources, role: str) -> dict[str, float]:
+    if res.num_cpus < 0 or res.num_gpus < 0 or res.num_cpus + res.num_gpus <= 0:
+        raise ValueError(f"ppo.resources.{role} asks for {res.num_cpus} CPUs and {res.num_gpus} GPUs; give it "
+                         f"num_cpus > 0 (fractions are fine) or num_gpus > 0")
+    bundle = {"CPU": float(res.num_cpus)}
+    if res.num_gpus > 0:
+        bundle["GPU"] = float(res.num_gpus)
+    return bundle
+
+
+def create_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir: str | Path,
+                     reward_helpfulness_dir: str | Path, reward_safety_dir: str | Path, *,
+                     name_prefix: str = "") -> RLActors:
+    """Start the RL roles as Ray actors (ray.init must have run) and wait until each has loaded its model."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from actors.policy import PolicyLearnerActor
+    from actors.reference import ReferenceModelActor
+    from actors.reward import RewardScorerActor
+    from actors.rollout import RolloutGeneratorActor
+
+    ppo, res = cfg.ppo, cfg.ppo.resources
+    _require(policy_dir, "policy (SFT)", "sft")
+    _require(reference_dir, "reference (SFT)", "sft")
+    _require(reward_helpfulness_dir, "helpfulness reward", "reward")
+    _require(reward_safety_dir, "safety reward", "reward")
+    roles = ([(f"policy-learner-{i}", res.learner, "learner") for i in range(ppo.num_learners)]
+             + [("reference", res.reference, "reference"), ("reward-helpfulness", res.reward, "reward"),
+                ("reward-safety", res.reward, "reward")]
+             + [(f"rollout-{i}", res.rollout, "rollout") for i in range(ppo.num_generators)])
+    bundles = [_bundle(r, key) for _, r, key in roles]
+    pg = placement_group(bundles, strategy="PACK", name=f"{name_prefix}rl-actors")
+    try:
+        ray.get(pg.ready(), timeout=res.placement_timeout_s)
+    except GetTimeoutError:
+        remove_placement_group(pg)
+        cpus, gpus = sum(b["CPU"] for b in bundles), sum(b.get("GPU", 0.0) for b in bundles)
+        raise PlacementError(f"the {len(bundles)} RL actors need {cpus:g} CPUs and {gpus:g} GPUs but the cluster "
+                             f"has {ray.available_resources()} free after {res.placement_timeout_s:g} s; lower "
+                             f"ppo.resources.*.num_cpus/num_gpus or ppo.num_learners/num_generators") from None
+
+    def options(index: int, stateless: bool) -> dict:
+        name, r, _ = roles[index]
+        return dict(name=f"{name_prefix}{name}", num_cpus=r.num_cpus, num_gpus=r.num_gpus,
+                    max_restarts=res.max_restarts, max_task_retries=res.max_restarts if stateless else 0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index))
+
+    def device(r: ActorResources) -> str:
+        return "cuda" if cfg.device == "cuda" and r.num_gpus > 0 else "cpu"
+
+    threads = cfg.threads_per_worker
+    n, m = ppo.num_learners, ppo.num_generators
+    learners = [PolicyLearnerActor.options(**options(i, False)).remote(
+        policy_dir, reward_helpfulness_dir, ppo, seed=cfg.seed, device=device(res.learner), threads=threads)
+        for i in range(n)]
+    reference = ReferenceModelActor.options(**options(n, True)).remote(
+        reference_dir, device=device(res.reference), threads=threads)
+    reward_h = RewardScorerActor.options(**options(n + 1, True)).remote(
+        "helpfulness", reward_helpfulness_dir, device=device(res.reward), threads=threads)
+    reward_s = RewardScorerActor.options(**options(n + 2, True)).remote(
+        "safety", reward_safety_dir, device=device(res.reward), threads=threads)
+    generators = [RolloutGeneratorActor.options(**options(n + 3 + i, False)).remote(
+        policy_dir, ppo.engine, device=device(res.rollout), threads=threads) for i in range(m)]
+    handles = [*learners, reference, reward_h, reward_s, *generators]
+    actors = RLActors(learners=learners, reference=reference, reward_helpfulness=reward_h, reward_safety=reward_s,
+                      generators=generators, call_timeout_s=res.call_timeout_s, placement_group=pg,
+                      names={f"{name_prefix}{name}": h for (name, _, _), h in zip(roles, handles, strict=True)})
+    try:  # construction errors (bad checkpoint, OOM) surface here, named by role
+        for (name, _, _), handle in zip(roles, handles, strict=True):
+            actors.get(handle.__ray_ready__.remote(), f"starting {name_prefix}{name}")
+        if n > 1:
+            init_method = actors.get(learners[0].free_address.remote(), "policy-learner-0 address")
+            actors.get([h.setup_distributed.remote(init_method, rank, n) for rank, h in enumerate(learners)],
+                       "learner process group setup")
+    except Exception as e:
+        shutdown_rl_actors(actors)
+        if isinstance(e, ActorCallError):
+            raise
+        raise ActorCallError(f"starting the RL actors failed: {str(e).strip().splitlines()[-1]}") from e
+    return actors
+
+
+def create_local_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir: str | Path,
+                           reward_helpfulness_dir: str | Path, reward_safety_dir: str | Path) -> RLActors:
+    """The same roles as plain objects in this process (one learner, one generator): tests and benches."""
+    from actors.policy import PolicyLearner
+    from actors.reference import ReferenceModel
+    from actors.reward import RewardScorer
+    from actors.rollout import RolloutGenerator
+
+    if cfg.ppo.num_learners != 1:
+        raise ValueError(f"local RL actors support ppo.num_learners=1, got {cfg.ppo.num_learners}; use Ray actors")
+    learner = PolicyLearner(policy_dir, reward_helpfulness_dir, cfg.ppo, seed=cfg.seed, device=cfg.device)
+    return local_actors(
+        learners=[learner],
+        reference=ReferenceModel(reference_dir, device=cfg.device),
+        reward_helpfulness=RewardScorer("helpfulness", reward_helpfulness_dir, device=cfg.device),
+        reward_safety=RewardScorer("safety", reward_safety_dir, device=cfg.device),
+        generators=[RolloutGenerator(policy_dir, cfg.ppo.engine, device=cfg.device)
+                    for _ in range(cfg.ppo.num_generators)],
+    )
+
+
+def shutdown_rl_actors(actors: RLActors) -> None:
+    """Kill the Ray actors (no restarts) and free their placement group; a no-op for local actors."""
+    if actors.local:
+        return
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    for handle in actors.names.values():
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead is fine
+            pass
+    if actors.placement_group is not None:
+        remove_placement_group(actors.placement_group)

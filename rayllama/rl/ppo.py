@@ -1,0 +1,349 @@
+"""The PPO loop of LLaMA 2-Chat (Touvron et al. 2023, section 3.2.3), driven from the driver over `RLActors`.
+
+One iteration (`ppo_step`):
+
+    1. sample prompts       deterministic from (seed, prompt position)
+    2. generate             round-robin shards over the generators; every result carries its weight version
+    3. score, in parallel   reference log-probs, helpfulness and safety RM scores, values
+    4. advantages           s = sigmoid(RM score); R_c = s_safety if is_safety or s_safety < 0.15 else s_helpful;
+                            R = whiten(logit(R_c)); r_t = R [last token] - beta * KL_t; GAE(gamma, lambda);
+                            whitened advantages
+    5. train                each learner takes a shard; one gradient step per mini-batch
+    6. sync weights         one object-store copy of the new policy, read by every generator (version, checksum)
+    7. log                  metrics.jsonl + TensorBoard, timing/<phase> seconds
+
+`run_ppo` wraps it with resume (the last complete `checkpoints/iter-XXXX`), periodic checkpoints and the final
+`out_dir/model` (a complete HF-layout checkpoint: the driver's "stage done").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rayllama.checkpoint import is_complete
+from rayllama.config import PipelineConfig
+from rayllama.data.formats import PromptRecord
+from rayllama.generation import Completion, SamplingParams
+from rayllama.losses import (
+    gae,
+    kl_per_token,
+    llama2_combined_score,
+    llama2_reward,
+    masked_mean,
+    token_rewards,
+    whiten,
+)
+from rayllama.rl.actors_api import RLActors, StaleRolloutError
+from rayllama.rl.experience import Experience, SequenceBatch, collate, pad_right, shard, split_rows
+from rayllama.tokenizer import Tokenizer
+
+CHECKPOINTS, STATE_FILE, MODEL = "checkpoints", "ppo_state.json", "model"
+
+
+@dataclass
+class PPOLoop:
+    """What the loop carries between iterations (and what a checkpoint restores)."""
+
+    cfg: PipelineConfig
+    actors: RLActors
+    prompts: list[PromptRecord]
+    prompt_ids: list[list[int]]
+    tokenizer: Tokenizer
+    overlap: bool = True  # issue the scoring calls together (False: one after another, for the bench)
+    iteration: int = 0  # iterations done
+    prompt_position: int = 0  # prompts consumed from the endless shuffled stream
+    weights: tuple[Any, int, float] | None = None  # (state or its ref, version, checksum) last pushed
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.timings[f"timing/{phase}"] = time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------- the PPO step
+
+
+def ppo_step(loop: PPOLoop) -> dict[str, float]:
+    """One PPO iteration (see module docstring); returns its metrics."""
+    ppo, actors, iteration = loop.cfg.ppo, loop.actors, loop.iteration + 1
+    loop.timings = {}
+
+    # 1. sample prompts: a pure function of (seed, position), so a resumed run draws the same ones
+    index = prompt_indices(len(loop.prompt_ids), ppo.prompts_per_iteration, loop.prompt_position, loop.cfg.seed)
+    loop.prompt_position += len(index)
+
+    # 2. generate: samples_per_prompt responses per prompt; rows are prompt-major
+    with loop.timed("generate"):
+        completions = generate(loop, index, iteration)
+    rows = [i for i in index for _ in range(ppo.samples_per_prompt)]  # prompt of each row
+    batch = collate([loop.prompt_ids[i] for i in rows], [c.token_ids for c in completions],
+                    loop.tokenizer.pad_id)  # (B, S), (B, A)
+    mask = batch.action_mask  # (B, A)
+    logprobs = pad_right([c.logprobs for c in completions], batch.num_actions)  # (B, A) log pi_old
+    pairs = [(loop.prompts[i].prompt, loop.tokenizer.decode(c.token_ids)) for i, c in zip(rows, completions)]
+
+    # 3. score, in parallel: reference log-probs, both reward models (on text), values (learners share the rows)
+    with loop.timed("score"):
+        ref_logprobs, raw_helpful, raw_safety, values = score(loop, batch, pairs)
+
+    # 4. reward and advantages (LLaMA 2 section 3.2.3)
+    with loop.timed("advantages"):
+        s_helpful, s_safety = torch.sigmoid(raw_helpful), torch.sigmoid(raw_safety)  # (B,)
+        is_safety = torch.tensor([loop.prompts[i].is_safety for i in rows])  # (B,)
+        r_combined = llama2_combined_score(s_helpful, s_safety, is_safety, ppo.safety_gate)  # (B,) R_c
+        score_r = llama2_reward(s_helpful, s_safety, is_safety, ppo.safety_gate)  # (B,) whiten(logit(R_c))
+        kl = kl_per_token(logprobs, ref_logprobs, ppo.kl_estimator) * mask  # (B, A)
+        rewards = token_rewards(score_r, kl, mask, ppo.kl_beta)  # (B, A)
+        advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)  # (B, A)
+        if ppo.whiten_advantages:
+            advantages = whiten(advantages, mask)
+
+    # 5. train: each learner one shard, one gradient step per mini-batch (DDP across learners)
+    exp = Experience(batch.sequences, batch.attention_mask, mask, logprobs, values, advantages, returns)
+    seed = loop.cfg.seed * 1_000_003 + iteration
+    with loop.timed("train"):
+        stats = actors.call(lambda: [learner.train.remote(part, seed) for learner, part
+                                     in zip(actors.learners, shard(exp, len(actors.learners)))], "learner train")
+    loop.iteration = iteration
+
+    # 6. sync weights: one object-store copy, every generator reads it
+    with loop.timed("sync"):
+        sync_weights(loop)
+
+    # 7. metrics
+    lengths = mask.sum(-1)  # (B,)
+    learner_stats = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+    return {
+        "iteration": iteration,
+        "prompt_position": loop.prompt_position,
+        "weight_version": loop.weights[1],
+        "reward/helpfulness": float(raw_helpful.mean()),
+        "reward/safety": float(raw_safety.mean()),
+        "reward/combined": float(torch.logit(r_combined.clamp(1e-6, 1 - 1e-6)).mean()),
+        "reward/safety_branch": float(((s_safety < ppo.safety_gate) | is_safety).float().mean()),
+        "kl": float((kl.sum(-1)).mean()),
+        "kl_per_token": float(masked_mean(kl, mask)),
+        "response_length": float(lengths.float().mean()),
+        "response_stopped": sum(c.finish_reason == "stop" for c in completions) / len(completions),
+        "value_mean": float(masked_mean(values, mask)),
+        **learner_stats,
+        **loop.timings,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- phases
+
+
+def prompt_indices(n: int, count: int, position: int, seed: int) -> list[int]:
+    """Prompts position .. position + count - 1 of an endless stream in which epoch e = position // n is a
+    permutation of range(n) seeded by (seed, e)."""
+    out: list[int] = []
+    perms: dict[int, list[int]] = {}
+    for pos in range(position, position + count):
+        epoch = pos // n
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        out.append(perms[epoch][pos % n])
+    return out
+
+
+def sampling_params(loop: PPOLoop, iteration: int, generator_index: int) -> SamplingParams:
+    ppo = loop.cfg.ppo
+    return SamplingParams(max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_p=ppo.top_p,
+                          n=ppo.samples_per_prompt, stop_token_ids=(loop.tokenizer.eos_id,),
+                          seed=(loop.cfg.seed * 1_000_003 + iteration) * 1009 + generator_index)
+
+
+def generate(loop: PPOLoop, index: list[int], iteration: int) -> list[Completion]:
+    """Prompt i goes to generator i % M; returns the completions prompt-major, all of the last pushed version.
+
+    A shard made by other weights (a generator that restarted from the SFT checkpoint, a missed update) gets the
+    latest weights again and is regenerated once; if it is still off, `StaleRolloutError`."""
+    actors, m = loop.actors, len(loop.actors.generators)
+    shards = [list(range(g, len(index), m)) for g in range(m)]
+    busy = [g for g in range(m) if shards[g]]
+
+    def run(gens: list[int]) -> list[list[list[Completion]]]:
+        return actors.call(lambda: [actors.generators[g].generate.remote(
+            [loop.prompt_ids[index[j]] for j in shards[g]], sampling_params(loop, iteration, g)) for g in gens],
+            "generate")
+
+    results = dict(zip(busy, run(busy)))
+    expected = loop.weights[1]
+    stale = [g for g in busy if any(c.weight_version != expected for cs in results[g] for c in cs)]
+    if stale:
+        push_weights(loop, [actors.generators[g] for g in stale])
+        results.update(zip(stale, run(stale)))
+        still = {g: sorted({c.weight_version for cs in results[g] for c in cs}) for g in stale}
+        still = {g: v for g, v in still.items() if v != [expected]}
+        if still:
+            g, versions = next(iter(still.items()))
+            raise StaleRolloutError(f"rollout-{g} produced weight version(s) {versions} after being sent version "
+                                    f"{expected}; its weight updates are not taking effect")
+    out: list[list[Completion] | None] = [None] * len(index)
+    for g in busy:
+        for j, samples in zip(shards[g], results[g], strict=True):
+            out[j] = samples
+    return [c for samples in out for c in samples]  # type: ignore[union-attr]
+
+
+def score(loop: PPOLoop, batch: SequenceBatch,
+          pairs: Sequence[tuple[list[dict[str, str]], str]]) -> tuple[torch.Tensor, ...]:
+    """(ref log-probs (B, A), raw helpfulness (B,), raw safety (B,), values (B, A)), the four calls overlapped
+    (or, with loop.overlap False, one after another)."""
+    actors = loop.actors
+    batch_ref, pairs_ref = actors.put(batch), actors.put(list(pairs))
+    parts = [actors.put(p) for p in split_rows(batch, len(actors.learners))] if len(actors.learners) > 1 \
+        else [batch_ref]
+    calls: list[Callable[[], Any]] = [
+        lambda: actors.reference.logprobs.remote(batch_ref),
+        lambda: actors.reward_helpfulness.score.remote(pairs_ref),
+        lambda: actors.reward_safety.score.remote(pairs_ref),
+        *[lambda learner=learner, p=p: learner.values.remote(p) for learner, p in zip(actors.learners, parts)],
+    ]
+    if loop.overlap:
+        results = actors.call(lambda: [issue() for issue in calls], "score")
+    else:
+        results = [actors.call(issue, "score") for issue in calls]
+    ref, helpful, safety, *values = results
+    return ref, torch.tensor(helpful), torch.tensor(safety), torch.cat(values)
+
+
+def push_weights(loop: PPOLoop, generators: list[Any]) -> None:
+    state, version, checksum = loop.weights
+    loop.actors.call(lambda: [g.update_weights.remote(state, version, checksum) for g in generators],
+                     "generator weight update")
+
+
+def sync_weights(loop: PPOLoop) -> None:
+    """Rank 0's weights (one object-store copy, put by the learner) to every generator."""
+    loop.weights = loop.actors.call(lambda: loop.actors.learners[0].weights.remote(), "learner weights")
+    push_weights(loop, loop.actors.generators)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(out_dir: Path, iteration: int) -> Path:
+    return out_dir / CHECKPOINTS / f"iter-{iteration:04d}"
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete `checkpoints/iter-XXXX` (state file + complete policy and value), or None."""
+    root = out_dir / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    for path in sorted(root.glob("iter-[0-9]*"), reverse=True):
+        if (path / STATE_FILE).is_file() and is_complete(path / "policy") and is_complete(path / "value"):
+            return path
+    return None
+
+
+def save_checkpoint(loop: PPOLoop, out_dir: Path) -> Path:
+    """Rank 0 writes policy, value, optimizers, RNG into a temp dir; the loop state goes beside; then one rename."""
+    target = checkpoint_dir(out_dir, loop.iteration)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    loop.actors.call(lambda: loop.actors.learners[0].save.remote(str(tmp)), "learner save")
+    state = {"iteration": loop.iteration, "prompt_position": loop.prompt_position, "weight_version": loop.weights[1],
+             "seed": loop.cfg.seed, "n_prompts": len(loop.prompt_ids)}
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    if target.exists():
+        shutil.rmtree(target)
+    os.rename(tmp, target)
+    return target
+
+
+def resume(loop: PPOLoop, out_dir: Path) -> Path | None:
+    """Load the latest complete checkpoint into every learner and the loop state; None if there is none."""
+    path = latest_checkpoint(out_dir)
+    if path is None:
+        return None
+    state = json.loads((path / STATE_FILE).read_text())
+    if state["n_prompts"] != len(loop.prompt_ids):
+        raise ValueError(f"checkpoint {path} was made with {state['n_prompts']} prompts but {len(loop.prompt_ids)} "
+                         f"are given; resume with the same prompts or use a new run directory")
+    actors = loop.actors
+    held = max(actors.call(lambda: [g.version.remote() for g in actors.generators], "generator versions"))
+    actors.call(lambda: [learner.load.remote(str(path), held) for learner in actors.learners], "learner load")
+    loop.iteration, loop.prompt_position = state["iteration"], state["prompt_position"]
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def encode_prompts(prompts: Sequence[PromptRecord], tokenizer: Tokenizer,
+                   max_prompt_len: int) -> tuple[list[PromptRecord], list[list[int]]]:
+    """Prompt ids (the chat template up to `[/INST]`), dropping prompts longer than max_prompt_len tokens."""
+    kept, ids = [], []
+    for record in prompts:
+        encoded = tokenizer.encode_prompt(record.prompt)
+        if len(encoded) <= max_prompt_len:
+            kept.append(record)
+            ids.append(encoded)
+    if not kept:
+        raise ValueError(f"all {len(prompts)} PPO prompts are longer than {max_prompt_len} tokens (max_seq_len - "
+                         f"ppo.max_new_tokens); lower ppo.max_new_tokens or use shorter prompts")
+    return kept, ids
+
+
+def run_ppo(cfg: PipelineConfig, actors: RLActors, prompts: list[PromptRecord], tokenizer: Tokenizer,
+            out_dir: Path, evaluate: Callable[[RLActors, int], dict[str, float]] | None = None, *,
+            overlap: bool = True) -> dict[str, Any]:
+    """Run PPO up to cfg.ppo.iterations, resuming from `out_dir/checkpoints`; write `out_dir/model` at the end.
+
+    `evaluate(actors, iteration) -> metrics` runs every cfg.ppo.eval_every iterations (0: never) after the weight
+    sync, so the generators hold the new policy. Returns the last iteration's metrics plus `model_dir`,
+    `iterations` and `resumed_from`.
+    """
+    from tqdm import tqdm
+
+    from rayllama.train.loop import MetricsWriter
+
+    ppo, out_dir = cfg.ppo, Path(out_dir)
+    max_seq_len = actors.call(lambda: actors.generators[0].max_seq_len.remote(), "generator max_seq_len")
+    kept, prompt_ids = encode_prompts(prompts, tokenizer, max_seq_len - ppo.max_new_tokens)
+    loop = PPOLoop(cfg, actors, kept, prompt_ids, tokenizer, overlap=overlap)
+    resumed = resume(loop, out_dir)
+    sync_weights(loop)  # the generators start from the learner's weights (the checkpoint's, on resume)
+    writer = MetricsWriter(str(out_dir), "ppo")
+    metrics: dict[str, Any] = {}
+    try:
+        writer.write(loop.iteration, {"prompts": len(kept), "prompts_dropped_too_long": len(prompts) - len(kept),
+                                      "resumed_from": loop.iteration if resumed else -1})
+        bar = tqdm(total=ppo.iterations, initial=loop.iteration, desc="ppo", unit="it")
+        while loop.iteration < ppo.iterations:
+            start = time.perf_counter()
+            metrics = ppo_step(loop)
+            if evaluate is not None and ppo.eval_every and loop.iteration % ppo.eval_every == 0:
+                with loop.timed("evaluate"):
+                    metrics.update(evaluate(actors, loop.iteration))
+            if loop.iteration % ppo.checkpoint_every == 0 or loop.iteration == ppo.iterations:
+                with loop.timed("checkpoint"):
+                    save_checkpoint(loop, out_dir)
+            metrics.update(loop.timings, **{"timing/iteration": time.perf_counter() - start})
+            writer.write(loop.iteration, metrics)
+            bar.update(1)
+            bar.set_postfix({"reward": f"{metrics['reward/combined']:.3f}", "kl": f"{metrics['kl']:.3f}"})
+        bar.close()
+        model_dir = out_dir / MODEL
+        actors.call(lambda: actors.learners[0].export_policy.remote(
+            str(model_dir), str(tokenizer.model_path), {"iteration": loop.iteration}), "export policy")
+    finally:
+        writer.close()
+    return {**metrics, "model_dir": str(model_dir), "iterations": loop.iteration,
+            "resumed_from": int(resumed.name.split("-")[1]) if resumed else None}

@@ -1,0 +1,275 @@
+"""The PPO loop without Ray: the real role classes in this process behind `LocalHandle`s, on tiny random models.
+
+`make_world` (also used by tests/test_actors.py) trains a small real tokenizer and saves a tiny SFT policy and two
+reward models with `save_model`, as the earlier stages would.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors.group import create_local_rl_actors
+from actors.policy import PolicyLearner
+from actors.reference import ReferenceModel
+from actors.rollout import RolloutGenerator
+from rayllama.checkpoint import is_complete, load_model, save_model
+from rayllama.config import OptimConfig, PipelineConfig
+from rayllama.data.formats import PromptRecord
+from rayllama.generation import SamplingParams
+from rayllama.model import ModelConfig, ScalarHeadModel, Transformer
+from rayllama.rl.actors_api import (
+    StaleRolloutError,
+    StaleWeightsError,
+    WeightChecksumError,
+    local_actors,
+    weights_checksum,
+)
+from rayllama.rl.experience import Experience, collate, mini_batches, pad_right, shard, trim
+from rayllama.rl.ppo import STATE_FILE, latest_checkpoint, prompt_indices, run_ppo
+from rayllama.tokenizer import Tokenizer, train_tokenizer
+
+WORDS = ("add subtract copy spell the word number answer please refuse help how do I make a cake bomb friend "
+         "letter capital sum of and is what tell me about weather today yes no sorry cannot").split()
+
+
+@dataclass
+class TinyWorld:
+    tokenizer: Tokenizer
+    sft: Path
+    reward_helpfulness: Path
+    reward_safety: Path
+    prompts: list[PromptRecord]
+
+
+def make_world(root: Path, seed: int = 0) -> TinyWorld:
+    """A 420-piece tokenizer, a ~45k-parameter SFT policy and two reward models (score heads std 1, so the
+    sigmoid scores spread over (0, 1) and both branches of the 0.15 safety gate occur)."""
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + f" {rng.randint(0, 99)}."
+             for _ in range(600)]
+    tok_path = train_tokenizer(lines, root / "tok", vocab_size=420)
+    tok = Tokenizer(tok_path)
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, ffn_dim=64,
+                      max_seq_len=64)
+    torch.manual_seed(seed)
+    sft = save_model(root / "sft", Transformer(cfg), cfg, tokenizer_model=tok_path)
+    rms = []
+    for kind in ("helpfulness", "safety"):
+        rm = ScalarHeadModel(cfg)
+        torch.nn.init.normal_(rm.score.weight, std=1.0)
+        rms.append(save_model(root / f"rm-{kind}", rm, cfg, tokenizer_model=tok_path))
+    prompts = [PromptRecord(prompt=[{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(4))}],
+                            is_safety=i % 3 == 0) for i in range(20)]
+    return TinyWorld(tok, sft, rms[0], rms[1], prompts)
+
+
+def tiny_config(iterations: int = 2, **ppo_overrides) -> PipelineConfig:
+    cfg = PipelineConfig(seed=3)
+    ppo = cfg.ppo
+    ppo.iterations, ppo.prompts_per_iteration, ppo.samples_per_prompt = iterations, 8, 2
+    ppo.mini_batch_size, ppo.max_new_tokens, ppo.checkpoint_every = 8, 10, 1
+    ppo.optim = OptimConfig(lr=1e-3, schedule="constant")  # large enough that one step visibly moves the policy
+    for key, value in ppo_overrides.items():
+        setattr(ppo, key, value)
+    return cfg
+
+
+def local(cfg: PipelineConfig, world: TinyWorld):
+    return create_local_rl_actors(cfg, world.sft, world.sft, world.reward_helpfulness, world.reward_safety)
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if "reward/combined" in m]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> TinyWorld:
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+REQUIRED = ("reward/helpfulness", "reward/safety", "reward/combined", "kl", "entropy", "clip_fraction", "value_loss",
+            "policy_loss", "response_length", "timing/generate", "timing/score", "timing/advantages",
+            "timing/train", "timing/sync", "timing/checkpoint", "timing/iteration")
+
+
+# ---------------------------------------------------------------------------------------------- pure helpers
+
+
+def test_collate_layout_left_pads_prompts_and_right_pads_responses():
+    batch = collate([[1, 7], [1, 8, 9]], [[4, 2], [5]], pad_id=0)
+    # P = 3, A = 2: row 0 = [pad, 1, 7 | 4, 2], row 1 = [1, 8, 9 | 5, pad]
+    assert batch.sequences.tolist() == [[0, 1, 7, 4, 2], [1, 8, 9, 5, 0]]
+    assert batch.attention_mask.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert batch.action_mask.tolist() == [[1, 1], [1, 0]]
+    assert batch.actions().tolist() == [[4, 2], [5, 0]]
+    assert pad_right([[0.5], [0.25, 0.75]], 2).tolist() == [[0.5, 0.0], [0.25, 0.75]]
+
+
+def test_trim_drops_all_padding_columns_only():
+    batch = collate([[1, 7], [1, 8]], [[4], [5]], pad_id=0)
+    wide = collate([[1, 7], [1, 8], [1, 2, 3, 4]], [[4], [5], [6, 6, 6]], pad_id=0).select([0, 1])
+    trimmed = trim(wide)  # the long third row is gone: 2 prompt and 2 response columns are padding everywhere
+    assert trimmed.sequences.tolist() == batch.sequences.tolist()
+    assert trimmed.action_mask.tolist() == batch.action_mask.tolist()
+
+
+def test_mini_batches_cover_every_row_once_per_epoch_and_shards_are_contiguous():
+    n = 8
+    exp = Experience(*(torch.arange(n)[:, None].repeat(1, 3) for _ in range(3)),
+                     *(torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 2) for _ in range(5)))
+    seen = [int(mb.sequences[r, 0]) for mb in mini_batches(exp, 4, epochs=2, seed=1) for r in range(4)]
+    assert sorted(seen[:8]) == list(range(8)) and sorted(seen[8:]) == list(range(8))
+    assert seen[:8] != seen[8:]  # a fresh permutation per epoch
+    assert [s.sequences[:, 0].tolist() for s in shard(exp, 2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with pytest.raises(ValueError, match="multiple of the mini-batch size"):
+        next(mini_batches(exp, 3))
+    with pytest.raises(ValueError, match="num_learners"):
+        shard(exp, 3)
+
+
+def test_prompt_indices_are_a_permutation_per_epoch_and_resumable():
+    stream = prompt_indices(5, 12, 0, seed=7)
+    assert sorted(stream[:5]) == list(range(5)) and sorted(stream[5:10]) == list(range(5))
+    assert prompt_indices(5, 4, 6, seed=7) == stream[6:10]  # position 6 continues the same stream
+    assert prompt_indices(5, 5, 0, seed=8) != stream[:5] or prompt_indices(5, 5, 5, seed=8) != stream[5:10]
+
+
+def test_weights_checksum_hand_computed_and_sensitive():
+    state = {"b": torch.tensor([3.0]), "a": torch.tensor([1.0, 2.0])}
+    assert weights_checksum(state) == 1 * (1.0 + 2.0) + 2 * 3.0  # sorted names: a (weight 1), b (weight 2)
+    assert weights_checksum({"a": torch.tensor([1.0, 2.0 + 2**-20]), "b": state["b"]}) != 9.0
+    assert weights_checksum({"a": torch.tensor([3.0]), "b": torch.tensor([1.0, 2.0])}) != 9.0  # swapped
+
+
+# ---------------------------------------------------------------------------------------------- roles, locally
+
+
+def naive_logprobs(model: Transformer, prompt: list[int], response: list[int]) -> list[float]:
+    """Oracle: one unpadded full forward; log_softmax at the position before each response token."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + response]))[0].double(), -1)  # (T, V)
+    return [float(logp[len(prompt) - 1 + t, tok]) for t, tok in enumerate(response)]
+
+
+def test_learner_and_reference_read_outs_equal_an_unpadded_forward(world):
+    cfg = tiny_config()
+    learner = PolicyLearner(world.sft, world.reward_helpfulness, cfg.ppo)
+    reference = ReferenceModel(world.sft, micro_batch_size=2)
+    prompts, responses = [[1, 30, 31], [1, 40, 41, 42, 43, 44], [1, 50]], [[60, 61, 2], [70], [80, 81, 82, 83]]
+    batch = collate(prompts, responses)
+    for got in (learner.logprobs(batch), reference.logprobs(batch)):
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            torch.testing.assert_close(got[i, :len(r)].double(), torch.tensor(naive_logprobs(learner.policy, p, r),
+                                       dtype=torch.float64), atol=1e-5, rtol=0)
+            assert got[i, len(r):].abs().sum() == 0
+    values = learner.values(batch)
+    rm, _, _ = load_model(world.reward_helpfulness)
+    with torch.no_grad():
+        for i, (p, r) in enumerate(zip(prompts, responses)):  # V(s_t) = head at the token before a_t
+            expected = rm(torch.tensor([p + r]))[0, len(p) - 1:len(p) - 1 + len(r)]
+            torch.testing.assert_close(values[i, :len(r)], expected, atol=1e-5, rtol=0)
+
+
+def test_generator_refuses_stale_versions_and_wrong_checksums(world):
+    gen, learner = RolloutGenerator(world.sft), PolicyLearner(world.sft, None, tiny_config(value_init="sft").ppo)
+    state, _, checksum = learner.weights()
+    assert gen.update_weights(state, 5, checksum) == 5 and gen.version() == 5
+    with pytest.raises(StaleWeightsError, match="older"):
+        gen.update_weights(state, 4, checksum)
+    with pytest.raises(WeightChecksumError, match="checksum"):
+        gen.update_weights(state, 6, checksum + 1e-6)
+    assert gen.version() == 5
+    completion = gen.generate([[1, 30, 31]], SamplingParams(max_new_tokens=3))[0][0]
+    assert completion.weight_version == 5
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def test_two_iterations_log_metrics_and_write_the_model(world, tmp_path):
+    cfg = tiny_config(iterations=2)
+    actors = local(cfg, world)
+    summary = run_ppo(cfg, actors, world.prompts, world.tokenizer, tmp_path)
+    metrics = read_metrics(tmp_path)
+    assert [m["iteration"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert all(k in m for k in REQUIRED), sorted(set(REQUIRED) - set(m))
+        assert all(torch.isfinite(torch.tensor(float(m[k]))) for k in REQUIRED)
+        # the generator sampled with the learner's weights: before its first step the learner recomputes
+        # the same log-probs (numerical noise only); iteration 2 proves the update reached the generator
+        assert m["logprob_drift"] < 1e-4
+        assert 1 <= m["response_length"] <= cfg.ppo.max_new_tokens
+    assert abs(metrics[0]["kl"]) < 1e-4  # iteration 1 samples from pi == pi_ref
+    assert abs(metrics[1]["kl"]) > 1e-3  # one lr-1e-3 step later the policy has moved away
+    assert [m["prompt_position"] for m in metrics] == [8, 16]
+    assert summary["iterations"] == 2 and is_complete(tmp_path / "model")
+    assert (tmp_path / "model" / "tokenizer.model").is_file()
+    final, _, _ = load_model(tmp_path / "model")
+    sft, _, _ = load_model(world.sft)
+    assert not torch.equal(final.lm_head.weight, sft.lm_head.weight)
+    assert torch.equal(final.lm_head.weight, actors.learners[0].obj.policy.lm_head.weight)
+
+
+def test_resume_continues_at_the_checkpoint_and_matches_an_uninterrupted_run(world, tmp_path):
+    interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
+    run_ppo(tiny_config(iterations=2), local(tiny_config(), world), world.prompts, world.tokenizer, interrupted)
+    assert latest_checkpoint(interrupted).name == "iter-0002"
+    state = json.loads((latest_checkpoint(interrupted) / STATE_FILE).read_text())
+    assert (state["iteration"], state["prompt_position"]) == (2, 16)
+
+    resumed_actors = local(tiny_config(), world)  # fresh actors, as after a crash
+    summary = run_ppo(tiny_config(iterations=3), resumed_actors, world.prompts, world.tokenizer, interrupted)
+    assert summary["resumed_from"] == 2 and summary["iterations"] == 3
+    assert [(m["iteration"], m["prompt_position"]) for m in read_metrics(interrupted)] == [(1, 8), (2, 16), (3, 24)]
+
+    straight_actors = local(tiny_config(), world)
+    run_ppo(tiny_config(iterations=3), straight_actors, world.prompts, world.tokenizer, straight)
+    a, b = resumed_actors.learners[0].obj, straight_actors.learners[0].obj
+    for (name, x), y in zip(a.policy.state_dict().items(), b.policy.state_dict().values()):
+        assert torch.equal(x, y), name
+    for x, y in zip(a.value.parameters(), b.value.parameters()):
+        assert torch.equal(x, y)
+    assert read_metrics(interrupted)[-1]["reward/combined"] == read_metrics(straight)[-1]["reward/combined"]
+
+
+class DeafGenerator(RolloutGenerator):
+    """Acknowledges weight updates without loading them: its rollouts keep version 0."""
+
+    def update_weights(self, state, version, checksum):
+        return version
+
+
+class ForgetfulGenerator(RolloutGenerator):
+    """Drops the first update after version 0 (a lost message), then behaves."""
+
+    dropped = False
+
+    def update_weights(self, state, version, checksum):
+        if version > 0 and not self.dropped:
+            self.dropped = True
+            return version
+        return super().update_weights(state, version, checksum)
+
+
+def stand_in_actors(cfg: PipelineConfig, world: TinyWorld, generator: RolloutGenerator):
+    real = local(cfg, world)
+    return local_actors([h.obj for h in real.learners], real.reference.obj, real.reward_helpfulness.obj,
+                        real.reward_safety.obj, [generator])
+
+
+def test_stale_rollouts_are_detected(world, tmp_path):
+    cfg = tiny_config(iterations=2)
+    with pytest.raises(StaleRolloutError, match="rollout-0 produced weight version"):
+        run_ppo(cfg, stand_in_actors(cfg, world, DeafGenerator(world.sft)), world.prompts, world.tokenizer, tmp_path)
+    assert [m["iteration"] for m in read_metrics(tmp_path)] == [1]  # iteration 2 saw version-0 rollouts
+
+    forgetful = ForgetfulGenerator(world.sft)  # one lost update: re-sent once, then the loop goes on
+    run_ppo(cfg, stand_in_actors(cfg, world, forgetful), world.prompts, world.tokenizer, tmp_path / "again")
+    assert forgetful.dropped and forgetful.version() == 2

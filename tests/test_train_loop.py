@@ -1,0 +1,109 @@
+"""The shared Ray Train loop: DDP really averages, the schedule is LLaMA 2's, the data order is the position."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rayllama.checkpoint import load_model
+from rayllama.config import OptimConfig, ScalingSection
+from rayllama.model import ModelConfig, Transformer
+from rayllama.train.data import save_tensors
+from rayllama.train.loop import TrainJob, example_order, rank_micro_batches, run_train_job
+from rayllama.train.optim import lr_factor
+
+SMALL = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_dim=64, max_seq_len=32)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_ten_percent():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, final_lr_ratio=0.1)
+    # warm-up: step s (0-based) gets (s + 1) / 10
+    assert lr_factor(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_factor(9, cfg, 110) == pytest.approx(1.0)
+    # halfway through the cosine part (step 60 of 10 + 100): 0.1 + 0.9 * 0.5 * (1 + cos(pi / 2)) = 0.55
+    assert lr_factor(60, cfg, 110) == pytest.approx(0.55)
+    # the end: 10% of the peak
+    assert lr_factor(110, cfg, 110) == pytest.approx(0.1)
+    assert lr_factor(5, OptimConfig(lr=1.0, schedule="constant"), 100) == 1.0
+
+
+def test_example_order_is_a_function_of_seed_and_step():
+    a = example_order(10, 4, 6, seed=3)
+    assert torch.equal(a, example_order(10, 4, 6, seed=3))
+    assert len(a) == 24
+    # every epoch is a permutation of all examples
+    assert sorted(a[:10].tolist()) == list(range(10)) and sorted(a[10:20].tolist()) == list(range(10))
+    job = TrainJob(stage="t", objective="lm", data_path="", output="", log_dir="", optim=OptimConfig(),
+                   total_steps=6, batch_size=4, micro_batch_size=1)
+    shares = [rank_micro_batches(a, 2, job, r, 2) for r in range(2)]
+    assert [len(s) for s in shares] == [2, 2]
+    assert torch.cat([torch.cat(s) for s in shares]).tolist() == a[8:12].tolist()
+
+
+def _lm_data(n: int, width: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(width // 2, width + 1, (n,), generator=g)
+    tokens = torch.randint(3, SMALL.vocab_size, (n, width), generator=g)
+    loss_mask = torch.rand(n, width, generator=g) < 0.7  # uneven target counts per row: normalisation matters
+    for i, n_i in enumerate(lengths.tolist()):
+        tokens[i, n_i:] = 0
+        loss_mask[i, n_i:] = False
+    loss_mask[:, 0] = False
+    return {"tokens": tokens, "loss_mask": loss_mask, "lengths": lengths}
+
+
+def _reference_step(data: dict, seed: int, optim: OptimConfig) -> dict:
+    """One plain single-process AdamW step on the union batch: mean CE over all target tokens, clip, step."""
+    torch.manual_seed(seed)
+    model = Transformer(SMALL)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+    )
+    tokens, mask = data["tokens"], data["loss_mask"]
+    attn = (torch.arange(tokens.shape[1])[None] < data["lengths"][:, None]).long()
+    logits = model(tokens[:, :-1], attention_mask=attn[:, :-1])
+    ce = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view_as(mask[:, 1:])
+    loss = (ce * mask[:, 1:]).sum() / mask[:, 1:].sum()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+    opt.step()
+    return model.state_dict()
+
+
+def test_ddp_two_workers_equal_one_process_on_the_union_batch(ray_session, tmp_path):
+    data = _lm_data(8, 12, seed=1)
+    save_tensors(tmp_path / "data.pt", data)
+    optim = OptimConfig(lr=1e-2, schedule="constant")
+    job = TrainJob(
+        stage="ddp-test", objective="lm", data_path=str(tmp_path / "data.pt"), output=str(tmp_path / "model"),
+        log_dir=str(tmp_path / "logs"), optim=optim, total_steps=1, batch_size=8, micro_batch_size=2,
+        model=SMALL, seed=7,
+    )
+    run_train_job(job, ScalingSection(num_workers=2, cpus_per_worker=0.5))
+    trained, _, meta = load_model(tmp_path / "model")
+    assert meta["step"] == 1
+    # Step 0 uses the permutation example_order(...)[0:8]: the whole (8-example) data set, shuffled -- the union.
+    expected = _reference_step(data, seed=7, optim=optim)
+    torch.manual_seed(7)
+    initial = Transformer(SMALL).state_dict()
+    moved = 0.0
+    for name, value in trained.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=2e-6, msg=f"{name} differs")
+        moved = max(moved, float((value - initial[name]).abs().max()))
+    assert moved > 1e-3  # the step really moved the weights (lr 1e-2)
+    assert math.isfinite(moved)
+
+
+def test_single_shard_step_differs_from_the_union_step(tmp_path):
+    """The oracle above can tell averaging from not averaging: a step on half the batch lands elsewhere."""
+    data = _lm_data(8, 12, seed=1)
+    half = {k: v[:4] for k, v in data.items()}
+    optim = OptimConfig(lr=1e-2, schedule="constant")
+    full, part = _reference_step(data, 7, optim), _reference_step(half, 7, optim)
+    assert max(float((full[k] - part[k]).abs().max()) for k in full) > 1e-4
