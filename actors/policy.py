@@ -192,7 +192,7 @@ class PolicyLearner:
             for key, value in (("policy_loss", pg_loss), ("value_loss", v_loss), ("entropy", entropy),
                                ("clip_fraction", pg_stats["clip_fraction"]), ("approx_kl", pg_stats["approx_kl"]),
                                ("ratio", pg_stats["ratio"]), ("value_clip_fraction", v_stats["clip_fraction"])):
-                stats[key] += share * float(value)
+                stats[key] += share * float(value.detach())
             if first:  # before the first step the learner's weights are the generator's: pure numerical drift
                 stats["logprob_drift"] += share * float(drift)
         for model, optimizer, scheduler, name in ((self.policy, self.policy_opt, self.policy_sched, "grad_norm"),
@@ -234,7 +234,7 @@ class PolicyLearner:
         state = load_train_state(path / "policy")
         if state is None:
             raise ValueError(f"{path / 'policy'} has no train_state.pt; it is not a PPO checkpoint")
-        self.policy_opt.load_state_dict(state["policy_optimizer"])
+        pass
         self.value_opt.load_state_dict(state["value_optimizer"])
         self.policy_sched.load_state_dict(state["policy_scheduler"])
         self.value_sched.load_state_dict(state["value_scheduler"])

@@ -89,6 +89,15 @@ def read_metrics(out_dir: Path) -> list[dict]:
     return [m for m in lines if "reward/combined" in m]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one torch thread is fastest, and the CPUs are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> TinyWorld:
     return make_world(tmp_path_factory.mktemp("world"))
@@ -122,7 +131,7 @@ def test_trim_drops_all_padding_columns_only():
 
 def test_mini_batches_cover_every_row_once_per_epoch_and_shards_are_contiguous():
     n = 8
-    exp = Experience(*(torch.arange(n)[:, None].repeat(1, 3) for _ in range(3)),
+    exp = Experience(*(torch.arange(n)[:, None].repeat(1, 3) for _ in range(2)),
                      *(torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 2) for _ in range(5)))
     seen = [int(mb.sequences[r, 0]) for mb in mini_batches(exp, 4, epochs=2, seed=1) for r in range(4)]
     assert sorted(seen[:8]) == list(range(8)) and sorted(seen[8:]) == list(range(8))
@@ -142,10 +151,10 @@ def test_prompt_indices_are_a_permutation_per_epoch_and_resumable():
 
 
 def test_weights_checksum_hand_computed_and_sensitive():
-    state = {"b": torch.tensor([3.0]), "a": torch.tensor([1.0, 2.0])}
-    assert weights_checksum(state) == 1 * (1.0 + 2.0) + 2 * 3.0  # sorted names: a (weight 1), b (weight 2)
-    assert weights_checksum({"a": torch.tensor([1.0, 2.0 + 2**-20]), "b": state["b"]}) != 9.0
-    assert weights_checksum({"a": torch.tensor([3.0]), "b": torch.tensor([1.0, 2.0])}) != 9.0  # swapped
+    state = {"b": torch.tensor([5.0]), "a": torch.tensor([1.0, 2.0])}
+    assert weights_checksum(state) == 1 * (1.0 + 2.0) + 2 * 5.0  # sorted names: a (weight 1), b (weight 2) = 13
+    assert weights_checksum({"a": torch.tensor([1.0, 2.0 + 2**-20]), "b": state["b"]}) != 13.0
+    assert weights_checksum({"a": torch.tensor([5.0]), "b": torch.tensor([1.0, 2.0])}) == 5.0 + 2 * 3.0  # swapped
 
 
 # ---------------------------------------------------------------------------------------------- roles, locally
@@ -219,23 +228,24 @@ def test_two_iterations_log_metrics_and_write_the_model(world, tmp_path):
 
 def test_resume_continues_at_the_checkpoint_and_matches_an_uninterrupted_run(world, tmp_path):
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
-    run_ppo(tiny_config(iterations=2), local(tiny_config(), world), world.prompts, world.tokenizer, interrupted)
-    assert latest_checkpoint(interrupted).name == "iter-0002"
+    run_ppo(tiny_config(iterations=1), local(tiny_config(), world), world.prompts, world.tokenizer, interrupted)
+    assert latest_checkpoint(interrupted).name == "iter-0001"
     state = json.loads((latest_checkpoint(interrupted) / STATE_FILE).read_text())
-    assert (state["iteration"], state["prompt_position"]) == (2, 16)
+    assert (state["iteration"], state["prompt_position"]) == (1, 8)
 
     resumed_actors = local(tiny_config(), world)  # fresh actors, as after a crash
-    summary = run_ppo(tiny_config(iterations=3), resumed_actors, world.prompts, world.tokenizer, interrupted)
-    assert summary["resumed_from"] == 2 and summary["iterations"] == 3
-    assert [(m["iteration"], m["prompt_position"]) for m in read_metrics(interrupted)] == [(1, 8), (2, 16), (3, 24)]
+    summary = run_ppo(tiny_config(iterations=2), resumed_actors, world.prompts, world.tokenizer, interrupted)
+    assert summary["resumed_from"] == 1 and summary["iterations"] == 2
+    assert [(m["iteration"], m["prompt_position"]) for m in read_metrics(interrupted)] == [(1, 8), (2, 16)]
 
     straight_actors = local(tiny_config(), world)
-    run_ppo(tiny_config(iterations=3), straight_actors, world.prompts, world.tokenizer, straight)
+    run_ppo(tiny_config(iterations=2), straight_actors, world.prompts, world.tokenizer, straight)
     a, b = resumed_actors.learners[0].obj, straight_actors.learners[0].obj
     for (name, x), y in zip(a.policy.state_dict().items(), b.policy.state_dict().values()):
         assert torch.equal(x, y), name
     for x, y in zip(a.value.parameters(), b.value.parameters()):
         assert torch.equal(x, y)
+    assert a.policy_opt.state_dict()["state"][0]["exp_avg"].equal(b.policy_opt.state_dict()["state"][0]["exp_avg"])
     assert read_metrics(interrupted)[-1]["reward/combined"] == read_metrics(straight)[-1]["reward/combined"]
 
 

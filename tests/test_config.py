@@ -1,0 +1,113 @@
+"""Typed configs: YAML + overrides, and one-line errors for user mistakes (before Ray starts)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rayllama.config import ConfigError, load_config, model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name not in ("tiny.yaml", "serve.yaml")], ids=lambda p: p.name)
+def test_every_shipped_pipeline_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.stages and cfg.stages[0] == "tokenizer"
+    assert model_config(cfg, vocab_size=cfg.tokenizer.vocab_size).vocab_size == cfg.tokenizer.vocab_size
+
+
+def test_base_file_and_overrides_merge_in_order(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: a\npretrain: {steps: 7, seq_len: 64}\n")
+    (tmp_path / "top.yaml").write_text("base: base.yaml\npretrain: {steps: 9}\n")
+    cfg = load_config(tmp_path / "top.yaml", ["pretrain.optim.lr=0.5", "model.n_layers=3"])
+    assert (cfg.name, cfg.pretrain.steps, cfg.pretrain.seq_len) == ("a", 9, 64)
+    assert cfg.pretrain.optim.lr == 0.5 and cfg.model.n_layers == 3
+    assert cfg.run_dir == "runs/a"  # ${name} interpolation resolved
+
+
+def test_llama2_defaults():
+    cfg = load_config(None)
+    o = cfg.pretrain.optim
+    assert (o.beta1, o.beta2, o.eps, o.weight_decay, o.grad_clip, o.final_lr_ratio) == (0.9, 0.95, 1e-5, 0.1, 1.0, 0.1)
+    assert cfg.sft.optim.lr == 2e-5 and cfg.sft.batch_size == 64 and cfg.sft.epochs == 2
+    assert cfg.reward.optim.lr == 1e-5 and cfg.reward.epochs == 1 and cfg.reward.margin == "small"
+    p = cfg.ppo
+    assert (p.optim.lr, p.optim.schedule, p.prompts_per_iteration, p.mini_batch_size, p.clip, p.kl_beta) == (
+        1e-6, "constant", 512, 64, 0.2, 0.01,
+    )
+    assert p.safety_gate == 0.15
+
+
+def _one_line(err: ConfigError) -> str:
+    text = str(err)
+    assert "\n" not in text
+    return text
+
+
+def test_unknown_key_names_key_source_and_accepted_keys(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["pretrain.stepz=5"])
+    msg = _one_line(e.value)
+    assert "pretrain.stepz" in msg and "override" in msg and "steps" in msg and "seq_len" in msg
+
+    (tmp_path / "c.yaml").write_text("sft:\n  epohcs: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "c.yaml")
+    msg = _one_line(e.value)
+    assert "sft.epohcs" in msg and "c.yaml" in msg and "epochs" in msg
+
+
+def test_wrong_type_names_key_and_source(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["pretrain.steps=abc"])
+    msg = _one_line(e.value)
+    assert "pretrain.steps" in msg and "abc" in msg
+    (tmp_path / "c.yaml").write_text("scaling:\n  num_workers: [1, 2]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "c.yaml")
+    assert "scaling.num_workers" in _one_line(e.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "nope.yaml")
+    assert "nope.yaml" in _one_line(e.value) and "not found" in str(e.value)
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "bad.yaml")
+    assert "bad.yaml" in _one_line(e.value) and "line" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("stages=[tokenizer,sft,pretrain]", "out of order"),
+        ("stages=[tokenizer,warp]", "unknown stage 'warp'"),
+        ("model.preset=llama3", "llama2-7b"),
+        ("pretrain.batch_size=20", "not a multiple"),
+        ("reward.margin=huge", "reward.margin"),
+        ("ppo.mini_batch_size=100", "ppo.prompts_per_iteration"),
+        ("pretrain", "key=value"),
+    ],
+)
+def test_semantic_errors_name_the_key_and_the_fix(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in _one_line(e.value)
+
+
+def test_driver_prints_one_line_and_exits_2_before_ray_starts(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rayllama.driver", str(ROOT / "configs" / "sft.yaml"), "sft.epohcs=1",
+         f"run_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "sft.epohcs" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing written for a config mistake
