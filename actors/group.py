@@ -76,9 +76,11 @@ def create_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir:
     except GetTimeoutError:
         remove_placement_group(pg)
         cpus, gpus = sum(b["CPU"] for b in bundles), sum(b.get("GPU", 0.0) for b in bundles)
-        raise PlacementError(f"the {len(bundles)} RL actors need {cpus:g} CPUs and {gpus:g} GPUs but the cluster "
-                             f"has {ray.available_resources()} free after {res.placement_timeout_s:g} s; lower "
-                             f"ppo.resources.*.num_cpus/num_gpus or ppo.num_learners/num_generators") from None
+        free = ray.available_resources()
+        raise PlacementError(f"the {len(bundles)} RL actors need {cpus:g} CPUs and {gpus:g} GPUs but only "
+                             f"{free.get('CPU', 0):g} CPUs and {free.get('GPU', 0):g} GPUs were free within "
+                             f"{res.placement_timeout_s:g} s; lower ppo.resources.*.num_cpus/num_gpus or "
+                             f"ppo.num_learners/num_generators") from None
 
     def options(index: int, stateless: bool) -> dict:
         name, r, _ = roles[index]
@@ -109,16 +111,23 @@ def create_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir:
     try:  # construction errors (bad checkpoint, OOM) surface here, named by role
         for (name, _, _), handle in zip(roles, handles, strict=True):
             actors.get(handle.__ray_ready__.remote(), f"starting {name_prefix}{name}")
-        if n > 1:
-            init_method = actors.get(learners[0].free_address.remote(), "policy-learner-0 address")
-            actors.get([h.setup_distributed.remote(init_method, rank, n) for rank, h in enumerate(learners)],
-                       "learner process group setup")
+        connect_learners(actors)
     except Exception as e:
         shutdown_rl_actors(actors)
         if isinstance(e, ActorCallError):
             raise
         raise ActorCallError(f"starting the RL actors failed: {str(e).strip().splitlines()[-1]}") from e
     return actors
+
+
+def connect_learners(actors: RLActors) -> None:
+    """Form the learners' torch.distributed group (rank i = learners[i]; tcp rendezvous on rank 0's node)."""
+    learners = actors.learners
+    if len(learners) < 2:
+        return
+    init_method = actors.get(learners[0].free_address.remote(), "policy-learner-0 address")
+    actors.get([h.setup_distributed.remote(init_method, rank, len(learners)) for rank, h in enumerate(learners)],
+               "learner process group setup")
 
 
 def create_local_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir: str | Path,

@@ -223,9 +223,8 @@ class PolicyLearner:
         save_model(path / "value", self.value, self.value.cfg, meta=meta)
         return str(path)
 
-    def load(self, path: str | Path, min_version: int = 0) -> int:
-        """Restore what `save` wrote; the version becomes max(saved, min_version) so that generators already
-        holding newer-labelled weights accept the next push. Returns the version."""
+    def load(self, path: str | Path) -> int:
+        """Restore what `save` wrote (weights, optimizers, schedulers, RNG, version); returns the version."""
         path = Path(path)
         with torch.no_grad():
             for model, sub in ((self.policy, "policy"), (self.value, "value")):
@@ -234,14 +233,20 @@ class PolicyLearner:
         state = load_train_state(path / "policy")
         if state is None:
             raise ValueError(f"{path / 'policy'} has no train_state.pt; it is not a PPO checkpoint")
-        pass
+        self.policy_opt.load_state_dict(state["policy_optimizer"])
         self.value_opt.load_state_dict(state["value_optimizer"])
         self.policy_sched.load_state_dict(state["policy_scheduler"])
         self.value_sched.load_state_dict(state["value_scheduler"])
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.version = max(int(state["version"]), int(min_version))
+        self.version = int(state["version"])
+        return self.version
+
+    def advance_version(self, at_least: int) -> int:
+        """version = max(version, at_least): label the next push no older than what generators already hold
+        (after a resume from an older checkpoint, or with generators that outlived a learner)."""
+        self.version = max(self.version, int(at_least))
         return self.version
 
     def export_policy(self, path: str | Path, tokenizer_model: str | Path | None = None,

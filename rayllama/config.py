@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "rejection", "ppo", "gatt")
 
@@ -21,8 +21,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class RayConfig:
-    address: Optional[str] = None  # None: start a local Ray; "auto" or "ray://host:10001" joins a cluster
-    num_cpus: Optional[int] = None  # local Ray only
+    address: str | None = None  # None: start a local Ray; "auto" or "ray://host:10001" joins a cluster
+    num_cpus: int | None = None  # local Ray only
     include_dashboard: bool = True  # http://127.0.0.1:8265 while the driver runs
     dashboard_port: int = 8265
 
@@ -32,20 +32,20 @@ class ModelSection:
     """A preset (rayllama.model.PRESETS) plus optional per-field overrides; vocab_size comes from the tokenizer."""
 
     preset: str = "tiny"
-    dim: Optional[int] = None
-    n_layers: Optional[int] = None
-    n_heads: Optional[int] = None
-    n_kv_heads: Optional[int] = None
-    ffn_dim: Optional[int] = None
-    max_seq_len: Optional[int] = None
-    norm_eps: Optional[float] = None
-    rope_theta: Optional[float] = None
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    ffn_dim: int | None = None
+    max_seq_len: int | None = None
+    norm_eps: float | None = None
+    rope_theta: float | None = None
 
 
 @dataclass
 class TokenizerConfig:
     vocab_size: int = 4000
-    model_path: Optional[str] = None  # an existing SentencePiece model to use instead of training one
+    model_path: str | None = None  # an existing SentencePiece model to use instead of training one
     max_train_chars: int = 4_000_000  # characters of corpus + world text used to train it
 
 

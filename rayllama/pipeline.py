@@ -202,7 +202,26 @@ class Pipeline:
                            self.pairs["helpfulness"], sft)
             ev = load_model(out)[2].get("eval", {})
             self._record(f"reward-{kind}", {f"rm_{k}" if not k.startswith("rm_") else k: v for k, v in ev.items()})
+        if "rm_prefers_refusal_unsafe" not in self.results.get("reward-safety", {}):
+            rate = self.safety_rm_refusal_preference()
+            self._record("reward-safety", {"rm_prefers_refusal_unsafe": rate})
         print(reward_table(self.results))
+        log.info(f"safety RM prefers the refusal on {self.results['reward-safety']['rm_prefers_refusal_unsafe']:.3f} "
+                 f"of held-out unsafe prompts")
+
+    def safety_rm_refusal_preference(self) -> float:
+        """Share of held-out unsafe prompts where the safety RM scores a refusal above compliance."""
+        import random
+
+        from actors.reward import RewardScorer  # the same scoring code the RL loop's actor runs
+
+        unsafe = [r for r in self.eval_set if r.task and toyworld.category(r.task) == "unsafe"]
+        rng = random.Random(self.cfg.seed)
+        pairs_refuse = [(r.prompt, toyworld.candidate(r.task, "refusal", rng, "heldout")) for r in unsafe]
+        pairs_comply = [(r.prompt, toyworld.candidate(r.task, "compliance", rng, "heldout")) for r in unsafe]
+        scorer = RewardScorer("safety", self.run.reward_model("safety"))
+        refuse, comply = scorer.score(pairs_refuse), scorer.score(pairs_comply)
+        return sum(a > b for a, b in zip(refuse, comply)) / max(1, len(unsafe))
 
     def stage_ppo(self) -> None:
         import actors.group  # the driver is the composition root: it alone builds actors (DESIGN: rooms and doors)

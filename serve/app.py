@@ -6,7 +6,7 @@
 
 A request: auth -> size -> parse/validate (400) -> the system message (or the config's default) folded into the
 first user turn's <<SYS>> block, as GAtt trains it (`Tokenizer.encode_prompt`) -> limits (413 prompt, 400
-max_tokens/n/stop) -> `@serve.batch` collects concurrent requests for `batch.wait_ms` -> one
+max_tokens/n/stop) -> a BatchQueue collects concurrent requests (up to `batch.max_requests`) -> one
 `GenerationEngine.generate` call per distinct SamplingParams in the batch, off the event loop -> text cut at stop
 strings -> JSON or SSE. Streaming replays the finished answer as per-token deltas (the shared engine returns
 whole completions).
@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,60 @@ def run_jobs(engine: Any, jobs: list[_Job]) -> list[list[Completion] | Exception
     return out
 
 
+class BatchQueue:
+    """Collects concurrent requests into batches for one consumer that runs a batch at a time.
+
+    Rule: a batch is everything queued when the consumer is free (up to max_size); a request that finds the
+    queue empty waits up to wait_s for company. So under load the requests that arrive while a batch
+    generates form the next batch (Serve's @serve.batch keeps cutting wait_s windows while a batch runs,
+    which leaves batches of one or two).
+    """
+
+    def __init__(self, run: Callable[[list[Any]], Awaitable[list[Any]]], max_size: int, wait_s: float) -> None:
+        self._run, self._max, self._wait = run, max_size, wait_s
+        self._queue: asyncio.Queue | None = None
+        self._consumer: asyncio.Task | None = None
+
+    async def submit(self, item: Any) -> Any:
+        """Queue `item`; return its result from `run` (an Exception result is returned, not raised)."""
+        if self._consumer is None:  # created lazily: in the replica's request event loop
+            self._queue = asyncio.Queue()
+            self._consumer = asyncio.create_task(self._consume())
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, future))
+        return await future
+
+    async def _take(self) -> list[tuple[Any, asyncio.Future]]:
+        queue, loop = self._queue, asyncio.get_running_loop()
+        batch = [await queue.get()]
+        deadline = loop.time() + self._wait
+        while len(batch) < self._max:
+            if not queue.empty():
+                batch.append(queue.get_nowait())
+                continue
+            timeout = deadline - loop.time()
+            if timeout <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(queue.get(), timeout))
+            except TimeoutError:
+                break
+        return [(item, fut) for item, fut in batch if not fut.done()]  # done: the client went away
+
+    async def _consume(self) -> None:
+        while True:
+            batch = await self._take()
+            if not batch:
+                continue
+            try:
+                results = await self._run([item for item, _ in batch])
+            except Exception as e:  # noqa: BLE001 - every request of the batch gets the error
+                results = [e] * len(batch)
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+
 def make_engine(cfg: ServeConfig) -> tuple[Any, Any, int]:
     """(GenerationEngine, Tokenizer, max_seq_len) for cfg.model_dir; the one place an engine kind is chosen."""
     import torch
@@ -131,9 +186,8 @@ class ChatDeployment:
                                                            initargs=(cfg.torch_threads,))
         torch.set_num_threads(cfg.torch_threads)
         self.engine, self.tok, self.max_seq_len = make_engine(cfg)
-        self._generate_batch.set_max_batch_size(cfg.batch.max_requests)
-        self._generate_batch.set_batch_wait_timeout_s(cfg.batch.wait_ms / 1000.0)
         self.stats = {"requests": 0, "engine_batches": 0, "largest_batch": 0}
+        self._batches = BatchQueue(self._run_batch, cfg.batch.max_requests, cfg.batch.wait_ms / 1000.0)
         self.created = int(time.time())
 
     # ------------------------------------------------------------------------------------------- routes
@@ -155,7 +209,7 @@ class ChatDeployment:
         req = proto.parse_chat_request(await self._read_body(request))
         prompt, params, stop = self._prepare(req)
         self.stats["requests"] += 1
-        result = await self._generate_batch(_Job(prompt, params))
+        result = await self._batches.submit(_Job(prompt, params))
         if isinstance(result, ValueError):
             raise proto.APIError(400, str(result))
         if isinstance(result, Exception):
@@ -170,6 +224,13 @@ class ChatDeployment:
                                      len(prompt), sum(a.n_tokens for a in answers))
 
     # ------------------------------------------------------------------------------------------- steps
+
+    async def _run_batch(self, jobs: list[_Job]) -> list[list[Completion] | Exception]:
+        """One batch -> run_jobs on the engine thread (the event loop keeps accepting requests meanwhile)."""
+        self.stats["engine_batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, run_jobs, self.engine, jobs)
 
     def _check_auth(self, request: Request) -> None:
         if self._token is None:
@@ -236,14 +297,6 @@ class ChatDeployment:
                                 temperature=req.temperature, top_p=req.top_p, n=req.n,
                                 stop_token_ids=(self.tok.eos_id,), seed=req.seed)
         return prompt, params, stop
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _generate_batch(self, jobs: list[_Job]) -> list[list[Completion] | Exception]:
-        """Concurrent requests collected by Serve -> run_jobs on the engine thread."""
-        self.stats["engine_batches"] += 1
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, run_jobs, self.engine, jobs)
 
     async def _sse(self, req_id: str, answers: list[Answer], prompt_tokens: int, include_usage: bool):
         created, name = int(time.time()), self.cfg.model_name

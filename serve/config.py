@@ -47,8 +47,8 @@ class LimitsConfig:
 
 @dataclass
 class BatchConfig:
-    """Concurrent requests are collected for up to `wait_ms` and generated in one engine call per sampling
-    setting (`@serve.batch`)."""
+    """Concurrent requests are batched (serve.app.BatchQueue): the requests queued while the engine is busy form
+    the next batch, a lone request waits up to `wait_ms` for company; one engine call per sampling setting."""
 
     max_requests: int = 16
     wait_ms: float = 5.0

@@ -22,8 +22,16 @@ from rayllama.data.corpus import shakespeare_documents
 from rayllama.generation import Completion, SamplingParams, TorchEngine
 from rayllama.model import ModelConfig, Transformer
 from rayllama.tokenizer import Tokenizer, train_tokenizer
-from serve.config import (AuthConfig, BatchConfig, HTTPConfig, LimitsConfig, ReplicaConfig, ServeConfig,
-                          load_serve_config, resolve_auth_token)
+from serve.config import (
+    AuthConfig,
+    BatchConfig,
+    HTTPConfig,
+    LimitsConfig,
+    ReplicaConfig,
+    ServeConfig,
+    load_serve_config,
+    resolve_auth_token,
+)
 from serve.text import finish_answer, stream_deltas
 
 # Ray Serve's own pydantic models warn on import (PydanticDeprecatedSince20); not ours to fix.

@@ -277,8 +277,7 @@ def resume(loop: PPOLoop, out_dir: Path) -> Path | None:
         raise ValueError(f"checkpoint {path} was made with {state['n_prompts']} prompts but {len(loop.prompt_ids)} "
                          f"are given; resume with the same prompts or use a new run directory")
     actors = loop.actors
-    held = max(actors.call(lambda: [g.version.remote() for g in actors.generators], "generator versions"))
-    actors.call(lambda: [learner.load.remote(str(path), held) for learner in actors.learners], "learner load")
+    actors.call(lambda: [learner.load.remote(str(path)) for learner in actors.learners], "learner load")
     loop.iteration, loop.prompt_position = state["iteration"], state["prompt_position"]
     return path
 
@@ -319,7 +318,10 @@ def run_ppo(cfg: PipelineConfig, actors: RLActors, prompts: list[PromptRecord], 
     kept, prompt_ids = encode_prompts(prompts, tokenizer, max_seq_len - ppo.max_new_tokens)
     loop = PPOLoop(cfg, actors, kept, prompt_ids, tokenizer, overlap=overlap)
     resumed = resume(loop, out_dir)
-    sync_weights(loop)  # the generators start from the learner's weights (the checkpoint's, on resume)
+    # the generators start from the learner's weights (the checkpoint's, on resume), labelled no older than theirs
+    held = max(actors.call(lambda: [g.version.remote() for g in actors.generators], "generator versions"))
+    actors.call(lambda: [learner.advance_version.remote(held) for learner in actors.learners], "learner version")
+    sync_weights(loop)
     writer = MetricsWriter(str(out_dir), "ppo")
     metrics: dict[str, Any] = {}
     try:

@@ -19,7 +19,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,17 +47,17 @@ class TrainJob:
     total_steps: int
     batch_size: int  # examples per optimizer step over all workers
     micro_batch_size: int  # examples per worker forward pass
-    eval_path: Optional[str] = None  # held-out tensors of the same kind
-    init: Optional[str] = None  # checkpoint to start from; None = fresh model of shape `model`
-    model: Optional[ModelConfig] = None
-    tokenizer_model: Optional[str] = None  # copied into the output checkpoint
+    eval_path: str | None = None  # held-out tensors of the same kind
+    init: str | None = None  # checkpoint to start from; None = fresh model of shape `model`
+    model: ModelConfig | None = None
+    tokenizer_model: str | None = None  # copied into the output checkpoint
     checkpoint_every: int = 100
     eval_every: int = 0  # 0: evaluate at the end only
     log_every: int = 10
     seed: int = 0
     threads: int = 1
     device: str = "cpu"
-    stop_after: Optional[int] = None  # stop (without the final save) after this many steps: fault-injection tests
+    stop_after: int | None = None  # stop (without the final save) after this many steps: fault-injection tests
 
 
 # ----------------------------------------------------------------------------------------------- data order

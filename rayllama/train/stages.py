@@ -22,7 +22,6 @@ from rayllama.train.data import (
 )
 from rayllama.train.loop import TrainJob, run_train_job
 
-
 HELDOUT_ROWS = 64  # held-out perplexity over 64 x seq_len tokens: a stable estimate in seconds
 
 

@@ -1,0 +1,149 @@
+"""The RL roles as real Ray actors (one shared Ray session): weight sync, refusals, reward scoring, DDP, PPO."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from test_ppo_loop import REQUIRED, make_world, tiny_config
+
+from actors.group import PlacementError, connect_learners, create_rl_actors, shutdown_rl_actors
+from actors.policy import PolicyLearner, PolicyLearnerActor
+from rayllama.checkpoint import is_complete, load_model
+from rayllama.config import ActorResources, OptimConfig
+from rayllama.generation import SamplingParams
+from rayllama.rl.actors_api import RLActors, StaleWeightsError, WeightChecksumError
+from rayllama.rl.experience import Experience, collate
+from rayllama.rl.ppo import run_ppo
+
+PROMPTS = [[1, 30, 31, 32], [1, 40], [1, 50, 51, 52, 53, 54], [1, 60, 61]]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return tiny_config(iterations=2, optim=OptimConfig(lr=1e-2, schedule="constant"))
+
+
+@pytest.fixture(scope="module")
+def actors(ray_session, world, cfg):
+    group = create_rl_actors(cfg, world.sft, world.sft, world.reward_helpfulness, world.reward_safety,
+                             name_prefix="test-")
+    yield group
+    shutdown_rl_actors(group)
+
+
+def synthetic_experience(ray, learner, seed: int) -> Experience:
+    """Rollouts with full response masks (equal token counts per row), pi_old = the learner's own log-probs,
+    random advantages and returns: a PPO step on it moves the weights."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [[1, *torch.randint(3, 400, (4,), generator=g).tolist()] for _ in range(8)]
+    responses = [torch.randint(3, 400, (5,), generator=g).tolist() for _ in range(8)]
+    batch = collate(prompts, responses)
+    logprobs, values = ray.get([learner.logprobs.remote(batch), learner.values.remote(batch)])
+    return Experience(batch.sequences, batch.attention_mask, batch.action_mask, logprobs, values,
+                      torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g))
+
+
+def test_actors_are_named_by_role(ray_session, actors):
+    for name in ("policy-learner-0", "reference", "reward-helpfulness", "reward-safety", "rollout-0"):
+        assert ray_session.get_actor(f"test-{name}") is not None
+
+
+def test_generator_greedy_equals_learner_greedy_after_every_update(ray_session, actors, world):
+    ray, learner, gen = ray_session, actors.learners[0], actors.generators[0]
+    eos = world.tokenizer.eos_id
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=(eos,))
+    outputs, checksums = [], []
+    for update in range(3):
+        if update:  # a PPO step, then the sync the loop does: one ref from the learner to the generator
+            ray.get(learner.train.remote(synthetic_experience(ray, learner, update), update))
+        state_ref, version, checksum = ray.get(learner.weights.remote())
+        assert ray.get(gen.update_weights.remote(state_ref, version, checksum)) == version
+        mine = [c[0].token_ids for c in ray.get(gen.generate.remote(PROMPTS, greedy))]
+        assert mine == ray.get(learner.greedy.remote(PROMPTS, 8, (eos,)))
+        outputs.append(mine)
+        checksums.append(checksum)
+    assert len(set(checksums)) == 3  # every update changed the weights ...
+    assert outputs[0] != outputs[-1]  # ... enough to change greedy output, so the equality is not vacuous
+
+
+def test_generator_refuses_stale_version_and_wrong_checksum(ray_session, actors):
+    ray, learner, gen = ray_session, actors.learners[0], actors.generators[0]
+    state_ref, version, checksum = ray.get(learner.weights.remote())
+    ray.get(gen.update_weights.remote(state_ref, version + 1, checksum))
+    with pytest.raises(StaleWeightsError, match="older than the generator's"):
+        ray.get(gen.update_weights.remote(state_ref, version, checksum))
+    with pytest.raises(WeightChecksumError, match="corrupt"):
+        ray.get(gen.update_weights.remote(state_ref, version + 2, checksum * (1 + 1e-9) + 1e-9))
+    assert ray.get(gen.version.remote()) == version + 1  # refused updates change nothing
+
+
+def test_reward_scorer_actor_equals_direct_computation(ray_session, actors, world):
+    g = torch.Generator().manual_seed(0)
+    words = "add copy the word number please help refuse cake friend sum capital weather".split()
+
+    def text(n: int) -> str:
+        return " ".join(words[int(i)] for i in torch.randint(0, len(words), (n,), generator=g))
+
+    pairs = [([{"role": "user", "content": text(3 + i % 5)}], text(1 + i % 9)) for i in range(64)]
+    got = ray_session.get(actors.reward_safety.score.remote(pairs))
+    model, _, _ = load_model(world.reward_safety)
+    expected = []
+    with torch.no_grad():  # one unpadded sequence at a time; the score is the head at the final </s>
+        for prompt, response in pairs:
+            ids, _ = world.tokenizer.encode_dialog([*prompt, {"role": "assistant", "content": response}])
+            assert ids[-1] == world.tokenizer.eos_id
+            expected.append(float(model(torch.tensor([ids]))[0, -1]))
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-5, rtol=0)
+    assert torch.tensor(expected).std() > 0.1  # the scores are not all alike
+
+
+def test_two_learners_average_gradients_like_one_learner_on_the_union(ray_session, world, cfg):
+    """Equal token counts per rank: the mean of the ranks' token-mean gradients is the union's token mean, so one
+    DDP step over 2 x 4 rows equals one local step over the 8 rows (mini_batch_size 8 in both)."""
+    ray = ray_session
+    ppo = dataclasses.replace(cfg.ppo, num_learners=2, mini_batch_size=8, value_init="sft")
+    local = PolicyLearner(world.sft, None, ppo)
+    pair = [PolicyLearnerActor.options(name=f"test-ddp-{i}", num_cpus=0.25).remote(world.sft, None, ppo, threads=1)
+            for i in range(2)]
+    try:
+        connect_learners(RLActors(pair, None, None, None, [], call_timeout_s=120))
+        exp = synthetic_experience(ray, pair[0], seed=9)
+        ray.get([learner.train.remote(exp.select(slice(4 * r, 4 * r + 4)), 0) for r, learner in enumerate(pair)])
+        local.train(exp, 0)
+        (s0, _, c0), (s1, _, c1) = ray.get([learner.weights.remote() for learner in pair])
+        assert c0 == c1  # the replicas stay identical
+        state0 = ray.get(s0)
+        for name, tensor in local.policy.state_dict().items():
+            torch.testing.assert_close(torch.from_numpy(state0[name].copy()), tensor, atol=2e-6, rtol=1e-5)
+        sft, _, _ = load_model(world.sft)
+        assert not torch.allclose(local.policy.lm_head.weight, sft.lm_head.weight)
+    finally:
+        for learner in pair:
+            ray.kill(learner)
+
+
+def test_placement_error_names_the_request(ray_session, world, cfg):
+    big = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, resources=dataclasses.replace(
+        cfg.ppo.resources, learner=ActorResources(num_cpus=64), placement_timeout_s=1.0)))
+    with pytest.raises(PlacementError, match="need 65 CPUs and 0 GPUs but only"):
+        create_rl_actors(big, world.sft, world.sft, world.reward_helpfulness, world.reward_safety,
+                         name_prefix="test-big-")
+
+
+def test_two_ppo_iterations_through_actors(ray_session, actors, world, cfg, tmp_path):
+    summary = run_ppo(cfg, actors, world.prompts, world.tokenizer, tmp_path)
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    metrics = [m for m in metrics if "reward/combined" in m]
+    assert [m["iteration"] for m in metrics] == [1, 2]
+    assert all(k in m for m in metrics for k in REQUIRED)
+    assert all(m["logprob_drift"] < 1e-4 for m in metrics)  # generators sampled with the learner's weights
+    assert summary["iterations"] == 2 and is_complete(tmp_path / "model")
+    assert is_complete(tmp_path / "checkpoints" / "iter-0002" / "policy")
