@@ -94,12 +94,12 @@ def run_jobs(engine: Any, jobs: list[_Job]) -> list[list[Completion] | Exception
 
 
 class BatchQueue:
-    """Collects concurrent requests into batches for one consumer that runs a batch at a time.
+    """Collects concurrent requests into batches for one consumer that runs one batch at a time.
 
-    Rule: a batch is everything queued when the consumer is free (up to max_size); a request that finds the
-    queue empty waits up to wait_s for company. So under load the requests that arrive while a batch
-    generates form the next batch (Serve's @serve.batch keeps cutting wait_s windows while a batch runs,
-    which leaves batches of one or two).
+    Rule: a batch starts with the oldest queued request and takes everything queued, plus what arrives within
+    wait_s of its start, up to max_size. Requests that arrive while a batch generates therefore wait in the
+    queue and form the next batch. (Serve's @serve.batch forms new wait_s windows while a batch runs and
+    queues them behind it, which leaves batches of one or two under load.)
     """
 
     def __init__(self, run: Callable[[list[Any]], Awaitable[list[Any]]], max_size: int, wait_s: float) -> None:
@@ -140,6 +140,8 @@ class BatchQueue:
                 continue
             try:
                 results = await self._run([item for item, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"batch of {len(batch)} requests gave {len(results)} results")
             except Exception as e:  # noqa: BLE001 - every request of the batch gets the error
                 results = [e] * len(batch)
             for (_, future), result in zip(batch, results, strict=True):
@@ -275,6 +277,10 @@ class ChatDeployment:
                                       f"{lim.max_prompt_tokens}; shorten the messages", param="messages",
                                  code="context_length_exceeded")
         room = self.max_seq_len - len(prompt)
+        if room < 1:
+            raise proto.APIError(413, f"the prompt is {len(prompt)} tokens and fills the model's context of "
+                                      f"{self.max_seq_len}; shorten the messages", param="messages",
+                                 code="context_length_exceeded")
         asked = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
         if asked is not None and asked > lim.max_tokens:
             raise proto.APIError(400, f"max_tokens {asked} exceeds the limit {lim.max_tokens}; ask for fewer",
@@ -283,10 +289,6 @@ class ChatDeployment:
             raise proto.APIError(400, f"the prompt is {len(prompt)} tokens, so max_tokens {asked} exceeds the "
                                       f"model's context of {self.max_seq_len}; ask for at most {room}",
                                  param="max_tokens", code="context_length_exceeded")
-        if room < 1:
-            raise proto.APIError(413, f"the prompt is {len(prompt)} tokens and fills the model's context of "
-                                      f"{self.max_seq_len}; shorten the messages", param="messages",
-                                 code="context_length_exceeded")
         if req.n > lim.max_n:
             raise proto.APIError(400, f"n {req.n} exceeds the limit {lim.max_n}; ask for fewer choices", param="n")
         stop = req.stop_strings()
@@ -347,7 +349,9 @@ def build_app(cfg: ServeConfig) -> serve.Application:
 
 
 def check_port_free(host: str, port: int) -> None:
+    """Raise ServeError if host:port cannot be listened on (checked before Ray starts, for a one-line error)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
         try:
             s.bind((host, port))
         except OSError as e:
@@ -398,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
                  dashboard_host="127.0.0.1", dashboard_port=cfg.ray.dashboard_port)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even if started with SIGINT ignored
     signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` shuts down as cleanly as Ctrl-C
     try:
         url = start(cfg)

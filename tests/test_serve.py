@@ -7,6 +7,7 @@ fingerprint of its prompt); stop-string cuts against the uncut text; streamed de
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import socket
@@ -58,7 +59,7 @@ def checkpoint(tmp_path_factory):
     tok = Tokenizer(tok_path)
     torch.manual_seed(0)
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, ffn_dim=128,
-                      max_seq_len=192)
+                      max_seq_len=150)
     model = Transformer(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -231,6 +232,22 @@ def test_bad_requests_get_4xx_with_a_message(server, case):
     assert "\n" not in err["message"]
 
 
+def test_max_tokens_beyond_the_context_is_rejected(server, checkpoint):
+    _, tok = checkpoint
+    # a prompt under max_prompt_tokens (120) whose length + max_tokens 40 exceeds max_seq_len 150
+    k = next(k for k in range(1, 200)
+             if len(tok.encode_prompt([{"role": "system", "content": DEFAULT_SYSTEM},
+                                       {"role": "user", "content": "word " * k}])) > 112)
+    n_prompt = len(tok.encode_prompt([{"role": "system", "content": DEFAULT_SYSTEM},
+                                      {"role": "user", "content": "word " * k}]))
+    assert n_prompt <= 120
+    r = post(server, {"messages": [{"role": "user", "content": "word " * k}], "max_tokens": 40})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert f"ask for at most {150 - n_prompt}" in r.json()["error"]["message"]
+    ok = post(server, {"messages": [{"role": "user", "content": "word " * k}], "max_tokens": 150 - n_prompt})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 150 - n_prompt
+
+
 @pytest.mark.parametrize("token", [None, "wrong-token"])
 def test_auth_is_enforced(server, token):
     r = post(server, {"messages": USER, "max_tokens": 2}, token=token)
@@ -288,6 +305,34 @@ def test_run_jobs_groups_by_sampling_params():
     # two groups in first-seen order: greedy = jobs 0 and 2, hot = job 1
     assert engine.calls == [([[1, 5], [1]], 0.0), ([[1, 6, 7]], 0.7)]
     assert [o[0].token_ids for o in out] == [[2], [3], [1]]  # each request gets its own prompt's completion
+
+
+def test_batch_queue_batches_what_queues_while_busy():
+    from serve.app import BatchQueue
+
+    seen = []
+
+    async def run(items):
+        seen.append(list(items))
+        await asyncio.sleep(0.05)
+        if -1 in items:
+            raise RuntimeError("engine down")
+        return [x * 10 for x in items]
+
+    async def scenario():
+        q = BatchQueue(run, max_size=3, wait_s=0.01)
+        first = asyncio.create_task(q.submit(0))
+        await asyncio.sleep(0.02)  # batch [0] closed its 10 ms window and is generating
+        rest = [asyncio.create_task(q.submit(i)) for i in range(1, 6)]
+        results = [await first, *await asyncio.gather(*rest)]
+        failed = await q.submit(-1)
+        return results, failed
+
+    results, failed = asyncio.run(scenario())
+    assert results == [0, 10, 20, 30, 40, 50]
+    # [0] alone; 1..5 queued while it ran -> batches of at most 3 in arrival order
+    assert seen[:3] == [[0], [1, 2, 3], [4, 5]]
+    assert isinstance(failed, RuntimeError)  # an engine error is returned to the batch's callers
 
 
 def test_finish_answer_and_stream_deltas(checkpoint):

@@ -1,0 +1,101 @@
+"""PPO iteration time per phase through real Ray actors, with the scoring calls overlapped vs one after another.
+
+    .venv/bin/python bench/ppo_iteration.py [--iterations 3] [--prompts 32] [--new 64] [--generators 1]
+
+Builds a throw-away world (a 2000-piece tokenizer on Shakespeare, the `tiny` preset as SFT policy, reward models
+from the same trunk with random heads), starts the RL actors with `create_rl_actors` (1 learner, `--generators`
+generators, reference, two reward scorers; 0.25 CPU each, one torch thread each), then runs `run_ppo` twice on the
+same actors: phases overlapped (reference log-probs, both reward models and values issued together) and
+sequential (each call waits for the previous). Reports the mean seconds per phase over the iterations after the
+first (warm-up). Writes bench/results/ppo_iteration.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1")
+
+from rayllama.checkpoint import save_model  # noqa: E402
+from rayllama.config import OptimConfig, PipelineConfig  # noqa: E402
+from rayllama.data.corpus import shakespeare_documents  # noqa: E402
+from rayllama.data.formats import PromptRecord  # noqa: E402
+from rayllama.model import ScalarHeadModel, Transformer, count_params, preset  # noqa: E402
+from rayllama.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+
+PHASES = ("generate", "score", "advantages", "train", "sync", "iteration")
+
+
+def build_world(root: Path, n_prompts: int) -> tuple[Tokenizer, Path, Path, Path, list[PromptRecord]]:
+    text = "\n".join(shakespeare_documents())[:400_000]
+    tok = Tokenizer(train_tokenizer(text.splitlines(), root / "tok", vocab_size=2000))
+    cfg = preset("tiny")
+    cfg.vocab_size = tok.vocab_size
+    torch.manual_seed(0)
+    sft = Transformer(cfg)
+    sft_dir = save_model(root / "sft", sft, cfg, tokenizer_model=tok.model_path)
+    rm_dirs = [save_model(root / f"rm-{kind}", ScalarHeadModel.from_transformer(sft, score_std=0.05), cfg,
+                          tokenizer_model=tok.model_path) for kind in ("helpfulness", "safety")]
+    rng = random.Random(0)
+    lines = [line.strip() for line in text.splitlines() if 20 < len(line.strip()) < 80]
+    prompts = [PromptRecord(prompt=[{"role": "user", "content": rng.choice(lines)}], is_safety=i % 4 == 0)
+               for i in range(n_prompts)]
+    return tok, sft_dir, rm_dirs[0], rm_dirs[1], prompts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--generators", type=int, default=1)
+    ap.add_argument("--out", default="bench/results/ppo_iteration.json")
+    args = ap.parse_args()
+    import ray
+
+    from actors.group import create_rl_actors, shutdown_rl_actors
+    from rayllama.rl.ppo import run_ppo
+
+    cfg = PipelineConfig(seed=0)
+    ppo = cfg.ppo
+    ppo.iterations, ppo.prompts_per_iteration, ppo.mini_batch_size = args.iterations, args.prompts, args.prompts // 2
+    ppo.max_new_tokens, ppo.num_generators, ppo.checkpoint_every = args.new, args.generators, 10_000
+    ppo.optim = OptimConfig(lr=1e-5, schedule="constant")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    results: dict[str, dict[str, float]] = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            tok, sft, rm_h, rm_s, prompts = build_world(root, 4 * args.prompts)
+            actors = create_rl_actors(cfg, sft, sft, rm_h, rm_s)
+            try:
+                for mode, overlap in (("overlapped", True), ("sequential", False)):
+                    run_ppo(cfg, actors, prompts, tok, root / mode, overlap=overlap)
+                    lines = [json.loads(x) for x in (root / mode / "metrics.jsonl").read_text().splitlines()]
+                    its = [m for m in lines if "timing/iteration" in m][1:]  # drop the warm-up iteration
+                    results[mode] = {p: statistics.mean(m[f"timing/{p}"] for m in its) for p in PHASES}
+            finally:
+                shutdown_rl_actors(actors)
+    finally:
+        ray.shutdown()
+    print(f"\nPPO iteration, tiny preset ({count_params(preset('tiny')) / 1e6:.1f}M params at vocab 2000), "
+          f"{args.prompts} prompts x {args.new} new tokens, 1 learner, {args.generators} generator(s), 2 CPUs; "
+          f"mean of iterations 2..{args.iterations}, seconds")
+    print(f"{'phase':<12}{'overlapped':>12}{'sequential':>12}")
+    for p in PHASES:
+        print(f"{p:<12}{results['overlapped'][p]:>12.2f}{results['sequential'][p]:>12.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "seconds": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
