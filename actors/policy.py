@@ -169,7 +169,8 @@ class PolicyLearner:
             steps += 1
         self.version += 1
         stats = {k: v / steps for k, v in totals.items() if k != "logprob_drift"}
-        return {**stats, "logprob_drift": totals["logprob_drift"], "optimizer_steps": float(steps)}
+        return {**stats, "logprob_drift": totals["logprob_drift"], "optimizer_steps": float(steps),
+                "version": float(self.version)}
 
     def _step(self, mini: Experience, first: bool) -> dict[str, float]:
         """One optimizer step on a mini-batch, accumulated over micro-batches weighted by their token share,

@@ -4,10 +4,11 @@
 
 Builds a throw-away world (a 2000-piece tokenizer on Shakespeare, the `tiny` preset as SFT policy, reward models
 from the same trunk with random heads), starts the RL actors with `create_rl_actors` (1 learner, `--generators`
-generators, reference, two reward scorers; 0.25 CPU each, one torch thread each), then runs `run_ppo` twice on the
-same actors: phases overlapped (reference log-probs, both reward models and values issued together) and
-sequential (each call waits for the previous). Reports the mean seconds per phase over the iterations after the
-first (warm-up). Writes bench/results/ppo_iteration.json.
+generators, reference, two reward scorers; 0.25 CPU each, one torch thread each), then runs PPO iterations
+(`ppo_step`, as `run_ppo` does) alternating between phases overlapped (reference log-probs, both reward models
+and values issued together) and sequential (each call waits for the previous), so machine noise hits both modes
+alike. Reports the mean seconds per phase per mode, the first iteration of each mode left out (warm-up). Writes
+bench/results/ppo_iteration.json.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import random
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -53,7 +55,7 @@ def build_world(root: Path, n_prompts: int) -> tuple[Tokenizer, Path, Path, Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--iterations", type=int, default=4, help="per mode, the first one a warm-up")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--generators", type=int, default=1)
@@ -62,7 +64,7 @@ def main() -> None:
     import ray
 
     from actors.group import create_rl_actors, shutdown_rl_actors
-    from rayllama.rl.ppo import run_ppo
+    from rayllama.rl.ppo import PPOLoop, encode_prompts, ppo_step, sync_weights
 
     cfg = PipelineConfig(seed=0)
     ppo = cfg.ppo
@@ -78,18 +80,25 @@ def main() -> None:
             tok, sft, rm_h, rm_s, prompts = build_world(root, 4 * args.prompts)
             actors = create_rl_actors(cfg, sft, sft, rm_h, rm_s)
             try:
-                for mode, overlap in (("overlapped", True), ("sequential", False)):
-                    run_ppo(cfg, actors, prompts, tok, root / mode, overlap=overlap)
-                    lines = [json.loads(x) for x in (root / mode / "metrics.jsonl").read_text().splitlines()]
-                    its = [m for m in lines if "timing/iteration" in m][1:]  # drop the warm-up iteration
-                    results[mode] = {p: statistics.mean(m[f"timing/{p}"] for m in its) for p in PHASES}
+                kept, ids = encode_prompts(prompts, tok, 512 - args.new)
+                loop = PPOLoop(cfg, actors, kept, ids, tok)
+                sync_weights(loop)
+                timings: dict[str, list[dict[str, float]]] = {"overlapped": [], "sequential": []}
+                for i in range(2 * args.iterations):
+                    mode = ("overlapped", "sequential")[i % 2]
+                    loop.overlap = mode == "overlapped"
+                    start = time.perf_counter()
+                    metrics = ppo_step(loop)
+                    timings[mode].append({**metrics, "timing/iteration": time.perf_counter() - start})
+                results = {mode: {p: statistics.mean(m[f"timing/{p}"] for m in its[1:]) for p in PHASES}
+                           for mode, its in timings.items()}
             finally:
                 shutdown_rl_actors(actors)
     finally:
         ray.shutdown()
     print(f"\nPPO iteration, tiny preset ({count_params(preset('tiny')) / 1e6:.1f}M params at vocab 2000), "
           f"{args.prompts} prompts x {args.new} new tokens, 1 learner, {args.generators} generator(s), 2 CPUs; "
-          f"mean of iterations 2..{args.iterations}, seconds")
+          f"mean of {args.iterations - 1} iterations per mode, alternating, seconds")
     print(f"{'phase':<12}{'overlapped':>12}{'sequential':>12}")
     for p in PHASES:
         print(f"{p:<12}{results['overlapped'][p]:>12.2f}{results['sequential'][p]:>12.2f}")

@@ -24,6 +24,7 @@ from rayllama.data.formats import PromptRecord
 from rayllama.generation import SamplingParams
 from rayllama.model import ModelConfig, ScalarHeadModel, Transformer
 from rayllama.rl.actors_api import (
+    ActorCallError,
     StaleRolloutError,
     StaleWeightsError,
     WeightChecksumError,
@@ -31,7 +32,7 @@ from rayllama.rl.actors_api import (
     weights_checksum,
 )
 from rayllama.rl.experience import Experience, collate, mini_batches, pad_right, shard, trim
-from rayllama.rl.ppo import STATE_FILE, latest_checkpoint, prompt_indices, run_ppo
+from rayllama.rl.ppo import STATE_FILE, check_learners, latest_checkpoint, prompt_indices, run_ppo
 from rayllama.tokenizer import Tokenizer, train_tokenizer
 
 WORDS = ("add subtract copy spell the word number answer please refuse help how do I make a cake bomb friend "
@@ -150,6 +151,14 @@ def test_prompt_indices_are_a_permutation_per_epoch_and_resumable():
     assert prompt_indices(5, 5, 0, seed=8) != stream[:5] or prompt_indices(5, 5, 5, seed=8) != stream[5:10]
 
 
+def test_a_learner_that_restarted_is_caught():
+    stats = [{"version": 4.0, "policy_loss": 0.1}, {"version": 4.0, "policy_loss": 0.3}]
+    check_learners(stats, 4)
+    assert stats == [{"policy_loss": 0.1}, {"policy_loss": 0.3}]  # the version is not a metric
+    with pytest.raises(ActorCallError, match="policy-learner-1 restarted"):
+        check_learners([{"version": 4.0}, {"version": 1.0}], 4)  # rank 1 came back with fresh SFT weights
+
+
 def test_weights_checksum_hand_computed_and_sensitive():
     state = {"b": torch.tensor([5.0]), "a": torch.tensor([1.0, 2.0])}
     assert weights_checksum(state) == 1 * (1.0 + 2.0) + 2 * 5.0  # sorted names: a (weight 1), b (weight 2) = 13
@@ -202,12 +211,12 @@ def test_generator_refuses_stale_versions_and_wrong_checksums(world):
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-def test_two_iterations_log_metrics_and_write_the_model(world, tmp_path):
-    cfg = tiny_config(iterations=2)
+def test_three_iterations_log_metrics_and_write_the_model(world, tmp_path):
+    cfg = tiny_config(iterations=3)
     actors = local(cfg, world)
     summary = run_ppo(cfg, actors, world.prompts, world.tokenizer, tmp_path)
     metrics = read_metrics(tmp_path)
-    assert [m["iteration"] for m in metrics] == [1, 2]
+    assert [m["iteration"] for m in metrics] == [1, 2, 3]
     for m in metrics:
         assert all(k in m for k in REQUIRED), sorted(set(REQUIRED) - set(m))
         assert all(torch.isfinite(torch.tensor(float(m[k]))) for k in REQUIRED)
@@ -217,13 +226,28 @@ def test_two_iterations_log_metrics_and_write_the_model(world, tmp_path):
         assert 1 <= m["response_length"] <= cfg.ppo.max_new_tokens
     assert abs(metrics[0]["kl"]) < 1e-4  # iteration 1 samples from pi == pi_ref
     assert abs(metrics[1]["kl"]) > 1e-3  # one lr-1e-3 step later the policy has moved away
-    assert [m["prompt_position"] for m in metrics] == [8, 16]
-    assert summary["iterations"] == 2 and is_complete(tmp_path / "model")
+    assert [m["prompt_position"] for m in metrics] == [8, 16, 24]
+    assert summary["iterations"] == 3 and is_complete(tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter-0002", "iter-0003"]  # keep 2
     assert (tmp_path / "model" / "tokenizer.model").is_file()
     final, _, _ = load_model(tmp_path / "model")
     sft, _, _ = load_model(world.sft)
     assert not torch.equal(final.lm_head.weight, sft.lm_head.weight)
     assert torch.equal(final.lm_head.weight, actors.learners[0].obj.policy.lm_head.weight)
+
+
+def test_ppo_raises_the_reward_it_is_trained_on(world, tmp_path):
+    """The sign check of the whole loop: ten iterations at a large lr move the policy towards responses the
+    (random, fixed) reward models score higher. Here the safety RM scores everything below the 0.15 gate, so
+    R_c is its score throughout; a flipped advantage or reward sign makes the curve fall instead."""
+    cfg = tiny_config(iterations=10, optim=OptimConfig(lr=1e-2, schedule="constant"), checkpoint_every=100,
+                      prompts_per_iteration=16, mini_batch_size=8)
+    run_ppo(cfg, local(cfg, world), world.prompts, world.tokenizer, tmp_path)
+    metrics = read_metrics(tmp_path)
+    rewards = [m["reward/combined"] for m in metrics]
+    assert all(m["reward/safety_branch"] == 1.0 for m in metrics)
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
+    assert metrics[-1]["kl"] > metrics[0]["kl"] + 1.0  # it paid for it in KL from the reference
 
 
 def test_resume_continues_at_the_checkpoint_and_matches_an_uninterrupted_run(world, tmp_path):

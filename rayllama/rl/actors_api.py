@@ -135,7 +135,8 @@ class RLActors:
         return ray.put(value)
 
     def get(self, refs: Any, what: str) -> Any:
-        """Wait for a ref or a list of refs at most `call_timeout_s`; `what` names the call in errors."""
+        """Wait for a ref or a list of refs at most `call_timeout_s`; `what` names the call in errors. No retry:
+        use it for calls that must not be re-run on a restarted actor (the learners: a restart loses their state)."""
         if self.local:
             return refs
         import ray
@@ -148,19 +149,21 @@ class RLActors:
                                  f"ppo.resources.call_timeout_s or look at the actor's log") from None
 
     def call(self, issue: Callable[[], Any], what: str) -> Any:
-        """`get(issue(), what)`, re-issuing the calls up to `retries` times when an actor died (Ray restarts it)."""
+        """`get(issue(), what)`, re-issuing the calls up to `retries` times when an actor died (Ray restarts it).
+        For calls that are safe to repeat on a fresh actor (generation, scoring, reference log-probs)."""
         if self.local:
             return issue()
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             try:
                 return self.get(issue(), what)
             except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
-                if attempt == self.retries:
-                    raise ActorCallError(f"{what} failed: an actor died {attempt + 1} time(s) "
-                                         f"({type(e).__name__}); see its log") from e
-        raise AssertionError("unreachable")
+                attempt += 1
+                if attempt > self.retries:
+                    raise ActorCallError(f"{what} failed: an actor died {attempt} time(s) ({type(e).__name__}); "
+                                         f"see its log") from e
 
 
 def local_actors(learners: list[Any], reference: Any, reward_helpfulness: Any, reward_safety: Any,

@@ -14,6 +14,18 @@ One iteration (`ppo_step`):
 
 `run_ppo` wraps it with resume (the last complete `checkpoints/iter-XXXX`), periodic checkpoints and the final
 `out_dir/model` (a complete HF-layout checkpoint: the driver's "stage done").
+
+Metrics per iteration (out_dir/metrics.jsonl, TensorBoard under out_dir/tensorboard as ppo/<name>):
+    reward/helpfulness, reward/safety   mean raw RM outputs
+    reward/combined                     mean logit(R_c) before whitening (the raw score of the chosen RM)
+    reward/safety_branch                share of rows scored by the safety RM (is_safety or s_safety < gate)
+    kl, kl_per_token                    KL(pi_old || pi_ref) estimate: per response (sum), per token (mean)
+    policy_loss, value_loss, entropy, clip_fraction, approx_kl, ratio, value_clip_fraction, grad_norm,
+    value_grad_norm, lr, logprob_drift  learner means over its optimizer steps (logprob_drift: mean
+                                        |log pi_learner - log pi_generator| before the first step, ~0 if synced)
+    response_length, response_stopped, value_mean, iteration, prompt_position, weight_version
+    timing/<phase>                      seconds: generate, score, advantages, train, sync, [evaluate],
+                                        [checkpoint], iteration
 """
 
 from __future__ import annotations
@@ -43,11 +55,12 @@ from rayllama.losses import (
     token_rewards,
     whiten,
 )
-from rayllama.rl.actors_api import RLActors, StaleRolloutError
+from rayllama.rl.actors_api import ActorCallError, RLActors, StaleRolloutError
 from rayllama.rl.experience import Experience, SequenceBatch, collate, pad_right, shard, split_rows
 from rayllama.tokenizer import Tokenizer
 
 CHECKPOINTS, STATE_FILE, MODEL = "checkpoints", "ppo_state.json", "model"
+KEEP_CHECKPOINTS = 2  # complete checkpoints kept under out_dir/checkpoints (older ones are removed)
 
 
 @dataclass
@@ -114,8 +127,9 @@ def ppo_step(loop: PPOLoop) -> dict[str, float]:
     exp = Experience(batch.sequences, batch.attention_mask, mask, logprobs, values, advantages, returns)
     seed = loop.cfg.seed * 1_000_003 + iteration
     with loop.timed("train"):
-        stats = actors.call(lambda: [learner.train.remote(part, seed) for learner, part
-                                     in zip(actors.learners, shard(exp, len(actors.learners)))], "learner train")
+        stats = actors.get([learner.train.remote(part, seed) for learner, part
+                            in zip(actors.learners, shard(exp, len(actors.learners)))], "learner train")
+    check_learners(stats, loop.weights[1] + 1)
     loop.iteration = iteration
 
     # 6. sync weights: one object-store copy, every generator reads it
@@ -221,6 +235,15 @@ def score(loop: PPOLoop, batch: SequenceBatch,
     return ref, torch.tensor(helpful), torch.tensor(safety), torch.cat(values)
 
 
+def check_learners(stats: list[dict[str, float]], expected_version: int) -> None:
+    """Every learner must report the version it had at the last sync + 1; a learner that restarted (and lost its
+    weights and optimizer) reports less. Training on would mix fresh SFT weights into the run, so stop."""
+    for rank, s in enumerate(stats):
+        if int(s.pop("version")) != expected_version:
+            raise ActorCallError(f"policy-learner-{rank} restarted and lost its training state; run the stage "
+                                 f"again to resume from the last checkpoint")
+
+
 def push_weights(loop: PPOLoop, generators: list[Any]) -> None:
     state, version, checksum = loop.weights
     loop.actors.call(lambda: [g.update_weights.remote(state, version, checksum) for g in generators],
@@ -229,7 +252,7 @@ def push_weights(loop: PPOLoop, generators: list[Any]) -> None:
 
 def sync_weights(loop: PPOLoop) -> None:
     """Rank 0's weights (one object-store copy, put by the learner) to every generator."""
-    loop.weights = loop.actors.call(lambda: loop.actors.learners[0].weights.remote(), "learner weights")
+    loop.weights = loop.actors.get(loop.actors.learners[0].weights.remote(), "learner weights")
     push_weights(loop, loop.actors.generators)
 
 
@@ -257,14 +280,26 @@ def save_checkpoint(loop: PPOLoop, out_dir: Path) -> Path:
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    loop.actors.call(lambda: loop.actors.learners[0].save.remote(str(tmp)), "learner save")
+    loop.actors.get(loop.actors.learners[0].save.remote(str(tmp)), "learner save")
     state = {"iteration": loop.iteration, "prompt_position": loop.prompt_position, "weight_version": loop.weights[1],
              "seed": loop.cfg.seed, "n_prompts": len(loop.prompt_ids)}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     if target.exists():
         shutil.rmtree(target)
     os.rename(tmp, target)
+    prune_checkpoints(out_dir)
     return target
+
+
+def prune_checkpoints(out_dir: Path, keep: int = KEEP_CHECKPOINTS) -> None:
+    """Keep the newest `keep` complete checkpoints; remove older ones and temp dirs of writers that are gone."""
+    root = out_dir / CHECKPOINTS
+    done = sorted(p for p in root.glob("iter-[0-9]*") if (p / STATE_FILE).is_file())
+    for path in done[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+    for tmp in root.glob(".iter-*.tmp-*"):
+        if not tmp.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resume(loop: PPOLoop, out_dir: Path) -> Path | None:
@@ -277,7 +312,7 @@ def resume(loop: PPOLoop, out_dir: Path) -> Path | None:
         raise ValueError(f"checkpoint {path} was made with {state['n_prompts']} prompts but {len(loop.prompt_ids)} "
                          f"are given; resume with the same prompts or use a new run directory")
     actors = loop.actors
-    actors.call(lambda: [learner.load.remote(str(path)) for learner in actors.learners], "learner load")
+    actors.get([learner.load.remote(str(path)) for learner in actors.learners], "learner load")
     loop.iteration, loop.prompt_position = state["iteration"], state["prompt_position"]
     return path
 
@@ -320,7 +355,7 @@ def run_ppo(cfg: PipelineConfig, actors: RLActors, prompts: list[PromptRecord], 
     resumed = resume(loop, out_dir)
     # the generators start from the learner's weights (the checkpoint's, on resume), labelled no older than theirs
     held = max(actors.call(lambda: [g.version.remote() for g in actors.generators], "generator versions"))
-    actors.call(lambda: [learner.advance_version.remote(held) for learner in actors.learners], "learner version")
+    actors.get([learner.advance_version.remote(held) for learner in actors.learners], "learner version")
     sync_weights(loop)
     writer = MetricsWriter(str(out_dir), "ppo")
     metrics: dict[str, Any] = {}
@@ -334,7 +369,7 @@ def run_ppo(cfg: PipelineConfig, actors: RLActors, prompts: list[PromptRecord], 
             if evaluate is not None and ppo.eval_every and loop.iteration % ppo.eval_every == 0:
                 with loop.timed("evaluate"):
                     metrics.update(evaluate(actors, loop.iteration))
-            if loop.iteration % ppo.checkpoint_every == 0 or loop.iteration == ppo.iterations:
+            if loop.iteration == ppo.iterations or (ppo.checkpoint_every and loop.iteration % ppo.checkpoint_every == 0):
                 with loop.timed("checkpoint"):
                     save_checkpoint(loop, out_dir)
             metrics.update(loop.timings, **{"timing/iteration": time.perf_counter() - start})
@@ -343,7 +378,7 @@ def run_ppo(cfg: PipelineConfig, actors: RLActors, prompts: list[PromptRecord], 
             bar.set_postfix({"reward": f"{metrics['reward/combined']:.3f}", "kl": f"{metrics['kl']:.3f}"})
         bar.close()
         model_dir = out_dir / MODEL
-        actors.call(lambda: actors.learners[0].export_policy.remote(
+        actors.get(actors.learners[0].export_policy.remote(
             str(model_dir), str(tokenizer.model_path), {"iteration": loop.iteration}), "export policy")
     finally:
         writer.close()
