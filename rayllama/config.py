@@ -192,6 +192,47 @@ class PPOConfig:
 
 
 @dataclass
+class RejectionConfig:
+    """LLaMA 2 rejection-sampling fine-tuning (section 3.2.3): K samples per prompt at temperature T from the
+    current policy, the best by the composed reward model score, fine-tune on the best-ever pool."""
+
+    iterations: int = 3
+    prompts_per_iteration: int = 256
+    samples_per_prompt: int = 16  # K; the best-of-K curve is reported for K in 1, 2, 4, ... up to this
+    temperature: float = 1.2
+    temperature_schedule: list[float] = field(default_factory=list)  # one T per iteration; empty: `temperature`
+    max_new_tokens: int = 64
+    top_p: float = 1.0
+    safety_gate: float = 0.15
+    finetune_epochs: float = 1.0
+    batch_size: int = 32
+    micro_batch_size: int = 16
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, schedule="constant"))
+    num_generators: int = 1
+    engine: str = "torch"  # torch | vllm | auto
+    resources: RLResources = field(default_factory=RLResources)
+
+
+@dataclass
+class GAttConfig:
+    """Ghost Attention (LLaMA 2 section 3.3): an instruction joined to every user turn to sample answers; training
+    keeps it in the first turn only (system prompt) and zeroes the loss on every token of earlier turns."""
+
+    dialogues: int = 300
+    turns: int = 6
+    samples_per_turn: int = 4  # sample several, keep one the adherence check / reward model accepts
+    temperature: float = 0.7
+    max_new_tokens: int = 48
+    epochs: float = 2.0
+    batch_size: int = 32
+    micro_batch_size: int = 16
+    max_seq_len: int = 512
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_ratio=0.03))
+    num_generators: int = 1
+    engine: str = "torch"
+
+
+@dataclass
 class PipelineConfig:
     name: str = "tiny"
     run_dir: str = "runs/${name}"
@@ -208,6 +249,8 @@ class PipelineConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
+    gatt: GAttConfig = field(default_factory=GAttConfig)
 
 
 def _accepted_keys(node_type: Any) -> str:
