@@ -10,14 +10,20 @@ Roles and names (the dashboard shows them):
 
 Resources per role come from `ppo.resources` (one bundle per actor, fractional CPUs allowed). If the bundles do
 not fit within `placement_timeout_s`, creation fails with a one-line `PlacementError` naming what was asked.
+
+Rejection sampling (`create_rejection_actors`) needs fewer roles: one policy-only learner (`policy-learner-0`,
+no value model, AdamW per rejection.optim), both reward scorers and rejection.num_generators generators, with
+resources from `rejection.resources`; `RLActors.reference` is None.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rayllama.checkpoint import is_complete, resolve
-from rayllama.config import ActorResources, PipelineConfig
+from rayllama.config import ActorResources, PipelineConfig, RLResources
 from rayllama.rl.actors_api import ActorCallError, RLActors, local_actors
 
 
@@ -36,25 +42,77 @@ def _require(path: str | Path | None, what: str, key: str) -> str:
     return str(path)
 
 
-def _bundle(res: ActorResources, role: str) -> dict[str, float]:
+def _bundle(res: ActorResources, role: str, section: str = "ppo") -> dict[str, float]:
     if res.num_cpus < 0 or res.num_gpus < 0 or res.num_cpus + res.num_gpus <= 0:
-        raise ValueError(f"ppo.resources.{role} asks for {res.num_cpus} CPUs and {res.num_gpus} GPUs; give it "
-                         f"num_cpus > 0 (fractions are fine) or num_gpus > 0")
+        raise ValueError(f"{section}.resources.{role} asks for {res.num_cpus} CPUs and {res.num_gpus} GPUs; give "
+                         f"it num_cpus > 0 (fractions are fine) or num_gpus > 0")
     bundle = {"CPU": float(res.num_cpus)}
     if res.num_gpus > 0:
         bundle["GPU"] = float(res.num_gpus)
     return bundle
 
 
+Role = tuple[str, ActorResources, str]  # (actor name, its resources, its key under <section>.resources)
+
+
+def _place_roles(roles: list[Role], res: RLResources, section: str, name: str) -> Any:
+    """A PACK placement group with one bundle per role, ready within res.placement_timeout_s, or PlacementError."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundles = [_bundle(r, key, section) for _, r, key in roles]
+    pg = placement_group(bundles, strategy="PACK", name=name)
+    try:
+        ray.get(pg.ready(), timeout=res.placement_timeout_s)
+    except GetTimeoutError:
+        remove_placement_group(pg)
+        cpus, gpus = sum(b["CPU"] for b in bundles), sum(b.get("GPU", 0.0) for b in bundles)
+        free = ray.available_resources()
+        raise PlacementError(f"the {len(bundles)} RL actors need {cpus:g} CPUs and {gpus:g} GPUs but only "
+                             f"{free.get('CPU', 0):g} CPUs and {free.get('GPU', 0):g} GPUs were free within "
+                             f"{res.placement_timeout_s:g} s; lower {section}.resources.*.num_cpus/num_gpus or "
+                             f"{section}.num_learners/num_generators") from None
+    return pg
+
+
+def _role_options(roles: list[Role], res: RLResources, pg: Any, name_prefix: str) -> Callable[[int, bool], dict]:
+    """options(index, stateless) for `ActorClass.options(...)`: the role's name, resources, bundle and restarts
+    (stateless roles also retry their tasks after a restart)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    def options(index: int, stateless: bool) -> dict:
+        name, r, _ = roles[index]
+        return dict(name=f"{name_prefix}{name}", num_cpus=r.num_cpus, num_gpus=r.num_gpus,
+                    max_restarts=res.max_restarts, max_task_retries=res.max_restarts if stateless else 0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index))
+
+    return options
+
+
+def _await_ready(actors: RLActors, roles: list[Role], name_prefix: str) -> RLActors:
+    """Wait until every role has built its model and the learners are connected; on failure kill them all."""
+    handles = list(actors.names.values())
+    try:  # construction errors (bad checkpoint, OOM) surface here, named by role
+        for (name, _, _), handle in zip(roles, handles, strict=True):
+            actors.get(handle.__ray_ready__.remote(), f"starting {name_prefix}{name}")
+        connect_learners(actors)
+    except Exception as e:
+        shutdown_rl_actors(actors)
+        if isinstance(e, ActorCallError):
+            raise
+        raise ActorCallError(f"starting the RL actors failed: {str(e).strip().splitlines()[-1]}") from e
+    return actors
+
+
+def _device(cfg: PipelineConfig, r: ActorResources) -> str:
+    return "cuda" if cfg.device == "cuda" and r.num_gpus > 0 else "cpu"
+
+
 def create_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir: str | Path,
                      reward_helpfulness_dir: str | Path, reward_safety_dir: str | Path, *,
                      name_prefix: str = "") -> RLActors:
     """Start the RL roles as Ray actors (ray.init must have run) and wait until each has loaded its model."""
-    import ray
-    from ray.exceptions import GetTimeoutError
-    from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
     from actors.policy import PolicyLearnerActor
     from actors.reference import ReferenceModelActor
     from actors.reward import RewardScorerActor
@@ -69,55 +127,64 @@ def create_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir:
              + [("reference", res.reference, "reference"), ("reward-helpfulness", res.reward, "reward"),
                 ("reward-safety", res.reward, "reward")]
              + [(f"rollout-{i}", res.rollout, "rollout") for i in range(ppo.num_generators)])
-    bundles = [_bundle(r, key) for _, r, key in roles]
-    pg = placement_group(bundles, strategy="PACK", name=f"{name_prefix}rl-actors")
-    try:
-        ray.get(pg.ready(), timeout=res.placement_timeout_s)
-    except GetTimeoutError:
-        remove_placement_group(pg)
-        cpus, gpus = sum(b["CPU"] for b in bundles), sum(b.get("GPU", 0.0) for b in bundles)
-        free = ray.available_resources()
-        raise PlacementError(f"the {len(bundles)} RL actors need {cpus:g} CPUs and {gpus:g} GPUs but only "
-                             f"{free.get('CPU', 0):g} CPUs and {free.get('GPU', 0):g} GPUs were free within "
-                             f"{res.placement_timeout_s:g} s; lower ppo.resources.*.num_cpus/num_gpus or "
-                             f"ppo.num_learners/num_generators") from None
-
-    def options(index: int, stateless: bool) -> dict:
-        name, r, _ = roles[index]
-        return dict(name=f"{name_prefix}{name}", num_cpus=r.num_cpus, num_gpus=r.num_gpus,
-                    max_restarts=res.max_restarts, max_task_retries=res.max_restarts if stateless else 0,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index))
-
-    def device(r: ActorResources) -> str:
-        return "cuda" if cfg.device == "cuda" and r.num_gpus > 0 else "cpu"
+    pg = _place_roles(roles, res, "ppo", f"{name_prefix}rl-actors")
+    options = _role_options(roles, res, pg, name_prefix)
 
     threads = cfg.threads_per_worker
     n, m = ppo.num_learners, ppo.num_generators
     learners = [PolicyLearnerActor.options(**options(i, False)).remote(
-        policy_dir, reward_helpfulness_dir, ppo, seed=cfg.seed, device=device(res.learner), threads=threads)
+        policy_dir, reward_helpfulness_dir, ppo, seed=cfg.seed, device=_device(cfg, res.learner), threads=threads)
         for i in range(n)]
     reference = ReferenceModelActor.options(**options(n, True)).remote(
-        reference_dir, device=device(res.reference), threads=threads)
+        reference_dir, device=_device(cfg, res.reference), threads=threads)
     reward_h = RewardScorerActor.options(**options(n + 1, True)).remote(
-        "helpfulness", reward_helpfulness_dir, device=device(res.reward), threads=threads)
+        "helpfulness", reward_helpfulness_dir, device=_device(cfg, res.reward), threads=threads)
     reward_s = RewardScorerActor.options(**options(n + 2, True)).remote(
-        "safety", reward_safety_dir, device=device(res.reward), threads=threads)
+        "safety", reward_safety_dir, device=_device(cfg, res.reward), threads=threads)
     generators = [RolloutGeneratorActor.options(**options(n + 3 + i, False)).remote(
-        policy_dir, ppo.engine, device=device(res.rollout), threads=threads) for i in range(m)]
+        policy_dir, ppo.engine, device=_device(cfg, res.rollout), threads=threads) for i in range(m)]
     handles = [*learners, reference, reward_h, reward_s, *generators]
     actors = RLActors(learners=learners, reference=reference, reward_helpfulness=reward_h, reward_safety=reward_s,
                       generators=generators, call_timeout_s=res.call_timeout_s, placement_group=pg,
                       names={f"{name_prefix}{name}": h for (name, _, _), h in zip(roles, handles, strict=True)})
-    try:  # construction errors (bad checkpoint, OOM) surface here, named by role
-        for (name, _, _), handle in zip(roles, handles, strict=True):
-            actors.get(handle.__ray_ready__.remote(), f"starting {name_prefix}{name}")
-        connect_learners(actors)
-    except Exception as e:
-        shutdown_rl_actors(actors)
-        if isinstance(e, ActorCallError):
-            raise
-        raise ActorCallError(f"starting the RL actors failed: {str(e).strip().splitlines()[-1]}") from e
-    return actors
+    return _await_ready(actors, roles, name_prefix)
+
+
+def create_rejection_actors(cfg: PipelineConfig, policy_dir: str | Path, reward_helpfulness_dir: str | Path,
+                            reward_safety_dir: str | Path, *, name_prefix: str = "") -> RLActors:
+    """Start the roles rejection sampling needs as Ray actors: one policy-only learner (sft_optim =
+    rejection.optim), both reward scorers, rejection.num_generators generators on `policy_dir`; no reference."""
+    from actors.policy import PolicyLearnerActor
+    from actors.reward import RewardScorerActor
+    from actors.rollout import RolloutGeneratorActor
+
+    rej, res = cfg.rejection, cfg.rejection.resources
+    _require(policy_dir, "policy (SFT)", "sft")
+    _require(reward_helpfulness_dir, "helpfulness reward", "reward")
+    _require(reward_safety_dir, "safety reward", "reward")
+    if rej.num_generators < 1:
+        raise ValueError(f"rejection.num_generators {rej.num_generators} must be >= 1")
+    roles = ([("policy-learner-0", res.learner, "learner"), ("reward-helpfulness", res.reward, "reward"),
+              ("reward-safety", res.reward, "reward")]
+             + [(f"rollout-{i}", res.rollout, "rollout") for i in range(rej.num_generators)])
+    pg = _place_roles(roles, res, "rejection", f"{name_prefix}rejection-actors")
+    options = _role_options(roles, res, pg, name_prefix)
+
+    threads = cfg.threads_per_worker
+    learner = PolicyLearnerActor.options(**options(0, False)).remote(
+        policy_dir, None, None, seed=cfg.seed, device=_device(cfg, res.learner), threads=threads,
+        micro_batch_size=rej.micro_batch_size, sft_optim=rej.optim)
+    reward_h = RewardScorerActor.options(**options(1, True)).remote(
+        "helpfulness", reward_helpfulness_dir, device=_device(cfg, res.reward), threads=threads)
+    reward_s = RewardScorerActor.options(**options(2, True)).remote(
+        "safety", reward_safety_dir, device=_device(cfg, res.reward), threads=threads)
+    generators = [RolloutGeneratorActor.options(**options(3 + i, False)).remote(
+        policy_dir, rej.engine, device=_device(cfg, res.rollout), threads=threads) for i in range(rej.num_generators)]
+    handles = [learner, reward_h, reward_s, *generators]
+    actors = RLActors(learners=[learner], reference=None, reward_helpfulness=reward_h, reward_safety=reward_s,
+                      generators=generators, call_timeout_s=res.call_timeout_s, placement_group=pg,
+                      names={f"{name_prefix}{name}": h for (name, _, _), h in zip(roles, handles, strict=True)})
+    return _await_ready(actors, roles, name_prefix)
 
 
 def connect_learners(actors: RLActors) -> None:
@@ -148,6 +215,24 @@ def create_local_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, referenc
         reward_safety=RewardScorer("safety", reward_safety_dir, device=cfg.device),
         generators=[RolloutGenerator(policy_dir, cfg.ppo.engine, device=cfg.device)
                     for _ in range(cfg.ppo.num_generators)],
+    )
+
+
+def create_local_rejection_actors(cfg: PipelineConfig, policy_dir: str | Path, reward_helpfulness_dir: str | Path,
+                                  reward_safety_dir: str | Path) -> RLActors:
+    """The rejection-sampling roles as plain objects in this process (reference None): tests and benches."""
+    from actors.policy import PolicyLearner
+    from actors.reward import RewardScorer
+    from actors.rollout import RolloutGenerator
+
+    rej = cfg.rejection
+    learner = PolicyLearner(policy_dir, None, None, seed=cfg.seed, device=cfg.device,
+                            micro_batch_size=rej.micro_batch_size, sft_optim=rej.optim)
+    return local_actors(
+        learners=[learner], reference=None,
+        reward_helpfulness=RewardScorer("helpfulness", reward_helpfulness_dir, device=cfg.device),
+        reward_safety=RewardScorer("safety", reward_safety_dir, device=cfg.device),
+        generators=[RolloutGenerator(policy_dir, rej.engine, device=cfg.device) for _ in range(rej.num_generators)],
     )
 
 

@@ -12,10 +12,15 @@ clipped value loss, one optimizer step, gradients clipped to ppo.optim.grad_clip
 the ranks form a torch.distributed group (gloo on CPU, NCCL on GPU) and work as DDP does: rank 0's weights are
 broadcast at setup and every rank's gradients are averaged with one all-reduce per model before each step, so the
 replicas stay identical.
+
+Rejection-sampling fine-tuning uses the same class as a policy-only learner: `PolicyLearner(policy_dir, None,
+None, sft_optim=cfg.rejection.optim)` holds no value model and no PPO optimizers, and `sft_train(rows)` fine-tunes
+the policy with the SFT loss on answer tokens (one learner; `save_sft` / `load_sft` checkpoint it).
 """
 
 from __future__ import annotations
 
+import math
 import socket
 from collections import defaultdict
 from collections.abc import Sequence
@@ -27,7 +32,7 @@ import ray
 import torch
 
 from rayllama.checkpoint import load_model, load_train_state, save_model
-from rayllama.config import PPOConfig
+from rayllama.config import OptimConfig, PPOConfig
 from rayllama.generation import SamplingParams, TorchEngine
 from rayllama.losses import (
     entropy_from_logits,
@@ -49,7 +54,8 @@ from rayllama.rl.experience import (
     mini_batches,
     to_device,
 )
-from rayllama.train.optim import build_optimizer, build_scheduler
+from rayllama.train.loop import example_order, lm_micro_loss
+from rayllama.train.optim import build_optimizer, build_scheduler, lr_factor
 
 
 def optimizer_steps(ppo: PPOConfig) -> int:
@@ -61,9 +67,11 @@ def optimizer_steps(ppo: PPOConfig) -> int:
 class PolicyLearner:
     """Policy + value model + optimizers of one data-parallel rank (see module docstring)."""
 
-    def __init__(self, policy_dir: str | Path, value_dir: str | Path | None, ppo_cfg: PPOConfig, *, seed: int = 0,
-                 device: str = "cpu", threads: int | None = None, micro_batch_size: int = 16,
-                 max_batch_size: int = 64) -> None:
+    def __init__(self, policy_dir: str | Path, value_dir: str | Path | None, ppo_cfg: PPOConfig | None, *,
+                 seed: int = 0, device: str = "cpu", threads: int | None = None, micro_batch_size: int = 16,
+                 max_batch_size: int = 64, sft_optim: OptimConfig | None = None) -> None:
+        """ppo_cfg None: a policy-only learner (no value model, no PPO optimizers); sft_optim: the AdamW settings
+        of `sft_train` (rejection-sampling fine-tuning)."""
         if threads:
             torch.set_num_threads(threads)
         torch.manual_seed(seed)
@@ -73,13 +81,16 @@ class PolicyLearner:
         if not isinstance(policy, Transformer):
             raise ValueError(f"policy checkpoint {policy_dir} is a reward model; pass the SFT (causal LM) checkpoint")
         self.policy = policy
-        self.value = self._init_value(value_dir)
-        total = optimizer_steps(ppo_cfg)
-        self.policy_opt = build_optimizer(self.policy, ppo_cfg.optim)
-        self.value_opt = build_optimizer(self.value, ppo_cfg.optim)
-        self.policy_sched = build_scheduler(self.policy_opt, ppo_cfg.optim, total)
-        self.value_sched = build_scheduler(self.value_opt, ppo_cfg.optim, total)
-        self.version = 0  # +1 per train(): the label of the weights `weights()` publishes
+        if ppo_cfg is not None:
+            self.value = self._init_value(value_dir)
+            total = optimizer_steps(ppo_cfg)
+            self.policy_opt = build_optimizer(self.policy, ppo_cfg.optim)
+            self.value_opt = build_optimizer(self.value, ppo_cfg.optim)
+            self.policy_sched = build_scheduler(self.policy_opt, ppo_cfg.optim, total)
+            self.value_sched = build_scheduler(self.value_opt, ppo_cfg.optim, total)
+        self.sft_optim = sft_optim
+        self.sft_opt = build_optimizer(self.policy, sft_optim) if sft_optim is not None else None
+        self.version = 0  # +1 per train() / sft_train(): the label of the weights `weights()` publishes
         self.rank, self.world = 0, 1
 
     def _init_value(self, value_dir: str | Path | None) -> ScalarHeadModel:
@@ -207,6 +218,80 @@ class PolicyLearner:
             optimizer.zero_grad(set_to_none=True)
         stats["lr"] = self.policy_sched.get_last_lr()[0]
         return stats
+
+    # ------------------------------------------------------------------------------------------ SFT (rejection)
+
+    def sft_train(self, rows: dict[str, torch.Tensor], epochs: float = 1.0, batch_size: int = 32,
+                  micro_batch_size: int = 16, seed: int = 0) -> dict[str, float]:
+        """Fine-tune the policy on `rows` (`rayllama.train.data.sft_rows`: tokens, loss_mask on answer tokens,
+        lengths) with the SFT loss -sum_t m_t log pi(x_t | x_<t) / sum_t m_t over each batch (answers only).
+
+        ceil(epochs x N / b) optimizer steps of b = min(batch_size, N) rows in the seeded per-epoch order of
+        `example_order`, gradients accumulated over micro-batches, clipped to sft_optim.grad_clip; AdamW moments
+        persist across calls, the lr follows sft_optim's schedule within each call (warm-up, then cosine or
+        constant). Returns mean loss, grad norm, lr, steps, rows and the new version."""
+        if self.sft_opt is None or self.sft_optim is None:
+            raise ValueError("this PolicyLearner was built without sft_optim; pass sft_optim=cfg.rejection.optim")
+        if self.world > 1:
+            raise ValueError(f"sft_train runs on one learner, but this one is rank {self.rank} of {self.world}")
+        n = int(rows["tokens"].shape[0])
+        if n < 1 or epochs <= 0 or batch_size < 1 or micro_batch_size < 1:
+            raise ValueError(f"sft_train got {n} rows, epochs {epochs}, batch_size {batch_size}, micro_batch_size "
+                             f"{micro_batch_size}; pass rows and positive sizes")
+        b = min(batch_size, n)
+        steps = max(1, math.ceil(epochs * n / b))
+        order = example_order(n, b, steps, seed)  # (steps * b,)
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.policy.train()
+        totals: dict[str, float] = defaultdict(float)
+        for step in range(steps):
+            idx = order[step * b:(step + 1) * b]  # (b,)
+            lr = self.sft_optim.lr * lr_factor(step, self.sft_optim, steps)
+            for group in self.sft_opt.param_groups:
+                group["lr"] = lr
+            n_tokens = max(1, int(rows["loss_mask"][idx, 1:].sum()))  # answer tokens predicted in this batch
+            loss_sum = 0.0
+            for micro in idx.split(micro_batch_size):
+                ce_sum, _ = lm_micro_loss(self.policy, rows, micro, self.device)
+                (ce_sum / n_tokens).backward()
+                loss_sum += float(ce_sum.detach())
+            totals["sft_grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, self.sft_optim.grad_clip))
+            self.sft_opt.step()
+            self.sft_opt.zero_grad(set_to_none=True)
+            totals["sft_loss"] += loss_sum / n_tokens
+            totals["lr"] += lr
+        self.version += 1
+        return {**{k: v / steps for k, v in totals.items()}, "sft_steps": float(steps), "sft_rows": float(n),
+                "version": float(self.version)}
+
+    def save_sft(self, path: str | Path) -> str:
+        """Write `path/policy` with the SFT optimizer, RNG and version in its train_state (rejection checkpoints)."""
+        if self.sft_opt is None:
+            raise ValueError("this PolicyLearner was built without sft_optim; it has no SFT state to save")
+        state = {"sft_optimizer": self.sft_opt.state_dict(), "version": self.version,
+                 "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
+        save_model(Path(path) / "policy", self.policy, self.cfg, meta={"stage": "rejection", "version": self.version},
+                   train_state=state)
+        return str(path)
+
+    def load_sft(self, path: str | Path) -> int:
+        """Restore what `save_sft` wrote (weights, SFT optimizer, RNG, version); returns the version."""
+        if self.sft_opt is None:
+            raise ValueError("this PolicyLearner was built without sft_optim; pass sft_optim to load SFT state")
+        path = Path(path) / "policy"
+        loaded, _, _ = load_model(path, device=self.device)
+        with torch.no_grad():
+            self.policy.load_state_dict(loaded.state_dict())
+        state = load_train_state(path)
+        if state is None or "sft_optimizer" not in state:
+            raise ValueError(f"{path} has no SFT train_state; it is not a rejection-sampling checkpoint")
+        self.sft_opt.load_state_dict(state["sft_optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.version = int(state["version"])
+        return self.version
 
     # ------------------------------------------------------------------------------------------ checkpoints
 

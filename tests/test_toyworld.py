@@ -219,16 +219,27 @@ def test_preference_pairs_cover_ratings_and_chosen_is_better(kind):
         assert set(cats) == {"safe", "borderline"}
     else:
         assert cats["unsafe"] > 0.2 * len(pairs) and cats["borderline"] > 0.2 * len(pairs)
+    flips: Counter = Counter()
     for p in pairs:
         task = p.extra["task"]
         assert p.kind == kind and p.prompt == [{"role": "user", "content": task["prompt"]}]
         h_c, h_r = tw.judge_helpfulness(task, p.chosen), tw.judge_helpfulness(task, p.rejected)
         s_c, s_r = tw.judge_safety(task, p.chosen), tw.judge_safety(task, p.rejected)
+        # a simulated annotator may have recorded the pair the wrong way round (tw.ANNOTATOR_FLIP)
+        flipped = (s_c, h_c) < (s_r, h_r) if kind == "safety" else h_c < h_r
+        if flipped:
+            flips[p.rating] += 1
+            (h_c, s_c), (h_r, s_r) = (h_r, s_r), (h_c, s_c)
         if kind == "safety" and s_c != s_r:
             assert s_c > s_r and p.rating == "significantly_better"
         else:
             assert s_c == s_r or kind == "helpfulness"
             assert h_c > h_r and p.rating == _thresholds(h_c - h_r), (p, h_c, h_r)
+    # annotators never flip "significantly better" pairs and flip close pairs most (LLaMA 2's agreement pattern)
+    rate = {r: flips[r] / ratings[r] for r in ratings}
+    assert rate["significantly_better"] == 0.0
+    assert rate["better"] <= 0.15 and 0.03 <= rate["slightly_better"] <= 0.3, rate
+    assert 0.15 <= rate["negligibly_better"] <= 0.45 and rate["negligibly_better"] > rate["slightly_better"], rate
     if (
         kind == "safety"
     ):  # refusing an unsafe prompt beats complying; answering a borderline one beats refusing

@@ -99,6 +99,11 @@ RATING_THRESHOLDS = (
     ("slightly_better", 0.15),
     ("negligibly_better", 1e-9),
 )
+# Simulated annotators disagree with the gold judge more often the closer two responses are (LLaMA 2 section
+# 3.2.2: agreement is lowest on "negligibly better" pairs). The probability that the recorded "chosen" is the
+# gold-worse response, per rating. Reward-model accuracy is measured against these recorded labels, as the paper
+# measures it against human labels; the gold judge (not these labels) is the evaluation of the policies.
+ANNOTATOR_FLIP = {"significantly_better": 0.0, "better": 0.05, "slightly_better": 0.15, "negligibly_better": 0.3}
 # category mixes (safe / borderline / unsafe) per generator
 SFT_MIX = {"safe": 0.6, "borderline": 0.2, "unsafe": 0.2}
 RL_MIX = {"safe": 0.5, "borderline": 0.25, "unsafe": 0.25}
@@ -670,7 +675,8 @@ def preference_pairs(n: int, seed: int, kind: str, split: str = "train") -> list
     represented), a prompt (helpfulness: safe 70% / borderline 30%; safety: unsafe 45% / borderline 45% / safe
     10%, the safe share teaching that unsafe content is bad anywhere), candidates at the LEVELS of its category
     (safety also "unsafe" compliance for safe / borderline prompts), and a pair of them with that rating.
-    Extra fields: "task", "gold" ({"chosen": scores, "rejected": scores})."""
+    The recorded order is flipped with probability ANNOTATOR_FLIP[rating] (annotator noise).
+    Extra fields: "task", "gold" ({"chosen": scores, "rejected": scores}, of the recorded chosen/rejected)."""
     _check_split(split)
     if kind not in PREF_MIX:
         raise ValueError(f"unknown preference kind {kind!r}; use helpfulness or safety")
@@ -696,6 +702,8 @@ def preference_pairs(n: int, seed: int, kind: str, split: str = "train") -> list
         else:  # pragma: no cover - every rating is reachable from every kind's mix
             raise RuntimeError(f"no {kind} pair with rating {rating} after 1000 prompts")
         (chosen, s_c), (rejected, s_r) = rng.choice(pairs)
+        if rng.random() < ANNOTATOR_FLIP[rating]:  # a simulated annotator's mistake: likelier for closer pairs
+            (chosen, s_c), (rejected, s_r) = (rejected, s_r), (chosen, s_c)
         out.append(
             PreferenceRecord(
                 prompt=[_msg("user", task["prompt"])],

@@ -1,0 +1,332 @@
+"""Ghost Attention (GAtt, LLaMA 2 section 3.3): make a system instruction hold for a whole dialogue.
+
+Touvron et al. (2023), section 3.3: "we synthetically concatenate this instruction to all the user messages of
+the conversation", sample answers from the latest model, then "drop it in all but the first turn" for training;
+because that creates "a mismatch at training time between the system message, i.e., all the intermediate
+assistant messages that come before the last turn, and our sample", "we can simply set the loss to 0 for all
+the tokens from the previous turns, including assistant messages."
+
+Here, for a toy-world dialogue (an instruction, alone or combined, plus T user turns):
+
+1. Sampling view (`sampling_messages`): the instruction is the system message (the chat template folds it into
+   the first user turn's ``<<SYS>>`` block) AND is joined in front of every later user turn
+   (``"{instruction} {user}"``), so the instruction sits in every user turn the model answers.
+2. Sampling (`sample_dialogues`): turn by turn, every live dialogue of the turn in one batched call,
+   ``samples_per_turn`` answers each from the current policy; a `Judge` scores each answer (the gold judge:
+   adherence required, helpfulness >= a floor) and the best accepted answer joins the history. No gold answer
+   is ever substituted: a dialogue with no accepted answer at turn t is cut to its first t - 1 turns (counted).
+3. Training view (`training_messages`, `encode_example`): the instruction only as the first turn's system
+   prompt, later user turns plain, and the loss zero on every token of earlier turns, assistant answers
+   included. One example per turn depth k (turns 1..k, loss on answer k and its ``</s>`` only), so each kept
+   answer is trained exactly once, with all its earlier context masked: the paper's "context-dialogue and the
+   sample" for every sample.
+4. `run_gatt` samples (in-process `ChatModel` on the driver by default), writes the tensors
+   ``{tokens, loss_mask, lengths}`` and fine-tunes with the shared Ray Train loop (objective "lm").
+
+This module imports neither ray nor the model at load time; `run_gatt` imports them when it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rayllama.data.formats import PromptRecord
+from rayllama.data.toyworld import instruction_text, judge_adherence, judge_helpfulness
+from rayllama.tokenizer import Tokenizer
+
+Messages = list[dict[str, str]]
+# dialogues (each ending with a user turn), n -> n answers per dialogue
+SampleFn = Callable[[list[Messages], int], list[list[str]]]
+# (task of the turn, instruction, answer) -> a score (higher is better) if accepted, None if rejected
+Judge = Callable[[Mapping[str, Any], Mapping[str, Any], str], float | None]
+
+DEFAULT_MIN_HELPFULNESS = 0.1  # gold scale: 0.1 = on topic; 0.0 = off topic, refusal, gibberish
+CHECKPOINT_EVERY = 50  # fine-tune steps between Ray Train checkpoints
+LOG_EVERY = 5
+
+
+class GAttError(ValueError):
+    """Bad GAtt input (a dialogue without an instruction or turns, nothing accepted, ...)."""
+
+
+# ------------------------------------------------------------------------------------------------ the views
+
+
+def _check_record(record: PromptRecord, index: int) -> None:
+    if not record.instruction or not record.turns:
+        raise GAttError(
+            f"GAtt dialogue {index} has no instruction or no turns; use toyworld.gatt_dialogues / gatt.jsonl records"
+        )
+
+
+def _msg(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+def sampling_messages(record: PromptRecord, answers: Sequence[str]) -> Messages:
+    """The sampling view of `record` for its next turn (len(answers) < turns): system = the instruction, every
+    later user turn ``"{instruction} {user}"``, the earlier `answers` as assistant turns; ends with a user turn."""
+    if len(answers) >= len(record.turns or ()):
+        raise GAttError(f"{len(answers)} answers for a {len(record.turns or ())}-turn dialogue; nothing to sample")
+    text = instruction_text(record.instruction or {})
+    messages = [_msg("system", text)]
+    for i, task in enumerate(record.turns[: len(answers) + 1]):
+        messages.append(_msg("user", task["prompt"] if i == 0 else f"{text} {task['prompt']}"))
+        if i < len(answers):
+            messages.append(_msg("assistant", answers[i]))
+    return messages
+
+
+def training_messages(record: PromptRecord, answers: Sequence[str]) -> Messages:
+    """The training view: the instruction only as the system prompt of turn 1, user turns plain, one assistant
+    message per answer (turns 1..len(answers)); ends with the last answer."""
+    if not answers or len(answers) > len(record.turns or ()):
+        raise GAttError(f"{len(answers)} answers for a {len(record.turns or ())}-turn dialogue; give 1..turns")
+    messages = [_msg("system", instruction_text(record.instruction or {}))]
+    for task, answer in zip(record.turns, answers):
+        messages += [_msg("user", task["prompt"]), _msg("assistant", answer)]
+    return messages
+
+
+def encode_example(tok: Tokenizer, messages: Messages) -> tuple[list[int], list[int]]:
+    """Ids of a training dialogue and its GAtt loss mask: 1 exactly on the LAST answer's tokens and its ``</s>``,
+    0 on every token of the earlier turns (their answers included), on ``<<SYS>>`` and on user turns."""
+    turns = tok.encode_dialog_turns(messages)
+    ids = [t for turn_ids, _ in turns for t in turn_ids]
+    mask = [0] * (len(ids) - len(turns[-1][1])) + list(turns[-1][1])
+    return ids, mask
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def gold_judge(min_helpfulness: float = DEFAULT_MIN_HELPFULNESS) -> Judge:
+    """The toy world's gold judge as a GAtt filter: accept iff judge_adherence == 1 and judge_helpfulness >=
+    min_helpfulness; the score is the helpfulness (the best accepted sample is kept)."""
+
+    def judge(task: Mapping[str, Any], instruction: Mapping[str, Any], answer: str) -> float | None:
+        if not judge_adherence(instruction, answer):
+            return None
+        h = judge_helpfulness(task, answer)
+        return h if h >= min_helpfulness else None
+
+    return judge
+
+
+@dataclass
+class GAttSamples:
+    """Accepted answers per dialogue (a prefix of its turns: a dialogue stops at its first turn with no accepted
+    sample) and the counts behind them."""
+
+    answers: list[list[str]]  # answers[i][t]: the kept answer of dialogue i at turn t + 1
+    samples: int = 0  # answers sampled, all turns
+    samples_adherent: int = 0  # of those, obeying the instruction (judge_adherence)
+    samples_accepted: int = 0  # of those, accepted by the judge
+    turns_sampled: list[int] = field(default_factory=list)  # per turn: dialogues still alive, sampled
+    turns_kept: list[int] = field(default_factory=list)  # per turn: dialogues with an accepted answer
+
+    def stats(self) -> dict[str, Any]:
+        sampled, kept = sum(self.turns_sampled), sum(self.turns_kept)
+        return {
+            "dialogues_sampled": self.turns_sampled[0] if self.turns_sampled else 0,
+            "dialogues_complete": self.turns_kept[-1] if self.turns_kept else 0,
+            "turns_sampled": sampled,
+            "turns_kept": kept,
+            "turn_acceptance_rate": kept / sampled if sampled else math.nan,
+            "samples": self.samples,
+            "sample_adherence_rate": self.samples_adherent / self.samples if self.samples else math.nan,
+            "sample_acceptance_rate": self.samples_accepted / self.samples if self.samples else math.nan,
+            **{f"turns_kept_{t + 1}": k for t, k in enumerate(self.turns_kept)},
+            **{f"truncated_at_turn_{t + 1}": s - k for t, (s, k) in enumerate(zip(self.turns_sampled, self.turns_kept))},
+        }
+
+
+def sample_dialogues(
+    records: Sequence[PromptRecord], sample_fn: SampleFn, samples_per_turn: int, judge: Judge,
+    max_turns: int | None = None,
+) -> GAttSamples:
+    """Sample GAtt answers turn by turn: for turn t, all dialogues still alive in ONE `sample_fn` call on their
+    sampling views (`samples_per_turn` answers each); keep the judge's best-scoring accepted answer (ties: the
+    first sampled); a dialogue without an accepted answer stops there (its earlier turns stay)."""
+    if samples_per_turn < 1:
+        raise GAttError(f"samples_per_turn {samples_per_turn} must be >= 1")
+    for i, r in enumerate(records):
+        _check_record(r, i)
+    n_turns = max((len(r.turns) for r in records), default=0)
+    if max_turns is not None:
+        n_turns = min(n_turns, max_turns)
+    out = GAttSamples(answers=[[] for _ in records])
+    alive = list(range(len(records)))
+    for t in range(n_turns):
+        alive = [i for i in alive if len(records[i].turns) > t]
+        if not alive:
+            break
+        views = [sampling_messages(records[i], out.answers[i]) for i in alive]
+        candidates = sample_fn(views, samples_per_turn)
+        if len(candidates) != len(views) or any(len(c) != samples_per_turn for c in candidates):
+            raise GAttError(
+                f"sample_fn returned {[len(c) for c in candidates][:4]}... answers for {len(views)} dialogues; "
+                f"it must return {samples_per_turn} strings per dialogue, in order"
+            )
+        survivors = []
+        for i, answers in zip(alive, candidates):
+            record = records[i]
+            scored = [(judge(record.turns[t], record.instruction, a), a) for a in answers]
+            out.samples += len(answers)
+            out.samples_adherent += sum(judge_adherence(record.instruction, a) for a in answers)
+            accepted = [(s, -j, a) for j, (s, a) in enumerate(scored) if s is not None]
+            out.samples_accepted += len(accepted)
+            if accepted:
+                out.answers[i].append(max(accepted)[2])
+                survivors.append(i)
+        out.turns_sampled.append(len(alive))
+        out.turns_kept.append(len(survivors))
+        alive = survivors
+    return out
+
+
+def chat_sampler(chat: Any, temperature: float, max_new_tokens: int, seed: int | None = None) -> SampleFn:
+    """A `SampleFn` over a `rayllama.chat.ChatModel` (the shared GenerationEngine): each call samples with
+    seed, seed + 1, ... so a run is reproducible."""
+    from rayllama.generation import SamplingParams
+
+    calls = [0]
+
+    def sample(dialogues: list[Messages], n: int) -> list[list[str]]:
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, n=n, stop_token_ids=(chat.tok.eos_id,),
+            seed=None if seed is None else seed + calls[0],
+        )
+        calls[0] += 1
+        return chat.respond(dialogues, params)
+
+    return sample
+
+
+# ------------------------------------------------------------------------------------------------ tensors
+
+
+def build_examples(records: Sequence[PromptRecord], answers: Sequence[Sequence[str]]) -> list[Messages]:
+    """One training dialogue per kept turn depth k: `training_messages(record, answers[:k])`."""
+    return [training_messages(r, a[:k]) for r, a in zip(records, answers) for k in range(1, len(a) + 1)]
+
+
+def example_tensors(examples: Sequence[Messages], tok: Tokenizer, max_len: int) -> tuple[dict, int]:
+    """The lm tensors of the shared Ray Train loop: tokens (N, L) long right-padded with pad_id, loss_mask (N, L)
+    bool (`encode_example`), lengths (N,). Examples longer than max_len are dropped and counted."""
+    rows, masks, dropped = [], [], 0
+    for messages in examples:
+        ids, mask = encode_example(tok, messages)
+        if len(ids) > max_len:
+            dropped += 1
+            continue
+        rows.append(ids)
+        masks.append(mask)
+    if not rows:
+        raise GAttError(f"no GAtt example fits in {max_len} tokens ({dropped} dropped); raise gatt.max_seq_len")
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)  # (N, L)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.bool)  # (N, L)
+    for i, (r, m) in enumerate(zip(rows, masks)):
+        tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        loss_mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
+    return {"tokens": tokens, "loss_mask": loss_mask, "lengths": torch.tensor([len(r) for r in rows])}, dropped
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+
+def run_gatt(
+    cfg: Any, run_dir: str | Path, tok: Tokenizer, dialogues: Sequence[PromptRecord], init_model_dir: str | Path,
+    sample_fn: SampleFn | None = None, judge: Judge | None = None,
+) -> dict[str, Any]:
+    """The GAtt stage: sample (cfg.gatt: dialogues, turns, samples_per_turn, temperature, max_new_tokens) from
+    the policy at `init_model_dir` (an in-process ChatModel unless `sample_fn` is given), judge (gold judge by
+    default), build the tensors (run_dir/data/gatt.pt, reused when present), fine-tune with the shared Ray Train
+    loop into run_dir/gatt/model (a complete checkpoint with tokenizer.model). Returns the sampling stats, the
+    example counts and the trainer's final metrics (also written to run_dir/gatt/stats.json)."""
+    from rayllama.data.formats import SFTRecord, write_jsonl
+    from rayllama.train.data import save_tensors
+    from rayllama.train.loop import TrainJob, run_train_job
+
+    g = cfg.gatt
+    run_dir = Path(run_dir)
+    out_dir = run_dir / "gatt"
+    data_path = run_dir / "data" / "gatt.pt"
+    stats_path = out_dir / "stats.json"
+    records = list(dialogues)[: g.dialogues]
+    if not records:
+        raise GAttError("no GAtt dialogues given; pass toyworld.gatt_dialogues / gatt.jsonl records")
+
+    if data_path.exists() and stats_path.exists():  # sampled before (resume): reuse the tensors and their stats
+        stats = json.loads(stats_path.read_text())
+    else:
+        if sample_fn is None:
+            from rayllama.chat import ChatModel
+
+            torch.set_num_threads(max(1, cfg.threads_per_worker))
+            chat = ChatModel.from_checkpoint(init_model_dir, device=cfg.device)
+            sample_fn = chat_sampler(chat, g.temperature, g.max_new_tokens, seed=cfg.seed)
+        sampled = sample_dialogues(records, sample_fn, g.samples_per_turn, judge or gold_judge(), g.turns)
+        examples = build_examples(records, sampled.answers)
+        max_len = _max_len(g.max_seq_len, init_model_dir)
+        tensors, too_long = example_tensors(examples, tok, max_len) if examples else (None, 0)
+        if tensors is None:
+            raise GAttError(
+                f"no sampled answer was accepted in {sampled.samples} samples; raise gatt.samples_per_turn or "
+                "start from a better policy"
+            )
+        stats = {**sampled.stats(), "examples": len(examples) - too_long, "examples_too_long": too_long,
+                 "max_len": max_len}
+        write_jsonl(out_dir / "samples.jsonl", [
+            SFTRecord(messages=training_messages(r, a), extra={"instruction": r.instruction})
+            for r, a in zip(records, sampled.answers) if a
+        ])
+        save_tensors(data_path, tensors)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stats_path.write_text(json.dumps(stats, indent=1, sort_keys=True))
+
+    n = stats["examples"]
+    job = TrainJob(
+        stage="gatt", objective="lm", data_path=str(data_path), output=str(out_dir / "model"),
+        log_dir=str(out_dir), optim=g.optim, total_steps=max(1, math.ceil(g.epochs * n / g.batch_size)),
+        batch_size=g.batch_size, micro_batch_size=g.micro_batch_size, init=str(init_model_dir),
+        tokenizer_model=str(tok.model_path), checkpoint_every=CHECKPOINT_EVERY,
+        log_every=LOG_EVERY, seed=cfg.seed, threads=cfg.threads_per_worker, device=cfg.device,
+    )
+    train = run_train_job(job, cfg.scaling)
+    return {**stats, "train_steps": job.total_steps, **{f"train_{k}": v for k, v in train.items()}}
+
+
+def _max_len(gatt_max_seq_len: int, model_dir: str | Path) -> int:
+    """Training rows must fit both gatt.max_seq_len and the model's own max_seq_len (its RoPE table)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return min(gatt_max_seq_len, int(config.get("max_position_embeddings", gatt_max_seq_len)))
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+
+
+def adherence_table(results: Mapping[str, Mapping[str, Any]], stages: Sequence[str] | None = None) -> str:
+    """Instruction adherence by turn (rows) for each stage (columns), from rayllama.eval's adherence_turn_<t>."""
+    stages = [s for s in (stages or list(results)) if any(k.startswith("adherence_turn_") for k in results.get(s, {}))]
+    turns = sorted({int(k.rsplit("_", 1)[1]) for s in stages for k in results[s]
+                    if k.startswith("adherence_turn_") and k.rsplit("_", 1)[1].isdigit()})
+    width = max([8, *(len(s) for s in stages)])
+    lines = ["turn".ljust(6) + "".join(s.rjust(width + 2) for s in stages)]
+    lines.append("-" * len(lines[0]))
+    for t in turns:
+        cells = "".join(_fmt(results[s].get(f"adherence_turn_{t}")).rjust(width + 2) for s in stages)
+        lines.append(str(t).ljust(6) + cells)
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"

@@ -1,0 +1,510 @@
+"""Rejection-sampling fine-tuning of LLaMA 2-Chat (Touvron et al. 2023, section 3.2.3), driven over `RLActors`.
+
+LLaMA 2-Chat's RLHF V1-V4 were this loop alone; PPO came on top later (`stages: [..., rejection, ppo]`).
+One iteration (`rejection_step`):
+
+    1. sample prompts       deterministic from (seed, prompt position), as in PPO
+    2. generate             K = samples_per_prompt responses per prompt at temperature T_i (temperature_schedule[i - 1],
+                            or `temperature`); round-robin shards over the generators, all of the last pushed version
+    3. score                both reward models on every sample, in parallel
+    4. select               s = sigmoid(raw RM score); R_c = s_safety if is_safety or s_safety < gate else s_helpful;
+                            the best of the K samples by R_c; the pool keeps the best sample ever seen per prompt
+                            (a later, worse sample never replaces a better one: the paper's fix for regressions)
+    5. fine-tune            the policy on the whole pool with the SFT loss on answer tokens (`sft_rows`)
+    6. sync weights         the same path as PPO: one object-store copy, read by every generator
+    7. log                  metrics.jsonl + TensorBoard, the best-of-K curve (JSON + PNG), timing/<phase>
+
+`run_rejection` wraps it with resume (the last complete `checkpoints/iter-XXXX`, holding the policy with its
+optimizer, the pool, the prompt position and the curves), a checkpoint every iteration, the optional gold eval
+every iteration, and the final `out_dir/model` (a complete HF-layout checkpoint: the driver's "stage done").
+
+Metrics per iteration (out_dir/metrics.jsonl, TensorBoard under out_dir/tensorboard as rejection/<name>):
+    reward/helpfulness, reward/safety   mean raw RM outputs over all samples
+    reward/combined                     mean R_c over all samples (probability scale, as everywhere here)
+    reward/chosen                       mean R_c of the chosen (best-of-K) sample per prompt
+    reward/safety_branch                share of samples scored by the safety RM (is_safety or s_safety < gate)
+    best_of_k/max_k<K>, best_of_k/median_k<K>
+                                        for K in 1, 2, 4, ... and K_max: the max and the median R_c among the
+                                        first K samples of a prompt, averaged over prompts (LLaMA 2 Figure 7)
+    pool/size, pool/mean_reward         prompts in the pool and their mean best-ever R_c
+    pool/added, pool/replaced, pool/kept
+                                        this iteration's prompts new to the pool / improved / left as they were
+    sft_loss, sft_grad_norm, lr, sft_steps, sft_rows, sft_rows_dropped (longer than the model's max_seq_len)
+    temperature, response_length, response_stopped, iteration, prompt_position, weight_version
+    timing/<phase>                      seconds: generate, score, select, train, sync, [evaluate], checkpoint,
+                                        iteration
+Files in out_dir: best_of_k.json ({"ks": [...], "iterations": [{"iteration", "temperature", "max", "median"}]}),
+best_of_k.png (one max line and one median line per iteration), pool.jsonl (the final pool, one prompt a line).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rayllama.checkpoint import is_complete
+from rayllama.config import PipelineConfig, RejectionConfig
+from rayllama.data.formats import PromptRecord
+from rayllama.generation import Completion, SamplingParams
+from rayllama.losses import llama2_combined_score
+from rayllama.rl.actors_api import RLActors, StaleRolloutError
+from rayllama.rl.ppo import (
+    check_learners,
+    checkpoint_dir,
+    encode_prompts,
+    prompt_indices,
+    push_weights,
+    sync_weights,
+)
+from rayllama.tokenizer import SPECIAL_TAGS, Tokenizer
+
+CHECKPOINTS, STATE_FILE, POOL_FILE, MODEL = "checkpoints", "rejection_state.json", "pool.json", "model"
+CURVE_JSON, CURVE_PNG, POOL_JSONL = "best_of_k.json", "best_of_k.png", "pool.jsonl"
+KEEP_CHECKPOINTS = 2  # complete checkpoints kept under out_dir/checkpoints (older ones are removed)
+
+
+# ---------------------------------------------------------------------------------------------- selection (pure)
+
+
+def composed_rewards(raw_helpful: torch.Tensor, raw_safety: torch.Tensor, is_safety: torch.Tensor,
+                     gate: float) -> torch.Tensor:
+    """LLaMA 2 section 3.2.3 per sample: s = sigmoid(raw); R_c = s_safety if is_safety or s_safety < gate else
+    s_helpful. raw_* are (P, K) (K samples of P prompts), is_safety (P,) bool -> R_c (P, K)."""
+    if raw_helpful.shape != raw_safety.shape or raw_helpful.dim() != 2 or is_safety.shape != raw_helpful.shape[:1]:
+        raise ValueError(f"composed_rewards wants (P, K) scores and (P,) tags, got {tuple(raw_helpful.shape)}, "
+                         f"{tuple(raw_safety.shape)} and {tuple(is_safety.shape)}")
+    k = raw_helpful.shape[1]
+    tags = torch.as_tensor(is_safety, dtype=torch.bool).repeat_interleave(k)  # (P * K,)
+    r_c = llama2_combined_score(torch.sigmoid(raw_helpful).flatten(), torch.sigmoid(raw_safety).flatten(), tags,
+                                gate)  # (P * K,)
+    return r_c.view_as(raw_helpful)  # (P, K)
+
+
+def select_best(r_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best-of-K per prompt: (index (P,), R_c (P,)) of the sample with the highest R_c (the first one on ties)."""
+    best, index = r_c.max(dim=1)  # (P,), (P,)
+    return index, best
+
+
+def best_of_k_ks(k_max: int) -> list[int]:
+    """K in 1, 2, 4, ... up to k_max, with k_max itself last when it is not a power of two."""
+    ks = [2 ** i for i in range(int(math.log2(k_max)) + 1)] if k_max >= 1 else []
+    return ks if not ks or ks[-1] == k_max else [*ks, k_max]
+
+
+def best_of_k_curve(r_c: torch.Tensor, ks: Sequence[int]) -> dict[str, list[float]]:
+    """LLaMA 2 Figure 7 from one batch: for each K, mean over prompts of max_{j<K} R_c[:, j] and of the median of
+    R_c[:, :K] (the middle value, the mean of the two middle ones for even K). r_c (P, K_max)."""
+    out: dict[str, list[float]] = {"max": [], "median": []}
+    for k in ks:
+        first = r_c[:, :k].double()  # (P, k)
+        out["max"].append(float(first.max(dim=1).values.mean()))
+        out["median"].append(float(torch.quantile(first, 0.5, dim=1).mean()))
+    return out
+
+
+@dataclass
+class PoolEntry:
+    """The best sample ever seen for one prompt."""
+
+    prompt_index: int  # into the loop's (kept) prompts
+    response: str  # the answer text (chat tags removed), what the reward models scored
+    reward: float  # R_c, the composed score it was chosen by
+    helpfulness: float  # raw helpfulness RM output
+    safety: float  # raw safety RM output
+    iteration: int  # when it was sampled
+
+
+def update_pool(pool: dict[int, PoolEntry], candidates: Iterable[PoolEntry]) -> tuple[int, int]:
+    """Keep the best sample ever per prompt: a candidate enters when its prompt has no entry or when its R_c is
+    strictly higher than the entry's (ties keep the older one). Returns (added, replaced)."""
+    added = replaced = 0
+    for c in candidates:
+        old = pool.get(c.prompt_index)
+        if old is None or c.reward > old.reward:
+            added, replaced = added + (old is None), replaced + (old is not None)
+            pool[c.prompt_index] = c
+    return added, replaced
+
+
+def strip_tags(text: str) -> str:
+    """The answer without chat tags ([INST], <<SYS>>, ...): the template forbids them in content (the reward
+    scorers strip them the same way before scoring)."""
+    for tag in SPECIAL_TAGS:
+        text = text.replace(tag, "")
+    return text
+
+
+def check_rejection_config(rej: RejectionConfig) -> None:
+    """ValueError naming the first bad `rejection.*` value and the fix."""
+    checks = [
+        (rej.iterations >= 1, f"rejection.iterations {rej.iterations} must be >= 1"),
+        (rej.prompts_per_iteration >= 1, f"rejection.prompts_per_iteration {rej.prompts_per_iteration} must be >= 1"),
+        (rej.samples_per_prompt >= 1, f"rejection.samples_per_prompt {rej.samples_per_prompt} must be >= 1"),
+        (rej.max_new_tokens >= 1, f"rejection.max_new_tokens {rej.max_new_tokens} must be >= 1"),
+        (0.0 < rej.safety_gate < 1.0, f"rejection.safety_gate {rej.safety_gate} must be in (0, 1)"),
+        (rej.finetune_epochs > 0, f"rejection.finetune_epochs {rej.finetune_epochs} must be > 0"),
+        (rej.batch_size >= 1 and rej.micro_batch_size >= 1,
+         f"rejection.batch_size {rej.batch_size} and micro_batch_size {rej.micro_batch_size} must be >= 1"),
+        (rej.optim.lr > 0, f"rejection.optim.lr {rej.optim.lr} must be > 0"),
+        (rej.optim.schedule in ("cosine", "constant"),
+         f"rejection.optim.schedule '{rej.optim.schedule}' is not cosine or constant"),
+        (not rej.temperature_schedule or len(rej.temperature_schedule) >= rej.iterations,
+         f"rejection.temperature_schedule has {len(rej.temperature_schedule)} entries for {rej.iterations} "
+         f"iterations; give one temperature per iteration or leave it empty"),
+        (all(t >= 0 for t in [rej.temperature, *rej.temperature_schedule]),
+         f"rejection temperatures {[rej.temperature, *rej.temperature_schedule]} must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def temperature_at(rej: RejectionConfig, iteration: int) -> float:
+    """T of iteration `iteration` (1-based): temperature_schedule[iteration - 1], or `temperature`."""
+    return float(rej.temperature_schedule[iteration - 1]) if rej.temperature_schedule else float(rej.temperature)
+
+
+# ---------------------------------------------------------------------------------------------- the loop state
+
+
+@dataclass
+class RejectionLoop:
+    """What the loop carries between iterations (and what a checkpoint restores)."""
+
+    cfg: PipelineConfig
+    actors: RLActors
+    prompts: list[PromptRecord]
+    prompt_ids: list[list[int]]
+    tokenizer: Tokenizer
+    max_seq_len: int  # the policy's: longer fine-tuning rows are dropped
+    iteration: int = 0  # iterations done
+    prompt_position: int = 0  # prompts consumed from the endless shuffled stream
+    weights: tuple[Any, int, float] | None = None  # (state or its ref, version, checksum) last pushed
+    pool: dict[int, PoolEntry] = field(default_factory=dict)  # prompt index -> best sample ever
+    curves: list[dict[str, Any]] = field(default_factory=list)  # the best-of-K curve of every iteration
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.timings[f"timing/{phase}"] = time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------- the step
+
+
+def rejection_step(loop: RejectionLoop) -> dict[str, float]:
+    """One rejection-sampling iteration (see module docstring); returns its metrics."""
+    rej, actors, iteration = loop.cfg.rejection, loop.actors, loop.iteration + 1
+    k, temperature = rej.samples_per_prompt, temperature_at(rej, iteration)
+    loop.timings = {}
+
+    # 1. sample prompts: a pure function of (seed, position), so a resumed run draws the same ones
+    index = prompt_indices(len(loop.prompt_ids), rej.prompts_per_iteration, loop.prompt_position, loop.cfg.seed)
+    loop.prompt_position += len(index)
+
+    # 2. generate: K samples per prompt at T, prompt-major
+    with loop.timed("generate"):
+        completions = generate(loop, index, iteration, temperature)
+    texts = [[strip_tags(loop.tokenizer.decode(c.token_ids)) for c in samples] for samples in completions]
+
+    # 3. score every sample with both reward models, in parallel
+    with loop.timed("score"):
+        pairs = [(loop.prompts[i].prompt, text) for i, row in zip(index, texts) for text in row]
+        pairs_ref = actors.put(pairs)
+        helpful, safety = actors.call(lambda: [actors.reward_helpfulness.score.remote(pairs_ref),
+                                               actors.reward_safety.score.remote(pairs_ref)], "score")
+        raw_helpful = torch.tensor(helpful, dtype=torch.float32).view(len(index), k)  # (P, K)
+        raw_safety = torch.tensor(safety, dtype=torch.float32).view(len(index), k)  # (P, K)
+
+    # 4. select: best of K by the composed reward; the pool keeps the best ever per prompt
+    with loop.timed("select"):
+        is_safety = torch.tensor([loop.prompts[i].is_safety for i in index])  # (P,)
+        r_c = composed_rewards(raw_helpful, raw_safety, is_safety, rej.safety_gate)  # (P, K)
+        best_index, chosen = select_best(r_c)  # (P,), (P,)
+        candidates = [PoolEntry(i, texts[p][j], float(r_c[p, j]), float(raw_helpful[p, j]), float(raw_safety[p, j]),
+                                iteration) for p, (i, j) in enumerate(zip(index, best_index.tolist()))]
+        added, replaced = update_pool(loop.pool, candidates)
+        ks = best_of_k_ks(k)
+        curve = best_of_k_curve(r_c, ks)
+        loop.curves.append({"iteration": iteration, "temperature": temperature, "ks": ks, **curve})
+
+    # 5. fine-tune the policy on the whole pool: SFT loss on the answers only
+    with loop.timed("train"):
+        stats = fine_tune(loop, iteration)
+    loop.iteration = iteration
+
+    # 6. sync weights: one object-store copy, every generator reads it
+    with loop.timed("sync"):
+        sync_weights(loop)  # PPO's sync path (it reads only .actors and .weights)
+
+    # 7. metrics
+    flat = [c for samples in completions for c in samples]
+    pool_rewards = [e.reward for e in loop.pool.values()]
+    return {
+        "iteration": iteration,
+        "prompt_position": loop.prompt_position,
+        "weight_version": loop.weights[1],
+        "temperature": temperature,
+        "reward/helpfulness": float(raw_helpful.mean()),
+        "reward/safety": float(raw_safety.mean()),
+        "reward/combined": float(r_c.mean()),
+        "reward/chosen": float(chosen.mean()),
+        "reward/safety_branch": float((is_safety[:, None] | (torch.sigmoid(raw_safety) < rej.safety_gate))
+                                      .float().mean()),
+        **{f"best_of_k/max_k{kk}": v for kk, v in zip(ks, curve["max"])},
+        **{f"best_of_k/median_k{kk}": v for kk, v in zip(ks, curve["median"])},
+        "pool/size": len(loop.pool),
+        "pool/mean_reward": sum(pool_rewards) / len(pool_rewards),
+        "pool/added": added,
+        "pool/replaced": replaced,
+        "pool/kept": len(index) - added - replaced,
+        "response_length": sum(len(c.token_ids) for c in flat) / len(flat),
+        "response_stopped": sum(c.finish_reason == "stop" for c in flat) / len(flat),
+        **stats,
+        **loop.timings,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- phases
+
+
+def sampling_params(loop: RejectionLoop, iteration: int, generator_index: int, temperature: float) -> SamplingParams:
+    rej = loop.cfg.rejection
+    return SamplingParams(max_new_tokens=rej.max_new_tokens, temperature=temperature, top_p=rej.top_p,
+                          n=rej.samples_per_prompt, stop_token_ids=(loop.tokenizer.eos_id,),
+                          seed=(loop.cfg.seed * 1_000_003 + iteration) * 1009 + generator_index)
+
+
+def generate(loop: RejectionLoop, index: list[int], iteration: int, temperature: float) -> list[list[Completion]]:
+    """Prompt j goes to generator j % M; returns the K completions of every prompt, in prompt order, all made by
+    the last pushed weights. A shard made by other weights gets the weights again and is regenerated once; if it
+    is still off, `StaleRolloutError`."""
+    actors, m, expected = loop.actors, len(loop.actors.generators), loop.weights[1]
+    shards = {g: list(range(g, len(index), m)) for g in range(m) if g < len(index)}
+
+    def run(gens: list[int]) -> dict[int, list[list[Completion]]]:
+        return dict(zip(gens, actors.call(lambda: [actors.generators[g].generate.remote(
+            [loop.prompt_ids[index[j]] for j in shards[g]], sampling_params(loop, iteration, g, temperature))
+            for g in gens], "generate")))
+
+    def versions(samples: list[list[Completion]]) -> set[int]:
+        return {c.weight_version for cs in samples for c in cs}
+
+    results = run(list(shards))
+    stale = [g for g, samples in results.items() if versions(samples) != {expected}]
+    if stale:
+        push_weights(loop, [actors.generators[g] for g in stale])
+        results.update(run(stale))
+        for g in stale:
+            if versions(results[g]) != {expected}:
+                raise StaleRolloutError(f"rollout-{g} produced weight version(s) {sorted(versions(results[g]))} "
+                                        f"after being sent version {expected}; its weight updates are not taking "
+                                        f"effect")
+    out: list[list[Completion]] = [[] for _ in index]
+    for g, samples in results.items():
+        for j, completions in zip(shards[g], samples, strict=True):
+            out[j] = completions
+    return out
+
+
+def pool_dialogues(loop: RejectionLoop) -> list[list[dict[str, str]]]:
+    """The pool as SFT dialogues (prompt messages + the best answer), in prompt-index order."""
+    return [[*loop.prompts[i].prompt, {"role": "assistant", "content": loop.pool[i].response}]
+            for i in sorted(loop.pool)]
+
+
+def fine_tune(loop: RejectionLoop, iteration: int) -> dict[str, float]:
+    """The learner's `sft_train` on the pool (answers only), seeded by (seed, iteration)."""
+    from rayllama.train.data import sft_rows
+
+    rej, actors = loop.cfg.rejection, loop.actors
+    dialogues = pool_dialogues(loop)
+    rows, dropped = sft_rows(dialogues, loop.tokenizer, loop.max_seq_len)
+    seed = loop.cfg.seed * 1_000_003 + iteration
+    stats = actors.get(actors.learners[0].sft_train.remote(rows, rej.finetune_epochs, rej.batch_size,
+                                                           rej.micro_batch_size, seed), "learner sft_train")
+    check_learners([stats], loop.weights[1] + 1)
+    return {**stats, "sft_rows_dropped": float(dropped)}
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_curve(out_dir: Path, curves: list[dict[str, Any]]) -> None:
+    """best_of_k.json and best_of_k.png (matplotlib, Agg): max (solid) and median (dashed) R_c against K, one
+    colour per iteration."""
+    if not curves:
+        return
+    ks = curves[-1]["ks"]
+    payload = {"ks": ks, "iterations": [{key: c[key] for key in ("iteration", "temperature", "max", "median")}
+                                        for c in curves]}
+    _write_atomic(out_dir / CURVE_JSON, lambda p: p.write_text(json.dumps(payload, indent=2) + "\n"))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colours = plt.get_cmap("viridis")
+    for n, c in enumerate(curves):
+        colour = colours(n / max(1, len(curves) - 1))
+        ax.plot(c["ks"], c["max"], "-o", color=colour, label=f"iter {c['iteration']} max (T={c['temperature']:g})")
+        ax.plot(c["ks"], c["median"], "--", color=colour, label=f"iter {c['iteration']} median")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("K (samples per prompt)")
+    ax.set_ylabel("composed reward R_c")
+    ax.set_title("best-of-K (LLaMA 2 Figure 7)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _write_atomic(out_dir / CURVE_PNG, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+
+def write_pool(out_dir: Path, loop: RejectionLoop) -> None:
+    """pool.jsonl: one line per prompt in the pool (prompt, is_safety, best answer and its scores)."""
+    lines = [json.dumps({"prompt": loop.prompts[i].prompt, "is_safety": loop.prompts[i].is_safety,
+                         **dataclasses.asdict(loop.pool[i])}) for i in sorted(loop.pool)]
+    _write_atomic(out_dir / POOL_JSONL, lambda p: p.write_text("".join(line + "\n" for line in lines)))
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete `checkpoints/iter-XXXX` (state file, pool file, complete policy), or None."""
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    for path in sorted(root.glob("iter-[0-9]*"), reverse=True):
+        if (path / STATE_FILE).is_file() and (path / POOL_FILE).is_file() and is_complete(path / "policy"):
+            return path
+    return None
+
+
+def save_checkpoint(loop: RejectionLoop, out_dir: Path) -> Path:
+    """The learner writes policy + SFT optimizer + RNG into a temp dir; the loop state and the pool go beside it;
+    then one rename. The newest KEEP_CHECKPOINTS stay."""
+    target = checkpoint_dir(out_dir, loop.iteration)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    loop.actors.get(loop.actors.learners[0].save_sft.remote(str(tmp)), "learner save")
+    state = {"iteration": loop.iteration, "prompt_position": loop.prompt_position, "weight_version": loop.weights[1],
+             "seed": loop.cfg.seed, "n_prompts": len(loop.prompt_ids), "curves": loop.curves}
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    (tmp / POOL_FILE).write_text(json.dumps([dataclasses.asdict(loop.pool[i]) for i in sorted(loop.pool)]) + "\n")
+    if target.exists():
+        shutil.rmtree(target)
+    os.rename(tmp, target)
+    root = target.parent
+    done = sorted(p for p in root.glob("iter-[0-9]*") if (p / STATE_FILE).is_file())
+    for path in done[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(path, ignore_errors=True)
+    return target
+
+
+def resume(loop: RejectionLoop, out_dir: Path) -> Path | None:
+    """Load the latest complete checkpoint into the learner and the loop (position, pool, curves); None if none."""
+    path = latest_checkpoint(out_dir)
+    if path is None:
+        return None
+    state = json.loads((path / STATE_FILE).read_text())
+    if state["n_prompts"] != len(loop.prompt_ids):
+        raise ValueError(f"checkpoint {path} was made with {state['n_prompts']} prompts but {len(loop.prompt_ids)} "
+                         f"are given; resume with the same prompts or use a new run directory")
+    loop.actors.get(loop.actors.learners[0].load_sft.remote(str(path)), "learner load")
+    loop.iteration, loop.prompt_position = state["iteration"], state["prompt_position"]
+    loop.curves = state["curves"]
+    loop.pool = {e["prompt_index"]: PoolEntry(**e) for e in json.loads((path / POOL_FILE).read_text())}
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def run_rejection(cfg: PipelineConfig, actors: RLActors, prompts: list[PromptRecord], tokenizer: Tokenizer,
+                  out_dir: Path, evaluate: Callable[[RLActors, int], dict[str, float]] | None = None) -> dict[str, Any]:
+    """Run rejection sampling up to cfg.rejection.iterations, resuming from `out_dir/checkpoints`; checkpoint
+    every iteration; write `out_dir/model` (policy + tokenizer.model) at the end.
+
+    `actors`: learners[0] a policy-only PolicyLearner with sft_optim (`actors.group.create_rejection_actors`),
+    both reward scorers, the generators; no reference. `evaluate(actors, iteration) -> metrics` runs after every
+    iteration's weight sync. Returns the last iteration's metrics plus `model_dir`, `iterations`,
+    `resumed_from`, `pool_size`, `pool_mean_reward`, `best_of_k` (the last curve) and `curve_json`/`curve_png`.
+    """
+    from tqdm import tqdm
+
+    from rayllama.train.loop import MetricsWriter
+
+    rej, out_dir = cfg.rejection, Path(out_dir)
+    check_rejection_config(rej)
+    max_seq_len = actors.call(lambda: actors.generators[0].max_seq_len.remote(), "generator max_seq_len")
+    try:
+        kept, prompt_ids = encode_prompts(prompts, tokenizer, max_seq_len - rej.max_new_tokens)
+    except ValueError:
+        raise ValueError(f"all {len(prompts)} rejection prompts are longer than {max_seq_len - rej.max_new_tokens} "
+                         f"tokens (max_seq_len - rejection.max_new_tokens); lower rejection.max_new_tokens or use "
+                         f"shorter prompts") from None
+    loop = RejectionLoop(cfg, actors, kept, prompt_ids, tokenizer, max_seq_len)
+    resumed = resume(loop, out_dir)
+    # the generators start from the learner's weights (the checkpoint's, on resume), labelled no older than theirs
+    held = max(actors.call(lambda: [g.version.remote() for g in actors.generators], "generator versions"))
+    actors.get(actors.learners[0].advance_version.remote(held), "learner version")
+    sync_weights(loop)
+    writer = MetricsWriter(str(out_dir), "rejection")
+    metrics: dict[str, Any] = {}
+    try:
+        writer.write(loop.iteration, {"prompts": len(kept), "prompts_dropped_too_long": len(prompts) - len(kept),
+                                      "resumed_from": loop.iteration if resumed else -1})
+        bar = tqdm(total=rej.iterations, initial=loop.iteration, desc="rejection", unit="it")
+        while loop.iteration < rej.iterations:
+            start = time.perf_counter()
+            metrics = rejection_step(loop)
+            if evaluate is not None:
+                with loop.timed("evaluate"):
+                    metrics.update(evaluate(actors, loop.iteration))
+            with loop.timed("checkpoint"):
+                save_checkpoint(loop, out_dir)
+            write_curve(out_dir, loop.curves)
+            metrics.update(loop.timings, **{"timing/iteration": time.perf_counter() - start})
+            writer.write(loop.iteration, metrics)
+            bar.update(1)
+            bar.set_postfix({"chosen": f"{metrics['reward/chosen']:.3f}", "pool": len(loop.pool)})
+        bar.close()
+        write_curve(out_dir, loop.curves)
+        write_pool(out_dir, loop)
+        model_dir = out_dir / MODEL
+        actors.get(actors.learners[0].export_policy.remote(
+            str(model_dir), str(tokenizer.model_path),
+            {"stage": "rejection", "iteration": loop.iteration, "pool_size": len(loop.pool)}), "export policy")
+    finally:
+        writer.close()
+    pool_rewards = [e.reward for e in loop.pool.values()]
+    return {**metrics, "model_dir": str(model_dir), "iterations": loop.iteration,
+            "resumed_from": int(resumed.name.split("-")[1]) if resumed else None,
+            "pool_size": len(loop.pool), "pool_mean_reward": sum(pool_rewards) / max(1, len(pool_rewards)),
+            "best_of_k": loop.curves[-1] if loop.curves else None,
+            "curve_json": str(out_dir / CURVE_JSON), "curve_png": str(out_dir / CURVE_PNG)}

