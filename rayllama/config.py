@@ -259,9 +259,9 @@ def _accepted_keys(node_type: Any) -> str:
     return "?"
 
 
-def _dataclass_at(path: str) -> Any:
+def _dataclass_at(schema: Any, path: str) -> Any:
     """The dataclass type that holds the keys under a dotted path ('' is the root)."""
-    node: Any = PipelineConfig
+    node: Any = schema
     for part in [p for p in path.split(".") if p]:
         fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
         if part not in fields:
@@ -273,14 +273,14 @@ def _dataclass_at(path: str) -> Any:
     return node
 
 
-def _translate(err: Exception, source: str) -> ConfigError:
+def _translate(err: Exception, source: str, schema: Any) -> ConfigError:
     """Turn an OmegaConf error into one line: the key, the source and the accepted keys or type."""
     from omegaconf.errors import ConfigKeyError, ValidationError
 
     key = getattr(err, "full_key", None) or "?"
     if isinstance(err, ConfigKeyError):
         parent = key.rsplit(".", 1)[0] if "." in key else ""
-        holder = _dataclass_at(parent)
+        holder = _dataclass_at(schema, parent)
         where = f"under '{parent}'" if parent else "at the top level"
         return ConfigError(
             f"unknown config key '{key}' in {source}; accepted keys {where}: {_accepted_keys(holder)}"
@@ -319,31 +319,36 @@ def _with_bases(path: Path, loaded: dict, depth: int = 0) -> list[tuple[Path, di
     return _with_bases(base_path, _read_yaml(base_path), depth + 1) + [(path, loaded)]
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """Load `path` (YAML) over the defaults, apply `key=value` overrides, validate, return dataclasses."""
+def load_typed(schema: Any, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Load `path` (YAML, with optional `base:` files) over the dataclass `schema`'s defaults, apply `key=value`
+    overrides, resolve interpolations, return a `schema` instance. Mistakes raise a one-line ConfigError."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    merged = OmegaConf.structured(PipelineConfig)
+    merged = OmegaConf.structured(schema)
     if path is not None:
         path = Path(path)
-        loaded = _read_yaml(path)
-        for source, mapping in _with_bases(path, loaded):
+        for source, mapping in _with_bases(path, _read_yaml(path)):
             try:
                 merged = OmegaConf.merge(merged, OmegaConf.create(mapping))
             except OmegaConfBaseException as e:
-                raise _translate(e, f"config file '{source}'") from None
+                raise _translate(e, f"config file '{source}'", schema) from None
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. pretrain.steps=100)")
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
-            raise _translate(e, f"override '{item}'") from None
+            raise _translate(e, f"override '{item}'", schema) from None
     try:
-        cfg: PipelineConfig = OmegaConf.to_object(merged)  # resolves ${...} interpolations
+        return OmegaConf.to_object(merged)  # resolves ${...} interpolations
     except OmegaConfBaseException as e:
-        raise _translate(e, f"config '{path}'") from None
+        raise _translate(e, f"config '{path}'", schema) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """The pipeline config: `path` over the defaults, then the overrides, then `validate`."""
+    cfg: PipelineConfig = load_typed(PipelineConfig, path, overrides)
     validate(cfg)
     return cfg
 

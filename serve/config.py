@@ -5,13 +5,11 @@ the file (or override) and the fix.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from rayllama.config import ConfigError, RayConfig
+from rayllama.config import ConfigError, RayConfig, load_typed
 
 ENGINES = ("torch",)  # the shared GenerationEngine implementations serve/app.py can build
 DTYPES = ("float32", "bfloat16", "float16")
@@ -82,66 +80,9 @@ class ServeConfig:
     ray: RayConfig = field(default_factory=lambda: RayConfig(include_dashboard=False))
 
 
-def _holder(path: str) -> Any:
-    """The dataclass type that holds the keys under a dotted path ('' is the root), or None."""
-    node: Any = ServeConfig
-    for part in [p for p in path.split(".") if p]:
-        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
-        if part not in fields or fields[part].default_factory is dataclasses.MISSING:
-            return None
-        node = type(fields[part].default_factory())
-    return node
-
-
-def _translate(err: Exception, source: str) -> ConfigError:
-    from omegaconf.errors import ConfigKeyError, ValidationError
-
-    key = getattr(err, "full_key", None) or "?"
-    if isinstance(err, ConfigKeyError):
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
-        holder = _holder(parent)
-        accepted = ", ".join(f.name for f in dataclasses.fields(holder)) if holder else "?"
-        where = f"under '{parent}'" if parent else "at the top level"
-        return ConfigError(f"unknown config key '{key}' in {source}; accepted keys {where}: {accepted}")
-    if isinstance(err, ValidationError):
-        return ConfigError(f"bad value for config key '{key}' in {source}: {str(err).splitlines()[0]}")
-    return ConfigError(f"invalid config in {source}: {str(err).splitlines()[0]}")
-
-
 def load_serve_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ServeConfig:
     """Load `path` (YAML) over the defaults, apply `key=value` overrides, validate, return a ServeConfig."""
-    import yaml
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    merged = OmegaConf.structured(ServeConfig)
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' not found; pass an existing YAML file such as configs/serve.yaml")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"config file '{path}'{line} is not valid YAML: {getattr(e, 'problem', e)}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(loaded).__name__}")
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.create(loaded or {}))
-        except OmegaConfBaseException as e:
-            raise _translate(e, f"config file '{path}'") from None
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. http.port=8001)")
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as e:
-            raise _translate(e, f"override '{item}'") from None
-    try:
-        cfg: ServeConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        raise _translate(e, f"config '{path}'") from None
+    cfg: ServeConfig = load_typed(ServeConfig, path, overrides)
     validate(cfg)
     return cfg
 

@@ -216,7 +216,7 @@ def test_the_real_reward_models_pick_the_best_sample_they_scored(world, tmp_path
         assert float(r_c) == pytest.approx(e["reward"], abs=1e-5)
     assert m["reward/chosen"] == pytest.approx(m["best_of_k/max_k4"])  # the chosen sample is the best of all K
     assert m["best_of_k/max_k1"] <= m["best_of_k/max_k2"] <= m["best_of_k/max_k4"]
-    assert m["reward/chosen"] >= m["reward/combined"]
+    assert m["reward/chosen"] >= m["reward/composed"]
 
 
 def test_resume_continues_with_the_same_pool_and_prompt_position(world, tmp_path):

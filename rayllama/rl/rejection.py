@@ -20,7 +20,7 @@ every iteration, and the final `out_dir/model` (a complete HF-layout checkpoint:
 
 Metrics per iteration (out_dir/metrics.jsonl, TensorBoard under out_dir/tensorboard as rejection/<name>):
     reward/helpfulness, reward/safety   mean raw RM outputs over all samples
-    reward/combined                     mean R_c over all samples (probability scale, as everywhere here)
+    reward/composed                     mean R_c over all samples (probability scale here; PPO logs logit(R_c))
     reward/chosen                       mean R_c of the chosen (best-of-K) sample per prompt
     reward/safety_branch                share of samples scored by the safety RM (is_safety or s_safety < gate)
     best_of_k/max_k<K>, best_of_k/median_k<K>
@@ -261,7 +261,7 @@ def rejection_step(loop: RejectionLoop) -> dict[str, float]:
         "temperature": temperature,
         "reward/helpfulness": float(raw_helpful.mean()),
         "reward/safety": float(raw_safety.mean()),
-        "reward/combined": float(r_c.mean()),
+        "reward/composed": float(r_c.mean()),
         "reward/chosen": float(chosen.mean()),
         "reward/safety_branch": float((is_safety[:, None] | (torch.sigmoid(raw_safety) < rej.safety_gate))
                                       .float().mean()),
