@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from rayllama.data.formats import PromptRecord
-from rayllama.data.toyworld import instruction_text, judge_adherence, judge_helpfulness
+from rayllama.data.toyworld import instruction_text, judge_adherence, judge_helpfulness, judge_safety
 from rayllama.tokenizer import Tokenizer
 
 Messages = list[dict[str, str]]
@@ -47,7 +47,10 @@ SampleFn = Callable[[list[Messages], int], list[list[str]]]
 # (task of the turn, instruction, answer) -> a score (higher is better) if accepted, None if rejected
 Judge = Callable[[Mapping[str, Any], Mapping[str, Any], str], float | None]
 
-DEFAULT_MIN_HELPFULNESS = 0.1  # gold scale: 0.1 = on topic; 0.0 = off topic, refusal, gibberish
+# The gold helpfulness floor of an accepted sample. 0.0: adherence (and safety) decide, helpfulness only ranks
+# the accepted samples. A higher floor (0.3: the canonical form; 1.0: right) needs a policy that is often right:
+# the tiny SFT model is not (on its GAtt samples: 2% of samples both adherent and >= 0.1 helpful, 22% adherent).
+DEFAULT_MIN_HELPFULNESS = 0.0
 CHECKPOINT_EVERY = 50  # fine-tune steps between Ray Train checkpoints
 LOG_EVERY = 5
 
@@ -108,11 +111,12 @@ def encode_example(tok: Tokenizer, messages: Messages) -> tuple[list[int], list[
 
 
 def gold_judge(min_helpfulness: float = DEFAULT_MIN_HELPFULNESS) -> Judge:
-    """The toy world's gold judge as a GAtt filter: accept iff judge_adherence == 1 and judge_helpfulness >=
-    min_helpfulness; the score is the helpfulness (the best accepted sample is kept)."""
+    """The toy world's gold judge as a GAtt filter: accept iff judge_adherence == 1, judge_safety == 1 and
+    judge_helpfulness >= min_helpfulness; the score is the helpfulness, so the most helpful accepted sample is
+    kept (best-of-n among the adherent ones)."""
 
     def judge(task: Mapping[str, Any], instruction: Mapping[str, Any], answer: str) -> float | None:
-        if not judge_adherence(instruction, answer):
+        if not judge_adherence(instruction, answer) or not judge_safety(task, answer):
             return None
         h = judge_helpfulness(task, answer)
         return h if h >= min_helpfulness else None

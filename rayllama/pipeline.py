@@ -244,6 +244,29 @@ class Pipeline:
             self._record("ppo", {k: v for k, v in summary.items() if isinstance(v, int | float)})
         self.gold_eval("ppo", out_dir / "model")
 
+    def stage_rejection(self) -> None:
+        import actors.group  # the driver is the composition root (see stage_ppo)
+        from rayllama.rl.rejection import run_rejection
+
+        out_dir = self.run.root / "rejection"
+        if is_complete(out_dir / "model"):
+            log.info("rejection: complete, skipped")
+        else:
+            handles = actors.group.create_rejection_actors(
+                self.cfg, self._policy_before("rejection"),
+                self._require(self.run.reward_model("helpfulness"), "reward"),
+                self._require(self.run.reward_model("safety"), "reward"),
+            )
+            try:
+                summary = run_rejection(self.cfg, handles, list(self.rl_prompts), self.tok, out_dir)
+            finally:
+                actors.group.shutdown_rl_actors(handles)
+            self._record("rejection", {k: v for k, v in summary.items() if isinstance(v, int | float)})
+            curve = summary.get("best_of_k", {})
+            if curve:
+                log.info(f"rejection: best-of-K curve (max composed reward by K) {curve}")
+        self.gold_eval("rejection", out_dir / "model")
+
     def _policy_before(self, stage: str) -> Path:
         """The policy a stage starts from: the output of the stage before it among sft/rejection/ppo."""
         idx = self.cfg.stages.index(stage)

@@ -21,6 +21,7 @@ vLLM is imported lazily: importing this module costs nothing.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import tempfile
@@ -40,6 +41,14 @@ from rayllama.rl.actors_api import weights_checksum
 # vLLM 0.32's CPU attention kernels (v1/attention/backends/cpu_attn.py); used if that module cannot be read
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _QuietRotaryReload(logging.Filter):
+    """Drops vLLM's per-update warning that RotaryEmbedding got no weights: its cos/sin table is computed, not
+    loaded, and the reload puts the existing one back (any other layer without weights still warns)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
 
 
 class VLLMUnsupportedError(ValueError):
@@ -162,6 +171,9 @@ class VLLMEngine(GenerationEngine):
             kv_cache_bytes = default_kv_cache_bytes(self.model_cfg, self.dtype, max_batch_size)
         if kv_cache_bytes is not None:
             memory = {"kv_cache_memory_bytes": int(kv_cache_bytes)}
+        reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        if not any(isinstance(f, _QuietRotaryReload) for f in reload_log.filters):
+            reload_log.addFilter(_QuietRotaryReload())
         self.llm = LLM(model=str(self.model_dir), skip_tokenizer_init=True, dtype=self.dtype,
                        enforce_eager=eager, max_model_len=self.model_cfg.max_seq_len, max_num_seqs=max_batch_size,
                        seed=seed, logprobs_mode="raw_logprobs", generation_config="vllm", **memory)

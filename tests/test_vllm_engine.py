@@ -22,6 +22,8 @@ from rayllama.vllm_engine import VLLMEngine, VLLMUnsupportedError  # noqa: E402
 
 CFG = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=384, ffn_dim=256, max_seq_len=160)
 PROMPTS = [[1, 5, 9, 12, 7], [1, 3], [1, 40, 41, 42, 43, 44, 45, 8, 200, 301, 17], [1, 17, 4], [1, 250, 250]]
+# longer than one KV block (vLLM CPU: 128 tokens), so the prefix cache holds a block of it between calls
+LONG_PROMPT = [1] + [(37 * i) % 380 + 3 for i in range(139)]
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=())
 
 
@@ -130,19 +132,22 @@ def test_stops_on_a_stop_token_and_keeps_it(world):
 
 
 def test_weight_update_changes_output_to_the_new_models(world, original_weights):
+    """After load_weights, outputs are the new model's: also for a prompt whose first KV block was cached under
+    the old weights (without the prefix-cache reset vLLM would reuse it and answer differently)."""
     model, _, engine = world
-    before = tokens(engine.generate(PROMPTS, GREEDY))
+    prompts = [*PROMPTS, LONG_PROMPT]
+    before = tokens(engine.generate(prompts, GREEDY))
     new_model = perturbed(model, seed=1)
     state = state_to_numpy(new_model.state_dict())  # what the learner publishes: numpy arrays
     engine.load_weights(state, 7)
-    after = engine.generate(PROMPTS, GREEDY)
+    after = engine.generate(prompts, GREEDY)
     assert tokens(after) != before
-    assert tokens(after) == tokens(TorchEngine(new_model).generate(PROMPTS, GREEDY))
+    assert tokens(after) == tokens(TorchEngine(new_model).generate(prompts, GREEDY))
     assert engine.weight_version == 7 and {s[0].weight_version for s in after} == {7}
     assert engine.weights_checksum == weights_checksum(new_model.state_dict())
     # and back: a second update restores the first model's outputs exactly
     engine.load_weights(model.state_dict(), 8)
-    assert tokens(engine.generate(PROMPTS, GREEDY)) == before
+    assert tokens(engine.generate(prompts, GREEDY)) == before
 
 
 def test_bad_state_or_prompts_are_refused_before_anything_changes(world):
@@ -156,7 +161,7 @@ def test_bad_state_or_prompts_are_refused_before_anything_changes(world):
     with pytest.raises(ValueError, match="empty"):
         engine.generate([[]], GREEDY)
     with pytest.raises(ValueError, match="max_seq_len"):
-        engine.generate([[1] * 90], GREEDY)
+        engine.generate([[1] * 150], GREEDY)
     with pytest.raises(ValueError, match="outside"):
         engine.generate([[1, CFG.vocab_size]], GREEDY)
 

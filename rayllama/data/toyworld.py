@@ -519,6 +519,7 @@ LEVELS = {
         "wrong",
         "wrong_sentence",
         "wrong_bare",
+        "off_subject",
         "garbled",
         "refusal",
         "gibberish",
@@ -568,6 +569,11 @@ def candidate(task: Mapping[str, Any], level: str, rng: random.Random, split: st
     if level in ("compliance", "unsafe"):
         topic = task["topic"] if cat == "unsafe" else rng.choice(sorted(world()["unsafe"]))
         return world()["compliance"].format(t=topic)
+    if level == "off_subject" and cat == "safe":
+        # the right answer to another question of the same kind: what a small model that cannot yet copy the
+        # question's subject produces most often, so the reward models must learn to check the subject
+        others = [o for o in task_pool(task["type"], split) if task_key(o) != task_key(task)]
+        return _spec(rng.choice(others)).canonical
     if cat == "borderline":
         entry = world()["borderline"][task["topic"]]
         if level == "canonical":
@@ -688,7 +694,8 @@ def preference_pairs(n: int, seed: int, kind: str, split: str = "train") -> list
             task = sample_task(rng, _weighted(rng, PREF_MIX[kind]), split)
             levels = LEVELS[category(task)]
             if kind == "safety" and category(task) != "unsafe":
-                levels = (*levels, "unsafe")
+                # off-subject answers are a helpfulness matter; compliance is the safety one
+                levels = (*[lv for lv in levels if lv != "off_subject"], "unsafe")
             responses = sorted({candidate(task, lv, rng, split) for lv in levels})
             scored = [(r, gold_scores(task, r)) for r in responses]
             pairs = [

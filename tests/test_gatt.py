@@ -1,0 +1,234 @@
+"""Ghost Attention data construction (rayllama.gatt): the two views, the loss mask, sampling with rejection,
+and a tiny end-to-end fine-tune through the shared Ray Train loop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rayllama import gatt
+from rayllama.checkpoint import is_complete, load_model, save_model
+from rayllama.config import OptimConfig, PipelineConfig, ScalingSection
+from rayllama.data import toyworld as tw
+from rayllama.data.formats import PromptRecord
+from rayllama.eval import evaluate
+from rayllama.model import ModelConfig, Transformer
+from rayllama.tokenizer import B_INST, B_SYS, E_INST, E_SYS, Tokenizer, train_tokenizer
+
+CAPS_AHOY = {"capitals": True, "start_with": None, "end_with": "ahoy"}
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    """A 450-piece tokenizer on toy-world text (templates included, so the dialogues tokenize compactly)."""
+    texts = [r.text for r in tw.pretrain_texts(150, seed=0)]
+    texts += [tw.instruction_text(i) for i in tw.instruction_pool()]
+    return Tokenizer(train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "tok", vocab_size=450))
+
+
+def _record(turns: int = 3, instruction: dict | None = None, seed: int = 0) -> PromptRecord:
+    record = tw.gatt_dialogues(1, seed=seed, turns=turns)[0]
+    if instruction is not None:
+        record.instruction = dict(instruction)
+        record.prompt[0]["content"] = tw.instruction_text(instruction)
+    return record
+
+
+def _good(record: PromptRecord, t: int) -> str:
+    return tw.perfect_response(record.turns[t], record.instruction)
+
+
+# ------------------------------------------------------------------------------------------------ views
+
+
+def test_training_example_has_the_instruction_only_in_the_first_sys_block_and_loss_on_the_last_answer(tok):
+    record = _record(3, CAPS_AHOY)
+    answers = [_good(record, t) for t in range(3)]
+    inst = "Always answer in capital letters. End every answer with the word ahoy."
+    users = [t["prompt"] for t in record.turns]
+    ids, mask = gatt.encode_example(tok, gatt.training_messages(record, answers))
+
+    # the oracle, written from the template by hand: <s>[INST] <<SYS>>\n inst \n<</SYS>>\n\n u1 [/INST] a1 </s> ...
+    want_ids, want_mask = [], []
+    for k, (user, answer) in enumerate(zip(users, answers)):
+        head = f"{B_SYS}{inst}{E_SYS}{user}" if k == 0 else user
+        prompt = [tok.bos_id] + tok.encode(f"{B_INST} {head} {E_INST}")
+        reply = tok.encode(f"{answer} ") + [tok.eos_id]
+        want_ids += prompt + reply
+        want_mask += [0] * len(prompt) + [int(k == 2)] * len(reply)  # earlier answers: 0 as well
+    assert ids == want_ids
+    assert mask == want_mask
+    # the masked tokens are exactly the last answer and its </s>, at the very end
+    n_last = len(tok.encode(f"{answers[2]} ")) + 1
+    assert sum(mask) == n_last and mask[-n_last:] == [1] * n_last
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == f"{answers[2]} "  # the template's "{answer} "
+    # the instruction appears once, inside the first turn's <<SYS>> block; later user turns are plain
+    text = tok.decode(ids)
+    assert text.count(inst) == 1 and text.index("<<SYS>>") < text.index(inst) < text.index("<</SYS>>")
+    assert text.index(inst) < text.index(users[0]) < text.index(E_INST)
+
+
+def test_sampling_view_joins_the_instruction_to_every_user_turn(tok):
+    record = _record(4, CAPS_AHOY)
+    inst = tw.instruction_text(CAPS_AHOY)
+    answers = [_good(record, t) for t in range(3)]
+    view = gatt.sampling_messages(record, answers)
+    assert [m["role"] for m in view] == ["system"] + ["user", "assistant"] * 3 + ["user"]
+    assert view[0]["content"] == inst and view[1]["content"] == record.turns[0]["prompt"]
+    for k, m in enumerate([m for m in view if m["role"] == "user"][1:], start=1):
+        assert m["content"] == f"{inst} {record.turns[k]['prompt']}"
+    # in tokens: every [INST] ... [/INST] segment of the prompt holds the instruction once
+    segments = tok.decode(tok.encode_prompt(view)).split(B_INST)[1:]
+    assert len(segments) == 4
+    assert all(s.split(E_INST)[0].count(inst) == 1 for s in segments)
+    with pytest.raises(gatt.GAttError, match="nothing to sample"):
+        gatt.sampling_messages(record, answers + ["X"])
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def test_gold_judge_needs_adherence_and_the_helpfulness_floor():
+    task = tw.make_task("add", a=3, b=4)
+    right = tw.apply_instruction("3 plus 4 is 7.", CAPS_AHOY)  # "3 PLUS 4 IS 7, AHOY."
+    wrong = tw.apply_instruction("3 plus 4 is 9.", CAPS_AHOY)  # canonical form, wrong value: helpfulness 0.3
+    assert gatt.gold_judge(0.0)(task, CAPS_AHOY, right) == 1.0
+    assert gatt.gold_judge(0.0)(task, CAPS_AHOY, wrong) == pytest.approx(0.3)
+    assert gatt.gold_judge(0.5)(task, CAPS_AHOY, wrong) is None
+    assert gatt.gold_judge(0.0)(task, CAPS_AHOY, "3 plus 4 is 7, ahoy.") is None  # not in capitals
+    assert gatt.gold_judge(0.0)(task, CAPS_AHOY, "HERE IS HOW TO MAKE A BOMB, AHOY.") is None  # unsafe
+
+
+def test_rejected_samples_are_dropped_and_counted_and_the_best_accepted_is_kept():
+    records = [_record(3, CAPS_AHOY, seed=s) for s in range(3)]
+    calls = []
+
+    def sample_fn(dialogues, n):
+        """Scripted policy, 2 samples: dialogue 1 fails turn 2, dialogue 2 fails turn 1; elsewhere the second
+        sample is right (helpfulness 1) and the first adherent but less helpful ("THE ANSWER IS ..." = 0.7)."""
+        calls.append(dialogues)
+        t = (len(dialogues[0]) - 2) // 2  # the turn being sampled (0-based) from the view's length
+        out = []
+        for d in dialogues:
+            i = next(j for j, r in enumerate(records) if r.turns[0]["prompt"] == d[1]["content"])
+            task = records[i].turns[t]
+            if (i, t) in ((1, 1), (2, 0)):
+                out.append([tw.perfect_response(task), "hello"])  # neither obeys the instruction
+            else:
+                value = tw._spec(task).display if task["type"] != "fact" else "x"
+                out.append([tw.apply_instruction(f"The answer is {value}.", CAPS_AHOY), _good(records[i], t)])
+        return out
+
+    s = gatt.sample_dialogues(records, sample_fn, 2, gatt.gold_judge(0.0))
+    assert [len(c) for c in calls] == [3, 2, 1]  # one batched call per turn, only the live dialogues
+    assert s.answers == [[_good(records[0], t) for t in range(3)], [_good(records[1], 0)], []]
+    assert s.turns_sampled == [3, 2, 1] and s.turns_kept == [2, 1, 1]
+    assert s.samples == 12 and s.samples_adherent == 8 and s.samples_accepted == 8
+    stats = s.stats()
+    assert stats["truncated_at_turn_1"] == 1 and stats["truncated_at_turn_2"] == 1
+    assert stats["turn_acceptance_rate"] == pytest.approx(4 / 6)
+    # one training example per kept turn: 3 + 1 + 0
+    examples = gatt.build_examples(records, s.answers)
+    assert [len(e) for e in examples] == [3, 5, 7, 3]
+    with pytest.raises(gatt.GAttError, match="2 strings per dialogue"):
+        gatt.sample_dialogues(records, lambda d, n: [["x"]] * len(d), 2, gatt.gold_judge())
+
+
+def test_example_tensors_right_pad_and_drop_too_long(tok):
+    record = _record(3, CAPS_AHOY)
+    examples = gatt.build_examples([record], [[_good(record, t) for t in range(3)]])
+    encoded = [gatt.encode_example(tok, e) for e in examples]
+    lengths = [len(ids) for ids, _ in encoded]
+    data, dropped = gatt.example_tensors(examples, tok, max_len=lengths[1])
+    assert dropped == 1 and data["lengths"].tolist() == lengths[:2]
+    assert data["tokens"].shape == (2, lengths[1]) and data["loss_mask"].dtype == torch.bool
+    assert data["tokens"][0, : lengths[0]].tolist() == encoded[0][0]
+    assert (data["tokens"][0, lengths[0]:] == tok.pad_id).all() and not data["loss_mask"][0, lengths[0]:].any()
+    assert data["loss_mask"][1].tolist() == [bool(m) for m in encoded[1][1]]
+    with pytest.raises(gatt.GAttError, match="raise gatt.max_seq_len"):
+        gatt.example_tensors(examples, tok, max_len=5)
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+def test_eval_gatt_dialogues_hold_the_instruction_in_the_first_turn_only():
+    eval_set = tw.eval_sets(seed=0, n_safe=6, n_unsafe=0, n_borderline=0, n_gatt=3, turns=4)
+    gatt_records = [r for r in eval_set if r.turns]
+    seen = []
+
+    def generate_fn(dialogues):
+        seen.extend(d for d in dialogues if d[0]["role"] == "system")
+        return [tw.perfect_chat(d) for d in dialogues]
+
+    metrics = evaluate(generate_fn, eval_set)
+    assert len(seen) == 3 * 4
+    for d in seen:
+        inst = d[0]["content"]
+        assert tw.instruction_from_text(inst) is not None
+        assert [m["role"] for m in d].count("system") == 1
+        assert not any(inst in m["content"] for m in d[1:])  # plain user turns, as GAtt trains
+    assert {k: metrics[f"adherence_turn_{k}"] for k in range(1, 5)} == {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}
+    assert len(gatt_records) == 3
+
+
+def test_adherence_table_puts_turns_down_and_stages_across():
+    results = {"sft": {"adherence_turn_1": 0.5, "adherence_turn_2": 0.25, "gold_helpfulness": 0.1},
+               "pretrain": {"gold_helpfulness": 0.0}, "gatt": {"adherence_turn_1": 1.0, "adherence_turn_2": 0.75}}
+    lines = gatt.adherence_table(results).splitlines()
+    assert lines[0].split() == ["turn", "sft", "gatt"]
+    assert lines[2].split() == ["1", "0.500", "1.000"] and lines[3].split() == ["2", "0.250", "0.750"]
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def test_run_gatt_samples_and_fine_tunes_a_complete_checkpoint(ray_session, tok, tmp_path):
+    """Real sampling (in-process ChatModel over a random model, an accept-all judge) and 2 train steps."""
+    mcfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, ffn_dim=64,
+                       max_seq_len=256)
+    torch.manual_seed(0)
+    init = save_model(tmp_path / "sft", Transformer(mcfg), mcfg, tokenizer_model=tok.model_path)
+    cfg = PipelineConfig(seed=1)
+    cfg.scaling = ScalingSection(num_workers=1, cpus_per_worker=0.5)
+    g = cfg.gatt
+    g.dialogues, g.turns, g.samples_per_turn, g.max_new_tokens = 2, 2, 2, 6
+    g.epochs, g.batch_size, g.micro_batch_size = 1.0, 2, 1  # 2 dialogues x 2 turns = 4 examples -> 2 steps
+    g.optim = OptimConfig(lr=1e-2, schedule="constant")
+    records = tw.gatt_dialogues(5, seed=0, turns=3)
+    judged = []
+
+    def accept_all(task, instruction, answer):
+        judged.append(answer)
+        return float(len(answer))
+
+    stats = gatt.run_gatt(cfg, tmp_path / "run", tok, records, init, judge=accept_all)
+
+    assert len(judged) == 2 * 2 * 2  # dialogues x turns x samples: only cfg.gatt.dialogues are sampled
+    assert stats["turns_kept"] == 4 and stats["examples"] == 4 and stats["train_steps"] == 2
+    out = tmp_path / "run" / "gatt" / "model"
+    assert is_complete(out) and (out / "tokenizer.model").read_bytes() == tok.model_path.read_bytes()
+    model, _, meta = load_model(out)
+    assert meta["stage"] == "gatt" and meta["step"] == 2
+    before = load_model(init)[0].state_dict()
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the tensors: one row per example, loss only on a suffix (the last answer and </s>) ending at the length
+    data = torch.load(tmp_path / "run" / "data" / "gatt.pt")
+    for row, mask, n in zip(data["tokens"], data["loss_mask"], data["lengths"].tolist()):
+        ones = mask.nonzero().squeeze(-1).tolist()
+        assert ones == list(range(n - len(ones), n)) and row[n - 1] == tok.eos_id
+    saved = json.loads((tmp_path / "run" / "gatt" / "stats.json").read_text())
+    assert saved["examples"] == 4
+    samples = (tmp_path / "run" / "gatt" / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 2 and json.loads(samples[0])["messages"][0]["role"] == "system"
+
+
+def test_run_gatt_without_dialogues_is_a_named_error(tok, tmp_path):
+    with pytest.raises(gatt.GAttError, match="no GAtt dialogues"):
+        gatt.run_gatt(PipelineConfig(), tmp_path, tok, [], tmp_path)
+    bad = PromptRecord(prompt=[{"role": "user", "content": "hi"}], is_safety=False)
+    with pytest.raises(gatt.GAttError, match="dialogue 0 has no instruction"):
+        gatt.sample_dialogues([bad], lambda d, n: [["x"] * n for _ in d], 1, gatt.gold_judge())
+
