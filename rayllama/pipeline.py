@@ -85,6 +85,32 @@ class Pipeline:
             self._tok = Tokenizer(self.run.tokenizer)
         return self._tok
 
+    def check_inputs(self) -> None:
+        """Before Ray starts: every checkpoint a listed stage reads but no listed stage writes (a run resumed with
+        fewer stages, or pre-built inputs) exists and matches its config.json (names and shapes, headers only).
+        PipelineError naming the stage, the path and the fix."""
+        from rayllama.checkpoint import CheckpointError, verify
+
+        listed, run = set(self.cfg.stages), self.run
+        sft, rewards = run.model("sft"), [run.reward_model("helpfulness"), run.reward_model("safety")]
+        needs = {"pretrain": [], "sft": [("pretrain", run.model("pretrain"))], "reward": [("sft", sft)],
+                 "rejection": [("sft", sft), *[("reward", p) for p in rewards]],
+                 "ppo": [("sft", sft), *[("reward", p) for p in rewards]]}
+        if listed - {"tokenizer"} and "tokenizer" not in listed and not self.cfg.tokenizer.model_path \
+                and not run.tokenizer.is_file():
+            raise PipelineError(f"no tokenizer at {run.tokenizer}; add 'tokenizer' to stages")
+        for stage in self.cfg.stages:
+            for maker, path in needs.get(stage, []):
+                if maker in listed:
+                    continue
+                if not is_complete(path):
+                    raise PipelineError(f"stage '{stage}' needs {path}, which is missing or incomplete; add "
+                                        f"'{maker}' to stages (or restore that checkpoint)")
+                try:
+                    verify(path)
+                except CheckpointError as e:
+                    raise PipelineError(f"stage '{stage}' cannot use {path}: {e}") from None
+
     def _require(self, path: Path, stage: str) -> Path:
         if not is_complete(path):
             raise PipelineError(f"stage needs {path}, which is missing; add '{stage}' to stages before it")
