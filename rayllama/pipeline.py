@@ -21,6 +21,7 @@ SUMMARY_KEYS = (
     "heldout_perplexity",
     "rm_accuracy",
     "rm_accuracy_significantly_better",
+    "reward/combined",
     "kl",
 )
 
@@ -318,7 +319,9 @@ class Pipeline:
     def summary(self) -> str:
         from rayllama.eval import format_table
 
-        rows = {s: {k: v for k, v in self.results.get(s, {}).items() if k in SUMMARY_KEYS} for s in self.results}
+        order = [x for s in self.cfg.stages for x in (("reward-helpfulness", "reward-safety") if s == "reward" else (s,))]
+        order += [s for s in self.results if s not in order]  # stages of earlier runs of this run dir
+        rows = {s: {k: v for k, v in self.results.get(s, {}).items() if k in SUMMARY_KEYS} for s in order}
         return format_table({s: r for s, r in rows.items() if r})
 
 
