@@ -42,7 +42,7 @@ from rayllama.losses import (
     value_loss,
 )
 from rayllama.model import ScalarHeadModel, Transformer
-from rayllama.rl.actors_api import state_to_numpy, weights_checksum
+from rayllama.rl.actors_api import LearnerLostError, state_to_numpy, weights_checksum
 from rayllama.rl.experience import (
     Experience,
     SequenceBatch,
@@ -92,6 +92,21 @@ class PolicyLearner:
         self.sft_opt = build_optimizer(self.policy, sft_optim) if sft_optim is not None else None
         self.version = 0  # +1 per train() / sft_train(): the label of the weights `weights()` publishes
         self.rank, self.world = 0, 1
+        self.state_lost = False  # True in a Ray restart: refuse work until load()/restore_initial()
+
+    def _require_state(self, what: str) -> None:
+        """Refuse `what` on a learner that Ray restarted after a crash: it holds fresh SFT weights, not the run's."""
+        if self.state_lost:
+            raise LearnerLostError(f"policy-learner rank {self.rank} restarted and lost its training state, so it "
+                                   f"refuses {what}; load a checkpoint (load/load_sft) or restore_initial() first")
+
+    def restore_initial(self) -> int:
+        """Accept the state this learner was built with (the SFT weights, fresh optimizers) as the state to train
+        from: what a loop that has no checkpoint yet restores after a crash. Returns the version (0)."""
+        if self.version != 0:
+            raise ValueError(f"restore_initial on a learner at version {self.version}; it only undoes a restart")
+        self.state_lost = False
+        return self.version
 
     def _init_value(self, value_dir: str | Path | None) -> ScalarHeadModel:
         init = self.ppo.value_init
@@ -143,10 +158,12 @@ class PolicyLearner:
 
     def logprobs(self, batch: SequenceBatch) -> torch.Tensor:
         """(B, A) log pi_theta(a_t | s_t) under the current policy (drift monitor: compare with the generator's)."""
+        self._require_state("logprobs")
         return batched_logprobs(self.policy, batch, self.micro_batch_size)
 
     def values(self, batch: SequenceBatch) -> torch.Tensor:
         """(B, A) V(s_t) under the current value model."""
+        self._require_state("values")
         return batched_values(self.value, batch, self.micro_batch_size)
 
     def greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
@@ -158,6 +175,7 @@ class PolicyLearner:
 
     def weights(self) -> tuple[dict[str, Any], int, float]:
         """(state as numpy arrays, version, weights_checksum(state)) of the policy, for the generators."""
+        self._require_state("weights")
         state = state_to_numpy(self.policy.state_dict())
         return state, self.version, weights_checksum(state)
 
@@ -166,6 +184,7 @@ class PolicyLearner:
     def train(self, exp: Experience, seed: int = 0) -> dict[str, float]:
         """PPO update on this rank's rollouts: ppo.epochs_per_iteration passes, mini-batches of
         ppo.mini_batch_size / world rows, one optimizer step each. Returns mean stats over the steps."""
+        self._require_state("train")
         mini_size = self.ppo.mini_batch_size // self.world
         if mini_size < 1:
             raise ValueError(f"ppo.mini_batch_size {self.ppo.mini_batch_size} is smaller than num_learners "
@@ -179,8 +198,9 @@ class PolicyLearner:
                 totals[key] += value
             steps += 1
         self.version += 1
-        stats = {k: v / steps for k, v in totals.items() if k != "logprob_drift"}
-        return {**stats, "logprob_drift": totals["logprob_drift"], "optimizer_steps": float(steps),
+        drift_keys = ("logprob_drift", "logprob_drift_max")
+        stats = {k: v / steps for k, v in totals.items() if k not in drift_keys}
+        return {**stats, **{k: totals[k] for k in drift_keys}, "optimizer_steps": float(steps),
                 "version": float(self.version)}
 
     def _step(self, mini: Experience, first: bool) -> dict[str, float]:
@@ -200,13 +220,15 @@ class PolicyLearner:
             ((pg_loss + ppo.value_coef * v_loss) * share).backward()
             with torch.no_grad():
                 entropy = masked_mean(entropy_from_logits(logits), micro.action_mask)
-                drift = masked_mean((logp - micro.logprobs).abs(), micro.action_mask)
+                gap = (logp - micro.logprobs).abs() * micro.action_mask  # (b, a) |learner - engine| log-prob
+                drift = masked_mean(gap, micro.action_mask)
             for key, value in (("policy_loss", pg_loss), ("value_loss", v_loss), ("entropy", entropy),
                                ("clip_fraction", pg_stats["clip_fraction"]), ("approx_kl", pg_stats["approx_kl"]),
                                ("ratio", pg_stats["ratio"]), ("value_clip_fraction", v_stats["clip_fraction"])):
                 stats[key] += share * float(value.detach())
             if first:  # before the first step the learner's weights are the generator's: pure numerical drift
                 stats["logprob_drift"] += share * float(drift)
+                stats["logprob_drift_max"] = max(stats["logprob_drift_max"], float(gap.max()))
         for model, optimizer, scheduler, name in ((self.policy, self.policy_opt, self.policy_sched, "grad_norm"),
                                                   (self.value, self.value_opt, self.value_sched, "value_grad_norm")):
             params = [p for p in model.parameters() if p.requires_grad]
@@ -230,6 +252,7 @@ class PolicyLearner:
         `example_order`, gradients accumulated over micro-batches, clipped to sft_optim.grad_clip; AdamW moments
         persist across calls, the lr follows sft_optim's schedule within each call (warm-up, then cosine or
         constant). Returns mean loss, grad norm, lr, steps, rows and the new version."""
+        self._require_state("sft_train")
         if self.sft_opt is None or self.sft_optim is None:
             raise ValueError("this PolicyLearner was built without sft_optim; pass sft_optim=cfg.rejection.optim")
         if self.world > 1:
@@ -266,6 +289,7 @@ class PolicyLearner:
 
     def save_sft(self, path: str | Path) -> str:
         """Write `path/policy` with the SFT optimizer, RNG and version in its train_state (rejection checkpoints)."""
+        self._require_state("save_sft")
         if self.sft_opt is None:
             raise ValueError("this PolicyLearner was built without sft_optim; it has no SFT state to save")
         state = {"sft_optimizer": self.sft_opt.state_dict(), "version": self.version,
@@ -291,12 +315,14 @@ class PolicyLearner:
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.version = int(state["version"])
+        self.state_lost = False
         return self.version
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
     def save(self, path: str | Path) -> str:
         """Write `path/policy` (with optimizers, schedulers, RNG, version in its train_state) and `path/value`."""
+        self._require_state("save")
         path = Path(path)
         state = {
             "policy_optimizer": self.policy_opt.state_dict(), "value_optimizer": self.value_opt.state_dict(),
@@ -327,6 +353,7 @@ class PolicyLearner:
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.version = int(state["version"])
+        self.state_lost = False
         return self.version
 
     def advance_version(self, at_least: int) -> int:
@@ -338,6 +365,7 @@ class PolicyLearner:
     def export_policy(self, path: str | Path, tokenizer_model: str | Path | None = None,
                       meta: dict[str, Any] | None = None) -> str:
         """The policy as a complete HF-layout checkpoint (with tokenizer.model): the PPO stage's output."""
+        self._require_state("export_policy")
         return str(save_model(path, self.policy, self.cfg, tokenizer_model=tokenizer_model,
                               meta={"stage": "ppo", "version": self.version, **(meta or {})}))
 
@@ -348,6 +376,12 @@ class PolicyLearner:
 @ray.remote
 class PolicyLearnerActor(PolicyLearner):
     """Ray shell: the weights go into the object store once, from here; the driver passes the ref on."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # after a crash Ray reruns this constructor (max_restarts): SFT weights, not the run's; refuse work until
+        # the loop restores a checkpoint
+        self.state_lost = ray.get_runtime_context().was_current_actor_reconstructed
 
     def weights(self) -> tuple[Any, int, float]:  # type: ignore[override]
         state, version, checksum = super().weights()

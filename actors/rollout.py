@@ -4,8 +4,8 @@ Every `Completion` carries the weight version that produced it. `update_weights(
 refuses a version older than the one held (`StaleWeightsError`) and a state whose `weights_checksum` differs from
 the sender's (`WeightChecksumError`), then loads the weights and records the version.
 
-Engines: "torch" (rayllama.generation.TorchEngine, this process, CPU or one GPU) now; "vllm" arrives behind the
-same interface in its own issue; "auto" picks torch until then.
+Engines (rayllama.engines.make_engine): "torch" (rayllama.generation.TorchEngine), "vllm" (rayllama.vllm_engine,
+in-process vLLM with in-place weight reloads), "auto" (vLLM when importable and able to run the model).
 """
 
 from __future__ import annotations
@@ -19,25 +19,9 @@ import numpy as np
 import ray
 import torch
 
-from rayllama.checkpoint import load_model
-from rayllama.generation import Completion, GenerationEngine, SamplingParams, TorchEngine
-from rayllama.model import ModelConfig, Transformer
+from rayllama.engines import engine_model_config, make_engine
+from rayllama.generation import Completion, SamplingParams
 from rayllama.rl.actors_api import StaleWeightsError, WeightChecksumError, checksums_match, weights_checksum
-
-ENGINES = ("torch", "vllm", "auto")
-
-
-def make_engine(kind: str, model_dir: str | Path, device: str,
-                max_batch_size: int) -> tuple[GenerationEngine, ModelConfig]:
-    """The generation engine `kind` over the causal LM checkpoint at `model_dir`, and the model's config."""
-    if kind not in ENGINES:
-        raise ValueError(f"unknown generation engine {kind!r}; choose one of {', '.join(ENGINES)}")
-    if kind == "vllm":
-        raise ValueError("generation engine 'vllm' is not available yet; set ppo.engine=torch (or auto)")
-    model, cfg, _ = load_model(model_dir, device=device)
-    if not isinstance(model, Transformer):
-        raise ValueError(f"rollout checkpoint {model_dir} is a reward model; pass the policy (causal LM) checkpoint")
-    return TorchEngine(model, device=device, max_batch_size=max_batch_size), cfg
 
 
 def _as_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -56,7 +40,8 @@ class RolloutGenerator:
                  max_batch_size: int = 64, threads: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
-        self.engine, self.model_cfg = make_engine(engine, model_dir, device, max_batch_size)
+        self.engine = make_engine(engine, model_dir, device, max_batch_size=max_batch_size)
+        self.model_cfg = engine_model_config(self.engine)
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         """`params.n` completions per prompt; each carries `weight_version`."""

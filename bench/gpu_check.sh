@@ -12,8 +12,9 @@
 #      prompts x 32 new tokens                                                        -> DIR/ppo_one_iteration.json
 #   3. bench/train_throughput.py --device cuda --dtype bfloat16                       -> DIR/train_throughput.json
 #   4. bench/generate.py --device cuda (TorchEngine vs transformers generate)         -> DIR/generate.json
-#   5. bench/generate_vllm.py --device cuda --dtype bfloat16 (vLLM rows only where vllm is installed, the
-#      actor row only where ray is)                                                   -> DIR/generate_vllm.json
+#   5. bench/generate_vllm.py --device cuda --dtype bfloat16 --eager (no CUDA-graph capture: it would not fit
+#      the limit twice; vLLM rows only where vllm is installed, the actor row only where ray is)
+#                                                                                     -> DIR/generate_vllm.json
 # All output goes to DIR/log.txt (7 files in all: the device tool brings back at most 8).
 #
 # Packages: the machine's python3 has torch, transformers, safetensors, sentencepiece, numpy, PyYAML; rayllama
@@ -23,10 +24,14 @@
 # and name `.whl` in the run's carry; this script installs whatever .whl holds into a temp dir. Ray's wheel
 # (75 MiB) is over the carry limit: without ray, step 2 runs the actors in-process behind a stand-in `ray`
 # module (`@ray.remote` only; local actors never call Ray) and step 5 skips its actor row.
+#
+# Dry run of the plumbing here (CPU, slow; steps may hit their limits):
+#     GPU_CHECK_DEVICE=cpu GPU_CHECK_STUB_RAY=1 PYTHON=.venv/bin/python bash bench/gpu_check.sh /tmp/gpu-check
 set -u -o pipefail
 
 DIR=${1:?usage: bash bench/gpu_check.sh DIR}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-470}  # the whole script; a step that cannot finish inside it is skipped
+DEV=${GPU_CHECK_DEVICE:-cuda}  # cpu: a dry run of the plumbing on a machine without a GPU (slow, not a check)
 PY=${PYTHON:-python3}
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
@@ -47,7 +52,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl \
         >>"$LOG" 2>&1 && export PYTHONPATH="$SITE:$PYTHONPATH"
 fi
-if ! "$PY" -c "import ray" >/dev/null 2>&1; then
+if [[ ${GPU_CHECK_STUB_RAY:-0} == 1 ]] || ! "$PY" -c "import ray" >/dev/null 2>&1; then
     mkdir -p "$SITE/ray_stub/ray"
     cat >"$SITE/ray_stub/ray/__init__.py" <<'EOF'
 """Stand-in for ray where it is not installed: `@ray.remote` leaves the class as it is (local actors only)."""
@@ -62,7 +67,7 @@ def remote(*args, **kwargs):
 def is_initialized():
     return False
 EOF
-    export PYTHONPATH="$PYTHONPATH:$SITE/ray_stub"
+    export PYTHONPATH="$SITE/ray_stub:$PYTHONPATH"
     RAY="stand-in"
 else
     RAY="installed"
@@ -105,25 +110,29 @@ step() {  # step NAME LIMIT_S COMMAND...: run under `timeout`, log everything, o
     fi
 }
 
-parity() {
-    "$PY" - "$DIR/parity.json" <<'EOF'
-"""Our Transformer vs transformers' LlamaForCausalLM on CUDA, fp32 and bf16 (tests/test_model.py's helpers)."""
-import json, sys
+# ----------------------------------------------------------------------------------------------- payloads
+cat >"$SITE/parity.py" <<'EOF'
+"""Our Transformer vs transformers' LlamaForCausalLM on the GPU in fp32 and bf16 (tests/test_model.py's
+helpers and configs, plus the tiny preset). argv: device, output JSON."""
+import json
+import sys
+
 import torch
 
 sys.path.insert(0, "tests")
 from test_model import CONFIGS, hf_causal, make, tokens  # noqa: E402
+
 from rayllama.model import preset  # noqa: E402
 
+device = torch.device(sys.argv[1])
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
-configs = {**CONFIGS, "tiny": preset("tiny")}
 results, ok = {}, True
-for name, cfg in configs.items():
-    model = make(cfg).cuda()
-    hf = hf_causal(model.cpu()).cuda()
-    model = model.cuda()
-    x = tokens(4, 64 if name == "tiny" else 19, cfg.vocab_size).cuda()
+for name, cfg in {**CONFIGS, "tiny": preset("tiny")}.items():
+    model = make(cfg)
+    hf = hf_causal(model).to(device)
+    model = model.to(device)
+    x = tokens(4, 64 if name == "tiny" else 19, cfg.vocab_size).to(device)
     with torch.no_grad():
         ours32, hf32 = model(x).float(), hf(x).logits.float()
         ours16 = model.to(torch.bfloat16)(x).float()
@@ -131,34 +140,39 @@ for name, cfg in configs.items():
     fp32_err = (ours32 - hf32).abs().max().item()
     ours_bf16_err = (ours16 - hf32).abs().max().item()
     hf_bf16_err = (hf16 - hf32).abs().max().item()
-    argmax_agree = (ours16.argmax(-1) == hf16.argmax(-1)).float().mean().item()
     passed = fp32_err < 1e-3 and ours_bf16_err <= 1.5 * hf_bf16_err + 1e-2
     ok &= passed
     results[name] = {"fp32_max_abs": fp32_err, "bf16_ours_vs_fp32": ours_bf16_err,
-                     "bf16_transformers_vs_fp32": hf_bf16_err, "bf16_argmax_agreement": argmax_agree,
+                     "bf16_transformers_vs_fp32": hf_bf16_err,
+                     "bf16_argmax_agreement": (ours16.argmax(-1) == hf16.argmax(-1)).float().mean().item(),
                      "passed": passed}
     print(name, results[name])
-json.dump({"device": torch.cuda.get_device_name(), "results": results, "passed": ok},
-          open(sys.argv[1], "w"), indent=2)
+name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+with open(sys.argv[2], "w") as f:
+    json.dump({"device": name, "results": results, "passed": ok}, f, indent=2)
 sys.exit(0 if ok else 1)
 EOF
-}
 
-ppo_one_iteration() {
-    "$PY" - "$DIR/ppo_one_iteration.json" <<'EOF'
-"""One PPO iteration (generate -> score -> advantages -> train -> sync) with the torch engine on the GPU."""
-import json, sys, tempfile, time
+cat >"$SITE/ppo_one_iteration.py" <<'EOF'
+"""One PPO iteration (generate -> score -> advantages -> train -> sync) with the torch engine, local actors.
+argv: device, output JSON."""
+import json
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, "bench")
 from ppo_iteration import build_world  # noqa: E402
+
 from actors.group import create_local_rl_actors  # noqa: E402
 from rayllama.config import OptimConfig, PipelineConfig  # noqa: E402
 from rayllama.rl.ppo import PPOLoop, encode_prompts, ppo_step, sync_weights  # noqa: E402
 
-cfg = PipelineConfig(seed=0, device="cuda")
+device = sys.argv[1]
+cfg = PipelineConfig(seed=0, device=device)
 ppo = cfg.ppo
 ppo.engine, ppo.iterations, ppo.prompts_per_iteration, ppo.mini_batch_size = "torch", 1, 16, 8
 ppo.max_new_tokens, ppo.num_generators, ppo.checkpoint_every = 32, 1, 10_000
@@ -173,22 +187,24 @@ with tempfile.TemporaryDirectory() as tmp:
     sync_weights(loop)
     start = time.perf_counter()
     metrics = ppo_step(loop)
-    torch.cuda.synchronize()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
 print({k: round(v, 4) for k, v in metrics.items()})
-json.dump({"device": torch.cuda.get_device_name(), "setup_s": setup_s, "iteration_s": seconds,
-           "metrics": metrics}, open(sys.argv[1], "w"), indent=2)
+name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+with open(sys.argv[2], "w") as f:
+    json.dump({"device": name, "setup_s": setup_s, "iteration_s": seconds, "metrics": metrics}, f, indent=2)
 EOF
-}
 
-step "1 model parity (CUDA, fp32 + bf16)" 90 parity
-step "2 one PPO iteration (torch engine, CUDA)" 150 ppo_one_iteration
-step "3 train throughput bench (CUDA, bf16)" 75 "$PY" bench/train_throughput.py --device cuda --dtype bfloat16 \
+# ----------------------------------------------------------------------------------------------- run
+step "1 model parity ($DEV, fp32 + bf16)" 90 "$PY" "$SITE/parity.py" "$DEV" "$DIR/parity.json"
+step "2 one PPO iteration (torch engine, $DEV)" 150 "$PY" "$SITE/ppo_one_iteration.py" "$DEV" \
+    "$DIR/ppo_one_iteration.json"
+step "3 train throughput bench ($DEV, bf16)" 75 "$PY" bench/train_throughput.py --device "$DEV" --dtype bfloat16 \
     --out "$DIR/train_throughput.json"
-step "4 generate bench (CUDA)" 60 "$PY" bench/generate.py --device cuda --out "$DIR/generate.json"
-step "5 vLLM generate bench (CUDA, bf16)" 120 "$PY" bench/generate_vllm.py --device cuda --dtype bfloat16 \
-    --reps 3 --out "$DIR/generate_vllm.json"
+step "4 generate bench ($DEV)" 60 "$PY" bench/generate.py --device "$DEV" --out "$DIR/generate.json"
+step "5 vLLM generate bench ($DEV, bf16)" 120 "$PY" bench/generate_vllm.py --device "$DEV" --dtype bfloat16 \
+    --eager --reps 3 --out "$DIR/generate_vllm.json"
 note "total: ${SECONDS}s"
 rm -rf "$SITE"
-grep -q FAILED "$SUMMARY" && exit 1
-exit 0
+! grep -q FAILED "$SUMMARY"

@@ -145,6 +145,7 @@ class ActorResources:
 
     num_cpus: float = 0.25
     num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources, e.g. {node_a: 0.1} to pin a role
 
 
 @dataclass
@@ -182,6 +183,7 @@ class PPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     value_init: str = "reward"  # reward (the helpfulness RM) | sft (the SFT trunk with a fresh head)
+    max_logprob_drift: float = 0.05  # mean |log pi_learner - log pi_engine| that stops the run (0: off)
     num_learners: int = 1
     num_generators: int = 1
     engine: str = "torch"  # torch | vllm | auto

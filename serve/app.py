@@ -151,22 +151,20 @@ class BatchQueue:
 
 def make_engine(cfg: ServeConfig) -> tuple[Any, Any, int]:
     """(GenerationEngine, Tokenizer, max_seq_len) for cfg.model_dir; the one place an engine kind is chosen."""
-    import torch
-
-    from rayllama.checkpoint import load_model
-    from rayllama.generation import TorchEngine
-    from rayllama.model import Transformer
+    from rayllama.engines import engine_model_config
+    from rayllama.engines import make_engine as build_engine
     from rayllama.tokenizer import Tokenizer
 
-    model, model_cfg, _ = load_model(cfg.model_dir, device=cfg.device, dtype=getattr(torch, cfg.dtype))
-    if not isinstance(model, Transformer):
-        raise ServeError(f"{cfg.model_dir} is a reward/value model (scalar head), not a chat model; "
-                         f"point model_dir at a policy checkpoint such as runs/tiny/ppo/model")
+    try:
+        engine = build_engine(cfg.engine, cfg.model_dir, cfg.device, dtype=cfg.dtype,
+                              max_batch_size=cfg.batch.engine_max_rows)
+    except ValueError as e:  # CheckpointError, a scalar-head checkpoint, a model vLLM cannot run here
+        raise ServeError(str(e)) from None
+    model_cfg = engine_model_config(engine)
     tok = Tokenizer(tokenizer_file(cfg))
     if tok.vocab_size > model_cfg.vocab_size:
         raise ServeError(f"tokenizer {tokenizer_file(cfg)} has {tok.vocab_size} pieces but the model only "
                          f"{model_cfg.vocab_size}; use the tokenizer the model was trained with")
-    engine = TorchEngine(model, device=cfg.device, max_batch_size=cfg.batch.engine_max_rows)
     return engine, tok, model_cfg.max_seq_len
 
 

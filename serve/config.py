@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rayllama.config import ConfigError, RayConfig, load_typed
 
-ENGINES = ("torch",)  # the shared GenerationEngine implementations serve/app.py can build
+ENGINES = ("torch", "vllm", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

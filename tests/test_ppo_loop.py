@@ -307,3 +307,12 @@ def test_stale_rollouts_are_detected(world, tmp_path):
     forgetful = ForgetfulGenerator(world.sft)  # one lost update: re-sent once, then the loop goes on
     run_ppo(cfg, stand_in_actors(cfg, world, forgetful), world.prompts, world.tokenizer, tmp_path / "again")
     assert forgetful.dropped and forgetful.version() == 2
+
+
+def test_logprob_drift_above_the_limit_stops_the_run():
+    from rayllama.rl.ppo import LogprobDriftError, check_drift
+
+    check_drift({"logprob_drift": 1e-6, "logprob_drift_max": 1e-5}, 1e-3)  # fp32 engines agree: fine
+    check_drift({"logprob_drift": 5.0, "logprob_drift_max": 9.0}, 0.0)  # 0 turns the monitor off
+    with pytest.raises(LogprobDriftError, match="ppo.max_logprob_drift"):
+        check_drift({"logprob_drift": 0.2, "logprob_drift_max": 1.5}, 0.05)

@@ -15,6 +15,18 @@ One iteration (`ppo_step`):
 `run_ppo` wraps it with resume (the last complete `checkpoints/iter-XXXX`), periodic checkpoints and the final
 `out_dir/model` (a complete HF-layout checkpoint: the driver's "stage done").
 
+Faults (every role restarts, `ppo.resources.max_restarts`):
+    generator           a call it dies in is re-issued (`RLActors.call`, bounded retries); a restarted generator
+                        (SFT weights, version 0) gets the current weights before it serves (`refresh_generators`),
+                        and a shard made by other weights is regenerated once (`generate`)
+    reference, reward   frozen: Ray re-runs the task on the restarted actor (max_task_retries), or `call` re-issues
+    learner             its calls are never retried (a restart loses its weights and optimizer): the learner refuses
+                        work (`LearnerLostError`), the loop restores the last checkpoint (or the initial state),
+                        drops the metrics rows after it and redoes those iterations, up to `max_recoveries` times.
+                        The prompt stream, sampling seeds and learner RNG are restored with it, so the result equals
+                        an uninterrupted run bit for bit (tests/test_faults.py).
+metrics.jsonl holds every iteration exactly once, across crashes, recoveries and reruns (`rewind_metrics`).
+
 Metrics per iteration (out_dir/metrics.jsonl, TensorBoard under out_dir/tensorboard as ppo/<name>):
     reward/helpfulness, reward/safety   mean raw RM outputs
     reward/combined                     mean logit(R_c) before whitening (the raw score of the chosen RM)
@@ -32,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -55,12 +68,13 @@ from rayllama.losses import (
     token_rewards,
     whiten,
 )
-from rayllama.rl.actors_api import ActorCallError, RLActors, StaleRolloutError
+from rayllama.rl.actors_api import ActorCallError, LearnerLostError, RLActors, StaleRolloutError
 from rayllama.rl.experience import Experience, SequenceBatch, collate, pad_right, shard, split_rows
 from rayllama.tokenizer import Tokenizer
 
 CHECKPOINTS, STATE_FILE, MODEL = "checkpoints", "ppo_state.json", "model"
 KEEP_CHECKPOINTS = 2  # complete checkpoints kept under out_dir/checkpoints (older ones are removed)
+log = logging.getLogger("rayllama")
 
 
 @dataclass
@@ -127,8 +141,8 @@ def ppo_step(loop: PPOLoop) -> dict[str, float]:
     exp = Experience(batch.sequences, batch.attention_mask, mask, logprobs, values, advantages, returns)
     seed = loop.cfg.seed * 1_000_003 + iteration
     with loop.timed("train"):
-        stats = actors.get([learner.train.remote(part, seed) for learner, part
-                            in zip(actors.learners, shard(exp, len(actors.learners)))], "learner train")
+        stats = actors.get_learners([learner.train.remote(part, seed) for learner, part
+                                     in zip(actors.learners, shard(exp, len(actors.learners)))], "learner train")
     check_learners(stats, loop.weights[1] + 1)
     loop.iteration = iteration
 
@@ -139,6 +153,8 @@ def ppo_step(loop: PPOLoop) -> dict[str, float]:
     # 7. metrics
     lengths = mask.sum(-1)  # (B,)
     learner_stats = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+    learner_stats["logprob_drift_max"] = max(s["logprob_drift_max"] for s in stats)
+    check_drift(learner_stats, ppo.max_logprob_drift)
     return {
         "iteration": iteration,
         "prompt_position": loop.prompt_position,
@@ -188,11 +204,12 @@ def generate(loop: PPOLoop, index: list[int], iteration: int) -> list[Completion
     actors, m = loop.actors, len(loop.actors.generators)
     shards = [list(range(g, len(index), m)) for g in range(m)]
     busy = [g for g in range(m) if shards[g]]
+    refresh_generators(loop)
 
     def run(gens: list[int]) -> list[list[list[Completion]]]:
         return actors.call(lambda: [actors.generators[g].generate.remote(
             [loop.prompt_ids[index[j]] for j in shards[g]], sampling_params(loop, iteration, g)) for g in gens],
-            "generate")
+            "generate", before_retry=lambda: refresh_generators(loop))
 
     results = dict(zip(busy, run(busy)))
     expected = loop.weights[1]
@@ -235,25 +252,63 @@ def score(loop: PPOLoop, batch: SequenceBatch,
     return ref, torch.tensor(helpful), torch.tensor(safety), torch.cat(values)
 
 
+class LogprobDriftError(RuntimeError):
+    """The generators' log-probs and the learner's disagree beyond ppo.max_logprob_drift (weights out of sync,
+    or an engine that samples from a different model than the learner trains)."""
+
+
+def check_drift(stats: dict[str, float], limit: float) -> None:
+    """Fail loudly when the mean |log pi_learner - log pi_engine| over response tokens exceeds `limit`."""
+    if limit > 0 and stats["logprob_drift"] > limit:
+        raise LogprobDriftError(
+            f"log-prob drift between the rollout engine and the learner is {stats['logprob_drift']:.2e} (max "
+            f"{stats['logprob_drift_max']:.2e}), above ppo.max_logprob_drift {limit:g}: the generators do not run "
+            f"the learner's weights; check the weight sync (or raise the limit for a low-precision engine)"
+        )
+
+
 def check_learners(stats: list[dict[str, float]], expected_version: int) -> None:
     """Every learner must report the version it had at the last sync + 1; a learner that restarted (and lost its
-    weights and optimizer) reports less. Training on would mix fresh SFT weights into the run, so stop."""
+    weights and optimizer) reports less. Training on would mix fresh SFT weights into the run: `LearnerLostError`
+    (the loop restores the last checkpoint)."""
     for rank, s in enumerate(stats):
         if int(s.pop("version")) != expected_version:
-            raise ActorCallError(f"policy-learner-{rank} restarted and lost its training state; run the stage "
-                                 f"again to resume from the last checkpoint")
+            raise LearnerLostError(f"policy-learner-{rank} restarted and lost its training state; run the stage "
+                                   f"again to resume from the last checkpoint")
 
 
 def push_weights(loop: PPOLoop, generators: list[Any]) -> None:
+    """loop.weights to `generators`; a generator that dies in the call is restarted by Ray and sent them again."""
     state, version, checksum = loop.weights
     loop.actors.call(lambda: [g.update_weights.remote(state, version, checksum) for g in generators],
                      "generator weight update")
 
 
+def refresh_generators(loop: PPOLoop) -> None:
+    """Send loop.weights to every generator that holds an older version, before it serves: a generator that Ray
+    restarted after a crash is back on the SFT weights (version 0). One small call per generator."""
+    actors = loop.actors
+    held = actors.call(lambda: [g.version.remote() for g in actors.generators], "generator versions")
+    behind = [g for g, version in zip(actors.generators, held, strict=True) if version < loop.weights[1]]
+    if behind:
+        log.warning(f"{len(behind)} generator(s) behind weight version {loop.weights[1]} (restarted?); "
+                    f"sending the current weights")
+        push_weights(loop, behind)
+
+
 def sync_weights(loop: PPOLoop) -> None:
     """Rank 0's weights (one object-store copy, put by the learner) to every generator."""
-    loop.weights = loop.actors.get(loop.actors.learners[0].weights.remote(), "learner weights")
+    loop.weights = loop.actors.get_learners(loop.actors.learners[0].weights.remote(), "learner weights")
     push_weights(loop, loop.actors.generators)
+
+
+def start_sync(loop: PPOLoop) -> None:
+    """At the start and after a recovery: label the learners' weights no older than what the generators hold
+    (they may have outlived a learner), then send them to every generator."""
+    actors = loop.actors
+    held = max(actors.call(lambda: [g.version.remote() for g in actors.generators], "generator versions"))
+    actors.get_learners([learner.advance_version.remote(held) for learner in actors.learners], "learner version")
+    sync_weights(loop)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -263,26 +318,38 @@ def checkpoint_dir(out_dir: Path, iteration: int) -> Path:
     return out_dir / CHECKPOINTS / f"iter-{iteration:04d}"
 
 
+def read_state(path: Path) -> dict[str, Any] | None:
+    """The JSON state file at `path`, or None if it is missing or unreadable (a checkpoint damaged on disk)."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and "iteration" in state else None
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete `checkpoints/iter-XXXX` (state file + complete policy and value), or None."""
+    """The newest complete `checkpoints/iter-XXXX` (readable state file + complete policy and value), or None.
+    A damaged newer one is skipped with a warning (the one before it is complete: saves are atomic)."""
     root = out_dir / CHECKPOINTS
     if not root.is_dir():
         return None
     for path in sorted(root.glob("iter-[0-9]*"), reverse=True):
-        if (path / STATE_FILE).is_file() and is_complete(path / "policy") and is_complete(path / "value"):
+        if read_state(path / STATE_FILE) is not None and is_complete(path / "policy") and is_complete(path / "value"):
             return path
+        log.warning(f"checkpoint {path} is incomplete or damaged; skipping it")
     return None
 
 
-def save_checkpoint(loop: PPOLoop, out_dir: Path) -> Path:
-    """Rank 0 writes policy, value, optimizers, RNG into a temp dir; the loop state goes beside; then one rename."""
+def save_checkpoint(loop: PPOLoop, out_dir: Path, metrics: dict[str, Any] | None = None) -> Path:
+    """Rank 0 writes policy, value, optimizers, RNG into a temp dir; the loop state (and the iteration's metrics
+    row, for `rewind_metrics`) goes beside; then one rename."""
     target = checkpoint_dir(out_dir, loop.iteration)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    loop.actors.get(loop.actors.learners[0].save.remote(str(tmp)), "learner save")
+    loop.actors.get_learners(loop.actors.learners[0].save.remote(str(tmp)), "learner save")
     state = {"iteration": loop.iteration, "prompt_position": loop.prompt_position, "weight_version": loop.weights[1],
-             "seed": loop.cfg.seed, "n_prompts": len(loop.prompt_ids)}
+             "seed": loop.cfg.seed, "n_prompts": len(loop.prompt_ids), "metrics": metrics}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     if target.exists():
         shutil.rmtree(target)
@@ -312,8 +379,44 @@ def resume(loop: PPOLoop, out_dir: Path) -> Path | None:
         raise ValueError(f"checkpoint {path} was made with {state['n_prompts']} prompts but {len(loop.prompt_ids)} "
                          f"are given; resume with the same prompts or use a new run directory")
     actors = loop.actors
-    actors.get([learner.load.remote(str(path)) for learner in actors.learners], "learner load")
+    actors.get_learners([learner.load.remote(str(path)) for learner in actors.learners], "learner load")
     loop.iteration, loop.prompt_position = state["iteration"], state["prompt_position"]
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- recovery
+
+
+def rewind_metrics(writer: Any, checkpoint: Path | None, state_file: str, iteration: int) -> None:
+    """Make metrics.jsonl hold iterations 1..`iteration` once each before the loop goes on from `iteration`:
+    drop the rows of later iterations (a crash after them rolled back to an older checkpoint; they are redone),
+    and put back the checkpoint's own row when the crash came between the checkpoint and its row."""
+    rows = writer.rewind(iteration)
+    if iteration and not any(r.get("iteration") == iteration for r in rows) and checkpoint is not None:
+        stored = (read_state(checkpoint / state_file) or {}).get("metrics")
+        if stored:
+            writer.write(iteration, {**stored, "recovered_row": 1})
+
+
+def recover_learners(actors: RLActors, error: LearnerLostError, recoveries: int,
+                     resume_fn: Callable[[], Path | None], reset_fn: Callable[[], None]) -> Path | None:
+    """After a learner was lost: restore the last checkpoint (`resume_fn`), or, with none yet, take the
+    learners' initial state back (`restore_initial`) and `reset_fn()` the loop; returns the checkpoint or None.
+    Gives up (ActorCallError) after `actors.max_recoveries` losses, or with several learners (their
+    torch.distributed group cannot be rebuilt in the loop: rerun the stage, it resumes from the checkpoint)."""
+    if recoveries > actors.max_recoveries:
+        raise ActorCallError(f"the policy learner was lost {recoveries} times (limit {actors.max_recoveries}); "
+                             f"see its log, then run the stage again to resume from the last checkpoint") from error
+    if len(actors.learners) > 1:
+        raise ActorCallError(f"a policy learner was lost ({str(error).splitlines()[0]}); with "
+                             f"{len(actors.learners)} learners the loop cannot rebuild their process group, so run "
+                             f"the stage again to resume from the last checkpoint") from error
+    path = resume_fn()
+    if path is None:
+        actors.get_learners([learner.restore_initial.remote() for learner in actors.learners], "learner restore")
+        reset_fn()
+    log.warning(f"policy learner lost ({type(error).__name__}); recovery {recoveries} of {actors.max_recoveries}: "
+                f"restored {path.name if path else 'the initial state'} and redoing the iterations after it")
     return path
 
 
@@ -335,14 +438,28 @@ def encode_prompts(prompts: Sequence[PromptRecord], tokenizer: Tokenizer,
     return kept, ids
 
 
+def ppo_iteration(loop: PPOLoop, out_dir: Path, evaluate: Callable[[RLActors, int], dict[str, float]] | None,
+                  ) -> dict[str, Any]:
+    """One `ppo_step`, the optional evaluation and the checkpoint when it is due; returns the metrics row."""
+    ppo, start = loop.cfg.ppo, time.perf_counter()
+    metrics = ppo_step(loop)
+    if evaluate is not None and ppo.eval_every and loop.iteration % ppo.eval_every == 0:
+        with loop.timed("evaluate"):
+            metrics.update(evaluate(loop.actors, loop.iteration))
+    if loop.iteration == ppo.iterations or (ppo.checkpoint_every and loop.iteration % ppo.checkpoint_every == 0):
+        with loop.timed("checkpoint"):
+            save_checkpoint(loop, out_dir, {**metrics, **loop.timings})
+    return {**metrics, **loop.timings, "timing/iteration": time.perf_counter() - start}
+
+
 def run_ppo(cfg: PipelineConfig, actors: RLActors, prompts: list[PromptRecord], tokenizer: Tokenizer,
             out_dir: Path, evaluate: Callable[[RLActors, int], dict[str, float]] | None = None, *,
             overlap: bool = True) -> dict[str, Any]:
     """Run PPO up to cfg.ppo.iterations, resuming from `out_dir/checkpoints`; write `out_dir/model` at the end.
 
     `evaluate(actors, iteration) -> metrics` runs every cfg.ppo.eval_every iterations (0: never) after the weight
-    sync, so the generators hold the new policy. Returns the last iteration's metrics plus `model_dir`,
-    `iterations` and `resumed_from`.
+    sync, so the generators hold the new policy. A lost learner is recovered from (module docstring, "Faults").
+    Returns the last iteration's metrics plus `model_dir`, `iterations`, `resumed_from` and `recoveries`.
     """
     from tqdm import tqdm
 
@@ -354,33 +471,39 @@ def run_ppo(cfg: PipelineConfig, actors: RLActors, prompts: list[PromptRecord], 
     loop = PPOLoop(cfg, actors, kept, prompt_ids, tokenizer, overlap=overlap)
     resumed = resume(loop, out_dir)
     # the generators start from the learner's weights (the checkpoint's, on resume), labelled no older than theirs
-    held = max(actors.call(lambda: [g.version.remote() for g in actors.generators], "generator versions"))
-    actors.get([learner.advance_version.remote(held) for learner in actors.learners], "learner version")
-    sync_weights(loop)
+    start_sync(loop)
+
+    def reset() -> None:
+        loop.iteration, loop.prompt_position = 0, 0
+
+    model_dir = out_dir / MODEL
     writer = MetricsWriter(str(out_dir), "ppo")
     metrics: dict[str, Any] = {}
+    recoveries = 0
     try:
+        rewind_metrics(writer, resumed, STATE_FILE, loop.iteration)
         writer.write(loop.iteration, {"prompts": len(kept), "prompts_dropped_too_long": len(prompts) - len(kept),
                                       "resumed_from": loop.iteration if resumed else -1})
         bar = tqdm(total=ppo.iterations, initial=loop.iteration, desc="ppo", unit="it")
-        while loop.iteration < ppo.iterations:
-            start = time.perf_counter()
-            metrics = ppo_step(loop)
-            if evaluate is not None and ppo.eval_every and loop.iteration % ppo.eval_every == 0:
-                with loop.timed("evaluate"):
-                    metrics.update(evaluate(actors, loop.iteration))
-            if loop.iteration == ppo.iterations or (ppo.checkpoint_every and loop.iteration % ppo.checkpoint_every == 0):
-                with loop.timed("checkpoint"):
-                    save_checkpoint(loop, out_dir)
-            metrics.update(loop.timings, **{"timing/iteration": time.perf_counter() - start})
+        while True:
+            try:
+                if loop.iteration == ppo.iterations:  # done: the final checkpoint's policy is the stage's output
+                    actors.get_learners(actors.learners[0].export_policy.remote(
+                        str(model_dir), str(tokenizer.model_path), {"iteration": loop.iteration}), "export policy")
+                    break
+                metrics = ppo_iteration(loop, out_dir, evaluate)
+            except LearnerLostError as error:
+                recoveries += 1
+                restored = recover_learners(actors, error, recoveries, lambda: resume(loop, out_dir), reset)
+                start_sync(loop)
+                rewind_metrics(writer, restored, STATE_FILE, loop.iteration)
+                bar.n = loop.iteration
+                continue
             writer.write(loop.iteration, metrics)
             bar.update(1)
             bar.set_postfix({"reward": f"{metrics['reward/combined']:.3f}", "kl": f"{metrics['kl']:.3f}"})
         bar.close()
-        model_dir = out_dir / MODEL
-        actors.get(actors.learners[0].export_policy.remote(
-            str(model_dir), str(tokenizer.model_path), {"iteration": loop.iteration}), "export policy")
     finally:
         writer.close()
     return {**metrics, "model_dir": str(model_dir), "iterations": loop.iteration,
-            "resumed_from": int(resumed.name.split("-")[1]) if resumed else None}
+            "resumed_from": int(resumed.name.split("-")[1]) if resumed else None, "recoveries": recoveries}
