@@ -131,14 +131,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotate_half(x) * sin[:, None]  # (B, H, T, D)
 
 
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, K, S, D) -> (B, K*n_rep, S, D): each key/value head serves n_rep query heads (GQA)."""
-    if n_rep == 1:
-        return x
-    b, k, s, d = x.shape
-    return x[:, :, None].expand(b, k, n_rep, s, d).reshape(b, k * n_rep, s, d)
-
-
 class KVCache:
     """Preallocated keys and values for incremental decoding, passed into `Transformer.forward`.
 
@@ -213,9 +205,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # (B, K, S, D)
-        n_rep = self.n_heads // self.n_kv_heads
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, S, D)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, D)
+        # GQA without materialising repeated K/V: SDPA maps query head h to KV head h // (H / K)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, E)
 
 
