@@ -8,8 +8,14 @@ Roles and names (the dashboard shows them):
     reward-safety        RewardScorer("safety")
     rollout-<i>          RolloutGenerator, i < ppo.num_generators
 
-Resources per role come from `ppo.resources` (one bundle per actor, fractional CPUs allowed). If the bundles do
-not fit within `placement_timeout_s`, creation fails with a one-line `PlacementError` naming what was asked.
+Resources per role come from `ppo.resources` (one bundle per actor, fractional CPUs allowed, plus custom Ray
+resources per role: `ppo.resources.learner.resources={node_a: 0.1}` pins the learner to the node(s) that offer
+`node_a`). If the bundles do not fit within `placement_timeout_s`, creation fails with a one-line
+`PlacementError` naming what was asked.
+
+Faults: every actor restarts up to `max_restarts` times and re-runs the task it died in (`_role_options`);
+`RLActors.call` re-issues up to `max_restarts` more times, and the loops recover from a lost learner up to
+`max_restarts` times (rayllama.rl.ppo, "Faults").
 
 Rejection sampling (`create_rejection_actors`) needs fewer roles: one policy-only learner (`policy-learner-0`,
 no value model, AdamW per rejection.optim), both reward scorers and rejection.num_generators generators, with
@@ -46,7 +52,11 @@ def _bundle(res: ActorResources, role: str, section: str = "ppo") -> dict[str, f
     if res.num_cpus < 0 or res.num_gpus < 0 or res.num_cpus + res.num_gpus <= 0:
         raise ValueError(f"{section}.resources.{role} asks for {res.num_cpus} CPUs and {res.num_gpus} GPUs; give "
                          f"it num_cpus > 0 (fractions are fine) or num_gpus > 0")
-    bundle = {"CPU": float(res.num_cpus)}
+    bad = {k: v for k, v in res.resources.items() if k in ("CPU", "GPU", "memory") or not v > 0}
+    if bad:
+        raise ValueError(f"{section}.resources.{role}.resources {bad} is not a custom resource amount > 0; use "
+                         f"num_cpus/num_gpus for CPU and GPU, and positive amounts")
+    bundle = {"CPU": float(res.num_cpus), **{k: float(v) for k, v in res.resources.items()}}
     if res.num_gpus > 0:
         bundle["GPU"] = float(res.num_gpus)
     return bundle
@@ -69,22 +79,32 @@ def _place_roles(roles: list[Role], res: RLResources, section: str, name: str) -
         remove_placement_group(pg)
         cpus, gpus = sum(b["CPU"] for b in bundles), sum(b.get("GPU", 0.0) for b in bundles)
         free = ray.available_resources()
-        raise PlacementError(f"the {len(bundles)} RL actors need {cpus:g} CPUs and {gpus:g} GPUs but only "
+        custom: dict[str, float] = {}
+        for b in bundles:
+            for k, v in b.items():
+                if k not in ("CPU", "GPU"):
+                    custom[k] = custom.get(k, 0.0) + v
+        extra = "".join(f" and {v:g} '{k}' (free: {free.get(k, 0):g})" for k, v in custom.items())
+        raise PlacementError(f"the {len(bundles)} RL actors need {cpus:g} CPUs and {gpus:g} GPUs{extra} but only "
                              f"{free.get('CPU', 0):g} CPUs and {free.get('GPU', 0):g} GPUs were free within "
                              f"{res.placement_timeout_s:g} s; lower {section}.resources.*.num_cpus/num_gpus or "
                              f"{section}.num_learners/num_generators") from None
     return pg
 
 
-def _role_options(roles: list[Role], res: RLResources, pg: Any, name_prefix: str) -> Callable[[int, bool], dict]:
-    """options(index, stateless) for `ActorClass.options(...)`: the role's name, resources, bundle and restarts
-    (stateless roles also retry their tasks after a restart)."""
+def _role_options(roles: list[Role], res: RLResources, pg: Any, name_prefix: str) -> Callable[[int], dict]:
+    """options(index) for `ActorClass.options(...)`: the role's name, resources, bundle and restarts.
+
+    Every role also re-runs the task it died in (max_task_retries), which is safe: the frozen roles compute the
+    same thing again, a restarted generator refuses to generate until it is sent weights (`ActorRestartedError`:
+    the loops send it the current ones and call again), and a restarted learner refuses work (`LearnerLostError`)
+    until a checkpoint is restored."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    def options(index: int, stateless: bool) -> dict:
+    def options(index: int) -> dict:
         name, r, _ = roles[index]
         return dict(name=f"{name_prefix}{name}", num_cpus=r.num_cpus, num_gpus=r.num_gpus,
-                    max_restarts=res.max_restarts, max_task_retries=res.max_restarts if stateless else 0,
+                    resources=dict(r.resources), max_restarts=res.max_restarts, max_task_retries=res.max_restarts,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index))
 
     return options
@@ -132,20 +152,21 @@ def create_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir:
 
     threads = cfg.threads_per_worker
     n, m = ppo.num_learners, ppo.num_generators
-    learners = [PolicyLearnerActor.options(**options(i, False)).remote(
+    learners = [PolicyLearnerActor.options(**options(i)).remote(
         policy_dir, reward_helpfulness_dir, ppo, seed=cfg.seed, device=_device(cfg, res.learner), threads=threads)
         for i in range(n)]
-    reference = ReferenceModelActor.options(**options(n, True)).remote(
+    reference = ReferenceModelActor.options(**options(n)).remote(
         reference_dir, device=_device(cfg, res.reference), threads=threads)
-    reward_h = RewardScorerActor.options(**options(n + 1, True)).remote(
+    reward_h = RewardScorerActor.options(**options(n + 1)).remote(
         "helpfulness", reward_helpfulness_dir, device=_device(cfg, res.reward), threads=threads)
-    reward_s = RewardScorerActor.options(**options(n + 2, True)).remote(
+    reward_s = RewardScorerActor.options(**options(n + 2)).remote(
         "safety", reward_safety_dir, device=_device(cfg, res.reward), threads=threads)
-    generators = [RolloutGeneratorActor.options(**options(n + 3 + i, False)).remote(
+    generators = [RolloutGeneratorActor.options(**options(n + 3 + i)).remote(
         policy_dir, ppo.engine, device=_device(cfg, res.rollout), threads=threads) for i in range(m)]
     handles = [*learners, reference, reward_h, reward_s, *generators]
     actors = RLActors(learners=learners, reference=reference, reward_helpfulness=reward_h, reward_safety=reward_s,
                       generators=generators, call_timeout_s=res.call_timeout_s, placement_group=pg,
+                      retries=res.max_restarts, max_recoveries=res.max_restarts,
                       names={f"{name_prefix}{name}": h for (name, _, _), h in zip(roles, handles, strict=True)})
     return _await_ready(actors, roles, name_prefix)
 
@@ -171,18 +192,19 @@ def create_rejection_actors(cfg: PipelineConfig, policy_dir: str | Path, reward_
     options = _role_options(roles, res, pg, name_prefix)
 
     threads = cfg.threads_per_worker
-    learner = PolicyLearnerActor.options(**options(0, False)).remote(
+    learner = PolicyLearnerActor.options(**options(0)).remote(
         policy_dir, None, None, seed=cfg.seed, device=_device(cfg, res.learner), threads=threads,
         micro_batch_size=rej.micro_batch_size, sft_optim=rej.optim)
-    reward_h = RewardScorerActor.options(**options(1, True)).remote(
+    reward_h = RewardScorerActor.options(**options(1)).remote(
         "helpfulness", reward_helpfulness_dir, device=_device(cfg, res.reward), threads=threads)
-    reward_s = RewardScorerActor.options(**options(2, True)).remote(
+    reward_s = RewardScorerActor.options(**options(2)).remote(
         "safety", reward_safety_dir, device=_device(cfg, res.reward), threads=threads)
-    generators = [RolloutGeneratorActor.options(**options(3 + i, False)).remote(
+    generators = [RolloutGeneratorActor.options(**options(3 + i)).remote(
         policy_dir, rej.engine, device=_device(cfg, res.rollout), threads=threads) for i in range(rej.num_generators)]
     handles = [learner, reward_h, reward_s, *generators]
     actors = RLActors(learners=[learner], reference=None, reward_helpfulness=reward_h, reward_safety=reward_s,
                       generators=generators, call_timeout_s=res.call_timeout_s, placement_group=pg,
+                      retries=res.max_restarts, max_recoveries=res.max_restarts,
                       names={f"{name_prefix}{name}": h for (name, _, _), h in zip(roles, handles, strict=True)})
     return _await_ready(actors, roles, name_prefix)
 

@@ -21,7 +21,13 @@ import torch
 
 from rayllama.engines import engine_model_config, make_engine
 from rayllama.generation import Completion, SamplingParams
-from rayllama.rl.actors_api import StaleWeightsError, WeightChecksumError, checksums_match, weights_checksum
+from rayllama.rl.actors_api import (
+    ActorRestartedError,
+    StaleWeightsError,
+    WeightChecksumError,
+    checksums_match,
+    weights_checksum,
+)
 
 
 def _as_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -70,4 +76,26 @@ class RolloutGenerator:
 
 @ray.remote
 class RolloutGeneratorActor(RolloutGenerator):
-    """Ray shell (one process per generator); `update_weights` receives the state Ray resolved from one ref."""
+    """Ray shell (one process per generator); `update_weights` receives the state Ray resolved from one ref.
+
+    After a crash Ray reruns the constructor (max_restarts): the generator is back on its start checkpoint, so
+    until it is sent weights it reports version -1 and refuses to generate (`ActorRestartedError`; the loops send
+    it the current weights and call again). No rollout comes from weights the loop did not send."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        if self.restarted:
+            raise ActorRestartedError("this rollout generator restarted after a crash and holds its start "
+                                      "checkpoint's weights; send it the current weights first")
+        return super().generate(prompt_ids, params)
+
+    def update_weights(self, state: Mapping[str, Any], version: int, checksum: float) -> int:
+        version = super().update_weights(state, version, checksum)
+        self.restarted = False
+        return version
+
+    def version(self) -> int:
+        return -1 if self.restarted else super().version()

@@ -228,8 +228,9 @@ def resolve(path: str | Path) -> Path:
     raise CheckpointError(f"checkpoint {target} does not exist; check the path (or train that stage first)")
 
 
-def _check_safetensors(file: Path) -> None:
-    """Header check: 8-byte little-endian n, n bytes of JSON, then exactly max(data_offsets) bytes of data."""
+def _check_safetensors(file: Path) -> dict[str, Any]:
+    """Header check: 8-byte little-endian n, n bytes of JSON, then exactly max(data_offsets) bytes of data.
+    Returns the header (tensor name -> dtype, shape, data_offsets)."""
     size = file.stat().st_size
     try:
         with open(file, "rb") as f:
@@ -238,12 +239,16 @@ def _check_safetensors(file: Path) -> None:
                 raise ValueError
             header = json.loads(f.read(n))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (struct.error, ValueError, KeyError, TypeError):
+        for k, v in header.items():
+            if k != "__metadata__" and not isinstance(v["shape"], list):
+                raise TypeError
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt); "
                               f"re-save or re-download the checkpoint") from None
     if size != 8 + n + end:
         raise CheckpointError(f"{file} is truncated ({size} bytes, header says {8 + n + end}); "
                               f"re-save or re-download the checkpoint")
+    return header
 
 
 def _weight_files(d: Path) -> list[Path]:
@@ -271,9 +276,21 @@ def _read_config(d: Path) -> dict[str, Any]:
     if not (d / CONFIG).is_file():
         raise CheckpointError(f"{d} has no {CONFIG}; it is not a (complete) checkpoint, re-save it")
     try:
-        return json.loads((d / CONFIG).read_text())
+        hf = json.loads((d / CONFIG).read_text())
     except ValueError:
         raise CheckpointError(f"{d / CONFIG} is not valid JSON; re-save the checkpoint") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{d / CONFIG} holds a JSON {type(hf).__name__}, not an object; re-save the checkpoint")
+    return hf
+
+
+def _config(d: Path) -> tuple[dict[str, Any], ModelConfig]:
+    """(config.json as a dict, its ModelConfig); errors name the file."""
+    hf = _read_config(d)
+    try:
+        return hf, config_from_hf(hf)
+    except CheckpointError as e:
+        raise CheckpointError(f"{d / CONFIG}: {e}") from None
 
 
 def is_complete(path: str | Path) -> bool:
@@ -286,7 +303,7 @@ def is_complete(path: str | Path) -> bool:
 
 def _dir_complete(d: Path) -> bool:
     try:
-        config_from_hf(_read_config(d))
+        _config(d)
         for f in _weight_files(d):
             if f.suffix == ".safetensors":
                 _check_safetensors(f)
@@ -309,6 +326,43 @@ def _load_state(d: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _match_shapes(d: Path, arch: str, expected: dict[str, tuple], got: dict[str, tuple]) -> None:
+    """CheckpointError unless the tensors `got` have exactly the names and shapes `expected` (from config.json)."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{d}: weights lack {missing[:3]} / have unexpected {unexpected[:3]} "
+                              f"for a {arch}; the weights do not match config.json, re-export the checkpoint")
+    for k, shape in expected.items():
+        if tuple(got[k]) != shape:
+            raise CheckpointError(f"{d}: tensor {k} has shape {tuple(got[k])} "
+                                  f"but config.json implies "
+                                  f"{shape}; the weights do not match config.json, re-export the checkpoint")
+
+
+def verify(path: str | Path) -> Path:
+    """Check a checkpoint without reading its tensors: config.json, untruncated safetensors files, and tensor
+    names and shapes (from the file headers) against what config.json implies. Raises CheckpointError naming
+    the first problem (what `load_model` would fail on); returns the directory. pytorch_model.bin weights are
+    only checked for presence (their shapes need a full load)."""
+    d = resolve(path)
+    hf, cfg = _config(d)
+    arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
+    kind = "scalar" if arch == ARCHITECTURES["scalar"] else "causal"
+    got: dict[str, tuple] = {}
+    for f in _weight_files(d):
+        if f.suffix != ".safetensors":
+            return d
+        header = _check_safetensors(f)
+        got.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    if kind == "causal" and "lm_head.weight" not in got and "model.embed_tokens.weight" in got:
+        got["lm_head.weight"] = got["model.embed_tokens.weight"]  # tied there, untied here
+    with torch.device("meta"):
+        model = ScalarHeadModel(cfg) if kind == "scalar" else Transformer(cfg)
+    _match_shapes(d, arch, {k: tuple(v.shape) for k, v in model.state_dict().items()}, got)
+    return d
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                ) -> tuple[Transformer | ScalarHeadModel, ModelConfig, dict[str, Any]]:
     """(model, cfg, meta) from a directory written by `save_model` or by transformers' `save_pretrained`.
@@ -317,8 +371,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     weights are cast to `dtype` and placed on `device`; the model is returned in train mode.
     """
     d = resolve(path)
-    hf = _read_config(d)
-    cfg = config_from_hf(hf)
+    hf, cfg = _config(d)
     arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
     kind = "scalar" if arch == ARCHITECTURES["scalar"] else "causal"
     n_labels = hf.get("num_labels", len(hf.get("id2label") or {}) or 2)  # HF's default is 2 labels
@@ -330,22 +383,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()  # tied there, untied here
     with torch.device("meta"):
         model = ScalarHeadModel(cfg) if kind == "scalar" else Transformer(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{d}: weights lack {missing[:3]} / have unexpected {unexpected[:3]} "
-                              f"for a {arch}; the weights do not match config.json, re-export the checkpoint")
-    for k, shape in expected.items():
-        if tuple(state[k].shape) != shape:
-            raise CheckpointError(f"{d}: tensor {k} has shape {tuple(state[k].shape)} "
-                                  f"but config.json implies "
-                                  f"{shape}; the weights do not match config.json, re-export the checkpoint")
+    _match_shapes(d, arch, {k: tuple(v.shape) for k, v in model.state_dict().items()},
+                  {k: tuple(v.shape) for k, v in state.items()})
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     meta: dict[str, Any] = {"kind": kind}
     if (d / META).is_file():
-        meta.update(json.loads((d / META).read_text()))
+        try:
+            meta.update(json.loads((d / META).read_text()))
+        except (ValueError, TypeError):
+            raise CheckpointError(f"{d / META} is not a JSON object; re-save the checkpoint") from None
     return model, cfg, meta
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from rayllama.config import ConfigError, PipelineConfig, load_config, to_yaml
 
 log = logging.getLogger("rayllama")
+trace = logging.getLogger("rayllama.driver.trace")  # tracebacks of user errors: driver.log only
 
 
 class RunDir:
@@ -46,6 +47,26 @@ class RunDir:
         os.replace(tmp, self.eval_json)
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What a stage raises for a mistake or an environment problem the user can fix (a bad checkpoint, data, too
+    few resources, an actor that keeps crashing): one line on stderr, the traceback in driver.log. Anything else
+    is a bug and keeps its traceback."""
+    from actors.group import PlacementError
+    from rayllama.pipeline import PipelineError
+    from rayllama.rl.actors_api import ActorCallError
+
+    return PipelineError, ValueError, FileNotFoundError, ActorCallError, PlacementError
+
+
+def one_line(e: BaseException) -> str:
+    """The message of `e` in one line (a Ray task error: of the exception the remote code raised)."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def _setup_logging(run: RunDir) -> None:
     run.root.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
@@ -56,6 +77,8 @@ def _setup_logging(run: RunDir) -> None:
     log.handlers[:] = [file_handler, console]
     log.setLevel(logging.INFO)
     log.propagate = False
+    trace.handlers[:] = [file_handler]
+    trace.propagate = False
 
 
 def _start_ray(cfg: PipelineConfig, run: RunDir) -> None:
@@ -103,16 +126,21 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         pipeline = Pipeline(cfg, run)  # reads and checks every data file before Ray starts
-    except (ValueError, FileNotFoundError) as e:
+        pipeline.check_inputs()  # and every checkpoint the listed stages read but do not write
+    except (ValueError, FileNotFoundError, PipelineError) as e:
         print(f"rayllama: error: {e}", file=sys.stderr)
         return 2
     t0 = time.time()
     _start_ray(cfg, run)
     try:
         pipeline.run_all()
-    except PipelineError as e:
-        log.error(str(e))
-        print(f"rayllama: error: {e}", file=sys.stderr)
+    except Exception as e:
+        if not isinstance(e, user_errors()):
+            raise
+        line = one_line(e)
+        log.error(line)
+        trace.error("", exc_info=e)  # the traceback goes to driver.log only
+        print(f"rayllama: error: {line} (details in {run.root / 'driver.log'})", file=sys.stderr)
         return 1
     finally:
         import ray

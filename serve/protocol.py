@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class APIError(Exception):
@@ -41,6 +41,17 @@ class ChatMessage(BaseModel):
         """The content as one string (text parts joined, as OpenAI's array form allows)."""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
+    @field_validator("content")
+    @classmethod
+    def _encodable(cls, content: str | list[TextPart]) -> str | list[TextPart]:
+        """JSON allows lone surrogates (\\ud800) that no tokenizer can encode: reject them here (400)."""
+        text = content if isinstance(content, str) else "".join(p.text for p in content)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"not valid Unicode text (a lone surrogate at character {e.start})") from None
+        return content
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -61,7 +72,7 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI's
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -77,6 +88,9 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"request body is not valid JSON ({e}); send a JSON object", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "request body is not valid JSON (nested too deeply); send a JSON object",
+                       code="invalid_json") from None
     if not isinstance(obj, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(obj).__name__}", code="invalid_json")
     try:

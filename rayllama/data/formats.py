@@ -256,15 +256,22 @@ def read_jsonl(path: str | os.PathLike[str], fmt: str, skip_bad: bool = False) -
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file; check the path in the config")
     out = RecordList()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             try:
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is fine
+                except UnicodeDecodeError as e:
+                    raise _FieldError("<encoding>", f"not UTF-8 text (byte {raw[e.start]:#04x} at byte "
+                                                    f"{e.start + 1})") from None
+                if not line.strip():
+                    continue
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise _FieldError("<json>", f"bad JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:
+                    raise _FieldError("<json>", "bad JSON (nested too deeply)") from None
                 out.append(_parse(obj, fmt))
             except _FieldError as e:
                 msg = f"{path}:{lineno}: {e} in a {fmt} line; fix the line or read with skip_bad=True"

@@ -18,6 +18,7 @@ whose checksum differs (`WeightChecksumError`).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 T = TypeVar("T")
+log = logging.getLogger("rayllama")
 
 
 class StaleWeightsError(ValueError):
@@ -43,6 +45,16 @@ class StaleRolloutError(RuntimeError):
 
 class ActorCallError(RuntimeError):
     """A remote call that timed out or whose actor died more often than the retries allow."""
+
+
+class ActorRestartedError(RuntimeError):
+    """A restarted actor that must be brought up to date before it serves (a generator: sent the current weights).
+    `RLActors.call` treats it like a death: it runs `before_retry` and re-issues the call."""
+
+
+class LearnerLostError(ActorCallError):
+    """A policy learner died (Ray restarts it with fresh SFT weights) or was restarted without its training state:
+    the loop restores the learners from the last checkpoint and redoes the iterations after it."""
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -123,6 +135,7 @@ class RLActors:
     local: bool = False
     call_timeout_s: float | None = None  # None: wait forever
     retries: int = 1  # re-issues of a call whose actor died (it restarts, see max_restarts)
+    max_recoveries: int = 3  # learner losses a loop recovers from (restore the last checkpoint) before it gives up
     placement_group: Any = None  # the group holding the Ray actors (removed by shutdown_rl_actors)
     names: dict[str, Any] = field(default_factory=dict)  # actor name -> handle, for logs and fault injection
 
@@ -135,8 +148,8 @@ class RLActors:
         return ray.put(value)
 
     def get(self, refs: Any, what: str) -> Any:
-        """Wait for a ref or a list of refs at most `call_timeout_s`; `what` names the call in errors. No retry:
-        use it for calls that must not be re-run on a restarted actor (the learners: a restart loses their state)."""
+        """Wait for a ref or a list of refs at most `call_timeout_s`; `what` names the call in errors. No re-issue
+        (Ray itself re-runs a task whose actor died and restarted, see actors.group)."""
         if self.local:
             return refs
         import ray
@@ -148,8 +161,21 @@ class RLActors:
             raise ActorCallError(f"{what} did not answer within {self.call_timeout_s:.0f} s; raise "
                                  f"ppo.resources.call_timeout_s or look at the actor's log") from None
 
-    def call(self, issue: Callable[[], Any], what: str) -> Any:
-        """`get(issue(), what)`, re-issuing the calls up to `retries` times when an actor died (Ray restarts it).
+    def get_learners(self, refs: Any, what: str) -> Any:
+        """`get` for calls on the learners, never re-issued: a learner that died raises `LearnerLostError` (the
+        loops recover by restoring the last checkpoint), as does a restarted one, which refuses work."""
+        if self.local:
+            return refs
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        try:
+            return self.get(refs, what)
+        except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+            raise LearnerLostError(f"{what} failed: a policy learner died ({type(e).__name__})") from e
+
+    def call(self, issue: Callable[[], Any], what: str, before_retry: Callable[[], None] | None = None) -> Any:
+        """`get(issue(), what)`, re-issuing the calls up to `retries` times when an actor died (Ray restarts it);
+        `before_retry()` runs before each re-issue (e.g. to send a restarted generator the current weights).
         For calls that are safe to repeat on a fresh actor (generation, scoring, reference log-probs)."""
         if self.local:
             return issue()
@@ -159,11 +185,15 @@ class RLActors:
         while True:
             try:
                 return self.get(issue(), what)
-            except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+            except (RayActorError, ActorDiedError, ActorUnavailableError, ActorRestartedError) as e:
                 attempt += 1
                 if attempt > self.retries:
                     raise ActorCallError(f"{what} failed: an actor died {attempt} time(s) ({type(e).__name__}); "
                                          f"see its log") from e
+                log.warning(f"{what}: an actor died or restarted ({type(e).__name__}); retry {attempt} of "
+                            f"{self.retries}")
+                if before_retry is not None:
+                    before_retry()
 
 
 def local_actors(learners: list[Any], reference: Any, reward_helpfulness: Any, reward_safety: Any,

@@ -16,13 +16,15 @@ One iteration (`ppo_step`):
 `out_dir/model` (a complete HF-layout checkpoint: the driver's "stage done").
 
 Faults (every role restarts, `ppo.resources.max_restarts`):
-    generator           a call it dies in is re-issued (`RLActors.call`, bounded retries); a restarted generator
-                        (SFT weights, version 0) gets the current weights before it serves (`refresh_generators`),
-                        and a shard made by other weights is regenerated once (`generate`)
+    generator           a restarted generator (start checkpoint's weights) reports version -1 and refuses to
+                        generate until it is sent weights: the loop sends it the current weights before it serves
+                        (`refresh_generators`, also before `RLActors.call` re-issues a call: bounded retries, each
+                        wait bounded by call_timeout_s); a shard made by other weights is regenerated once
     reference, reward   frozen: Ray re-runs the task on the restarted actor (max_task_retries), or `call` re-issues
-    learner             its calls are never retried (a restart loses its weights and optimizer): the learner refuses
-                        work (`LearnerLostError`), the loop restores the last checkpoint (or the initial state),
-                        drops the metrics rows after it and redoes those iterations, up to `max_recoveries` times.
+    learner             a restart loses its weights and optimizer, so a restarted learner refuses work
+                        (`LearnerLostError`, its calls are never re-issued): the loop restores the last checkpoint
+                        (or the initial state), drops the metrics rows after it and redoes those iterations, up to
+                        `max_recoveries` times (one learner; with several, it stops: rerun the stage to resume).
                         The prompt stream, sampling seeds and learner RNG are restored with it, so the result equals
                         an uninterrupted run bit for bit (tests/test_faults.py).
 metrics.jsonl holds every iteration exactly once, across crashes, recoveries and reruns (`rewind_metrics`).
@@ -286,7 +288,7 @@ def push_weights(loop: PPOLoop, generators: list[Any]) -> None:
 
 def refresh_generators(loop: PPOLoop) -> None:
     """Send loop.weights to every generator that holds an older version, before it serves: a generator that Ray
-    restarted after a crash is back on the SFT weights (version 0). One small call per generator."""
+    restarted after a crash reports -1 until it is sent weights. One small call per generator."""
     actors = loop.actors
     held = actors.call(lambda: [g.version.remote() for g in actors.generators], "generator versions")
     behind = [g for g, version in zip(actors.generators, held, strict=True) if version < loop.weights[1]]

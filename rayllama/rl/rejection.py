@@ -17,6 +17,8 @@ One iteration (`rejection_step`):
 `run_rejection` wraps it with resume (the last complete `checkpoints/iter-XXXX`, holding the policy with its
 optimizer, the pool, the prompt position and the curves), a checkpoint every iteration, the optional gold eval
 every iteration, and the final `out_dir/model` (a complete HF-layout checkpoint: the driver's "stage done").
+Faults are handled as in PPO (rayllama.rl.ppo, "Faults"): retried calls, restarted generators refreshed before
+they serve, a lost learner restored from the last checkpoint; metrics.jsonl holds each iteration once.
 
 Metrics per iteration (out_dir/metrics.jsonl, TensorBoard under out_dir/tensorboard as rejection/<name>):
     reward/helpfulness, reward/safety   mean raw RM outputs over all samples
@@ -58,13 +60,18 @@ from rayllama.config import PipelineConfig, RejectionConfig
 from rayllama.data.formats import PromptRecord
 from rayllama.generation import Completion, SamplingParams
 from rayllama.losses import llama2_combined_score
-from rayllama.rl.actors_api import RLActors, StaleRolloutError
+from rayllama.rl.actors_api import LearnerLostError, RLActors, StaleRolloutError
 from rayllama.rl.ppo import (
     check_learners,
     checkpoint_dir,
     encode_prompts,
     prompt_indices,
     push_weights,
+    read_state,
+    recover_learners,
+    refresh_generators,
+    rewind_metrics,
+    start_sync,
     sync_weights,
 )
 from rayllama.tokenizer import SPECIAL_TAGS, Tokenizer
@@ -295,11 +302,12 @@ def generate(loop: RejectionLoop, index: list[int], iteration: int, temperature:
     is still off, `StaleRolloutError`."""
     actors, m, expected = loop.actors, len(loop.actors.generators), loop.weights[1]
     shards = {g: list(range(g, len(index), m)) for g in range(m) if g < len(index)}
+    refresh_generators(loop)  # PPO's (it reads only .actors and .weights)
 
     def run(gens: list[int]) -> dict[int, list[list[Completion]]]:
         return dict(zip(gens, actors.call(lambda: [actors.generators[g].generate.remote(
             [loop.prompt_ids[index[j]] for j in shards[g]], sampling_params(loop, iteration, g, temperature))
-            for g in gens], "generate")))
+            for g in gens], "generate", before_retry=lambda: refresh_generators(loop))))
 
     def versions(samples: list[list[Completion]]) -> set[int]:
         return {c.weight_version for cs in samples for c in cs}
@@ -335,8 +343,8 @@ def fine_tune(loop: RejectionLoop, iteration: int) -> dict[str, float]:
     dialogues = pool_dialogues(loop)
     rows, dropped = sft_rows(dialogues, loop.tokenizer, loop.max_seq_len)
     seed = loop.cfg.seed * 1_000_003 + iteration
-    stats = actors.get(actors.learners[0].sft_train.remote(rows, rej.finetune_epochs, rej.batch_size,
-                                                           rej.micro_batch_size, seed), "learner sft_train")
+    stats = actors.get_learners(actors.learners[0].sft_train.remote(rows, rej.finetune_epochs, rej.batch_size,
+                                                                    rej.micro_batch_size, seed), "learner sft_train")
     check_learners([stats], loop.weights[1] + 1)
     return {**stats, "sft_rows_dropped": float(dropped)}
 
@@ -399,21 +407,21 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     if not root.is_dir():
         return None
     for path in sorted(root.glob("iter-[0-9]*"), reverse=True):
-        if (path / STATE_FILE).is_file() and (path / POOL_FILE).is_file() and is_complete(path / "policy"):
+        if read_state(path / STATE_FILE) is not None and (path / POOL_FILE).is_file() and is_complete(path / "policy"):
             return path
     return None
 
 
-def save_checkpoint(loop: RejectionLoop, out_dir: Path) -> Path:
-    """The learner writes policy + SFT optimizer + RNG into a temp dir; the loop state and the pool go beside it;
-    then one rename. The newest KEEP_CHECKPOINTS stay."""
+def save_checkpoint(loop: RejectionLoop, out_dir: Path, metrics: dict[str, Any] | None = None) -> Path:
+    """The learner writes policy + SFT optimizer + RNG into a temp dir; the loop state (with the iteration's
+    metrics row) and the pool go beside it; then one rename. The newest KEEP_CHECKPOINTS stay."""
     target = checkpoint_dir(out_dir, loop.iteration)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    loop.actors.get(loop.actors.learners[0].save_sft.remote(str(tmp)), "learner save")
+    loop.actors.get_learners(loop.actors.learners[0].save_sft.remote(str(tmp)), "learner save")
     state = {"iteration": loop.iteration, "prompt_position": loop.prompt_position, "weight_version": loop.weights[1],
-             "seed": loop.cfg.seed, "n_prompts": len(loop.prompt_ids), "curves": loop.curves}
+             "seed": loop.cfg.seed, "n_prompts": len(loop.prompt_ids), "curves": loop.curves, "metrics": metrics}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     (tmp / POOL_FILE).write_text(json.dumps([dataclasses.asdict(loop.pool[i]) for i in sorted(loop.pool)]) + "\n")
     if target.exists():
@@ -435,7 +443,7 @@ def resume(loop: RejectionLoop, out_dir: Path) -> Path | None:
     if state["n_prompts"] != len(loop.prompt_ids):
         raise ValueError(f"checkpoint {path} was made with {state['n_prompts']} prompts but {len(loop.prompt_ids)} "
                          f"are given; resume with the same prompts or use a new run directory")
-    loop.actors.get(loop.actors.learners[0].load_sft.remote(str(path)), "learner load")
+    loop.actors.get_learners(loop.actors.learners[0].load_sft.remote(str(path)), "learner load")
     loop.iteration, loop.prompt_position = state["iteration"], state["prompt_position"]
     loop.curves = state["curves"]
     loop.pool = {e["prompt_index"]: PoolEntry(**e) for e in json.loads((path / POOL_FILE).read_text())}
@@ -471,40 +479,55 @@ def run_rejection(cfg: PipelineConfig, actors: RLActors, prompts: list[PromptRec
     loop = RejectionLoop(cfg, actors, kept, prompt_ids, tokenizer, max_seq_len)
     resumed = resume(loop, out_dir)
     # the generators start from the learner's weights (the checkpoint's, on resume), labelled no older than theirs
-    held = max(actors.call(lambda: [g.version.remote() for g in actors.generators], "generator versions"))
-    actors.get(actors.learners[0].advance_version.remote(held), "learner version")
-    sync_weights(loop)
+    start_sync(loop)  # PPO's (it reads only .actors and .weights)
+
+    def reset() -> None:
+        loop.iteration, loop.prompt_position, loop.pool, loop.curves = 0, 0, {}, []
+
+    model_dir = out_dir / MODEL
     writer = MetricsWriter(str(out_dir), "rejection")
     metrics: dict[str, Any] = {}
+    recoveries = 0
     try:
+        rewind_metrics(writer, resumed, STATE_FILE, loop.iteration)
         writer.write(loop.iteration, {"prompts": len(kept), "prompts_dropped_too_long": len(prompts) - len(kept),
                                       "resumed_from": loop.iteration if resumed else -1})
         bar = tqdm(total=rej.iterations, initial=loop.iteration, desc="rejection", unit="it")
-        while loop.iteration < rej.iterations:
-            start = time.perf_counter()
-            metrics = rejection_step(loop)
-            if evaluate is not None:
-                with loop.timed("evaluate"):
-                    metrics.update(evaluate(actors, loop.iteration))
-            with loop.timed("checkpoint"):
-                save_checkpoint(loop, out_dir)
+        while True:
+            try:
+                if loop.iteration == rej.iterations:
+                    write_curve(out_dir, loop.curves)
+                    write_pool(out_dir, loop)
+                    actors.get_learners(actors.learners[0].export_policy.remote(
+                        str(model_dir), str(tokenizer.model_path),
+                        {"stage": "rejection", "iteration": loop.iteration, "pool_size": len(loop.pool)}),
+                        "export policy")
+                    break
+                start = time.perf_counter()
+                metrics = rejection_step(loop)
+                if evaluate is not None:
+                    with loop.timed("evaluate"):
+                        metrics.update(evaluate(actors, loop.iteration))
+                with loop.timed("checkpoint"):
+                    save_checkpoint(loop, out_dir, {**metrics, **loop.timings})
+            except LearnerLostError as error:
+                recoveries += 1
+                restored = recover_learners(actors, error, recoveries, lambda: resume(loop, out_dir), reset)
+                start_sync(loop)
+                rewind_metrics(writer, restored, STATE_FILE, loop.iteration)
+                bar.n = loop.iteration
+                continue
             write_curve(out_dir, loop.curves)
             metrics.update(loop.timings, **{"timing/iteration": time.perf_counter() - start})
             writer.write(loop.iteration, metrics)
             bar.update(1)
             bar.set_postfix({"chosen": f"{metrics['reward/chosen']:.3f}", "pool": len(loop.pool)})
         bar.close()
-        write_curve(out_dir, loop.curves)
-        write_pool(out_dir, loop)
-        model_dir = out_dir / MODEL
-        actors.get(actors.learners[0].export_policy.remote(
-            str(model_dir), str(tokenizer.model_path),
-            {"stage": "rejection", "iteration": loop.iteration, "pool_size": len(loop.pool)}), "export policy")
     finally:
         writer.close()
     pool_rewards = [e.reward for e in loop.pool.values()]
     return {**metrics, "model_dir": str(model_dir), "iterations": loop.iteration,
-            "resumed_from": int(resumed.name.split("-")[1]) if resumed else None,
+            "resumed_from": int(resumed.name.split("-")[1]) if resumed else None, "recoveries": recoveries,
             "pool_size": len(loop.pool), "pool_mean_reward": sum(pool_rewards) / max(1, len(pool_rewards)),
             "best_of_k": loop.curves[-1] if loop.curves else None,
             "curve_json": str(out_dir / CURVE_JSON), "curve_png": str(out_dir / CURVE_PNG)}

@@ -185,6 +185,26 @@ class MetricsWriter:
                 self.tb.add_scalar(f"{self.stage}/{k}", v, step)
         self.tb.flush()
 
+    def rewind(self, step: int) -> list[dict]:
+        """Drop the rows whose step is > `step` (iterations a restored checkpoint does not hold: they are redone)
+        and a torn last line (a kill mid-write); returns the rows kept. TensorBoard keeps its points."""
+        self.jsonl.flush()
+        path = Path(self.jsonl.name)
+        kept: list[dict] = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                kept.append(row)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        self.jsonl.close()
+        os.replace(tmp, path)  # atomic: a kill now leaves the old file or the new one
+        self.jsonl = open(path, "a")
+        return kept
+
     def close(self) -> None:
         self.jsonl.close()
         self.tb.close()
