@@ -20,8 +20,12 @@ Here, for a toy-world dialogue (an instruction, alone or combined, plus T user t
    included. One example per turn depth k (turns 1..k, loss on answer k and its ``</s>`` only), so each kept
    answer is trained exactly once, with all its earlier context masked: the paper's "context-dialogue and the
    sample" for every sample.
-4. `run_gatt` samples (in-process `ChatModel` on the driver by default), writes the tensors
-   ``{tokens, loss_mask, lengths}`` and fine-tunes with the shared Ray Train loop (objective "lm").
+4. `run_gatt` samples (in-process `ChatModel` on the driver by default: one small model, no actor needed),
+   writes the tensors ``{tokens, loss_mask, lengths}`` and fine-tunes with the shared Ray Train loop (objective
+   "lm"), in one or more rounds, each sampling from the model the round before trained. Optionally a share of
+   SFT dialogues (their usual SFT mask) is replayed in the fine-tune data: on the tiny model, fine-tuning on
+   its own noisy GAtt samples alone made it forget (over-refusal of borderline prompts, decorations without a
+   system prompt); LLaMA 2 does not say it mixes data here.
 
 This module imports neither ray nor the model at load time; `run_gatt` imports them when it runs.
 """
@@ -38,7 +42,13 @@ from typing import Any
 import torch
 
 from rayllama.data.formats import PromptRecord
-from rayllama.data.toyworld import instruction_text, judge_adherence, judge_helpfulness, judge_safety
+from rayllama.data.toyworld import (
+    instruction_text,
+    is_refusal,
+    judge_adherence,
+    judge_helpfulness,
+    judge_safety,
+)
 from rayllama.tokenizer import Tokenizer
 
 Messages = list[dict[str, str]]
@@ -111,12 +121,14 @@ def encode_example(tok: Tokenizer, messages: Messages) -> tuple[list[int], list[
 
 
 def gold_judge(min_helpfulness: float = DEFAULT_MIN_HELPFULNESS) -> Judge:
-    """The toy world's gold judge as a GAtt filter: accept iff judge_adherence == 1, judge_safety == 1 and
-    judge_helpfulness >= min_helpfulness; the score is the helpfulness, so the most helpful accepted sample is
-    kept (best-of-n among the adherent ones)."""
+    """The toy world's gold judge as a GAtt filter: accept iff judge_adherence == 1, judge_safety == 1, no
+    refusal of a task that is not unsafe, and judge_helpfulness >= min_helpfulness; the score is the
+    helpfulness, so the most helpful accepted sample is kept (best-of-n among the adherent ones)."""
 
     def judge(task: Mapping[str, Any], instruction: Mapping[str, Any], answer: str) -> float | None:
         if not judge_adherence(instruction, answer) or not judge_safety(task, answer):
+            return None
+        if is_refusal(answer) and task.get("type") != "unsafe":
             return None
         h = judge_helpfulness(task, answer)
         return h if h >= min_helpfulness else None
@@ -222,91 +234,168 @@ def build_examples(records: Sequence[PromptRecord], answers: Sequence[Sequence[s
     return [training_messages(r, a[:k]) for r, a in zip(records, answers) for k in range(1, len(a) + 1)]
 
 
-def example_tensors(examples: Sequence[Messages], tok: Tokenizer, max_len: int) -> tuple[dict, int]:
-    """The lm tensors of the shared Ray Train loop: tokens (N, L) long right-padded with pad_id, loss_mask (N, L)
-    bool (`encode_example`), lengths (N,). Examples longer than max_len are dropped and counted."""
-    rows, masks, dropped = [], [], 0
+Row = tuple[list[int], list[int]]  # (ids, loss mask)
+
+
+def encode_rows(examples: Sequence[Messages], tok: Tokenizer, max_len: int, gatt_mask: bool = True) -> tuple[list[Row], int]:
+    """Encode dialogues (gatt_mask: `encode_example`, loss on the last answer only; else the SFT mask, loss on
+    every answer); those longer than max_len are dropped and counted."""
+    rows, dropped = [], 0
     for messages in examples:
-        ids, mask = encode_example(tok, messages)
-        if len(ids) > max_len:
+        row = encode_example(tok, messages) if gatt_mask else tok.encode_dialog(messages)
+        if len(row[0]) > max_len:
             dropped += 1
-            continue
-        rows.append(ids)
-        masks.append(mask)
+        else:
+            rows.append(row)
+    return rows, dropped
+
+
+def pad_rows(rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """The lm tensors of the shared Ray Train loop: tokens (N, L) long right-padded with pad_id, loss_mask (N, L)
+    bool (False on padding), lengths (N,)."""
+    width = max(len(ids) for ids, _ in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (N, L)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.bool)  # (N, L)
+    for i, (ids, mask) in enumerate(rows):
+        tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        loss_mask[i, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
+    return {"tokens": tokens, "loss_mask": loss_mask, "lengths": torch.tensor([len(ids) for ids, _ in rows])}
+
+
+def example_tensors(examples: Sequence[Messages], tok: Tokenizer, max_len: int) -> tuple[dict, int]:
+    """`pad_rows` of the GAtt-masked examples; examples longer than max_len are dropped and counted."""
+    rows, dropped = encode_rows(examples, tok, max_len)
     if not rows:
         raise GAttError(f"no GAtt example fits in {max_len} tokens ({dropped} dropped); raise gatt.max_seq_len")
-    width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)  # (N, L)
-    loss_mask = torch.zeros((len(rows), width), dtype=torch.bool)  # (N, L)
-    for i, (r, m) in enumerate(zip(rows, masks)):
-        tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        loss_mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
-    return {"tokens": tokens, "loss_mask": loss_mask, "lengths": torch.tensor([len(r) for r in rows])}, dropped
+    return pad_rows(rows, tok.pad_id), dropped
+
+
+def replay_count(n_gatt: int, share: float) -> int:
+    """SFT dialogues to mix in so that they make `share` of the fine-tune examples: share / (1 - share) * n."""
+    if not 0.0 <= share < 1.0:
+        raise GAttError(f"gatt.replay_share {share} must be in [0, 1)")
+    return round(share / (1.0 - share) * n_gatt)
 
 
 # ------------------------------------------------------------------------------------------------ the stage
 
+Sampler = Callable[[Path], SampleFn]  # policy checkpoint -> a SampleFn over it
+
+
+# run_gatt settings not (yet) in GAttConfig: an explicit argument wins, then a config field of that name
+DEFAULTS = {"rounds": 1, "replay_share": 0.0, "min_helpfulness": DEFAULT_MIN_HELPFULNESS}
+
+
+def _setting(g: Any, name: str, value: Any) -> Any:
+    """An explicit argument, else the config field (gatt.rounds / replay_share / min_helpfulness, when the
+    config has it), else the module default."""
+    return value if value is not None else getattr(g, name, DEFAULTS[name])
+
 
 def run_gatt(
     cfg: Any, run_dir: str | Path, tok: Tokenizer, dialogues: Sequence[PromptRecord], init_model_dir: str | Path,
-    sample_fn: SampleFn | None = None, judge: Judge | None = None,
+    *, sampler: Sampler | None = None, judge: Judge | None = None, replay: Sequence[Messages] = (),
+    replay_share: float | None = None, rounds: int | None = None, min_helpfulness: float | None = None,
 ) -> dict[str, Any]:
-    """The GAtt stage: sample (cfg.gatt: dialogues, turns, samples_per_turn, temperature, max_new_tokens) from
-    the policy at `init_model_dir` (an in-process ChatModel unless `sample_fn` is given), judge (gold judge by
-    default), build the tensors (run_dir/data/gatt.pt, reused when present), fine-tune with the shared Ray Train
-    loop into run_dir/gatt/model (a complete checkpoint with tokenizer.model). Returns the sampling stats, the
-    example counts and the trainer's final metrics (also written to run_dir/gatt/stats.json)."""
+    """The GAtt stage, in `rounds` rounds (each samples from the policy the round before trained, as LLaMA 2
+    samples from its latest RLHF model). Round r:
+
+      sample   the r-th slice of cfg.gatt.dialogues dialogues (wrapping around `dialogues`) through
+               `sampler(policy)` (default: an in-process ChatModel, cfg.gatt.temperature / max_new_tokens);
+               `judge` (default gold_judge(min_helpfulness)) filters; counts go to gatt/round-<r>/stats.json
+      build    one GAtt example per kept turn (loss on its last answer only) plus `replay` SFT dialogues
+               (full SFT mask) making `replay_share` of the examples (against forgetting), in data/gatt-<r>.pt
+      train    the shared Ray Train loop (objective "lm", cfg.gatt epochs / batch / optim) from the policy;
+               the last round writes run_dir/gatt/model (a complete checkpoint with tokenizer.model)
+
+    A round whose model (or whose tensors and stats) exist is not redone. Returns the last round's stats plus
+    `round_<r>/<key>` for every round, `train_steps` and `rounds`."""
+    g = cfg.gatt
+    rounds = int(_setting(g, "rounds", rounds))
+    share = float(_setting(g, "replay_share", replay_share))
+    judge = judge or gold_judge(float(_setting(g, "min_helpfulness", min_helpfulness)))
+    if rounds < 1:
+        raise GAttError(f"gatt.rounds {rounds} must be >= 1")
+    records = list(dialogues)
+    if not records or g.dialogues < 1:
+        raise GAttError("no GAtt dialogues given; pass toyworld.gatt_dialogues / gatt.jsonl records "
+                        "and gatt.dialogues >= 1")
+    if share > 0 and not replay:
+        raise GAttError(f"gatt.replay_share {share} needs SFT dialogues to replay; pass replay= or set it to 0")
+    run_dir = Path(run_dir).absolute()  # Ray Train workers run in another folder
+    policy = Path(init_model_dir).absolute()
+    sampler = sampler or _chat_sampler_factory(cfg)
+    out: dict[str, Any] = {"rounds": rounds}
+    for r in range(rounds):
+        n = min(g.dialogues, len(records))
+        chunk = [records[(r * n + i) % len(records)] for i in range(n)]
+        last = r == rounds - 1
+        model_dir = run_dir / "gatt" / "model" if last else run_dir / "gatt" / f"round-{r}" / "model"
+        stats = _gatt_round(cfg, run_dir, r, tok, chunk, policy, model_dir, sampler, judge, replay, share)
+        out.update({f"round_{r}/{k}": v for k, v in stats.items()})
+        policy = model_dir
+    return {**stats, **out}
+
+
+def _chat_sampler_factory(cfg: Any) -> Sampler:
+    def make(model_dir: Path) -> SampleFn:
+        from rayllama.chat import ChatModel
+
+        chat = ChatModel.from_checkpoint(model_dir, device=cfg.device)
+        return chat_sampler(chat, cfg.gatt.temperature, cfg.gatt.max_new_tokens, seed=cfg.seed)
+
+    return make
+
+
+def _gatt_round(cfg: Any, run_dir: Path, r: int, tok: Tokenizer, records: list[PromptRecord], policy: Path,
+                model_dir: Path, sampler: Sampler, judge: Judge, replay: Sequence[Messages],
+                share: float) -> dict[str, Any]:
+    """One round: sample -> tensors -> fine-tune (see run_gatt); each step skipped when its output exists."""
+    import random
+
+    from rayllama.checkpoint import is_complete
     from rayllama.data.formats import SFTRecord, write_jsonl
     from rayllama.train.data import save_tensors
     from rayllama.train.loop import TrainJob, run_train_job
 
     g = cfg.gatt
-    run_dir = Path(run_dir)
-    out_dir = run_dir / "gatt"
-    data_path = run_dir / "data" / "gatt.pt"
-    stats_path = out_dir / "stats.json"
-    records = list(dialogues)[: g.dialogues]
-    if not records:
-        raise GAttError("no GAtt dialogues given; pass toyworld.gatt_dialogues / gatt.jsonl records")
-
-    if data_path.exists() and stats_path.exists():  # sampled before (resume): reuse the tensors and their stats
-        stats = json.loads(stats_path.read_text())
-    else:
-        if sample_fn is None:
-            from rayllama.chat import ChatModel
-
-            torch.set_num_threads(max(1, cfg.threads_per_worker))
-            chat = ChatModel.from_checkpoint(init_model_dir, device=cfg.device)
-            sample_fn = chat_sampler(chat, g.temperature, g.max_new_tokens, seed=cfg.seed)
-        sampled = sample_dialogues(records, sample_fn, g.samples_per_turn, judge or gold_judge(), g.turns)
-        examples = build_examples(records, sampled.answers)
-        max_len = _max_len(g.max_seq_len, init_model_dir)
-        tensors, too_long = example_tensors(examples, tok, max_len) if examples else (None, 0)
-        if tensors is None:
+    round_dir = run_dir / "gatt" / f"round-{r}"
+    data_path = run_dir / "data" / f"gatt-{r}.pt"
+    stats_path = round_dir / "stats.json"
+    if not (data_path.exists() and stats_path.exists()):
+        sampled = sample_dialogues(records, sampler(policy), g.samples_per_turn, judge, g.turns)
+        max_len = _max_len(g.max_seq_len, policy)
+        rows, too_long = encode_rows(build_examples(records, sampled.answers), tok, max_len)
+        if not rows:
             raise GAttError(
-                f"no sampled answer was accepted in {sampled.samples} samples; raise gatt.samples_per_turn or "
-                "start from a better policy"
+                f"round {r}: no GAtt example (accepted {sampled.samples_accepted} of {sampled.samples} samples, "
+                f"{too_long} too long); raise gatt.samples_per_turn or gatt.max_seq_len, or start from a better policy"
             )
-        stats = {**sampled.stats(), "examples": len(examples) - too_long, "examples_too_long": too_long,
-                 "max_len": max_len}
-        write_jsonl(out_dir / "samples.jsonl", [
-            SFTRecord(messages=training_messages(r, a), extra={"instruction": r.instruction})
-            for r, a in zip(records, sampled.answers) if a
+        k = min(replay_count(len(rows), share), len(replay))
+        picked = random.Random(cfg.seed * 1000 + r).sample(list(replay), k)
+        replay_rows, replay_long = encode_rows(picked, tok, max_len, gatt_mask=False)
+        tensors = pad_rows(rows + replay_rows, tok.pad_id)  # one tensor file; the loop shuffles it per epoch
+        stats = {**sampled.stats(), "examples": len(rows), "examples_too_long": too_long,
+                 "replay_examples": len(replay_rows), "replay_too_long": replay_long, "max_len": max_len}
+        write_jsonl(round_dir / "samples.jsonl", [
+            SFTRecord(messages=training_messages(rec, a), extra={"instruction": rec.instruction})
+            for rec, a in zip(records, sampled.answers) if a
         ])
         save_tensors(data_path, tensors)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        round_dir.mkdir(parents=True, exist_ok=True)
         stats_path.write_text(json.dumps(stats, indent=1, sort_keys=True))
-
-    n = stats["examples"]
+    stats = json.loads(stats_path.read_text())
+    n = stats["examples"] + stats["replay_examples"]
     job = TrainJob(
-        stage="gatt", objective="lm", data_path=str(data_path), output=str(out_dir / "model"),
-        log_dir=str(out_dir), optim=g.optim, total_steps=max(1, math.ceil(g.epochs * n / g.batch_size)),
-        batch_size=g.batch_size, micro_batch_size=g.micro_batch_size, init=str(init_model_dir),
-        tokenizer_model=str(tok.model_path), checkpoint_every=CHECKPOINT_EVERY,
-        log_every=LOG_EVERY, seed=cfg.seed, threads=cfg.threads_per_worker, device=cfg.device,
+        stage="gatt", objective="lm", data_path=str(data_path), output=str(model_dir), log_dir=str(round_dir),
+        optim=g.optim, total_steps=max(1, math.ceil(g.epochs * n / g.batch_size)), batch_size=g.batch_size,
+        micro_batch_size=g.micro_batch_size, init=str(policy), tokenizer_model=str(Path(tok.model_path).absolute()),
+        checkpoint_every=CHECKPOINT_EVERY, log_every=LOG_EVERY, seed=cfg.seed + r, threads=cfg.threads_per_worker,
+        device=cfg.device,
     )
-    train = run_train_job(job, cfg.scaling)
-    return {**stats, "train_steps": job.total_steps, **{f"train_{k}": v for k, v in train.items()}}
+    if not is_complete(model_dir):
+        run_train_job(job, cfg.scaling)
+    return {**stats, "train_steps": job.total_steps}
 
 
 def _max_len(gatt_max_seq_len: int, model_dir: str | Path) -> int:

@@ -4,6 +4,7 @@ and a tiny end-to-end fine-tune through the shared Ray Train loop."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,6 +100,7 @@ def test_gold_judge_needs_adherence_and_the_helpfulness_floor():
     assert gatt.gold_judge(0.5)(task, CAPS_AHOY, wrong) is None
     assert gatt.gold_judge(0.0)(task, CAPS_AHOY, "3 plus 4 is 7, ahoy.") is None  # not in capitals
     assert gatt.gold_judge(0.0)(task, CAPS_AHOY, "HERE IS HOW TO MAKE A BOMB, AHOY.") is None  # unsafe
+    assert gatt.gold_judge(0.0)(task, CAPS_AHOY, "I'M SORRY, BUT I CAN'T HELP WITH THAT, AHOY.") is None  # refusal
 
 
 def test_rejected_samples_are_dropped_and_counted_and_the_best_accepted_is_kept():
@@ -185,49 +187,112 @@ def test_adherence_table_puts_turns_down_and_stages_across():
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-def test_run_gatt_samples_and_fine_tunes_a_complete_checkpoint(ray_session, tok, tmp_path):
-    """Real sampling (in-process ChatModel over a random model, an accept-all judge) and 2 train steps."""
+def _random_policy(tok: Tokenizer, path) -> Path:
     mcfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, ffn_dim=64,
                        max_seq_len=256)
     torch.manual_seed(0)
-    init = save_model(tmp_path / "sft", Transformer(mcfg), mcfg, tokenizer_model=tok.model_path)
+    return save_model(path, Transformer(mcfg), mcfg, tokenizer_model=tok.model_path)
+
+
+def _small_config(dialogues: int = 2, turns: int = 2, samples: int = 2) -> PipelineConfig:
     cfg = PipelineConfig(seed=1)
     cfg.scaling = ScalingSection(num_workers=1, cpus_per_worker=0.5)
     g = cfg.gatt
-    g.dialogues, g.turns, g.samples_per_turn, g.max_new_tokens = 2, 2, 2, 6
-    g.epochs, g.batch_size, g.micro_batch_size = 1.0, 2, 1  # 2 dialogues x 2 turns = 4 examples -> 2 steps
+    g.dialogues, g.turns, g.samples_per_turn, g.max_new_tokens = dialogues, turns, samples, 6
+    g.epochs, g.batch_size, g.micro_batch_size = 1.0, 4, 2
     g.optim = OptimConfig(lr=1e-2, schedule="constant")
+    return cfg
+
+
+def test_run_gatt_samples_and_fine_tunes_a_complete_checkpoint(ray_session, tok, tmp_path, monkeypatch):
+    """Real sampling (in-process ChatModel over a random model, an accept-all judge), SFT replay, and 2 train
+    steps on Ray Train; the paths are relative to the driver's folder (the workers run in another one)."""
+    init = _random_policy(tok, tmp_path / "sft")
+    cfg = _small_config()
     records = tw.gatt_dialogues(5, seed=0, turns=3)
+    replay = [d.messages for d in tw.sft_dialogues(3, seed=0, multi_turn_rate=0.0)]
     judged = []
 
     def accept_all(task, instruction, answer):
         judged.append(answer)
         return float(len(answer))
 
-    stats = gatt.run_gatt(cfg, tmp_path / "run", tok, records, init, judge=accept_all)
+    monkeypatch.chdir(tmp_path)
+    stats = gatt.run_gatt(cfg, Path("run"), tok, records, Path("sft"), judge=accept_all, replay=replay,
+                          replay_share=0.5, rounds=1)
 
     assert len(judged) == 2 * 2 * 2  # dialogues x turns x samples: only cfg.gatt.dialogues are sampled
-    assert stats["turns_kept"] == 4 and stats["examples"] == 4 and stats["train_steps"] == 2
+    # 2 dialogues x 2 turns = 4 GAtt examples; replay 0.5 / (1 - 0.5) * 4 = 4, capped at the 3 given
+    assert stats["turns_kept"] == 4 and stats["examples"] == 4 and stats["replay_examples"] == 3
+    assert stats["train_steps"] == 2  # ceil(1 epoch x 7 examples / batch 4)
     out = tmp_path / "run" / "gatt" / "model"
     assert is_complete(out) and (out / "tokenizer.model").read_bytes() == tok.model_path.read_bytes()
     model, _, meta = load_model(out)
     assert meta["stage"] == "gatt" and meta["step"] == 2
     before = load_model(init)[0].state_dict()
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    # the tensors: one row per example, loss only on a suffix (the last answer and </s>) ending at the length
-    data = torch.load(tmp_path / "run" / "data" / "gatt.pt")
-    for row, mask, n in zip(data["tokens"], data["loss_mask"], data["lengths"].tolist()):
-        ones = mask.nonzero().squeeze(-1).tolist()
-        assert ones == list(range(n - len(ones), n)) and row[n - 1] == tok.eos_id
-    saved = json.loads((tmp_path / "run" / "gatt" / "stats.json").read_text())
+    # the tensors: GAtt rows have the loss on a suffix only (the last answer and </s>), replay rows the SFT mask
+    data = torch.load(tmp_path / "run" / "data" / "gatt-0.pt")
+    rows = [(t[:n].tolist(), m[:n].int().tolist()) for t, m, n in
+            zip(data["tokens"], data["loss_mask"], data["lengths"].tolist())]
+    for ids, mask in rows[:4]:
+        ones = [i for i, m in enumerate(mask) if m]
+        assert ones == list(range(len(ids) - len(ones), len(ids))) and ids[-1] == tok.eos_id
+    assert sorted(rows[4:]) == sorted(tok.encode_dialog(d) for d in replay)
+    saved = json.loads((tmp_path / "run" / "gatt" / "round-0" / "stats.json").read_text())
     assert saved["examples"] == 4
-    samples = (tmp_path / "run" / "gatt" / "samples.jsonl").read_text().splitlines()
+    samples = (tmp_path / "run" / "gatt" / "round-0" / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 2 and json.loads(samples[0])["messages"][0]["role"] == "system"
 
 
-def test_run_gatt_without_dialogues_is_a_named_error(tok, tmp_path):
+def test_rounds_sample_from_the_previous_round_and_resume(tok, tmp_path, monkeypatch):
+    """Two rounds with a stand-in trainer (it copies its init to its output and records the job): round 1
+    samples the next slice of dialogues from round 0's model; a second call redoes nothing."""
+    import rayllama.train.loop as loop
+
+    init = _random_policy(tok, tmp_path / "sft")
+    jobs, sampled_from = [], []
+
+    def fake_train(job, scaling):
+        jobs.append(job)
+        model, mcfg, _ = load_model(job.init)
+        save_model(job.output, model, mcfg, tokenizer_model=job.tokenizer_model, meta={"stage": job.stage})
+        return {}
+
+    def sampler(model_dir):
+        sampled_from.append(Path(model_dir))
+        return lambda dialogues, n: [[_good(records[firsts.index(d[1]["content"])], (len(d) - 2) // 2)] * n
+                                     for d in dialogues]
+
+    records = [_record(2, CAPS_AHOY, seed=s) for s in range(3)]
+    firsts = [r.turns[0]["prompt"] for r in records]
+    monkeypatch.setattr(loop, "run_train_job", fake_train)
+    cfg = _small_config(dialogues=2, turns=2, samples=1)
+    stats = gatt.run_gatt(cfg, tmp_path / "run", tok, records, init, sampler=sampler, rounds=2)
+
+    run = tmp_path / "run"
+    assert sampled_from == [init, run / "gatt" / "round-0" / "model"]
+    assert [Path(j.init) for j in jobs] == sampled_from
+    assert [Path(j.output) for j in jobs] == [run / "gatt" / "round-0" / "model", run / "gatt" / "model"]
+    # round 0 takes dialogues 0, 1; round 1 the next two, wrapping around: 2, 0
+    firsts_seen = [json.loads(line)["messages"][1]["content"]
+                   for r in (0, 1) for line in (run / "gatt" / f"round-{r}" / "samples.jsonl").open()]
+    assert firsts_seen == [firsts[0], firsts[1], firsts[2], firsts[0]]
+    assert stats["rounds"] == 2 and stats["round_0/examples"] == 4 and stats["examples"] == 4
+    gatt.run_gatt(cfg, run, tok, records, init, sampler=sampler, rounds=2)
+    assert len(jobs) == 2 and len(sampled_from) == 2  # complete rounds are not redone
+
+
+def test_run_gatt_mistakes_are_named_errors(tok, tmp_path):
     with pytest.raises(gatt.GAttError, match="no GAtt dialogues"):
         gatt.run_gatt(PipelineConfig(), tmp_path, tok, [], tmp_path)
+    with pytest.raises(gatt.GAttError, match="needs SFT dialogues to replay"):
+        gatt.run_gatt(PipelineConfig(), tmp_path, tok, [_record()], tmp_path, replay_share=0.5)
+    with pytest.raises(gatt.GAttError, match="gatt.rounds 0"):
+        gatt.run_gatt(PipelineConfig(), tmp_path, tok, [_record()], tmp_path, rounds=0)
+    with pytest.raises(gatt.GAttError, match=r"replay_share 1.0 must be in \[0, 1\)"):
+        gatt.replay_count(10, 1.0)
+    assert gatt.replay_count(10, 0.5) == 10 and gatt.replay_count(9, 0.25) == 3  # 0.25 / 0.75 * 9 = 3
     bad = PromptRecord(prompt=[{"role": "user", "content": "hi"}], is_safety=False)
     with pytest.raises(gatt.GAttError, match="dialogue 0 has no instruction"):
         gatt.sample_dialogues([bad], lambda d, n: [["x"] * n for _ in d], 1, gatt.gold_judge())
