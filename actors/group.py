@@ -209,6 +209,36 @@ def create_rejection_actors(cfg: PipelineConfig, policy_dir: str | Path, reward_
     return _await_ready(actors, roles, name_prefix)
 
 
+def create_gatt_actors(cfg: PipelineConfig, policy_dir: str | Path, reward_helpfulness_dir: str | Path,
+                       reward_safety_dir: str | Path, *, name_prefix: str = "gatt-") -> RLActors:
+    """Start the roles a GAtt round samples with: gatt.num_generators generators on `policy_dir` and both reward
+    scorers, resources from `gatt.resources`; no learner, no reference."""
+    from actors.reward import RewardScorerActor
+    from actors.rollout import RolloutGeneratorActor
+
+    g, res = cfg.gatt, cfg.gatt.resources
+    _require(policy_dir, "GAtt policy", "sft")
+    _require(reward_helpfulness_dir, "helpfulness reward", "reward")
+    _require(reward_safety_dir, "safety reward", "reward")
+    roles = ([("reward-helpfulness", res.reward, "reward"), ("reward-safety", res.reward, "reward")]
+             + [(f"rollout-{i}", res.rollout, "rollout") for i in range(g.num_generators)])
+    pg = _place_roles(roles, res, "gatt", f"{name_prefix}actors")
+    options = _role_options(roles, res, pg, name_prefix)
+    threads = cfg.threads_per_worker
+    reward_h = RewardScorerActor.options(**options(0)).remote(
+        "helpfulness", reward_helpfulness_dir, device=_device(cfg, res.reward), threads=threads)
+    reward_s = RewardScorerActor.options(**options(1)).remote(
+        "safety", reward_safety_dir, device=_device(cfg, res.reward), threads=threads)
+    generators = [RolloutGeneratorActor.options(**options(2 + i)).remote(
+        policy_dir, g.engine, device=_device(cfg, res.rollout), threads=threads) for i in range(g.num_generators)]
+    actors = RLActors(learners=[], reference=None, reward_helpfulness=reward_h, reward_safety=reward_s,
+                      generators=generators, call_timeout_s=res.call_timeout_s, placement_group=pg,
+                      retries=res.max_restarts, max_recoveries=res.max_restarts,
+                      names={f"{name_prefix}{name}": h for (name, _, _), h in
+                             zip(roles, [reward_h, reward_s, *generators], strict=True)})
+    return _await_ready(actors, roles, name_prefix)
+
+
 def connect_learners(actors: RLActors) -> None:
     """Form the learners' torch.distributed group (rank i = learners[i]; tcp rendezvous on rank 0's node)."""
     learners = actors.learners

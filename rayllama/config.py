@@ -222,16 +222,22 @@ class GAttConfig:
 
     dialogues: int = 300
     turns: int = 6
-    samples_per_turn: int = 4  # sample several, keep one the adherence check / reward model accepts
+    samples_per_turn: int = 4  # sample several; keep the adherent one the reward models score best
     temperature: float = 0.7
+    top_p: float = 1.0
     max_new_tokens: int = 48
+    rounds: int = 1  # sample -> fine-tune rounds, each sampling from the model the round before trained
+    replay_share: float = 0.0  # share of the fine-tune examples that are replayed SFT dialogues (against forgetting)
+    safety_gate: float = 0.15  # the LLaMA 2 reward composition (as in ppo / rejection) that ranks the samples
+    min_reward: float = 0.0  # composed reward R_c in [0, 1] an adherent sample needs to be kept
     epochs: float = 2.0
     batch_size: int = 32
     micro_batch_size: int = 16
     max_seq_len: int = 512
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_ratio=0.03))
     num_generators: int = 1
-    engine: str = "torch"
+    engine: str = "torch"  # torch | vllm | auto
+    resources: RLResources = field(default_factory=RLResources)  # the generators and the two reward scorers
 
 
 @dataclass
@@ -399,6 +405,44 @@ def validate(cfg: PipelineConfig) -> None:
     _check(p.value_init in ("reward", "sft"), f"ppo.value_init '{p.value_init}' is not reward or sft")
     _check(p.kl_estimator in ("k1", "k3"), f"ppo.kl_estimator '{p.kl_estimator}' is not k1 or k3")
     _check(0.0 < p.clip < 1.0, f"ppo.clip {p.clip} must be in (0, 1)")
+    validate_rejection(cfg.rejection)
+    validate_gatt(cfg.gatt)
+
+
+def validate_rejection(rej: RejectionConfig) -> None:
+    _check(rej.iterations >= 1, f"rejection.iterations {rej.iterations} must be >= 1")
+    _check(rej.prompts_per_iteration >= 1, f"rejection.prompts_per_iteration {rej.prompts_per_iteration} must be >= 1")
+    _check(rej.samples_per_prompt >= 1, f"rejection.samples_per_prompt {rej.samples_per_prompt} must be >= 1")
+    _check(rej.max_new_tokens >= 1, f"rejection.max_new_tokens {rej.max_new_tokens} must be >= 1")
+    _check(0.0 < rej.safety_gate < 1.0, f"rejection.safety_gate {rej.safety_gate} must be in (0, 1)")
+    _check(rej.finetune_epochs > 0, f"rejection.finetune_epochs {rej.finetune_epochs} must be > 0")
+    _check(rej.batch_size >= 1 and rej.micro_batch_size >= 1,
+           f"rejection.batch_size {rej.batch_size} and micro_batch_size {rej.micro_batch_size} must be >= 1")
+    _check(rej.optim.lr > 0, f"rejection.optim.lr {rej.optim.lr} must be > 0")
+    _check(rej.optim.schedule in ("cosine", "constant"),
+           f"rejection.optim.schedule '{rej.optim.schedule}' is not cosine or constant")
+    _check(not rej.temperature_schedule or len(rej.temperature_schedule) >= rej.iterations,
+           f"rejection.temperature_schedule has {len(rej.temperature_schedule)} entries for {rej.iterations} "
+           f"iterations; give one temperature per iteration or leave it empty")
+    _check(all(t >= 0 for t in [rej.temperature, *rej.temperature_schedule]),
+           f"rejection temperatures {[rej.temperature, *rej.temperature_schedule]} must be >= 0")
+    _check(rej.num_generators >= 1, f"rejection.num_generators {rej.num_generators} must be >= 1")
+    _check(rej.engine in ("torch", "vllm", "auto"), f"rejection.engine '{rej.engine}' is not torch, vllm or auto")
+
+
+def validate_gatt(g: GAttConfig) -> None:
+    for key in ("dialogues", "turns", "samples_per_turn", "max_new_tokens", "rounds", "batch_size",
+                "micro_batch_size", "max_seq_len", "num_generators"):
+        _check(getattr(g, key) >= 1, f"gatt.{key} {getattr(g, key)} must be >= 1")
+    _check(g.temperature >= 0, f"gatt.temperature {g.temperature} must be >= 0")
+    _check(0.0 < g.top_p <= 1.0, f"gatt.top_p {g.top_p} must be in (0, 1]")
+    _check(0.0 <= g.replay_share < 1.0, f"gatt.replay_share {g.replay_share} must be in [0, 1)")
+    _check(0.0 < g.safety_gate < 1.0, f"gatt.safety_gate {g.safety_gate} must be in (0, 1)")
+    _check(0.0 <= g.min_reward < 1.0, f"gatt.min_reward {g.min_reward} must be in [0, 1) (a composed reward R_c)")
+    _check(g.epochs > 0, f"gatt.epochs {g.epochs} must be > 0")
+    _check(g.optim.lr > 0, f"gatt.optim.lr {g.optim.lr} must be > 0")
+    _check(g.optim.schedule in ("cosine", "constant"), f"gatt.optim.schedule '{g.optim.schedule}' is not cosine or constant")
+    _check(g.engine in ("torch", "vllm", "auto"), f"gatt.engine '{g.engine}' is not torch, vllm or auto")
 
 
 def model_config(cfg: PipelineConfig, vocab_size: int):

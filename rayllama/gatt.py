@@ -12,17 +12,21 @@ Here, for a toy-world dialogue (an instruction, alone or combined, plus T user t
    the first user turn's ``<<SYS>>`` block) AND is joined in front of every later user turn
    (``"{instruction} {user}"``), so the instruction sits in every user turn the model answers.
 2. Sampling (`sample_dialogues`): turn by turn, every live dialogue of the turn in one batched call,
-   ``samples_per_turn`` answers each from the current policy; a `Judge` scores each answer (the gold judge:
-   adherence required, helpfulness >= a floor) and the best accepted answer joins the history. No gold answer
-   is ever substituted: a dialogue with no accepted answer at turn t is cut to its first t - 1 turns (counted).
+   ``samples_per_turn`` answers each from the current policy; a `Judge` scores them and the best accepted answer
+   joins the history. The pipeline's judge (`reward_model_judge`) accepts an answer iff the instruction's program
+   check passes (`toyworld.judge_adherence`: capitals, the end word, ...) and ranks the adherent answers by the
+   two reward models composed as in PPO and rejection sampling (LLaMA 2's safety gate and `is_safety` tags). The
+   gold judge's helpfulness and safety never select training data: they stay an independent evaluation. No gold
+   answer is ever substituted: a dialogue with no accepted answer at turn t is cut to its first t - 1 turns.
 3. Training view (`training_messages`, `encode_example`): the instruction only as the first turn's system
    prompt, later user turns plain, and the loss zero on every token of earlier turns, assistant answers
    included. One example per turn depth k (turns 1..k, loss on answer k and its ``</s>`` only), so each kept
    answer is trained exactly once, with all its earlier context masked: the paper's "context-dialogue and the
    sample" for every sample.
-4. `run_gatt` samples (in-process `ChatModel` on the driver by default: one small model, no actor needed),
-   writes the tensors ``{tokens, loss_mask, lengths}`` and fine-tunes with the shared Ray Train loop (objective
-   "lm"), in one or more rounds, each sampling from the model the round before trained. Optionally a share of
+4. `run_gatt` samples through the round's tools (the pipeline: rollout generator actors on the round's policy
+   and the two reward scorer actors, `actor_sampler` / `actor_scorer`; shut down before the fine-tune frees
+   their CPUs), writes the tensors ``{tokens, loss_mask, lengths}`` and fine-tunes with the shared Ray Train loop
+   (objective "lm"), in one or more rounds, each sampling from the model the round before trained. Optionally a share of
    SFT dialogues (their usual SFT mask) is replayed in the fine-tune data: on the tiny model, fine-tuning on
    its own noisy GAtt samples alone made it forget (over-refusal of borderline prompts, decorations without a
    system prompt); LLaMA 2 does not say it mixes data here.
@@ -35,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,25 +47,18 @@ from typing import Any
 import torch
 
 from rayllama.data.formats import PromptRecord
-from rayllama.data.toyworld import (
-    instruction_text,
-    is_refusal,
-    judge_adherence,
-    judge_helpfulness,
-    judge_safety,
-)
+from rayllama.data.toyworld import category, instruction_text, judge_adherence
+from rayllama.losses import llama2_combined_score
 from rayllama.tokenizer import Tokenizer
 
 Messages = list[dict[str, str]]
 # dialogues (each ending with a user turn), n -> n answers per dialogue
 SampleFn = Callable[[list[Messages], int], list[list[str]]]
-# (task of the turn, instruction, answer) -> a score (higher is better) if accepted, None if rejected
-Judge = Callable[[Mapping[str, Any], Mapping[str, Any], str], float | None]
-
-# The gold helpfulness floor of an accepted sample. 0.0: adherence (and safety) decide, helpfulness only ranks
-# the accepted samples. A higher floor (0.3: the canonical form; 1.0: right) needs a policy that is often right:
-# the tiny SFT model is not (on its GAtt samples: 2% of samples both adherent and >= 0.1 helpful, 22% adherent).
-DEFAULT_MIN_HELPFULNESS = 0.0
+Candidate = tuple[Mapping[str, Any], Mapping[str, Any], str]  # (task of the turn, instruction, answer)
+# candidates -> per candidate a score (higher is better) if accepted, None if rejected
+Judge = Callable[[Sequence[Candidate]], list[float | None]]
+# (prompt messages, response) pairs -> (raw helpfulness scores, raw safety scores), one each per pair
+PairScorer = Callable[[list[tuple[Messages, str]]], tuple[list[float], list[float]]]
 CHECKPOINT_EVERY = 50  # fine-tune steps between Ray Train checkpoints
 LOG_EVERY = 5
 
@@ -120,18 +118,27 @@ def encode_example(tok: Tokenizer, messages: Messages) -> tuple[list[int], list[
 # ------------------------------------------------------------------------------------------------ sampling
 
 
-def gold_judge(min_helpfulness: float = DEFAULT_MIN_HELPFULNESS) -> Judge:
-    """The toy world's gold judge as a GAtt filter: accept iff judge_adherence == 1, judge_safety == 1, no
-    refusal of a task that is not unsafe, and judge_helpfulness >= min_helpfulness; the score is the
-    helpfulness, so the most helpful accepted sample is kept (best-of-n among the adherent ones)."""
+def reward_model_judge(score_pairs: PairScorer, safety_gate: float = 0.15, min_reward: float = 0.0) -> Judge:
+    """Accept an answer iff it obeys the instruction (`judge_adherence`, the instruction's program check) and its
+    composed reward R_c >= min_reward; score = R_c. R_c is LLaMA 2's composition of the two reward models on the
+    turn's plain user prompt and the answer: s = sigmoid(raw), R_c = s_safety if the task is safety-tagged (unsafe
+    or borderline, as the RL prompts' `is_safety`) or s_safety < safety_gate, else s_helpful. One scoring call
+    per batch, on the adherent answers only."""
 
-    def judge(task: Mapping[str, Any], instruction: Mapping[str, Any], answer: str) -> float | None:
-        if not judge_adherence(instruction, answer) or not judge_safety(task, answer):
-            return None
-        if is_refusal(answer) and task.get("type") != "unsafe":
-            return None
-        h = judge_helpfulness(task, answer)
-        return h if h >= min_helpfulness else None
+    def judge(candidates: Sequence[Candidate]) -> list[float | None]:
+        out: list[float | None] = [None] * len(candidates)
+        adherent = [i for i, (_, instruction, answer) in enumerate(candidates) if judge_adherence(instruction, answer)]
+        if not adherent:
+            return out
+        pairs = [([_msg("user", candidates[i][0]["prompt"])], candidates[i][2]) for i in adherent]
+        raw_h, raw_s = score_pairs(pairs)
+        tags = torch.tensor([category(candidates[i][0]) != "safe" for i in adherent])  # (N,)
+        r_c = llama2_combined_score(torch.sigmoid(torch.tensor(raw_h, dtype=torch.float32)),
+                                    torch.sigmoid(torch.tensor(raw_s, dtype=torch.float32)), tags, safety_gate)
+        for i, r in zip(adherent, r_c.tolist()):
+            if r >= min_reward:
+                out[i] = r
+        return out
 
     return judge
 
@@ -169,8 +176,9 @@ def sample_dialogues(
     max_turns: int | None = None,
 ) -> GAttSamples:
     """Sample GAtt answers turn by turn: for turn t, all dialogues still alive in ONE `sample_fn` call on their
-    sampling views (`samples_per_turn` answers each); keep the judge's best-scoring accepted answer (ties: the
-    first sampled); a dialogue without an accepted answer stops there (its earlier turns stay)."""
+    sampling views (`samples_per_turn` answers each) and one `judge` call on all their answers; keep the judge's
+    best-scoring accepted answer (ties: the first sampled); a dialogue without an accepted answer stops there
+    (its earlier turns stay)."""
     if samples_per_turn < 1:
         raise GAttError(f"samples_per_turn {samples_per_turn} must be >= 1")
     for i, r in enumerate(records):
@@ -191,10 +199,15 @@ def sample_dialogues(
                 f"sample_fn returned {[len(c) for c in candidates][:4]}... answers for {len(views)} dialogues; "
                 f"it must return {samples_per_turn} strings per dialogue, in order"
             )
+        flat = [(records[i].turns[t], records[i].instruction, a) for i, answers in zip(alive, candidates)
+                for a in answers]
+        scores = judge(flat)
+        if len(scores) != len(flat):
+            raise GAttError(f"the judge returned {len(scores)} scores for {len(flat)} answers; one per answer")
         survivors = []
-        for i, answers in zip(alive, candidates):
+        for d, (i, answers) in enumerate(zip(alive, candidates)):
             record = records[i]
-            scored = [(judge(record.turns[t], record.instruction, a), a) for a in answers]
+            scored = list(zip(scores[d * samples_per_turn:(d + 1) * samples_per_turn], answers))
             out.samples += len(answers)
             out.samples_adherent += sum(judge_adherence(record.instruction, a) for a in answers)
             accepted = [(s, -j, a) for j, (s, a) in enumerate(scored) if s is not None]
@@ -208,22 +221,48 @@ def sample_dialogues(
     return out
 
 
-def chat_sampler(chat: Any, temperature: float, max_new_tokens: int, seed: int | None = None) -> SampleFn:
-    """A `SampleFn` over a `rayllama.chat.ChatModel` (the shared GenerationEngine): each call samples with
-    seed, seed + 1, ... so a run is reproducible."""
+def actor_sampler(actors: Any, tok: Tokenizer, g: Any, max_seq_len: int, seed: int) -> SampleFn:
+    """A `SampleFn` over the rollout generators of `actors` (an `RLActors`): dialogue j goes to generator j % M,
+    prompts keep their last max_seq_len - g.max_new_tokens tokens; call c samples with seeds derived from
+    (seed, c, generator), so a run is reproducible."""
+    from rayllama.chat import completion_text
     from rayllama.generation import SamplingParams
 
     calls = [0]
+    budget = max_seq_len - g.max_new_tokens
 
     def sample(dialogues: list[Messages], n: int) -> list[list[str]]:
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, n=n, stop_token_ids=(chat.tok.eos_id,),
-            seed=None if seed is None else seed + calls[0],
-        )
+        m = len(actors.generators)
+        shards = [list(range(k, len(dialogues), m)) for k in range(m)]
+        busy = [k for k in range(m) if shards[k]]
+
+        def params(k: int) -> SamplingParams:
+            return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, n=n,
+                                  stop_token_ids=(tok.eos_id,), seed=(seed * 1_000_003 + calls[0]) * 1009 + k)
+
+        results = actors.call(lambda: [actors.generators[k].generate.remote(
+            [tok.encode_prompt(dialogues[j])[-budget:] for j in shards[k]], params(k)) for k in busy],
+            "GAtt sampling")
         calls[0] += 1
-        return chat.respond(dialogues, params)
+        out: list[list[str]] = [[] for _ in dialogues]
+        for k, per_shard in zip(busy, results):
+            for j, completions in zip(shards[k], per_shard, strict=True):
+                out[j] = [completion_text(tok, c.token_ids) for c in completions]
+        return out
 
     return sample
+
+
+def actor_scorer(actors: Any) -> PairScorer:
+    """A `PairScorer` over the two reward scorer actors of `actors`, both called at once."""
+
+    def score(pairs: list[tuple[Messages, str]]) -> tuple[list[float], list[float]]:
+        ref = actors.put(pairs)
+        helpful, safety = actors.call(lambda: [actors.reward_helpfulness.score.remote(ref),
+                                               actors.reward_safety.score.remote(ref)], "GAtt reward scoring")
+        return helpful, safety
+
+    return score
 
 
 # ------------------------------------------------------------------------------------------------ tensors
@@ -279,77 +318,54 @@ def replay_count(n_gatt: int, share: float) -> int:
 
 # ------------------------------------------------------------------------------------------------ the stage
 
-Sampler = Callable[[Path], SampleFn]  # policy checkpoint -> a SampleFn over it
-
-
-# run_gatt settings not (yet) in GAttConfig: an explicit argument wins, then a config field of that name
-DEFAULTS = {"rounds": 1, "replay_share": 0.0, "min_helpfulness": DEFAULT_MIN_HELPFULNESS}
-
-
-def _setting(g: Any, name: str, value: Any) -> Any:
-    """An explicit argument, else the config field (gatt.rounds / replay_share / min_helpfulness, when the
-    config has it), else the module default."""
-    return value if value is not None else getattr(g, name, DEFAULTS[name])
+# the policy checkpoint of a round -> a context that yields that round's (SampleFn over the policy, Judge) and
+# frees what it holds (actors) on exit, before the round's fine-tune
+OpenRound = Callable[[Path], AbstractContextManager[tuple[SampleFn, Judge]]]
 
 
 def run_gatt(
     cfg: Any, run_dir: str | Path, tok: Tokenizer, dialogues: Sequence[PromptRecord], init_model_dir: str | Path,
-    *, sampler: Sampler | None = None, judge: Judge | None = None, replay: Sequence[Messages] = (),
-    replay_share: float | None = None, rounds: int | None = None, min_helpfulness: float | None = None,
+    open_round: OpenRound, *, replay: Sequence[Messages] = (),
 ) -> dict[str, Any]:
-    """The GAtt stage, in `rounds` rounds (each samples from the policy the round before trained, as LLaMA 2
-    samples from its latest RLHF model). Round r:
+    """The GAtt stage, in cfg.gatt.rounds rounds (each samples from the policy the round before trained, as
+    LLaMA 2 samples from its latest RLHF model). Round r:
 
-      sample   the r-th slice of cfg.gatt.dialogues dialogues (wrapping around `dialogues`) through
-               `sampler(policy)` (default: an in-process ChatModel, cfg.gatt.temperature / max_new_tokens);
-               `judge` (default gold_judge(min_helpfulness)) filters; counts go to gatt/round-<r>/stats.json
+      sample   the r-th slice of cfg.gatt.dialogues dialogues (wrapping around `dialogues`) with the round's
+               (sample_fn, judge) = `open_round(policy)`; counts go to gatt/round-<r>/stats.json
       build    one GAtt example per kept turn (loss on its last answer only) plus `replay` SFT dialogues
-               (full SFT mask) making `replay_share` of the examples (against forgetting), in data/gatt-<r>.pt
+               (full SFT mask) making cfg.gatt.replay_share of the examples (against forgetting), in
+               data/gatt-<r>.pt
       train    the shared Ray Train loop (objective "lm", cfg.gatt epochs / batch / optim) from the policy;
                the last round writes run_dir/gatt/model (a complete checkpoint with tokenizer.model)
 
     A round whose model (or whose tensors and stats) exist is not redone. Returns the last round's stats plus
     `round_<r>/<key>` for every round, `train_steps` and `rounds`."""
     g = cfg.gatt
-    rounds = int(_setting(g, "rounds", rounds))
-    share = float(_setting(g, "replay_share", replay_share))
-    judge = judge or gold_judge(float(_setting(g, "min_helpfulness", min_helpfulness)))
-    if rounds < 1:
-        raise GAttError(f"gatt.rounds {rounds} must be >= 1")
+    if g.rounds < 1:
+        raise GAttError(f"gatt.rounds {g.rounds} must be >= 1")
     records = list(dialogues)
     if not records or g.dialogues < 1:
         raise GAttError("no GAtt dialogues given; pass toyworld.gatt_dialogues / gatt.jsonl records "
                         "and gatt.dialogues >= 1")
-    if share > 0 and not replay:
-        raise GAttError(f"gatt.replay_share {share} needs SFT dialogues to replay; pass replay= or set it to 0")
+    if g.replay_share > 0 and not replay:
+        raise GAttError(f"gatt.replay_share {g.replay_share} needs SFT dialogues to replay; pass replay= or set it "
+                        f"to 0")
     run_dir = Path(run_dir).absolute()  # Ray Train workers run in another folder
     policy = Path(init_model_dir).absolute()
-    sampler = sampler or _chat_sampler_factory(cfg)
-    out: dict[str, Any] = {"rounds": rounds}
-    for r in range(rounds):
+    out: dict[str, Any] = {"rounds": g.rounds}
+    for r in range(g.rounds):
         n = min(g.dialogues, len(records))
         chunk = [records[(r * n + i) % len(records)] for i in range(n)]
-        last = r == rounds - 1
+        last = r == g.rounds - 1
         model_dir = run_dir / "gatt" / "model" if last else run_dir / "gatt" / f"round-{r}" / "model"
-        stats = _gatt_round(cfg, run_dir, r, tok, chunk, policy, model_dir, sampler, judge, replay, share)
+        stats = _gatt_round(cfg, run_dir, r, tok, chunk, policy, model_dir, open_round, replay)
         out.update({f"round_{r}/{k}": v for k, v in stats.items()})
         policy = model_dir
     return {**stats, **out}
 
 
-def _chat_sampler_factory(cfg: Any) -> Sampler:
-    def make(model_dir: Path) -> SampleFn:
-        from rayllama.chat import ChatModel
-
-        chat = ChatModel.from_checkpoint(model_dir, device=cfg.device)
-        return chat_sampler(chat, cfg.gatt.temperature, cfg.gatt.max_new_tokens, seed=cfg.seed)
-
-    return make
-
-
 def _gatt_round(cfg: Any, run_dir: Path, r: int, tok: Tokenizer, records: list[PromptRecord], policy: Path,
-                model_dir: Path, sampler: Sampler, judge: Judge, replay: Sequence[Messages],
-                share: float) -> dict[str, Any]:
+                model_dir: Path, open_round: OpenRound, replay: Sequence[Messages]) -> dict[str, Any]:
     """One round: sample -> tensors -> fine-tune (see run_gatt); each step skipped when its output exists."""
     import random
 
@@ -363,7 +379,8 @@ def _gatt_round(cfg: Any, run_dir: Path, r: int, tok: Tokenizer, records: list[P
     data_path = run_dir / "data" / f"gatt-{r}.pt"
     stats_path = round_dir / "stats.json"
     if not (data_path.exists() and stats_path.exists()):
-        sampled = sample_dialogues(records, sampler(policy), g.samples_per_turn, judge, g.turns)
+        with open_round(policy) as (sample_fn, judge):
+            sampled = sample_dialogues(records, sample_fn, g.samples_per_turn, judge, g.turns)
         max_len = _max_len(g.max_seq_len, policy)
         rows, too_long = encode_rows(build_examples(records, sampled.answers), tok, max_len)
         if not rows:
@@ -371,7 +388,7 @@ def _gatt_round(cfg: Any, run_dir: Path, r: int, tok: Tokenizer, records: list[P
                 f"round {r}: no GAtt example (accepted {sampled.samples_accepted} of {sampled.samples} samples, "
                 f"{too_long} too long); raise gatt.samples_per_turn or gatt.max_seq_len, or start from a better policy"
             )
-        k = min(replay_count(len(rows), share), len(replay))
+        k = min(replay_count(len(rows), g.replay_share), len(replay))
         picked = random.Random(cfg.seed * 1000 + r).sample(list(replay), k)
         replay_rows, replay_long = encode_rows(picked, tok, max_len, gatt_mask=False)
         tensors = pad_rows(rows + replay_rows, tok.pad_id)  # one tensor file; the loop shuffles it per epoch

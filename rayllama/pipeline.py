@@ -96,7 +96,8 @@ class Pipeline:
         sft, rewards = run.model("sft"), [run.reward_model("helpfulness"), run.reward_model("safety")]
         needs = {"pretrain": [], "sft": [("pretrain", run.model("pretrain"))], "reward": [("sft", sft)],
                  "rejection": [("sft", sft), *[("reward", p) for p in rewards]],
-                 "ppo": [("sft", sft), *[("reward", p) for p in rewards]]}
+                 "ppo": [("sft", sft), *[("reward", p) for p in rewards]],
+                 "gatt": [("sft", sft), *[("reward", p) for p in rewards]]}
         if listed - {"tokenizer"} and "tokenizer" not in listed and not self.cfg.tokenizer.model_path \
                 and not run.tokenizer.is_file():
             raise PipelineError(f"no tokenizer at {run.tokenizer}; add 'tokenizer' to stages")
@@ -293,6 +294,39 @@ class Pipeline:
             if curve:
                 log.info(f"rejection: best-of-K curve (max composed reward by K) {curve}")
         self.gold_eval("rejection", out_dir / "model")
+
+    def stage_gatt(self) -> None:
+        """Ghost Attention from the policy before it: rounds of sampling (generator and reward scorer actors,
+        shut down before each fine-tune) and Ray Train fine-tunes; adherence by turn before and after."""
+        from contextlib import contextmanager
+
+        import actors.group  # the driver is the composition root (see stage_ppo)
+        from rayllama.gatt import actor_sampler, actor_scorer, adherence_table, reward_model_judge, run_gatt
+
+        start, g = self._policy_before("gatt"), self.cfg.gatt
+        before = start.parent.name  # the stage whose model GAtt starts from (its gold eval has adherence by turn)
+        out = self.run.model("gatt")
+        if is_complete(out):
+            log.info("gatt: complete, skipped")
+        else:
+            rewards = [self._require(self.run.reward_model(k), "reward") for k in ("helpfulness", "safety")]
+
+            @contextmanager
+            def open_round(policy: Path):
+                handles = actors.group.create_gatt_actors(self.cfg, policy, *rewards)
+                try:
+                    max_seq_len = handles.call(lambda: handles.generators[0].max_seq_len.remote(), "max_seq_len")
+                    yield (actor_sampler(handles, self.tok, g, max_seq_len, self.cfg.seed),
+                           reward_model_judge(actor_scorer(handles), g.safety_gate, g.min_reward))
+                finally:
+                    actors.group.shutdown_rl_actors(handles)
+
+            gatt_prompts = formats.read_prompts(self.files["gatt"])
+            stats = run_gatt(self.cfg, self.run.root, self.tok, gatt_prompts, start, open_round,
+                             replay=self.sft_dialogues)
+            self._record("gatt", {k: v for k, v in stats.items() if isinstance(v, int | float)})
+        self.gold_eval("gatt", out)
+        print(adherence_table(self.results, [before, "gatt"]))
 
     def _policy_before(self, stage: str) -> Path:
         """The policy a stage starts from: the output of the stage before it among sft/rejection/ppo."""

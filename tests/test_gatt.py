@@ -4,6 +4,8 @@ and a tiny end-to-end fine-tune through the shared Ray Train loop."""
 from __future__ import annotations
 
 import json
+import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from rayllama.config import OptimConfig, PipelineConfig, ScalingSection
 from rayllama.data import toyworld as tw
 from rayllama.data.formats import PromptRecord
 from rayllama.eval import evaluate
-from rayllama.model import ModelConfig, Transformer
+from rayllama.model import ModelConfig, ScalarHeadModel, Transformer
 from rayllama.tokenizer import B_INST, B_SYS, E_INST, E_SYS, Tokenizer, train_tokenizer
 
 CAPS_AHOY = {"capitals": True, "start_with": None, "end_with": "ahoy"}
@@ -91,16 +93,40 @@ def test_sampling_view_joins_the_instruction_to_every_user_turn(tok):
 # ------------------------------------------------------------------------------------------------ sampling
 
 
-def test_gold_judge_needs_adherence_and_the_helpfulness_floor():
-    task = tw.make_task("add", a=3, b=4)
-    right = tw.apply_instruction("3 plus 4 is 7.", CAPS_AHOY)  # "3 PLUS 4 IS 7, AHOY."
-    wrong = tw.apply_instruction("3 plus 4 is 9.", CAPS_AHOY)  # canonical form, wrong value: helpfulness 0.3
-    assert gatt.gold_judge(0.0)(task, CAPS_AHOY, right) == 1.0
-    assert gatt.gold_judge(0.0)(task, CAPS_AHOY, wrong) == pytest.approx(0.3)
-    assert gatt.gold_judge(0.5)(task, CAPS_AHOY, wrong) is None
-    assert gatt.gold_judge(0.0)(task, CAPS_AHOY, "3 plus 4 is 7, ahoy.") is None  # not in capitals
-    assert gatt.gold_judge(0.0)(task, CAPS_AHOY, "HERE IS HOW TO MAKE A BOMB, AHOY.") is None  # unsafe
-    assert gatt.gold_judge(0.0)(task, CAPS_AHOY, "I'M SORRY, BUT I CAN'T HELP WITH THAT, AHOY.") is None  # refusal
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def test_reward_model_judge_needs_adherence_and_ranks_by_the_composed_reward():
+    """Adherence is the instruction's program check; R_c composes the two reward models as PPO does: s_safety
+    for safety-tagged tasks (unsafe, borderline) and below the 0.15 gate, s_helpful otherwise; a floor drops."""
+    add, unsafe = tw.make_task("add", a=3, b=4), tw.eval_sets(0, 0, 1, 0, 0)[0].task
+    assert tw.category(unsafe) == "unsafe"
+    caps = tw.apply_instruction("3 plus 4 is 7.", CAPS_AHOY)  # "3 PLUS 4 IS 7, AHOY."
+    raw = {caps: (0.8, 0.6), "HERE IS HOW, AHOY.": (0.9, 0.1), "I CANNOT, AHOY.": (0.3, 0.7)}
+    calls = []
+
+    def score_pairs(pairs):
+        calls.append(pairs)
+        return [_logit(raw[a][0]) for _, a in pairs], [_logit(raw[a][1]) for _, a in pairs]
+
+    cands = [(add, CAPS_AHOY, caps),                     # safe task, s_safety 0.6 >= gate: s_helpful 0.8
+             (add, CAPS_AHOY, "3 plus 4 is 7, ahoy."),   # not in capitals: rejected, never scored
+             (add, CAPS_AHOY, "HERE IS HOW, AHOY."),     # s_safety 0.1 < gate: R_c = 0.1
+             (unsafe, CAPS_AHOY, "I CANNOT, AHOY.")]     # safety-tagged task: R_c = s_safety 0.7
+    got = gatt.reward_model_judge(score_pairs)(cands)
+    assert got[1] is None and got[0:1] + got[2:] == pytest.approx([0.8, 0.1, 0.7])
+    assert len(calls) == 1 and [a for _, a in calls[0]] == [caps, "HERE IS HOW, AHOY.", "I CANNOT, AHOY."]
+    assert calls[0][0][0] == [{"role": "user", "content": add["prompt"]}]  # the turn's plain prompt
+    floored = gatt.reward_model_judge(score_pairs, safety_gate=0.15, min_reward=0.5)(cands)
+    assert floored[2] is None and floored[0] == pytest.approx(0.8)
+    assert gatt.reward_model_judge(score_pairs)([(add, CAPS_AHOY, "nope")]) == [None]
+    assert len(calls) == 2  # nothing adherent: no scoring call
+
+
+def _adherent_then_helpful(candidates):
+    """A test judge: accept adherent answers, score them by the world's helpfulness (sampling logic only)."""
+    return [tw.judge_helpfulness(task, a) if tw.judge_adherence(inst, a) else None for task, inst, a in candidates]
 
 
 def test_rejected_samples_are_dropped_and_counted_and_the_best_accepted_is_kept():
@@ -123,7 +149,7 @@ def test_rejected_samples_are_dropped_and_counted_and_the_best_accepted_is_kept(
                 out.append([tw.apply_instruction(f"The answer is {value}.", CAPS_AHOY), _good(records[i], t)])
         return out
 
-    s = gatt.sample_dialogues(records, sample_fn, 2, gatt.gold_judge(0.0))
+    s = gatt.sample_dialogues(records, sample_fn, 2, _adherent_then_helpful)
     assert [len(c) for c in calls] == [3, 2, 1]  # one batched call per turn, only the live dialogues
     assert s.answers == [[_good(records[0], t) for t in range(3)], [_good(records[1], 0)], []]
     assert s.turns_sampled == [3, 2, 1] and s.turns_kept == [2, 1, 1]
@@ -135,7 +161,7 @@ def test_rejected_samples_are_dropped_and_counted_and_the_best_accepted_is_kept(
     examples = gatt.build_examples(records, s.answers)
     assert [len(e) for e in examples] == [3, 5, 7, 3]
     with pytest.raises(gatt.GAttError, match="2 strings per dialogue"):
-        gatt.sample_dialogues(records, lambda d, n: [["x"]] * len(d), 2, gatt.gold_judge())
+        gatt.sample_dialogues(records, lambda d, n: [["x"]] * len(d), 2, _adherent_then_helpful)
 
 
 def test_example_tensors_right_pad_and_drop_too_long(tok):
@@ -204,23 +230,50 @@ def _small_config(dialogues: int = 2, turns: int = 2, samples: int = 2) -> Pipel
     return cfg
 
 
-def test_run_gatt_samples_and_fine_tunes_a_complete_checkpoint(ray_session, tok, tmp_path, monkeypatch):
-    """Real sampling (in-process ChatModel over a random model, an accept-all judge), SFT replay, and 2 train
-    steps on Ray Train; the paths are relative to the driver's folder (the workers run in another one)."""
+def _random_reward_models(tok: Tokenizer, root: Path) -> list[Path]:
+    mcfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, ffn_dim=64,
+                       max_seq_len=256)
+    torch.manual_seed(1)
+    return [save_model(root / f"rm-{kind}", ScalarHeadModel(mcfg), mcfg, tokenizer_model=tok.model_path)
+            for kind in ("helpfulness", "safety")]
+
+
+def test_run_gatt_samples_through_actors_and_fine_tunes_a_complete_checkpoint(ray_session, tok, tmp_path,
+                                                                               monkeypatch):
+    """Real sampling and scoring through the GAtt Ray actors (a generator on a random model, both reward scorers;
+    the judge accepts every answer but has them scored), SFT replay, and 2 train steps on Ray Train; the paths
+    are relative to the driver's folder (the workers run in another one)."""
+    from actors.group import create_gatt_actors, shutdown_rl_actors
+
     init = _random_policy(tok, tmp_path / "sft")
+    rewards = _random_reward_models(tok, tmp_path)
     cfg = _small_config()
+    cfg.gatt.replay_share = 0.5
     records = tw.gatt_dialogues(5, seed=0, turns=3)
     replay = [d.messages for d in tw.sft_dialogues(3, seed=0, multi_turn_rate=0.0)]
-    judged = []
+    judged, opened = [], []
 
-    def accept_all(task, instruction, answer):
-        judged.append(answer)
-        return float(len(answer))
+    @contextmanager
+    def open_round(policy):
+        handles = create_gatt_actors(cfg, policy, *rewards)
+        opened.append(sorted(handles.names))
+        scorer = gatt.actor_scorer(handles)
+
+        def accept_all(candidates):
+            helpful, safety = scorer([([{"role": "user", "content": t["prompt"]}], a) for t, _, a in candidates])
+            judged.extend(zip(helpful, safety))
+            return [float(h) for h in helpful]
+
+        try:
+            yield gatt.actor_sampler(handles, tok, cfg.gatt, 256, cfg.seed), accept_all
+        finally:
+            shutdown_rl_actors(handles)
 
     monkeypatch.chdir(tmp_path)
-    stats = gatt.run_gatt(cfg, Path("run"), tok, records, Path("sft"), judge=accept_all, replay=replay,
-                          replay_share=0.5, rounds=1)
+    stats = gatt.run_gatt(cfg, Path("run"), tok, records, Path("sft"), open_round, replay=replay)
 
+    assert opened == [["gatt-reward-helpfulness", "gatt-reward-safety", "gatt-rollout-0"]]
+    assert all(isinstance(h, float) and isinstance(s, float) for h, s in judged)
     assert len(judged) == 2 * 2 * 2  # dialogues x turns x samples: only cfg.gatt.dialogues are sampled
     # 2 dialogues x 2 turns = 4 GAtt examples; replay 0.5 / (1 - 0.5) * 4 = 4, capped at the 3 given
     assert stats["turns_kept"] == 4 and stats["examples"] == 4 and stats["replay_examples"] == 3
@@ -259,16 +312,18 @@ def test_rounds_sample_from_the_previous_round_and_resume(tok, tmp_path, monkeyp
         save_model(job.output, model, mcfg, tokenizer_model=job.tokenizer_model, meta={"stage": job.stage})
         return {}
 
-    def sampler(model_dir):
+    @contextmanager
+    def open_round(model_dir):
         sampled_from.append(Path(model_dir))
-        return lambda dialogues, n: [[_good(records[firsts.index(d[1]["content"])], (len(d) - 2) // 2)] * n
-                                     for d in dialogues]
+        yield (lambda dialogues, n: [[_good(records[firsts.index(d[1]["content"])], (len(d) - 2) // 2)] * n
+                                     for d in dialogues]), _adherent_then_helpful
 
     records = [_record(2, CAPS_AHOY, seed=s) for s in range(3)]
     firsts = [r.turns[0]["prompt"] for r in records]
     monkeypatch.setattr(loop, "run_train_job", fake_train)
     cfg = _small_config(dialogues=2, turns=2, samples=1)
-    stats = gatt.run_gatt(cfg, tmp_path / "run", tok, records, init, sampler=sampler, rounds=2)
+    cfg.gatt.rounds = 2
+    stats = gatt.run_gatt(cfg, tmp_path / "run", tok, records, init, open_round)
 
     run = tmp_path / "run"
     assert sampled_from == [init, run / "gatt" / "round-0" / "model"]
@@ -279,21 +334,27 @@ def test_rounds_sample_from_the_previous_round_and_resume(tok, tmp_path, monkeyp
                    for r in (0, 1) for line in (run / "gatt" / f"round-{r}" / "samples.jsonl").open()]
     assert firsts_seen == [firsts[0], firsts[1], firsts[2], firsts[0]]
     assert stats["rounds"] == 2 and stats["round_0/examples"] == 4 and stats["examples"] == 4
-    gatt.run_gatt(cfg, run, tok, records, init, sampler=sampler, rounds=2)
+    gatt.run_gatt(cfg, run, tok, records, init, open_round)
     assert len(jobs) == 2 and len(sampled_from) == 2  # complete rounds are not redone
 
 
 def test_run_gatt_mistakes_are_named_errors(tok, tmp_path):
+    def never(policy):
+        raise AssertionError("no round may start")
+
+    cfg = PipelineConfig()
     with pytest.raises(gatt.GAttError, match="no GAtt dialogues"):
-        gatt.run_gatt(PipelineConfig(), tmp_path, tok, [], tmp_path)
+        gatt.run_gatt(cfg, tmp_path, tok, [], tmp_path, never)
+    cfg.gatt.replay_share = 0.5
     with pytest.raises(gatt.GAttError, match="needs SFT dialogues to replay"):
-        gatt.run_gatt(PipelineConfig(), tmp_path, tok, [_record()], tmp_path, replay_share=0.5)
+        gatt.run_gatt(cfg, tmp_path, tok, [_record()], tmp_path, never)
+    cfg.gatt.rounds = 0
     with pytest.raises(gatt.GAttError, match="gatt.rounds 0"):
-        gatt.run_gatt(PipelineConfig(), tmp_path, tok, [_record()], tmp_path, rounds=0)
+        gatt.run_gatt(cfg, tmp_path, tok, [_record()], tmp_path, never)
     with pytest.raises(gatt.GAttError, match=r"replay_share 1.0 must be in \[0, 1\)"):
         gatt.replay_count(10, 1.0)
     assert gatt.replay_count(10, 0.5) == 10 and gatt.replay_count(9, 0.25) == 3  # 0.25 / 0.75 * 9 = 3
     bad = PromptRecord(prompt=[{"role": "user", "content": "hi"}], is_safety=False)
     with pytest.raises(gatt.GAttError, match="dialogue 0 has no instruction"):
-        gatt.sample_dialogues([bad], lambda d, n: [["x"] * n for _ in d], 1, gatt.gold_judge())
+        gatt.sample_dialogues([bad], lambda d, n: [["x"] * n for _ in d], 1, _adherent_then_helpful)
 

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from rayllama.checkpoint import is_complete
-from rayllama.config import PipelineConfig, RejectionConfig
+from rayllama.config import PipelineConfig, RejectionConfig, validate_rejection
 from rayllama.data.formats import PromptRecord
 from rayllama.generation import Completion, SamplingParams
 from rayllama.losses import llama2_combined_score
@@ -151,31 +151,6 @@ def strip_tags(text: str) -> str:
     for tag in SPECIAL_TAGS:
         text = text.replace(tag, "")
     return text
-
-
-def check_rejection_config(rej: RejectionConfig) -> None:
-    """ValueError naming the first bad `rejection.*` value and the fix."""
-    checks = [
-        (rej.iterations >= 1, f"rejection.iterations {rej.iterations} must be >= 1"),
-        (rej.prompts_per_iteration >= 1, f"rejection.prompts_per_iteration {rej.prompts_per_iteration} must be >= 1"),
-        (rej.samples_per_prompt >= 1, f"rejection.samples_per_prompt {rej.samples_per_prompt} must be >= 1"),
-        (rej.max_new_tokens >= 1, f"rejection.max_new_tokens {rej.max_new_tokens} must be >= 1"),
-        (0.0 < rej.safety_gate < 1.0, f"rejection.safety_gate {rej.safety_gate} must be in (0, 1)"),
-        (rej.finetune_epochs > 0, f"rejection.finetune_epochs {rej.finetune_epochs} must be > 0"),
-        (rej.batch_size >= 1 and rej.micro_batch_size >= 1,
-         f"rejection.batch_size {rej.batch_size} and micro_batch_size {rej.micro_batch_size} must be >= 1"),
-        (rej.optim.lr > 0, f"rejection.optim.lr {rej.optim.lr} must be > 0"),
-        (rej.optim.schedule in ("cosine", "constant"),
-         f"rejection.optim.schedule '{rej.optim.schedule}' is not cosine or constant"),
-        (not rej.temperature_schedule or len(rej.temperature_schedule) >= rej.iterations,
-         f"rejection.temperature_schedule has {len(rej.temperature_schedule)} entries for {rej.iterations} "
-         f"iterations; give one temperature per iteration or leave it empty"),
-        (all(t >= 0 for t in [rej.temperature, *rej.temperature_schedule]),
-         f"rejection temperatures {[rej.temperature, *rej.temperature_schedule]} must be >= 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
 
 
 def temperature_at(rej: RejectionConfig, iteration: int) -> float:
@@ -468,7 +443,7 @@ def run_rejection(cfg: PipelineConfig, actors: RLActors, prompts: list[PromptRec
     from rayllama.train.loop import MetricsWriter
 
     rej, out_dir = cfg.rejection, Path(out_dir)
-    check_rejection_config(rej)
+    validate_rejection(rej)  # configs from load_config are checked already; this is for built ones
     max_seq_len = actors.call(lambda: actors.generators[0].max_seq_len.remote(), "generator max_seq_len")
     try:
         kept, prompt_ids = encode_prompts(prompts, tokenizer, max_seq_len - rej.max_new_tokens)
