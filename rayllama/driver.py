@@ -96,15 +96,31 @@ def _start_ray(cfg: PipelineConfig, run: RunDir) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)
     else:
-        ray.init(
+        port = cfg.ray.dashboard_port
+        if cfg.ray.include_dashboard and not _port_free(port):
+            free = next((p for p in range(port + 1, port + 100) if _port_free(p)), 0)
+            log.warning(f"127.0.0.1:{port} is taken (another Ray dashboard?); this run's dashboard uses port {free}")
+            port = free
+        context = ray.init(
             num_cpus=cfg.ray.num_cpus,
             include_dashboard=cfg.ray.include_dashboard,
             dashboard_host="127.0.0.1",
-            dashboard_port=cfg.ray.dashboard_port,
+            dashboard_port=port,
             **kwargs,
         )
         if cfg.ray.include_dashboard:
-            log.info(f"Ray dashboard: http://127.0.0.1:{cfg.ray.dashboard_port}")
+            log.info(f"Ray dashboard: http://{context.dashboard_url}")
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
