@@ -132,6 +132,12 @@ class RewardConfig:
     max_seq_len: int = 256
     margin: str = "small"  # none | small | large (LLaMA 2, Table 28)
     safety_helpfulness_share: float = 0.1  # share of helpfulness pairs mixed into the safety RM's data
+    # LLaMA 2's annotators compared samples of the latest models: per kind, this many prompts (the kind's
+    # preference mix) get policy_samples answers each from the SFT policy, and the gold annotator rates a pair of
+    # them; these pairs join the world's written ones, so the RMs see the policy's own kinds of mistakes.
+    policy_pairs: int = 0
+    policy_samples: int = 4
+    policy_temperature: float = 1.0
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-5, warmup_ratio=0.03, warmup_steps=5)
     )
@@ -394,6 +400,9 @@ def validate(cfg: PipelineConfig) -> None:
         _check(o.lr > 0, f"{name}.optim.lr {o.lr} must be > 0")
         _check(0.0 <= o.final_lr_ratio <= 1.0, f"{name}.optim.final_lr_ratio {o.final_lr_ratio} must be in [0, 1]")
     _check(cfg.reward.margin in ("none", "small", "large"), f"reward.margin '{cfg.reward.margin}' is not none, small or large")
+    _check(cfg.reward.policy_pairs >= 0, f"reward.policy_pairs {cfg.reward.policy_pairs} must be >= 0")
+    _check(cfg.reward.policy_samples >= 2, f"reward.policy_samples {cfg.reward.policy_samples} must be >= 2 (a pair)")
+    _check(cfg.reward.policy_temperature > 0, f"reward.policy_temperature {cfg.reward.policy_temperature} must be > 0")
     p = cfg.ppo
     rollouts = p.prompts_per_iteration * p.samples_per_prompt
     _check(

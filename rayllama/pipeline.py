@@ -221,13 +221,16 @@ class Pipeline:
         from rayllama.train.stages import run_reward
 
         sft = self._require(self.run.model("sft"), "sft")
-        for kind in ("helpfulness", "safety"):
+        kinds = ("helpfulness", "safety")
+        todo = [k for k in kinds if not is_complete(self.run.reward_model(k))]
+        pairs = {k: self.pairs[k] + (self.policy_pairs(k, sft) if todo else []) for k in kinds}
+        for kind in kinds:
             out = self.run.reward_model(kind)
-            if is_complete(out):
+            if kind not in todo:
                 log.info(f"reward-{kind}: complete, skipped")
             else:
-                run_reward(self.cfg, self.run.root, self.tok, kind, self.pairs[kind], self.heldout_pairs[kind],
-                           self.pairs["helpfulness"], sft)
+                run_reward(self.cfg, self.run.root, self.tok, kind, pairs[kind], self.heldout_pairs[kind],
+                           pairs["helpfulness"], sft)
             ev = load_model(out)[2].get("eval", {})
             self._record(f"reward-{kind}", {f"rm_{k}" if not k.startswith("rm_") else k: v for k, v in ev.items()})
         if "rm_prefers_refusal_unsafe" not in self.results.get("reward-safety", {}):
@@ -236,6 +239,29 @@ class Pipeline:
         print(reward_table(self.results))
         log.info(f"safety RM prefers the refusal on {self.results['reward-safety']['rm_prefers_refusal_unsafe']:.3f} "
                  f"of held-out unsafe prompts")
+
+    def policy_pairs(self, kind: str, policy: Path) -> list:
+        """reward.policy_pairs preference pairs over `policy`'s own samples, rated by the gold annotator
+        (toyworld.policy_pairs), written once to data/pref_<kind>_policy.jsonl and read back after."""
+        r = self.cfg.reward
+        path = self.run.data / f"pref_{kind}_policy.jsonl"
+        if r.policy_pairs == 0:
+            return []
+        if not path.exists():
+            from rayllama.chat import ChatModel
+            from rayllama.generation import SamplingParams
+
+            t0 = time.time()
+            seed = self.cfg.world.seed * 7919 + (1 if kind == "helpfulness" else 2)
+            prompts = toyworld.rl_prompts(r.policy_pairs, seed, mix=toyworld.PREF_MIX[kind])
+            chat = ChatModel.from_checkpoint(policy, device=self.cfg.device)
+            params = SamplingParams(max_new_tokens=self.cfg.ppo.max_new_tokens, temperature=r.policy_temperature,
+                                    n=r.policy_samples, stop_token_ids=(chat.tok.eos_id,), seed=seed)
+            responses = chat.respond([p.prompt for p in prompts], params)
+            formats.write_jsonl(path, toyworld.policy_pairs(prompts, responses, kind, seed))
+            log.info(f"reward-{kind}: {r.policy_pairs} prompts x {r.policy_samples} policy samples rated into "
+                     f"pairs in {time.time() - t0:.0f} s")
+        return formats.read_preferences(path)
 
     def safety_rm_refusal_preference(self) -> float:
         """Share of held-out unsafe prompts where the safety RM scores a refusal above compliance."""

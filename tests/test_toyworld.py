@@ -390,3 +390,25 @@ def test_eval_sets_shape_and_limits():
         tw.eval_sets(0, n_unsafe=500)
     with pytest.raises(ValueError, match="n_safe 600 needs"):
         tw.eval_sets(0, n_safe=600)
+
+
+def test_policy_pairs_rate_the_policy_samples_like_the_written_pairs():
+    add = tw.rl_prompts(40, seed=3, mix={"safe": 1.0})
+    add = next(r for r in add if r.task["type"] == "add")
+    right = tw.perfect_response(add.task)
+    samples = [[right, "blah blah.", right], ["same.", "same."], [right, "The answer is 0."]]
+    unsafe = next(r for r in tw.rl_prompts(40, seed=3, mix={"unsafe": 1.0}))
+    refusal = tw.candidate(unsafe.task, "refusal", random.Random(0))
+    comply = tw.candidate(unsafe.task, "compliance", random.Random(0))
+    pairs = tw.policy_pairs([add, add, add], samples, "helpfulness", seed=0)
+    assert len(pairs) == 2  # the all-equal prompt gives none
+    for p in pairs:
+        gold = p.extra["gold"]
+        assert p.extra["source"] == "policy" and p.prompt == add.prompt and p.rating in tw.RATINGS
+        assert p.rating != "significantly_better" or gold["chosen"]["helpfulness"] > gold["rejected"]["helpfulness"]
+        assert {p.chosen, p.rejected} <= set(samples[0]) | set(samples[2])
+    assert tw.policy_pairs([add, add, add], samples, "helpfulness", seed=0) == pairs  # deterministic
+    safety = tw.policy_pairs([unsafe], [[comply, refusal]], "safety", seed=0)
+    assert [(p.chosen, p.rejected, p.rating) for p in safety] == [(refusal, comply, "significantly_better")]
+    with pytest.raises(ValueError, match="one list per prompt"):
+        tw.policy_pairs([add], [], "helpfulness", seed=0)

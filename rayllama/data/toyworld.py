@@ -708,19 +708,48 @@ def preference_pairs(n: int, seed: int, kind: str, split: str = "train") -> list
                 break
         else:  # pragma: no cover - every rating is reachable from every kind's mix
             raise RuntimeError(f"no {kind} pair with rating {rating} after 1000 prompts")
-        (chosen, s_c), (rejected, s_r) = rng.choice(pairs)
-        if rng.random() < ANNOTATOR_FLIP[rating]:  # a simulated annotator's mistake: likelier for closer pairs
-            (chosen, s_c), (rejected, s_r) = (rejected, s_r), (chosen, s_c)
-        out.append(
-            PreferenceRecord(
-                prompt=[_msg("user", task["prompt"])],
-                chosen=chosen,
-                rejected=rejected,
-                rating=rating,
-                kind=kind,
-                extra={"task": task, "gold": {"chosen": s_c, "rejected": s_r}},
-            )
-        )
+        out.append(_annotate(rng, task, kind, rating, rng.choice(pairs)))
+    return out
+
+
+Scored = tuple[str, dict[str, float]]  # (response, gold_scores)
+
+
+def _annotate(rng: random.Random, task: Mapping[str, Any], kind: str, rating: str, pair: tuple[Scored, Scored],
+              **extra: Any) -> PreferenceRecord:
+    """The simulated annotator's record of `pair` (better first, with `rating`): the order is flipped with
+    probability ANNOTATOR_FLIP[rating] (a mistake, likelier for closer pairs)."""
+    (chosen, s_c), (rejected, s_r) = pair
+    if rng.random() < ANNOTATOR_FLIP[rating]:
+        (chosen, s_c), (rejected, s_r) = (rejected, s_r), (chosen, s_c)
+    return PreferenceRecord(prompt=[_msg("user", task["prompt"])], chosen=chosen, rejected=rejected, rating=rating,
+                            kind=kind, extra={"task": dict(task), "gold": {"chosen": s_c, "rejected": s_r}, **extra})
+
+
+def policy_pairs(records: Sequence[PromptRecord], responses: Sequence[Sequence[str]], kind: str,
+                 seed: int) -> list[PreferenceRecord]:
+    """Preference pairs over a policy's own samples, as LLaMA 2's annotators compared samples of the latest
+    models: for each prompt, its distinct responses are scored by the gold judge, a rating is drawn uniformly
+    among those its pairs reach, and one pair with that rating is recorded by the annotator (`_annotate`, with
+    its noise). A prompt whose samples are all equally good gives no pair. Extra field "source": "policy"."""
+    if kind not in PREF_MIX:
+        raise ValueError(f"unknown preference kind {kind!r}; use helpfulness or safety")
+    if len(records) != len(responses):
+        raise ValueError(f"{len(records)} prompts but {len(responses)} response lists; give one list per prompt")
+    rng = _rng(seed, f"policy-pref-{kind}", "train")
+    out: list[PreferenceRecord] = []
+    for record, answers in zip(records, responses):
+        task = record.task or {}
+        scored = [(a, gold_scores(task, a)) for a in sorted(set(answers))]
+        by_rating: dict[str, list[tuple[Scored, Scored]]] = {}
+        for p in combinations(scored, 2):
+            for x, y in (p, p[::-1]):
+                rating = pair_rating(kind, x[1], y[1])
+                if rating is not None:
+                    by_rating.setdefault(rating, []).append((x, y))
+        if by_rating:
+            rating = rng.choice(sorted(by_rating))
+            out.append(_annotate(rng, task, kind, rating, rng.choice(by_rating[rating]), source="policy"))
     return out
 
 

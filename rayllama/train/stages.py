@@ -96,7 +96,8 @@ def run_reward(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, kind: str, pa
     def rows(ps):
         return preference_rows(ps, tok, r.max_seq_len, margins)[0]
 
-    train = _tensors(run_dir / "data" / f"{tag}.pt", lambda: rows(train_pairs))
+    # the pair count names the cached tensors: adding policy pairs (reward.policy_pairs) must not reuse old ones
+    train = _tensors(run_dir / "data" / f"{tag}_{len(train_pairs)}pairs.pt", lambda: rows(train_pairs))
     heldout = _tensors(run_dir / "data" / f"{tag}_heldout.pt", lambda: rows(heldout_pairs))
     n = num_examples(torch.load(train))
     job = TrainJob(
