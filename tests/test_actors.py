@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from test_ppo_loop import REQUIRED, make_world, tiny_config
+from test_ppo_loop import REQUIRED
+from worlds import make_world, tiny_config
 
 from actors.group import PlacementError, connect_learners, create_rl_actors, shutdown_rl_actors
 from actors.policy import PolicyLearner, PolicyLearnerActor

@@ -21,8 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_ppo_loop import TinyWorld, local, make_world, tiny_config
-from test_rejection import rej_config
+from worlds import TinyWorld, local, make_world, rej_config, tiny_config
 
 from actors.group import create_local_rejection_actors, create_rl_actors, shutdown_rl_actors
 from actors.policy import PolicyLearner
@@ -286,8 +285,7 @@ SAVE_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     if phase.startswith(("ppo", "rejection")):
         sys.path.insert(0, spec["tests"])
-        from test_ppo_loop import TinyWorld, local, tiny_config
-        from test_rejection import rej_config
+        from worlds import TinyWorld, local, rej_config, tiny_config
         from actors.group import create_local_rejection_actors
         from actors.policy import PolicyLearner
         from rayllama.data.formats import read_prompts

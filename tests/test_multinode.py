@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_ppo_loop import local, make_world, tiny_config
+from worlds import local, make_world, tiny_config
 
 from rayllama.checkpoint import load_model
 from rayllama.data.formats import write_jsonl
@@ -42,7 +42,7 @@ CLUSTER_SCRIPT = textwrap.dedent("""
     from rayllama.generation import SamplingParams
     from rayllama.rl.ppo import run_ppo
     from rayllama.tokenizer import Tokenizer
-    from test_ppo_loop import TinyWorld, tiny_config
+    from worlds import TinyWorld, tiny_config
 
     world = TinyWorld(Tokenizer(spec["tok"]), Path(spec["sft"]), Path(spec["rh"]), Path(spec["rs"]),
                       list(read_prompts(spec["prompts"])))

@@ -1,28 +1,25 @@
 """The PPO loop without Ray: the real role classes in this process behind `LocalHandle`s, on tiny random models.
 
-`make_world` (also used by tests/test_actors.py) trains a small real tokenizer and saves a tiny SFT policy and two
-reward models with `save_model`, as the earlier stages would.
+`tests/worlds.py`'s `make_world` trains a small real tokenizer and saves a tiny SFT policy and two reward models
+with `save_model`, as the earlier stages would.
 """
 
 from __future__ import annotations
 
 import json
-import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from worlds import TinyWorld, local, make_world, tiny_config
 
-from actors.group import create_local_rl_actors
 from actors.policy import PolicyLearner
 from actors.reference import ReferenceModel
 from actors.rollout import RolloutGenerator
-from rayllama.checkpoint import is_complete, load_model, save_model
+from rayllama.checkpoint import is_complete, load_model
 from rayllama.config import OptimConfig, PipelineConfig
-from rayllama.data.formats import PromptRecord
 from rayllama.generation import SamplingParams
-from rayllama.model import ModelConfig, ScalarHeadModel, Transformer
+from rayllama.model import Transformer
 from rayllama.rl.actors_api import (
     ActorCallError,
     StaleRolloutError,
@@ -33,56 +30,6 @@ from rayllama.rl.actors_api import (
 )
 from rayllama.rl.experience import Experience, collate, mini_batches, pad_right, shard, trim
 from rayllama.rl.ppo import STATE_FILE, check_learners, latest_checkpoint, prompt_indices, run_ppo
-from rayllama.tokenizer import Tokenizer, train_tokenizer
-
-WORDS = ("add subtract copy spell the word number answer please refuse help how do I make a cake bomb friend "
-         "letter capital sum of and is what tell me about weather today yes no sorry cannot").split()
-
-
-@dataclass
-class TinyWorld:
-    tokenizer: Tokenizer
-    sft: Path
-    reward_helpfulness: Path
-    reward_safety: Path
-    prompts: list[PromptRecord]
-
-
-def make_world(root: Path, seed: int = 0) -> TinyWorld:
-    """A 420-piece tokenizer, a ~45k-parameter SFT policy and two reward models (score heads std 1, so the
-    sigmoid scores spread over (0, 1) and both branches of the 0.15 safety gate occur)."""
-    rng = random.Random(seed)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + f" {rng.randint(0, 99)}."
-             for _ in range(600)]
-    tok_path = train_tokenizer(lines, root / "tok", vocab_size=420)
-    tok = Tokenizer(tok_path)
-    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, ffn_dim=64,
-                      max_seq_len=64)
-    torch.manual_seed(seed)
-    sft = save_model(root / "sft", Transformer(cfg), cfg, tokenizer_model=tok_path)
-    rms = []
-    for kind in ("helpfulness", "safety"):
-        rm = ScalarHeadModel(cfg)
-        torch.nn.init.normal_(rm.score.weight, std=1.0)
-        rms.append(save_model(root / f"rm-{kind}", rm, cfg, tokenizer_model=tok_path))
-    prompts = [PromptRecord(prompt=[{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(4))}],
-                            is_safety=i % 3 == 0) for i in range(20)]
-    return TinyWorld(tok, sft, rms[0], rms[1], prompts)
-
-
-def tiny_config(iterations: int = 2, **ppo_overrides) -> PipelineConfig:
-    cfg = PipelineConfig(seed=3)
-    ppo = cfg.ppo
-    ppo.iterations, ppo.prompts_per_iteration, ppo.samples_per_prompt = iterations, 8, 2
-    ppo.mini_batch_size, ppo.max_new_tokens, ppo.checkpoint_every = 8, 10, 1
-    ppo.optim = OptimConfig(lr=1e-3, schedule="constant")  # large enough that one step visibly moves the policy
-    for key, value in ppo_overrides.items():
-        setattr(ppo, key, value)
-    return cfg
-
-
-def local(cfg: PipelineConfig, world: TinyWorld):
-    return create_local_rl_actors(cfg, world.sft, world.sft, world.reward_helpfulness, world.reward_safety)
 
 
 def read_metrics(out_dir: Path) -> list[dict]:

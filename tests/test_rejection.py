@@ -1,6 +1,6 @@
 """Rejection-sampling fine-tuning: best-of-K under the composed reward, the best-ever pool, the best-of-K curve,
 SFT on the pool, resume; the loop through local role objects and once through Ray actors, on tiny random models
-(`make_world` from tests/test_ppo_loop.py)."""
+(`make_world` from tests/worlds.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_ppo_loop import TinyWorld, make_world
+from worlds import TinyWorld, make_world, rej_config
 
 from actors.group import create_local_rejection_actors, create_rejection_actors, shutdown_rl_actors
 from actors.policy import PolicyLearner
 from rayllama.checkpoint import is_complete, load_model
-from rayllama.config import OptimConfig, PipelineConfig
+from rayllama.config import OptimConfig
 from rayllama.rl.actors_api import local_actors
 from rayllama.rl.rejection import (
     CURVE_JSON,
@@ -35,17 +35,6 @@ from rayllama.train.data import sft_rows
 
 def logit(p: float) -> float:
     return math.log(p / (1 - p))
-
-
-def rej_config(iterations: int = 2, **overrides) -> PipelineConfig:
-    cfg = PipelineConfig(seed=3)
-    r = cfg.rejection
-    r.iterations, r.prompts_per_iteration, r.samples_per_prompt = iterations, 4, 4
-    r.max_new_tokens, r.batch_size, r.micro_batch_size = 8, 4, 2
-    r.optim = OptimConfig(lr=1e-3, schedule="constant")  # large enough that one pass visibly moves the policy
-    for key, value in overrides.items():
-        setattr(r, key, value)
-    return cfg
 
 
 def read_metrics(out_dir: Path) -> list[dict]:
