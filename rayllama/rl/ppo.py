@@ -199,37 +199,46 @@ def sampling_params(loop: PPOLoop, iteration: int, generator_index: int) -> Samp
 
 
 def generate(loop: PPOLoop, index: list[int], iteration: int) -> list[Completion]:
-    """Prompt i goes to generator i % M; returns the completions prompt-major, all of the last pushed version.
+    """The completions of prompts `index`, prompt-major (see `generate_grouped`)."""
+    grouped = generate_grouped(loop, index, lambda g: sampling_params(loop, iteration, g))
+    return [c for completions in grouped for c in completions]
+
+
+def generate_grouped(loop: Any, index: list[int],
+                     params: Callable[[int], SamplingParams]) -> list[list[Completion]]:
+    """Prompt j (of loop.prompt_ids[index[j]]) goes to generator j % M with `params(generator index)`; returns
+    the completions of every prompt, in prompt order, all made by the last pushed weights (loop.weights[1]).
 
     A shard made by other weights (a generator that restarted from the SFT checkpoint, a missed update) gets the
-    latest weights again and is regenerated once; if it is still off, `StaleRolloutError`."""
-    actors, m = loop.actors, len(loop.actors.generators)
-    shards = [list(range(g, len(index), m)) for g in range(m)]
-    busy = [g for g in range(m) if shards[g]]
+    latest weights again and is regenerated once; if it is still off, `StaleRolloutError`. Shared by the PPO and
+    rejection-sampling loops (it reads loop.actors, loop.weights and loop.prompt_ids)."""
+    actors, m, expected = loop.actors, len(loop.actors.generators), loop.weights[1]
+    shards = {g: list(range(g, len(index), m)) for g in range(m) if g < len(index)}
     refresh_generators(loop)
 
-    def run(gens: list[int]) -> list[list[list[Completion]]]:
-        return actors.call(lambda: [actors.generators[g].generate.remote(
-            [loop.prompt_ids[index[j]] for j in shards[g]], sampling_params(loop, iteration, g)) for g in gens],
-            "generate", before_retry=lambda: refresh_generators(loop))
+    def run(gens: list[int]) -> dict[int, list[list[Completion]]]:
+        return dict(zip(gens, actors.call(lambda: [actors.generators[g].generate.remote(
+            [loop.prompt_ids[index[j]] for j in shards[g]], params(g)) for g in gens],
+            "generate", before_retry=lambda: refresh_generators(loop))))
 
-    results = dict(zip(busy, run(busy)))
-    expected = loop.weights[1]
-    stale = [g for g in busy if any(c.weight_version != expected for cs in results[g] for c in cs)]
+    def versions(samples: list[list[Completion]]) -> set[int]:
+        return {c.weight_version for cs in samples for c in cs}
+
+    results = run(list(shards))
+    stale = [g for g, samples in results.items() if versions(samples) != {expected}]
     if stale:
         push_weights(loop, [actors.generators[g] for g in stale])
-        results.update(zip(stale, run(stale)))
-        still = {g: sorted({c.weight_version for cs in results[g] for c in cs}) for g in stale}
-        still = {g: v for g, v in still.items() if v != [expected]}
-        if still:
-            g, versions = next(iter(still.items()))
-            raise StaleRolloutError(f"rollout-{g} produced weight version(s) {versions} after being sent version "
-                                    f"{expected}; its weight updates are not taking effect")
-    out: list[list[Completion] | None] = [None] * len(index)
-    for g in busy:
-        for j, samples in zip(shards[g], results[g], strict=True):
-            out[j] = samples
-    return [c for samples in out for c in samples]  # type: ignore[union-attr]
+        results.update(run(stale))
+        for g in stale:
+            if versions(results[g]) != {expected}:
+                raise StaleRolloutError(f"rollout-{g} produced weight version(s) {sorted(versions(results[g]))} "
+                                        f"after being sent version {expected}; its weight updates are not taking "
+                                        f"effect")
+    out: list[list[Completion]] = [[] for _ in index]
+    for g, samples in results.items():
+        for j, completions in zip(shards[g], samples, strict=True):
+            out[j] = completions
+    return out
 
 
 def score(loop: PPOLoop, batch: SequenceBatch,

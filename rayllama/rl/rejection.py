@@ -60,16 +60,15 @@ from rayllama.config import PipelineConfig, RejectionConfig, validate_rejection
 from rayllama.data.formats import PromptRecord
 from rayllama.generation import Completion, SamplingParams
 from rayllama.losses import llama2_combined_score
-from rayllama.rl.actors_api import LearnerLostError, RLActors, StaleRolloutError
+from rayllama.rl.actors_api import LearnerLostError, RLActors
 from rayllama.rl.ppo import (
     check_learners,
     checkpoint_dir,
     encode_prompts,
+    generate_grouped,
     prompt_indices,
-    push_weights,
     read_state,
     recover_learners,
-    refresh_generators,
     rewind_metrics,
     start_sync,
     sync_weights,
@@ -272,36 +271,8 @@ def sampling_params(loop: RejectionLoop, iteration: int, generator_index: int, t
 
 
 def generate(loop: RejectionLoop, index: list[int], iteration: int, temperature: float) -> list[list[Completion]]:
-    """Prompt j goes to generator j % M; returns the K completions of every prompt, in prompt order, all made by
-    the last pushed weights. A shard made by other weights gets the weights again and is regenerated once; if it
-    is still off, `StaleRolloutError`."""
-    actors, m, expected = loop.actors, len(loop.actors.generators), loop.weights[1]
-    shards = {g: list(range(g, len(index), m)) for g in range(m) if g < len(index)}
-    refresh_generators(loop)  # PPO's (it reads only .actors and .weights)
-
-    def run(gens: list[int]) -> dict[int, list[list[Completion]]]:
-        return dict(zip(gens, actors.call(lambda: [actors.generators[g].generate.remote(
-            [loop.prompt_ids[index[j]] for j in shards[g]], sampling_params(loop, iteration, g, temperature))
-            for g in gens], "generate", before_retry=lambda: refresh_generators(loop))))
-
-    def versions(samples: list[list[Completion]]) -> set[int]:
-        return {c.weight_version for cs in samples for c in cs}
-
-    results = run(list(shards))
-    stale = [g for g, samples in results.items() if versions(samples) != {expected}]
-    if stale:
-        push_weights(loop, [actors.generators[g] for g in stale])
-        results.update(run(stale))
-        for g in stale:
-            if versions(results[g]) != {expected}:
-                raise StaleRolloutError(f"rollout-{g} produced weight version(s) {sorted(versions(results[g]))} "
-                                        f"after being sent version {expected}; its weight updates are not taking "
-                                        f"effect")
-    out: list[list[Completion]] = [[] for _ in index]
-    for g, samples in results.items():
-        for j, completions in zip(shards[g], samples, strict=True):
-            out[j] = completions
-    return out
+    """The K completions of every prompt in `index`, in prompt order (PPO's `generate_grouped`)."""
+    return generate_grouped(loop, index, lambda g: sampling_params(loop, iteration, g, temperature))
 
 
 def pool_dialogues(loop: RejectionLoop) -> list[list[dict[str, str]]]:
