@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -103,6 +103,20 @@ def sample_tokens(logits: Tensor, temperature: float, top_p: float,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (N,)
 
 
+def check_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams, cfg: Any) -> None:
+    """Every engine's prompt rules: non-empty, prompt + max_new_tokens <= cfg.max_seq_len, ids in the vocab."""
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty; give at least one token (e.g. BOS)")
+        if len(prompt) + params.max_new_tokens > cfg.max_seq_len:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens + max_new_tokens {params.max_new_tokens} "
+                             f"> max_seq_len {cfg.max_seq_len}; shorten the prompt or lower max_new_tokens")
+        bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token id {bad[0]} outside [0, {cfg.vocab_size}); "
+                             f"use the model's tokenizer")
+
+
 class TorchEngine(GenerationEngine):
     """Batched KV-cache generation with a `Transformer` in this process (CPU or one GPU).
 
@@ -144,7 +158,7 @@ class TorchEngine(GenerationEngine):
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         params.validate()
-        self._check_prompts(prompts, params)
+        check_prompts(prompts, params, self.model.cfg)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -153,19 +167,6 @@ class TorchEngine(GenerationEngine):
         for start in range(0, len(prompts), per_chunk):
             out.extend(self._generate_chunk(prompts[start:start + per_chunk], start, params, generator))
         return out
-
-    def _check_prompts(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
-        cfg = self.model.cfg
-        for i, prompt in enumerate(prompts):
-            if len(prompt) == 0:
-                raise ValueError(f"prompt {i} is empty; give at least one token (e.g. BOS)")
-            if len(prompt) + params.max_new_tokens > cfg.max_seq_len:
-                raise ValueError(f"prompt {i} has {len(prompt)} tokens + max_new_tokens {params.max_new_tokens} "
-                                 f"> max_seq_len {cfg.max_seq_len}; shorten the prompt or lower max_new_tokens")
-            bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
-            if bad:
-                raise ValueError(f"prompt {i} has token id {bad[0]} outside [0, {cfg.vocab_size}); "
-                                 f"use the model's tokenizer")
 
     @torch.inference_mode()
     def _generate_chunk(self, prompts: Sequence[Sequence[int]], first_index: int, params: SamplingParams,

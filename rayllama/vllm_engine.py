@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from rayllama.checkpoint import ARCHITECTURES, CONFIG, CheckpointError, config_from_hf, resolve
-from rayllama.generation import Completion, GenerationEngine, SamplingParams
+from rayllama.generation import Completion, GenerationEngine, SamplingParams, check_prompts
 from rayllama.model import ModelConfig, Transformer
 from rayllama.rl.actors_api import weights_checksum
 
@@ -94,20 +94,6 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = Transformer(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def check_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams, cfg: ModelConfig) -> None:
-    """The same rules as `TorchEngine`: non-empty, prompt + max_new_tokens <= max_seq_len, ids in the vocab."""
-    for i, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise ValueError(f"prompt {i} is empty; give at least one token (e.g. BOS)")
-        if len(prompt) + params.max_new_tokens > cfg.max_seq_len:
-            raise ValueError(f"prompt {i} has {len(prompt)} tokens + max_new_tokens {params.max_new_tokens} "
-                             f"> max_seq_len {cfg.max_seq_len}; shorten the prompt or lower max_new_tokens")
-        bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token id {bad[0]} outside [0, {cfg.vocab_size}); "
-                             f"use the model's tokenizer")
 
 
 def _as_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
