@@ -91,15 +91,17 @@ def _start_ray(cfg: PipelineConfig, run: RunDir) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     env = {k: os.environ[k] for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "HF_HUB_OFFLINE") if k in os.environ}
     env["OMP_NUM_THREADS"] = str(cfg.threads_per_worker)
+    env.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")  # Ray's own deprecation notes, once per actor
     # Workers import rayllama from the installed package; the run dir is absolute so every node sees one path.
     kwargs: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)
     else:
-        port = cfg.ray.dashboard_port
-        if cfg.ray.include_dashboard and not _port_free(port):
+        port = cfg.ray.dashboard_port  # Ray binds it even without the dashboard UI (its API server)
+        if not _port_free(port):
             free = next((p for p in range(port + 1, port + 100) if _port_free(p)), 0)
-            log.warning(f"127.0.0.1:{port} is taken (another Ray dashboard?); this run's dashboard uses port {free}")
+            if cfg.ray.include_dashboard:
+                log.warning(f"127.0.0.1:{port} is taken (another Ray dashboard?); this run's uses port {free}")
             port = free
         context = ray.init(
             num_cpus=cfg.ray.num_cpus,

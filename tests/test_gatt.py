@@ -358,3 +358,28 @@ def test_run_gatt_mistakes_are_named_errors(tok, tmp_path):
     with pytest.raises(gatt.GAttError, match="dialogue 0 has no instruction"):
         gatt.sample_dialogues([bad], lambda d, n: [["x"] * n for _ in d], 1, _adherent_then_helpful)
 
+
+
+def test_driver_runs_the_gatt_stage_through_its_actors(tmp_path):
+    """`stages=[gatt]` on a prebuilt run (random SFT policy and reward models): the driver starts the GAtt actors,
+    samples and judges every turn; a random policy never obeys an instruction, so nothing is accepted and the
+    run stops with one line naming the fix, no traceback, and no GAtt model on disk."""
+    import subprocess
+    import sys
+
+    from test_faults import DRIVER_RUN, ROOT, prebuild_run
+
+    run = tmp_path / "run"
+    prebuild_run(run)
+    gatt_run = [a for a in DRIVER_RUN if not a.startswith(("stages=", "ppo."))] + [
+        "stages=[gatt]", "gatt.dialogues=2", "gatt.turns=2", "gatt.samples_per_turn=2", "gatt.max_new_tokens=6",
+        "gatt.rounds=1", "gatt.replay_share=0", "gatt.num_generators=2", f"run_dir={run}"]
+    done = subprocess.run([sys.executable, "-m", "rayllama.driver", str(ROOT / "configs" / "gatt.yaml"), *gatt_run],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 1, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("rayllama: error:")]
+    assert len(errors) == 1 and not any(line.startswith("Traceback") for line in done.stderr.splitlines())
+    # 2 dialogues x 2 samples at turn 1; none is accepted, so none survives to turn 2
+    assert errors[0].startswith("rayllama: error: round 0: no GAtt example (accepted 0 of 4 samples")
+    stats = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
+    assert "gatt" not in stats and not (run / "gatt" / "model").exists()
