@@ -412,3 +412,38 @@ def test_policy_pairs_rate_the_policy_samples_like_the_written_pairs():
     assert [(p.chosen, p.rejected, p.rating) for p in safety] == [(refusal, comply, "significantly_better")]
     with pytest.raises(ValueError, match="one list per prompt"):
         tw.policy_pairs([add], [], "helpfulness", seed=0)
+
+
+def test_pipeline_writes_policy_pairs_once_and_reads_them_back(tmp_path, monkeypatch):
+    """Pipeline.policy_pairs samples reward.policy_samples answers per prompt from the policy (here a scripted
+    stand-in for ChatModel: one right, one wrong answer), has the annotator rate them into
+    data/pref_<kind>_policy.jsonl, and reads that file on the next call instead of sampling again."""
+    import rayllama.chat
+    from rayllama.config import load_config
+    from rayllama.driver import RunDir
+    from rayllama.pipeline import Pipeline
+
+    small = ["world.pretrain_world=10", "world.sft=10", "world.pref_helpfulness=8", "world.pref_safety=8",
+             "world.pref_helpfulness_heldout=4", "world.pref_safety_heldout=4", "world.prompts=4", "world.gatt=2",
+             "world.eval_safe=6", "world.eval_unsafe=2", "world.eval_borderline=2", "world.eval_gatt=1"]
+    cfg = load_config("configs/tiny.yaml", [*small, f"run_dir={tmp_path}", "reward.policy_pairs=5",
+                                            "reward.policy_samples=2"])
+    calls = []
+
+    class Scripted:
+        tok = type("Tok", (), {"eos_id": 2})()
+
+        def respond(self, dialogues, params):
+            calls.append((len(dialogues), params.n, params.temperature))
+            tasks = [tw.task_from_prompt(d[-1]["content"]) for d in dialogues]
+            return [[tw.perfect_response(t), "I do not know."] for t in tasks]
+
+    monkeypatch.setattr(rayllama.chat.ChatModel, "from_checkpoint", classmethod(lambda cls, *a, **k: Scripted()))
+    pipeline = Pipeline(cfg, RunDir(cfg))
+    pairs = pipeline.policy_pairs("helpfulness", tmp_path / "sft" / "model")
+    assert calls == [(5, 2, 1.0)] and len(pairs) == 5
+    assert all(p.extra["source"] == "policy" and p.kind == "helpfulness" for p in pairs)
+    assert all({p.chosen, p.rejected} == {tw.perfect_response(p.extra["task"]), "I do not know."} for p in pairs)
+    again = pipeline.policy_pairs("helpfulness", tmp_path / "sft" / "model")
+    assert again == pairs and len(calls) == 1  # read back, not sampled again
+    assert (tmp_path / "data" / "pref_helpfulness_policy.jsonl").exists()
