@@ -16,17 +16,10 @@ import torch
 
 from rayllama.checkpoint import TOKENIZER, load_model, resolve
 from rayllama.model import ScalarHeadModel
-from rayllama.tokenizer import SPECIAL_TAGS, Tokenizer
+from rayllama.tokenizer import Tokenizer, strip_chat_tags
 
 KINDS = ("helpfulness", "safety")
 Message = Mapping[str, str]
-
-
-def clean_response(text: str) -> str:
-    """The response without chat tags ([INST], <<SYS>>, ...): a policy may emit them, the template forbids them."""
-    for tag in SPECIAL_TAGS:
-        text = text.replace(tag, "")
-    return text
 
 
 class RewardScorer:
@@ -51,7 +44,7 @@ class RewardScorer:
 
     def encode(self, prompt: Sequence[Message], response: str) -> list[int]:
         """Token ids of `prompt + [assistant: response]`, cut to max_seq_len keeping the final `</s>`."""
-        messages = [*prompt, {"role": "assistant", "content": clean_response(response)}]
+        messages = [*prompt, {"role": "assistant", "content": strip_chat_tags(response)}]
         ids, _ = self.tokenizer.encode_dialog(messages)
         limit = self.cfg.max_seq_len
         return ids if len(ids) <= limit else ids[:limit - 1] + [self.tokenizer.eos_id]

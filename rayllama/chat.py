@@ -7,14 +7,14 @@ from pathlib import Path
 import torch
 
 from rayllama.generation import GenerationEngine, SamplingParams, TorchEngine
-from rayllama.tokenizer import Tokenizer
+from rayllama.tokenizer import Tokenizer, strip_chat_tags
 
 
 def completion_text(tok: Tokenizer, token_ids: list[int]) -> str:
-    """Decode generated ids, dropping the stop token and anything after it."""
+    """Decode generated ids, dropping the stop token and anything after it, and the chat tags (`strip_chat_tags`)."""
     if tok.eos_id in token_ids:
         token_ids = token_ids[: token_ids.index(tok.eos_id)]
-    return tok.decode(token_ids).strip()
+    return strip_chat_tags(tok.decode(token_ids)).strip()
 
 
 class ChatModel:

@@ -26,6 +26,14 @@ B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
 ROLES = ("system", "user", "assistant")
+
+
+def strip_chat_tags(text: str) -> str:
+    """`text` without the chat template's tags ([INST], <<SYS>>, ...): a policy may generate them, the template
+    forbids them in message content, so generated answers are cleaned before anything trains on or scores them."""
+    for tag in SPECIAL_TAGS:
+        text = text.replace(tag, "")
+    return text
 N_BYTE_PIECES = 256
 REQUIRED_CHARS = "".join(chr(c) for c in range(33, 127))  # printable ASCII but space (space is "▁")
 

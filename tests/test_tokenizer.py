@@ -14,7 +14,7 @@ import time
 import pytest
 
 from rayllama.data.corpus import shakespeare_documents, tokenizer_training_texts
-from rayllama.tokenizer import DialogError, Tokenizer, train_tokenizer
+from rayllama.tokenizer import SPECIAL_TAGS, DialogError, Tokenizer, train_tokenizer
 
 VOCAB = 4000
 
@@ -316,3 +316,14 @@ def test_dialog_errors(tok: Tokenizer, method: str, messages, pattern: str) -> N
     with pytest.raises(DialogError, match=pattern) as info:
         getattr(tok, method)(messages)
     assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+
+
+def test_completion_text_strips_chat_tags_and_what_follows_eos(tok: Tokenizer) -> None:
+    """A policy may generate template tags; answers that are trained on or scored must not carry them."""
+    from rayllama.chat import completion_text
+    from rayllama.tokenizer import strip_chat_tags
+
+    ids = tok.encode("hi [INST] there <</SYS>> friend") + [tok.eos_id] + tok.encode("ignored")
+    assert completion_text(tok, ids) == strip_chat_tags(tok.decode(tok.encode("hi [INST] there <</SYS>> friend"))).strip()
+    assert not any(tag in completion_text(tok, ids) for tag in SPECIAL_TAGS) and "ignored" not in completion_text(tok, ids)
+    assert strip_chat_tags("[INST] a <<SYS>>b<</SYS>> [/INST]") == " a b "

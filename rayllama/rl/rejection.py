@@ -73,7 +73,7 @@ from rayllama.rl.ppo import (
     start_sync,
     sync_weights,
 )
-from rayllama.tokenizer import SPECIAL_TAGS, Tokenizer
+from rayllama.tokenizer import Tokenizer, strip_chat_tags
 
 CHECKPOINTS, STATE_FILE, POOL_FILE, MODEL = "checkpoints", "rejection_state.json", "pool.json", "model"
 CURVE_JSON, CURVE_PNG, POOL_JSONL = "best_of_k.json", "best_of_k.png", "pool.jsonl"
@@ -144,14 +144,6 @@ def update_pool(pool: dict[int, PoolEntry], candidates: Iterable[PoolEntry]) -> 
     return added, replaced
 
 
-def strip_tags(text: str) -> str:
-    """The answer without chat tags ([INST], <<SYS>>, ...): the template forbids them in content (the reward
-    scorers strip them the same way before scoring)."""
-    for tag in SPECIAL_TAGS:
-        text = text.replace(tag, "")
-    return text
-
-
 def temperature_at(rej: RejectionConfig, iteration: int) -> float:
     """T of iteration `iteration` (1-based): temperature_schedule[iteration - 1], or `temperature`."""
     return float(rej.temperature_schedule[iteration - 1]) if rej.temperature_schedule else float(rej.temperature)
@@ -200,7 +192,7 @@ def rejection_step(loop: RejectionLoop) -> dict[str, float]:
     # 2. generate: K samples per prompt at T, prompt-major
     with loop.timed("generate"):
         completions = generate(loop, index, iteration, temperature)
-    texts = [[strip_tags(loop.tokenizer.decode(c.token_ids)) for c in samples] for samples in completions]
+    texts = [[strip_chat_tags(loop.tokenizer.decode(c.token_ids)) for c in samples] for samples in completions]
 
     # 3. score every sample with both reward models, in parallel
     with loop.timed("score"):
