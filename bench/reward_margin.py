@@ -1,12 +1,13 @@
 """Margin ablation (LLaMA 2 Table 28): the helpfulness reward model trained with margin none / small / large on
 the same SFT trunk and the same pairs, held-out accuracy per rating level.
 
-    .venv/bin/python bench/reward_margin.py RUN_DIR [--margins none small] [key=value ...]
+    .venv/bin/python bench/reward_margin.py RUN_DIR [key=value ...] [--margins none small] [--out DIR]
 
 RUN_DIR is a finished run (`runs/tiny` after `make run`): its config.yaml, tokenizer, sft/model and data/ are
 read (the world's pairs plus data/pref_helpfulness_policy.jsonl when reward.policy_pairs wrote it); each margin's
-RM is trained with the run's reward settings into bench/results/reward_margin/<margin>/ (data tensors there too),
-then the table is printed and bench/results/reward_margin.json written. key=value overrides apply to the config.
+RM is trained with the run's reward settings into OUT/<margin>/ (default bench/results/reward_margin; data tensors
+there too; a complete model there is reused), then the table is printed and OUT.json written. key=value overrides
+apply to the config (give them before --margins).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_bett
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
-    ap.add_argument("--margins", nargs="+", default=["none", "small", "large"])
+    ap.add_argument("--margins", nargs="+", default=["none", "small", "large"], choices=["none", "small", "large"])
     ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reward_margin")
     args = ap.parse_args()
 
     import ray
@@ -48,7 +50,7 @@ def main() -> int:
     if policy.exists():
         pairs += formats.read_preferences(policy)
     heldout = formats.read_preferences(run / "data" / "pref_helpfulness_heldout.jsonl")
-    out_root = Path(__file__).parent / "results" / "reward_margin"
+    out_root = args.out.absolute()
     ray.init(include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
              runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}})
@@ -68,7 +70,7 @@ def main() -> int:
     for margin, ev in results.items():
         cells = "".join(f"{ev.get(f'accuracy_{r}', float('nan')):>22.3f}" for r in RATINGS)
         print(f"{margin:<8}{cells}{ev.get('accuracy', float('nan')):>10.3f}")
-    (out_root.parent / "reward_margin.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    out_root.with_suffix(".json").write_text(json.dumps(results, indent=1, sort_keys=True))
     return 0
 
 
