@@ -129,14 +129,40 @@ def _device(cfg: PipelineConfig, r: ActorResources) -> str:
     return "cuda" if cfg.device == "cuda" and r.num_gpus > 0 else "cpu"
 
 
+def _start_scorers_and_generators(cfg: PipelineConfig, res: RLResources, options: Callable[[int], dict], first: int,
+                                  policy_dir: str | Path, engine: str, count: int, reward_helpfulness_dir: str | Path,
+                                  reward_safety_dir: str | Path) -> tuple[Any, Any, list[Any]]:
+    """The two reward scorers at bundles first, first + 1 and `count` generators on `policy_dir` after them."""
+    from actors.reward import RewardScorerActor
+    from actors.rollout import RolloutGeneratorActor
+
+    threads, reward_device = cfg.threads_per_worker, _device(cfg, res.reward)
+    reward_h = RewardScorerActor.options(**options(first)).remote(
+        "helpfulness", reward_helpfulness_dir, device=reward_device, threads=threads)
+    reward_s = RewardScorerActor.options(**options(first + 1)).remote(
+        "safety", reward_safety_dir, device=reward_device, threads=threads)
+    generators = [RolloutGeneratorActor.options(**options(first + 2 + i)).remote(
+        policy_dir, engine, device=_device(cfg, res.rollout), threads=threads) for i in range(count)]
+    return reward_h, reward_s, generators
+
+
+def _ready_group(roles: list[Role], res: RLResources, pg: Any, name_prefix: str, *, learners: list[Any],
+                 reference: Any, reward_h: Any, reward_s: Any, generators: list[Any]) -> RLActors:
+    """The `RLActors` over the started handles (in `roles` order), once every one is ready."""
+    handles = [*learners, *([reference] if reference is not None else []), reward_h, reward_s, *generators]
+    actors = RLActors(learners=learners, reference=reference, reward_helpfulness=reward_h, reward_safety=reward_s,
+                      generators=generators, call_timeout_s=res.call_timeout_s, placement_group=pg,
+                      retries=res.max_restarts, max_recoveries=res.max_restarts,
+                      names={f"{name_prefix}{name}": h for (name, _, _), h in zip(roles, handles, strict=True)})
+    return _await_ready(actors, roles, name_prefix)
+
+
 def create_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir: str | Path,
                      reward_helpfulness_dir: str | Path, reward_safety_dir: str | Path, *,
                      name_prefix: str = "") -> RLActors:
     """Start the RL roles as Ray actors (ray.init must have run) and wait until each has loaded its model."""
     from actors.policy import PolicyLearnerActor
     from actors.reference import ReferenceModelActor
-    from actors.reward import RewardScorerActor
-    from actors.rollout import RolloutGeneratorActor
 
     ppo, res = cfg.ppo, cfg.ppo.resources
     _require(policy_dir, "policy (SFT)", "sft")
@@ -157,18 +183,10 @@ def create_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir:
         for i in range(n)]
     reference = ReferenceModelActor.options(**options(n)).remote(
         reference_dir, device=_device(cfg, res.reference), threads=threads)
-    reward_h = RewardScorerActor.options(**options(n + 1)).remote(
-        "helpfulness", reward_helpfulness_dir, device=_device(cfg, res.reward), threads=threads)
-    reward_s = RewardScorerActor.options(**options(n + 2)).remote(
-        "safety", reward_safety_dir, device=_device(cfg, res.reward), threads=threads)
-    generators = [RolloutGeneratorActor.options(**options(n + 3 + i)).remote(
-        policy_dir, ppo.engine, device=_device(cfg, res.rollout), threads=threads) for i in range(m)]
-    handles = [*learners, reference, reward_h, reward_s, *generators]
-    actors = RLActors(learners=learners, reference=reference, reward_helpfulness=reward_h, reward_safety=reward_s,
-                      generators=generators, call_timeout_s=res.call_timeout_s, placement_group=pg,
-                      retries=res.max_restarts, max_recoveries=res.max_restarts,
-                      names={f"{name_prefix}{name}": h for (name, _, _), h in zip(roles, handles, strict=True)})
-    return _await_ready(actors, roles, name_prefix)
+    reward_h, reward_s, generators = _start_scorers_and_generators(
+        cfg, res, options, n + 1, policy_dir, ppo.engine, m, reward_helpfulness_dir, reward_safety_dir)
+    return _ready_group(roles, res, pg, name_prefix, learners=learners, reference=reference, reward_h=reward_h,
+                        reward_s=reward_s, generators=generators)
 
 
 def create_rejection_actors(cfg: PipelineConfig, policy_dir: str | Path, reward_helpfulness_dir: str | Path,
@@ -176,8 +194,6 @@ def create_rejection_actors(cfg: PipelineConfig, policy_dir: str | Path, reward_
     """Start the roles rejection sampling needs as Ray actors: one policy-only learner (sft_optim =
     rejection.optim), both reward scorers, rejection.num_generators generators on `policy_dir`; no reference."""
     from actors.policy import PolicyLearnerActor
-    from actors.reward import RewardScorerActor
-    from actors.rollout import RolloutGeneratorActor
 
     rej, res = cfg.rejection, cfg.rejection.resources
     _require(policy_dir, "policy (SFT)", "sft")
@@ -195,26 +211,16 @@ def create_rejection_actors(cfg: PipelineConfig, policy_dir: str | Path, reward_
     learner = PolicyLearnerActor.options(**options(0)).remote(
         policy_dir, None, None, seed=cfg.seed, device=_device(cfg, res.learner), threads=threads,
         micro_batch_size=rej.micro_batch_size, sft_optim=rej.optim)
-    reward_h = RewardScorerActor.options(**options(1)).remote(
-        "helpfulness", reward_helpfulness_dir, device=_device(cfg, res.reward), threads=threads)
-    reward_s = RewardScorerActor.options(**options(2)).remote(
-        "safety", reward_safety_dir, device=_device(cfg, res.reward), threads=threads)
-    generators = [RolloutGeneratorActor.options(**options(3 + i)).remote(
-        policy_dir, rej.engine, device=_device(cfg, res.rollout), threads=threads) for i in range(rej.num_generators)]
-    handles = [learner, reward_h, reward_s, *generators]
-    actors = RLActors(learners=[learner], reference=None, reward_helpfulness=reward_h, reward_safety=reward_s,
-                      generators=generators, call_timeout_s=res.call_timeout_s, placement_group=pg,
-                      retries=res.max_restarts, max_recoveries=res.max_restarts,
-                      names={f"{name_prefix}{name}": h for (name, _, _), h in zip(roles, handles, strict=True)})
-    return _await_ready(actors, roles, name_prefix)
+    reward_h, reward_s, generators = _start_scorers_and_generators(
+        cfg, res, options, 1, policy_dir, rej.engine, rej.num_generators, reward_helpfulness_dir, reward_safety_dir)
+    return _ready_group(roles, res, pg, name_prefix, learners=[learner], reference=None, reward_h=reward_h,
+                        reward_s=reward_s, generators=generators)
 
 
 def create_gatt_actors(cfg: PipelineConfig, policy_dir: str | Path, reward_helpfulness_dir: str | Path,
                        reward_safety_dir: str | Path, *, name_prefix: str = "gatt-") -> RLActors:
     """Start the roles a GAtt round samples with: gatt.num_generators generators on `policy_dir` and both reward
     scorers, resources from `gatt.resources`; no learner, no reference."""
-    from actors.reward import RewardScorerActor
-    from actors.rollout import RolloutGeneratorActor
 
     g, res = cfg.gatt, cfg.gatt.resources
     _require(policy_dir, "GAtt policy", "sft")
@@ -224,19 +230,10 @@ def create_gatt_actors(cfg: PipelineConfig, policy_dir: str | Path, reward_helpf
              + [(f"rollout-{i}", res.rollout, "rollout") for i in range(g.num_generators)])
     pg = _place_roles(roles, res, "gatt", f"{name_prefix}actors")
     options = _role_options(roles, res, pg, name_prefix)
-    threads = cfg.threads_per_worker
-    reward_h = RewardScorerActor.options(**options(0)).remote(
-        "helpfulness", reward_helpfulness_dir, device=_device(cfg, res.reward), threads=threads)
-    reward_s = RewardScorerActor.options(**options(1)).remote(
-        "safety", reward_safety_dir, device=_device(cfg, res.reward), threads=threads)
-    generators = [RolloutGeneratorActor.options(**options(2 + i)).remote(
-        policy_dir, g.engine, device=_device(cfg, res.rollout), threads=threads) for i in range(g.num_generators)]
-    actors = RLActors(learners=[], reference=None, reward_helpfulness=reward_h, reward_safety=reward_s,
-                      generators=generators, call_timeout_s=res.call_timeout_s, placement_group=pg,
-                      retries=res.max_restarts, max_recoveries=res.max_restarts,
-                      names={f"{name_prefix}{name}": h for (name, _, _), h in
-                             zip(roles, [reward_h, reward_s, *generators], strict=True)})
-    return _await_ready(actors, roles, name_prefix)
+    reward_h, reward_s, generators = _start_scorers_and_generators(
+        cfg, res, options, 0, policy_dir, g.engine, g.num_generators, reward_helpfulness_dir, reward_safety_dir)
+    return _ready_group(roles, res, pg, name_prefix, learners=[], reference=None, reward_h=reward_h,
+                        reward_s=reward_s, generators=generators)
 
 
 def connect_learners(actors: RLActors) -> None:

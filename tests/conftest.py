@@ -30,3 +30,24 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny matrices are fastest so, the CPUs are shared, and the actors run one
+    thread (threads_per_worker 1), so in-process oracle runs must too for equal bits. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The tiny RL world of tests/worlds.py (tokenizer, SFT policy, two reward models, prompts), one per module."""
+    from worlds import make_world
+
+    return make_world(tmp_path_factory.mktemp("world"))

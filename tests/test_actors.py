@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from test_ppo_loop import REQUIRED
-from worlds import make_world, tiny_config
+from worlds import tiny_config
 
 from actors.group import PlacementError, connect_learners, create_rl_actors, shutdown_rl_actors
 from actors.policy import PolicyLearner, PolicyLearnerActor
@@ -22,9 +22,6 @@ from rayllama.rl.ppo import run_ppo
 PROMPTS = [[1, 30, 31, 32], [1, 40], [1, 50, 51, 52, 53, 54], [1, 60, 61]]
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("world"))
 
 
 @pytest.fixture(scope="module")

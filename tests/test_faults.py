@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from worlds import TinyWorld, local, make_world, rej_config, tiny_config
+from worlds import local, rej_config, tiny_config
 
 from actors.group import create_local_rejection_actors, create_rl_actors, shutdown_rl_actors
 from actors.policy import PolicyLearner
@@ -35,18 +35,9 @@ from rayllama.rl.rejection import POOL_JSONL, run_rejection
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The actors run one torch thread (threads_per_worker 1); the in-process oracle runs must too, for equal bits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> TinyWorld:
-    return make_world(tmp_path_factory.mktemp("world"))
 
 
 def iteration_rows(out_dir: Path) -> list[dict]:

@@ -80,12 +80,7 @@ CLUSTER_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_learner_and_generator_on_two_nodes_run_two_ppo_iterations(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from worlds import TinyWorld, local, make_world, tiny_config
+from worlds import TinyWorld, local, tiny_config
 
 from actors.policy import PolicyLearner
 from actors.reference import ReferenceModel
@@ -37,18 +37,9 @@ def read_metrics(out_dir: Path) -> list[dict]:
     return [m for m in lines if "reward/combined" in m]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one torch thread is fastest, and the CPUs are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> TinyWorld:
-    return make_world(tmp_path_factory.mktemp("world"))
 
 
 REQUIRED = ("reward/helpfulness", "reward/safety", "reward/combined", "kl", "entropy", "clip_fraction", "value_loss",

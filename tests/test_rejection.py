@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from worlds import TinyWorld, make_world, rej_config
+from worlds import rej_config
 
 from actors.group import create_local_rejection_actors, create_rejection_actors, shutdown_rl_actors
 from actors.policy import PolicyLearner
@@ -42,17 +42,9 @@ def read_metrics(out_dir: Path) -> list[dict]:
     return [m for m in lines if "reward/chosen" in m]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> TinyWorld:
-    return make_world(tmp_path_factory.mktemp("world"))
 
 
 # ---------------------------------------------------------------------------------------------- pure parts

@@ -431,6 +431,16 @@ def recover_learners(actors: RLActors, error: LearnerLostError, recoveries: int,
     return path
 
 
+def recover_loop(loop: Any, error: LearnerLostError, recoveries: int, resume_fn: Callable[[], Path | None],
+                 reset_fn: Callable[[], None], writer: Any, state_file: str, bar: Any) -> None:
+    """The PPO and rejection loops after a lost learner: `recover_learners`, send the restored weights to the
+    generators, and rewind the metrics log and the progress bar to the restored iteration."""
+    restored = recover_learners(loop.actors, error, recoveries, resume_fn, reset_fn)
+    start_sync(loop)
+    rewind_metrics(writer, restored, state_file, loop.iteration)
+    bar.n = loop.iteration
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 
 
@@ -505,10 +515,7 @@ def run_ppo(cfg: PipelineConfig, actors: RLActors, prompts: list[PromptRecord], 
                 metrics = ppo_iteration(loop, out_dir, evaluate)
             except LearnerLostError as error:
                 recoveries += 1
-                restored = recover_learners(actors, error, recoveries, lambda: resume(loop, out_dir), reset)
-                start_sync(loop)
-                rewind_metrics(writer, restored, STATE_FILE, loop.iteration)
-                bar.n = loop.iteration
+                recover_loop(loop, error, recoveries, lambda: resume(loop, out_dir), reset, writer, STATE_FILE, bar)
                 continue
             writer.write(loop.iteration, metrics)
             bar.update(1)

@@ -68,7 +68,7 @@ from rayllama.rl.ppo import (
     generate_grouped,
     prompt_indices,
     read_state,
-    recover_learners,
+    recover_loop,
     rewind_metrics,
     start_sync,
     sync_weights,
@@ -450,10 +450,7 @@ def run_rejection(cfg: PipelineConfig, actors: RLActors, prompts: list[PromptRec
                     save_checkpoint(loop, out_dir, {**metrics, **loop.timings})
             except LearnerLostError as error:
                 recoveries += 1
-                restored = recover_learners(actors, error, recoveries, lambda: resume(loop, out_dir), reset)
-                start_sync(loop)
-                rewind_metrics(writer, restored, STATE_FILE, loop.iteration)
-                bar.n = loop.iteration
+                recover_loop(loop, error, recoveries, lambda: resume(loop, out_dir), reset, writer, STATE_FILE, bar)
                 continue
             write_curve(out_dir, loop.curves)
             metrics.update(loop.timings, **{"timing/iteration": time.perf_counter() - start})
