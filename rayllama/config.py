@@ -59,8 +59,8 @@ class WorldConfig:
     sft: int = 2000  # demonstrations (partly imperfect on purpose: RLHF needs headroom)
     pref_helpfulness: int = 3000
     pref_safety: int = 3000
-    pref_helpfulness_heldout: int = 400
-    pref_safety_heldout: int = 400
+    pref_helpfulness_heldout: int = 2000  # ~500 per rating level: a level's accuracy has a standard error ~0.02
+    pref_safety_heldout: int = 2000
     prompts: int = 2000  # RL prompts with is_safety tags
     gatt: int = 600
     gatt_turns: int = 6

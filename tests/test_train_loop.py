@@ -107,3 +107,28 @@ def test_single_shard_step_differs_from_the_union_step(tmp_path):
     optim = OptimConfig(lr=1e-2, schedule="constant")
     full, part = _reference_step(data, 7, optim), _reference_step(half, 7, optim)
     assert max(float((full[k] - part[k]).abs().max()) for k in full) > 1e-4
+
+
+def test_stage_tensors_are_rebuilt_when_what_they_are_made_of_changes(tmp_path):
+    """A run dir reused with another max_seq_len, world or tokenizer must not train on the old cached tensors."""
+    from rayllama.data import toyworld as tw
+    from rayllama.tokenizer import Tokenizer, train_tokenizer
+    from rayllama.train.stages import _tensors
+
+    texts = [r.text for r in tw.pretrain_texts(60, seed=0)]
+    tok_a = Tokenizer(train_tokenizer(texts, tmp_path / "a", vocab_size=400))
+    tok_b = Tokenizer(train_tokenizer(texts, tmp_path / "b", vocab_size=420))
+    builds = []
+
+    def build(n):
+        return lambda: builds.append(n) or {"x": torch.arange(n)}
+
+    first = _tensors(tmp_path, "sft", tok_a, (["hello"], 8), build(1))
+    assert _tensors(tmp_path, "sft", tok_a, (["hello"], 8), build(2)) == first  # unchanged: reused, not rebuilt
+    other_len = _tensors(tmp_path, "sft", tok_a, (["hello"], 16), build(3))
+    other_text = _tensors(tmp_path, "sft", tok_a, (["hello!"], 8), build(4))
+    other_tok = _tensors(tmp_path, "sft", tok_b, (["hello"], 8), build(5))
+    assert builds == [1, 3, 4, 5]
+    assert len({first, other_len, other_text, other_tok}) == 4
+    assert torch.load(other_len)["x"].tolist() == [0, 1, 2]
+    assert not list(tmp_path.glob(".*tmp*"))  # written through a temp file and renamed

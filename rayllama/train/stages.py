@@ -1,8 +1,9 @@
-"""The Ray Train stages: pretrain, SFT and the two reward models. Each builds its tensors once (skipped when they
-exist), describes a TrainJob and runs it on the shared loop (rayllama.train.loop)."""
+"""The Ray Train stages: pretrain, SFT and the two reward models. Each builds its tensors once (reused while what
+they are built from is unchanged), describes a TrainJob and runs it on the shared loop (rayllama.train.loop)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from pathlib import Path
@@ -25,7 +26,13 @@ from rayllama.train.loop import TrainJob, run_train_job
 HELDOUT_ROWS = 64  # held-out perplexity over 64 x seq_len tokens: a stable estimate in seconds
 
 
-def _tensors(path: Path, build) -> Path:
+def _tensors(data_dir: Path, name: str, tok: Tokenizer, inputs: tuple, build) -> Path:
+    """data_dir/<name>-<key>.pt, built once. The key hashes everything the tensors are made of (the inputs, e.g.
+    texts or pairs plus lengths, and the tokenizer's bytes), so a run dir reused with another world, max_seq_len or
+    tokenizer builds new tensors instead of training on stale ones."""
+    h = hashlib.sha1(tok.model_path.read_bytes())
+    h.update(repr(inputs).encode())
+    path = data_dir / f"{name}-{h.hexdigest()[:12]}.pt"
     if not path.exists():
         save_tensors(path, build())
     return path
@@ -49,11 +56,11 @@ def run_pretrain(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, corpus_trai
     p = cfg.pretrain
     data_dir = run_dir / "data"
     train = _tensors(
-        data_dir / "pretrain.pt",
+        data_dir, "pretrain", tok, (corpus_train, world_train, p.world_text_share, cfg.seed, p.seq_len),
         lambda: pack_texts(mix_pretrain_texts(corpus_train, world_train, p.world_text_share, cfg.seed), tok, p.seq_len),
     )
     heldout = _tensors(
-        data_dir / "pretrain_heldout.pt",
+        data_dir, "pretrain_heldout", tok, (corpus_heldout, world_heldout, p.seq_len, HELDOUT_ROWS),
         lambda: {k: v[:HELDOUT_ROWS] for k, v in pack_texts(corpus_heldout + world_heldout, tok, p.seq_len).items()},
     )
     job = TrainJob(
@@ -69,10 +76,8 @@ def run_pretrain(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, corpus_trai
 
 def run_sft(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, dialogues: list[list[dict]], init: Path) -> dict:
     s = cfg.sft
-    path = run_dir / "data" / "sft.pt"
-    if not path.exists():
-        rows, _dropped = sft_rows(dialogues, tok, s.max_seq_len)
-        save_tensors(path, rows)
+    path = _tensors(run_dir / "data", "sft", tok, (dialogues, s.max_seq_len),
+                    lambda: sft_rows(dialogues, tok, s.max_seq_len)[0])
     n = num_examples(torch.load(path))
     job = TrainJob(
         stage="sft", objective="lm", data_path=str(path), output=str(run_dir / "sft" / "model"),
@@ -96,9 +101,9 @@ def run_reward(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, kind: str, pa
     def rows(ps):
         return preference_rows(ps, tok, r.max_seq_len, margins)[0]
 
-    # the pair count names the cached tensors: adding policy pairs (reward.policy_pairs) must not reuse old ones
-    train = _tensors(run_dir / "data" / f"{tag}_{len(train_pairs)}pairs.pt", lambda: rows(train_pairs))
-    heldout = _tensors(run_dir / "data" / f"{tag}_heldout.pt", lambda: rows(heldout_pairs))
+    train = _tensors(run_dir / "data", tag, tok, (train_pairs, r.max_seq_len, margins), lambda: rows(train_pairs))
+    heldout = _tensors(run_dir / "data", f"{tag}_heldout", tok, (heldout_pairs, r.max_seq_len, margins),
+                       lambda: rows(heldout_pairs))
     n = num_examples(torch.load(train))
     job = TrainJob(
         stage=f"reward-{kind}", objective="reward", data_path=str(train), eval_path=str(heldout),
