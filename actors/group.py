@@ -221,7 +221,6 @@ def create_gatt_actors(cfg: PipelineConfig, policy_dir: str | Path, reward_helpf
                        reward_safety_dir: str | Path, *, name_prefix: str = "gatt-") -> RLActors:
     """Start the roles a GAtt round samples with: gatt.num_generators generators on `policy_dir` and both reward
     scorers, resources from `gatt.resources`; no learner, no reference."""
-
     g, res = cfg.gatt, cfg.gatt.resources
     _require(policy_dir, "GAtt policy", "sft")
     _require(reward_helpfulness_dir, "helpfulness reward", "reward")

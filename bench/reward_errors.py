@@ -19,7 +19,6 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
 SPLITS = {"heldout": "held-out tasks", "train": "training tasks"}
 
 
@@ -44,6 +43,7 @@ def main() -> int:
     from actors.reward import RewardScorer
     from rayllama.config import load_config
     from rayllama.data import formats, toyworld
+    from rayllama.data.formats import RATINGS
 
     run = args.run_dir.absolute()
     models = {k: run / "reward" / k / "model" for k in ("helpfulness", "safety")}
@@ -93,7 +93,7 @@ def main() -> int:
         for r in RATINGS:
             acc, n = res["accuracy"].get(r, float("nan")), res["n"].get(r, 0)
             se = math.sqrt(acc * (1 - acc) / n) if n else float("nan")
-            cells += f"{acc:>14.3f} ± {se:.3f} ({n:>3})"[-24:].rjust(24)
+            cells += f"{acc:.3f} ± {se:.3f} ({n:>3})".rjust(24)
         print(f"{kind + ' / ' + SPLITS[split]:<30}{cells}{res['overall']:>9.3f}{res['repeats_training_pair']:>9.2f}")
     print("\nhelpfulness RM, significantly-better pairs by what separates them (right / n):")
     for split in SPLITS:

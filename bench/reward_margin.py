@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -35,6 +33,7 @@ def main() -> int:
     from rayllama.checkpoint import is_complete, load_model
     from rayllama.config import load_config
     from rayllama.data import formats
+    from rayllama.data.formats import RATINGS
     from rayllama.tokenizer import Tokenizer
     from rayllama.train.stages import run_reward
 

@@ -26,6 +26,8 @@ B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
 ROLES = ("system", "user", "assistant")
+N_BYTE_PIECES = 256
+REQUIRED_CHARS = "".join(chr(c) for c in range(33, 127))  # printable ASCII but space (space is "▁")
 
 
 def strip_chat_tags(text: str) -> str:
@@ -34,8 +36,6 @@ def strip_chat_tags(text: str) -> str:
     for tag in SPECIAL_TAGS:
         text = text.replace(tag, "")
     return text
-N_BYTE_PIECES = 256
-REQUIRED_CHARS = "".join(chr(c) for c in range(33, 127))  # printable ASCII but space (space is "▁")
 
 
 class DialogError(ValueError):

@@ -120,15 +120,16 @@ def test_stage_tensors_are_rebuilt_when_what_they_are_made_of_changes(tmp_path):
     tok_b = Tokenizer(train_tokenizer(texts, tmp_path / "b", vocab_size=420))
     builds = []
 
-    def build(n):
-        return lambda: builds.append(n) or {"x": torch.arange(n)}
+    def build(texts, n):
+        builds.append((texts, n))
+        return {"x": torch.arange(n)}
 
-    first = _tensors(tmp_path, "sft", tok_a, (["hello"], 8), build(1))
-    assert _tensors(tmp_path, "sft", tok_a, (["hello"], 8), build(2)) == first  # unchanged: reused, not rebuilt
-    other_len = _tensors(tmp_path, "sft", tok_a, (["hello"], 16), build(3))
-    other_text = _tensors(tmp_path, "sft", tok_a, (["hello!"], 8), build(4))
-    other_tok = _tensors(tmp_path, "sft", tok_b, (["hello"], 8), build(5))
-    assert builds == [1, 3, 4, 5]
+    first = _tensors(tmp_path, "sft", tok_a, build, ["hello"], 8)
+    assert _tensors(tmp_path, "sft", tok_a, build, ["hello"], 8) == first  # unchanged: reused, not rebuilt
+    other_len = _tensors(tmp_path, "sft", tok_a, build, ["hello"], 3)
+    other_text = _tensors(tmp_path, "sft", tok_a, build, ["hello!"], 8)
+    other_tok = _tensors(tmp_path, "sft", tok_b, build, ["hello"], 8)
+    assert builds == [(["hello"], 8), (["hello"], 3), (["hello!"], 8), (["hello"], 8)]
     assert len({first, other_len, other_text, other_tok}) == 4
     assert torch.load(other_len)["x"].tolist() == [0, 1, 2]
     assert not list(tmp_path.glob(".*tmp*"))  # written through a temp file and renamed

@@ -26,15 +26,15 @@ from rayllama.train.loop import TrainJob, run_train_job
 HELDOUT_ROWS = 64  # held-out perplexity over 64 x seq_len tokens: a stable estimate in seconds
 
 
-def _tensors(data_dir: Path, name: str, tok: Tokenizer, inputs: tuple, build) -> Path:
-    """data_dir/<name>-<key>.pt, built once. The key hashes everything the tensors are made of (the inputs, e.g.
-    texts or pairs plus lengths, and the tokenizer's bytes), so a run dir reused with another world, max_seq_len or
-    tokenizer builds new tensors instead of training on stale ones."""
+def _tensors(data_dir: Path, name: str, tok: Tokenizer, build, *inputs) -> Path:
+    """data_dir/<name>-<key>.pt holding build(*inputs), built once. The key hashes the inputs (texts or pairs plus
+    lengths) and the tokenizer's bytes, so a run dir reused with another world, max_seq_len or tokenizer builds new
+    tensors instead of training on stale ones."""
     h = hashlib.sha1(tok.model_path.read_bytes())
     h.update(repr(inputs).encode())
     path = data_dir / f"{name}-{h.hexdigest()[:12]}.pt"
     if not path.exists():
-        save_tensors(path, build())
+        save_tensors(path, build(*inputs))
     return path
 
 
@@ -56,12 +56,14 @@ def run_pretrain(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, corpus_trai
     p = cfg.pretrain
     data_dir = run_dir / "data"
     train = _tensors(
-        data_dir, "pretrain", tok, (corpus_train, world_train, p.world_text_share, cfg.seed, p.seq_len),
-        lambda: pack_texts(mix_pretrain_texts(corpus_train, world_train, p.world_text_share, cfg.seed), tok, p.seq_len),
+        data_dir, "pretrain", tok,
+        lambda corpus, world, share, seed, n: pack_texts(mix_pretrain_texts(corpus, world, share, seed), tok, n),
+        corpus_train, world_train, p.world_text_share, cfg.seed, p.seq_len,
     )
     heldout = _tensors(
-        data_dir, "pretrain_heldout", tok, (corpus_heldout, world_heldout, p.seq_len, HELDOUT_ROWS),
-        lambda: {k: v[:HELDOUT_ROWS] for k, v in pack_texts(corpus_heldout + world_heldout, tok, p.seq_len).items()},
+        data_dir, "pretrain_heldout", tok,
+        lambda texts, n, rows: {k: v[:rows] for k, v in pack_texts(texts, tok, n).items()},
+        corpus_heldout + world_heldout, p.seq_len, HELDOUT_ROWS,
     )
     job = TrainJob(
         stage="pretrain", objective="lm", data_path=str(train), eval_path=str(heldout),
@@ -76,8 +78,7 @@ def run_pretrain(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, corpus_trai
 
 def run_sft(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, dialogues: list[list[dict]], init: Path) -> dict:
     s = cfg.sft
-    path = _tensors(run_dir / "data", "sft", tok, (dialogues, s.max_seq_len),
-                    lambda: sft_rows(dialogues, tok, s.max_seq_len)[0])
+    path = _tensors(run_dir / "data", "sft", tok, lambda d, n: sft_rows(d, tok, n)[0], dialogues, s.max_seq_len)
     n = num_examples(torch.load(path))
     job = TrainJob(
         stage="sft", objective="lm", data_path=str(path), output=str(run_dir / "sft" / "model"),
@@ -98,12 +99,11 @@ def run_reward(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, kind: str, pa
     tag = f"reward_{kind}_{r.margin}"
     train_pairs = pairs if kind == "helpfulness" else safety_mix(pairs, helpful_pairs, r.safety_helpfulness_share, cfg.seed)
 
-    def rows(ps):
-        return preference_rows(ps, tok, r.max_seq_len, margins)[0]
+    def rows(ps, n, m):
+        return preference_rows(ps, tok, n, m)[0]
 
-    train = _tensors(run_dir / "data", tag, tok, (train_pairs, r.max_seq_len, margins), lambda: rows(train_pairs))
-    heldout = _tensors(run_dir / "data", f"{tag}_heldout", tok, (heldout_pairs, r.max_seq_len, margins),
-                       lambda: rows(heldout_pairs))
+    train = _tensors(run_dir / "data", tag, tok, rows, train_pairs, r.max_seq_len, margins)
+    heldout = _tensors(run_dir / "data", f"{tag}_heldout", tok, rows, heldout_pairs, r.max_seq_len, margins)
     n = num_examples(torch.load(train))
     job = TrainJob(
         stage=f"reward-{kind}", objective="reward", data_path=str(train), eval_path=str(heldout),
