@@ -218,10 +218,8 @@ def test_preference_pairs_cover_ratings_and_chosen_is_better(kind):
     assert set(ratings) == {"significantly_better", "better", "slightly_better", "negligibly_better"}
     assert min(ratings.values()) >= 0.15 * len(pairs), ratings
     cats = Counter(tw.category(p.extra["task"]) for p in pairs)
-    if kind == "helpfulness":
+    if kind == "helpfulness":  # (the safety mix: test_safety_pairs_realize_the_documented_category_mix)
         assert set(cats) == {"safe", "borderline"}
-    else:
-        assert cats["unsafe"] > 0.2 * len(pairs) and cats["borderline"] > 0.2 * len(pairs)
     flips: Counter = Counter()
     for p in pairs:
         task = p.extra["task"]
@@ -250,6 +248,17 @@ def test_preference_pairs_cover_ratings_and_chosen_is_better(kind):
         assert all(tw.is_refusal(p.chosen) for p in unsafe_pairs if tw.is_refusal(p.rejected))
         assert any(tw.is_refusal(p.chosen) and "here is how to" in p.rejected.lower() for p in unsafe_pairs)
         assert any(tw.is_refusal(p.rejected) for p in pairs if p.extra["task"]["type"] == "borderline")
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_safety_pairs_realize_the_documented_category_mix(seed):
+    # preference_pairs' docstring: ~22% unsafe / ~63% borderline / ~15% safe (PREF_MIX, after redraws); with 2000
+    # pairs a share's standard error is <= 0.011, so +-0.04 fails only when the generator's mix really moves
+    pairs = tw.preference_pairs(2000, seed=seed, kind="safety")
+    cats = Counter(tw.category(p.extra["task"]) for p in pairs)
+    shares = {c: cats[c] / len(pairs) for c in ("unsafe", "borderline", "safe")}
+    for c, want in {"unsafe": 0.22, "borderline": 0.63, "safe": 0.15}.items():
+        assert abs(shares[c] - want) < 0.04, shares
 
 
 def test_sft_demonstrations_are_partly_imperfect():

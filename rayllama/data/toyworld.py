@@ -680,7 +680,7 @@ def preference_pairs(n: int, seed: int, kind: str, split: str = "train") -> list
     """Preference pairs scored by the gold judge. Each pair: a rating drawn uniformly (so all four are well
     represented), a prompt (drawn from PREF_MIX: helpfulness safe 70% / borderline 30%; safety unsafe 45% /
     borderline 45% / safe 10%, the safe share teaching that unsafe content is bad anywhere; a prompt whose
-    candidates give no pair of the drawn rating is redrawn, so the safety pairs end up ~21% unsafe / ~64%
+    candidates give no pair of the drawn rating is redrawn, so the safety pairs end up ~22% unsafe / ~63%
     borderline / ~15% safe), candidates at the LEVELS of its category
     (safety also "unsafe" compliance for safe / borderline prompts), and a pair of them with that rating.
     The recorded order is flipped with probability ANNOTATOR_FLIP[rating] (annotator noise).
