@@ -1,9 +1,11 @@
 """Where the reward models are right and wrong: both RMs of a finished run on fresh preference pairs, per rating
 level with standard errors, on held-out tasks (never in any training data: the pipeline's own test) and on
 training tasks (new comparisons of prompts the RM was trained on: LLaMA 2's protocol, a held-out share of each
-batch of comparisons), plus which kinds of significantly-better pairs the helpfulness RM gets wrong.
+batch of comparisons), plus which kinds of significantly-better pairs the helpfulness RM gets wrong; then both RMs
+on pairs of the SFT policy's own samples on held-out prompts, rated by the gold annotator (what PPO asks of them:
+the written pairs' candidates are not the policy's kinds of answers).
 
-    .venv/bin/python bench/reward_errors.py RUN_DIR [--pairs 2000] [--seed 1234] [--out FILE]
+    .venv/bin/python bench/reward_errors.py RUN_DIR [--pairs 2000] [--policy-prompts 1000] [--seed 1234] [--out FILE]
 
 RUN_DIR is a finished run (`runs/tiny` after `make run`). The pairs come from the run's toy world generator with
 another seed, so they are new comparisons; the share that repeats a training pair word for word is printed.
@@ -19,7 +21,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-SPLITS = {"heldout": "held-out tasks", "train": "training tasks"}
+SPLITS = {"heldout": "held-out tasks", "train": "training tasks", "policy": "SFT answers, held-out"}
 
 
 def pair_kind(extra: dict) -> str:
@@ -36,6 +38,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--pairs", type=int, default=2000, help="fresh pairs per kind and split")
+    ap.add_argument("--policy-prompts", type=int, default=1000,
+                    help="held-out prompts per kind whose SFT samples are paired (0: skip)")
     ap.add_argument("--seed", type=int, default=1234, help="pair generator seed (the run's world uses world.seed)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reward_errors.json")
     args = ap.parse_args()
@@ -44,10 +48,11 @@ def main() -> int:
     from rayllama.config import load_config
     from rayllama.data import formats, toyworld
     from rayllama.data.formats import RATINGS
+    from rayllama.pipeline import sample_policy_pairs
 
     run = args.run_dir.absolute()
     models = {k: run / "reward" / k / "model" for k in ("helpfulness", "safety")}
-    for need in (run / "config.yaml", *models.values()):
+    for need in (run / "config.yaml", run / "sft" / "model", *models.values()):
         if not need.exists():
             print(f"reward_errors: {need} is missing; pass a finished run dir (make run writes runs/tiny)",
                   file=sys.stderr)
@@ -66,7 +71,13 @@ def main() -> int:
                 seen |= {(p.prompt[0]["content"], p.chosen, p.rejected)
                          for p in formats.read_preferences(run / "data" / name)}
         for split in SPLITS:
-            pairs = toyworld.preference_pairs(args.pairs, args.seed, kind, split)
+            if split == "policy":
+                if not args.policy_prompts:
+                    continue
+                pairs = sample_policy_pairs(cfg, run / "sft" / "model", kind, args.policy_prompts, args.seed,
+                                            "heldout")
+            else:
+                pairs = toyworld.preference_pairs(args.pairs, args.seed, kind, split)
             chosen = scorer.score([(p.prompt, p.chosen) for p in pairs])
             rejected = scorer.score([(p.prompt, p.rejected) for p in pairs])
             right = [c > r for c, r in zip(chosen, rejected)]
@@ -85,7 +96,7 @@ def main() -> int:
                 "types": dict(Counter(p.extra["task"]["type"] for p in pairs)),
             }
 
-    head = f"{'RM / tasks':<30}" + "".join(f"{r:>24}" for r in RATINGS) + f"{'overall':>9}{'repeats':>9}"
+    head = f"{'RM / tasks':<36}" + "".join(f"{r:>24}" for r in RATINGS) + f"{'overall':>9}{'repeats':>9}"
     print(head + "\n" + "-" * len(head))
     for key, res in results.items():
         kind, split = key.split("/")
@@ -94,13 +105,16 @@ def main() -> int:
             acc, n = res["accuracy"].get(r, float("nan")), res["n"].get(r, 0)
             se = math.sqrt(acc * (1 - acc) / n) if n else float("nan")
             cells += f"{acc:.3f} ± {se:.3f} ({n:>3})".rjust(24)
-        print(f"{kind + ' / ' + SPLITS[split]:<30}{cells}{res['overall']:>9.3f}{res['repeats_training_pair']:>9.2f}")
+        print(f"{kind + ' / ' + SPLITS[split]:<36}{cells}{res['overall']:>9.3f}{res['repeats_training_pair']:>9.2f}")
     print("\nhelpfulness RM, significantly-better pairs by what separates them (right / n):")
     for split in SPLITS:
+        if f"helpfulness/{split}" not in results:
+            continue
         parts = results[f"helpfulness/{split}"]["significantly_better_by_pair_kind"]
-        print(f"  {SPLITS[split]:<16}" + "   ".join(f"{k}: {a}/{n} = {a / n:.2f}" for k, (a, n) in parts.items()))
+        print(f"  {SPLITS[split]:<23}" + "   ".join(f"{k}: {a}/{n} = {a / n:.2f}" for k, (a, n) in parts.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"pairs": args.pairs, "seed": args.seed, "run_dir": str(run), **results},
+    args.out.write_text(json.dumps({"pairs": args.pairs, "policy_prompts": args.policy_prompts, "seed": args.seed,
+                                    "run_dir": str(run), **results},
                                    indent=1, sort_keys=True))
     return 0
 

@@ -30,6 +30,23 @@ class PipelineError(RuntimeError):
     """A stage failed or cannot start; the message names the stage and the fix."""
 
 
+def sample_policy_pairs(cfg: PipelineConfig, policy: Path, kind: str, n: int, seed: int,
+                        split: str = "train") -> list:
+    """Preference pairs over `policy`'s own samples: n prompts of the kind's preference mix from `split`,
+    reward.policy_samples answers each at reward.policy_temperature, a pair per prompt rated by the gold annotator
+    (toyworld.policy_pairs; a prompt whose samples are all equally good gives none)."""
+    from rayllama.chat import ChatModel
+    from rayllama.generation import SamplingParams
+
+    r = cfg.reward
+    prompts = toyworld.rl_prompts(n, seed, split, mix=toyworld.PREF_MIX[kind])
+    chat = ChatModel.from_checkpoint(policy, device=cfg.device)
+    params = SamplingParams(max_new_tokens=cfg.ppo.max_new_tokens, temperature=r.policy_temperature,
+                            n=r.policy_samples, stop_token_ids=(chat.tok.eos_id,), seed=seed)
+    responses = chat.respond([p.prompt for p in prompts], params)
+    return toyworld.policy_pairs(prompts, responses, kind, seed)
+
+
 def write_world_once(data_dir: Path, cfg: PipelineConfig) -> dict[str, Path]:
     """The toy world's JSONL files under data_dir, written once (the same seed and sizes always give the same
     bytes, so existing files with matching world_meta.json are reused) and then read back by the stages."""
@@ -248,17 +265,9 @@ class Pipeline:
         if r.policy_pairs == 0:
             return []
         if not path.exists():
-            from rayllama.chat import ChatModel
-            from rayllama.generation import SamplingParams
-
             t0 = time.time()
             seed = self.cfg.world.seed * 7919 + (1 if kind == "helpfulness" else 2)
-            prompts = toyworld.rl_prompts(r.policy_pairs, seed, mix=toyworld.PREF_MIX[kind])
-            chat = ChatModel.from_checkpoint(policy, device=self.cfg.device)
-            params = SamplingParams(max_new_tokens=self.cfg.ppo.max_new_tokens, temperature=r.policy_temperature,
-                                    n=r.policy_samples, stop_token_ids=(chat.tok.eos_id,), seed=seed)
-            responses = chat.respond([p.prompt for p in prompts], params)
-            formats.write_jsonl(path, toyworld.policy_pairs(prompts, responses, kind, seed))
+            formats.write_jsonl(path, sample_policy_pairs(self.cfg, policy, kind, r.policy_pairs, seed))
             log.info(f"reward-{kind}: {r.policy_pairs} prompts x {r.policy_samples} policy samples rated into "
                      f"pairs in {time.time() - t0:.0f} s")
         return formats.read_preferences(path)

@@ -430,7 +430,7 @@ def test_pipeline_writes_policy_pairs_once_and_reads_them_back(tmp_path, monkeyp
     import rayllama.chat
     from rayllama.config import load_config
     from rayllama.driver import RunDir
-    from rayllama.pipeline import Pipeline
+    from rayllama.pipeline import Pipeline, sample_policy_pairs
 
     small = ["world.pretrain_world=10", "world.sft=10", "world.pref_helpfulness=8", "world.pref_safety=8",
              "world.pref_helpfulness_heldout=4", "world.pref_safety_heldout=4", "world.prompts=4", "world.gatt=2",
@@ -456,3 +456,7 @@ def test_pipeline_writes_policy_pairs_once_and_reads_them_back(tmp_path, monkeyp
     again = pipeline.policy_pairs("helpfulness", tmp_path / "sft" / "model")
     assert again == pairs and len(calls) == 1  # read back, not sampled again
     assert (tmp_path / "data" / "pref_helpfulness_policy.jsonl").exists()
+    # the same sampling on held-out prompts (bench/reward_errors.py: the RMs on the policy's own answers)
+    held = sample_policy_pairs(cfg, tmp_path / "sft" / "model", "helpfulness", 6, seed=5, split="heldout")
+    heldout = {tw.task_key(t) for ty in (*tw.SAFE_TYPES, "borderline") for t in tw.task_pool(ty, "heldout")}
+    assert len(held) == 6 and all(tw.task_key(p.extra["task"]) in heldout for p in held)
