@@ -15,13 +15,16 @@ from rayllama.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A very small model and world so that the whole test takes about a minute.
+# A very small model and world so that the whole test takes about a minute. A step takes ~0.03 s here, so the
+# run is long enough (~12 s of steps) that the kill lands mid-training even if Ray's workers outlive the driver by
+# a few seconds (with 60 steps they once finished the whole run before dying: killed_at == 60).
+STEPS = 400
 SMALL_RUN = [
     "stages=[tokenizer,pretrain]",
     "ray.include_dashboard=false",
     "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",
     "tokenizer.vocab_size=400", "tokenizer.max_train_chars=200000",
-    "pretrain.steps=60", "pretrain.checkpoint_every=5", "pretrain.log_every=5",
+    f"pretrain.steps={STEPS}", "pretrain.checkpoint_every=5", "pretrain.log_every=5",
     "pretrain.batch_size=4", "pretrain.micro_batch_size=2", "pretrain.seq_len=32",
     "world.pretrain_world=200", "world.sft=40", "world.pref_helpfulness=40", "world.pref_safety=40",
     "world.pref_helpfulness_heldout=20", "world.pref_safety_heldout=20", "world.prompts=20", "world.gatt=4",
@@ -64,11 +67,11 @@ def test_killed_pretraining_resumes_from_its_last_checkpoint(tmp_path):
     first_resume = next(i for i, m in enumerate(metrics) if "resumed_from_step" in m)
     # the steps the killed run logged (its Ray workers may outlive the driver by a moment: count them too)
     killed_at = max(m["step"] for m in metrics[:first_resume] if "loss" in m)
-    assert killed_at < 60
+    assert killed_at < STEPS
     resumed = [m["resumed_from_step"] for m in metrics if "resumed_from_step" in m]
     assert resumed and 5 <= resumed[0] <= killed_at and resumed[0] % 5 == 0, (resumed, killed_at)
     _, _, meta = load_model(run_dir / "pretrain" / "model")
-    assert meta["step"] == 60
+    assert meta["step"] == STEPS
     # the resumed run logged steps after the checkpoint, never again from step 5
     logged_after = [m["step"] for m in _metrics(run_dir) if "loss" in m][-1]
-    assert logged_after == 60
+    assert logged_after == STEPS
