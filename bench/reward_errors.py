@@ -21,7 +21,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-SPLITS = {"heldout": "held-out tasks", "train": "training tasks", "policy": "SFT answers, held-out"}
+SOURCES = {"heldout": "held-out tasks", "train": "training tasks", "policy": "SFT answers, held-out"}
 
 
 def pair_kind(extra: dict) -> str:
@@ -62,6 +62,14 @@ def main() -> int:
         print(f"reward_errors: --seed {args.seed} is the run's world seed (its training pairs); pick another",
               file=sys.stderr)
         return 2
+    sources = {  # where each row's pairs come from: the world's written pairs per split, or the SFT's own answers
+        "heldout": lambda kind: toyworld.preference_pairs(args.pairs, args.seed, kind, "heldout"),
+        "train": lambda kind: toyworld.preference_pairs(args.pairs, args.seed, kind, "train"),
+        "policy": lambda kind: sample_policy_pairs(cfg, run / "sft" / "model", kind, args.policy_prompts,
+                                                   args.seed, "heldout"),
+    }
+    if not args.policy_prompts:
+        del sources["policy"]
     results: dict = {}
     for kind, model in models.items():
         scorer = RewardScorer(kind, model, threads=cfg.threads_per_worker or None)
@@ -70,14 +78,8 @@ def main() -> int:
             if (run / "data" / name).exists():
                 seen |= {(p.prompt[0]["content"], p.chosen, p.rejected)
                          for p in formats.read_preferences(run / "data" / name)}
-        for split in SPLITS:
-            if split == "policy":
-                if not args.policy_prompts:
-                    continue
-                pairs = sample_policy_pairs(cfg, run / "sft" / "model", kind, args.policy_prompts, args.seed,
-                                            "heldout")
-            else:
-                pairs = toyworld.preference_pairs(args.pairs, args.seed, kind, split)
+        for source, make_pairs in sources.items():
+            pairs = make_pairs(kind)
             chosen = scorer.score([(p.prompt, p.chosen) for p in pairs])
             rejected = scorer.score([(p.prompt, p.rejected) for p in pairs])
             right = [c > r for c, r in zip(chosen, rejected)]
@@ -87,7 +89,7 @@ def main() -> int:
                 if p.rating == "significantly_better":
                     by_kind[pair_kind(p.extra)].append(ok)
             repeats = sum((p.prompt[0]["content"], p.chosen, p.rejected) in seen for p in pairs)
-            results[f"{kind}/{split}"] = {
+            results[f"{kind}/{source}"] = {
                 "accuracy": {r: sum(v) / len(v) for r, v in by_rating.items()},
                 "n": {r: len(v) for r, v in by_rating.items()},
                 "overall": sum(right) / len(right),
@@ -99,19 +101,17 @@ def main() -> int:
     head = f"{'RM / tasks':<36}" + "".join(f"{r:>24}" for r in RATINGS) + f"{'overall':>9}{'repeats':>9}"
     print(head + "\n" + "-" * len(head))
     for key, res in results.items():
-        kind, split = key.split("/")
+        kind, source = key.split("/")
         cells = ""
         for r in RATINGS:
             acc, n = res["accuracy"].get(r, float("nan")), res["n"].get(r, 0)
             se = math.sqrt(acc * (1 - acc) / n) if n else float("nan")
             cells += f"{acc:.3f} ± {se:.3f} ({n:>3})".rjust(24)
-        print(f"{kind + ' / ' + SPLITS[split]:<36}{cells}{res['overall']:>9.3f}{res['repeats_training_pair']:>9.2f}")
+        print(f"{kind + ' / ' + SOURCES[source]:<36}{cells}{res['overall']:>9.3f}{res['repeats_training_pair']:>9.2f}")
     print("\nhelpfulness RM, significantly-better pairs by what separates them (right / n):")
-    for split in SPLITS:
-        if f"helpfulness/{split}" not in results:
-            continue
-        parts = results[f"helpfulness/{split}"]["significantly_better_by_pair_kind"]
-        print(f"  {SPLITS[split]:<23}" + "   ".join(f"{k}: {a}/{n} = {a / n:.2f}" for k, (a, n) in parts.items()))
+    for source in sources:
+        parts = results[f"helpfulness/{source}"]["significantly_better_by_pair_kind"]
+        print(f"  {SOURCES[source]:<23}" + "   ".join(f"{k}: {a}/{n} = {a / n:.2f}" for k, (a, n) in parts.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"pairs": args.pairs, "policy_prompts": args.policy_prompts, "seed": args.seed,
                                     "run_dir": str(run), **results},
