@@ -305,7 +305,7 @@ def train_loop_per_worker(config: dict) -> None:
                 loss_sum, _ = micro_loss(ddp_model, data, idx, device)
                 loss = loss_sum * world / global_count
             loss.backward()
-            loss_total += float(loss_sum)
+            loss_total += loss_sum.detach().item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), job.optim.grad_clip)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
