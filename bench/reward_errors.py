@@ -8,7 +8,9 @@ the written pairs' candidates are not the policy's kinds of answers).
     .venv/bin/python bench/reward_errors.py RUN_DIR [--pairs 2000] [--policy-prompts 1000] [--seed 1234] [--out FILE]
 
 RUN_DIR is a finished run (`runs/tiny` after `make run`). The pairs come from the run's toy world generator with
-another seed, so they are new comparisons; the share that repeats a training pair word for word is printed.
+another seed; a pair that repeats a training pair word for word (in either order) is dropped, so every row scores
+comparisons the RM has not seen, and the dropped share is printed (on training tasks it is large: the candidates
+of a task are few).
 Prints the tables and writes FILE (default bench/results/reward_errors.json).
 """
 
@@ -32,6 +34,11 @@ def pair_kind(extra: dict) -> str:
         return task["type"]
     worse = min(gold["chosen"]["helpfulness"], gold["rejected"]["helpfulness"])
     return {0.0: "vs no answer (0.0)", 0.1: "vs on-topic, no answer (0.1)"}.get(worse, "vs wrong value (0.2/0.3)")
+
+
+def comparison(pair) -> tuple[str, frozenset[str]]:
+    """A preference pair's prompt and its two responses, in either order (what an RM trained on it has seen)."""
+    return pair.prompt[0]["content"], frozenset((pair.chosen, pair.rejected))
 
 
 def main() -> int:
@@ -76,10 +83,10 @@ def main() -> int:
         seen = set()
         for name in (f"pref_{kind}.jsonl", f"pref_{kind}_policy.jsonl"):
             if (run / "data" / name).exists():
-                seen |= {(p.prompt[0]["content"], p.chosen, p.rejected)
-                         for p in formats.read_preferences(run / "data" / name)}
+                seen |= {comparison(p) for p in formats.read_preferences(run / "data" / name)}
         for source, make_pairs in sources.items():
-            pairs = make_pairs(kind)
+            drawn = make_pairs(kind)
+            pairs = [p for p in drawn if comparison(p) not in seen]
             chosen = scorer.score([(p.prompt, p.chosen) for p in pairs])
             rejected = scorer.score([(p.prompt, p.rejected) for p in pairs])
             right = [c > r for c, r in zip(chosen, rejected)]
@@ -88,17 +95,16 @@ def main() -> int:
                 by_rating[p.rating].append(ok)
                 if p.rating == "significantly_better":
                     by_kind[pair_kind(p.extra)].append(ok)
-            repeats = sum((p.prompt[0]["content"], p.chosen, p.rejected) in seen for p in pairs)
             results[f"{kind}/{source}"] = {
                 "accuracy": {r: sum(v) / len(v) for r, v in by_rating.items()},
                 "n": {r: len(v) for r, v in by_rating.items()},
                 "overall": sum(right) / len(right),
-                "repeats_training_pair": repeats / len(pairs),
+                "dropped_repeats_of_training_pairs": 1 - len(pairs) / len(drawn),
                 "significantly_better_by_pair_kind": {k: [sum(v), len(v)] for k, v in sorted(by_kind.items())},
                 "types": dict(Counter(p.extra["task"]["type"] for p in pairs)),
             }
 
-    head = f"{'RM / tasks':<36}" + "".join(f"{r:>24}" for r in RATINGS) + f"{'overall':>9}{'repeats':>9}"
+    head = f"{'RM / tasks':<36}" + "".join(f"{r:>24}" for r in RATINGS) + f"{'overall':>9}{'dropped':>9}"
     print(head + "\n" + "-" * len(head))
     for key, res in results.items():
         kind, source = key.split("/")
@@ -107,7 +113,8 @@ def main() -> int:
             acc, n = res["accuracy"].get(r, float("nan")), res["n"].get(r, 0)
             se = math.sqrt(acc * (1 - acc) / n) if n else float("nan")
             cells += f"{acc:.3f} ± {se:.3f} ({n:>3})".rjust(24)
-        print(f"{kind + ' / ' + SOURCES[source]:<36}{cells}{res['overall']:>9.3f}{res['repeats_training_pair']:>9.2f}")
+        dropped = res["dropped_repeats_of_training_pairs"]
+        print(f"{kind + ' / ' + SOURCES[source]:<36}{cells}{res['overall']:>9.3f}{dropped:>9.2f}")
     print("\nhelpfulness RM, significantly-better pairs by what separates them (right / n):")
     for source in sources:
         parts = results[f"helpfulness/{source}"]["significantly_better_by_pair_kind"]
