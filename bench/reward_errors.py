@@ -87,6 +87,10 @@ def main() -> int:
         for source, make_pairs in sources.items():
             drawn = make_pairs(kind)
             pairs = [p for p in drawn if comparison(p) not in seen]
+            if not pairs:
+                print(f"reward_errors: all {len(drawn)} {kind} pairs from {SOURCES[source]} repeat training pairs; "
+                      "raise --pairs", file=sys.stderr)
+                return 2
             chosen = scorer.score([(p.prompt, p.chosen) for p in pairs])
             rejected = scorer.score([(p.prompt, p.rejected) for p in pairs])
             right = [c > r for c, r in zip(chosen, rejected)]
