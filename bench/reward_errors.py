@@ -36,11 +36,6 @@ def pair_kind(extra: dict) -> str:
     return {0.0: "vs no answer (0.0)", 0.1: "vs on-topic, no answer (0.1)"}.get(worse, "vs wrong value (0.2/0.3)")
 
 
-def comparison(pair) -> tuple[str, frozenset[str]]:
-    """A preference pair's prompt and its two responses, in either order (what an RM trained on it has seen)."""
-    return pair.prompt[0]["content"], frozenset((pair.chosen, pair.rejected))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
@@ -77,16 +72,16 @@ def main() -> int:
     }
     if not args.policy_prompts:
         del sources["policy"]
+    seen = set()  # every comparison either RM trained on (the safety RM also trains on helpfulness pairs)
+    for name in ("pref_helpfulness", "pref_helpfulness_policy", "pref_safety", "pref_safety_policy"):
+        if (run / "data" / f"{name}.jsonl").exists():
+            seen |= {p.comparison() for p in formats.read_preferences(run / "data" / f"{name}.jsonl")}
     results: dict = {}
     for kind, model in models.items():
         scorer = RewardScorer(kind, model, threads=cfg.threads_per_worker or None)
-        seen = set()
-        for name in (f"pref_{kind}.jsonl", f"pref_{kind}_policy.jsonl"):
-            if (run / "data" / name).exists():
-                seen |= {comparison(p) for p in formats.read_preferences(run / "data" / name)}
         for source, make_pairs in sources.items():
             drawn = make_pairs(kind)
-            pairs = [p for p in drawn if comparison(p) not in seen]
+            pairs = [p for p in drawn if p.comparison() not in seen]
             if not pairs:
                 print(f"reward_errors: all {len(drawn)} {kind} pairs from {SOURCES[source]} repeat training pairs; "
                       "raise --pairs", file=sys.stderr)

@@ -194,3 +194,12 @@ def test_usage_errors(tmp_path):
     with pytest.raises(DataError, match=r"field 'prompt\[1\]\.role': a system message may only come first"):
         validate_messages([USER, SYSTEM], "prompt", "user")
     assert validate_messages([SYSTEM, USER], "prompt", "user") == [SYSTEM, USER]
+
+
+def test_a_comparison_is_the_prompt_and_the_unordered_responses():
+    a = PreferenceRecord(prompt=[USER], chosen="3 plus 4 is 7.", rejected="7.", rating="better", kind="helpfulness")
+    swapped = PreferenceRecord(prompt=[USER], chosen="7.", rejected="3 plus 4 is 7.", rating="slightly_better",
+                               kind="safety")
+    other_prompt = PreferenceRecord(prompt=[SYSTEM, USER], chosen=a.chosen, rejected=a.rejected, rating=a.rating,
+                                    kind=a.kind)
+    assert a.comparison() == swapped.comparison() != other_prompt.comparison()

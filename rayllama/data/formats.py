@@ -69,6 +69,10 @@ class PreferenceRecord:
     kind: str
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def comparison(self) -> tuple[tuple[tuple[str, str], ...], frozenset[str]]:
+        """The prompt and both responses, in either order: what a reward model trained on this pair has seen."""
+        return tuple((m["role"], m["content"]) for m in self.prompt), frozenset((self.chosen, self.rejected))
+
 
 @dataclass
 class PromptRecord:
