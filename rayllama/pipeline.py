@@ -48,15 +48,16 @@ def sample_policy_pairs(cfg: PipelineConfig, policy: Path, kind: str, n: int, se
 
 
 def write_world_once(data_dir: Path, cfg: PipelineConfig) -> dict[str, Path]:
-    """The toy world's JSONL files under data_dir, written once (the same seed and sizes always give the same
-    bytes, so existing files with matching world_meta.json are reused) and then read back by the stages."""
+    """The toy world's JSONL files under data_dir, written once (the same world version, seed and sizes always give
+    the same bytes, so existing files with matching world_meta.json are reused) and then read back by the stages."""
     import json
 
     meta_path = data_dir / "world_meta.json"
     sizes = cfg.world.sizes()
     if meta_path.exists():
         meta = json.loads(meta_path.read_text().splitlines()[0])
-        if meta.get("seed") == cfg.world.seed and meta.get("sizes") == sizes:
+        if (meta.get("version"), meta.get("seed"), meta.get("sizes")) == (toyworld.WORLD_VERSION, cfg.world.seed,
+                                                                          sizes):
             files = {name: data_dir / f for name, f in meta["files"].items()}
             if all(p.exists() for p in files.values()):
                 return files

@@ -1,5 +1,6 @@
 """The toy world: gold judge oracles (hand-written answers), generators, determinism, train / held-out split."""
 
+import json
 import random
 import re
 from collections import Counter
@@ -327,6 +328,20 @@ SMALL = {
     "prompts": 80,
     "gatt": 20,
 }
+
+
+def test_a_run_dir_keeps_its_world_files_until_the_world_version_changes(tmp_path):
+    from rayllama.config import load_config
+    from rayllama.pipeline import write_world_once
+
+    cfg = load_config("configs/tiny.yaml", [f"world.{k}={v}" for k, v in SMALL.items()] + [f"run_dir={tmp_path}"])
+    files = write_world_once(tmp_path, cfg)
+    good = files["sft"].read_bytes()
+    files["sft"].write_text("stale\n")
+    assert write_world_once(tmp_path, cfg)["sft"].read_text() == "stale\n"  # same version, seed, sizes: reused
+    meta = json.loads(files["meta"].read_text())
+    files["meta"].write_text(json.dumps({**meta, "version": tw.WORLD_VERSION - 1}) + "\n")
+    assert write_world_once(tmp_path, cfg)["sft"].read_bytes() == good  # an older world's files: written anew
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
