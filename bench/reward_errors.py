@@ -8,9 +8,9 @@ the written pairs' candidates are not the policy's kinds of answers).
     .venv/bin/python bench/reward_errors.py RUN_DIR [--pairs 2000] [--policy-prompts 1000] [--seed 1234] [--out FILE]
 
 RUN_DIR is a finished run (`runs/tiny` after `make run`). The pairs come from the run's toy world generator with
-another seed; a pair that repeats a training pair word for word (in either order) is dropped, so every row scores
-comparisons the RM has not seen, and the dropped share is printed (on training tasks it is large: the candidates
-of a task are few).
+another seed; a pair that repeats word for word (in either order) a comparison either RM trained on is dropped (the
+safety RM also trains on helpfulness pairs), so every row scores comparisons the RMs have not seen, and the dropped
+share is printed (on training tasks it is large: the candidates of a task are few).
 Prints the tables and writes FILE (default bench/results/reward_errors.json).
 """
 
