@@ -54,10 +54,10 @@ def write_world_once(data_dir: Path, cfg: PipelineConfig) -> dict[str, Path]:
 
     meta_path = data_dir / "world_meta.json"
     sizes = cfg.world.sizes()
+    wanted = {"version": toyworld.WORLD_VERSION, "seed": cfg.world.seed, "sizes": sizes}
     if meta_path.exists():
         meta = json.loads(meta_path.read_text().splitlines()[0])
-        if (meta.get("version"), meta.get("seed"), meta.get("sizes")) == (toyworld.WORLD_VERSION, cfg.world.seed,
-                                                                          sizes):
+        if {k: meta.get(k) for k in wanted} == wanted:
             files = {name: data_dir / f for name, f in meta["files"].items()}
             if all(p.exists() for p in files.values()):
                 return files
