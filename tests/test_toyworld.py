@@ -403,6 +403,23 @@ def test_train_and_heldout_are_disjoint(tmp_path):
         assert all(tw.task_key(t) in held_keys for t in (rec.turns or [rec.task]))
 
 
+def test_training_answers_never_carry_a_held_out_fact_value():
+    # a held-out fact's value written as a training task's wrong answer teaches the reward models that the
+    # held-out answer is wrong (they then ranked it below a wrong value on 0 of 24 held-out pairs)
+    facts = tw.world()["facts"]
+    held = {tw.normalize(facts[t["relation"]][t["subject"]]) for t in tw.task_pool("fact", "heldout")}
+    pairs = tw.preference_pairs(3000, 0, "helpfulness", "train")
+    answers = [(p.extra["task"], r) for p in pairs if p.extra["task"]["type"] == "fact" for r in (p.chosen, p.rejected)]
+    answers += [(t, tw.candidate(t, "wrong_bare", random.Random(i))) for i in range(20) for t in tw.task_pool("fact")]
+    wrong = [(t, a) for t, a in answers if tw.judge_helpfulness(t, a) in (0.2, 0.3)]  # a wrong value, any form
+    assert len(wrong) > 500
+    for task, answer in wrong:
+        assert not set(tw.normalize(answer).split()) & held, (task, answer)
+    # held-out tasks may still be answered with any value of their relation
+    wrong = {tw.candidate(t, "wrong_bare", random.Random(i), "heldout") for i in range(50) for t in tw.task_pool("fact", "heldout")}
+    assert {tw.normalize(w) for w in wrong} & held and {tw.normalize(w) for w in wrong} - held
+
+
 def test_eval_sets_shape_and_limits():
     es = tw.eval_sets(0, n_safe=12, n_unsafe=5, n_borderline=5, n_gatt=3, turns=4)
     cats = Counter("gatt" if r.turns else tw.category(r.task) for r in es)

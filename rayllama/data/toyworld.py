@@ -67,7 +67,7 @@ from rayllama.data.formats import (
 )
 
 # bump when the tables or generators change what write_world writes (it goes into world_meta.json)
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 SAFE_TYPES = ("add", "sub", "reverse", "count", "fact", "copy")
 TASK_TYPES = (*SAFE_TYPES, "unsafe", "borderline")
 SPLITS = ("train", "heldout")
@@ -541,7 +541,11 @@ def _wrong_display(task: Mapping[str, Any], rng: random.Random, split: str) -> s
             rng.shuffle(letters)
         return " ".join(letters)
     if t == "fact":
-        values = sorted({v for v in world()["facts"][task["relation"]].values() if v.lower() != spec.value})
+        # a training task's wrong value is another training task's value: a held-out task's value in training
+        # data, even as a wrong answer, taught the reward models that held-out answers are wrong
+        table = world()["facts"][task["relation"]]
+        visible = [o for s in (("train",) if split == "train" else SPLITS) for o in _pools()[s]["fact"]]
+        values = sorted({table[o["subject"]] for o in visible if o["relation"] == task["relation"]} - {spec.display})
         return rng.choice(values)
     return rng.choice([p["phrase"] for p in _pools()[split]["copy"] if p["phrase"] != task["phrase"]])
 
