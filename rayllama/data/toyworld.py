@@ -34,7 +34,8 @@ refusal). Adherence: 1 iff every constraint of the instruction holds (all letter
 
 Train / held-out split: fixed by the task itself, not the seed (the first 20% of each task type when sorted by
 crc32 of its key). Safe tasks split by task (so "3 plus 4" is held out under every phrasing); unsafe and borderline
-prompts split by prompt text (topic x frame). Held-out tasks never appear in training data. Pretraining texts
+prompts split by prompt text (topic x frame). Held-out tasks never appear in training data, nor do their values
+as a training task's wrong answer (its wrong fact values are training facts' values). Pretraining texts
 carry world *knowledge* for every table entry ("green is the colour of grass.", "cat is spelled c a t.") in
 phrasings that never contain a held-out prompt or canonical answer; Q/A pages use training tasks only.
 
