@@ -545,8 +545,8 @@ def _wrong_display(task: Mapping[str, Any], rng: random.Random, split: str) -> s
         # a training task's wrong value is another training task's value: a held-out task's value in training
         # data, even as a wrong answer, taught the reward models that held-out answers are wrong
         table = world()["facts"][task["relation"]]
-        visible = [o for s in (("train",) if split == "train" else SPLITS) for o in _pools()[s]["fact"]]
-        values = sorted({table[o["subject"]] for o in visible if o["relation"] == task["relation"]} - {spec.display})
+        train = {o["subject"] for o in _pools()["train"]["fact"] if o["relation"] == task["relation"]}
+        values = sorted({table[s] for s in (train if split == "train" else table)} - {spec.display})
         return rng.choice(values)
     return rng.choice([p["phrase"] for p in _pools()[split]["copy"] if p["phrase"] != task["phrase"]])
 
