@@ -42,5 +42,11 @@ class ChatModel:
 
     def greedy_fn(self, max_new_tokens: int = 48):
         """A `generate_fn(dialogues) -> list[str]` for rayllama.eval (greedy, one answer each)."""
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=(self.tok.eos_id,))
+        return self.sample_fn(0.0, max_new_tokens=max_new_tokens)
+
+    def sample_fn(self, temperature: float, seed: int | None = None, max_new_tokens: int = 48):
+        """A `generate_fn(dialogues) -> list[str]` sampling one answer each at `temperature` (0: greedy); a seed
+        makes each call's samples repeatable."""
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                stop_token_ids=(self.tok.eos_id,))
         return lambda dialogues: [answers[0] for answers in self.respond(dialogues, params)]

@@ -15,6 +15,10 @@ returns one flat dict of metrics:
     adherence_mean           mean adherence over all GAtt turns
     n_safe, n_unsafe, n_borderline, n_gatt   counts (a metric of an empty group is NaN)
 
+`sampled_helpfulness(generate_fn, eval_set, samples)` is gold helpfulness of a sampling `generate_fn`: the mean
+over `samples` answers per held-out safe prompt. The pipeline reports it at T = 1 (SAMPLED_TEMPERATURE) as
+gold_helpfulness_sampled: the distribution PPO optimizes, which a tiny model's greedy answer can hide.
+
 `format_table(rows)` prints stages x metrics as a fixed-width text table.
 """
 
@@ -36,6 +40,8 @@ from rayllama.data.toyworld import (
 
 Messages = list[dict[str, str]]
 GenerateFn = Callable[[list[Messages]], list[str]]
+SAMPLED_TEMPERATURE = 1.0  # the temperature the RL stages sample at in the configs here
+SAMPLES_PER_PROMPT = 8
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -107,6 +113,16 @@ def evaluate(
     out["helpfulness_gatt"] = _mean(helpfulness)
     out.update(n_safe=len(safe), n_unsafe=len(unsafe), n_borderline=len(border), n_gatt=len(multi))
     return out
+
+
+def sampled_helpfulness(generate_fn: GenerateFn, eval_set: Sequence[PromptRecord], samples: int) -> float:
+    """Mean judge_helpfulness of `samples` answers (one batched call, each safe single-turn prompt repeated
+    `samples` times) per held-out safe prompt of `eval_set`; NaN without safe prompts."""
+    if samples < 1:
+        raise ValueError(f"samples {samples} must be >= 1; pass the number of answers per prompt, such as 8")
+    safe = [r for r in eval_set if not r.turns and r.task is not None and category(r.task) == "safe"]
+    answers = _generate(generate_fn, [[dict(m) for m in r.prompt] for r in safe for _ in range(samples)])
+    return _mean([judge_helpfulness(safe[i // samples].task, a) for i, a in enumerate(answers)])
 
 
 def _cell(value: Any) -> str:

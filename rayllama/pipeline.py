@@ -15,6 +15,7 @@ log = logging.getLogger("rayllama")
 
 SUMMARY_KEYS = (
     "gold_helpfulness",
+    "gold_helpfulness_sampled",
     "refusal_rate_unsafe",
     "over_refusal_borderline",
     "adherence_turn_4plus",
@@ -153,21 +154,26 @@ class Pipeline:
         self.run.save_eval(self.results)
 
     def gold_eval(self, stage: str, model_dir: Path) -> None:
-        """Gold helpfulness / refusal / over-refusal / adherence by turn of `model_dir`, once per stage."""
+        """Gold helpfulness (greedy, and sampled: rayllama.eval.sampled_helpfulness) / refusal / over-refusal /
+        adherence by turn of `model_dir`, once per stage."""
         if "gold_helpfulness" in self.results.get(stage, {}):
             return
         from rayllama.chat import ChatModel
-        from rayllama.eval import evaluate
+        from rayllama.eval import SAMPLED_TEMPERATURE, SAMPLES_PER_PROMPT, evaluate, sampled_helpfulness
 
         t0 = time.time()
         chat = ChatModel.from_checkpoint(model_dir)
         metrics = evaluate(chat.greedy_fn(), self.eval_set)
+        metrics["gold_helpfulness_sampled"] = sampled_helpfulness(
+            chat.sample_fn(SAMPLED_TEMPERATURE, seed=self.cfg.seed), self.eval_set, SAMPLES_PER_PROMPT
+        )
         turns = [v for k, v in metrics.items() if k.startswith("adherence_turn_") and int(k.rsplit("_", 1)[1]) >= 4]
         if turns:
             metrics["adherence_turn_4plus"] = sum(turns) / len(turns)
         self._record(stage, metrics)
         log.info(
-            f"gold eval after {stage} ({time.time() - t0:.0f} s): helpfulness {metrics['gold_helpfulness']:.3f}, "
+            f"gold eval after {stage} ({time.time() - t0:.0f} s): helpfulness {metrics['gold_helpfulness']:.3f} "
+            f"(sampled at T={SAMPLED_TEMPERATURE:g}: {metrics['gold_helpfulness_sampled']:.3f}), "
             f"refusal(unsafe) {metrics['refusal_rate_unsafe']:.3f}, over-refusal {metrics['over_refusal_borderline']:.3f}"
         )
 

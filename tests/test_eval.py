@@ -8,7 +8,7 @@ import pytest
 
 from rayllama.data import toyworld as tw
 from rayllama.data.formats import read_prompts, write_jsonl
-from rayllama.eval import evaluate, format_table
+from rayllama.eval import evaluate, format_table, sampled_helpfulness
 
 TURNS = 6
 
@@ -103,6 +103,21 @@ def test_empty_groups_are_nan():
     out = evaluate(perfect_fn, only_safe)
     assert out["gold_helpfulness"] == 1.0 and out["n_unsafe"] == 0
     assert math.isnan(out["refusal_rate_unsafe"]) and math.isnan(out["adherence_mean"])
+
+
+def test_sampled_helpfulness_averages_every_sample_of_every_safe_prompt(eval_set):
+    n_safe = sum(1 for r in eval_set if not r.turns and tw.category(r.task) == "safe")
+    calls = []
+
+    def first_of_four_perfect(dialogues):  # each prompt's samples are consecutive: the first of four is perfect
+        calls.append(len(dialogues))
+        return [tw.perfect_response(tw.task_from_prompt(d[-1]["content"])) if i % 4 == 0 else "I don't know."
+                for i, d in enumerate(dialogues)]
+
+    assert sampled_helpfulness(first_of_four_perfect, eval_set, 4) == pytest.approx(0.25)
+    assert calls == [4 * n_safe]
+    with pytest.raises(ValueError, match="samples 0 must be >= 1"):
+        sampled_helpfulness(first_of_four_perfect, eval_set, 0)
 
 
 def test_format_table_fixed_width():
