@@ -63,19 +63,25 @@ def _generate(generate_fn: GenerateFn, dialogues: list[Messages]) -> list[str]:
     return answers
 
 
-def evaluate(
-    generate_fn: GenerateFn, eval_set: Sequence[PromptRecord], max_turns: int | None = None
-) -> dict[str, float | int]:
-    """Score `generate_fn` (a batch of dialogues, each ending with a user turn -> one answer each) with the gold
-    judge on `eval_set` (toyworld.eval_sets or eval.jsonl records). `max_turns` caps the GAtt turns."""
+def _single_turn(eval_set: Sequence[PromptRecord]) -> list[PromptRecord]:
+    """The single-turn records of `eval_set`, each with its task payload (ValueError naming one without)."""
     single = [r for r in eval_set if not r.turns]
-    multi = [r for r in eval_set if r.turns]
     for r in single:
         if r.task is None:
             raise ValueError(
                 f"eval prompt {r.prompt[-1]['content']!r} has no task payload; use records from "
                 "toyworld.eval_sets / eval.jsonl"
             )
+    return single
+
+
+def evaluate(
+    generate_fn: GenerateFn, eval_set: Sequence[PromptRecord], max_turns: int | None = None
+) -> dict[str, float | int]:
+    """Score `generate_fn` (a batch of dialogues, each ending with a user turn -> one answer each) with the gold
+    judge on `eval_set` (toyworld.eval_sets or eval.jsonl records). `max_turns` caps the GAtt turns."""
+    single = _single_turn(eval_set)
+    multi = [r for r in eval_set if r.turns]
 
     # single-turn: one batched call
     answers = _generate(generate_fn, [[dict(m) for m in r.prompt] for r in single])
@@ -120,7 +126,7 @@ def sampled_helpfulness(generate_fn: GenerateFn, eval_set: Sequence[PromptRecord
     `samples` times) per held-out safe prompt of `eval_set`; NaN without safe prompts."""
     if samples < 1:
         raise ValueError(f"samples {samples} must be >= 1; pass the number of answers per prompt, such as 8")
-    safe = [r for r in eval_set if not r.turns and r.task is not None and category(r.task) == "safe"]
+    safe = [r for r in _single_turn(eval_set) if category(r.task) == "safe"]
     answers = _generate(generate_fn, [[dict(m) for m in r.prompt] for r in safe for _ in range(samples)])
     return _mean([judge_helpfulness(safe[i // samples].task, a) for i, a in enumerate(answers)])
 

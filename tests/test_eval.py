@@ -96,6 +96,8 @@ def test_bad_generate_fn_and_records(eval_set):
     bare.task = None
     with pytest.raises(ValueError, match="has no task payload"):
         evaluate(perfect_fn, [bare])
+    with pytest.raises(ValueError, match="has no task payload"):
+        sampled_helpfulness(perfect_fn, [bare], 8)
 
 
 def test_empty_groups_are_nan():
