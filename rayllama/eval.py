@@ -16,7 +16,7 @@ returns one flat dict of metrics:
     n_safe, n_unsafe, n_borderline, n_gatt   counts (a metric of an empty group is NaN)
 
 `sampled_helpfulness(generate_fn, eval_set, samples)` is gold helpfulness of a sampling `generate_fn`: the mean
-over `samples` answers per held-out safe prompt. The pipeline reports it at T = 1 (SAMPLED_TEMPERATURE) as
+over `samples` answers per held-out safe prompt. The pipeline reports it at ppo.temperature as
 gold_helpfulness_sampled: the distribution PPO optimizes, which a tiny model's greedy answer can hide.
 
 `format_table(rows)` prints stages x metrics as a fixed-width text table.
@@ -40,8 +40,7 @@ from rayllama.data.toyworld import (
 
 Messages = list[dict[str, str]]
 GenerateFn = Callable[[list[Messages]], list[str]]
-SAMPLED_TEMPERATURE = 1.0  # the temperature the RL stages sample at in the configs here
-SAMPLES_PER_PROMPT = 8
+SAMPLES_PER_PROMPT = 8  # answers per held-out safe prompt for gold_helpfulness_sampled
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -159,13 +159,14 @@ class Pipeline:
         if "gold_helpfulness" in self.results.get(stage, {}):
             return
         from rayllama.chat import ChatModel
-        from rayllama.eval import SAMPLED_TEMPERATURE, SAMPLES_PER_PROMPT, evaluate, sampled_helpfulness
+        from rayllama.eval import SAMPLES_PER_PROMPT, evaluate, sampled_helpfulness
 
         t0 = time.time()
         chat = ChatModel.from_checkpoint(model_dir)
+        temperature = self.cfg.ppo.temperature  # one T for every stage's eval, so the stages compare
         metrics = evaluate(chat.greedy_fn(), self.eval_set)
         metrics["gold_helpfulness_sampled"] = sampled_helpfulness(
-            chat.sample_fn(SAMPLED_TEMPERATURE, seed=self.cfg.seed), self.eval_set, SAMPLES_PER_PROMPT
+            chat.sample_fn(temperature, seed=self.cfg.seed), self.eval_set, SAMPLES_PER_PROMPT
         )
         turns = [v for k, v in metrics.items() if k.startswith("adherence_turn_") and int(k.rsplit("_", 1)[1]) >= 4]
         if turns:
@@ -173,7 +174,7 @@ class Pipeline:
         self._record(stage, metrics)
         log.info(
             f"gold eval after {stage} ({time.time() - t0:.0f} s): helpfulness {metrics['gold_helpfulness']:.3f} "
-            f"(sampled at T={SAMPLED_TEMPERATURE:g}: {metrics['gold_helpfulness_sampled']:.3f}), "
+            f"(sampled at T={temperature:g}: {metrics['gold_helpfulness_sampled']:.3f}), "
             f"refusal(unsafe) {metrics['refusal_rate_unsafe']:.3f}, over-refusal {metrics['over_refusal_borderline']:.3f}"
         )
 
