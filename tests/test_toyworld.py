@@ -403,6 +403,19 @@ def test_train_and_heldout_are_disjoint(tmp_path):
         assert all(tw.task_key(t) in held_keys for t in (rec.turns or [rec.task]))
 
 
+def test_pretraining_states_every_held_out_value_after_its_subject_in_two_phrasings():
+    # the trunk can answer (and the reward models check) a held-out task only if pretraining stated its value, and
+    # a small model recalls a fact in the direction it read it, from varied phrasings (toyworld.FACT_KNOWLEDGE)
+    sentences = [tw.normalize(s) for s in tw.knowledge_sentences()]
+    for ty in ("add", "sub", "reverse", "count", "fact"):
+        for task in tw.task_pool(ty, "heldout"):
+            value = tw.normalize(tw.candidate(task, "bare", random.Random(0)))
+            subject = task.get("subject", task.get("word", str(task.get("a")))).lower()
+            after = re.compile(rf"(?<![a-z0-9]){re.escape(subject)} (.* )?{re.escape(value)}(?![a-z0-9])")
+            stated = [s for s in sentences if after.search(s)]
+            assert len(stated) >= 2, (task, stated)
+
+
 def test_training_answers_never_carry_a_held_out_fact_value():
     # a held-out fact's value written as a training task's wrong answer teaches the reward models that the
     # held-out answer is wrong (world v1's RM then put a bare right value above a wrong one on 0 of 24 such pairs)

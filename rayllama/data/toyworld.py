@@ -36,8 +36,10 @@ Train / held-out split: fixed by the task itself, not the seed (the first 20% of
 crc32 of its key). Safe tasks split by task (so "3 plus 4" is held out under every phrasing); unsafe and borderline
 prompts split by prompt text (topic x frame). Held-out tasks never appear in training data, nor do their values
 as a training task's wrong answer (its wrong fact values are training facts' values). Pretraining texts
-carry world *knowledge* for every table entry ("green is the colour of grass.", "cat is spelled c a t.") in
-phrasings that never contain a held-out prompt or canonical answer; Q/A pages use training tasks only.
+carry world *knowledge* for every task of both splits, each entry in two or three phrasings, most subject first
+("grass has the colour green.", "cat read backwards gives t a c.", "3 and 4 make 7."), never a held-out prompt or
+canonical answer; Q/A pages use training tasks only. So a held-out task asks for knowledge the trunk read in
+pretraining, in a form only the training tasks taught (LLaMA 2's test prompts, too, ask what pretraining saw).
 
 Preference ratings from the gold score difference d (helpfulness scale): d >= 0.6 significantly_better,
 >= 0.35 better, >= 0.15 slightly_better, > 0 negligibly_better, 0: dropped. Safety pairs rank by gold safety
@@ -68,7 +70,7 @@ from rayllama.data.formats import (
 )
 
 # bump when the tables or generators change what write_world writes (it goes into world_meta.json)
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 SAFE_TYPES = ("add", "sub", "reverse", "count", "fact", "copy")
 TASK_TYPES = (*SAFE_TYPES, "unsafe", "borderline")
 SPLITS = ("train", "heldout")
@@ -87,12 +89,22 @@ FACT_ANSWERS = {
     "capital": "The capital of {s} is {v}.",
     "opposite": "The opposite of {s} is {v}.",
 }
+# Knowledge phrasings, several per entry, most of them subject first: a small model recalls a fact only in the
+# direction it read it, and answers a new question about it only if it read the fact in varied phrasings (Allen-Zhu
+# & Li, "Physics of Language Models 3.1"). None contains a prompt or a canonical answer.
 FACT_KNOWLEDGE = {
-    "colour": "{v} is the colour of {s}.",
-    "sound": "{v} is the sound of {s}.",
-    "capital": "{v} is the capital city of {s}.",
-    "opposite": "{s} and {v} are opposites.",
+    "colour": ("{s} has the colour {v}.", "{s} is coloured {v}.", "{v} is the colour of {s}."),
+    "sound": ("{s} makes the sound {v}.", "{s} goes {v}.", "{v} is the sound of {s}."),
+    "capital": ("{s} has {v} as its capital.", "the capital city of {s} is {v}.", "{v} is the capital city of {s}."),
+    "opposite": ("{s} and {v} are opposites.", "{s} is the opposite of {v}.", "{v} is the opposite of {s}."),
 }
+WORD_KNOWLEDGE = (
+    ("{w} is spelled {sp}.", "the letters of {w} are {sp}."),
+    ("{w} read backwards gives {rev}.", "spelled from its end, {w} reads {rev}."),
+    ("{w} is a word of {n} letters.", "the word {w} is {n} letters long."),
+)
+ADD_KNOWLEDGE = ("{a} and {b} make {v}.", "{a} added to {b} gives {v}.", "adding {b} to {a} gives {v}.")
+SUB_KNOWLEDGE = ("{a} take away {b} leaves {v}.", "taking {b} from {a} leaves {v}.", "{b} from {a} leaves {v}.")
 # rating thresholds on the gold helpfulness difference (chosen - rejected), largest first
 RATING_THRESHOLDS = (
     ("significantly_better", 0.6),
@@ -839,18 +851,38 @@ def eval_sets(
     return out + [_gatt_record(rng, turns, "heldout") for _ in range(n_gatt)]
 
 
-def knowledge_sentences() -> list[str]:
-    """World knowledge for pretraining, for every table entry (train and held-out): facts, spellings, tips,
-    the number line, and that unsafe things are wrong. Never a prompt or a canonical answer."""
+def knowledge_entries() -> dict[str, list[tuple[str, ...]]]:
+    """World knowledge for pretraining, for every table entry (train and held-out), by group: each entry is one
+    piece of knowledge in its phrasings. Facts; spellings, reversals and letter counts of words; sums, differences and
+    the number line; borderline tips and that unsafe things are wrong. Never a prompt or a canonical answer."""
     w = world()
-    out = [
-        FACT_KNOWLEDGE[rel].format(s=s, v=v) for rel, table in w["facts"].items() for s, v in table.items()
+
+    def cap(phrasings):
+        return tuple(s[0].upper() + s[1:] for s in phrasings)
+
+    words = [
+        cap(p.format(w=word, sp=" ".join(word), rev=" ".join(reversed(word)), n=len(word)) for p in group)
+        for word in w["words"]
+        for group in WORD_KNOWLEDGE
     ]
-    out += [f"{word} is spelled {' '.join(word)}." for word in w["words"]]
-    out += [entry["tip"] for entry in w["borderline"].values()]
-    out += [f"after {i} comes {i + 1}." for i in range(2 * NUM_MAX)]
-    out += [f"it is wrong to {topic}." for topic in w["unsafe"]]
-    return [s[0].upper() + s[1:] for s in out]
+    numbers = [cap(p.format(a=t["a"], b=t["b"], v=t["a"] + t["b"]) for p in ADD_KNOWLEDGE) for t in _all_tasks("add")]
+    numbers += [cap(p.format(a=t["a"], b=t["b"], v=t["a"] - t["b"]) for p in SUB_KNOWLEDGE) for t in _all_tasks("sub")]
+    numbers += [cap((f"after {i} comes {i + 1}.",)) for i in range(2 * NUM_MAX)]
+    return {
+        "facts": [
+            cap(p.format(s=s, v=v) for p in FACT_KNOWLEDGE[rel]) for rel, table in w["facts"].items()
+            for s, v in table.items()
+        ],
+        "words": words,
+        "numbers": numbers,
+        "safety": [cap((entry["tip"],)) for entry in w["borderline"].values()]
+        + [cap((f"it is wrong to {topic}.",)) for topic in w["unsafe"]],
+    }
+
+
+def knowledge_sentences() -> list[str]:
+    """Every phrasing of every knowledge entry (knowledge_entries), flat."""
+    return [s for entries in knowledge_entries().values() for entry in entries for s in entry]
 
 
 def pretrain_texts(n: int, seed: int, split: str = "train") -> list[PretrainRecord]:
@@ -858,13 +890,14 @@ def pretrain_texts(n: int, seed: int, split: str = "train") -> list[PretrainReco
     ..." pages of training tasks with perfect answers (refusals for unsafe questions)."""
     _check_split(split)
     rng = _rng(seed, "pretrain", split)
-    knowledge = knowledge_sentences()
+    knowledge = knowledge_entries()
+    groups = sorted(knowledge)
     out = []
     for _ in range(n):
         items = []
         for _item in range(rng.randint(4, 10)):
             if rng.random() < 0.4:
-                items.append(rng.choice(knowledge))
+                items.append(rng.choice(rng.choice(knowledge[rng.choice(groups)])))
             else:
                 task = sample_task(rng, _weighted(rng, SFT_MIX), split)
                 items.append(f"Question: {task['prompt']}\nAnswer: {perfect_response(task)}")
