@@ -414,6 +414,11 @@ def test_pretraining_states_every_held_out_value_after_its_subject_in_two_phrasi
             after = re.compile(rf"(?<![a-z0-9]){re.escape(subject)} (.* )?{re.escape(value)}(?![a-z0-9])")
             stated = [s for s in sentences if after.search(s)]
             assert len(stated) >= 2, (task, stated)
+    knowledge = "\n".join(sentences)
+    for task in (t for ty in tw.SAFE_TYPES for split in tw.SPLITS for t in tw.task_pool(ty, split)):
+        answer = re.escape(tw.normalize(tw.canonical_answer(task)))
+        assert not re.search(rf"(?<![a-z0-9]){answer}(?![a-z0-9])", knowledge), task  # knowledge, not answers
+        assert tw.normalize(task["prompt"]) not in knowledge, task
 
 
 def test_training_answers_never_carry_a_held_out_fact_value():

@@ -36,7 +36,7 @@ Train / held-out split: fixed by the task itself, not the seed (the first 20% of
 crc32 of its key). Safe tasks split by task (so "3 plus 4" is held out under every phrasing); unsafe and borderline
 prompts split by prompt text (topic x frame). Held-out tasks never appear in training data, nor do their values
 as a training task's wrong answer (its wrong fact values are training facts' values). Pretraining texts
-carry world *knowledge* for every task of both splits, each entry in two or three phrasings, most subject first
+carry world *knowledge* for every value a task of either split asks for, in two or three phrasings, most subject first
 ("grass has the colour green.", "cat read backwards gives t a c.", "3 and 4 make 7."), never a held-out prompt or
 canonical answer; Q/A pages use training tasks only. So a held-out task asks for knowledge the trunk read in
 pretraining, in a form only the training tasks taught (LLaMA 2's test prompts, too, ask what pretraining saw).
