@@ -865,8 +865,11 @@ def knowledge_entries() -> dict[str, list[tuple[str, ...]]]:
         for word in w["words"]
         for group in WORD_KNOWLEDGE
     ]
-    numbers = [cap(p.format(a=t["a"], b=t["b"], v=t["a"] + t["b"]) for p in ADD_KNOWLEDGE) for t in _all_tasks("add")]
-    numbers += [cap(p.format(a=t["a"], b=t["b"], v=t["a"] - t["b"]) for p in SUB_KNOWLEDGE) for t in _all_tasks("sub")]
+    numbers = [
+        cap(p.format(a=t["a"], b=t["b"], v=_spec(t).display) for p in phrasings)
+        for type_, phrasings in (("add", ADD_KNOWLEDGE), ("sub", SUB_KNOWLEDGE))
+        for t in _all_tasks(type_)
+    ]
     numbers += [cap((f"after {i} comes {i + 1}.",)) for i in range(2 * NUM_MAX)]
     return {
         "facts": [
