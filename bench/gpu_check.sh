@@ -18,9 +18,12 @@
 # All output goes to DIR/log.txt (7 files in all: the device tool brings back at most 8).
 #
 # Packages: the machine's python3 has torch, transformers, safetensors, sentencepiece, numpy, PyYAML; rayllama
-# also needs omegaconf (steps 2, 3 import rayllama.config). Carry it as a wheel, prepared here with
+# also needs omegaconf (steps 2, 3 import rayllama.config) and sentencepiece >= 0.2.3 (0.2.2, seen on an H200
+# machine, aborts step 2's tokenizer training). Carry them as wheels for the machine's python (3.12), made here with
 #     echo /.whl/ >> .git/info/exclude
 #     .venv/bin/python -m pip download --no-deps --only-binary=:all: -d .whl omegaconf==2.4.0
+#     .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 312 \
+#         --platform manylinux_2_28_x86_64 -d .whl sentencepiece==0.2.3
 # and name `.whl` in the run's carry; this script installs whatever .whl holds into a temp dir. Ray's wheel
 # (75 MiB) is over the carry limit: without ray, step 2 runs the actors in-process behind a stand-in `ray`
 # module (`@ray.remote` only; local actors never call Ray) and step 5 skips its actor row.
