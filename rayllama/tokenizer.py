@@ -28,6 +28,7 @@ SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
 ROLES = ("system", "user", "assistant")
 N_BYTE_PIECES = 256
 REQUIRED_CHARS = "".join(chr(c) for c in range(33, 127))  # printable ASCII but space (space is "▁")
+MIN_SENTENCEPIECE = (0, 2, 3)  # pyproject's floor: 0.2.2 aborts on a required char of frequency 0
 
 
 def strip_chat_tags(text: str) -> str:
@@ -80,6 +81,11 @@ def train_tokenizer(
     trained in memory and written to a temp file renamed into place, so a crash leaves no half-written file.
     The same input gives byte-identical model files.
     """
+    version = tuple(int(part) for part in spm.__version__.split(".")[:3] if part.isdigit())
+    if version < MIN_SENTENCEPIECE:  # older trainers abort the process on a required char the text lacks
+        raise RuntimeError(
+            f"sentencepiece {spm.__version__} cannot train this tokenizer; pip install 'sentencepiece>=0.2.3'"
+        )
     n_fixed = 3 + len(SPECIAL_TAGS) + N_BYTE_PIECES + len(REQUIRED_CHARS)  # specials, tags, bytes, ASCII
     if vocab_size <= n_fixed:
         raise ValueError(

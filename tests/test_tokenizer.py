@@ -12,6 +12,7 @@ import random
 import time
 
 import pytest
+import sentencepiece as spm
 
 from rayllama.data.corpus import shakespeare_documents, tokenizer_training_texts
 from rayllama.tokenizer import SPECIAL_TAGS, DialogError, Tokenizer, train_tokenizer
@@ -143,6 +144,16 @@ def test_training_errors_leave_nothing(tmp_path) -> None:
     ):  # far too little text for 5000 pieces
         train_tokenizer(["a tiny text of a few words"], tmp_path / "sp", 5000)
     assert list(tmp_path.iterdir()) == []  # atomic: no model, no vocab, no temp directory
+
+
+def test_training_refuses_a_sentencepiece_that_would_abort(tmp_path, monkeypatch) -> None:
+    # sentencepiece 0.2.2 (found on a GPU machine) kills the process in C++ when a required char is absent
+    monkeypatch.setattr(spm, "__version__", "0.2.2")
+    with pytest.raises(
+        RuntimeError, match=r"sentencepiece 0\.2\.2 cannot .*pip install 'sentencepiece>=0\.2\.3'"
+    ):
+        train_tokenizer(["some text without a hash sign"], tmp_path / "sp", 1000)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_load_errors(tmp_path) -> None:
