@@ -84,7 +84,8 @@ def train_tokenizer(
     version = tuple(int(part) for part in spm.__version__.split(".")[:3] if part.isdigit())
     if version < MIN_SENTENCEPIECE:  # older trainers abort the process on a required char the text lacks
         raise RuntimeError(
-            f"sentencepiece {spm.__version__} cannot train this tokenizer; pip install 'sentencepiece>=0.2.3'"
+            f"sentencepiece {spm.__version__} cannot train this tokenizer; "
+            f"pip install 'sentencepiece>={'.'.join(map(str, MIN_SENTENCEPIECE))}'"
         )
     n_fixed = 3 + len(SPECIAL_TAGS) + N_BYTE_PIECES + len(REQUIRED_CHARS)  # specials, tags, bytes, ASCII
     if vocab_size <= n_fixed:
