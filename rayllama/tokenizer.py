@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def train_tokenizer(
     trained in memory and written to a temp file renamed into place, so a crash leaves no half-written file.
     The same input gives byte-identical model files.
     """
-    version = tuple(int(part) for part in spm.__version__.split(".")[:3] if part.isdigit())
+    version = tuple(int(re.match(r"\d*", part)[0] or 0) for part in spm.__version__.split(".")[:3])  # 0.2.3rc1: 0.2.3
     if version < MIN_SENTENCEPIECE:  # older trainers abort the process on a required char the text lacks
         raise RuntimeError(
             f"sentencepiece {spm.__version__} cannot train this tokenizer; "
