@@ -82,6 +82,24 @@ class ScalingSection:
     cpus_per_worker: float = 0.5  # fractional so the driver's actors and the trainer fit on 2 cores
     gpus_per_worker: float = 1.0  # used only when use_gpu
     start_timeout_s: float = 120.0  # fail with a clear message when the workers cannot be placed
+    strategy: str = "fsdp"  # fsdp (FSDP2: parameters, gradients and AdamW state sharded over the workers) | ddp
+
+
+@dataclass
+class TrainSection:
+    """How every trainer (Ray Train stages and the RL learner group) holds and computes the model."""
+
+    param_dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16; gradients reduce in fp32
+    activation_checkpointing: bool = False  # recompute each transformer block in backward (less activation memory)
+
+
+@dataclass
+class ClusterConfig:
+    """The machines the memory plan (`python -m rayllama.plan`) places the roles on."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_memory_gb: float = 80.0
 
 
 @dataclass
@@ -259,6 +277,8 @@ class PipelineConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
     scaling: ScalingSection = field(default_factory=ScalingSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -386,6 +406,9 @@ def validate(cfg: PipelineConfig) -> None:
     _check(cfg.model.preset in PRESETS, f"unknown model.preset '{cfg.model.preset}'; accepted: {', '.join(PRESETS)}")
     _check(cfg.device in ("cpu", "cuda"), f"device '{cfg.device}' is not cpu or cuda")
     _check(cfg.scaling.num_workers >= 1, f"scaling.num_workers {cfg.scaling.num_workers} must be >= 1")
+    _check(cfg.scaling.strategy in ("fsdp", "ddp"), f"scaling.strategy '{cfg.scaling.strategy}' is not fsdp or ddp")
+    _check(cfg.train.param_dtype in ("auto", "float32", "bfloat16"),
+           f"train.param_dtype '{cfg.train.param_dtype}' is not auto, float32 or bfloat16")
     _check(cfg.tokenizer.vocab_size >= 300, f"tokenizer.vocab_size {cfg.tokenizer.vocab_size} is too small; use >= 300")
     for name in ("pretrain", "sft", "reward"):
         stage = getattr(cfg, name)
@@ -464,6 +487,14 @@ def model_config(cfg: PipelineConfig, vocab_size: int):
     model_cfg = dataclasses.replace(base, **changes)
     model_cfg.validate()
     return model_cfg
+
+
+def param_dtype(train: TrainSection, device: str):
+    """The torch dtype trainers compute in: train.param_dtype, with auto = bfloat16 on cuda, float32 on cpu."""
+    import torch
+
+    name = train.param_dtype if train.param_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    return getattr(torch, name)
 
 
 def to_yaml(cfg: PipelineConfig) -> str:
