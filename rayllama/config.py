@@ -404,6 +404,10 @@ def validate(cfg: PipelineConfig) -> None:
     core = [i for i in order if STAGES[i] not in ("rejection", "ppo")]
     _check(core == sorted(core), f"stages {cfg.stages} are out of order; use the order {', '.join(STAGES)}")
     _check(cfg.model.preset in PRESETS, f"unknown model.preset '{cfg.model.preset}'; accepted: {', '.join(PRESETS)}")
+    try:  # the shape: a real preset refuses per-field overrides, and the fields must make a valid model
+        model_config(cfg, cfg.tokenizer.vocab_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _check(cfg.device in ("cpu", "cuda"), f"device '{cfg.device}' is not cpu or cuda")
     _check(cfg.scaling.num_workers >= 1, f"scaling.num_workers {cfg.scaling.num_workers} must be >= 1")
     _check(cfg.scaling.strategy in ("fsdp", "ddp"), f"scaling.strategy '{cfg.scaling.strategy}' is not fsdp or ddp")
@@ -478,11 +482,16 @@ def validate_gatt(g: GAttConfig) -> None:
 
 
 def model_config(cfg: PipelineConfig, vocab_size: int):
-    """The ModelConfig for this pipeline: the preset, then per-field overrides, then the tokenizer's vocab size."""
+    """The ModelConfig for this pipeline: the preset, then per-field overrides (preset tiny only: a real preset sets
+    every shape field, so an override of it is a ConfigError), then the tokenizer's vocab size."""
     from rayllama.model import preset
 
     base = preset(cfg.model.preset)
     changes = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "preset" and v is not None}
+    if changes and cfg.model.preset != "tiny":
+        fields, verb = ", ".join(f"model.{k}={v}" for k, v in changes.items()), "is" if len(changes) == 1 else "are"
+        raise ConfigError(f"model.preset {cfg.model.preset} sets every shape field, but {fields} {verb} also set "
+                          f"(from a base: file such as tiny.yaml?); drop the override or use preset tiny")
     changes["vocab_size"] = vocab_size
     model_cfg = dataclasses.replace(base, **changes)
     model_cfg.validate()

@@ -111,3 +111,21 @@ def test_driver_prints_one_line_and_exits_2_before_ray_starts(tmp_path):
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and "sft.epohcs" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()  # nothing written for a config mistake
+
+
+def test_real_preset_refuses_a_leftover_shape_override():
+    # ppo.yaml's base tiny.yaml sets model.n_layers 4 and max_seq_len 256: a 7B preset must not silently take them
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "ppo.yaml", ["model.preset=llama2-7b"])
+    msg = _one_line(e.value)
+    assert "model.preset llama2-7b" in msg and "model.n_layers=4" in msg and "model.max_seq_len=256" in msg
+    assert "tiny" in msg
+    with pytest.raises(ConfigError, match="model.dim=4096"):
+        load_config(None, ["model.preset=llama2-13b", "model.dim=4096"])
+    assert load_config(None, ["model.n_layers=3"]).model.n_layers == 3  # the tiny preset keeps its overrides
+
+
+def test_bad_model_shape_is_a_config_error():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.dim=100"])
+    assert "n_heads" in _one_line(e.value)
