@@ -3,7 +3,8 @@
 One on-disk format for every stage (pretrain, SFT, reward, PPO) and for import/export:
 
     config.json          HF LlamaConfig (LlamaForCausalLM, or LlamaForSequenceClassification, num_labels 1)
-    model.safetensors    the state dict, whose keys already are HF's
+    model.safetensors    the state dict, whose keys already are HF's (over 5 GB: model-0000i-of-0000n.safetensors
+                         and model.safetensors.index.json, HF's sharded layout)
     tokenizer.model      SentencePiece model (copied, if given)
     rayllama.json        our meta: kind ("causal" | "scalar"), step, whatever the caller passes
     train_state.pt       optimizer / scheduler / RNG / data position (torch.save), if given
@@ -20,6 +21,7 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ CONFIG, WEIGHTS, TOKENIZER, META, TRAIN_STATE = (
 SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX = (
     "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 ARCHITECTURES = {"causal": "LlamaForCausalLM", "scalar": "LlamaForSequenceClassification"}
+MAX_SHARD_BYTES = 5 * 1024**3  # HF's default shard size: a bigger model is written as sharded safetensors
 
 
 class CheckpointError(ValueError):
@@ -167,7 +170,7 @@ def _remove_stale(target: Path) -> None:
 
 def save_model(path: str | Path, model: Transformer | ScalarHeadModel, cfg: ModelConfig, *,
                tokenizer_model: str | Path | None = None, meta: dict[str, Any] | None = None,
-               train_state: dict[str, Any] | None = None) -> Path:
+               train_state: dict[str, Any] | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write `model` as an HF Llama directory at `path`, atomically (see module docstring). Returns path."""
     while isinstance(getattr(model, "module", None) or getattr(model, "_orig_mod", None), nn.Module):
         model = getattr(model, "module", None) or model._orig_mod  # unwrap DDP / torch.compile
@@ -176,6 +179,59 @@ def save_model(path: str | Path, model: Transformer | ScalarHeadModel, cfg: Mode
     if model.cfg != cfg:
         raise ValueError(f"save_model cfg {cfg} differs from the model's own cfg {model.cfg}; pass model.cfg")
     kind = "scalar" if isinstance(model, ScalarHeadModel) else "causal"
+    return save_state(path, model.state_dict().items(), cfg, kind, tokenizer_model=tokenizer_model, meta=meta,
+                      train_state=train_state, max_shard_bytes=max_shard_bytes)
+
+
+class _ShardWriter:
+    """Tensors in arrival order into safetensors files of at most `max_bytes` each (one file if it all fits:
+    model.safetensors; else model-0000i-of-0000n.safetensors + model.safetensors.index.json, as HF writes)."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory, self.max_bytes = directory, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes, self.total_bytes = 0, 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.dtype: torch.dtype | None = None
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.dtype = self.dtype or tensor.dtype
+        self.pending[name] = tensor.detach().contiguous().cpu()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        file = self.directory / f".part-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.pending, file, metadata={"format": "pt"})
+        self.files.append((file, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.files:
+            self._flush()
+        if len(self.files) == 1:
+            os.rename(self.files[0][0], self.directory / WEIGHTS)
+            return
+        n, weight_map = len(self.files), {}
+        for i, (file, names) in enumerate(self.files, start=1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.rename(file, self.directory / final)
+            weight_map.update({name: final for name in names})
+        _write_json(self.directory / SAFETENSORS_INDEX,
+                    {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+
+
+def save_state(path: str | Path, tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig, kind: str, *,
+               tokenizer_model: str | Path | None = None, meta: dict[str, Any] | None = None,
+               train_state: dict[str, Any] | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write (name, tensor) pairs as an HF Llama directory at `path`, atomically, consuming `tensors` one at a time
+    (a sharded model streams its parameters in: at most one shard file is held in memory). Over
+    `max_shard_bytes` the weights are split into HF's sharded layout with its index."""
+    if kind not in ARCHITECTURES:
+        raise ValueError(f"checkpoint kind {kind!r} is not one of {sorted(ARCHITECTURES)}")
     if tokenizer_model is not None and not Path(tokenizer_model).is_file():
         raise CheckpointError(f"tokenizer_model {tokenizer_model} does not exist; "
                               f"pass the .model file or None")
@@ -187,10 +243,11 @@ def save_model(path: str | Path, model: Transformer | ScalarHeadModel, cfg: Mode
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        dtype = next(iter(state.values())).dtype
-        save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
-        _write_json(tmp / CONFIG, hf_config_dict(cfg, kind, dtype))
+        writer = _ShardWriter(tmp, max_shard_bytes)
+        for name, tensor in tensors:
+            writer.add(name, tensor)
+        writer.close()
+        _write_json(tmp / CONFIG, hf_config_dict(cfg, kind, writer.dtype or torch.float32))
         if tokenizer_model is not None:
             shutil.copyfile(tokenizer_model, tmp / TOKENIZER)
         if train_state is not None:
@@ -215,6 +272,11 @@ def save_model(path: str | Path, model: Transformer | ScalarHeadModel, cfg: Mode
 
 
 # ---------------------------------------------------------------------------------------------- load
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of the checkpoint at `path` (config.json only; no tensors read)."""
+    return _config(resolve(path))[1]
 
 
 def resolve(path: str | Path) -> Path:

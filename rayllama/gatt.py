@@ -373,6 +373,7 @@ def _gatt_round(cfg: Any, run_dir: Path, r: int, tok: Tokenizer, records: list[P
     from rayllama.data.formats import SFTRecord, write_jsonl
     from rayllama.train.data import save_tensors
     from rayllama.train.loop import TrainJob, run_train_job
+    from rayllama.train.stages import sharding
 
     g = cfg.gatt
     round_dir = run_dir / "gatt" / f"round-{r}"
@@ -408,7 +409,7 @@ def _gatt_round(cfg: Any, run_dir: Path, r: int, tok: Tokenizer, records: list[P
         optim=g.optim, total_steps=max(1, math.ceil(g.epochs * n / g.batch_size)), batch_size=g.batch_size,
         micro_batch_size=g.micro_batch_size, init=str(policy), tokenizer_model=str(Path(tok.model_path).absolute()),
         checkpoint_every=CHECKPOINT_EVERY, log_every=LOG_EVERY, seed=cfg.seed + r, threads=cfg.threads_per_worker,
-        device=cfg.device,
+        device=cfg.device, **sharding(cfg),
     )
     if not is_complete(model_dir):
         run_train_job(job, cfg.scaling)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -278,6 +279,7 @@ class LlamaTrunk(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.activation_checkpointing = False  # recompute each block in backward instead of keeping activations
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -294,8 +296,12 @@ class LlamaTrunk(nn.Module):
         h = self.embed_tokens(tokens)  # (B, T, E)
         positions, mask = positions_and_mask(attention_mask, b, t, past, tokens.device)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)  # (B, T, D)
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache)  # (B, T, E)
+            if recompute:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, None, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache)  # (B, T, E)
         if cache is not None:
             cache.advance(t)
         return self.norm(h)  # (B, T, E)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from rayllama.checkpoint import load_model
 from rayllama.config import OptimConfig, ScalingSection
+from rayllama.dist.fsdp import init_weights
 from rayllama.model import ModelConfig, Transformer
 from rayllama.train.data import save_tensors
 from rayllama.train.loop import TrainJob, example_order, rank_micro_batches, run_train_job
@@ -57,8 +58,8 @@ def _lm_data(n: int, width: int, seed: int) -> dict:
 
 def _reference_step(data: dict, seed: int, optim: OptimConfig) -> dict:
     """One plain single-process AdamW step on the union batch: mean CE over all target tokens, clip, step."""
-    torch.manual_seed(seed)
     model = Transformer(SMALL)
+    init_weights(model, seed)  # the trainers' fresh init: seeded per parameter, the same for every sharding
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -76,7 +77,7 @@ def _reference_step(data: dict, seed: int, optim: OptimConfig) -> dict:
     return model.state_dict()
 
 
-def test_ddp_two_workers_equal_one_process_on_the_union_batch(ray_session, tmp_path):
+def test_two_sharded_workers_equal_one_process_on_the_union_batch(ray_session, tmp_path):
     data = _lm_data(8, 12, seed=1)
     save_tensors(tmp_path / "data.pt", data)
     optim = OptimConfig(lr=1e-2, schedule="constant")
@@ -90,8 +91,9 @@ def test_ddp_two_workers_equal_one_process_on_the_union_batch(ray_session, tmp_p
     assert meta["step"] == 1
     # Step 0 uses the permutation example_order(...)[0:8]: the whole (8-example) data set, shuffled -- the union.
     expected = _reference_step(data, seed=7, optim=optim)
-    torch.manual_seed(7)
-    initial = Transformer(SMALL).state_dict()
+    initial = Transformer(SMALL)
+    init_weights(initial, 7)
+    initial = initial.state_dict()
     moved = 0.0
     for name, value in trained.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=2e-6, msg=f"{name} differs")

@@ -1,11 +1,13 @@
 """The one Ray Train (TorchTrainer) loop shared by pretraining, SFT and the reward models.
 
-Driver side: `run_train_job(job, scaling)` builds a TorchTrainer (DDP over gloo on CPU, NCCL on GPU) and blocks
-until it finishes. Worker side: `train_loop_per_worker` trains `job.objective` ("lm" or "reward") on the tensors at
-`job.data_path`, reports a Ray Train checkpoint every `checkpoint_every` steps (model, optimizer, scheduler, step,
-RNG; the data position is the step, because the example order is a pure function of (seed, step)), resumes from the
-latest one when the same run directory is trained again, and rank 0 writes the final model atomically to
-`job.output`.
+Driver side: `run_train_job(job, scaling)` builds a TorchTrainer (a process group over gloo on CPU, NCCL on GPU)
+and blocks until it finishes. Worker side: `train_loop_per_worker` builds the model sharded with FSDP2
+(`scaling.strategy: fsdp`, rayllama.dist.fsdp; or DDP replicas), trains `job.objective` ("lm" or "reward") on the
+tensors at `job.data_path`, reports a Ray Train checkpoint every `checkpoint_every` steps (each rank's shards of
+the model and AdamW state through torch.distributed.checkpoint, plus scheduler, step and RNG; the data position is
+the step, because the example order is a pure function of (seed, step)), resumes from the latest one when the
+same run directory is trained again (with any number of workers: DCP reshards), and writes the final model as a
+complete Hugging Face directory to `job.output`, gathered one parameter at a time.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ class TrainJob:
     seed: int = 0
     threads: int = 1
     device: str = "cpu"
+    strategy: str = "fsdp"  # fsdp (FSDP2 shards) | ddp (whole replicas); scaling.strategy
+    param_dtype: str = "float32"  # compute dtype (FSDP mixed precision; parameters and AdamW state stay fp32)
+    activation_checkpointing: bool = False
     stop_after: int | None = None  # stop (without the final save) after this many steps: fault-injection tests
 
 
@@ -126,29 +131,61 @@ OBJECTIVES = {"lm": lm_micro_loss, "reward": reward_micro_loss}
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
+def _eval_batches(n: int, batch: int) -> list[torch.Tensor]:
+    """This rank's evaluation batches: a contiguous 1/world share of the n examples, cut into the same number of
+    batches on every rank (a sharded model's forward is a collective, so every rank must run as many)."""
+    from rayllama.dist.fsdp import rank, world_size
+
+    world = world_size()
+    share = torch.arange(n).tensor_split(world)[rank()]
+    count = max(1, math.ceil(math.ceil(n / world) / batch))
+    # an empty piece (fewer examples than batches here) runs example 0 and is dropped: forwards stay matched
+    return [p if len(p) else torch.zeros(0, dtype=torch.long) for p in share.tensor_split(count)]
+
+
+def _gather(values: torch.Tensor) -> torch.Tensor:
+    """Concatenation of every rank's `values` in rank order (one process: values)."""
+    from rayllama.dist.fsdp import world_size
+
+    if world_size() == 1:
+        return values
+    parts: list = [None] * world_size()
+    torch.distributed.all_gather_object(parts, values.cpu())
+    return torch.cat(parts)
+
+
 @torch.no_grad()
 def evaluate_lm(model, data: dict, device, batch: int = 32) -> dict:
-    """Held-out mean next-token loss and perplexity over loss_mask positions."""
+    """Held-out mean next-token loss and perplexity over loss_mask positions (every rank evaluates its share)."""
     model.eval()
-    total, count = 0.0, 0
-    for idx in torch.arange(num_examples(data)).split(batch):
-        s, c = lm_micro_loss(model, data, idx, device)
-        total, count = total + float(s), count + c
+    sums = []
+    for idx in _eval_batches(num_examples(data), batch):
+        s, c = lm_micro_loss(model, data, idx if len(idx) else torch.zeros(1, dtype=torch.long), device)
+        if len(idx):
+            sums.append(torch.tensor([float(s), float(c)], dtype=torch.float64))
     model.train()
+    total, count = _gather(torch.stack(sums) if sums else torch.zeros(0, 2, dtype=torch.float64)).sum(0).tolist()
     loss = total / max(count, 1)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(count)}
 
 
 @torch.no_grad()
 def evaluate_reward(model, data: dict, device, batch: int = 64) -> dict:
-    """Held-out accuracy (r_c > r_r) per rating level and overall (LLaMA 2 Table 8 layout), reward mean/std."""
+    """Held-out accuracy (r_c > r_r) per rating level and overall (LLaMA 2 Table 8 layout), reward mean/std
+    (every rank scores its share)."""
     model.eval()
     chosen, rejected = [], []
-    for idx in torch.arange(num_examples(data)).split(batch):
-        chosen.append(reward_scores(model, data["chosen"][idx].to(device), data["chosen_len"][idx].to(device)))
-        rejected.append(reward_scores(model, data["rejected"][idx].to(device), data["rejected_len"][idx].to(device)))
+    for idx in _eval_batches(num_examples(data), batch):
+        run = idx if len(idx) else torch.zeros(1, dtype=torch.long)
+        tokens = torch.cat([data["chosen"][run], data["rejected"][run]]).to(device)
+        lengths = torch.cat([data["chosen_len"][run], data["rejected_len"][run]]).to(device)
+        scores = reward_scores(model, tokens, lengths).cpu()
+        if len(idx):
+            chosen.append(scores[:len(idx)])
+            rejected.append(scores[len(idx):])
     model.train()
-    rc, rr = torch.cat(chosen).cpu(), torch.cat(rejected).cpu()
+    rc = _gather(torch.cat(chosen) if chosen else torch.zeros(0))
+    rr = _gather(torch.cat(rejected) if rejected else torch.zeros(0))
     correct = (rc > rr).float()
     out = {"accuracy": float(correct.mean()), "n_pairs": len(rc)}
     for idx, name in RATING_NAMES.items():
@@ -210,31 +247,36 @@ class MetricsWriter:
         self.tb.close()
 
 
-def _build_model(job: TrainJob):
-    from rayllama.checkpoint import load_model
-    from rayllama.model import ScalarHeadModel, Transformer
+def _build_model(job: TrainJob, device: torch.device):
+    """The job's model, sharded per job.strategy: a fresh init of job.model (seeded per parameter, the same for
+    every sharding) or job.init's weights read shard by shard (a reward model from a causal LM gets a zero head)."""
+    from rayllama.checkpoint import read_model_config
+    from rayllama.dist.fsdp import build_model
 
-    if job.init is None:
-        torch.manual_seed(job.seed)
-        return (ScalarHeadModel if job.objective == "reward" else Transformer)(job.model), job.model
-    model, cfg, meta = load_model(job.init)
-    if job.objective == "reward" and not isinstance(model, ScalarHeadModel):
-        torch.manual_seed(job.seed)
-        model = ScalarHeadModel.from_transformer(model)
+    cfg = job.model if job.init is None else read_model_config(job.init)
+    kind = "scalar" if job.objective == "reward" else "causal"
+    model = build_model(kind, cfg, device=device, strategy=job.strategy, param_dtype=getattr(torch, job.param_dtype),
+                        activation_checkpointing=job.activation_checkpointing, init=job.init, seed=job.seed)
     return model, cfg
 
 
-def _save_state(path: str, model, cfg, job: TrainJob, optimizer, scheduler, step: int, extra_meta: dict) -> None:
-    from rayllama.checkpoint import save_model
+def _export(job: TrainJob, model, cfg, step: int, meta: dict) -> None:
+    """The final model as a complete HF directory: parameters gathered one at a time, written by rank 0."""
+    from rayllama.checkpoint import save_state
+    from rayllama.dist.fsdp import iter_full_state, rank
 
-    state = {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "step": step,
-        "torch_rng": torch.get_rng_state(),
-    }
-    meta = {"stage": job.stage, "step": step, **extra_meta}
-    save_model(path, model, cfg, tokenizer_model=job.tokenizer_model, meta=meta, train_state=state)
+    tensors = iter_full_state(model)
+    if rank() != 0:
+        for _ in tensors:  # every rank takes part in each gather
+            pass
+        return
+    kind = "scalar" if job.objective == "reward" else "causal"
+    save_state(job.output, tensors, cfg, kind, tokenizer_model=job.tokenizer_model,
+               meta={"stage": job.stage, "step": step, **meta})
+
+
+def _extra_state(job: TrainJob, scheduler, step: int) -> dict:
+    return {"stage": job.stage, "step": step, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -243,7 +285,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     from ray.experimental.tqdm_ray import tqdm
 
-    from rayllama.checkpoint import load_train_state
+    from rayllama.dist import dcp
+    from rayllama.dist.fsdp import clip_grad_norm, compute_context, effective_strategy, wrap_ddp
 
     job: TrainJob = config["job"]
     torch.set_num_threads(job.threads)
@@ -251,37 +294,29 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if job.device == "cuda" else torch.device("cpu")
 
-    model, model_cfg = _build_model(job)
-    start_step = 0
-    resume = ray.train.get_checkpoint()
-    if resume is not None:  # Ray Train restored this run: continue from its latest checkpoint
-        from rayllama.checkpoint import load_model
-
-        with resume.as_directory() as d:
-            restored, _, _ = load_model(d)
-            model.load_state_dict(restored.state_dict())
-            train_state = load_train_state(d)
-    model = model.to(device)
+    model, model_cfg = _build_model(job, device)
     optimizer = build_optimizer(model, job.optim)
     scheduler = build_scheduler(optimizer, job.optim, job.total_steps)
-    if resume is not None:
-        optimizer.load_state_dict(train_state["optimizer"])
-        scheduler.load_state_dict(train_state["scheduler"])
-        torch.set_rng_state(train_state["torch_rng"])
-        start_step = train_state["step"]
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
-    plain = model  # the unwrapped module: what we save and evaluate
+    start_step = 0
+    resume = ray.train.get_checkpoint()
+    if resume is not None:  # Ray Train restored this run: continue from its latest (sharded) checkpoint
+        with resume.as_directory() as d:
+            extra = dcp.load_train_state(d, {"model": (model, optimizer)})
+        scheduler.load_state_dict(extra["scheduler"])
+        torch.set_rng_state(extra["torch_rng"])
+        start_step = extra["step"]
+    strategy = effective_strategy(job.strategy)
+    train_model = wrap_ddp(model, device) if strategy == "ddp" and world > 1 else model
+    params = [p for p in model.parameters() if p.requires_grad]
 
     data = torch.load(job.data_path)
-    eval_data = torch.load(job.eval_path) if (job.eval_path and rank == 0) else None
+    eval_data = torch.load(job.eval_path) if job.eval_path else None  # every rank evaluates its share
     order = example_order(num_examples(data), job.batch_size, job.total_steps, job.seed)
     micro_loss = OBJECTIVES[job.objective]
     writer = MetricsWriter(job.log_dir, job.stage) if rank == 0 else None
     if writer and start_step:
         writer.write(start_step, {"resumed_from_step": start_step})
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    )
+    compute = compute_context(model, getattr(torch, job.param_dtype), device)
     bar = tqdm(total=job.total_steps, desc=job.stage, position=0) if rank == 0 else None
     if bar:
         bar.update(start_step)
@@ -290,8 +325,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     for step in range(start_step, job.total_steps):
         micro = rank_micro_batches(order, step, job, rank, world)
-        # Normalise by the step's global count of targets (tokens or pairs), so that DDP's gradient average over
-        # ranks and the micro-batch accumulation give exactly the gradient of the mean over the union batch.
+        # Normalise by the step's global count of targets (tokens or pairs), so that the ranks' gradient average
+        # (FSDP's reduce-scatter, DDP's all-reduce) and the micro-batch accumulation give exactly the gradient of
+        # the mean over the union batch.
         local_count = torch.tensor(
             [float(data["loss_mask"][idx, 1:].sum()) if job.objective == "lm" else float(len(idx)) for idx in micro]
         ).sum()
@@ -300,13 +336,17 @@ def train_loop_per_worker(config: dict) -> None:
             torch.distributed.all_reduce(global_count)
         loss_total = 0.0
         for i, idx in enumerate(micro):
-            sync = contextlib.nullcontext() if (world == 1 or i == len(micro) - 1) else ddp_model.no_sync()
-            with sync, autocast:
-                loss_sum, _ = micro_loss(ddp_model, data, idx, device)
+            last = i == len(micro) - 1
+            sync = train_model.no_sync() if (train_model is not model and not last) else contextlib.nullcontext()
+            with sync, compute:
+                loss_sum, _ = micro_loss(train_model, data, idx, device)
                 loss = loss_sum * world / global_count
             loss.backward()
             loss_total += loss_sum.detach().item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), job.optim.grad_clip)
+        step_loss = torch.tensor(loss_total, dtype=torch.float64)  # summed over this rank's targets
+        if world > 1:
+            torch.distributed.all_reduce(step_loss)
+        grad_norm = clip_grad_norm(params, job.optim.grad_clip)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -321,27 +361,29 @@ def train_loop_per_worker(config: dict) -> None:
             writer.write(
                 done,
                 {
-                    "loss": loss_total / max(float(local_count), 1.0),
+                    "loss": float(step_loss) / max(float(global_count), 1.0),  # the union batch's mean
                     "lr": lr,
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": grad_norm,
                     "items_per_s": window_items / elapsed,
                 },
             )
             t0, window_items = time.perf_counter(), 0
-        if writer and eval_data is not None and job.eval_every and done % job.eval_every == 0:
-            last_eval = EVALUATORS[job.objective](plain, eval_data, device)
-            writer.write(done, last_eval)
+        if eval_data is not None and job.eval_every and done % job.eval_every == 0:
+            last_eval = EVALUATORS[job.objective](model, eval_data, device)
+            if writer:
+                writer.write(done, last_eval)
         if job.stop_after is not None and done >= job.stop_after:
             break
         if done % job.checkpoint_every == 0 and done < job.total_steps:
-            _report_checkpoint(plain, model_cfg, job, optimizer, scheduler, done, rank, {"loss": loss_total})
+            _report_checkpoint(model, job, optimizer, scheduler, done, {"loss": loss_total})
 
     finished = job.stop_after is None or job.stop_after >= job.total_steps
-    if rank == 0 and finished:
+    if finished:
         if eval_data is not None:
-            last_eval = EVALUATORS[job.objective](plain, eval_data, device)
-            writer.write(job.total_steps, last_eval)
-        _save_state(job.output, plain.cpu(), model_cfg, job, optimizer, scheduler, job.total_steps, {"eval": last_eval})
+            last_eval = EVALUATORS[job.objective](model, eval_data, device)
+            if writer:
+                writer.write(job.total_steps, last_eval)
+        _export(job, model, model_cfg, job.total_steps, {"eval": last_eval})
     if writer:
         writer.close()
     if bar:
@@ -349,15 +391,16 @@ def train_loop_per_worker(config: dict) -> None:
     ray.train.report({"step": job.total_steps if finished else done, "finished": finished})
 
 
-def _report_checkpoint(model, cfg, job, optimizer, scheduler, step: int, rank: int, metrics: dict) -> None:
+def _report_checkpoint(model, job: TrainJob, optimizer, scheduler, step: int, metrics: dict) -> None:
+    """Every rank writes its shards (DCP) into its own temp dir; Ray Train merges them into one checkpoint and
+    registers it only once every rank has reported, so a kill mid-save leaves the previous one current."""
     import ray.train
 
+    from rayllama.dist import dcp
+
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            _save_state(os.path.join(tmp, "ckpt"), model, cfg, job, optimizer, scheduler, step, {})
-            checkpoint = ray.train.Checkpoint.from_directory(os.path.join(tmp, "ckpt"))
-        ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
+        dcp.save_train_state(tmp, {"model": (model, optimizer)}, _extra_state(job, scheduler, step), marker=False)
+        ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 # ----------------------------------------------------------------------------------------------- driver side

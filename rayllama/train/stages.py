@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from rayllama.config import PipelineConfig, model_config
+from rayllama.config import PipelineConfig, model_config, param_dtype
 from rayllama.losses import MARGINS
 from rayllama.tokenizer import Tokenizer
 from rayllama.train.data import (
@@ -24,6 +24,12 @@ from rayllama.train.data import (
 from rayllama.train.loop import TrainJob, run_train_job
 
 HELDOUT_ROWS = 64  # held-out perplexity over 64 x seq_len tokens: a stable estimate in seconds
+
+
+def sharding(cfg: PipelineConfig) -> dict:
+    """The TrainJob fields that say how the trainer holds the model (scaling.strategy, train.*)."""
+    return {"strategy": cfg.scaling.strategy, "param_dtype": str(param_dtype(cfg.train, cfg.device)).removeprefix("torch."),
+            "activation_checkpointing": cfg.train.activation_checkpointing}
 
 
 def _tensors(data_dir: Path, name: str, tok: Tokenizer, build, *inputs) -> Path:
@@ -71,7 +77,7 @@ def run_pretrain(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, corpus_trai
         optim=p.optim, total_steps=p.steps, batch_size=p.batch_size, micro_batch_size=p.micro_batch_size,
         model=model_config(cfg, tok.vocab_size), tokenizer_model=str(tok.model_path),
         checkpoint_every=p.checkpoint_every, eval_every=p.eval_every, log_every=p.log_every,
-        seed=cfg.seed, threads=cfg.threads_per_worker, device=cfg.device,
+        seed=cfg.seed, threads=cfg.threads_per_worker, device=cfg.device, **sharding(cfg),
     )
     return run_train_job(job, cfg.scaling)
 
@@ -85,7 +91,7 @@ def run_sft(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, dialogues: list[
         log_dir=str(run_dir / "sft"), optim=s.optim, total_steps=max(1, math.ceil(s.epochs * n / s.batch_size)),
         batch_size=s.batch_size, micro_batch_size=s.micro_batch_size, init=str(init),
         tokenizer_model=str(tok.model_path), checkpoint_every=s.checkpoint_every, log_every=s.log_every,
-        seed=cfg.seed, threads=cfg.threads_per_worker, device=cfg.device,
+        seed=cfg.seed, threads=cfg.threads_per_worker, device=cfg.device, **sharding(cfg),
     )
     return run_train_job(job, cfg.scaling)
 
@@ -111,6 +117,6 @@ def run_reward(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, kind: str, pa
         optim=r.optim, total_steps=max(1, math.ceil(r.epochs * n / r.batch_size)),
         batch_size=r.batch_size, micro_batch_size=r.micro_batch_size, init=str(init),
         tokenizer_model=str(tok.model_path), checkpoint_every=r.checkpoint_every, log_every=r.log_every,
-        seed=cfg.seed, threads=cfg.threads_per_worker, device=cfg.device,
+        seed=cfg.seed, threads=cfg.threads_per_worker, device=cfg.device, **sharding(cfg),
     )
     return run_train_job(job, cfg.scaling)
