@@ -83,6 +83,7 @@ class ScalingSection:
     gpus_per_worker: float = 1.0  # used only when use_gpu
     start_timeout_s: float = 120.0  # fail with a clear message when the workers cannot be placed
     strategy: str = "fsdp"  # fsdp (FSDP2: parameters, gradients and AdamW state sharded over the workers) | ddp
+    max_failures: int = 0  # worker-group restarts after a lost worker (each resumes from the last checkpoint)
 
 
 @dataclass

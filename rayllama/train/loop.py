@@ -424,7 +424,7 @@ def run_train_job(job: TrainJob, scaling: ScalingSection) -> dict:
             name="ray_train",
             storage_path=str(Path(job.log_dir).absolute()),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
         ),
     )
     try:
