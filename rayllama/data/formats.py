@@ -1,4 +1,4 @@
-"""The four JSONL data formats (docs/architecture.md and README "Data"): typed records, a strict reader, an atomic writer.
+"""The four JSONL data formats: typed records, a strict reader, an atomic writer.
 
 One JSON object per line:
 
