@@ -129,3 +129,45 @@ def test_bad_model_shape_is_a_config_error():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["model.dim=100"])
     assert "n_heads" in _one_line(e.value)
+
+
+@pytest.mark.parametrize("size, billions, digits", [("7b", 6.74, 2), ("13b", 13.0, 1), ("70b", 69.0, 1)])
+def test_real_size_configs_have_the_papers_shapes_and_settings(size, billions, digits):
+    import torch
+
+    from rayllama.model import PRESETS, Transformer
+
+    path = ROOT / "configs" / f"llama2-{size}.yaml"
+    import yaml
+
+    assert "base" not in yaml.safe_load(path.read_text())  # tiny.yaml's per-field shapes must not reach a real preset
+    assert path.read_text().startswith(f"# python -m rayllama.driver configs/llama2-{size}.yaml")
+    cfg = load_config(path)
+    assert cfg.model.preset == f"llama2-{size}"
+    m = model_config(cfg, cfg.tokenizer.vocab_size)
+    assert m == PRESETS[f"llama2-{size}"] and m.vocab_size == 32000 and m.max_seq_len == 4096
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Transformer(m).parameters())
+    assert round(n / 1e9, digits) == billions
+    if size == "7b":
+        assert n == 6_738_415_616
+    if size == "70b":
+        assert m.n_kv_heads == 8
+    assert cfg.pretrain.seq_len == cfg.sft.max_seq_len == cfg.reward.max_seq_len == 4096
+    o = cfg.pretrain.optim
+    assert (o.lr, o.warmup_steps, o.schedule, o.final_lr_ratio) == (1.5e-4 if size == "70b" else 3e-4, 2000, "cosine", 0.1)
+    for opt in (cfg.pretrain.optim, cfg.sft.optim, cfg.reward.optim, cfg.ppo.optim):
+        assert (opt.beta1, opt.beta2, opt.eps, opt.weight_decay, opt.grad_clip) == (0.9, 0.95, 1e-5, 0.1, 1.0)
+    assert (cfg.sft.optim.lr, cfg.sft.batch_size) == (2e-5, 64)
+    assert (cfg.reward.optim.lr, cfg.reward.batch_size, cfg.reward.epochs) == (5e-6 if size == "70b" else 1e-5, 512, 1)
+    p = cfg.ppo
+    assert (p.optim.lr, p.optim.schedule, p.prompts_per_iteration, p.mini_batch_size, p.clip) == (
+        1e-6, "constant", 512, 64, 0.2)
+    assert p.kl_beta == (0.005 if size == "70b" else 0.01)
+    assert cfg.device == "cuda" and cfg.scaling.use_gpu and cfg.scaling.strategy == "fsdp"
+    assert cfg.train.param_dtype == "bfloat16" and cfg.train.activation_checkpointing
+    assert cfg.cluster.gpus_per_node == 8 and cfg.cluster.gpu_memory_gb == 80
+    assert cfg.scaling.num_workers == cfg.cluster.nodes * 8 and cfg.scaling.gpus_per_worker == 1
+    assert cfg.cluster.nodes == {"7b": 1, "13b": 2, "70b": 4}[size]
+    res = p.resources
+    assert all(r.num_gpus > 0 for r in (res.learner, res.reference, res.reward, res.rollout))
