@@ -135,6 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"rayllama: error: {e}", file=sys.stderr)
         return 2
+    if cfg.device == "cuda":  # the memory plan: every process of every stage fits its GPU (rayllama.plan)
+        from rayllama.plan import PlanError, check_plan
+
+        try:
+            check_plan(cfg)
+        except PlanError as e:
+            print(f"rayllama: error: {e}; `python -m rayllama.plan {' '.join(argv)}` prints the whole plan",
+                  file=sys.stderr)
+            return 2
     cfg.run_dir = str(Path(cfg.run_dir).absolute())
     run = RunDir(cfg)
     _setup_logging(run)

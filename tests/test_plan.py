@@ -1,0 +1,126 @@
+"""The memory plan (rayllama.plan): exact model-state bytes against meta-device models, placement, PlanError, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rayllama.config import load_config, model_config
+from rayllama.model import ModelConfig, ScalarHeadModel, Transformer, preset
+from rayllama.plan import GB, PlanError, build_plan, check_plan, param_shapes, state_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+SHAPES = [preset("tiny"), preset("llama2-7b"), preset("llama2-70b"),  # 70B: GQA, 8 KV heads
+          ModelConfig(dim=48, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=301, ffn_dim=100, max_seq_len=64)]
+
+
+def _meta(cfg: ModelConfig, head: str) -> torch.nn.Module:
+    with torch.device("meta"):
+        return Transformer(cfg) if head == "lm" else ScalarHeadModel(cfg)
+
+
+@pytest.mark.parametrize("cfg", SHAPES, ids=lambda c: f"{c.n_layers}x{c.dim}")
+@pytest.mark.parametrize("head", ["lm", "scalar"])
+def test_param_shapes_are_the_models_tensors(cfg, head):
+    model = _meta(cfg, head)
+    assert list(param_shapes(cfg, head).items()) == [(k, tuple(p.shape)) for k, p in model.named_parameters()]
+
+
+@pytest.mark.parametrize("cfg", SHAPES[:3], ids=lambda c: f"{c.n_layers}x{c.dim}")
+@pytest.mark.parametrize("head", ["lm", "scalar"])
+def test_state_bytes_equal_the_meta_models_sums(cfg, head):
+    """Parameters, gradients and AdamW's two moments, summed over the actual tensors (numel x element size)."""
+    model = _meta(cfg, head)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt.step()  # on meta: allocates exp_avg and exp_avg_sq like a real first step
+    size = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    st = state_bytes(cfg, head)
+    assert st.params == size(params)
+    assert st.grads == size(p.grad for p in params)
+    assert st.optimizer == size(opt.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq"))
+    # FSDP2's dim-0 shard: rank 0 holds torch.chunk's first (largest, ceil(rows / R)) piece of every tensor
+    for ranks in (3, 8, 64):
+        shard = sum(torch.chunk(p, ranks)[0].numel() * p.element_size() for p in params)
+        assert state_bytes(cfg, head, ranks).params == shard
+
+
+def test_7b_stages_on_one_8x80gb_node():
+    plan = build_plan(load_config(CONFIGS / "llama2-7b.yaml"))
+    stages = {s.stage: s for s in plan.stages}
+    assert list(stages) == ["pretrain", "sft", "reward", "ppo"]
+    for name in ("pretrain", "sft", "reward"):  # FSDP over the node's 8 GPUs, one worker each
+        s = stages[name]
+        assert s.problem is None and len(s.used_gpus) == 8 and s.roles[0].shards == 8
+        assert all(g.used <= 80 * GB for g in s.used_gpus)
+    ppo = stages["ppo"]
+    learner = ppo.roles[0]
+    assert learner.name == "policy-learner" and learner.shards == 8 and all(r.on_gpu for r in ppo.roles)
+    # every GPU holds a learner (0.6) and one of reference, two reward scorers, five generators (0.4)...
+    assert [len(g.procs) for g in ppo.gpus] == [2] * 8
+    assert all(g.procs[0][1] is learner for g in ppo.gpus)
+    # ...and that is more than 80 GB: a learner rank alone needs > 50 GB (policy + value sharded 8 ways, their
+    # activations at 8 x 4096 tokens), so PPO does not fit one node
+    assert learner.total > 50 * GB and ppo.problem is not None and "policy-learner" in ppo.problem
+    # on two nodes (learners on one, the rest a GPU each on the other) it fits
+    two = build_plan(load_config(CONFIGS / "llama2-7b.yaml", [
+        "cluster.nodes=2", *(f"ppo.resources.{r}.num_gpus=1" for r in ("learner", "reference", "reward", "rollout"))]))
+    assert two.fits and len(two.stages[-1].used_gpus) == 16
+
+
+def test_infeasible_layout_is_one_line_plan_error():
+    cfg = load_config(CONFIGS / "llama2-70b.yaml", ["cluster.nodes=1", "scaling.num_workers=1",
+                                                    "pretrain.micro_batch_size=1"])
+    with pytest.raises(PlanError) as e:
+        check_plan(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith("pretrain: trainer-0 needs") and "GB" in msg and "80 GB" in msg
+    assert "fix:" in msg and "scaling.num_workers" in msg and "micro_batch_size" in msg
+    # the 70B frozen roles hold the whole model (138 GB in bf16) on one GPU: PPO cannot fit 80 GB GPUs
+    ppo = build_plan(load_config(CONFIGS / "llama2-70b.yaml")).stages[-1]
+    assert any(line.startswith("ppo: reference needs") for line in ppo.role_problems)
+
+
+def test_cpu_pipeline_plans_nothing_on_gpus():
+    plan = check_plan(load_config(CONFIGS / "ppo.yaml"))  # the tiny CPU pipeline: every process on the CPU
+    assert plan.fits and all(not s.used_gpus and s.cpu for s in plan.stages)
+
+
+def test_plan_cli_prints_the_table():
+    proc = subprocess.run([sys.executable, "-m", "rayllama.plan", str(CONFIGS / "llama2-7b.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "6.74B parameters" in out and "policy-learner" in out and "rollout" in out
+    assert "act ckpt" in out and "node 0 gpu 7" in out
+    assert out.strip().splitlines()[-1].startswith(("fits", "does not fit"))
+    bad = subprocess.run([sys.executable, "-m", "rayllama.plan", str(CONFIGS / "llama2-7b.yaml"), "model.dim=1"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_driver_checks_the_plan_before_ray_starts(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rayllama.driver", str(CONFIGS / "llama2-70b.yaml"), "cluster.nodes=1",
+         "scaling.num_workers=1", "pretrain.micro_batch_size=1", f"run_dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "pretrain: trainer-0 needs" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_plan_uses_the_configs_model():
+    cfg = load_config(CONFIGS / "llama2-13b.yaml")
+    plan = build_plan(cfg)
+    assert plan.model == model_config(cfg, 32000)
+    trainer = plan.stages[0].roles[0]
+    assert trainer.params == state_bytes(plan.model, "lm", 16).params
