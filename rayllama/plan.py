@@ -377,13 +377,13 @@ class StagePlan:
     gpus: list[Gpu]
     cpu: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    problems: list[tuple[int, str]] = field(default_factory=list)  # (role index, one line)
+    problems: list[tuple[int, int, str]] = field(default_factory=list)  # (role index, bytes free (< 0), line)
 
     @property
     def role_problems(self) -> list[str]:
-        """One problem per role that has any, in role order (learners, reference, scorers, generators)."""
+        """One problem per role that has any (its worst), in role order (learners, reference, scorers, generators)."""
         first: dict[int, str] = {}
-        for index, line in sorted(self.problems):
+        for index, _, line in sorted(self.problems):
             first.setdefault(index, line)
         return list(first.values())
 
@@ -436,7 +436,7 @@ def place(cfg: PipelineConfig, roles: list[Role]) -> StagePlan:
             gpu = _take(plan.gpus, cl.gpus_per_node, role.num_gpus)
             if gpu is None:
                 asked = sum(r.procs * r.num_gpus for r in roles if r.on_gpu)
-                plan.problems.append((roles.index(role), (
+                plan.problems.append((roles.index(role), 0, (
                     f"{plan.stage}: {name} asks for {role.num_gpus:g} GPU but the cluster's {cl.nodes} x "
                     f"{cl.gpus_per_node} GPUs are taken (the stage asks for {asked:g}); fix: more GPUs "
                     f"(cluster.nodes) or smaller asks (num_gpus, num_workers, num_learners, num_generators)")))
@@ -456,7 +456,7 @@ def _vllm_notes(plan: StagePlan) -> None:
             continue
         floor = role.total - role.kv + role.kv_row
         if floor > role.share:
-            plan.problems.append((plan.roles.index(role), (
+            plan.problems.append((plan.roles.index(role), role.share - floor, (
                 f"{plan.stage}: rollout (vLLM) needs {floor / GB:.1f} GB for its weights and one row of KV cache but "
                 f"gpu_memory_utilization {vllm_utilization():g} of its GPU's {plan.gpus[0].capacity / GB:.0f} GB gives "
                 f"it {role.share / GB:.1f} GB; fix: {WHOLE_MODEL}")))
@@ -467,7 +467,7 @@ def _vllm_notes(plan: StagePlan) -> None:
                           f"{role.rows}: {role.kv_full / GB:.1f} GB)")
 
 
-def _over_message(stage: str, roles: list[Role], gpu: Gpu) -> tuple[int, str]:
+def _over_message(stage: str, roles: list[Role], gpu: Gpu) -> tuple[int, int, str]:
     """One line: the biggest process on the GPU, what shares it, the bytes needed vs available, the fix."""
     name, role = max(gpu.procs, key=lambda p: p[1].total)
     others = [f"{n} {r.total / GB:.1f} GB" for n, r in gpu.procs if n != name]
@@ -475,8 +475,9 @@ def _over_message(stage: str, roles: list[Role], gpu: Gpu) -> tuple[int, str]:
     fix = role.fixes
     if others and all(r.total <= gpu.capacity for _, r in gpu.procs):
         fix = f"fewer processes per GPU (larger num_gpus fractions, more GPUs: cluster.nodes), or shrink {name}: {fix}"
-    return roles.index(role), (f"{stage}: {name} needs {role.total / GB:.1f} GB on {gpu.label}{where} but the GPU "
-                               f"has {gpu.capacity / GB:.0f} GB; fix: {fix}")
+    line = (f"{stage}: {name} needs {role.total / GB:.1f} GB on {gpu.label}{where} but the GPU has "
+            f"{gpu.capacity / GB:.0f} GB; fix: {fix}")
+    return roles.index(role), gpu.capacity - gpu.used, line
 
 
 # ------------------------------------------------------------------------------------------ the plan
@@ -535,8 +536,8 @@ def format_plan(plan: Plan) -> str:
              f"model {cfg.model.preset}: {n_params / 1e9:.2f}B parameters (vocab {m.vocab_size}, max_seq_len "
              f"{m.max_seq_len}); compute {dtype}; activation checkpointing {ckpt}; scaling.strategy "
              f"{cfg.scaling.strategy}; device {cfg.device}",
-             f"cluster: {cl.nodes} node(s) x {cl.gpus_per_node} GPUs x {cl.gpu_memory_gb:g} GB; GB = 1e9 bytes per "
-             f"process; policy-learner = policy + value; act ckpt / act full = with / without activation "
+             f"cluster: {cl.nodes} node(s) x {cl.gpus_per_node} GPUs x {cl.gpu_memory_gb:g} GB; sizes in GB (1e9 "
+             f"bytes) per process; policy-learner = policy + value; act ckpt / act full = with / without activation "
              f"checkpointing (total counts the configured one, plus 1 GB of CUDA context on a GPU)", ""]
     rows = [COLUMNS]
     for sp in plan.stages:
@@ -551,7 +552,8 @@ def format_plan(plan: Plan) -> str:
     for sp in plan.stages:
         lines.extend(_placement_lines(sp))
     lines.append("")
-    lines.append("fits" if plan.fits else f"does not fit: {plan.problems[0]}")
+    bad = [s.stage for s in plan.stages if s.problem]
+    lines.append(f"does not fit: {', '.join(bad)} (above)" if bad else "fits")
     return "\n".join(lines)
 
 
