@@ -15,7 +15,7 @@
 #   5. bench/generate_vllm.py --device cuda --dtype bfloat16 --eager (no CUDA-graph capture: it would not fit
 #      the limit twice; vLLM rows only where vllm is installed, the actor row only where ray is)
 #                                                                                     -> DIR/generate_vllm.json
-#   6. bench/fsdp_memory.py --device cuda: one FSDP2 bf16 training step (activation checkpointing) of a
+#   6. (runs second, so the budget never skips it) bench/fsdp_memory.py --device cuda: one FSDP2 bf16 training step (activation checkpointing) of a
 #      Llama-2-7B-width model with 2 layers at 1 x 4096 tokens, peak memory against rayllama.plan's figure
 #      for the same shapes                                                             -> DIR/fsdp_memory.json
 # All output goes to DIR/log.txt (8 files in all: the device tool brings back at most 8).
@@ -204,6 +204,8 @@ EOF
 
 # ----------------------------------------------------------------------------------------------- run
 step "1 model parity ($DEV, fp32 + bf16)" 90 "$PY" "$SITE/parity.py" "$DEV" "$DIR/parity.json"
+step "6 FSDP2 bf16 step of a 7B-width model vs the memory plan ($DEV)" 90 "$PY" bench/fsdp_memory.py \
+    --device "$DEV" $([[ $DEV == cpu ]] && echo "--dim 256 --seq 256") --out "$DIR/fsdp_memory.json"
 step "2 one PPO iteration (torch engine, $DEV)" 150 "$PY" "$SITE/ppo_one_iteration.py" "$DEV" \
     "$DIR/ppo_one_iteration.json"
 step "3 train throughput bench ($DEV, bf16)" 75 "$PY" bench/train_throughput.py --device "$DEV" --dtype bfloat16 \
@@ -211,8 +213,6 @@ step "3 train throughput bench ($DEV, bf16)" 75 "$PY" bench/train_throughput.py 
 step "4 generate bench ($DEV)" 60 "$PY" bench/generate.py --device "$DEV" --out "$DIR/generate.json"
 step "5 vLLM generate bench ($DEV, bf16)" 120 "$PY" bench/generate_vllm.py --device "$DEV" --dtype bfloat16 \
     --eager --reps 3 --out "$DIR/generate_vllm.json"
-step "6 FSDP2 bf16 step of a 7B-width model vs the memory plan ($DEV)" 90 "$PY" bench/fsdp_memory.py \
-    --device "$DEV" $([[ $DEV == cpu ]] && echo "--dim 256 --seq 256") --out "$DIR/fsdp_memory.json"
 note "total: ${SECONDS}s"
 rm -rf "$SITE"
 ! grep -q FAILED "$SUMMARY"
