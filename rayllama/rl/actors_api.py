@@ -30,6 +30,8 @@ import torch
 T = TypeVar("T")
 log = logging.getLogger("rayllama")
 
+TRAIN_STATE = "train_state"  # a PPO checkpoint's sharded learner state (DCP), `PolicyLearner.save(<dir>)` writes
+
 
 class StaleWeightsError(ValueError):
     """A weight update older than the weights a generator already holds."""
@@ -78,12 +80,22 @@ def weights_checksum(state: Mapping[str, np.ndarray | torch.Tensor]) -> float:
     k + 1 catches tensors swapped between names. Numpy's summation order is fixed by the shape, so sender and
     receiver compute the same bits for the same data.
     """
+    return checksum_from_sums({name: tensor_sum(w) for name, w in state.items()})
+
+
+def tensor_sum(w: np.ndarray | torch.Tensor) -> float:
+    """sum(float64(w)), the per-tensor term of `weights_checksum`."""
+    if isinstance(w, torch.Tensor):
+        w = w.detach().float().cpu().numpy()
+    return float(np.add.reduce(np.ascontiguousarray(w).reshape(-1), dtype=np.float64))
+
+
+def checksum_from_sums(sums: Mapping[str, float]) -> float:
+    """`weights_checksum` from the per-tensor sums (name -> tensor_sum): what a rank that streams the tensors one
+    at a time, without keeping them, computes."""
     total = 0.0
-    for k, name in enumerate(sorted(state)):
-        w = state[name]
-        if isinstance(w, torch.Tensor):
-            w = w.detach().float().cpu().numpy()
-        total += (k + 1) * float(np.add.reduce(np.ascontiguousarray(w).reshape(-1), dtype=np.float64))
+    for k, name in enumerate(sorted(sums)):
+        total += (k + 1) * sums[name]
     return total
 
 
@@ -124,7 +136,10 @@ class LocalHandle:
 class RLActors:
     """The RL roles the loops drive: Ray actor handles, or `LocalHandle`s when `local`.
 
-    learners[0] is rank 0 (it publishes weights and writes checkpoints); generators are called round-robin.
+    learners[0] is rank 0 of the learner group (its `weights` carry the state); every call that runs a learner's
+    forward or gathers its weights goes to all learners (they are one FSDP2 group). Generators are called
+    round-robin. `rebuild_learners(actors)` (Ray groups of more than one learner) kills the learner group and
+    starts a fresh one in the same placement-group bundles, replacing `learners` (and their `names`).
     """
 
     learners: list[Any]  # PolicyLearner handles, rank order
@@ -138,6 +153,8 @@ class RLActors:
     max_recoveries: int = 3  # learner losses a loop recovers from (restore the last checkpoint) before it gives up
     placement_group: Any = None  # the group holding the Ray actors (removed by shutdown_rl_actors)
     names: dict[str, Any] = field(default_factory=dict)  # actor name -> handle, for logs and fault injection
+    rebuild_learners: Callable[[RLActors], None] | None = None  # new learner group after a lost rank (or None)
+    peer_grace_s: float = 30.0  # how long a failed learner call waits for the other ranks' fate (see get_learners)
 
     def put(self, value: T) -> T:
         """One copy in the object store that every later call reads (local: the value itself)."""
@@ -163,15 +180,55 @@ class RLActors:
 
     def get_learners(self, refs: Any, what: str) -> Any:
         """`get` for calls on the learners, never re-issued: a learner that died raises `LearnerLostError` (the
-        loops recover by restoring the last checkpoint), as does a restarted one, which refuses work."""
+        loops recover by restoring the last checkpoint), as does a restarted one, which refuses work.
+
+        A list of calls (one per rank of the group) fails fast: the first error is raised without waiting for
+        the other ranks, which may sit in a collective with the lost one. A rank that failed in a collective
+        because a peer died (gloo: "Connection closed by peer") is no bug of its own: when one of the other ranks
+        turns out dead within `peer_grace_s`, the error is that `LearnerLostError`."""
         if self.local:
             return refs
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+        lost = (RayActorError, ActorDiedError, ActorUnavailableError)
         try:
-            return self.get(refs, what)
-        except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+            if not isinstance(refs, list) or len(refs) < 2:
+                return self.get(refs, what)
+            return self._get_fail_fast(refs, what)
+        except lost as e:
             raise LearnerLostError(f"{what} failed: a policy learner died ({type(e).__name__})") from e
+
+    def _get_fail_fast(self, refs: list[Any], what: str) -> list[Any]:
+        import time
+
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        lost = (RayActorError, ActorDiedError, ActorUnavailableError)
+        deadline = None if self.call_timeout_s is None else time.monotonic() + self.call_timeout_s
+        pending = list(refs)
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready:
+                raise ActorCallError(f"{what} did not answer within {self.call_timeout_s:.0f} s; raise "
+                                     f"ppo.resources.call_timeout_s or look at the actor's log") from None
+            try:
+                ray.get(ready[0])
+            except lost:
+                raise
+            except Exception as error:
+                if pending:  # did a peer die? then that is the cause of this rank's failure
+                    done, _ = ray.wait(pending, num_returns=len(pending), timeout=self.peer_grace_s)
+                    for ref in done:
+                        try:
+                            ray.get(ref)
+                        except lost as death:
+                            raise death from error
+                        except Exception:  # noqa: BLE001 - another rank's own failure: the first error stands
+                            pass
+                raise
+        return ray.get(refs)
 
     def call(self, issue: Callable[[], Any], what: str, before_retry: Callable[[], None] | None = None) -> Any:
         """`get(issue(), what)`, re-issuing the calls up to `retries` times when an actor died (Ray restarts it);
