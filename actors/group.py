@@ -2,7 +2,7 @@
 
 Roles and names (the dashboard shows them):
 
-    policy-learner-<i>   PolicyLearner, i < ppo.num_learners (a torch.distributed group when > 1)
+    policy-learner-<i>   PolicyLearner rank i < ppo.num_learners (one FSDP2 group when > 1)
     reference            ReferenceModel (the SFT checkpoint, frozen)
     reward-helpfulness   RewardScorer("helpfulness")
     reward-safety        RewardScorer("safety")
@@ -13,9 +13,16 @@ resources per role: `ppo.resources.learner.resources={node_a: 0.1}` pins the lea
 `node_a`). If the bundles do not fit within `placement_timeout_s`, creation fails with a one-line
 `PlacementError` naming what was asked.
 
-Faults: every actor restarts up to `max_restarts` times and re-runs the task it died in (`_role_options`);
-`RLActors.call` re-issues up to `max_restarts` more times, and the loops recover from a lost learner up to
-`max_restarts` times (rayllama.rl.ppo, "Faults").
+The learner group (`start_learners`): with N > 1 learners, a small task in rank 0's bundle picks a free port on
+rank 0's node, and the N actors are created at once with (rank, N, tcp://that address): each joins the process
+group in its constructor and then builds its FSDP2-sharded models (actors.policy), so no rank ever loads a whole
+model. `__ray_ready__` returns once every rank has loaded its shards.
+
+Faults: every actor except a grouped learner restarts up to `max_restarts` times and re-runs the task it died in
+(`_role_options`); `RLActors.call` re-issues up to `max_restarts` more times. A lone learner restarts with fresh
+SFT weights and refuses work until the loop restores a checkpoint. Ranks of a group of N > 1 are not restarted
+(max_restarts 0: a new process cannot join the old process group); a lost rank stops the stage (rerun it to resume
+from the last checkpoint).
 
 Rejection sampling (`create_rejection_actors`) needs fewer roles: one policy-only learner (`policy-learner-0`,
 no value model, AdamW per rejection.optim), both reward scorers and rejection.num_generators generators, with
@@ -29,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from rayllama.checkpoint import is_complete, resolve
-from rayllama.config import ActorResources, PipelineConfig, RLResources
+from rayllama.config import ActorResources, PipelineConfig, PPOConfig, RLResources, param_dtype
 from rayllama.rl.actors_api import ActorCallError, RLActors, local_actors
 
 
@@ -97,8 +104,8 @@ def _role_options(roles: list[Role], res: RLResources, pg: Any, name_prefix: str
 
     Every role also re-runs the task it died in (max_task_retries), which is safe: the frozen roles compute the
     same thing again, a restarted generator refuses to generate until it is sent weights (`ActorRestartedError`:
-    the loops send it the current ones and call again), and a restarted learner refuses work (`LearnerLostError`)
-    until a checkpoint is restored."""
+    the loops send it the current ones and call again), and a restarted lone learner refuses work
+    (`LearnerLostError`) until a checkpoint is restored. `start_learners` turns restarts off for grouped learners."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     def options(index: int) -> dict:
@@ -111,12 +118,12 @@ def _role_options(roles: list[Role], res: RLResources, pg: Any, name_prefix: str
 
 
 def _await_ready(actors: RLActors, roles: list[Role], name_prefix: str) -> RLActors:
-    """Wait until every role has built its model and the learners are connected; on failure kill them all."""
+    """Wait until every role has built its model (learners: joined their group, loaded their shards); on failure
+    kill them all."""
     handles = list(actors.names.values())
     try:  # construction errors (bad checkpoint, OOM) surface here, named by role
         for (name, _, _), handle in zip(roles, handles, strict=True):
             actors.get(handle.__ray_ready__.remote(), f"starting {name_prefix}{name}")
-        connect_learners(actors)
     except Exception as e:
         shutdown_rl_actors(actors)
         if isinstance(e, ActorCallError):
@@ -157,11 +164,45 @@ def _ready_group(roles: list[Role], res: RLResources, pg: Any, name_prefix: str,
     return _await_ready(actors, roles, name_prefix)
 
 
+def start_learners(n: int, options: Callable[[int], dict], policy_dir: str | Path, value_dir: str | Path | None,
+                   ppo: PPOConfig, *, rendezvous_timeout_s: float = 120.0, **learner_kwargs: Any) -> list[Any]:
+    """N `PolicyLearnerActor`s, rank i created with `options(i)` and `learner_kwargs` (seed, device, threads,
+    param_dtype, ...); returns at once (each constructor runs in its actor: wait on `__ray_ready__`).
+
+    With N > 1 they form one FSDP2 group: a zero-CPU task scheduled like rank 0 (its placement-group bundle, so
+    its node) picks a free port for the tcp rendezvous, and no rank is restarted by Ray (see module docstring)."""
+    import ray
+
+    from actors.policy import PolicyLearnerActor, free_address
+
+    init_method = None
+    if n > 1:
+        strategy = options(0).get("scheduling_strategy")
+        task = ray.remote(num_cpus=0)(free_address)
+        if strategy is not None:
+            task = task.options(scheduling_strategy=strategy)
+        init_method = ray.get(task.remote(), timeout=rendezvous_timeout_s)
+    handles = []
+    for rank in range(n):
+        opts = options(rank)
+        if n > 1:
+            opts = {**opts, "max_restarts": 0, "max_task_retries": 0}
+        handles.append(PolicyLearnerActor.options(**opts).remote(
+            policy_dir, value_dir, ppo, rank=rank, world_size=n, init_method=init_method, **learner_kwargs))
+    return handles
+
+
+def _learner_kwargs(cfg: PipelineConfig, res: RLResources) -> dict[str, Any]:
+    device = _device(cfg, res.learner)
+    return dict(seed=cfg.seed, device=device, threads=cfg.threads_per_worker,
+                param_dtype=param_dtype(cfg.train, device),
+                activation_checkpointing=cfg.train.activation_checkpointing, timeout_s=res.call_timeout_s)
+
+
 def create_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir: str | Path,
                      reward_helpfulness_dir: str | Path, reward_safety_dir: str | Path, *,
                      name_prefix: str = "") -> RLActors:
     """Start the RL roles as Ray actors (ray.init must have run) and wait until each has loaded its model."""
-    from actors.policy import PolicyLearnerActor
     from actors.reference import ReferenceModelActor
 
     ppo, res = cfg.ppo, cfg.ppo.resources
@@ -178,9 +219,11 @@ def create_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir:
 
     threads = cfg.threads_per_worker
     n, m = ppo.num_learners, ppo.num_generators
-    learners = [PolicyLearnerActor.options(**options(i)).remote(
-        policy_dir, reward_helpfulness_dir, ppo, seed=cfg.seed, device=_device(cfg, res.learner), threads=threads)
-        for i in range(n)]
+
+    def learners_now() -> list[Any]:
+        return start_learners(n, options, policy_dir, reward_helpfulness_dir, ppo, **_learner_kwargs(cfg, res))
+
+    learners = learners_now()
     reference = ReferenceModelActor.options(**options(n)).remote(
         reference_dir, device=_device(cfg, res.reference), threads=threads)
     reward_h, reward_s, generators = _start_scorers_and_generators(
@@ -207,10 +250,9 @@ def create_rejection_actors(cfg: PipelineConfig, policy_dir: str | Path, reward_
     pg = _place_roles(roles, res, "rejection", f"{name_prefix}rejection-actors")
     options = _role_options(roles, res, pg, name_prefix)
 
-    threads = cfg.threads_per_worker
     learner = PolicyLearnerActor.options(**options(0)).remote(
-        policy_dir, None, None, seed=cfg.seed, device=_device(cfg, res.learner), threads=threads,
-        micro_batch_size=rej.micro_batch_size, sft_optim=rej.optim)
+        policy_dir, None, None, micro_batch_size=rej.micro_batch_size, sft_optim=rej.optim,
+        **_learner_kwargs(cfg, res))
     reward_h, reward_s, generators = _start_scorers_and_generators(
         cfg, res, options, 1, policy_dir, rej.engine, rej.num_generators, reward_helpfulness_dir, reward_safety_dir)
     return _ready_group(roles, res, pg, name_prefix, learners=[learner], reference=None, reward_h=reward_h,
@@ -235,16 +277,6 @@ def create_gatt_actors(cfg: PipelineConfig, policy_dir: str | Path, reward_helpf
                         reward_s=reward_s, generators=generators)
 
 
-def connect_learners(actors: RLActors) -> None:
-    """Form the learners' torch.distributed group (rank i = learners[i]; tcp rendezvous on rank 0's node)."""
-    learners = actors.learners
-    if len(learners) < 2:
-        return
-    init_method = actors.get(learners[0].free_address.remote(), "policy-learner-0 address")
-    actors.get([h.setup_distributed.remote(init_method, rank, len(learners)) for rank, h in enumerate(learners)],
-               "learner process group setup")
-
-
 def create_local_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir: str | Path,
                            reward_helpfulness_dir: str | Path, reward_safety_dir: str | Path) -> RLActors:
     """The same roles as plain objects in this process (one learner, one generator): tests and benches."""
@@ -255,7 +287,9 @@ def create_local_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, referenc
 
     if cfg.ppo.num_learners != 1:
         raise ValueError(f"local RL actors support ppo.num_learners=1, got {cfg.ppo.num_learners}; use Ray actors")
-    learner = PolicyLearner(policy_dir, reward_helpfulness_dir, cfg.ppo, seed=cfg.seed, device=cfg.device)
+    learner = PolicyLearner(policy_dir, reward_helpfulness_dir, cfg.ppo, seed=cfg.seed, device=cfg.device,
+                            param_dtype=param_dtype(cfg.train, cfg.device),
+                            activation_checkpointing=cfg.train.activation_checkpointing)
     return local_actors(
         learners=[learner],
         reference=ReferenceModel(reference_dir, device=cfg.device),
@@ -275,7 +309,9 @@ def create_local_rejection_actors(cfg: PipelineConfig, policy_dir: str | Path, r
 
     rej = cfg.rejection
     learner = PolicyLearner(policy_dir, None, None, seed=cfg.seed, device=cfg.device,
-                            micro_batch_size=rej.micro_batch_size, sft_optim=rej.optim)
+                            micro_batch_size=rej.micro_batch_size, sft_optim=rej.optim,
+                            param_dtype=param_dtype(cfg.train, cfg.device),
+                            activation_checkpointing=cfg.train.activation_checkpointing)
     return local_actors(
         learners=[learner], reference=None,
         reward_helpfulness=RewardScorer("helpfulness", reward_helpfulness_dir, device=cfg.device),

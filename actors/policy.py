@@ -1,17 +1,39 @@
-"""PolicyLearner: the PPO policy and its value model, trained with LLaMA 2's PPO settings.
+"""PolicyLearner: the PPO policy and its value model, trained with LLaMA 2's PPO settings as one FSDP2 group.
 
-One learner per data-parallel rank. Each holds
+`ppo.num_learners` ranks form the learner group. Each rank holds
 
     policy   Transformer from the SFT checkpoint
     value    ScalarHeadModel: the helpfulness RM (ppo.value_init = "reward") or the SFT trunk with a zero head
              ("sft"), so V(s) reads every position
     two AdamW optimizers (beta 0.9 / 0.95, eps 1e-5, weight decay 0.1 from ppo.optim; constant lr by default)
 
-and trains on its shard of the rollouts: for each mini-batch, loss = PPO clipped surrogate + value_coef *
-clipped value loss, one optimizer step, gradients clipped to ppo.optim.grad_clip per model. With N > 1 learners
-the ranks form a torch.distributed group (gloo on CPU, NCCL on GPU) and work as DDP does: rank 0's weights are
-broadcast at setup and every rank's gradients are averaged with one all-reduce per model before each step, so the
-replicas stay identical.
+built with `rayllama.dist.fsdp.build_model` after the group's process group exists (rank, world size and a tcp
+rendezvous come to the constructor; gloo on CPU, NCCL on GPU): with N > 1 ranks both models are FSDP2-sharded over
+the group, so a rank reads only its own rows of the checkpoints and holds 1/N of the parameters, gradients and
+AdamW state; one learner has no process group and plain modules. Compute dtype `train.param_dtype`, activation
+checkpointing `train.activation_checkpointing` (rayllama.config).
+
+Training (`train`): every rank gets the whole iteration's rollouts. Each mini-batch (ppo.mini_batch_size rows of
+one seeded permutation) is cut into N contiguous shares, one per rank, and each micro-batch's loss is weighted by
+its share of the mini-batch's response tokens over all ranks (one all-reduce of the count) times N: FSDP
+reduce-scatters the mean of the ranks' gradients, so every step is exactly one learner's step on the whole
+mini-batch (the token mean), gradients clipped to ppo.optim.grad_clip per model by their global norm. The stats
+are all-reduced too: every rank returns the whole mini-batch's token means.
+
+Collectives: `train`, `logprobs`, `values`, `weights`, `greedy`, `save`, `load` and `export_policy` run forwards
+or gather parameters, so the loop calls each on every rank of the group (rayllama.rl.ppo does). The read-outs take
+each rank's share of the rows (ranks with fewer micro-batches run idle forwards to stay in step); `weights`,
+`greedy` and `export_policy` return rank 0's result (other ranks take part in the gathers and return None, or,
+for `weights`, no state but the same checksum).
+
+Checkpoints (`save` / `load`): torch.distributed.checkpoint under `<path>/train_state` (each rank writes its shards
+of both models and both optimizers; schedulers, version and RNG in extra.pt; complete once its COMPLETE marker
+exists), which reshards on load: a checkpoint written by 2 ranks loads into 1 and vice versa. `export_policy`
+writes the complete HF directory (the stage's output), one gathered parameter at a time.
+
+Faults: a lone learner that Ray restarts holds fresh SFT weights and refuses work (`LearnerLostError`) until the
+loop restores a checkpoint. Ranks of a group are never restarted one by one (a new process cannot join the old
+process group): when one is lost the loop kills the group and starts a new one (actors.group, rayllama.rl.ppo).
 
 Rejection-sampling fine-tuning uses the same class as a policy-only learner: `PolicyLearner(policy_dir, None,
 None, sft_optim=cfg.rejection.optim)` holds no value model and no PPO optimizers, and `sft_train(rows)` fine-tunes
@@ -20,10 +42,13 @@ the policy with the SFT loss on answer tokens (one learner; `save_sft` / `load_s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
+import types
+import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,8 +56,17 @@ from typing import Any
 import ray
 import torch
 
-from rayllama.checkpoint import load_model, load_train_state, save_model
+from rayllama.checkpoint import load_model, load_train_state, read_model_config, save_model, save_state
 from rayllama.config import OptimConfig, PPOConfig
+from rayllama.dist import dcp
+from rayllama.dist.fsdp import (
+    build_model,
+    checkpoint_kind,
+    clip_grad_norm,
+    compute_context,
+    is_sharded,
+    iter_full_state,
+)
 from rayllama.generation import SamplingParams, TorchEngine
 from rayllama.losses import (
     entropy_from_logits,
@@ -41,15 +75,19 @@ from rayllama.losses import (
     ppo_policy_loss,
     value_loss,
 )
-from rayllama.model import ScalarHeadModel, Transformer
-from rayllama.rl.actors_api import LearnerLostError, state_to_numpy, weights_checksum
+from rayllama.model import Transformer
+from rayllama.rl.actors_api import (
+    TRAIN_STATE,
+    LearnerLostError,
+    checksum_from_sums,
+    state_to_numpy,
+    tensor_sum,
+    weights_checksum,
+)
 from rayllama.rl.experience import (
     Experience,
     SequenceBatch,
-    action_logits,
     action_values,
-    batched_logprobs,
-    batched_values,
     micro_batches,
     mini_batches,
     to_device,
@@ -64,25 +102,63 @@ def optimizer_steps(ppo: PPOConfig) -> int:
     return max(1, ppo.iterations * ppo.epochs_per_iteration * (rollouts // ppo.mini_batch_size))
 
 
+def free_address() -> str:
+    """A tcp:// init_method on a free port of this node (rank 0's rendezvous; run on rank 0's node)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+
+def _action_logits(self: Transformer, sequences: torch.Tensor, attention_mask: torch.Tensor, first: int,
+                   last: int) -> torch.Tensor:
+    """(B, last - first, V): lm_head on the hidden states at positions first .. last - 1 only. Bound to the policy
+    and registered as an FSDP forward method, so one call gathers the root's parameters (embedding, final norm,
+    lm_head) for both the trunk and the head."""
+    return self.lm_head(self.hidden_states(sequences, attention_mask)[:, first:last])
+
+
+@contextlib.contextmanager
+def _single_process_dcp() -> Iterator[None]:
+    """Silence DCP's warning that one learner (no process group) saves and loads in a single process: it does."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 class PolicyLearner:
-    """Policy + value model + optimizers of one data-parallel rank (see module docstring)."""
+    """Policy + value model + optimizers of one rank of the learner group (see module docstring)."""
 
     def __init__(self, policy_dir: str | Path, value_dir: str | Path | None, ppo_cfg: PPOConfig | None, *,
                  seed: int = 0, device: str = "cpu", threads: int | None = None, micro_batch_size: int = 16,
-                 max_batch_size: int = 64, sft_optim: OptimConfig | None = None) -> None:
+                 max_batch_size: int = 64, sft_optim: OptimConfig | None = None, rank: int = 0, world_size: int = 1,
+                 init_method: str | None = None, param_dtype: torch.dtype | None = None,
+                 activation_checkpointing: bool = False, timeout_s: float = 600.0) -> None:
         """ppo_cfg None: a policy-only learner (no value model, no PPO optimizers); sft_optim: the AdamW settings
-        of `sft_train` (rejection-sampling fine-tuning)."""
+        of `sft_train` (rejection-sampling fine-tuning). world_size > 1: join the process group at `init_method`
+        as `rank` (every rank of the group is constructed at once) before the sharded models are built."""
         if threads:
             torch.set_num_threads(threads)
         torch.manual_seed(seed)
-        self.ppo, self.device = ppo_cfg, torch.device(device)
+        self.ppo, self.device, self.seed = ppo_cfg, torch.device(device), seed
         self.micro_batch_size, self.max_batch_size = micro_batch_size, max_batch_size
-        policy, self.cfg, _ = load_model(policy_dir, device=self.device)
-        if not isinstance(policy, Transformer):
+        self.param_dtype = param_dtype or torch.float32
+        self.activation_checkpointing = activation_checkpointing
+        self.rank, self.world = rank, world_size
+        if world_size > 1:
+            if sft_optim is not None:
+                raise ValueError("the rejection-sampling learner (sft_optim) runs on one rank; use world_size=1")
+            self._join_group(init_method, timeout_s)
+        if checkpoint_kind(policy_dir) != "causal":
             raise ValueError(f"policy checkpoint {policy_dir} is a reward model; pass the SFT (causal LM) checkpoint")
-        self.policy = policy
+        self.cfg = read_model_config(policy_dir)
+        self.policy = self._build("causal", self.cfg, policy_dir)
+        self.policy.action_logits = types.MethodType(_action_logits, self.policy)
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(self.policy, "action_logits")  # a no-op on a plain module
         if ppo_cfg is not None:
-            self.value = self._init_value(value_dir)
+            self.value = self._init_value(policy_dir, value_dir)
             total = optimizer_steps(ppo_cfg)
             self.policy_opt = build_optimizer(self.policy, ppo_cfg.optim)
             self.value_opt = build_optimizer(self.value, ppo_cfg.optim)
@@ -91,8 +167,22 @@ class PolicyLearner:
         self.sft_optim = sft_optim
         self.sft_opt = build_optimizer(self.policy, sft_optim) if sft_optim is not None else None
         self.version = 0  # +1 per train() / sft_train(): the label of the weights `weights()` publishes
-        self.rank, self.world = 0, 1
         self.state_lost = False  # True in a Ray restart: refuse work until load()/restore_initial()
+
+    def _join_group(self, init_method: str | None, timeout_s: float) -> None:
+        import torch.distributed as dist
+
+        if not init_method:
+            raise ValueError(f"policy-learner rank {self.rank} of {self.world} needs init_method (rank 0's "
+                             f"tcp:// rendezvous address)")
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world,
+                                timeout=timedelta(seconds=timeout_s))
+
+    def _build(self, kind: str, cfg: Any, init: str | Path) -> torch.nn.Module:
+        """`kind` model of shape `cfg` from checkpoint `init`, FSDP2-sharded over the group (plain without one)."""
+        return build_model(kind, cfg, device=self.device, strategy="fsdp", param_dtype=self.param_dtype,
+                           activation_checkpointing=self.activation_checkpointing, init=init, seed=self.seed)
 
     def _require_state(self, what: str) -> None:
         """Refuse `what` on a learner that Ray restarted after a crash: it holds fresh SFT weights, not the run's."""
@@ -108,93 +198,155 @@ class PolicyLearner:
         self.state_lost = False
         return self.version
 
-    def _init_value(self, value_dir: str | Path | None) -> ScalarHeadModel:
+    def _init_value(self, policy_dir: str | Path, value_dir: str | Path | None) -> torch.nn.Module:
         init = self.ppo.value_init
         if init == "sft":
-            return ScalarHeadModel.from_transformer(self.policy)  # SFT trunk, zero head: V = 0 at the start
+            return self._build("scalar", self.cfg, policy_dir)  # SFT trunk, zero head: V = 0 at the start
         if init != "reward":
             raise ValueError(f"ppo.value_init {init!r} is not 'reward' or 'sft'")
         if value_dir is None:
             raise ValueError("ppo.value_init=reward needs the helpfulness reward model; pass its dir or set "
                              "ppo.value_init=sft")
-        value, value_cfg, _ = load_model(value_dir, device=self.device)
-        if not isinstance(value, ScalarHeadModel):
+        if checkpoint_kind(value_dir) != "scalar":
             raise ValueError(f"value model checkpoint {value_dir} is a causal LM; pass a reward model "
                              f"(or set ppo.value_init=sft)")
+        value_cfg = read_model_config(value_dir)
         if value_cfg.vocab_size != self.cfg.vocab_size:
             raise ValueError(f"value model {value_dir} has vocab {value_cfg.vocab_size} but the policy "
                              f"{self.cfg.vocab_size}; they must share a tokenizer (or set ppo.value_init=sft)")
-        return value
+        return self._build("scalar", value_cfg, value_dir)
 
-    # ------------------------------------------------------------------------------------------ data parallel
+    # ------------------------------------------------------------------------------------------ collectives
 
-    def setup_distributed(self, init_method: str, rank: int, world_size: int, backend: str | None = None,
-                          timeout_s: float = 300.0) -> None:
-        """Join the learner group (gloo on CPU, NCCL on GPU) and take rank 0's weights."""
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        """Elementwise sum of `values` over the group's ranks (float64; the values themselves on one rank)."""
+        if self.world == 1:
+            return values
         import torch.distributed as dist
 
-        backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout_s))
-        self.rank, self.world = rank, world_size
-        with torch.no_grad():
-            for p in [*self.policy.parameters(), *self.value.parameters()]:
-                dist.broadcast(p.data, src=0)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
 
-    def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """grad <- mean over ranks of grad, in one all-reduce of the flattened gradients."""
+    def _max_over_ranks(self, value: int) -> int:
+        if self.world == 1:
+            return value
         import torch.distributed as dist
 
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])  # (n_params,)
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for p, g in zip(params, grads, strict=True):
-            p.grad = flat[offset:offset + g.numel()].view_as(g)
-            offset += g.numel()
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def _compute(self, model: torch.nn.Module) -> Any:
+        """Autocast to the compute dtype for a plain module (FSDP casts a sharded one itself)."""
+        return compute_context(model, self.param_dtype, self.device)
+
+    @staticmethod
+    def _reshard(model: torch.nn.Module) -> None:
+        """Free the root's gathered parameters after a read-out (FSDP keeps the root unsharded after a forward)."""
+        if is_sharded(model):
+            model.reshard()
+
+    def _gathered(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]] | None:
+        """`iter_full_state(model)` for rank 0; on other ranks it is drained here (each step is a collective) and
+        None is returned."""
+        tensors = iter_full_state(model)
+        if self.rank == 0:
+            return tensors
+        for _ in tensors:
+            pass
+        return None
 
     # ------------------------------------------------------------------------------------------ read-outs
 
+    def _policy_logits(self, batch: SequenceBatch) -> torch.Tensor:
+        """(B, A, V) logits that predict each response token (rayllama.rl.experience.action_logits, in one FSDP
+        forward of the policy)."""
+        p_len, s_len = batch.prompt_len, batch.sequences.shape[1]
+        return self.policy.action_logits(batch.sequences, batch.attention_mask, p_len - 1, s_len - 1)
+
+    @torch.no_grad()
+    def _read_out(self, model: torch.nn.Module, batch: SequenceBatch,
+                  fn: Callable[[SequenceBatch], torch.Tensor]) -> torch.Tensor:
+        """(B, A) fn(micro-batch) * action_mask over trimmed micro-batches, zero on padding. Every rank runs as
+        many forwards as the rank with the most micro-batches (idle ones on its first micro-batch, discarded)."""
+        out = torch.zeros(len(batch), batch.num_actions)  # (B, A)
+        micros = list(micro_batches(batch, self.micro_batch_size))
+        count = self._max_over_ranks(len(micros))
+        start = 0
+        with self._compute(model):
+            for micro in micros:
+                micro = to_device(micro, self.device)
+                values = fn(micro)  # (b, a)
+                out[start:start + len(micro), :micro.num_actions] = (values * micro.action_mask).float().cpu()
+                start += len(micro)
+            for _ in range(count - len(micros)):
+                fn(to_device(micros[0], self.device))
+        self._reshard(model)
+        return out
+
     def logprobs(self, batch: SequenceBatch) -> torch.Tensor:
-        """(B, A) log pi_theta(a_t | s_t) under the current policy (drift monitor: compare with the generator's)."""
+        """(B, A) log pi_theta(a_t | s_t) of this rank's rows under the current policy (collective)."""
         self._require_state("logprobs")
-        return batched_logprobs(self.policy, batch, self.micro_batch_size)
+        return self._read_out(self.policy, batch,
+                              lambda micro: logprobs_from_logits(self._policy_logits(micro), micro.actions()))
 
     def values(self, batch: SequenceBatch) -> torch.Tensor:
-        """(B, A) V(s_t) under the current value model."""
+        """(B, A) V(s_t) of this rank's rows under the current value model (collective)."""
         self._require_state("values")
-        return batched_values(self.value, batch, self.micro_batch_size)
+        return self._read_out(self.value, batch, lambda micro: action_values(self.value, micro))
 
     def greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
-               stop_token_ids: Sequence[int] = (2,)) -> list[list[int]]:
-        """The current policy's greedy continuations (a TorchEngine over the live weights)."""
-        engine = TorchEngine(self.policy, self.device, self.max_batch_size)
+               stop_token_ids: Sequence[int] = (2,)) -> list[list[int]] | None:
+        """The current policy's greedy continuations: a TorchEngine over the live weights, or, in a group, over a
+        copy gathered on rank 0 (collective; other ranks return None)."""
+        model = self.policy
+        if is_sharded(self.policy):
+            tensors = self._gathered(self.policy)
+            if tensors is None:
+                return None
+            with torch.device("meta"):
+                model = Transformer(self.cfg)
+            model.load_state_dict({k: v.to(self.device) for k, v in tensors}, strict=True, assign=True)
+        engine = TorchEngine(model, self.device, self.max_batch_size)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=tuple(stop_token_ids))
         return [samples[0].token_ids for samples in engine.generate(prompt_ids, params)]
 
-    def weights(self) -> tuple[dict[str, Any], int, float]:
-        """(state as numpy arrays, version, weights_checksum(state)) of the policy, for the generators."""
+    def weights(self) -> tuple[dict[str, Any] | None, int, float]:
+        """(state as numpy arrays, version, weights_checksum(state)) of the policy, for the generators. Collective:
+        the parameters are gathered one at a time; rank 0 keeps them, other ranks return (None, version, the
+        checksum of what they gathered)."""
         self._require_state("weights")
-        state = state_to_numpy(self.policy.state_dict())
-        return state, self.version, weights_checksum(state)
+        state: dict[str, Any] = {}
+        sums: dict[str, float] = {}
+        for name, tensor in iter_full_state(self.policy):
+            if self.rank == 0:
+                state.update(state_to_numpy({name: tensor}))
+            else:
+                sums[name] = tensor_sum(tensor)
+        if self.rank == 0:
+            return state, self.version, weights_checksum(state)
+        return None, self.version, checksum_from_sums(sums)
 
     # ------------------------------------------------------------------------------------------ training
 
     def train(self, exp: Experience, seed: int = 0) -> dict[str, float]:
-        """PPO update on this rank's rollouts: ppo.epochs_per_iteration passes, mini-batches of
-        ppo.mini_batch_size / world rows, one optimizer step each. Returns mean stats over the steps."""
+        """PPO update on the iteration's rollouts (every rank gets all of them): ppo.epochs_per_iteration passes,
+        mini-batches of ppo.mini_batch_size rows (this rank trains on its 1/world share of each), one optimizer
+        step each. Returns the mean stats over the steps (the whole mini-batches', the same on every rank)."""
         self._require_state("train")
-        mini_size = self.ppo.mini_batch_size // self.world
-        if mini_size < 1:
-            raise ValueError(f"ppo.mini_batch_size {self.ppo.mini_batch_size} is smaller than num_learners "
-                             f"{self.world}; make it a multiple of num_learners")
+        size = self.ppo.mini_batch_size
+        if size % self.world:
+            raise ValueError(f"ppo.mini_batch_size {size} is not a multiple of num_learners {self.world}; make it "
+                             f"one")
+        share = size // self.world
         self.policy.train()
         self.value.train()
         totals: dict[str, float] = defaultdict(float)
         steps = 0
-        for mini in mini_batches(exp, mini_size, self.ppo.epochs_per_iteration, seed):
-            for key, value in self._step(mini, first=steps == 0).items():
+        for mini in mini_batches(exp, size, self.ppo.epochs_per_iteration, seed):
+            mine = mini.select(slice(self.rank * share, (self.rank + 1) * share))
+            for key, value in self._step(mine, first=steps == 0).items():
                 totals[key] += value
             steps += 1
         self.version += 1
@@ -203,21 +355,25 @@ class PolicyLearner:
         return {**stats, **{k: totals[k] for k in drift_keys}, "optimizer_steps": float(steps),
                 "version": float(self.version)}
 
-    def _step(self, mini: Experience, first: bool) -> dict[str, float]:
-        """One optimizer step on a mini-batch, accumulated over micro-batches weighted by their token share,
-        so the gradient is that of the token mean over the whole mini-batch."""
+    def _step(self, mine: Experience, first: bool) -> dict[str, float]:
+        """One optimizer step on a mini-batch whose share `mine` is this rank's: micro-batch losses weighted by their
+        share of the mini-batch's response tokens (summed over ranks) times the world size, so FSDP's mean of the
+        ranks' gradients is the gradient of the token mean over the whole mini-batch."""
         ppo = self.ppo
-        n_tokens = float(mini.action_mask.sum())
-        stats: dict[str, float] = defaultdict(float)
-        for micro in micro_batches(mini, self.micro_batch_size):
+        n_tokens = self._sum_over_ranks([float(mine.action_mask.sum())])[0]
+        sums: dict[str, float] = defaultdict(float)
+        drift_max = 0.0
+        for micro in micro_batches(mine, self.micro_batch_size):
             micro = to_device(micro, self.device)
             share = float(micro.action_mask.sum()) / n_tokens
-            logits = action_logits(self.policy, micro.batch)  # (b, a, V)
-            logp = logprobs_from_logits(logits, micro.batch.actions())  # (b, a) log pi_theta
-            pg_loss, pg_stats = ppo_policy_loss(logp, micro.logprobs, micro.advantages, micro.action_mask, ppo.clip)
-            values = action_values(self.value, micro.batch)  # (b, a) V_phi
-            v_loss, v_stats = value_loss(values, micro.values, micro.returns, micro.action_mask, ppo.value_clip)
-            ((pg_loss + ppo.value_coef * v_loss) * share).backward()
+            with self._compute(self.policy):
+                logits = self._policy_logits(micro.batch)  # (b, a, V)
+                logp = logprobs_from_logits(logits, micro.batch.actions())  # (b, a) log pi_theta
+                pg_loss, pg_stats = ppo_policy_loss(logp, micro.logprobs, micro.advantages, micro.action_mask,
+                                                    ppo.clip)
+                values = action_values(self.value, micro.batch)  # (b, a) V_phi
+                v_loss, v_stats = value_loss(values, micro.values, micro.returns, micro.action_mask, ppo.value_clip)
+            ((pg_loss + ppo.value_coef * v_loss) * (share * self.world)).backward()
             with torch.no_grad():
                 entropy = masked_mean(entropy_from_logits(logits), micro.action_mask)
                 gap = (logp - micro.logprobs).abs() * micro.action_mask  # (b, a) |learner - engine| log-prob
@@ -225,16 +381,17 @@ class PolicyLearner:
             for key, value in (("policy_loss", pg_loss), ("value_loss", v_loss), ("entropy", entropy),
                                ("clip_fraction", pg_stats["clip_fraction"]), ("approx_kl", pg_stats["approx_kl"]),
                                ("ratio", pg_stats["ratio"]), ("value_clip_fraction", v_stats["clip_fraction"])):
-                stats[key] += share * float(value.detach())
+                sums[key] += share * float(value.detach())
             if first:  # before the first step the learner's weights are the generator's: pure numerical drift
-                stats["logprob_drift"] += share * float(drift)
-                stats["logprob_drift_max"] = max(stats["logprob_drift_max"], float(gap.max()))
+                sums["logprob_drift"] += share * float(drift)
+                drift_max = max(drift_max, float(gap.max()))
+        stats = dict(zip(sums, self._sum_over_ranks(list(sums.values())), strict=True))
+        if first:
+            stats["logprob_drift_max"] = drift_max  # this rank's; the loop takes the max over ranks
         for model, optimizer, scheduler, name in ((self.policy, self.policy_opt, self.policy_sched, "grad_norm"),
                                                   (self.value, self.value_opt, self.value_sched, "value_grad_norm")):
             params = [p for p in model.parameters() if p.requires_grad]
-            if self.world > 1:
-                self._average_gradients(params)
-            stats[name] = float(torch.nn.utils.clip_grad_norm_(params, ppo.optim.grad_clip))
+            stats[name] = clip_grad_norm(params, ppo.optim.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -275,10 +432,11 @@ class PolicyLearner:
             n_tokens = max(1, int(rows["loss_mask"][idx, 1:].sum()))  # answer tokens predicted in this batch
             loss_sum = 0.0
             for micro in idx.split(micro_batch_size):
-                ce_sum, _ = lm_micro_loss(self.policy, rows, micro, self.device)
+                with self._compute(self.policy):
+                    ce_sum, _ = lm_micro_loss(self.policy, rows, micro, self.device)
                 (ce_sum / n_tokens).backward()
                 loss_sum += float(ce_sum.detach())
-            totals["sft_grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, self.sft_optim.grad_clip))
+            totals["sft_grad_norm"] += clip_grad_norm(params, self.sft_optim.grad_clip)
             self.sft_opt.step()
             self.sft_opt.zero_grad(set_to_none=True)
             totals["sft_loss"] += loss_sum / n_tokens
@@ -320,39 +478,36 @@ class PolicyLearner:
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
+    def _parts(self) -> dcp.Parts:
+        return {"policy": (self.policy, self.policy_opt), "value": (self.value, self.value_opt)}
+
     def save(self, path: str | Path) -> str:
-        """Write `path/policy` (with optimizers, schedulers, RNG, version in its train_state) and `path/value`."""
+        """Write `path/train_state` (collective): every rank's shards of policy, value and both optimizers through
+        torch.distributed.checkpoint, schedulers, version and RNG in its extra.pt (rank 0's), COMPLETE last."""
         self._require_state("save")
-        path = Path(path)
-        state = {
-            "policy_optimizer": self.policy_opt.state_dict(), "value_optimizer": self.value_opt.state_dict(),
-            "policy_scheduler": self.policy_sched.state_dict(), "value_scheduler": self.value_sched.state_dict(),
-            "version": self.version, "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
-        }
-        meta = {"stage": "ppo", "version": self.version}
-        save_model(path / "policy", self.policy, self.cfg, meta=meta, train_state=state)
-        save_model(path / "value", self.value, self.value.cfg, meta=meta)
+        extra = {"stage": "ppo", "version": self.version,
+                 "policy_scheduler": self.policy_sched.state_dict(), "value_scheduler": self.value_sched.state_dict(),
+                 "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
+        with _single_process_dcp():
+            dcp.atomic_save(Path(path) / TRAIN_STATE, self._parts(), extra)
         return str(path)
 
     def load(self, path: str | Path) -> int:
-        """Restore what `save` wrote (weights, optimizers, schedulers, RNG, version); returns the version."""
-        path = Path(path)
-        with torch.no_grad():
-            for model, sub in ((self.policy, "policy"), (self.value, "value")):
-                loaded, _, _ = load_model(path / sub, device=self.device)
-                model.load_state_dict(loaded.state_dict())
-        state = load_train_state(path / "policy")
-        if state is None:
-            raise ValueError(f"{path / 'policy'} has no train_state.pt; it is not a PPO checkpoint")
-        self.policy_opt.load_state_dict(state["policy_optimizer"])
-        self.value_opt.load_state_dict(state["value_optimizer"])
-        self.policy_sched.load_state_dict(state["policy_scheduler"])
-        self.value_sched.load_state_dict(state["value_scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.version = int(state["version"])
+        """Restore what `save` wrote, by any number of ranks (collective; DCP reshards): weights, optimizers,
+        schedulers, RNG, version. Returns the version."""
+        state_dir = Path(path) / TRAIN_STATE
+        if not dcp.is_complete(state_dir):
+            raise ValueError(f"{state_dir} is not a complete sharded PPO train state; it is not a PPO checkpoint "
+                             f"of this version (resume from another one or start the stage again)")
+        with _single_process_dcp():
+            extra = dcp.load_train_state(state_dir, self._parts())
+        self.policy_sched.load_state_dict(extra["policy_scheduler"])
+        self.value_sched.load_state_dict(extra["value_scheduler"])
+        torch.set_rng_state(extra["torch_rng"])
+        if extra.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(extra["cuda_rng"])
+        self.version = int(extra["version"])
         self.state_lost = False
         return self.version
 
@@ -363,10 +518,16 @@ class PolicyLearner:
         return self.version
 
     def export_policy(self, path: str | Path, tokenizer_model: str | Path | None = None,
-                      meta: dict[str, Any] | None = None) -> str:
-        """The policy as a complete HF-layout checkpoint (with tokenizer.model): the PPO stage's output."""
+                      meta: dict[str, Any] | None = None) -> str | None:
+        """The policy as a complete HF-layout checkpoint (with tokenizer.model): the stage's output. Collective:
+        parameters are gathered one at a time and streamed into the files by rank 0 (other ranks return None)."""
         self._require_state("export_policy")
-        return str(save_model(path, self.policy, self.cfg, tokenizer_model=tokenizer_model,
+        if tokenizer_model is not None and not Path(tokenizer_model).is_file():  # before any rank starts gathering
+            raise ValueError(f"tokenizer_model {tokenizer_model} does not exist; pass the .model file or None")
+        tensors = self._gathered(self.policy)
+        if tensors is None:
+            return None
+        return str(save_state(path, tensors, self.cfg, "causal", tokenizer_model=tokenizer_model,
                               meta={"stage": "ppo", "version": self.version, **(meta or {})}))
 
     def get_version(self) -> int:
@@ -375,21 +536,14 @@ class PolicyLearner:
 
 @ray.remote
 class PolicyLearnerActor(PolicyLearner):
-    """Ray shell: the weights go into the object store once, from here; the driver passes the ref on."""
+    """Ray shell: the weights go into the object store once, from rank 0; the driver passes the ref on."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # after a crash Ray reruns this constructor (max_restarts): SFT weights, not the run's; refuse work until
-        # the loop restores a checkpoint
+        # after a crash Ray reruns this constructor (max_restarts, lone learners only): SFT weights, not the run's;
+        # refuse work until the loop restores a checkpoint
         self.state_lost = ray.get_runtime_context().was_current_actor_reconstructed
 
     def weights(self) -> tuple[Any, int, float]:  # type: ignore[override]
         state, version, checksum = super().weights()
-        return ray.put(state), version, checksum
-
-    def free_address(self) -> str:
-        """A tcp:// init_method on this node (for rank 0 of the learner group)."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+        return (ray.put(state) if state is not None else None), version, checksum

@@ -1,4 +1,5 @@
-"""The RL roles as real Ray actors (one shared Ray session): weight sync, refusals, reward scoring, DDP, PPO."""
+"""The RL roles as real Ray actors (one shared Ray session): weight sync, refusals, reward scoring, an FSDP2
+learner group, PPO."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import torch
 from test_ppo_loop import REQUIRED
 from worlds import tiny_config
 
-from actors.group import PlacementError, connect_learners, create_rl_actors, shutdown_rl_actors
-from actors.policy import PolicyLearner, PolicyLearnerActor
+from actors.group import PlacementError, create_rl_actors, shutdown_rl_actors, start_learners
+from actors.policy import PolicyLearner
 from rayllama.checkpoint import is_complete, load_model
 from rayllama.config import ActorResources, OptimConfig
+from rayllama.dist import dcp
 from rayllama.generation import SamplingParams
-from rayllama.rl.actors_api import RLActors, StaleWeightsError, WeightChecksumError
+from rayllama.rl.actors_api import StaleWeightsError, WeightChecksumError
 from rayllama.rl.experience import Experience, collate
 from rayllama.rl.ppo import run_ppo
 
@@ -39,12 +41,16 @@ def actors(ray_session, world, cfg):
 
 def synthetic_experience(ray, learner, seed: int) -> Experience:
     """Rollouts with full response masks (equal token counts per row), pi_old = the learner's own log-probs,
-    random advantages and returns: a PPO step on it moves the weights."""
+    random advantages and returns: a PPO step on it moves the weights. `learner`: an actor handle or a
+    PolicyLearner in this process."""
     g = torch.Generator().manual_seed(seed)
     prompts = [[1, *torch.randint(3, 400, (4,), generator=g).tolist()] for _ in range(8)]
     responses = [torch.randint(3, 400, (5,), generator=g).tolist() for _ in range(8)]
     batch = collate(prompts, responses)
-    logprobs, values = ray.get([learner.logprobs.remote(batch), learner.values.remote(batch)])
+    if isinstance(learner, PolicyLearner):
+        logprobs, values = learner.logprobs(batch), learner.values(batch)
+    else:
+        logprobs, values = ray.get([learner.logprobs.remote(batch), learner.values.remote(batch)])
     return Experience(batch.sequences, batch.attention_mask, batch.action_mask, logprobs, values,
                       torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g))
 
@@ -103,26 +109,35 @@ def test_reward_scorer_actor_equals_direct_computation(ray_session, actors, worl
     assert torch.tensor(expected).std() > 0.1  # the scores are not all alike
 
 
-def test_two_learners_average_gradients_like_one_learner_on_the_union(ray_session, world, cfg):
-    """Equal token counts per rank: the mean of the ranks' token-mean gradients is the union's token mean, so one
-    DDP step over 2 x 4 rows equals one local step over the 8 rows (mini_batch_size 8 in both)."""
+def test_two_fsdp_learners_step_like_one_learner_on_the_union(ray_session, world, cfg):
+    """An FSDP2 group of 2 ranks, each training on its 4 of the mini-batch's 8 rows (loss normalised by the
+    union's token count, gradients reduce-scattered as the ranks' mean), takes the step one local learner takes on
+    all 8 rows (mini_batch_size 8 in both)."""
     ray = ray_session
     ppo = dataclasses.replace(cfg.ppo, num_learners=2, mini_batch_size=8, value_init="sft")
-    local = PolicyLearner(world.sft, None, ppo)
-    pair = [PolicyLearnerActor.options(name=f"test-ddp-{i}", num_cpus=0.25).remote(world.sft, None, ppo, threads=1)
-            for i in range(2)]
+    local = PolicyLearner(world.sft, None, ppo, micro_batch_size=2)
+    pair = start_learners(2, lambda i: dict(name=f"test-fsdp-{i}", num_cpus=0.25), world.sft, None, ppo, threads=1,
+                          micro_batch_size=2)
     try:
-        connect_learners(RLActors(pair, None, None, None, [], call_timeout_s=120))
-        exp = synthetic_experience(ray, pair[0], seed=9)
-        ray.get([learner.train.remote(exp.select(slice(4 * r, 4 * r + 4)), 0) for r, learner in enumerate(pair)])
+        ray.get([learner.__ray_ready__.remote() for learner in pair], timeout=300)
+        exp = synthetic_experience(ray, local, seed=9)
+        ray.get([learner.train.remote(exp, 0) for learner in pair])
         local.train(exp, 0)
         (s0, _, c0), (s1, _, c1) = ray.get([learner.weights.remote() for learner in pair])
-        assert c0 == c1  # the replicas stay identical
+        assert c0 == c1  # both ranks gathered the same full weights
+        assert s1 is None  # only rank 0 puts the state into the object store
         state0 = ray.get(s0)
         for name, tensor in local.policy.state_dict().items():
             torch.testing.assert_close(torch.from_numpy(state0[name].copy()), tensor, atol=2e-6, rtol=1e-5)
         sft, _, _ = load_model(world.sft)
         assert not torch.allclose(local.policy.lm_head.weight, sft.lm_head.weight)
+        # read-outs are collectives over uneven parts: 5 rows (3 micro-batches of <= 2) and 3 rows (2, plus one
+        # idle forward to keep rank 1's all-gathers in step with rank 0's)
+        batch = exp.batch
+        for method in ("logprobs", "values"):
+            parts = ray.get([getattr(pair[0], method).remote(batch.select(slice(0, 5))),
+                             getattr(pair[1], method).remote(batch.select(slice(5, 8)))], timeout=120)
+            torch.testing.assert_close(torch.cat(parts), getattr(local, method)(batch), atol=2e-6, rtol=1e-5)
     finally:
         for learner in pair:
             ray.kill(learner)
@@ -144,4 +159,4 @@ def test_two_ppo_iterations_through_actors(ray_session, actors, world, cfg, tmp_
     assert all(k in m for m in metrics for k in REQUIRED)
     assert all(m["logprob_drift"] < 1e-4 for m in metrics)  # generators sampled with the learner's weights
     assert summary["iterations"] == 2 and is_complete(tmp_path / "model")
-    assert is_complete(tmp_path / "checkpoints" / "iter-0002" / "policy")
+    assert dcp.is_complete(tmp_path / "checkpoints" / "iter-0002" / "train_state")  # the learners' sharded state

@@ -8,12 +8,21 @@ One iteration (`ppo_step`):
     4. advantages           s = sigmoid(RM score); R_c = s_safety if is_safety or s_safety < 0.15 else s_helpful;
                             R = whiten(logit(R_c)); r_t = R [last token] - beta * KL_t; GAE(gamma, lambda);
                             whitened advantages
-    5. train                each learner takes a shard; one gradient step per mini-batch
-    6. sync weights         one object-store copy of the new policy, read by every generator (version, checksum)
+    5. train                every rank of the learner group (FSDP2) gets the rollouts and trains on its share of
+                            each mini-batch; one gradient step per mini-batch, equal to one learner's
+    6. sync weights         the ranks gather the new policy one parameter at a time; rank 0 puts one object-store
+                            copy, read by every generator (version, checksum)
     7. log                  metrics.jsonl + TensorBoard, timing/<phase> seconds
 
 `run_ppo` wraps it with resume (the last complete `checkpoints/iter-XXXX`), periodic checkpoints and the final
-`out_dir/model` (a complete HF-layout checkpoint: the driver's "stage done").
+`out_dir/model` (a complete HF-layout checkpoint: the driver's "stage done"). Every call that runs a learner's
+forward or gathers its weights (train, values, weights, save, load, export) goes to all learners.
+
+A checkpoint `checkpoints/iter-XXXX/` holds `ppo_state.json` (iteration, prompt position, weight version, the
+iteration's metrics row) and `train_state/`, the learner group's sharded state written by torch.distributed.
+checkpoint (policy, value and both AdamW states, each rank its shards; schedulers, version and RNG in extra.pt;
+COMPLETE written last), which loads into any number of learners. It is written into a temp dir and renamed into
+place, so it is complete when its state file is readable and train_state is complete (`latest_checkpoint`).
 
 Faults (every role restarts, `ppo.resources.max_restarts`):
     generator           a restarted generator (start checkpoint's weights) reports version -1 and refuses to
@@ -24,7 +33,9 @@ Faults (every role restarts, `ppo.resources.max_restarts`):
     learner             a restart loses its weights and optimizer, so a restarted learner refuses work
                         (`LearnerLostError`, its calls are never re-issued): the loop restores the last checkpoint
                         (or the initial state), drops the metrics rows after it and redoes those iterations, up to
-                        `max_recoveries` times (one learner; with several, it stops: rerun the stage to resume).
+                        `max_recoveries` times (one learner; a group of several, never restarted one by one,
+                        stops: rerun the stage to resume). A rank that died fails the call at once
+                        (`get_learners` does not wait for the ranks stuck with it).
                         The prompt stream, sampling seeds and learner RNG are restored with it, so the result equals
                         an uninterrupted run bit for bit (tests/test_faults.py).
 metrics.jsonl holds every iteration exactly once, across crashes, recoveries and reruns (`rewind_metrics`).
@@ -35,8 +46,9 @@ Metrics per iteration (out_dir/metrics.jsonl, TensorBoard under out_dir/tensorbo
     reward/safety_branch                share of rows scored by the safety RM (is_safety or s_safety < gate)
     kl, kl_per_token                    KL(pi_old || pi_ref) estimate: per response (sum), per token (mean)
     policy_loss, value_loss, entropy, clip_fraction, approx_kl, ratio, value_clip_fraction, grad_norm,
-    value_grad_norm, lr, logprob_drift  learner means over its optimizer steps (logprob_drift: mean
-                                        |log pi_learner - log pi_generator| before the first step, ~0 if synced)
+    value_grad_norm, lr, logprob_drift  means over the optimizer steps of the whole mini-batches' token means
+                                        (the same on every rank; logprob_drift: mean |log pi_learner -
+                                        log pi_generator| before the first step, ~0 if synced)
     response_length, response_stopped, value_mean, iteration, prompt_position, weight_version
     timing/<phase>                      seconds: generate, score, advantages, train, sync, [evaluate],
                                         [checkpoint], iteration
@@ -57,9 +69,9 @@ from typing import Any
 
 import torch
 
-from rayllama.checkpoint import is_complete
 from rayllama.config import PipelineConfig
 from rayllama.data.formats import PromptRecord
+from rayllama.dist import dcp
 from rayllama.generation import Completion, SamplingParams
 from rayllama.losses import (
     gae,
@@ -70,8 +82,8 @@ from rayllama.losses import (
     token_rewards,
     whiten,
 )
-from rayllama.rl.actors_api import ActorCallError, LearnerLostError, RLActors, StaleRolloutError
-from rayllama.rl.experience import Experience, SequenceBatch, collate, pad_right, shard, split_rows
+from rayllama.rl.actors_api import TRAIN_STATE, ActorCallError, LearnerLostError, RLActors, StaleRolloutError
+from rayllama.rl.experience import Experience, SequenceBatch, collate, pad_right, split_rows
 from rayllama.tokenizer import Tokenizer
 
 CHECKPOINTS, STATE_FILE, MODEL = "checkpoints", "ppo_state.json", "model"
@@ -139,12 +151,12 @@ def ppo_step(loop: PPOLoop) -> dict[str, float]:
         if ppo.whiten_advantages:
             advantages = whiten(advantages, mask)
 
-    # 5. train: each learner one shard, one gradient step per mini-batch (DDP across learners)
-    exp = Experience(batch.sequences, batch.attention_mask, mask, logprobs, values, advantages, returns)
+    # 5. train: every rank gets the rollouts (one object-store copy) and trains on its share of each mini-batch
+    exp = actors.put(Experience(batch.sequences, batch.attention_mask, mask, logprobs, values, advantages, returns))
     seed = loop.cfg.seed * 1_000_003 + iteration
     with loop.timed("train"):
-        stats = actors.get_learners([learner.train.remote(part, seed) for learner, part
-                                     in zip(actors.learners, shard(exp, len(actors.learners)))], "learner train")
+        stats = actors.get_learners([learner.train.remote(exp, seed) for learner in actors.learners],
+                                    "learner train")
     check_learners(stats, loop.weights[1] + 1)
     loop.iteration = iteration
 
@@ -154,8 +166,8 @@ def ppo_step(loop: PPOLoop) -> dict[str, float]:
 
     # 7. metrics
     lengths = mask.sum(-1)  # (B,)
-    learner_stats = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-    learner_stats["logprob_drift_max"] = max(s["logprob_drift_max"] for s in stats)
+    learner_stats = dict(stats[0])  # the ranks' stats are all-reduced: the whole mini-batches' on every rank
+    learner_stats["logprob_drift_max"] = max(s["logprob_drift_max"] for s in stats)  # each rank's own rows
     check_drift(learner_stats, ppo.max_logprob_drift)
     return {
         "iteration": iteration,
@@ -244,22 +256,31 @@ def generate_grouped(loop: Any, index: list[int],
 def score(loop: PPOLoop, batch: SequenceBatch,
           pairs: Sequence[tuple[list[dict[str, str]], str]]) -> tuple[torch.Tensor, ...]:
     """(ref log-probs (B, A), raw helpfulness (B,), raw safety (B,), values (B, A)), the four calls overlapped
-    (or, with loop.overlap False, one after another)."""
-    actors = loop.actors
+    (or, with loop.overlap False, one after another). Values: every rank of the learner group reads out its part
+    of the rows (a collective); a lost learner raises `LearnerLostError` (learner calls are never re-issued)."""
+    actors, n = loop.actors, len(loop.actors.learners)
     batch_ref, pairs_ref = actors.put(batch), actors.put(list(pairs))
-    parts = [actors.put(p) for p in split_rows(batch, len(actors.learners))] if len(actors.learners) > 1 \
-        else [batch_ref]
+    parts = [actors.put(p) for p in split_rows(batch, n)] if n > 1 else [batch_ref]
+    if len(parts) != n:
+        raise ValueError(f"{len(batch)} rollouts cannot give each of the {n} learners a row; make "
+                         f"prompts_per_iteration x samples_per_prompt at least num_learners")
     calls: list[Callable[[], Any]] = [
         lambda: actors.reference.logprobs.remote(batch_ref),
         lambda: actors.reward_helpfulness.score.remote(pairs_ref),
         lambda: actors.reward_safety.score.remote(pairs_ref),
-        *[lambda learner=learner, p=p: learner.values.remote(p) for learner, p in zip(actors.learners, parts)],
     ]
+
+    def read_values() -> list[torch.Tensor]:
+        return actors.get_learners([learner.values.remote(p) for learner, p in zip(actors.learners, parts)],
+                                   "learner values")
+
     if loop.overlap:
-        results = actors.call(lambda: [issue() for issue in calls], "score")
+        value_refs = [learner.values.remote(p) for learner, p in zip(actors.learners, parts)]
+        ref, helpful, safety = actors.call(lambda: [issue() for issue in calls], "score")
+        values = actors.get_learners(value_refs, "learner values")
     else:
-        results = [actors.call(issue, "score") for issue in calls]
-    ref, helpful, safety, *values = results
+        ref, helpful, safety = [actors.call(issue, "score") for issue in calls]
+        values = read_values()
     return ref, torch.tensor(helpful), torch.tensor(safety), torch.cat(values)
 
 
@@ -308,9 +329,12 @@ def refresh_generators(loop: PPOLoop) -> None:
 
 
 def sync_weights(loop: PPOLoop) -> None:
-    """Rank 0's weights (one object-store copy, put by the learner) to every generator."""
-    loop.weights = loop.actors.get_learners(loop.actors.learners[0].weights.remote(), "learner weights")
-    push_weights(loop, loop.actors.generators)
+    """The learner group's weights (gathered by every rank, one object-store copy put by rank 0) to every
+    generator."""
+    actors = loop.actors
+    loop.weights = actors.get_learners([learner.weights.remote() for learner in actors.learners],
+                                       "learner weights")[0]
+    push_weights(loop, actors.generators)
 
 
 def start_sync(loop: PPOLoop) -> None:
@@ -339,26 +363,28 @@ def read_state(path: Path) -> dict[str, Any] | None:
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete `checkpoints/iter-XXXX` (readable state file + complete policy and value), or None.
+    """The newest complete `checkpoints/iter-XXXX` (readable state file + complete sharded train_state), or None.
     A damaged newer one is skipped with a warning (the one before it is complete: saves are atomic)."""
     root = out_dir / CHECKPOINTS
     if not root.is_dir():
         return None
     for path in sorted(root.glob("iter-[0-9]*"), reverse=True):
-        if read_state(path / STATE_FILE) is not None and is_complete(path / "policy") and is_complete(path / "value"):
+        if read_state(path / STATE_FILE) is not None and dcp.is_complete(path / TRAIN_STATE):
             return path
         log.warning(f"checkpoint {path} is incomplete or damaged; skipping it")
     return None
 
 
 def save_checkpoint(loop: PPOLoop, out_dir: Path, metrics: dict[str, Any] | None = None) -> Path:
-    """Rank 0 writes policy, value, optimizers, RNG into a temp dir; the loop state (and the iteration's metrics
-    row, for `rewind_metrics`) goes beside; then one rename."""
+    """Every rank writes its shards of policy, value and optimizers (rank 0: schedulers, version, RNG) into a
+    temp dir; the loop state (and the iteration's metrics row, for `rewind_metrics`) goes beside; then one
+    rename."""
     target = checkpoint_dir(out_dir, loop.iteration)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    loop.actors.get_learners(loop.actors.learners[0].save.remote(str(tmp)), "learner save")
+    actors = loop.actors
+    actors.get_learners([learner.save.remote(str(tmp)) for learner in actors.learners], "learner save")
     state = {"iteration": loop.iteration, "prompt_position": loop.prompt_position, "weight_version": loop.weights[1],
              "seed": loop.cfg.seed, "n_prompts": len(loop.prompt_ids), "metrics": metrics}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
@@ -509,8 +535,9 @@ def run_ppo(cfg: PipelineConfig, actors: RLActors, prompts: list[PromptRecord], 
         while True:
             try:
                 if loop.iteration == ppo.iterations:  # done: the final checkpoint's policy is the stage's output
-                    actors.get_learners(actors.learners[0].export_policy.remote(
-                        str(model_dir), str(tokenizer.model_path), {"iteration": loop.iteration}), "export policy")
+                    actors.get_learners([learner.export_policy.remote(
+                        str(model_dir), str(tokenizer.model_path), {"iteration": loop.iteration})
+                        for learner in actors.learners], "export policy")
                     break
                 metrics = ppo_iteration(loop, out_dir, evaluate)
             except LearnerLostError as error:
