@@ -21,8 +21,10 @@ model. `__ray_ready__` returns once every rank has loaded its shards.
 Faults: every actor except a grouped learner restarts up to `max_restarts` times and re-runs the task it died in
 (`_role_options`); `RLActors.call` re-issues up to `max_restarts` more times. A lone learner restarts with fresh
 SFT weights and refuses work until the loop restores a checkpoint. Ranks of a group of N > 1 are not restarted
-(max_restarts 0: a new process cannot join the old process group); a lost rank stops the stage (rerun it to resume
-from the last checkpoint).
+(max_restarts 0: a new process cannot join the old process group); instead `RLActors.rebuild_learners` kills every
+rank and starts a new group (new actors, new rendezvous address, the same bundles and names), and the loop
+restores the last complete sharded checkpoint, or the initial state, and redoes the lost iterations, up to
+`max_restarts` times (rayllama.rl.ppo, "Faults").
 
 Rejection sampling (`create_rejection_actors`) needs fewer roles: one policy-only learner (`policy-learner-0`,
 no value model, AdamW per rejection.optim), both reward scorers and rejection.num_generators generators, with
@@ -31,6 +33,7 @@ resources from `rejection.resources`; `RLActors.reference` is None.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -154,13 +157,15 @@ def _start_scorers_and_generators(cfg: PipelineConfig, res: RLResources, options
 
 
 def _ready_group(roles: list[Role], res: RLResources, pg: Any, name_prefix: str, *, learners: list[Any],
-                 reference: Any, reward_h: Any, reward_s: Any, generators: list[Any]) -> RLActors:
+                 reference: Any, reward_h: Any, reward_s: Any, generators: list[Any],
+                 rebuild_learners: Callable[[RLActors], None] | None = None) -> RLActors:
     """The `RLActors` over the started handles (in `roles` order), once every one is ready."""
     handles = [*learners, *([reference] if reference is not None else []), reward_h, reward_s, *generators]
     actors = RLActors(learners=learners, reference=reference, reward_helpfulness=reward_h, reward_safety=reward_s,
                       generators=generators, call_timeout_s=res.call_timeout_s, placement_group=pg,
                       retries=res.max_restarts, max_recoveries=res.max_restarts,
-                      names={f"{name_prefix}{name}": h for (name, _, _), h in zip(roles, handles, strict=True)})
+                      names={f"{name_prefix}{name}": h for (name, _, _), h in zip(roles, handles, strict=True)},
+                      rebuild_learners=rebuild_learners)
     return _await_ready(actors, roles, name_prefix)
 
 
@@ -190,6 +195,47 @@ def start_learners(n: int, options: Callable[[int], dict], policy_dir: str | Pat
         handles.append(PolicyLearnerActor.options(**opts).remote(
             policy_dir, value_dir, ppo, rank=rank, world_size=n, init_method=init_method, **learner_kwargs))
     return handles
+
+
+def _wait_dead(handles: list[Any], timeout_s: float = 60.0) -> None:
+    """Until every killed actor in `handles` is reported dead (its bundle and name are free), at most timeout_s."""
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+
+    deadline = time.monotonic() + timeout_s
+    for handle in handles:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(handle.__ray_ready__.remote(), timeout=1.0)
+            except (RayActorError, ActorDiedError, ActorUnavailableError):
+                break
+            except GetTimeoutError:
+                continue
+            time.sleep(0.05)
+
+
+def _learner_rebuilder(start: Callable[[], list[Any]], names: list[str]) -> Callable[[RLActors], None]:
+    """`RLActors.rebuild_learners` for a learner group: kill every rank (by name: the loop may hold wrapped
+    handles), wait until they are gone, start a new group with `start()` under the same names and wait until it
+    has loaded its shards."""
+
+    def rebuild(actors: RLActors) -> None:
+        import ray
+
+        old = [actors.names[name] for name in names]
+        for handle in old:
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception:  # noqa: BLE001 - already dead is fine
+                pass
+        _wait_dead(old)
+        new = start()
+        actors.names.update(zip(names, new, strict=True))
+        actors.learners = list(new)
+        for name, handle in zip(names, new, strict=True):
+            actors.get_learners(handle.__ray_ready__.remote(), f"starting {name}")
+
+    return rebuild
 
 
 def _learner_kwargs(cfg: PipelineConfig, res: RLResources) -> dict[str, Any]:
@@ -228,8 +274,9 @@ def create_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir:
         reference_dir, device=_device(cfg, res.reference), threads=threads)
     reward_h, reward_s, generators = _start_scorers_and_generators(
         cfg, res, options, n + 1, policy_dir, ppo.engine, m, reward_helpfulness_dir, reward_safety_dir)
+    rebuild = _learner_rebuilder(learners_now, [f"{name_prefix}{roles[i][0]}" for i in range(n)]) if n > 1 else None
     return _ready_group(roles, res, pg, name_prefix, learners=learners, reference=reference, reward_h=reward_h,
-                        reward_s=reward_s, generators=generators)
+                        reward_s=reward_s, generators=generators, rebuild_learners=rebuild)
 
 
 def create_rejection_actors(cfg: PipelineConfig, policy_dir: str | Path, reward_helpfulness_dir: str | Path,

@@ -33,11 +33,12 @@ Faults (every role restarts, `ppo.resources.max_restarts`):
     learner             a restart loses its weights and optimizer, so a restarted learner refuses work
                         (`LearnerLostError`, its calls are never re-issued): the loop restores the last checkpoint
                         (or the initial state), drops the metrics rows after it and redoes those iterations, up to
-                        `max_recoveries` times (one learner; a group of several, never restarted one by one,
-                        stops: rerun the stage to resume). A rank that died fails the call at once
-                        (`get_learners` does not wait for the ranks stuck with it).
+                        `max_recoveries` times. A group of N > 1 learners (never restarted one by one: a new
+                        process cannot join the old process group) is rebuilt first: `actors.rebuild_learners`
+                        kills every rank and starts a new group (new rendezvous, same bundles); a rank that died
+                        fails the call at once (`get_learners` does not wait for the ranks stuck with it).
                         The prompt stream, sampling seeds and learner RNG are restored with it, so the result equals
-                        an uninterrupted run bit for bit (tests/test_faults.py).
+                        an uninterrupted run bit for bit (tests/test_faults.py, tests/test_learner_group.py).
 metrics.jsonl holds every iteration exactly once, across crashes, recoveries and reruns (`rewind_metrics`).
 
 Metrics per iteration (out_dir/metrics.jsonl, TensorBoard under out_dir/tensorboard as ppo/<name>):
@@ -437,23 +438,28 @@ def rewind_metrics(writer: Any, checkpoint: Path | None, state_file: str, iterat
 
 def recover_learners(actors: RLActors, error: LearnerLostError, recoveries: int,
                      resume_fn: Callable[[], Path | None], reset_fn: Callable[[], None]) -> Path | None:
-    """After a learner was lost: restore the last checkpoint (`resume_fn`), or, with none yet, take the
-    learners' initial state back (`restore_initial`) and `reset_fn()` the loop; returns the checkpoint or None.
-    Gives up (ActorCallError) after `actors.max_recoveries` losses, or with several learners (their
-    torch.distributed group cannot be rebuilt in the loop: rerun the stage, it resumes from the checkpoint)."""
+    """After a learner was lost: with several learners, rebuild the group first (`actors.rebuild_learners`: every
+    rank killed, a new group in the same bundles); then restore the last checkpoint (`resume_fn`), or, with none
+    yet, take the learners' initial state back (`restore_initial`) and `reset_fn()` the loop; returns the
+    checkpoint or None. Gives up (ActorCallError) after `actors.max_recoveries` losses, or with several learners
+    that cannot be rebuilt (no `rebuild_learners`: rerun the stage, it resumes from the checkpoint)."""
     if recoveries > actors.max_recoveries:
         raise ActorCallError(f"the policy learner was lost {recoveries} times (limit {actors.max_recoveries}); "
                              f"see its log, then run the stage again to resume from the last checkpoint") from error
+    rebuilt = ""
     if len(actors.learners) > 1:
-        raise ActorCallError(f"a policy learner was lost ({str(error).splitlines()[0]}); with "
-                             f"{len(actors.learners)} learners the loop cannot rebuild their process group, so run "
-                             f"the stage again to resume from the last checkpoint") from error
+        if actors.rebuild_learners is None:
+            raise ActorCallError(f"a policy learner was lost ({str(error).splitlines()[0]}); these "
+                                 f"{len(actors.learners)} learners cannot be rebuilt, so run the stage again to "
+                                 f"resume from the last checkpoint") from error
+        actors.rebuild_learners(actors)
+        rebuilt = f"rebuilt the {len(actors.learners)}-learner group, "
     path = resume_fn()
     if path is None:
         actors.get_learners([learner.restore_initial.remote() for learner in actors.learners], "learner restore")
         reset_fn()
     log.warning(f"policy learner lost ({type(error).__name__}); recovery {recoveries} of {actors.max_recoveries}: "
-                f"restored {path.name if path else 'the initial state'} and redoing the iterations after it")
+                f"{rebuilt}restored {path.name if path else 'the initial state'} and redoing the iterations after it")
     return path
 
 

@@ -1,0 +1,203 @@
+"""The PPO learner as an FSDP2 group of 2 Ray actors (gloo, CPU): it trains like one learner, survives a rank
+killed with SIGKILL (the group is rebuilt and the last sharded checkpoint restored), and its sharded checkpoints
+load into one learner.
+
+Oracles: a 1-learner run in this process (same seed; the 2 ranks' micro-batches are padded and summed
+differently, so metrics agree to float rounding, ~1e-6 relative) and, for the fault, the uninterrupted 2-rank run
+(the same sharding: bit for bit). Tiny models of tests/worlds.py, 3 PPO iterations of 16 rollouts (2 optimizer
+steps each), a checkpoint every iteration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import time
+from typing import Any
+
+import pytest
+import torch
+from test_faults import KillDuring, actor_pid, iteration_rows, policy_state
+from worlds import local, tiny_config
+
+from actors.group import create_rl_actors, shutdown_rl_actors
+from actors.policy import PolicyLearner
+from rayllama.generation import SamplingParams
+from rayllama.rl.actors_api import LearnerLostError, RLActors
+from rayllama.rl.ppo import latest_checkpoint, run_ppo
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ITERATIONS = 3
+PROMPTS = [[1, 30, 31, 32], [1, 40], [1, 50, 51, 52, 53, 54], [1, 60, 61]]
+LOSS_STATS = ("policy_loss", "value_loss", "entropy", "approx_kl", "ratio", "clip_fraction", "value_clip_fraction",
+              "grad_norm", "value_grad_norm")
+
+
+def group_config():
+    return tiny_config(iterations=ITERATIONS, checkpoint_every=1, num_learners=2)
+
+
+def one_config():
+    return tiny_config(iterations=ITERATIONS, checkpoint_every=1)
+
+
+def close(a: float, b: float) -> bool:
+    """Within 1e-5 relative (and 1e-7 absolute, for stats that sit at float noise, e.g. approx_kl ~ 0 before the
+    first step)."""
+    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def grouped(ray_session, world, tmp_path_factory) -> dict[str, Any]:
+    """An uninterrupted 2-rank run through Ray actors; also what each rank holds (its shard of lm_head)."""
+    ray, cfg = ray_session, group_config()
+    out = tmp_path_factory.mktemp("grouped")
+    group = create_rl_actors(cfg, world.sft, world.sft, world.reward_helpfulness, world.reward_safety,
+                             name_prefix="lg-")
+    try:
+        ranks = ray.get([h.__ray_call__.remote(lambda self: (self.rank, self.world, type(self.policy).__name__,
+                                                             tuple(self.policy.lm_head.weight.to_local().shape)))
+                         for h in group.learners], timeout=120)
+        summary = run_ppo(cfg, group, world.prompts, world.tokenizer, out)
+        # greedy on the group (a copy gathered on rank 0) and on the generator, which holds the final weights
+        eos = world.tokenizer.eos_id
+        greedy = ray.get([h.greedy.remote(PROMPTS, 8, (eos,)) for h in group.learners], timeout=120)
+        params = SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=(eos,))
+        generated = [c[0].token_ids for c in ray.get(group.generators[0].generate.remote(PROMPTS, params))]
+    finally:
+        shutdown_rl_actors(group)
+    return {"out": out, "summary": summary, "ranks": ranks, "greedy": greedy, "generated": generated}
+
+
+@pytest.fixture(scope="module")
+def single(world, tmp_path_factory) -> dict[str, Any]:
+    """The same run with one learner in this process."""
+    cfg = one_config()
+    out = tmp_path_factory.mktemp("single")
+    actors = local(cfg, world)
+    run_ppo(cfg, actors, world.prompts, world.tokenizer, out)
+    return {"out": out, "learner": actors.learners[0].obj}
+
+
+def test_two_fsdp_ranks_train_like_one_learner(grouped, single, world):
+    """Per iteration, the rewards the policy earned and the learner's loss stats agree within 1e-5 relative, and
+    the final policies within 1e-5: sharding the learner changes nothing but float rounding."""
+    vocab = world.tokenizer.vocab_size
+    assert grouped["ranks"] == [(0, 2, "FSDPTransformer", (vocab // 2, 32)), (1, 2, "FSDPTransformer", (vocab // 2, 32))]
+    rows, oracle = iteration_rows(grouped["out"]), iteration_rows(single["out"])
+    assert [r["iteration"] for r in rows] == [r["iteration"] for r in oracle] == [1, 2, 3]
+    for row, expected in zip(rows, oracle, strict=True):
+        for key in ("reward/combined", "kl", *LOSS_STATS):
+            assert close(row[key], expected[key]), (row["iteration"], key, row[key], expected[key])
+        assert row["optimizer_steps"] == expected["optimizer_steps"] == 2
+    assert abs(rows[-1]["kl"]) > 1e-3  # the policy moved: the comparison is not of untouched SFT weights
+    final, expected = policy_state(grouped["out"] / "model"), single["learner"].policy.state_dict()
+    assert final.keys() == expected.keys()
+    for name in final:
+        torch.testing.assert_close(final[name], expected[name], atol=1e-5, rtol=0, msg=name)
+    assert grouped["greedy"][1] is None and grouped["greedy"][0] == grouped["generated"]  # rank 0 answers
+
+
+def test_a_rank_failing_because_its_peer_died_is_reported_as_a_lost_learner(ray_session):
+    """The driver waits for no rank stuck with a lost one: a rank whose collective failed because its peer died
+    ("Connection closed by peer") is reported as `LearnerLostError` once the peer's death shows, within the grace
+    time; a rank's own error with no dead peer stays what it is."""
+    ray = ray_session
+
+    @ray.remote(num_cpus=0.1, max_restarts=0)
+    class Rank:
+        def fail(self) -> None:
+            raise RuntimeError("[gloo/transport/tcp/pair.cc] Connection closed by peer")
+
+        def die(self, after_s: float) -> None:
+            time.sleep(after_s)
+            os._exit(1)
+
+        def wait(self, s: float) -> None:
+            time.sleep(s)
+
+    ranks = [Rank.remote() for _ in range(3)]
+    try:
+        ray.get([r.__ray_ready__.remote() for r in ranks], timeout=120)
+        actors = RLActors(ranks[:2], None, None, None, [], call_timeout_s=60, peer_grace_s=20)
+        start = time.monotonic()
+        with pytest.raises(LearnerLostError, match="a policy learner died"):
+            actors.get_learners([ranks[0].fail.remote(), ranks[1].die.remote(1.0)], "learner train")
+        assert time.monotonic() - start < 15
+        actors.peer_grace_s = 1.0
+        with pytest.raises(RuntimeError, match="Connection closed by peer") as info:
+            actors.get_learners([ranks[0].fail.remote(), ranks[2].wait.remote(5.0)], "learner train")
+        assert not isinstance(info.value, LearnerLostError)
+    finally:
+        for r in ranks:
+            ray.kill(r)
+
+
+def test_a_rank_killed_mid_iteration_rebuilds_the_group_and_equals_the_uninterrupted_run(
+        ray_session, world, grouped, tmp_path, caplog):
+    """SIGKILL to rank 1 right after its 3rd train call is submitted (iteration 3; checkpoints after 1 and 2).
+    Rank 0 is left in a collective with a dead peer: the loop kills the group, starts two new ranks (new
+    processes, new rendezvous, same bundles and names), restores iter-0002 and redoes iteration 3. Every iteration
+    is logged once and the final policy equals the uninterrupted 2-rank run's bit for bit."""
+    ray, cfg = ray_session, group_config()
+    group = create_rl_actors(cfg, world.sft, world.sft, world.reward_helpfulness, world.reward_safety,
+                             name_prefix="lg-kill-")
+    names = ["lg-kill-policy-learner-0", "lg-kill-policy-learner-1"]
+    kills: list[tuple[str, str, int, Any]] = []
+    caplog.set_level("WARNING", logger="rayllama")
+    try:
+        before = [actor_pid(ray, group.names[name]) for name in names]
+        faulty = dataclasses.replace(group, learners=[
+            group.learners[0], KillDuring(ray, group.learners[1], names[1], "train", ITERATIONS, kills)])
+        summary = run_ppo(cfg, faulty, world.prompts, world.tokenizer, tmp_path)
+        after = [actor_pid(ray, group.names[name]) for name in names]
+        alive = [ray.get(h.__ray_call__.remote(lambda self: (self.rank, self.world, self.version)), timeout=60)
+                 for h in faulty.learners]
+    finally:
+        shutdown_rl_actors(group)
+
+    assert [(role, when, pid) for role, when, pid, _ in kills] == [(names[1], "during train call 3", before[1])]
+    assert not set(before) & set(after)  # both ranks are new processes: the group was rebuilt, not patched
+    assert alive == [(0, 2, 3), (1, 2, 3)]
+    assert "policy learner lost" in caplog.text
+    assert "rebuilt the 2-learner group, restored iter-0002" in caplog.text
+    assert summary["recoveries"] == 1 and summary["iterations"] == ITERATIONS
+    rows = iteration_rows(tmp_path)
+    assert [r["iteration"] for r in rows] == [1, 2, 3]  # iteration 3 redone, logged once
+    assert [r["reward/combined"] for r in rows] == [r["reward/combined"] for r in iteration_rows(grouped["out"])]
+    final, uninterrupted = policy_state(tmp_path / "model"), policy_state(grouped["out"] / "model")
+    assert final.keys() == uninterrupted.keys()
+    for name in final:
+        assert torch.equal(final[name], uninterrupted[name]), name
+
+
+def test_a_checkpoint_of_two_ranks_loads_into_one_learner(grouped, single, world, tmp_path):
+    """The 2-rank group's sharded checkpoints reshard into one learner: iter-0003 gives exactly the exported
+    policy (and the one-learner run's value model, to float rounding); resuming one learner from iter-0002
+    (weights and AdamW moments) redoes iteration 3 as the one-learner run did."""
+    cfg = one_config()
+    learner = PolicyLearner(world.sft, world.reward_helpfulness, cfg.ppo, seed=cfg.seed)
+    assert learner.load(latest_checkpoint(grouped["out"])) == 3
+    exported = policy_state(grouped["out"] / "model")
+    for name, tensor in learner.policy.state_dict().items():
+        assert torch.equal(tensor, exported[name]), name
+    for (name, tensor), expected in zip(learner.value.state_dict().items(),
+                                        single["learner"].value.state_dict().values(), strict=True):
+        torch.testing.assert_close(tensor, expected, atol=1e-5, rtol=0, msg=name)
+
+    out = tmp_path / "resumed"
+    shutil.copytree(grouped["out"] / "checkpoints" / "iter-0002", out / "checkpoints" / "iter-0002")
+    resumed = local(cfg, world)
+    summary = run_ppo(cfg, resumed, world.prompts, world.tokenizer, out)
+    assert summary["resumed_from"] == 2 and summary["iterations"] == ITERATIONS
+    third = iteration_rows(out)[-1]
+    expected = iteration_rows(single["out"])[-1]
+    assert third["iteration"] == 3
+    for key in ("reward/combined", *LOSS_STATS):
+        assert close(third[key], expected[key]), (key, third[key], expected[key])
+    for name, tensor in resumed.learners[0].obj.policy.state_dict().items():
+        torch.testing.assert_close(tensor, single["learner"].policy.state_dict()[name], atol=1e-5, rtol=0, msg=name)
+    assert os.path.isdir(out / "model")
