@@ -334,15 +334,20 @@ def test_bad_checkpoint_is_one_line_naming_it_and_stays_as_it_was(tmp_path, case
 
 
 def test_a_damaged_newest_ppo_checkpoint_is_skipped_for_the_one_before(tmp_path):
-    from rayllama.rl.ppo import STATE_FILE, latest_checkpoint
+    from rayllama.dist import dcp
+    from rayllama.rl.ppo import STATE_FILE, TRAIN_STATE, latest_checkpoint
 
     for it in (1, 2):
         d = tmp_path / "checkpoints" / f"iter-000{it}"
-        for sub in ("policy", "value"):
-            save_model(d / sub, Transformer(CFG) if sub == "policy" else ScalarHeadModel(CFG), CFG)
+        parts = {"policy": (Transformer(CFG), None), "value": (ScalarHeadModel(CFG), None)}
+        dcp.save_train_state(d / TRAIN_STATE, parts, {"version": it})  # the learner group's sharded state
         (d / STATE_FILE).write_text(json.dumps({"iteration": it, "prompt_position": 8 * it}))
     assert latest_checkpoint(tmp_path).name == "iter-0002"
     (tmp_path / "checkpoints" / "iter-0002" / STATE_FILE).write_text('{"iteration": 2, "prompt_pos')  # torn
+    assert latest_checkpoint(tmp_path).name == "iter-0001"
+    (tmp_path / "checkpoints" / "iter-0002" / STATE_FILE).write_text('{"iteration": 2, "prompt_position": 16}')
+    assert latest_checkpoint(tmp_path).name == "iter-0002"
+    (tmp_path / "checkpoints" / "iter-0002" / TRAIN_STATE / dcp.MARKER).unlink()  # shards not all written
     assert latest_checkpoint(tmp_path).name == "iter-0001"
 
 
