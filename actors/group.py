@@ -8,6 +8,8 @@ Roles and names (the dashboard shows them):
     reward-safety        RewardScorer("safety")
     rollout-<i>          RolloutGenerator, i < ppo.num_generators
 
+The learners train and read out in micro-batches of `ppo.micro_batch_size` rows.
+
 Resources per role come from `ppo.resources` (one bundle per actor, fractional CPUs allowed, plus custom Ray
 resources per role: `ppo.resources.learner.resources={node_a: 0.1}` pins the learner to the node(s) that offer
 `node_a`). If the bundles do not fit within `placement_timeout_s`, creation fails with a one-line
@@ -267,7 +269,8 @@ def create_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir:
     n, m = ppo.num_learners, ppo.num_generators
 
     def learners_now() -> list[Any]:
-        return start_learners(n, options, policy_dir, reward_helpfulness_dir, ppo, **_learner_kwargs(cfg, res))
+        return start_learners(n, options, policy_dir, reward_helpfulness_dir, ppo,
+                              micro_batch_size=ppo.micro_batch_size, **_learner_kwargs(cfg, res))
 
     learners = learners_now()
     reference = ReferenceModelActor.options(**options(n)).remote(
@@ -335,7 +338,7 @@ def create_local_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, referenc
     if cfg.ppo.num_learners != 1:
         raise ValueError(f"local RL actors support ppo.num_learners=1, got {cfg.ppo.num_learners}; use Ray actors")
     learner = PolicyLearner(policy_dir, reward_helpfulness_dir, cfg.ppo, seed=cfg.seed, device=cfg.device,
-                            param_dtype=param_dtype(cfg.train, cfg.device),
+                            micro_batch_size=cfg.ppo.micro_batch_size, param_dtype=param_dtype(cfg.train, cfg.device),
                             activation_checkpointing=cfg.train.activation_checkpointing)
     return local_actors(
         learners=[learner],

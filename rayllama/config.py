@@ -193,7 +193,8 @@ class PPOConfig:
     iterations: int = 100
     prompts_per_iteration: int = 512
     samples_per_prompt: int = 1
-    mini_batch_size: int = 64
+    mini_batch_size: int = 64  # rows per optimizer step, over all learners (each trains on its 1/num_learners share)
+    micro_batch_size: int = 16  # rows per learner forward within its share of a mini-batch (and in its read-outs)
     epochs_per_iteration: int = 1  # passes over the iteration's rollouts (one gradient step per mini-batch)
     clip: float = 0.2
     value_clip: float = 0.2
@@ -433,10 +434,19 @@ def validate(cfg: PipelineConfig) -> None:
     _check(cfg.reward.policy_temperature > 0, f"reward.policy_temperature {cfg.reward.policy_temperature} must be > 0")
     p = cfg.ppo
     rollouts = p.prompts_per_iteration * p.samples_per_prompt
+    for key in ("prompts_per_iteration", "samples_per_prompt", "mini_batch_size", "micro_batch_size", "num_learners"):
+        _check(getattr(p, key) >= 1, f"ppo.{key} {getattr(p, key)} must be >= 1")
+    # every learner gets all the rollouts, cuts them into mini-batches and trains on its 1/num_learners share of
+    # each (actors.policy.PolicyLearner.train): the rollouts must split into mini-batches, a mini-batch into shares
     _check(
-        rollouts % (p.mini_batch_size * p.num_learners) == 0,
-        f"ppo.prompts_per_iteration x ppo.samples_per_prompt = {rollouts} is not a multiple of ppo.mini_batch_size x "
-        f"ppo.num_learners = {p.mini_batch_size * p.num_learners}; make it a multiple",
+        rollouts % p.mini_batch_size == 0,
+        f"ppo.prompts_per_iteration x ppo.samples_per_prompt = {rollouts} is not a multiple of ppo.mini_batch_size "
+        f"{p.mini_batch_size}; make it a multiple",
+    )
+    _check(
+        p.mini_batch_size % p.num_learners == 0,
+        f"ppo.mini_batch_size {p.mini_batch_size} is not a multiple of ppo.num_learners {p.num_learners} (each "
+        f"learner trains on an equal share of a mini-batch); make ppo.num_learners a divisor of it",
     )
     _check(p.engine in ("torch", "vllm", "auto"), f"ppo.engine '{p.engine}' is not torch, vllm or auto")
     _check(p.value_init in ("reward", "sft"), f"ppo.value_init '{p.value_init}' is not reward or sft")

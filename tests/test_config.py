@@ -101,6 +101,17 @@ def test_semantic_errors_name_the_key_and_the_fix(override, needle):
     assert needle in _one_line(e.value)
 
 
+def test_learners_need_an_equal_share_of_each_mini_batch_only():
+    """Every learner gets all the rollouts and trains on its 1/N share of each mini-batch (actors.policy): the
+    rollouts must be a multiple of ppo.mini_batch_size and N a divisor of it, nothing more."""
+    assert load_config(None, ["ppo.num_learners=16"]).ppo.num_learners == 16  # 512 rollouts, mini-batches of 64
+    assert load_config(None, ["ppo.num_learners=64"]).ppo.num_learners == 64
+    assert "ppo.num_learners 3" in _one_line(pytest.raises(ConfigError, load_config, None, ["ppo.num_learners=3"]).value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["ppo.micro_batch_size=0"])
+    assert "ppo.micro_batch_size 0 must be >= 1" in _one_line(e.value)
+
+
 def test_driver_prints_one_line_and_exits_2_before_ray_starts(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "rayllama.driver", str(ROOT / "configs" / "sft.yaml"), "sft.epohcs=1",

@@ -162,9 +162,8 @@ def mini_batches(exp: Experience, size: int, epochs: int = 1, seed: int = 0) -> 
     """`epochs` passes over `exp`, each a fresh permutation (seeded by seed and the epoch) cut into B / size
     mini-batches: one gradient step each (LLaMA 2 / PPO). B must be a multiple of `size`."""
     if size < 1 or len(exp) % size:
-        raise ValueError(f"{len(exp)} rollouts per learner are not a multiple of the mini-batch size {size}; "
-                         f"make prompts_per_iteration x samples_per_prompt a multiple of "
-                         f"mini_batch_size x num_learners")
+        raise ValueError(f"{len(exp)} rollouts are not a multiple of the mini-batch size {size}; make "
+                         f"ppo.prompts_per_iteration x ppo.samples_per_prompt a multiple of ppo.mini_batch_size")
     for epoch in range(epochs):
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         order = torch.randperm(len(exp), generator=g)
