@@ -8,7 +8,9 @@ Roles and names (the dashboard shows them):
     reward-safety        RewardScorer("safety")
     rollout-<i>          RolloutGenerator, i < ppo.num_generators
 
-The learners train and read out in micro-batches of `ppo.micro_batch_size` rows.
+The learners train and read out in micro-batches of `ppo.micro_batch_size` rows; every learner computes in, and
+the reference and reward scorers hold their weights in, `rayllama.config.param_dtype(cfg.train, its device)`
+(bfloat16 on cuda with train.param_dtype auto, float32 on the CPU); the generators keep theirs.
 
 Resources per role come from `ppo.resources` (one bundle per actor, fractional CPUs allowed, plus custom Ray
 resources per role: `ppo.resources.learner.resources={node_a: 0.1}` pins the learner to the node(s) that offer
@@ -144,15 +146,17 @@ def _device(cfg: PipelineConfig, r: ActorResources) -> str:
 def _start_scorers_and_generators(cfg: PipelineConfig, res: RLResources, options: Callable[[int], dict], first: int,
                                   policy_dir: str | Path, engine: str, count: int, reward_helpfulness_dir: str | Path,
                                   reward_safety_dir: str | Path) -> tuple[Any, Any, list[Any]]:
-    """The two reward scorers at bundles first, first + 1 and `count` generators on `policy_dir` after them."""
+    """The two reward scorers at bundles first, first + 1 (weights in `param_dtype(cfg.train, their device)`) and
+    `count` generators on `policy_dir` after them."""
     from actors.reward import RewardScorerActor
     from actors.rollout import RolloutGeneratorActor
 
     threads, reward_device = cfg.threads_per_worker, _device(cfg, res.reward)
+    dtype = param_dtype(cfg.train, reward_device)
     reward_h = RewardScorerActor.options(**options(first)).remote(
-        "helpfulness", reward_helpfulness_dir, device=reward_device, threads=threads)
+        "helpfulness", reward_helpfulness_dir, device=reward_device, dtype=dtype, threads=threads)
     reward_s = RewardScorerActor.options(**options(first + 1)).remote(
-        "safety", reward_safety_dir, device=reward_device, threads=threads)
+        "safety", reward_safety_dir, device=reward_device, dtype=dtype, threads=threads)
     generators = [RolloutGeneratorActor.options(**options(first + 2 + i)).remote(
         policy_dir, engine, device=_device(cfg, res.rollout), threads=threads) for i in range(count)]
     return reward_h, reward_s, generators
@@ -273,8 +277,9 @@ def create_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir:
                               micro_batch_size=ppo.micro_batch_size, **_learner_kwargs(cfg, res))
 
     learners = learners_now()
+    reference_device = _device(cfg, res.reference)
     reference = ReferenceModelActor.options(**options(n)).remote(
-        reference_dir, device=_device(cfg, res.reference), threads=threads)
+        reference_dir, device=reference_device, dtype=param_dtype(cfg.train, reference_device), threads=threads)
     reward_h, reward_s, generators = _start_scorers_and_generators(
         cfg, res, options, n + 1, policy_dir, ppo.engine, m, reward_helpfulness_dir, reward_safety_dir)
     rebuild = _learner_rebuilder(learners_now, [f"{name_prefix}{roles[i][0]}" for i in range(n)]) if n > 1 else None
@@ -337,14 +342,15 @@ def create_local_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, referenc
 
     if cfg.ppo.num_learners != 1:
         raise ValueError(f"local RL actors support ppo.num_learners=1, got {cfg.ppo.num_learners}; use Ray actors")
+    dtype = param_dtype(cfg.train, cfg.device)
     learner = PolicyLearner(policy_dir, reward_helpfulness_dir, cfg.ppo, seed=cfg.seed, device=cfg.device,
-                            micro_batch_size=cfg.ppo.micro_batch_size, param_dtype=param_dtype(cfg.train, cfg.device),
+                            micro_batch_size=cfg.ppo.micro_batch_size, param_dtype=dtype,
                             activation_checkpointing=cfg.train.activation_checkpointing)
     return local_actors(
         learners=[learner],
-        reference=ReferenceModel(reference_dir, device=cfg.device),
-        reward_helpfulness=RewardScorer("helpfulness", reward_helpfulness_dir, device=cfg.device),
-        reward_safety=RewardScorer("safety", reward_safety_dir, device=cfg.device),
+        reference=ReferenceModel(reference_dir, device=cfg.device, dtype=dtype),
+        reward_helpfulness=RewardScorer("helpfulness", reward_helpfulness_dir, device=cfg.device, dtype=dtype),
+        reward_safety=RewardScorer("safety", reward_safety_dir, device=cfg.device, dtype=dtype),
         generators=[RolloutGenerator(policy_dir, cfg.ppo.engine, device=cfg.device)
                     for _ in range(cfg.ppo.num_generators)],
     )
@@ -357,15 +363,14 @@ def create_local_rejection_actors(cfg: PipelineConfig, policy_dir: str | Path, r
     from actors.reward import RewardScorer
     from actors.rollout import RolloutGenerator
 
-    rej = cfg.rejection
+    rej, dtype = cfg.rejection, param_dtype(cfg.train, cfg.device)
     learner = PolicyLearner(policy_dir, None, None, seed=cfg.seed, device=cfg.device,
-                            micro_batch_size=rej.micro_batch_size, sft_optim=rej.optim,
-                            param_dtype=param_dtype(cfg.train, cfg.device),
+                            micro_batch_size=rej.micro_batch_size, sft_optim=rej.optim, param_dtype=dtype,
                             activation_checkpointing=cfg.train.activation_checkpointing)
     return local_actors(
         learners=[learner], reference=None,
-        reward_helpfulness=RewardScorer("helpfulness", reward_helpfulness_dir, device=cfg.device),
-        reward_safety=RewardScorer("safety", reward_safety_dir, device=cfg.device),
+        reward_helpfulness=RewardScorer("helpfulness", reward_helpfulness_dir, device=cfg.device, dtype=dtype),
+        reward_safety=RewardScorer("safety", reward_safety_dir, device=cfg.device, dtype=dtype),
         generators=[RolloutGenerator(policy_dir, rej.engine, device=cfg.device) for _ in range(rej.num_generators)],
     )
 

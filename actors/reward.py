@@ -23,15 +23,17 @@ Message = Mapping[str, str]
 
 
 class RewardScorer:
-    """A ScalarHeadModel reward model with its tokenizer; `score` returns one raw float per pair."""
+    """A ScalarHeadModel reward model with its tokenizer, its weights in `dtype` (actors.group passes
+    `rayllama.config.param_dtype(cfg.train, device)`); `score` returns one raw float per pair (the head's output
+    upcast to float32)."""
 
-    def __init__(self, kind: str, model_dir: str | Path, *, device: str = "cpu", batch_size: int = 32,
-                 threads: int | None = None) -> None:
+    def __init__(self, kind: str, model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 batch_size: int = 32, threads: int | None = None) -> None:
         if kind not in KINDS:
             raise ValueError(f"reward kind {kind!r} is not one of {', '.join(KINDS)}")
         if threads:
             torch.set_num_threads(threads)
-        model, self.cfg, _ = load_model(model_dir, device=device)
+        model, self.cfg, _ = load_model(model_dir, device=device, dtype=dtype)
         if not isinstance(model, ScalarHeadModel):
             raise ValueError(f"{kind} reward checkpoint {model_dir} is a causal LM; pass a reward model checkpoint")
         tokenizer_path = resolve(model_dir) / TOKENIZER

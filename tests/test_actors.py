@@ -11,8 +11,16 @@ import torch
 from test_ppo_loop import REQUIRED
 from worlds import tiny_config
 
-from actors.group import PlacementError, create_rl_actors, shutdown_rl_actors, start_learners
+from actors.group import (
+    PlacementError,
+    create_local_rl_actors,
+    create_rl_actors,
+    shutdown_rl_actors,
+    start_learners,
+)
 from actors.policy import PolicyLearner
+from actors.reference import ReferenceModel
+from actors.reward import RewardScorer
 from rayllama.checkpoint import is_complete, load_model
 from rayllama.config import ActorResources, OptimConfig
 from rayllama.dist import dcp
@@ -107,6 +115,37 @@ def test_reward_scorer_actor_equals_direct_computation(ray_session, actors, worl
             expected.append(float(model(torch.tensor([ids]))[0, -1]))
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-5, rtol=0)
     assert torch.tensor(expected).std() > 0.1  # the scores are not all alike
+
+
+def test_frozen_roles_hold_the_configured_dtype_and_return_float32(world, cfg):
+    """The reference and the reward scorers load their weights in the dtype actors.group gives them
+    (param_dtype(cfg.train, device): bf16 on cuda) and still return float32 log-probs (a float32 log-softmax) and
+    scores; here bf16 on the CPU against the float32 roles."""
+    batch = collate(PROMPTS, [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]])
+    pairs = [([{"role": "user", "content": "add the number"}], "the sum is 7"),
+             ([{"role": "user", "content": "how do I make a cake"}], "sorry, I cannot")]
+    ref16 = ReferenceModel(world.sft, dtype=torch.bfloat16, micro_batch_size=3)
+    ref32 = ReferenceModel(world.sft, micro_batch_size=3)
+    assert {p.dtype for p in ref16.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in ref32.model.parameters()} == {torch.float32}  # the default: nothing changes on CPU
+    logp16, logp32 = ref16.logprobs(batch), ref32.logprobs(batch)
+    assert logp16.dtype == torch.float32 and logp16.shape == logp32.shape
+    torch.testing.assert_close(logp16, logp32, atol=0.05, rtol=0)  # bf16 weights, float32 log-softmax
+    assert bool((logp16[batch.action_mask == 0] == 0).all())
+    for kind, path in (("helpfulness", world.reward_helpfulness), ("safety", world.reward_safety)):
+        rm16 = RewardScorer(kind, path, dtype=torch.bfloat16)
+        assert {p.dtype for p in rm16.model.parameters()} == {torch.bfloat16}
+        scores = rm16.score(pairs)
+        assert all(type(x) is float for x in scores)  # upcast from the bf16 head
+        torch.testing.assert_close(torch.tensor(scores), torch.tensor(RewardScorer(kind, path).score(pairs)),
+                                   atol=0.1, rtol=0.05)
+    # actors.group wires train.param_dtype (and ppo.micro_batch_size) into the roles it creates
+    bf16 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, param_dtype="bfloat16"),
+                               ppo=dataclasses.replace(cfg.ppo, micro_batch_size=3))
+    local = create_local_rl_actors(bf16, world.sft, world.sft, world.reward_helpfulness, world.reward_safety)
+    for handle in (local.reference, local.reward_helpfulness, local.reward_safety):
+        assert {p.dtype for p in handle.obj.model.parameters()} == {torch.bfloat16}
+    assert local.learners[0].obj.micro_batch_size == 3 and local.learners[0].obj.param_dtype == torch.bfloat16
 
 
 def test_two_fsdp_learners_step_like_one_learner_on_the_union(ray_session, world, cfg):
