@@ -16,7 +16,8 @@ c bytes per compute element: 2 in bfloat16, 4 in float32; train.param_dtype, aut
       to the compute dtype), sharded on dim 0 over R ranks (each holds ceil(rows / R) rows of every tensor, FSDP2's
       padded shard): 4 B parameter + 4 B gradient + 8 B AdamW (exp_avg, exp_avg_sq) per local element; DDP
       (scaling.strategy ddp) keeps whole replicas (R = 1). Frozen roles (reference, reward scorers, generators)
-      hold the whole model in c bytes.
+      hold the whole model in c bytes: actors.group loads the reference and the reward scorers in
+      rayllama.config.param_dtype (the generators load float32 today: planned in c bytes all the same).
   gathered  FSDP2 all-gathers a unit's parameters in c bytes to compute with it: the root unit (embedding, final
       norm, head), which is not resharded between forward and backward, with its unsharded gradients (c bytes)
       through backward, and two blocks (the one computing, the one prefetched) plus one block's unsharded gradient
@@ -43,15 +44,17 @@ c bytes per compute element: 2 in bfloat16, 4 in float32; train.param_dtype, aut
   context  1 GB per process on a GPU (CUDA context, cuBLAS and NCCL workspaces).
 
 Micro-batches: pretrain/sft/gatt.micro_batch_size rows, reward 2 x reward.micro_batch_size (chosen and rejected
-in one forward); the PPO learner min(16, ppo.mini_batch_size / ppo.num_learners) rows of max_seq_len tokens
-(actors.policy.PolicyLearner's micro-batch within its share of a mini-batch; policy and value both forward before
-one backward, so both keep activations), the reference 16, a reward scorer 32 rows.
+in one forward); the PPO learner min(ppo.micro_batch_size, ppo.mini_batch_size / ppo.num_learners) rows of
+max_seq_len tokens (actors.policy.PolicyLearner's micro-batch within its share of a mini-batch; policy and value
+both forward before one backward, so both keep activations), the reference 16, a reward scorer 32 rows.
 
 Placement: stages run one after another, so each stage's processes get the cluster to themselves (GAtt: its
 sampling actors, then its fine-tune). Processes are placed in role order (learners, reference, reward scorers,
 generators, as actors.group creates them), first fit node by node as Ray's PACK placement group packs bundles:
 num_gpus >= 1 takes that many whole GPUs on one node and uses the first (its torch device), a fraction shares a
 GPU whose fractions sum to <= 1, 0 runs on the CPU. Ray places by GPU fractions only; the plan checks the bytes.
+A reference, reward scorer or generator that needs more than a whole GPU by itself fits no layout of these GPUs
+(there are no sharded inference roles or tensor-parallel vLLM yet): the stage's first problem and the verdict say so.
 """
 
 from __future__ import annotations
@@ -66,11 +69,10 @@ from rayllama.model import ModelConfig
 GB = 1e9
 CONTEXT = int(1e9)  # per process on a GPU
 ENGINE_ROWS = 64  # rows a generation engine decodes at once (TorchEngine / VLLMEngine max_batch_size)
-LEARNER_MICRO = 16  # actors.policy.PolicyLearner micro_batch_size
 REFERENCE_MICRO = 16  # actors.reference.ReferenceModel micro_batch_size
 SCORER_BATCH = 32  # actors.reward.RewardScorer batch_size
 WHOLE_MODEL = ("GPUs with more memory (cluster.gpu_memory_gb): a reference, reward scorer or generator holds the "
-               "whole model on one device")
+               "whole model on one device (no sharded inference roles or tensor-parallel vLLM yet)")
 
 
 class PlanError(ValueError):
@@ -151,6 +153,12 @@ class Role:
     share: int = 0
     batch: str = ""  # rows x tokens per forward
     fixes: str = ""
+    whole_model: bool = False  # reference, reward scorers, generators: the whole model on one device
+
+    @property
+    def alone(self) -> int:
+        """Bytes one process needs on a GPU by itself (vLLM: its weights and one row of KV cache)."""
+        return self.total - self.kv + self.kv_row if self.paged else self.total
 
     @property
     def on_gpu(self) -> bool:
@@ -250,15 +258,16 @@ def learner_role(cfg: PipelineConfig, m: ModelConfig) -> Role:
     """A PPO learner rank: policy (Transformer) + value (ScalarHeadModel), each with AdamW, FSDP over
     ppo.num_learners; logits on the ppo.max_new_tokens response positions."""
     p = cfg.ppo
-    b = max(1, min(LEARNER_MICRO, p.mini_batch_size // p.num_learners))
-    most = p.prompts_per_iteration * p.samples_per_prompt // p.mini_batch_size  # validate: rollouts % (mini x N) == 0
-    more = (f"more learners to shard over (ppo.num_learners, at most {most} at this ppo.mini_batch_size)"
-            if p.num_learners < most else
-            f"more learners, which takes a smaller ppo.mini_batch_size ({most} learners is the most "
-            f"{most * p.mini_batch_size} rollouts allow at ppo.mini_batch_size {p.mini_batch_size})")
+    b = max(1, min(p.micro_batch_size, p.mini_batch_size // p.num_learners))
+    # validate: ppo.num_learners divides ppo.mini_batch_size (every learner trains on an equal share of each)
+    larger = [d for d in range(p.num_learners + 1, p.mini_batch_size + 1) if p.mini_batch_size % d == 0]
+    more = (f"more learners to shard over (ppo.num_learners: a divisor of ppo.mini_batch_size {p.mini_batch_size}, "
+            f"e.g. {larger[0]}; at most {p.mini_batch_size})" if larger else
+            f"more learners, which takes a larger ppo.mini_batch_size ({p.num_learners} learners is the most "
+            f"ppo.mini_batch_size {p.mini_batch_size} allows: ppo.num_learners must divide it)")
     role = training_role(cfg, m, "ppo", "policy-learner", p.num_learners, p.resources.learner.num_gpus,
                          p.num_learners if cfg.scaling.strategy == "fsdp" else 1, b, m.max_seq_len, ("lm", "scalar"),
-                         p.max_new_tokens, True, _fixes(cfg, more, "ppo.mini_batch_size / ppo.num_learners"))
+                         p.max_new_tokens, True, _fixes(cfg, more, "ppo.micro_batch_size"))
     return role
 
 
@@ -280,7 +289,7 @@ def frozen_role(cfg: PipelineConfig, m: ModelConfig, stage: str, name: str, res:
     return Role(stage, name, 1, _gpus(cfg, res.num_gpus), params=c * numel(param_shapes(m, head)), act_ckpt=peak,
                 act_full=peak, logits=_logits(m, b * (logit_tokens if head == "lm" else s), c, head),
                 batch=f"{b}x{s}",
-                fixes=WHOLE_MODEL)
+                fixes=WHOLE_MODEL, whole_model=True)
 
 
 def _scorers(cfg: PipelineConfig, m: ModelConfig, stage: str, res: ActorResources) -> list[Role]:
@@ -309,7 +318,7 @@ def generator_role(cfg: PipelineConfig, m: ModelConfig, stage: str, res: ActorRe
     role = Role(stage, "rollout", count, _gpus(cfg, res.num_gpus), params=c * numel(param_shapes(m)),
                 logits=_logits(m, rows, c), kv=rows * kv_row, kv_full=rows * kv_row, kv_row=kv_row, rows=rows,
                 batch=f"{rows}x{s}",
-                fixes=WHOLE_MODEL)
+                fixes=WHOLE_MODEL, whole_model=True)
     role.act_ckpt = role.act_full = _forward_peak(m, rows, s, c, True)
     if engine in ("vllm", "auto") and role.on_gpu:
         role.paged, role.share = True, int(vllm_utilization() * cfg.cluster.gpu_memory_gb * GB)
@@ -379,17 +388,32 @@ class StagePlan:
     notes: list[str] = field(default_factory=list)
     problems: list[tuple[int, int, str]] = field(default_factory=list)  # (role index, bytes free (< 0), line)
 
-    @property
-    def role_problems(self) -> list[str]:
-        """One problem per role that has any (its worst), in role order (learners, reference, scorers, generators)."""
+    def _worst(self) -> dict[int, str]:
         first: dict[int, str] = {}
         for index, _, line in sorted(self.problems):
             first.setdefault(index, line)
-        return list(first.values())
+        return first
+
+    @property
+    def role_problems(self) -> list[str]:
+        """One problem per role that has any (its worst), in role order (learners, reference, scorers, generators)."""
+        return list(self._worst().values())
+
+    @property
+    def blockers(self) -> list[Role]:
+        """Whole-model roles (reference, reward scorers, generators) that need more than a whole GPU by themselves:
+        no layout of these GPUs fits the stage."""
+        cap = self.gpus[0].capacity if self.gpus else 0
+        return [r for r in self.roles if r.whole_model and r.on_gpu and r.alone > cap]
 
     @property
     def problem(self) -> str | None:
-        return self.role_problems[0] if self.problems else None
+        """The stage's first problem: a blocker's, else the first role's in role order."""
+        worst = self._worst()
+        for role in self.blockers:
+            if self.roles.index(role) in worst:
+                return worst[self.roles.index(role)]
+        return next(iter(worst.values()), None)
 
     @property
     def used_gpus(self) -> list[Gpu]:
@@ -553,7 +577,10 @@ def format_plan(plan: Plan) -> str:
         lines.extend(_placement_lines(sp))
     lines.append("")
     bad = [s.stage for s in plan.stages if s.problem]
-    lines.append(f"does not fit: {', '.join(bad)} (above)" if bad else "fits")
+    why = [f"; no layout of {cl.gpu_memory_gb:g} GB GPUs fits {s.stage}: {', '.join(r.name for r in s.blockers)} "
+           f"each hold the whole model ({max(r.params for r in s.blockers) / GB:.1f} GB in {dtype}) on one GPU "
+           f"(sharded inference roles and tensor-parallel vLLM are future work)" for s in plan.stages if s.blockers]
+    lines.append(f"does not fit: {', '.join(bad)} (above){''.join(why)}" if bad else "fits")
     return "\n".join(lines)
 
 

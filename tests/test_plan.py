@@ -66,13 +66,31 @@ def test_7b_stages_on_one_8x80gb_node():
     # every GPU holds a learner (0.6) and one of reference, two reward scorers, five generators (0.4)...
     assert [len(g.procs) for g in ppo.gpus] == [2] * 8
     assert all(g.procs[0][1] is learner for g in ppo.gpus)
-    # ...and that is more than 80 GB: a learner rank alone needs > 50 GB (policy + value sharded 8 ways, their
-    # activations at 8 x 4096 tokens), so PPO does not fit one node
-    assert learner.total > 50 * GB and ppo.problem is not None and "policy-learner" in ppo.problem
-    # on two nodes (learners on one, the rest a GPU each on the other) it fits
+    # ...which fits at the configured learner micro-batch of 4 rows x 4096 tokens (peak 75.7 GB, beside a generator)
+    assert plan.fits and learner.batch == "4x4096" and ppo.problem is None
+    assert 75 * GB < max(g.used for g in ppo.gpus) <= 80 * GB
+    # at 8 rows a learner rank needs > 50 GB (policy + value sharded 8 ways, their activations): it does not fit
+    eight = build_plan(load_config(CONFIGS / "llama2-7b.yaml", ["ppo.micro_batch_size=8"])).stages[-1]
+    assert eight.roles[0].batch == "8x4096" and eight.roles[0].total > 50 * GB
+    assert eight.problem is not None and "policy-learner" in eight.problem and "ppo.micro_batch_size" in eight.problem
+    # on two nodes (learners on one, the rest a GPU each on the other) 8 rows fit too
     two = build_plan(load_config(CONFIGS / "llama2-7b.yaml", [
-        "cluster.nodes=2", *(f"ppo.resources.{r}.num_gpus=1" for r in ("learner", "reference", "reward", "rollout"))]))
+        "ppo.micro_batch_size=8", "cluster.nodes=2",
+        *(f"ppo.resources.{r}.num_gpus=1" for r in ("learner", "reference", "reward", "rollout"))]))
     assert two.fits and len(two.stages[-1].used_gpus) == 16
+
+
+def test_13b_ppo_fits_two_nodes_with_a_smaller_learner_micro_batch():
+    """8 learners a GPU each on node 0, the reference, reward scorers and generators a GPU each on node 1; 16
+    learners would put a 32-42 GB frozen process beside every learner on node 0."""
+    plan = build_plan(load_config(CONFIGS / "llama2-13b.yaml"))
+    ppo = plan.stages[-1]
+    assert plan.fits and ppo.roles[0].shards == 8 and ppo.roles[0].batch == "4x4096"
+    assert {g.node for g in ppo.gpus if any(r is ppo.roles[0] for _, r in g.procs)} == {0}
+    assert not build_plan(load_config(CONFIGS / "llama2-13b.yaml", ["ppo.micro_batch_size=8"])).fits
+    shared = ["ppo.num_learners=16", "ppo.resources.learner.num_gpus=0.6",
+              *(f"ppo.resources.{r}.num_gpus=0.4" for r in ("reference", "reward", "rollout"))]
+    assert not build_plan(load_config(CONFIGS / "llama2-13b.yaml", shared)).fits
 
 
 def test_infeasible_layout_is_one_line_plan_error():
@@ -84,9 +102,19 @@ def test_infeasible_layout_is_one_line_plan_error():
     assert "\n" not in msg
     assert msg.startswith("pretrain: trainer-0 needs") and "GB" in msg and "80 GB" in msg
     assert "fix:" in msg and "scaling.num_workers" in msg and "micro_batch_size" in msg
-    # the 70B frozen roles hold the whole model (138 GB in bf16) on one GPU: PPO cannot fit 80 GB GPUs
-    ppo = build_plan(load_config(CONFIGS / "llama2-70b.yaml")).stages[-1]
-    assert any(line.startswith("ppo: reference needs") for line in ppo.role_problems)
+    # the 70B frozen roles hold the whole model (138 GB in bf16) on one GPU: PPO cannot fit 80 GB GPUs, even where
+    # the learners do (64 of them on 10 nodes at 1 row: 59.4 GB), and the first problem and the verdict say so
+    plan = build_plan(load_config(CONFIGS / "llama2-70b.yaml", ["ppo.num_learners=64", "ppo.micro_batch_size=1",
+                                                                "cluster.nodes=10"]))
+    ppo = plan.stages[-1]
+    assert ppo.roles[0].total < 60 * GB and not any(line.startswith("ppo: policy") for line in ppo.role_problems)
+    assert [r.name for r in ppo.blockers] == ["reference", "reward-helpfulness", "reward-safety", "rollout"]
+    assert ppo.problem.startswith("ppo: reference needs")
+    with pytest.raises(PlanError, match=r"^ppo: reference needs 158\.4 GB .*no sharded inference roles"):
+        check_plan(load_config(CONFIGS / "llama2-70b.yaml"))
+    verdict = plan.table().splitlines()[-1]
+    assert verdict.startswith("does not fit: ppo (above); no layout of 80 GB GPUs fits ppo")
+    assert "whole model (138.0 GB in bfloat16)" in verdict
 
 
 def test_cpu_pipeline_plans_nothing_on_gpus():
