@@ -20,11 +20,15 @@ reduce-scatters the mean of the ranks' gradients, so every step is exactly one l
 mini-batch (the token mean), gradients clipped to ppo.optim.grad_clip per model by their global norm. The stats
 are all-reduced too: every rank returns the whole mini-batch's token means.
 
-Collectives: `train`, `logprobs`, `values`, `weights`, `greedy`, `save`, `load` and `export_policy` run forwards
-or gather parameters, so the loop calls each on every rank of the group (rayllama.rl.ppo does). The read-outs take
-each rank's share of the rows (ranks with fewer micro-batches run idle forwards to stay in step); `weights`,
-`greedy` and `export_policy` return rank 0's result (other ranks take part in the gathers and return None, or,
-for `weights`, no state but the same checksum).
+Collectives: `train`, `logprobs`, `values`, `send_weights`, `greedy`, `save`, `load` and `export_policy` run
+forwards or gather parameters, so the loop calls each on every rank of the group (rayllama.rl.ppo does). The
+read-outs take each rank's share of the rows (ranks with fewer micro-batches run idle forwards to stay in step);
+`greedy` and `export_policy` return rank 0's result (other ranks take part in the gathers and return None).
+
+Weight sync (rayllama.rl.weight_sync): rank 0 is also rank 0 of the weight-sync group with the generators (a
+process group of its own, over a TCPStore rank 0 serves); `send_weights` gathers the policy one parameter at a time
+on every rank and rank 0 broadcasts it in buckets. A failed broadcast (a generator died or stalled) still runs
+the gathers to the end, so the learner group stays in step, and drops rank 0's end of the sync group.
 
 Checkpoints (`save` / `load`): torch.distributed.checkpoint under `<path>/train_state` (each rank writes its shards
 of both models and both optimizers; schedulers, version and RNG in extra.pt; complete once its COMPLETE marker
@@ -76,14 +80,7 @@ from rayllama.losses import (
     value_loss,
 )
 from rayllama.model import Transformer
-from rayllama.rl.actors_api import (
-    TRAIN_STATE,
-    LearnerLostError,
-    checksum_from_sums,
-    state_to_numpy,
-    tensor_sum,
-    weights_checksum,
-)
+from rayllama.rl.actors_api import TRAIN_STATE, LearnerLostError
 from rayllama.rl.experience import (
     Experience,
     SequenceBatch,
@@ -92,6 +89,7 @@ from rayllama.rl.experience import (
     mini_batches,
     to_device,
 )
+from rayllama.rl.weight_sync import SyncMember, open_store, send, stream_state, wire_dtype
 from rayllama.train.loop import example_order, lm_micro_loss
 from rayllama.train.optim import build_optimizer, build_scheduler, lr_factor
 
@@ -168,6 +166,9 @@ class PolicyLearner:
         self.sft_opt = build_optimizer(self.policy, sft_optim) if sft_optim is not None else None
         self.version = 0  # +1 per train() / sft_train(): the label of the weights `weights()` publishes
         self.state_lost = False  # True in a Ray restart: refuse work until load()/restore_initial()
+        self._weight_sync: SyncMember | None = None  # rank 0's end of the weight-sync group
+        self._sync_store: Any = None  # rank 0 serves the group's TCPStore
+        self._sync_address = ""
 
     def _join_group(self, init_method: str | None, timeout_s: float) -> None:
         import torch.distributed as dist
@@ -312,21 +313,54 @@ class PolicyLearner:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=tuple(stop_token_ids))
         return [samples[0].token_ids for samples in engine.generate(prompt_ids, params)]
 
-    def weights(self) -> tuple[dict[str, Any] | None, int, float]:
-        """(state as numpy arrays, version, weights_checksum(state)) of the policy, for the generators. Collective:
-        the parameters are gathered one at a time; rank 0 keeps them, other ranks return (None, version, the
-        checksum of what they gathered)."""
-        self._require_state("weights")
-        state: dict[str, Any] = {}
-        sums: dict[str, float] = {}
-        for name, tensor in iter_full_state(self.policy):
-            if self.rank == 0:
-                state.update(state_to_numpy({name: tensor}))
+    # ------------------------------------------------------------------------------------------ weight sync
+
+    def open_weight_sync(self, timeout_s: float) -> str:
+        """Rank 0: serve the weight-sync group's store on a free port of this node (once); returns host:port."""
+        if self._sync_store is None:
+            self._sync_store, self._sync_address = open_store(timeout_s)
+        return self._sync_address
+
+    def join_weight_sync(self, address: Any, rank: int, size: int, backend: str, timeout_s: float,
+                         generation: int) -> int:
+        """Rank 0 joins weight-sync group `generation` as its sender (blocks until every generator joined)."""
+        if self.rank != 0 or rank != 0:
+            raise ValueError(f"only policy-learner rank 0 sends weights (sync rank 0); this is rank {self.rank}")
+        self._weight_sync = None
+        store = self._sync_store if backend != "local" else None
+        self._weight_sync = SyncMember(address, 0, size, backend, timeout_s, generation, device=self.device,
+                                       store=store)
+        return generation
+
+    def weight_sync_generation(self) -> int:
+        return self._weight_sync.generation if self._weight_sync is not None else 0
+
+    def send_weights(self, generation: int, bucket_mb: float, dtype: str, verify: bool) -> dict[str, Any]:
+        """The policy to the generators (rayllama.rl.weight_sync.send). Collective over the learner group: every
+        rank gathers the parameters one at a time; rank 0 packs and broadcasts them. Returns rank 0's report
+        ({"ok", "version", ...}); other ranks {"ok": True, "version"}."""
+        self._require_state("send_weights")
+        tensors = iter_full_state(self.policy)
+        if self.rank != 0:
+            for _ in tensors:
+                pass
+            return {"ok": True, "version": self.version}
+        try:
+            member = self._weight_sync
+            if member is None or member.generation != generation:
+                result = {"ok": False, "version": self.version, "step": 0, "behind": [],
+                          "error": f"policy-learner-0 is not in weight-sync group {generation} (restarted?)"}
             else:
-                sums[name] = tensor_sum(tensor)
-        if self.rank == 0:
-            return state, self.version, weights_checksum(state)
-        return None, self.version, checksum_from_sums(sums)
+                names, shapes = stream_state(self.policy)
+                result = send(member, names, shapes, tensors, self.version, wire_dtype(dtype),
+                              max(1, int(bucket_mb * 2**20)), verify)
+        finally:
+            for _ in tensors:  # the other ranks gather with this one to the end, whatever happened to the send
+                pass
+        if not result["ok"] and self._weight_sync is not None:
+            self._weight_sync.close()  # the healthy receivers fail at once; the loop forms a new group
+            self._weight_sync = None
+        return result
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -536,14 +570,10 @@ class PolicyLearner:
 
 @ray.remote
 class PolicyLearnerActor(PolicyLearner):
-    """Ray shell: the weights go into the object store once, from rank 0; the driver passes the ref on."""
+    """Ray shell (one process per rank)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # after a crash Ray reruns this constructor (max_restarts, lone learners only): SFT weights, not the run's;
         # refuse work until the loop restores a checkpoint
         self.state_lost = ray.get_runtime_context().was_current_actor_reconstructed
-
-    def weights(self) -> tuple[Any, int, float]:  # type: ignore[override]
-        state, version, checksum = super().weights()
-        return (ray.put(state) if state is not None else None), version, checksum

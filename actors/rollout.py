@@ -1,8 +1,12 @@
 """RolloutGenerator: samples responses for PPO with a `GenerationEngine`, and takes the learner's new weights.
 
-Every `Completion` carries the weight version that produced it. `update_weights(state, version, checksum)`
-refuses a version older than the one held (`StaleWeightsError`) and a state whose `weights_checksum` differs from
-the sender's (`WeightChecksumError`), then loads the weights and records the version.
+Every `Completion` carries the weight version that produced it. Weights arrive over the weight-sync group
+(rayllama.rl.weight_sync): `join_weight_sync` makes this generator a member (sync rank 1..M, learner rank 0 sends),
+`receive_weights` takes one update: the header (names, shapes, version) is checked first (a version older than the
+one held: `StaleWeightsError`, after the update is drained so the group stays in step), then each bucket's tensors
+are copied into the engine as they arrive, then the digests, when the update carries them, are checked
+(`WeightChecksumError`). A generator whose update failed part-way holds mixed weights: it reports version -1 and
+refuses to generate until it is sent a whole update.
 
 Engines (rayllama.engines.make_engine): "torch" (rayllama.generation.TorchEngine), "vllm" (rayllama.vllm_engine,
 in-process vLLM with in-place weight reloads), "auto" (vLLM when importable and able to run the model).
@@ -10,33 +14,18 @@ in-process vLLM with in-place weight reloads), "auto" (vLLM when importable and 
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 
 from rayllama.engines import engine_model_config, make_engine
 from rayllama.generation import Completion, SamplingParams
-from rayllama.rl.actors_api import (
-    ActorRestartedError,
-    StaleWeightsError,
-    WeightChecksumError,
-    checksums_match,
-    weights_checksum,
-)
-
-
-def _as_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """A tensor over the received array without copying (Ray hands out read-only numpy views)."""
-    if isinstance(value, torch.Tensor):
-        return value
-    with warnings.catch_warnings():  # read-only is fine: load_weights only reads it
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(value)
+from rayllama.rl.actors_api import ActorRestartedError, StaleWeightsError
+from rayllama.rl.weight_sync import Incoming, SyncMember, WeightSyncError, check_header, receive
+from rayllama.vllm_engine import expected_shapes
 
 
 class RolloutGenerator:
@@ -46,28 +35,66 @@ class RolloutGenerator:
                  max_batch_size: int = 64, threads: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
+        self.device = device
         self.engine = make_engine(engine, model_dir, device, max_batch_size=max_batch_size)
         self.model_cfg = engine_model_config(self.engine)
+        self.shapes = expected_shapes(self.model_cfg)
+        self.sync: SyncMember | None = None
+        self.torn = False  # an update failed part-way: mixed weights, refuse to serve
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         """`params.n` completions per prompt; each carries `weight_version`."""
+        if self.torn:
+            raise ActorRestartedError("this rollout generator's last weight update failed part-way (mixed "
+                                      "weights); send it the current weights first")
         return self.engine.generate(prompt_ids, params)
 
-    def update_weights(self, state: Mapping[str, Any], version: int, checksum: float) -> int:
-        """Load `state` as weight `version` after checking it is not stale and its checksum matches."""
-        current = self.engine.weight_version
-        if version < current:
-            raise StaleWeightsError(f"weight version {version} is older than the generator's {current}; "
-                                    f"send the learner's latest weights")
-        received = weights_checksum(state)
-        if not checksums_match(received, checksum):
-            raise WeightChecksumError(f"weights for version {version} have checksum {received!r} but the sender "
-                                      f"computed {checksum!r}; the transfer is corrupt, send them again")
-        self.engine.load_weights({k: _as_tensor(v) for k, v in state.items()}, version)
-        return version
+    def weight_dtype(self) -> str:
+        """The engine's weight dtype (what `ppo.weight_sync.dtype: auto` sends)."""
+        dtype = getattr(self.engine, "dtype", None)
+        if dtype is None:
+            dtype = next(self.engine.model.parameters()).dtype
+        return str(dtype).removeprefix("torch.")
+
+    def join_weight_sync(self, address: Any, rank: int, size: int, backend: str, timeout_s: float,
+                         generation: int) -> str:
+        """Become rank `rank` of weight-sync group `generation` (blocks until every member joined); returns the
+        engine's dtype."""
+        self.sync = None
+        self.sync = SyncMember(address, rank, size, backend, timeout_s, generation, device=self.device)
+        return self.weight_dtype()
+
+    def weight_sync_generation(self) -> int:
+        """The weight-sync group this generator is in (0: none, e.g. after a restart)."""
+        return self.sync.generation if self.sync is not None else 0
+
+    def receive_weights(self, generation: int) -> int:
+        """Take one update from the weight-sync group (see module docstring); returns its version."""
+        if self.sync is None or self.sync.generation != generation:
+            raise WeightSyncError(f"this generator is not in weight-sync group {generation} (it restarted?); form "
+                                  f"the group again")
+        try:
+            incoming = receive(self.sync)
+            self._load(incoming)
+        except RuntimeError:  # the group broke (a peer died or stalled): leave it, the loop forms a new one
+            self.sync = None
+            raise
+        self.torn = False
+        return incoming.version
+
+    def _load(self, incoming: Incoming) -> None:
+        """Check the update's header, copy its buckets into the engine as they arrive, check the digests."""
+        try:
+            check_header(incoming, self.shapes, self.engine.weight_version)
+        except (ValueError, StaleWeightsError):
+            incoming.finish()  # drain: the sender and the other generators go on in step
+            raise
+        self.torn = True
+        self.engine.load_weights_stream(incoming.tensors(), incoming.version, len(self.shapes))
+        incoming.finish()
 
     def version(self) -> int:
-        return self.engine.weight_version
+        return -1 if self.torn else self.engine.weight_version
 
     def max_seq_len(self) -> int:
         """Longest prompt + response the engine's model takes."""
@@ -76,7 +103,7 @@ class RolloutGenerator:
 
 @ray.remote
 class RolloutGeneratorActor(RolloutGenerator):
-    """Ray shell (one process per generator); `update_weights` receives the state Ray resolved from one ref.
+    """Ray shell (one process per generator).
 
     After a crash Ray reruns the constructor (max_restarts): the generator is back on its start checkpoint, so
     until it is sent weights it reports version -1 and refuses to generate (`ActorRestartedError`; the loops send
@@ -92,8 +119,8 @@ class RolloutGeneratorActor(RolloutGenerator):
                                       "checkpoint's weights; send it the current weights first")
         return super().generate(prompt_ids, params)
 
-    def update_weights(self, state: Mapping[str, Any], version: int, checksum: float) -> int:
-        version = super().update_weights(state, version, checksum)
+    def receive_weights(self, generation: int) -> int:
+        version = super().receive_weights(generation)
         self.restarted = False
         return version
 

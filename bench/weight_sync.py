@@ -1,13 +1,18 @@
-"""Weight sync cost: learner -> 2 rollout generators through Ray's object store, vs a memcpy of the same bytes.
+"""Weight sync cost: learner -> 2 rollout generators over the weight-sync group (gloo broadcast, the product path),
+the old object-store path (kept here as a reference implementation), and a memcpy of the same bytes.
 
-    .venv/bin/python bench/weight_sync.py [--sizes 10 100] [--reps 5] [--generators 2]
+    .venv/bin/python bench/weight_sync.py [--sizes 10 100] [--reps 5] [--generators 2] [--bucket-mb 64]
 
-For each model size (millions of parameters) a `PolicyLearnerActor` publishes its policy the way the PPO loop does
-(`weights()`: numpy views, checksum, one `ray.put` in the learner) and every `RolloutGeneratorActor` takes the ref
-(`update_weights`: zero-copy read from the object store, checksum check, copy into its model). Reported per sync:
-the publish time, the generators' update time (in parallel), the total, and a single-process `np.copyto` of
-the same number of bytes (the floor a copy-based sync cannot beat), and one `weights_checksum` of the state in this
-process (each sync computes it twice: once in the learner, once in each generator). Writes bench/results/weight_sync.json.
+For each model size (millions of parameters) a `PolicyLearnerActor` and `--generators` `RolloutGeneratorActor`s:
+
+    collective    rayllama.rl.weight_sync.WeightSync.push: learner rank 0 gathers the policy, packs it into
+                  buckets of --bucket-mb MB and broadcasts each over gloo; the generators copy each bucket into
+                  their model in place (no verification: ppo.verify_weights_every 0, and a verified run)
+    object store  what the loop did before: the learner puts the state as numpy arrays with one `ray.put`, every
+                  generator reads the ref (zero-copy) and copies it into its model (no checksums)
+    memcpy        a single-process `np.copyto` of the same number of bytes (the floor a copy-based sync cannot beat)
+
+Reported: median seconds per update and the ratio collective / memcpy. Writes bench/results/weight_sync.json.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,10 +53,31 @@ def memcpy_seconds(nbytes: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def bench_size(ray, size: int, reps: int, n_generators: int, root: Path) -> dict:
+def _object_store_weights(self) -> Any:
+    """The old path's sender, run in the learner (reference implementation: numpy views, one ray.put)."""
+    import ray
+
+    from rayllama.dist.fsdp import iter_full_state
+
+    return ray.put({name: t.numpy() for name, t in iter_full_state(self.policy)}), self.version
+
+
+def _object_store_load(self, state: dict) -> int:
+    """The old path's receiver, run in a generator: tensors over the received arrays, copied into the model."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        self.engine.load_weights({k: torch.from_numpy(v) for k, v in state.items()}, self.engine.weight_version)
+    return self.engine.weight_version
+
+
+def bench_size(ray, size: int, reps: int, n_generators: int, bucket_mb: float, root: Path) -> dict:
     from actors.policy import PolicyLearnerActor
     from actors.rollout import RolloutGeneratorActor
     from rayllama.checkpoint import save_model
+    from rayllama.rl.actors_api import RLActors
+    from rayllama.rl.weight_sync import WeightSync
 
     cfg = SHAPES[size]
     torch.manual_seed(0)
@@ -60,29 +87,34 @@ def bench_size(ray, size: int, reps: int, n_generators: int, root: Path) -> dict
     gens = [RolloutGeneratorActor.options(num_cpus=0.5).remote(str(model_dir), threads=1)
             for _ in range(n_generators)]
     ray.get([a.__ray_ready__.remote() for a in [learner, *gens]])
-    publish, update, total = [], [], []
-    for _ in range(reps + 1):  # the first sync warms up (object store pages, numpy paths)
-        start = time.perf_counter()
-        state_ref, version, checksum = ray.get(learner.weights.remote())
-        mid = time.perf_counter()
-        ray.get([g.update_weights.remote(state_ref, version, checksum) for g in gens])
-        end = time.perf_counter()
-        publish.append(mid - start)
-        update.append(end - mid)
-        total.append(end - start)
-        del state_ref
+    actors = RLActors(learners=[learner], reference=None, reward_helpfulness=None, reward_safety=None,
+                      generators=gens, call_timeout_s=600.0)
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(reps + 1):  # the first run warms up (group formation, object store pages)
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
+
+    collective = WeightSync(backend="gloo", bucket_mb=bucket_mb, timeout_s=120.0, verify_every=0)
+    collective_s = timed(lambda: collective.push(actors))
+    verified = WeightSync(backend="gloo", bucket_mb=bucket_mb, timeout_s=120.0, verify_every=1)
+    verified_s = timed(lambda: verified.push(actors))
+
+    def object_store() -> None:
+        ref, _ = ray.get(learner.__ray_call__.remote(_object_store_weights))
+        ray.get([g.__ray_call__.remote(_object_store_load, ref) for g in gens])
+        del ref
+
+    object_store_s = timed(object_store)
     for a in [learner, *gens]:
         ray.kill(a)
-    from rayllama.rl.actors_api import state_to_numpy, weights_checksum
-
-    state = state_to_numpy(Transformer(cfg).state_dict())
-    nbytes = sum(a.nbytes for a in state.values())
-    start = time.perf_counter()
-    weights_checksum(state)
-    checksum_s = time.perf_counter() - start
-    return {"checksum_s": checksum_s, "params": count_params(cfg), "bytes": nbytes, "generators": n_generators,
-            "publish_s": statistics.median(publish[1:]), "update_s": statistics.median(update[1:]),
-            "sync_s": statistics.median(total[1:]), "memcpy_s": memcpy_seconds(nbytes, reps)}
+    nbytes = 4 * count_params(cfg)
+    return {"params": count_params(cfg), "bytes": nbytes, "generators": n_generators, "bucket_mb": bucket_mb,
+            "collective_s": collective_s, "collective_verified_s": verified_s, "object_store_s": object_store_s,
+            "memcpy_s": memcpy_seconds(nbytes, reps)}
 
 
 def main() -> None:
@@ -90,6 +122,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100], choices=sorted(SHAPES))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--generators", type=int, default=2)
+    ap.add_argument("--bucket-mb", type=float, default=64.0)
     ap.add_argument("--out", default="bench/results/weight_sync.json")
     args = ap.parse_args()
     import ray
@@ -98,15 +131,18 @@ def main() -> None:
              _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            rows = [bench_size(ray, size, args.reps, args.generators, Path(tmp)) for size in args.sizes]
+            rows = [bench_size(ray, size, args.reps, args.generators, args.bucket_mb, Path(tmp))
+                    for size in args.sizes]
     finally:
         ray.shutdown()
-    print(f"\nweight sync, learner -> {args.generators} generators (median of {args.reps})")
-    print(f"{'params':>8}{'MiB':>8}{'publish s':>11}{'update s':>10}{'sync s':>9}{'memcpy s':>10}"
-          f"{'sync/memcpy':>13}{'checksum s':>12}")
+    print(f"\nweight update, learner -> {args.generators} generators, fp32, {args.bucket_mb:g} MB buckets "
+          f"(median of {args.reps}, seconds)")
+    print(f"{'params':>8}{'MiB':>8}{'collective':>12}{'+verify':>10}{'obj store':>11}{'memcpy':>9}"
+          f"{'coll/memcpy':>13}{'store/memcpy':>14}")
     for r in rows:
-        print(f"{r['params'] / 1e6:>7.1f}M{r['bytes'] / 2**20:>8.0f}{r['publish_s']:>11.3f}{r['update_s']:>10.3f}"
-              f"{r['sync_s']:>9.3f}{r['memcpy_s']:>10.3f}{r['sync_s'] / r['memcpy_s']:>13.1f}{r['checksum_s']:>12.3f}")
+        print(f"{r['params'] / 1e6:>7.1f}M{r['bytes'] / 2**20:>8.0f}{r['collective_s']:>12.3f}"
+              f"{r['collective_verified_s']:>10.3f}{r['object_store_s']:>11.3f}{r['memcpy_s']:>9.3f}"
+              f"{r['collective_s'] / r['memcpy_s']:>13.1f}{r['object_store_s'] / r['memcpy_s']:>14.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2) + "\n")
 

@@ -185,6 +185,16 @@ class RLResources:
 
 
 @dataclass
+class WeightSyncConfig:
+    """How the learner sends new policy weights to the generators (rayllama.rl.weight_sync): a broadcast over a
+    gloo (CPU) or NCCL (GPU) process group of learner rank 0 and every generator."""
+
+    bucket_mb: float = 64.0  # tensors are packed into buckets of about this many MB, one broadcast each
+    dtype: str = "auto"  # on the wire: auto (the generators' dtype) | float32 | bfloat16 | float16
+    timeout_s: float = 60.0  # every collective of an update; a dead or stalled generator fails it within this
+
+
+@dataclass
 class PPOConfig:
     """LLaMA 2 PPO (section 3.2.3): constant lr 1e-6, batch 512, mini-batch 64, clip 0.2, beta 0.01, one gradient
     step per mini-batch, reward = whiten(logit(R_c)) - beta * KL with the 0.15 safety gate. Tiny configs scale
@@ -213,6 +223,8 @@ class PPOConfig:
     num_learners: int = 1
     num_generators: int = 1
     engine: str = "torch"  # torch | vllm | auto
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    verify_weights_every: int = 1  # blake2b of every bucket on both sides every N-th update (0: off)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, schedule="constant"))
     checkpoint_every: int = 10
     eval_every: int = 0  # 0: gold eval after the stage only
@@ -449,6 +461,12 @@ def validate(cfg: PipelineConfig) -> None:
         f"learner trains on an equal share of a mini-batch); make ppo.num_learners a divisor of it",
     )
     _check(p.engine in ("torch", "vllm", "auto"), f"ppo.engine '{p.engine}' is not torch, vllm or auto")
+    w = p.weight_sync
+    _check(w.bucket_mb > 0, f"ppo.weight_sync.bucket_mb {w.bucket_mb} must be > 0")
+    _check(w.dtype in ("auto", "float32", "bfloat16", "float16"),
+           f"ppo.weight_sync.dtype '{w.dtype}' is not auto, float32, bfloat16 or float16")
+    _check(w.timeout_s > 0, f"ppo.weight_sync.timeout_s {w.timeout_s} must be > 0")
+    _check(p.verify_weights_every >= 0, f"ppo.verify_weights_every {p.verify_weights_every} must be >= 0 (0: off)")
     _check(p.value_init in ("reward", "sft"), f"ppo.value_init '{p.value_init}' is not reward or sft")
     _check(p.kl_estimator in ("k1", "k3"), f"ppo.kl_estimator '{p.kl_estimator}' is not k1 or k3")
     _check(0.0 < p.clip < 1.0, f"ppo.clip {p.clip} must be in (0, 1)")

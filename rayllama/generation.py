@@ -12,7 +12,7 @@ Shape symbols: B prompts in a chunk, N = B * n rows being decoded, P padded prom
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -81,6 +81,11 @@ class GenerationEngine(ABC):
     def load_weights(self, state_dict: dict[str, Tensor], version: int) -> None:
         """Replace the model's weights (same keys and shapes) and record `version`."""
 
+    @abstractmethod
+    def load_weights_stream(self, tensors: Iterable[tuple[str, Tensor]], version: int, count: int) -> None:
+        """Copy `count` (name, tensor) pairs into the model in place as they arrive (a weight update streamed
+        over the weight-sync group: the caller checked names and shapes), then record `version`."""
+
     @property
     @abstractmethod
     def weight_version(self) -> int:
@@ -136,6 +141,16 @@ class TorchEngine(GenerationEngine):
     @property
     def weight_version(self) -> int:
         return self._version
+
+    def load_weights_stream(self, tensors: Iterable[tuple[str, Tensor]], version: int, count: int) -> None:
+        own, copied = self.model.state_dict(), 0
+        with torch.no_grad():
+            for name, value in tensors:
+                own[name].copy_(value)
+                copied += 1
+        if copied != count:
+            raise RuntimeError(f"weight update copied {copied} of {count} tensors; the engine holds mixed weights")
+        self._version = int(version)
 
     def load_weights(self, state_dict: dict[str, Tensor], version: int) -> None:
         """Copy `state_dict` into the model (strict: same keys, same shapes; checked before anything is copied)."""

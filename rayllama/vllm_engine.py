@@ -11,9 +11,9 @@ process, so a weight update is a function call on the worker, not a transfer.
               q/k/v and gate/up), then reset_prefix_cache() so no KV block of the old weights is reused
 
 The reload path is vLLM's layer-wise in-place reload: on CPU it re-runs the weight processing (oneDNN packing)
-per layer, on GPU it copies into the original storage (CUDA graphs stay valid). It is the fastest update vLLM
-0.32 offers when the weights arrive as host tensors (the learner publishes numpy arrays through Ray's object
-store); a learner-to-vLLM NCCL broadcast (`weight_transfer_config`) is the next step on multi-GPU clusters.
+per layer, on GPU it copies into the original storage (CUDA graphs stay valid). The weights arrive over the
+weight-sync group (rayllama.rl.weight_sync: a gloo or NCCL broadcast from learner rank 0, bucket by bucket) and
+`load_weights_stream` hands vLLM each tensor as its bucket lands, so the update never holds a second full copy.
 
 vLLM is imported lazily: importing this module costs nothing.
 """
@@ -26,7 +26,7 @@ import os
 import random
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,6 @@ import torch
 from rayllama.checkpoint import ARCHITECTURES, CONFIG, CheckpointError, config_from_hf, resolve
 from rayllama.generation import Completion, GenerationEngine, SamplingParams, check_prompts
 from rayllama.model import ModelConfig, Transformer
-from rayllama.rl.actors_api import weights_checksum
 
 # vLLM 0.32's CPU attention kernels (v1/attention/backends/cpu_attn.py); used if that module cannot be read
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -136,7 +135,6 @@ class VLLMEngine(GenerationEngine):
         self.dtype = _dtype_name(dtype)
         self._shapes = expected_shapes(self.model_cfg)
         self._version = 0
-        self.weights_checksum: float | None = None  # `weights_checksum` of the last load_weights state
 
         set_vllm_env(cache_root)
         try:
@@ -200,21 +198,26 @@ class VLLMEngine(GenerationEngine):
         loader (vLLM itself only logs a warning for weights it did not get)."""
         self._check_state(state_dict)
         names = sorted(state_dict)  # sorted keeps each layer's tensors together (vLLM buffers per layer)
+        self.load_weights_stream(((name, _as_tensor(state_dict[name])) for name in names), version, len(names))
+
+    def load_weights_stream(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int, count: int) -> None:
+        """vLLM's in-place reload from (name, tensor) pairs as they arrive (over the weight-sync group, layer by
+        layer in the policy's state order), then drop the prefix cache; every one of the `count` tensors must
+        reach vLLM's loader."""
         fed = 0
 
         def weights() -> Iterator[tuple[str, torch.Tensor]]:
             nonlocal fed
-            for name in names:
-                yield name, _as_tensor(state_dict[name])
+            for name, tensor in tensors:
+                yield name, tensor
                 fed += 1
 
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
-        if fed != len(names):
-            raise RuntimeError(f"vLLM's reload consumed {fed} of {len(names)} tensors; the engine now holds "
+        if fed != count:
+            raise RuntimeError(f"vLLM's reload consumed {fed} of {count} tensors; the engine now holds "
                                f"mixed weights, reload the full state")
         self.llm.reset_prefix_cache()
         self._version = int(version)
-        self.weights_checksum = weights_checksum(state_dict)
 
     # ------------------------------------------------------------------------------------------- generate
 

@@ -25,9 +25,10 @@ from rayllama.checkpoint import is_complete, load_model
 from rayllama.config import ActorResources, OptimConfig
 from rayllama.dist import dcp
 from rayllama.generation import SamplingParams
-from rayllama.rl.actors_api import StaleWeightsError, WeightChecksumError
+from rayllama.rl.actors_api import ActorCallError, StaleWeightsError
 from rayllama.rl.experience import Experience, collate
 from rayllama.rl.ppo import run_ppo
+from rayllama.rl.weight_sync import WeightSync, digest
 
 PROMPTS = [[1, 30, 31, 32], [1, 40], [1, 50, 51, 52, 53, 54], [1, 60, 61]]
 
@@ -72,29 +73,60 @@ def test_generator_greedy_equals_learner_greedy_after_every_update(ray_session, 
     ray, learner, gen = ray_session, actors.learners[0], actors.generators[0]
     eos = world.tokenizer.eos_id
     greedy = SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=(eos,))
-    outputs, checksums = [], []
+    outputs, digests, sync = [], [], WeightSync(backend="gloo", timeout_s=30.0)
     for update in range(3):
-        if update:  # a PPO step, then the sync the loop does: one ref from the learner to the generator
+        if update:  # a PPO step, then the sync the loop does: a gloo broadcast from the learner to the generator
             ray.get(learner.train.remote(synthetic_experience(ray, learner, update), update))
-        state_ref, version, checksum = ray.get(learner.weights.remote())
-        assert ray.get(gen.update_weights.remote(state_ref, version, checksum)) == version
+        version = sync.push(actors)
+        assert ray.get(gen.version.remote()) == version
         mine = [c[0].token_ids for c in ray.get(gen.generate.remote(PROMPTS, greedy))]
         assert mine == ray.get(learner.greedy.remote(PROMPTS, 8, (eos,)))
         outputs.append(mine)
-        checksums.append(checksum)
-    assert len(set(checksums)) == 3  # every update changed the weights ...
+        digests.append(ray.get(gen.__ray_call__.remote(lambda self: digest(torch.cat(
+            [t.reshape(-1) for t in self.engine.model.state_dict().values()])))))
+    assert len(set(digests)) == 3  # every update changed the generator's weights ...
     assert outputs[0] != outputs[-1]  # ... enough to change greedy output, so the equality is not vacuous
 
 
-def test_generator_refuses_stale_version_and_wrong_checksum(ray_session, actors):
+def _set_learner_version(ray, learner, version: int) -> None:
+    def set_version(self, v=version):
+        self.version = v
+
+    ray.get(learner.__ray_call__.remote(set_version))
+
+
+def _break_digests(ray, learner, broken: bool) -> None:
+    """In the learner's process: the sender's digests all zero (broken) or blake2b again."""
+    def patch(self, broken=broken):
+        import rayllama.rl.weight_sync as ws
+
+        if broken:
+            ws._real_digest = getattr(ws, "_real_digest", ws.digest)
+            ws.digest = lambda buffer: bytes(ws.DIGEST_BYTES)
+        elif hasattr(ws, "_real_digest"):
+            ws.digest = ws._real_digest
+
+    ray.get(learner.__ray_call__.remote(patch))
+
+
+def test_generator_refuses_stale_version_and_wrong_digest(ray_session, actors):
     ray, learner, gen = ray_session, actors.learners[0], actors.generators[0]
-    state_ref, version, checksum = ray.get(learner.weights.remote())
-    ray.get(gen.update_weights.remote(state_ref, version + 1, checksum))
-    with pytest.raises(StaleWeightsError, match="older than the generator's"):
-        ray.get(gen.update_weights.remote(state_ref, version, checksum))
-    with pytest.raises(WeightChecksumError, match="corrupt"):
-        ray.get(gen.update_weights.remote(state_ref, version + 2, checksum * (1 + 1e-9) + 1e-9))
-    assert ray.get(gen.version.remote()) == version + 1  # refused updates change nothing
+    sync = WeightSync(backend="gloo", timeout_s=30.0)
+    version = sync.push(actors)
+    _set_learner_version(ray, learner, version - 1)
+    try:
+        with pytest.raises(StaleWeightsError, match="older than the generator's"):
+            sync.push(actors)
+        assert ray.get(gen.version.remote()) == version  # a refused update changes nothing
+        _set_learner_version(ray, learner, version)
+        _break_digests(ray, learner, True)  # every bucket arrives with a digest that does not match its bytes
+        with pytest.raises(ActorCallError, match=r"rollout-0: .*bucket 0 of \d+ hashes differently"):
+            sync.push(actors)
+        assert ray.get(gen.version.remote()) == -1  # it holds weights it could not verify: refuses to serve
+    finally:
+        _break_digests(ray, learner, False)
+        _set_learner_version(ray, learner, version)
+    assert sync.push(actors) == version and ray.get(gen.version.remote()) == version
 
 
 def test_reward_scorer_actor_equals_direct_computation(ray_session, actors, world):
@@ -148,7 +180,7 @@ def test_frozen_roles_hold_the_configured_dtype_and_return_float32(world, cfg):
     assert local.learners[0].obj.micro_batch_size == 3 and local.learners[0].obj.param_dtype == torch.bfloat16
 
 
-def test_two_fsdp_learners_step_like_one_learner_on_the_union(ray_session, world, cfg):
+def test_two_fsdp_learners_step_like_one_learner_on_the_union(ray_session, world, cfg, tmp_path):
     """An FSDP2 group of 2 ranks, each training on its 4 of the mini-batch's 8 rows (loss normalised by the
     union's token count, gradients reduce-scattered as the ranks' mean), takes the step one local learner takes on
     all 8 rows (mini_batch_size 8 in both)."""
@@ -162,12 +194,11 @@ def test_two_fsdp_learners_step_like_one_learner_on_the_union(ray_session, world
         exp = synthetic_experience(ray, local, seed=9)
         ray.get([learner.train.remote(exp, 0) for learner in pair])
         local.train(exp, 0)
-        (s0, _, c0), (s1, _, c1) = ray.get([learner.weights.remote() for learner in pair])
-        assert c0 == c1  # both ranks gathered the same full weights
-        assert s1 is None  # only rank 0 puts the state into the object store
-        state0 = ray.get(s0)
+        written = ray.get([learner.export_policy.remote(str(tmp_path / "pair")) for learner in pair])
+        assert written[1] is None  # both ranks gather, only rank 0 writes
+        state0 = load_model(written[0])[0].state_dict()
         for name, tensor in local.policy.state_dict().items():
-            torch.testing.assert_close(torch.from_numpy(state0[name].copy()), tensor, atol=2e-6, rtol=1e-5)
+            torch.testing.assert_close(state0[name], tensor, atol=2e-6, rtol=1e-5)
         sft, _, _ = load_model(world.sft)
         assert not torch.allclose(local.policy.lm_head.weight, sft.lm_head.weight)
         # read-outs are collectives over uneven parts: 5 rows (3 micro-batches of <= 2) and 3 rows (2, plus one

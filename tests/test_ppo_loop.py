@@ -22,14 +22,15 @@ from rayllama.generation import SamplingParams
 from rayllama.model import Transformer
 from rayllama.rl.actors_api import (
     ActorCallError,
+    ActorRestartedError,
     StaleRolloutError,
     StaleWeightsError,
     WeightChecksumError,
     local_actors,
-    weights_checksum,
 )
 from rayllama.rl.experience import Experience, collate, mini_batches, pad_right, shard, trim
 from rayllama.rl.ppo import STATE_FILE, check_learners, latest_checkpoint, prompt_indices, run_ppo
+from rayllama.rl.weight_sync import LocalChannel, digest, plan_buckets
 
 
 def read_metrics(out_dir: Path) -> list[dict]:
@@ -97,11 +98,14 @@ def test_a_learner_that_restarted_is_caught():
         check_learners([{"version": 4.0}, {"version": 1.0}], 4)  # rank 1 came back with fresh SFT weights
 
 
-def test_weights_checksum_hand_computed_and_sensitive():
-    state = {"b": torch.tensor([5.0]), "a": torch.tensor([1.0, 2.0])}
-    assert weights_checksum(state) == 1 * (1.0 + 2.0) + 2 * 5.0  # sorted names: a (weight 1), b (weight 2) = 13
-    assert weights_checksum({"a": torch.tensor([1.0, 2.0 + 2**-20]), "b": state["b"]}) != 13.0
-    assert weights_checksum({"a": torch.tensor([5.0]), "b": torch.tensor([1.0, 2.0])}) == 5.0 + 2 * 3.0  # swapped
+def test_bucket_digest_is_over_the_bytes_and_buckets_are_planned_by_size():
+    bucket = torch.tensor([1.0, 2.0, 5.0])
+    assert digest(bucket) == digest(bucket.clone()) and len(digest(bucket)) == 16
+    assert digest(torch.tensor([1.0, 2.0 + 2**-20, 5.0])) != digest(bucket)  # one low bit of one element
+    assert digest(torch.tensor([5.0, 1.0, 2.0])) != digest(bucket)  # the same values in another order (a sum agrees)
+    assert digest(torch.tensor([0.0])) != digest(torch.tensor([-0.0]))  # equal floats, other bytes
+    # 4-byte elements, 40-byte buckets: 2 + 3 + 5 elements fill the first; 12 elements alone; then 1 + 1
+    assert plan_buckets([(2,), (3,), (5,), (3, 4), (1,), (1,)], 4, 40) == [(0, 3), (3, 4), (4, 6)]
 
 
 # ---------------------------------------------------------------------------------------------- roles, locally
@@ -133,17 +137,37 @@ def test_learner_and_reference_read_outs_equal_an_unpadded_forward(world):
             torch.testing.assert_close(values[i, :len(r)], expected, atol=1e-5, rtol=0)
 
 
-def test_generator_refuses_stale_versions_and_wrong_checksums(world):
+def test_generator_refuses_stale_versions_and_corrupt_buckets(world):
+    """The sync protocol between plain objects (the `local` backend carries the same messages as gloo): a stale
+    version is refused and changes nothing; a bucket altered on the wire fails its digest, and the generator, now
+    holding mixed weights, refuses to generate (version -1) until a whole update arrives."""
     gen, learner = RolloutGenerator(world.sft), PolicyLearner(world.sft, None, tiny_config(value_init="sft").ppo)
-    state, _, checksum = learner.weights()
-    assert gen.update_weights(state, 5, checksum) == 5 and gen.version() == 5
+    channel = LocalChannel()
+    learner.join_weight_sync(channel, 0, 2, "local", 5.0, 1)
+    gen.join_weight_sync(channel, 1, 2, "local", 5.0, 1)
+
+    def update(version: int, corrupt: bool = False) -> int:
+        learner.version = version
+        assert learner.send_weights(1, 0.01, "float32", True)["ok"]  # 10 KB buckets: several of them
+        if corrupt:
+            channel.messages[3].view(-1)[0] += 1e-6  # message 3: the second bucket
+        return gen.receive_weights(1)
+
+    assert update(5) == 5 and gen.version() == 5
+    assert len(channel.messages) > 4  # header size, header, >= 2 buckets, digests
     with pytest.raises(StaleWeightsError, match="older"):
-        gen.update_weights(state, 4, checksum)
-    with pytest.raises(WeightChecksumError, match="checksum"):
-        gen.update_weights(state, 6, checksum + 1e-6)
+        update(4)
     assert gen.version() == 5
+    with pytest.raises(WeightChecksumError, match="bucket 1 of"):
+        update(6, corrupt=True)
+    assert gen.version() == -1
+    with pytest.raises(ActorRestartedError, match="failed part-way"):
+        gen.generate([[1, 30, 31]], SamplingParams(max_new_tokens=3))
+    assert update(6) == 6 and gen.version() == 6
     completion = gen.generate([[1, 30, 31]], SamplingParams(max_new_tokens=3))[0][0]
-    assert completion.weight_version == 5
+    assert completion.weight_version == 6
+    for name, tensor in learner.policy.state_dict().items():
+        assert torch.equal(gen.engine.model.state_dict()[name], tensor), name
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -214,8 +238,8 @@ def test_resume_continues_at_the_checkpoint_and_matches_an_uninterrupted_run(wor
 class DeafGenerator(RolloutGenerator):
     """Acknowledges weight updates without loading them: its rollouts keep version 0."""
 
-    def update_weights(self, state, version, checksum):
-        return version
+    def _load(self, incoming):
+        incoming.finish()
 
 
 class ForgetfulGenerator(RolloutGenerator):
@@ -223,11 +247,12 @@ class ForgetfulGenerator(RolloutGenerator):
 
     dropped = False
 
-    def update_weights(self, state, version, checksum):
-        if version > 0 and not self.dropped:
+    def _load(self, incoming):
+        if incoming.version > 0 and not self.dropped:
             self.dropped = True
-            return version
-        return super().update_weights(state, version, checksum)
+            incoming.finish()
+            return
+        super()._load(incoming)
 
 
 def stand_in_actors(cfg: PipelineConfig, world: TinyWorld, generator: RolloutGenerator):

@@ -10,16 +10,15 @@ and the loops call methods by name on its handles, Ray-style:
 A `LocalHandle` runs `obj.method(*args)` at `.remote()` time and returns the result itself, which
 `RLActors.get` passes through, so the same loop code runs with and without Ray.
 
-Weight sync: the learner publishes `(state, version, checksum)`; `state` maps parameter names to numpy arrays
-(zero-copy through Ray's object store), `version` increases with every update, and `checksum` is
-`weights_checksum(state)`. A generator refuses a version older than its own (`StaleWeightsError`) and a state
-whose checksum differs (`WeightChecksumError`).
+Weight sync (rayllama.rl.weight_sync): learner rank 0 broadcasts the policy to the generators over a process group
+of their own (gloo on CPU, NCCL on GPU), in buckets, labelled with a version that increases with every update, and
+every `ppo.verify_weights_every`-th update with a blake2b digest per bucket. A generator refuses a version older
+than its own (`StaleWeightsError`) and buckets whose digest differs (`WeightChecksumError`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -38,7 +37,7 @@ class StaleWeightsError(ValueError):
 
 
 class WeightChecksumError(ValueError):
-    """Received weights whose checksum differs from the one the sender computed (corrupt or mixed-up tensors)."""
+    """Received weights whose digest differs from the one the sender computed (corrupt or mixed-up tensors)."""
 
 
 class StaleRolloutError(RuntimeError):
@@ -70,38 +69,6 @@ def state_to_numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray | 
         t = tensor.detach().cpu().contiguous()
         out[name] = t if t.dtype == torch.bfloat16 else t.numpy()
     return out
-
-
-def weights_checksum(state: Mapping[str, np.ndarray | torch.Tensor]) -> float:
-    """sum_k (k + 1) * sum(float64(w_k)) over the tensors w_k in sorted-name order.
-
-    Cheap (one pass at memory speed) and real: a changed element changes its tensor's float64 sum (float32 values
-    are exact in float64, so only the summation rounds, at ~1e-16 of the partial sums), and the position weight
-    k + 1 catches tensors swapped between names. Numpy's summation order is fixed by the shape, so sender and
-    receiver compute the same bits for the same data.
-    """
-    return checksum_from_sums({name: tensor_sum(w) for name, w in state.items()})
-
-
-def tensor_sum(w: np.ndarray | torch.Tensor) -> float:
-    """sum(float64(w)), the per-tensor term of `weights_checksum`."""
-    if isinstance(w, torch.Tensor):
-        w = w.detach().float().cpu().numpy()
-    return float(np.add.reduce(np.ascontiguousarray(w).reshape(-1), dtype=np.float64))
-
-
-def checksum_from_sums(sums: Mapping[str, float]) -> float:
-    """`weights_checksum` from the per-tensor sums (name -> tensor_sum): what a rank that streams the tensors one
-    at a time, without keeping them, computes."""
-    total = 0.0
-    for k, name in enumerate(sorted(sums)):
-        total += (k + 1) * sums[name]
-    return total
-
-
-def checksums_match(a: float, b: float) -> bool:
-    """Equal up to 1e-12 relative (the bits normally agree exactly; the slack only absorbs a numpy change)."""
-    return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-300)
 
 
 # ---------------------------------------------------------------------------------------------- handles
@@ -155,6 +122,7 @@ class RLActors:
     names: dict[str, Any] = field(default_factory=dict)  # actor name -> handle, for logs and fault injection
     rebuild_learners: Callable[[RLActors], None] | None = None  # new learner group after a lost rank (or None)
     peer_grace_s: float = 30.0  # how long a failed learner call waits for the other ranks' fate (see get_learners)
+    weight_sync: Any = None  # rayllama.rl.weight_sync.WeightSync, made by the loop on its first weight update
 
     def put(self, value: T) -> T:
         """One copy in the object store that every later call reads (local: the value itself)."""

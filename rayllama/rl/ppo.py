@@ -10,8 +10,9 @@ One iteration (`ppo_step`):
                             whitened advantages
     5. train                every rank of the learner group (FSDP2) gets the rollouts and trains on its share of
                             each mini-batch; one gradient step per mini-batch, equal to one learner's
-    6. sync weights         the ranks gather the new policy one parameter at a time; rank 0 puts one object-store
-                            copy, read by every generator (version, checksum)
+    6. sync weights         the ranks gather the new policy one parameter at a time; rank 0 broadcasts it in
+                            buckets to every generator over the weight-sync group (rayllama.rl.weight_sync: gloo
+                            on CPU, NCCL on GPU; version-labelled, blake2b-verified every verify_weights_every)
     7. log                  metrics.jsonl + TensorBoard, timing/<phase> seconds
 
 `run_ppo` wraps it with resume (the last complete `checkpoints/iter-XXXX`), periodic checkpoints and the final
@@ -25,7 +26,10 @@ COMPLETE written last), which loads into any number of learners. It is written i
 place, so it is complete when its state file is readable and train_state is complete (`latest_checkpoint`).
 
 Faults (every role restarts, `ppo.resources.max_restarts`):
-    generator           a restarted generator (start checkpoint's weights) reports version -1 and refuses to
+    generator           a generator that dies or stalls during a weight update fails it within
+                        ppo.weight_sync.timeout_s, named in one line; the loop forms the sync group again (a
+                        stalled one is killed and restarted) and resends, `retries` times.
+                        A restarted generator (start checkpoint's weights) reports version -1 and refuses to
                         generate until it is sent weights: the loop sends it the current weights before it serves
                         (`refresh_generators`, also before `RLActors.call` re-issues a call: bounded retries, each
                         wait bounded by call_timeout_s); a shard made by other weights is regenerated once
@@ -85,6 +89,7 @@ from rayllama.losses import (
 )
 from rayllama.rl.actors_api import TRAIN_STATE, ActorCallError, LearnerLostError, RLActors, StaleRolloutError
 from rayllama.rl.experience import Experience, SequenceBatch, collate, pad_right, split_rows
+from rayllama.rl.weight_sync import sync_for
 from rayllama.tokenizer import Tokenizer
 
 CHECKPOINTS, STATE_FILE, MODEL = "checkpoints", "ppo_state.json", "model"
@@ -104,7 +109,7 @@ class PPOLoop:
     overlap: bool = True  # issue the scoring calls together (False: one after another, for the bench)
     iteration: int = 0  # iterations done
     prompt_position: int = 0  # prompts consumed from the endless shuffled stream
-    weights: tuple[Any, int, float] | None = None  # (state or its ref, version, checksum) last pushed
+    weight_version: int = -1  # the version of the weights last pushed to the generators (-1: none yet)
     timings: dict[str, float] = field(default_factory=dict)
 
     @contextlib.contextmanager
@@ -158,10 +163,10 @@ def ppo_step(loop: PPOLoop) -> dict[str, float]:
     with loop.timed("train"):
         stats = actors.get_learners([learner.train.remote(exp, seed) for learner in actors.learners],
                                     "learner train")
-    check_learners(stats, loop.weights[1] + 1)
+    check_learners(stats, loop.weight_version + 1)
     loop.iteration = iteration
 
-    # 6. sync weights: one object-store copy, every generator reads it
+    # 6. sync weights: a broadcast from learner rank 0 to every generator
     with loop.timed("sync"):
         sync_weights(loop)
 
@@ -173,7 +178,7 @@ def ppo_step(loop: PPOLoop) -> dict[str, float]:
     return {
         "iteration": iteration,
         "prompt_position": loop.prompt_position,
-        "weight_version": loop.weights[1],
+        "weight_version": loop.weight_version,
         "reward/helpfulness": float(raw_helpful.mean()),
         "reward/safety": float(raw_safety.mean()),
         "reward/combined": float(torch.logit(r_combined.clamp(1e-6, 1 - 1e-6)).mean()),
@@ -220,12 +225,12 @@ def generate(loop: PPOLoop, index: list[int], iteration: int) -> list[Completion
 def generate_grouped(loop: Any, index: list[int],
                      params: Callable[[int], SamplingParams]) -> list[list[Completion]]:
     """Prompt j (of loop.prompt_ids[index[j]]) goes to generator j % M with `params(generator index)`; returns
-    the completions of every prompt, in prompt order, all made by the last pushed weights (loop.weights[1]).
+    the completions of every prompt, in prompt order, all made by the last pushed weights (loop.weight_version).
 
     A shard made by other weights (a generator that restarted from the SFT checkpoint, a missed update) gets the
     latest weights again and is regenerated once; if it is still off, `StaleRolloutError`. Shared by the PPO and
-    rejection-sampling loops (it reads loop.actors, loop.weights and loop.prompt_ids)."""
-    actors, m, expected = loop.actors, len(loop.actors.generators), loop.weights[1]
+    rejection-sampling loops (it reads loop.actors, loop.weight_version and loop.prompt_ids)."""
+    actors, m, expected = loop.actors, len(loop.actors.generators), loop.weight_version
     shards = {g: list(range(g, len(index), m)) for g in range(m) if g < len(index)}
     refresh_generators(loop)
 
@@ -240,7 +245,7 @@ def generate_grouped(loop: Any, index: list[int],
     results = run(list(shards))
     stale = [g for g, samples in results.items() if versions(samples) != {expected}]
     if stale:
-        push_weights(loop, [actors.generators[g] for g in stale])
+        push_weights(loop)
         results.update(run(stale))
         for g in stale:
             if versions(results[g]) != {expected}:
@@ -310,32 +315,29 @@ def check_learners(stats: list[dict[str, float]], expected_version: int) -> None
                                    f"again to resume from the last checkpoint")
 
 
-def push_weights(loop: PPOLoop, generators: list[Any]) -> None:
-    """loop.weights to `generators`; a generator that dies in the call is restarted by Ray and sent them again."""
-    state, version, checksum = loop.weights
-    loop.actors.call(lambda: [g.update_weights.remote(state, version, checksum) for g in generators],
-                     "generator weight update")
+def push_weights(loop: Any) -> None:
+    """The learners' current weights to every generator over the weight-sync group (formed on first use, formed
+    again after a restart); a generator that dies or stalls in it is named, restarted and sent them again
+    (rayllama.rl.weight_sync.WeightSync). Sets loop.weight_version."""
+    loop.weight_version = sync_for(loop.actors, loop.cfg).push(loop.actors)
 
 
 def refresh_generators(loop: PPOLoop) -> None:
-    """Send loop.weights to every generator that holds an older version, before it serves: a generator that Ray
-    restarted after a crash reports -1 until it is sent weights. One small call per generator."""
+    """Send the current weights again when a generator holds an older version, before it serves: a generator that
+    Ray restarted after a crash reports -1 until it is sent weights. One small call per generator; the update
+    itself is one broadcast to all of them."""
     actors = loop.actors
     held = actors.call(lambda: [g.version.remote() for g in actors.generators], "generator versions")
-    behind = [g for g, version in zip(actors.generators, held, strict=True) if version < loop.weights[1]]
+    behind = [g for g, version in zip(actors.generators, held, strict=True) if version < loop.weight_version]
     if behind:
-        log.warning(f"{len(behind)} generator(s) behind weight version {loop.weights[1]} (restarted?); "
+        log.warning(f"{len(behind)} generator(s) behind weight version {loop.weight_version} (restarted?); "
                     f"sending the current weights")
-        push_weights(loop, behind)
+        push_weights(loop)
 
 
-def sync_weights(loop: PPOLoop) -> None:
-    """The learner group's weights (gathered by every rank, one object-store copy put by rank 0) to every
-    generator."""
-    actors = loop.actors
-    loop.weights = actors.get_learners([learner.weights.remote() for learner in actors.learners],
-                                       "learner weights")[0]
-    push_weights(loop, actors.generators)
+def sync_weights(loop: Any) -> None:
+    """The learner group's weights (gathered by every rank, broadcast by rank 0) to every generator."""
+    push_weights(loop)
 
 
 def start_sync(loop: PPOLoop) -> None:
@@ -386,7 +388,7 @@ def save_checkpoint(loop: PPOLoop, out_dir: Path, metrics: dict[str, Any] | None
     tmp.mkdir(parents=True)
     actors = loop.actors
     actors.get_learners([learner.save.remote(str(tmp)) for learner in actors.learners], "learner save")
-    state = {"iteration": loop.iteration, "prompt_position": loop.prompt_position, "weight_version": loop.weights[1],
+    state = {"iteration": loop.iteration, "prompt_position": loop.prompt_position, "weight_version": loop.weight_version,
              "seed": loop.cfg.seed, "n_prompts": len(loop.prompt_ids), "metrics": metrics}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     if target.exists():

@@ -11,7 +11,7 @@ One iteration (`rejection_step`):
                             the best of the K samples by R_c; the pool keeps the best sample ever seen per prompt
                             (a later, worse sample never replaces a better one: the paper's fix for regressions)
     5. fine-tune            the policy on the whole pool with the SFT loss on answer tokens (`sft_rows`)
-    6. sync weights         the same path as PPO: one object-store copy, read by every generator
+    6. sync weights         the same path as PPO: a broadcast from the learner to every generator
     7. log                  metrics.jsonl + TensorBoard, the best-of-K curve (JSON + PNG), timing/<phase>
 
 `run_rejection` wraps it with resume (the last complete `checkpoints/iter-XXXX`, holding the policy with its
@@ -164,7 +164,7 @@ class RejectionLoop:
     max_seq_len: int  # the policy's: longer fine-tuning rows are dropped
     iteration: int = 0  # iterations done
     prompt_position: int = 0  # prompts consumed from the endless shuffled stream
-    weights: tuple[Any, int, float] | None = None  # (state or its ref, version, checksum) last pushed
+    weight_version: int = -1  # the version of the weights last pushed to the generators (-1: none yet)
     pool: dict[int, PoolEntry] = field(default_factory=dict)  # prompt index -> best sample ever
     curves: list[dict[str, Any]] = field(default_factory=list)  # the best-of-K curve of every iteration
     timings: dict[str, float] = field(default_factory=dict)
@@ -220,9 +220,9 @@ def rejection_step(loop: RejectionLoop) -> dict[str, float]:
         stats = fine_tune(loop, iteration)
     loop.iteration = iteration
 
-    # 6. sync weights: one object-store copy, every generator reads it
+    # 6. sync weights: a broadcast from the learner to every generator
     with loop.timed("sync"):
-        sync_weights(loop)  # PPO's sync path (it reads only .actors and .weights)
+        sync_weights(loop)  # PPO's sync path (it reads .actors, .cfg and .weight_version)
 
     # 7. metrics
     flat = [c for samples in completions for c in samples]
@@ -230,7 +230,7 @@ def rejection_step(loop: RejectionLoop) -> dict[str, float]:
     return {
         "iteration": iteration,
         "prompt_position": loop.prompt_position,
-        "weight_version": loop.weights[1],
+        "weight_version": loop.weight_version,
         "temperature": temperature,
         "reward/helpfulness": float(raw_helpful.mean()),
         "reward/safety": float(raw_safety.mean()),
@@ -283,7 +283,7 @@ def fine_tune(loop: RejectionLoop, iteration: int) -> dict[str, float]:
     seed = loop.cfg.seed * 1_000_003 + iteration
     stats = actors.get_learners(actors.learners[0].sft_train.remote(rows, rej.finetune_epochs, rej.batch_size,
                                                                     rej.micro_batch_size, seed), "learner sft_train")
-    check_learners([stats], loop.weights[1] + 1)
+    check_learners([stats], loop.weight_version + 1)
     return {**stats, "sft_rows_dropped": float(dropped)}
 
 
@@ -358,7 +358,7 @@ def save_checkpoint(loop: RejectionLoop, out_dir: Path, metrics: dict[str, Any] 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     loop.actors.get_learners(loop.actors.learners[0].save_sft.remote(str(tmp)), "learner save")
-    state = {"iteration": loop.iteration, "prompt_position": loop.prompt_position, "weight_version": loop.weights[1],
+    state = {"iteration": loop.iteration, "prompt_position": loop.prompt_position, "weight_version": loop.weight_version,
              "seed": loop.cfg.seed, "n_prompts": len(loop.prompt_ids), "curves": loop.curves, "metrics": metrics}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     (tmp / POOL_FILE).write_text(json.dumps([dataclasses.asdict(loop.pool[i]) for i in sorted(loop.pool)]) + "\n")
@@ -417,7 +417,7 @@ def run_rejection(cfg: PipelineConfig, actors: RLActors, prompts: list[PromptRec
     loop = RejectionLoop(cfg, actors, kept, prompt_ids, tokenizer, max_seq_len)
     resumed = resume(loop, out_dir)
     # the generators start from the learner's weights (the checkpoint's, on resume), labelled no older than theirs
-    start_sync(loop)  # PPO's (it reads only .actors and .weights)
+    start_sync(loop)  # PPO's (it reads .actors, .cfg and .weight_version)
 
     def reset() -> None:
         loop.iteration, loop.prompt_position, loop.pool, loop.curves = 0, 0, {}, []

@@ -1,0 +1,572 @@
+"""Policy weights from the learner group to the generators over a collective: gloo on CPU, NCCL on GPU.
+
+The weight-sync group is learner rank 0 (sync rank 0) and every generator (sync ranks 1..M): a process group of
+its own, separate from the learners' FSDP group. A process that already has a default group (an FSDP learner; a
+vLLM worker initialises one too) cannot join a second one through `init_process_group`, and `dist.new_group` only
+spans members of the default group, so every member builds the backend object directly over a shared store:
+
+    store  torch.distributed.TCPStore served by learner rank 0 (`open_store`), a PrefixStore per generation
+    group  torch.distributed.ProcessGroupGloo(store, rank, size, timeout)   (CPU)
+           torch.distributed.ProcessGroupNCCL(store, rank, size, options)  (GPU)
+
+The backend name is the only difference between CPU and GPU; every collective carries `ppo.weight_sync.timeout_s`.
+A `local` backend (`LocalChannel`) carries the same messages between plain objects in one process (the loop's
+local actors, tests): the sender runs first and the receivers read what it wrote.
+
+One update, every message a broadcast from rank 0:
+
+    1. header size          int64[1]
+    2. header               uint8 JSON: version, names, shapes, wire dtype, buckets (index ranges), verify
+    3. bucket 0 .. B-1      one flat tensor of the wire dtype each: the bucket's tensors, flattened, in order
+    4. digests (if verify)  uint8[16 * B]: blake2b-128 of every bucket's bytes
+
+Every learner rank iterates the policy's full state (`iter_full_state`: one FSDP all-gather per parameter); rank 0
+packs the tensors into buckets of ~`ppo.weight_sync.bucket_mb` MB and broadcasts each. A generator copies each
+received bucket's tensors into its engine as they arrive (torch: in place; vLLM: its `reload_weights` iterator).
+Digests are computed on both sides in a background thread (hashlib releases the GIL), overlapped with the next
+bucket's transfer, only on the updates `ppo.verify_weights_every` selects (0: never).
+
+Faults: a member that died or stalled fails rank 0's broadcast within the timeout; rank 0 then keeps gathering
+(the other learner ranks are in the all-gathers with it), drops its end of the group (the healthy receivers fail
+at once instead of waiting out the timeout) and reports which ranks fell behind: each receiver writes its progress
+into the store after every message. `WeightSync` (the driver's side) names those generators in one line, kills a
+stalled one (Ray restarts it), forms a new group and sends again, `retries` times; a restarted generator refuses
+to generate until it is sent weights (`ActorRestartedError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from rayllama.rl.actors_api import (
+    ActorCallError,
+    LearnerLostError,
+    RLActors,
+    StaleWeightsError,
+    WeightChecksumError,
+)
+
+log = logging.getLogger("rayllama")
+DIGEST_BYTES = 16
+BACKENDS = ("gloo", "nccl", "local")
+
+
+class WeightSyncError(RuntimeError):
+    """A weight update that did not reach every generator (a member died, stalled, or left the group)."""
+
+
+def backend_for(device: str) -> str:
+    """The collective backend of a device: nccl on cuda, gloo on cpu."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def wire_dtype(name: str) -> torch.dtype:
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"weight-sync dtype {name!r} is not a torch dtype; use float32, bfloat16 or float16")
+    return value
+
+
+def digest(buffer: torch.Tensor) -> bytes:
+    """blake2b-128 of a flat tensor's bytes (hashlib releases the GIL: runs beside the next transfer)."""
+    data = buffer.detach().reshape(-1).view(torch.uint8).cpu().numpy()
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
+
+
+def plan_buckets(shapes: Sequence[Sequence[int]], element_size: int, bucket_bytes: int) -> list[tuple[int, int]]:
+    """Index ranges [start, end) of consecutive tensors whose bytes stay within bucket_bytes (a larger tensor
+    gets a bucket of its own)."""
+    buckets, start, size = [], 0, 0
+    for i, shape in enumerate(shapes):
+        nbytes = element_size * _numel(shape)
+        if i > start and size + nbytes > bucket_bytes:
+            buckets.append((start, i))
+            start, size = i, 0
+        size += nbytes
+    if start < len(shapes):
+        buckets.append((start, len(shapes)))
+    return buckets
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------- one member's end
+
+
+class LocalChannel:
+    """The `local` backend's wire: the sender appends each message, every receiver reads them in order."""
+
+    def __init__(self) -> None:
+        self.messages: list[torch.Tensor] = []
+
+
+def open_store(timeout_s: float) -> tuple[Any, str]:
+    """(TCPStore server on a free port of this node, its "host:port"): learner rank 0 serves the group's store."""
+    import ray
+    import torch.distributed as dist
+
+    store = dist.TCPStore("0.0.0.0", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
+    return store, f"{ray.util.get_node_ip_address()}:{store.port}"
+
+
+def _process_group(backend: str, store: Any, rank: int, size: int, timeout_s: float) -> Any:
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, size, timeout)
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, size, options)
+    raise ValueError(f"weight-sync backend {backend!r} is not one of {', '.join(BACKENDS)}")
+
+
+class SyncMember:
+    """This process's end of one generation of the weight-sync group (rank 0: the sender)."""
+
+    def __init__(self, address: Any, rank: int, size: int, backend: str, timeout_s: float, generation: int,
+                 device: str | torch.device = "cpu", store: Any = None) -> None:
+        self.rank, self.size, self.backend, self.generation = rank, size, backend, generation
+        self.timeout_s, self.device = timeout_s, torch.device(device)
+        self.channel: LocalChannel | None = None
+        self.pg: Any = None
+        self.store: Any = None
+        self.step = 0  # messages of the current update so far
+        if backend == "local":
+            self.channel, self._cursor = address, 0
+            return
+        import torch.distributed as dist
+
+        if store is None:
+            host, port = str(address).rsplit(":", 1)
+            store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=timeout_s))
+        self._server = store
+        self.store = dist.PrefixStore(f"weight-sync/{generation}/", store)
+        self.pg = _process_group(backend, self.store, rank, size, timeout_s)
+
+    def begin(self) -> None:
+        """Start an update: the local channel's receivers read from its first message."""
+        self.step = 0
+        if self.channel is not None:
+            if self.rank == 0:
+                self.channel.messages.clear()
+            self._cursor = 0
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        """Rank 0's `tensor` into every member's `tensor` (same shape and dtype), within the timeout."""
+        if self.channel is not None:
+            if self.rank == 0:
+                self.channel.messages.append(tensor.detach().clone())
+            else:
+                tensor.copy_(self.channel.messages[self._cursor])
+                self._cursor += 1
+        else:
+            self.pg.broadcast(tensor, 0).wait()
+        self.step += 1
+        if self.rank and self.store is not None:  # progress, read by rank 0 when an update fails
+            self.store.set(f"progress/{self.rank}", str(self.step))
+
+    def behind(self, step: int) -> list[int]:
+        """Receiver ranks that did not report message `step` (1-based) done: the ones that failed an update."""
+        if self.store is None:
+            return []
+        late = []
+        for rank in range(1, self.size):
+            key = f"progress/{rank}"
+            done = int(self.store.get(key)) if self.store.check([key]) else 0
+            if done < step:
+                late.append(rank)
+        return late
+
+    def close(self) -> None:
+        """Drop this end: peers blocked in a broadcast with it fail at once (connection closed)."""
+        self.pg = None
+
+
+# ---------------------------------------------------------------------------------------------- sender
+
+
+def send(member: SyncMember, names: Sequence[str], shapes: Sequence[Sequence[int]],
+         tensors: Iterator[tuple[str, torch.Tensor]], version: int, dtype: torch.dtype, bucket_bytes: int,
+         verify: bool) -> dict[str, Any]:
+    """Rank 0: header, the buckets packed from `tensors` (consumed in `names` order), digests. Returns
+    {"version", "ok", "bytes", "buckets"}, or on a failed broadcast {"ok": False, "step", "behind", "error"}:
+    the caller drains `tensors` (other learner ranks gather with it) and drops the group."""
+    element = torch.empty((), dtype=dtype).element_size()
+    buckets = plan_buckets(shapes, element, bucket_bytes)
+    header = json.dumps({"version": int(version), "names": list(names), "shapes": [list(s) for s in shapes],
+                         "dtype": str(dtype).removeprefix("torch."), "buckets": buckets,
+                         "verify": bool(verify)}).encode()
+    pool = ThreadPoolExecutor(1) if verify else None
+    futures: list[Future[bytes]] = []
+    member.begin()
+    sent = 0
+    try:
+        member.broadcast(torch.tensor([len(header)], dtype=torch.int64, device=member.device))
+        member.broadcast(torch.frombuffer(bytearray(header), dtype=torch.uint8).to(member.device))
+        for start, end in buckets:
+            numels = [_numel(shapes[k]) for k in range(start, end)]
+            buffer = torch.empty(sum(numels), dtype=dtype, device=member.device)
+            offset = 0
+            for k, numel in zip(range(start, end), numels, strict=True):
+                name, tensor = next(tensors)
+                if name != names[k]:
+                    raise ValueError(f"weight sync: tensor {k} is {name!r}, the header says {names[k]!r}")
+                buffer[offset:offset + numel].copy_(tensor.reshape(-1))
+                offset += numel
+            member.broadcast(buffer)
+            sent += buffer.numel() * element
+            if pool is not None:
+                futures.append(pool.submit(digest, buffer))
+        if pool is not None:
+            digests = b"".join(f.result() for f in futures)
+            member.broadcast(torch.frombuffer(bytearray(digests), dtype=torch.uint8).to(member.device))
+    except RuntimeError as e:  # a broadcast failed (gloo/NCCL: timeout, connection closed)
+        failed = member.step + 1
+        return {"ok": False, "version": int(version), "step": failed, "behind": member.behind(failed),
+                "error": str(e).strip().splitlines()[0][:300]}
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+    return {"ok": True, "version": int(version), "bytes": sent, "buckets": len(buckets)}
+
+
+# ---------------------------------------------------------------------------------------------- receiver
+
+
+@dataclass
+class Incoming:
+    """A receiver's view of one update after its header: `tensors()` yields (name, tensor) as buckets arrive;
+    `finish()` drains what the consumer left, reads the digests and checks them."""
+
+    member: SyncMember
+    header: dict[str, Any]
+    _digests: list[Future[bytes]] = field(default_factory=list)
+    _pool: ThreadPoolExecutor | None = None
+    _next_bucket: int = 0
+
+    @property
+    def version(self) -> int:
+        return int(self.header["version"])
+
+    def names_and_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(s) for n, s in zip(self.header["names"], self.header["shapes"], strict=True)}
+
+    def _receive_bucket(self) -> tuple[int, torch.Tensor]:
+        start, end = self.header["buckets"][self._next_bucket]
+        shapes = self.header["shapes"]
+        buffer = torch.empty(sum(_numel(shapes[k]) for k in range(start, end)),
+                             dtype=wire_dtype(self.header["dtype"]), device=self.member.device)
+        self.member.broadcast(buffer)
+        if self.header["verify"]:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1)
+            self._digests.append(self._pool.submit(digest, buffer))
+        self._next_bucket += 1
+        return start, buffer
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        names, shapes = self.header["names"], self.header["shapes"]
+        while self._next_bucket < len(self.header["buckets"]):
+            start, buffer = self._receive_bucket()
+            end = self.header["buckets"][self._next_bucket - 1][1]
+            offset = 0
+            for k in range(start, end):
+                numel = _numel(shapes[k])
+                yield names[k], buffer[offset:offset + numel].view(shapes[k])
+                offset += numel
+
+    def finish(self) -> None:
+        """Receive every bucket the consumer did not take, then the digests; WeightChecksumError on a mismatch."""
+        try:
+            while self._next_bucket < len(self.header["buckets"]):
+                self._receive_bucket()
+            if not self.header["verify"]:
+                return
+            sent = torch.empty(DIGEST_BYTES * len(self.header["buckets"]), dtype=torch.uint8, device=self.member.device)
+            self.member.broadcast(sent)
+            got = b"".join(f.result() for f in self._digests)
+            expected = bytes(sent.cpu().numpy().tobytes())
+            for b in range(len(self.header["buckets"])):
+                if got[b * DIGEST_BYTES:(b + 1) * DIGEST_BYTES] != expected[b * DIGEST_BYTES:(b + 1) * DIGEST_BYTES]:
+                    raise WeightChecksumError(f"weights for version {self.version}: bucket {b} of "
+                                              f"{len(self.header['buckets'])} hashes differently from what the "
+                                              f"learner sent; the transfer is corrupt, send them again")
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+
+
+def receive(member: SyncMember) -> Incoming:
+    """Start receiving an update: its header."""
+    member.begin()
+    size = torch.empty(1, dtype=torch.int64, device=member.device)
+    member.broadcast(size)
+    raw = torch.empty(int(size.item()), dtype=torch.uint8, device=member.device)
+    member.broadcast(raw)
+    return Incoming(member, json.loads(raw.cpu().numpy().tobytes().decode()))
+
+
+def check_header(incoming: Incoming, expected: dict[str, tuple[int, ...]], current_version: int) -> None:
+    """Refuse (after the caller drained the update) a header with other names/shapes or an older version."""
+    got = incoming.names_and_shapes()
+    missing = sorted(set(expected) - set(got))
+    if missing:
+        raise ValueError(f"weight update lacks key {missing[0]!r} ({len(missing)} missing); send the full model")
+    unexpected = sorted(set(got) - set(expected))
+    if unexpected:
+        raise ValueError(f"weight update has unexpected key {unexpected[0]!r}; send this model's keys only")
+    for key, shape in got.items():
+        if shape != expected[key]:
+            raise ValueError(f"weight update key {key!r} has shape {shape}, the model needs {expected[key]}")
+    if incoming.version < current_version:
+        raise StaleWeightsError(f"weight version {incoming.version} is older than the generator's "
+                                f"{current_version}; send the learner's latest weights")
+
+
+# ---------------------------------------------------------------------------------------------- the driver's side
+
+
+@dataclass
+class WeightSync:
+    """Forms the weight-sync group over `actors` (learners[0] + generators) and pushes updates through it.
+
+    `push(actors)` sends the learners' current weights (label: their version) to every generator and returns the
+    version. Before each push it asks every member its group generation and forms a new group when one differs
+    (a restarted generator, a rebuilt learner group). A failed update names the generators it lost in one line;
+    the group is formed again and the update resent, up to `actors.retries` times, else `ActorCallError`."""
+
+    backend: str
+    bucket_mb: float = 64.0
+    dtype: str = "auto"
+    timeout_s: float = 60.0
+    verify_every: int = 1
+    generation: int = 0  # the current group's (0: none yet)
+    forms: int = 0  # groups formed so far
+    updates: int = 0
+    wire: str | None = None  # the resolved dtype on the wire
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> WeightSync:
+        ws = cfg.ppo.weight_sync
+        return cls(backend=backend_for(cfg.device), bucket_mb=ws.bucket_mb, dtype=ws.dtype,
+                   timeout_s=ws.timeout_s, verify_every=cfg.ppo.verify_weights_every)
+
+    # ------------------------------------------------------------------ naming
+
+    @staticmethod
+    def _name(actors: RLActors, index: int) -> str:
+        handle = actors.generators[index]
+        for name, h in actors.names.items():
+            if h is handle:
+                return name
+        return f"rollout-{index}"
+
+    # ------------------------------------------------------------------ group
+
+    def _generations(self, actors: RLActors) -> list[int]:
+        """Every member's group generation; a generator that does not answer within the timeout is named, killed
+        (Ray restarts it) and the update retried."""
+        refs = [g.weight_sync_generation.remote() for g in actors.generators]
+        if actors.local:
+            gens = refs
+        else:
+            import ray
+
+            _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+            gens, lost, stalled = [], [], []
+            for i, ref in enumerate(refs):
+                if ref in pending:
+                    lost.append(f"{self._name(actors, i)} did not answer within {self.timeout_s:g} s")
+                    stalled.append(i)
+                    continue
+                try:
+                    gens.append(ray.get(ref))
+                except Exception as e:  # noqa: BLE001 - a death: Ray restarts it, the retry forms a new group
+                    lost.append(f"{self._name(actors, i)}: {_one_line(e)}")
+            if lost:
+                _kill(actors, stalled)
+                raise WeightSyncError("; ".join(lost))
+        learner = actors.get_learners(actors.learners[0].weight_sync_generation.remote(),
+                                      "learner weight-sync generation")
+        return [learner, *gens]
+
+    def form(self, actors: RLActors) -> None:
+        """A new generation of the group: learner rank 0 serves the store, every member joins at once. The
+        generation is random: it names the group's keys in the learner's store, which outlives this object."""
+        self.generation = secrets.randbits(62) + 1
+        self.forms += 1
+        backend = "local" if actors.local else self.backend
+        size = 1 + len(actors.generators)
+        if actors.local:
+            address: Any = LocalChannel()
+        else:
+            address = actors.get_learners(actors.learners[0].open_weight_sync.remote(self.timeout_s),
+                                          "learner open weight sync")
+        args = (size, backend, self.timeout_s, self.generation)
+        learner_ref = actors.learners[0].join_weight_sync.remote(address, 0, *args)
+        gen_refs = [g.join_weight_sync.remote(address, i + 1, *args) for i, g in enumerate(actors.generators)]
+        if actors.local:
+            dtypes = gen_refs
+        else:
+            dtypes = self._wait_members(actors, learner_ref, gen_refs, "forming the weight-sync group")
+        if self.wire is None:
+            self.wire = self.dtype if self.dtype != "auto" else dtypes[0]
+
+    def _wait_members(self, actors: RLActors, learner_ref: Any, gen_refs: list[Any], what: str) -> list[Any]:
+        """Wait for the learner's and the generators' refs; a failure names the generators that did not make it."""
+        import ray
+
+        deadline = time.monotonic() + self.timeout_s + 30.0
+        refs = [learner_ref, *gen_refs]
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
+        failed: list[str] = []
+        for i, ref in enumerate(gen_refs):
+            if ref in pending:
+                failed.append(f"{self._name(actors, i)} did not answer within {self.timeout_s:.0f} s")
+                continue
+            try:
+                ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - named below
+                failed.append(f"{self._name(actors, i)}: {_one_line(e)}")
+        try:
+            actors.get_learners(learner_ref, what) if learner_ref not in pending else None
+        except LearnerLostError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            if not failed:
+                failed.append(f"policy-learner-0: {_one_line(e)}")
+        if failed or learner_ref in pending:
+            raise WeightSyncError(f"{what} failed: {'; '.join(failed) or 'policy-learner-0 did not answer'}")
+        return ray.get(gen_refs)
+
+    # ------------------------------------------------------------------ updates
+
+    def push(self, actors: RLActors) -> int:
+        """Send the learners' current weights to every generator; returns their version."""
+        attempt = 0
+        while True:
+            try:
+                if self.generation == 0 or any(g != self.generation for g in self._generations(actors)):
+                    self.form(actors)
+                return self._push_once(actors)
+            except WeightSyncError as e:
+                attempt += 1
+                if attempt > actors.retries:
+                    raise ActorCallError(f"generator weight update failed {attempt} time(s): {e}") from None
+                log.warning(f"{e}; forming the weight-sync group again and resending (retry {attempt} of "
+                            f"{actors.retries})")
+                if not actors.local:
+                    time.sleep(min(2.0 * attempt, self.timeout_s))  # let Ray restart a killed generator
+
+    def _push_once(self, actors: RLActors) -> int:
+        verify = self.verify_every > 0 and self.updates % self.verify_every == 0
+        self.updates += 1
+        args = (self.generation, self.bucket_mb, self.wire, verify)
+        sends = [learner.send_weights.remote(*args) for learner in actors.learners]
+        recvs = [g.receive_weights.remote(self.generation) for g in actors.generators]
+        if actors.local:
+            return self._check(actors, sends, recvs)
+        import ray
+
+        results = actors.get_learners(sends, "learner weight sync")  # LearnerLostError passes through
+        grace = 2.0 if not results[0]["ok"] else self.timeout_s
+        _, pending = ray.wait(recvs, num_returns=len(recvs), timeout=grace)
+        outcomes: dict[int, Any] = {}
+        for i, ref in enumerate(recvs):
+            if ref in pending:
+                outcomes[i] = None
+                continue
+            try:
+                outcomes[i] = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - sorted out in _check
+                outcomes[i] = e
+        return self._check(actors, results, [outcomes[i] for i in range(len(recvs))])
+
+    def _check(self, actors: RLActors, results: list[dict[str, Any]], outcomes: list[Any]) -> int:
+        sent = results[0]
+        lost: list[str] = []
+        stalled: list[int] = []
+        behind = {r - 1 for r in sent.get("behind", [])}
+        for i, outcome in enumerate(outcomes):
+            name = self._name(actors, i)
+            if isinstance(outcome, StaleWeightsError | ValueError) and not isinstance(outcome, WeightChecksumError):
+                raise outcome
+            if _is_death(outcome):
+                lost.append(f"{name} died during the weight update")
+            elif outcome is None or (i in behind and not isinstance(outcome, Exception)):
+                lost.append(f"{name} died or stopped answering during the weight update (no message within "
+                            f"{self.timeout_s:g} s)")
+                stalled.append(i)
+            elif isinstance(outcome, Exception):
+                if sent["ok"] or i in behind:
+                    lost.append(f"{name}: {_one_line(outcome)}")
+            elif outcome != sent["version"]:
+                lost.append(f"{name} took version {outcome}, the learner sent {sent['version']}")
+        if not sent["ok"] and not lost:
+            lost.append(f"the broadcast failed at message {sent['step']} ({sent['error']})")
+        if lost:
+            _kill(actors, stalled)
+            raise WeightSyncError("; ".join(lost))
+        return int(sent["version"])
+
+
+def _kill(actors: RLActors, indices: list[int]) -> None:
+    """Kill stalled generators so Ray restarts them (they then refuse to serve until sent weights)."""
+    if actors.local:
+        return
+    import ray
+
+    for i in indices:
+        try:
+            ray.kill(actors.generators[i], no_restart=False)
+        except Exception:  # noqa: BLE001 - already gone is fine
+            pass
+
+
+def _is_death(outcome: Any) -> bool:
+    if not isinstance(outcome, Exception):
+        return False
+    try:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    except ImportError:
+        return False
+    return isinstance(outcome, RayActorError | ActorDiedError | ActorUnavailableError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    last = [line for line in text if line.strip()]
+    return (last[-1] if last else type(e).__name__)[:300]
+
+
+def sync_for(actors: RLActors, cfg: Any) -> WeightSync:
+    """The actors' `WeightSync` (made on first use from cfg.ppo.weight_sync / verify_weights_every)."""
+    if actors.weight_sync is None:
+        actors.weight_sync = WeightSync.from_config(cfg)
+    return actors.weight_sync
+
+
+def stream_state(model: torch.nn.Module) -> tuple[list[str], list[tuple[int, ...]]]:
+    """(names, full shapes) of a (possibly FSDP2-sharded) model's state, without gathering anything."""
+    state = getattr(model, "module", model).state_dict()
+    return list(state), [tuple(v.shape) for v in state.values()]
+
+

