@@ -158,7 +158,7 @@ def _start_scorers_and_generators(cfg: PipelineConfig, res: RLResources, options
     reward_s = RewardScorerActor.options(**options(first + 1)).remote(
         "safety", reward_safety_dir, device=reward_device, dtype=dtype, threads=threads)
     generators = [RolloutGeneratorActor.options(**options(first + 2 + i)).remote(
-        policy_dir, engine, device=_device(cfg, res.rollout), threads=threads) for i in range(count)]
+        policy_dir, engine, device=_device(cfg, res.rollout), threads=threads, vllm=cfg.vllm) for i in range(count)]
     return reward_h, reward_s, generators
 
 
@@ -351,7 +351,7 @@ def create_local_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, referenc
         reference=ReferenceModel(reference_dir, device=cfg.device, dtype=dtype),
         reward_helpfulness=RewardScorer("helpfulness", reward_helpfulness_dir, device=cfg.device, dtype=dtype),
         reward_safety=RewardScorer("safety", reward_safety_dir, device=cfg.device, dtype=dtype),
-        generators=[RolloutGenerator(policy_dir, cfg.ppo.engine, device=cfg.device)
+        generators=[RolloutGenerator(policy_dir, cfg.ppo.engine, device=cfg.device, vllm=cfg.vllm)
                     for _ in range(cfg.ppo.num_generators)],
     )
 
@@ -371,7 +371,8 @@ def create_local_rejection_actors(cfg: PipelineConfig, policy_dir: str | Path, r
         learners=[learner], reference=None,
         reward_helpfulness=RewardScorer("helpfulness", reward_helpfulness_dir, device=cfg.device, dtype=dtype),
         reward_safety=RewardScorer("safety", reward_safety_dir, device=cfg.device, dtype=dtype),
-        generators=[RolloutGenerator(policy_dir, rej.engine, device=cfg.device) for _ in range(rej.num_generators)],
+        generators=[RolloutGenerator(policy_dir, rej.engine, device=cfg.device, vllm=cfg.vllm)
+                    for _ in range(rej.num_generators)],
     )
 
 

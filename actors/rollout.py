@@ -9,7 +9,8 @@ are copied into the engine as they arrive, then the digests, when the update car
 refuses to generate until it is sent a whole update.
 
 Engines (rayllama.engines.make_engine): "torch" (rayllama.generation.TorchEngine), "vllm" (rayllama.vllm_engine,
-in-process vLLM with in-place weight reloads), "auto" (vLLM when importable and able to run the model).
+in-process vLLM with in-place weight reloads, built from the config's `vllm:` section), "auto" (vLLM when
+importable and able to run the model).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import ray
 import torch
 
+from rayllama.config import VLLMSettings
 from rayllama.engines import engine_model_config, make_engine
 from rayllama.generation import Completion, SamplingParams
 from rayllama.rl.actors_api import ActorRestartedError, StaleWeightsError
@@ -32,11 +34,11 @@ class RolloutGenerator:
     """Samples PPO rollouts from the latest policy weights it was sent."""
 
     def __init__(self, model_dir: str | Path, engine: str = "torch", *, device: str = "cpu",
-                 max_batch_size: int = 64, threads: int | None = None) -> None:
+                 max_batch_size: int = 64, threads: int | None = None, vllm: VLLMSettings | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.device = device
-        self.engine = make_engine(engine, model_dir, device, max_batch_size=max_batch_size)
+        self.engine = make_engine(engine, model_dir, device, max_batch_size=max_batch_size, vllm=vllm)
         self.model_cfg = engine_model_config(self.engine)
         self.shapes = expected_shapes(self.model_cfg)
         self.sync: SyncMember | None = None

@@ -35,6 +35,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from rayllama.checkpoint import save_model  # noqa: E402
+from rayllama.config import VLLMSettings  # noqa: E402
 from rayllama.engines import make_engine  # noqa: E402
 from rayllama.generation import GenerationEngine, SamplingParams  # noqa: E402
 from rayllama.model import Transformer, count_params, preset  # noqa: E402
@@ -113,7 +114,7 @@ def main() -> None:
     prompts = torch.randint(3, cfg.vocab_size, (args.batch, args.prompt)).tolist()
     state = state_to_numpy(model.state_dict())
     params = SamplingParams(max_new_tokens=args.new, temperature=0.0, stop_token_ids=())
-    options: dict[str, Any] = {"enforce_eager": True} if args.eager else {}
+    options: dict[str, Any] = {"vllm": VLLMSettings(dtype=args.dtype, enforce_eager=True if args.eager else None)}
     tmp = tempfile.TemporaryDirectory(prefix="bench-vllm-")
     model_dir = str(save_model(Path(tmp.name) / "policy", model, cfg))
     options["cache_root"] = str(Path(tmp.name) / "vllm-cache")

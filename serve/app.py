@@ -157,7 +157,7 @@ def make_engine(cfg: ServeConfig) -> tuple[Any, Any, int]:
 
     try:
         engine = build_engine(cfg.engine, cfg.model_dir, cfg.device, dtype=cfg.dtype,
-                              max_batch_size=cfg.batch.engine_max_rows)
+                              max_batch_size=cfg.batch.engine_max_rows, vllm=cfg.vllm)
     except ValueError as e:  # CheckpointError, a scalar-head checkpoint, a model vLLM cannot run here
         raise ServeError(str(e)) from None
     model_cfg = engine_model_config(engine)

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rayllama.config import ConfigError, RayConfig, load_typed
+from rayllama.config import ConfigError, RayConfig, VLLMSettings, load_typed, validate_vllm
 
 ENGINES = ("torch", "vllm", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -69,7 +69,7 @@ class ServeConfig:
     default_system_prompt: str | None = None  # used when a request has no system message (GAtt's <<SYS>>)
     engine: str = "torch"
     device: str = "cpu"  # cpu | cuda
-    dtype: str = "float32"
+    dtype: str = "float32"  # the torch engine's; vLLM's is vllm.dtype
     torch_threads: int = 1  # intra-op threads of each replica
     app_name: str = "rayllama"
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -78,6 +78,7 @@ class ServeConfig:
     replicas: ReplicaConfig = field(default_factory=ReplicaConfig)
     http: HTTPConfig = field(default_factory=HTTPConfig)
     ray: RayConfig = field(default_factory=lambda: RayConfig(include_dashboard=False))
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)  # engine vllm / auto (the pipeline's vllm: section)
 
 
 def load_serve_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ServeConfig:
@@ -97,6 +98,7 @@ def validate(cfg: ServeConfig) -> None:
     _check(cfg.engine in ENGINES, f"engine '{cfg.engine}' is not one of {', '.join(ENGINES)}")
     _check(cfg.device in ("cpu", "cuda"), f"device '{cfg.device}' is not cpu or cuda")
     _check(cfg.dtype in DTYPES, f"dtype '{cfg.dtype}' is not one of {', '.join(DTYPES)}")
+    validate_vllm(cfg.vllm, cfg.device)
     _check(cfg.torch_threads >= 1, f"torch_threads {cfg.torch_threads} must be >= 1")
     _check(bool(cfg.model_name.strip()), "model_name is empty; set it to the id clients will send, e.g. rayllama-chat")
     lim = cfg.limits

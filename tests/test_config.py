@@ -93,12 +93,38 @@ def test_missing_file_and_bad_yaml(tmp_path):
         ("reward.margin=huge", "reward.margin"),
         ("ppo.mini_batch_size=100", "ppo.prompts_per_iteration"),
         ("pretrain", "key=value"),
+        ("vllm.gpu_memory_utilization=0", "vllm.gpu_memory_utilization 0.0 must be in (0, 1]"),
+        ("vllm.gpu_memory_utilization=1.5", "vllm.gpu_memory_utilization 1.5 must be in (0, 1]"),
+        ("vllm.tensor_parallel_size=0", "vllm.tensor_parallel_size 0 must be >= 1"),
+        ("vllm.tensor_parallel_size=2", "vllm.tensor_parallel_size 2 needs device cuda (it is cpu); set it to 1"),
+        ("vllm.dtype=fp8", "vllm.dtype 'fp8' is not auto"),
+        ("vllm.max_model_len=0", "vllm.max_model_len 0 must be >= 1"),
     ],
 )
 def test_semantic_errors_name_the_key_and_the_fix(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert needle in _one_line(e.value)
+
+
+def test_vllm_section_defaults_and_tensor_parallel_on_cuda():
+    from rayllama.config import vllm_dtype
+
+    v = load_config(None).vllm
+    assert (v.dtype, v.tensor_parallel_size, v.gpu_memory_utilization, v.max_model_len) == ("auto", 1, 0.4, None)
+    assert (v.enable_prefix_caching, v.enforce_eager, v.enable_sleep_mode) == (True, None, False)
+    assert (vllm_dtype(v, "cpu"), vllm_dtype(v, "cuda")) == ("float32", "bfloat16")
+    cfg = load_config(None, ["device=cuda", "vllm.tensor_parallel_size=4", "vllm.enable_sleep_mode=true"])
+    assert cfg.vllm.tensor_parallel_size == 4 and cfg.vllm.enable_sleep_mode
+
+
+def test_serve_config_has_the_same_vllm_section():
+    from serve.config import load_serve_config
+
+    assert load_serve_config(None, ["vllm.gpu_memory_utilization=0.9"]).vllm.gpu_memory_utilization == 0.9
+    with pytest.raises(ConfigError) as e:
+        load_serve_config(None, ["vllm.tensor_parallel_size=2"])
+    assert _one_line(e.value).endswith("vllm.tensor_parallel_size 2 needs device cuda (it is cpu); set it to 1")
 
 
 def test_learners_need_an_equal_share_of_each_mini_batch_only():

@@ -152,3 +152,17 @@ def test_plan_uses_the_configs_model():
     assert plan.model == model_config(cfg, 32000)
     trainer = plan.stages[0].roles[0]
     assert trainer.params == state_bytes(plan.model, "lm", 16).params
+
+
+def test_vllm_generators_take_the_configured_gpu_memory_utilization():
+    """The plan gives a vLLM generator vllm.gpu_memory_utilization of its GPU, the value its engine is built with."""
+    def rollout(*overrides: str):
+        plan = build_plan(load_config(CONFIGS / "llama2-7b.yaml", ["ppo.engine=vllm", *overrides]))
+        ppo = next(s for s in plan.stages if s.stage == "ppo")
+        return next(r for r in ppo.roles if r.name == "rollout"), ppo
+
+    default, ppo = rollout()
+    assert default.paged and default.share == int(0.4 * 80 * GB)
+    assert any("gpu_memory_utilization 0.4 " in n for n in ppo.notes)
+    half, ppo = rollout("vllm.gpu_memory_utilization=0.5")
+    assert half.share == int(0.5 * 80 * GB) and any("gpu_memory_utilization 0.5 " in n for n in ppo.notes)

