@@ -507,6 +507,13 @@ def validate(cfg: PipelineConfig) -> None:
     validate_rejection(cfg.rejection)
     validate_gatt(cfg.gatt)
     validate_vllm(cfg.vllm, cfg.device)
+    tp = cfg.vllm.tensor_parallel_size
+    for name in ("ppo", "rejection", "gatt"):  # vLLM's TP workers run on the GPUs Ray gives the generator actor
+        stage = getattr(cfg, name)
+        gpus = stage.resources.rollout.num_gpus
+        _check(tp == 1 or name not in cfg.stages or stage.engine == "torch" or gpus >= tp,
+               f"vllm.tensor_parallel_size {tp} needs {name}.resources.rollout.num_gpus >= {tp} (it is {gpus:g}); "
+               f"give each generator {tp} GPUs or lower vllm.tensor_parallel_size")
 
 
 def validate_rejection(rej: RejectionConfig) -> None:

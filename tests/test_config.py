@@ -116,6 +116,13 @@ def test_vllm_section_defaults_and_tensor_parallel_on_cuda():
     assert (vllm_dtype(v, "cpu"), vllm_dtype(v, "cuda")) == ("float32", "bfloat16")
     cfg = load_config(None, ["device=cuda", "vllm.tensor_parallel_size=4", "vllm.enable_sleep_mode=true"])
     assert cfg.vllm.tensor_parallel_size == 4 and cfg.vllm.enable_sleep_mode
+    # a vLLM generator of a stage that runs needs the GPUs of its shards (the torch engine ignores the key)
+    tp4 = ["device=cuda", "vllm.tensor_parallel_size=4", "stages=[tokenizer,pretrain,sft,ppo]", "ppo.engine=vllm"]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [*tp4, "ppo.resources.rollout.num_gpus=1"])
+    assert _one_line(e.value) == ("vllm.tensor_parallel_size 4 needs ppo.resources.rollout.num_gpus >= 4 (it is 1); "
+                                  "give each generator 4 GPUs or lower vllm.tensor_parallel_size")
+    assert load_config(None, [*tp4, "ppo.resources.rollout.num_gpus=4"]).vllm.tensor_parallel_size == 4
 
 
 def test_serve_config_has_the_same_vllm_section():
