@@ -143,6 +143,8 @@ class TorchEngine(GenerationEngine):
         return self._version
 
     def load_weights_stream(self, tensors: Iterable[tuple[str, Tensor]], version: int, count: int) -> None:
+        if hasattr(tensors, "copies"):  # weight_sync.BucketStream: each tensor is copied before the next is taken
+            tensors.copies = True  # type: ignore[attr-defined]
         own, copied = self.model.state_dict(), 0
         with torch.no_grad():
             for name, value in tensors:

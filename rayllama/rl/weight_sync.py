@@ -59,6 +59,7 @@ from rayllama.rl.actors_api import (
 
 log = logging.getLogger("rayllama")
 DIGEST_BYTES = 16
+RING = 2  # bucket buffers per member: bucket b reuses bucket b-2's once its digest (if any) is done
 BACKENDS = ("gloo", "nccl", "local")
 
 
@@ -149,6 +150,7 @@ class SyncMember:
         self.pg: Any = None
         self.store: Any = None
         self.step = 0  # messages of the current update so far
+        self._ring: list[torch.Tensor | None] = [None] * RING  # bucket buffers, reused across buckets and updates
         if backend == "local":
             self.channel, self._cursor = address, 0
             return
@@ -160,6 +162,16 @@ class SyncMember:
         self._server = store
         self.store = dist.PrefixStore(f"weight-sync/{generation}/", store)
         self.pg = _process_group(backend, self.store, rank, size, timeout_s)
+
+    def bucket(self, slot: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat `numel` tensor of `dtype` in ring slot `slot % RING`, kept for the next buckets and updates: a
+        fresh multi-MB allocation per bucket costs its page faults every update (on CPU, 3-4x the transfer)."""
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        slot %= RING
+        store = self._ring[slot]
+        if store is None or store.numel() < nbytes:
+            store = self._ring[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return store[:nbytes].view(dtype)
 
     def begin(self) -> None:
         """Start an update: the local channel's receivers read from its first message."""
@@ -221,9 +233,11 @@ def send(member: SyncMember, names: Sequence[str], shapes: Sequence[Sequence[int
     try:
         member.broadcast(torch.tensor([len(header)], dtype=torch.int64, device=member.device))
         member.broadcast(torch.frombuffer(bytearray(header), dtype=torch.uint8).to(member.device))
-        for start, end in buckets:
+        for b, (start, end) in enumerate(buckets):
             numels = [_numel(shapes[k]) for k in range(start, end)]
-            buffer = torch.empty(sum(numels), dtype=dtype, device=member.device)
+            if b >= RING and futures:
+                futures[b - RING].result()  # its digest read the slot this bucket packs into
+            buffer = member.bucket(b, sum(numels), dtype)
             offset = 0
             for k, numel in zip(range(start, end), numels, strict=True):
                 name, tensor = next(tensors)
@@ -251,6 +265,21 @@ def send(member: SyncMember, names: Sequence[str], shapes: Sequence[Sequence[int
 # ---------------------------------------------------------------------------------------------- receiver
 
 
+class BucketStream:
+    """`Incoming.tensors()`: an iterator of (name, tensor); `copies = True` (set before iterating) promises that
+    the consumer copies each tensor out before taking the next, so the receiver may reuse its bucket buffers."""
+
+    def __init__(self) -> None:
+        self.copies = False
+        self.iterator: Iterator[tuple[str, torch.Tensor]] = iter(())
+
+    def __iter__(self) -> BucketStream:
+        return self
+
+    def __next__(self) -> tuple[str, torch.Tensor]:
+        return next(self.iterator)
+
+
 @dataclass
 class Incoming:
     """A receiver's view of one update after its header: `tensors()` yields (name, tensor) as buckets arrive;
@@ -269,11 +298,18 @@ class Incoming:
     def names_and_shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: tuple(s) for n, s in zip(self.header["names"], self.header["shapes"], strict=True)}
 
-    def _receive_bucket(self) -> tuple[int, torch.Tensor]:
+    def _receive_bucket(self, reuse: bool) -> tuple[int, torch.Tensor]:
+        """The next bucket: into the member's ring slot when `reuse` (nobody keeps its tensors past the next
+        bucket), else into a fresh buffer (a consumer that may keep them, e.g. vLLM's reload iterator)."""
         start, end = self.header["buckets"][self._next_bucket]
         shapes = self.header["shapes"]
-        buffer = torch.empty(sum(_numel(shapes[k]) for k in range(start, end)),
-                             dtype=wire_dtype(self.header["dtype"]), device=self.member.device)
+        numel, dtype = sum(_numel(shapes[k]) for k in range(start, end)), wire_dtype(self.header["dtype"])
+        if reuse:
+            if self._next_bucket >= RING and self._digests:
+                self._digests[self._next_bucket - RING].result()  # its digest read the slot this bucket lands in
+            buffer = self.member.bucket(self._next_bucket, numel, dtype)
+        else:
+            buffer = torch.empty(numel, dtype=dtype, device=self.member.device)
         self.member.broadcast(buffer)
         if self.header["verify"]:
             if self._pool is None:
@@ -282,10 +318,18 @@ class Incoming:
         self._next_bucket += 1
         return start, buffer
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self) -> BucketStream:
+        """(name, tensor) views into each bucket as it arrives. A consumer that copies every tensor out before
+        taking the next sets the stream's `copies` before iterating: the buckets then land in the member's two
+        reused buffers (no allocation, no page faults); else each bucket gets a fresh buffer it may keep."""
+        stream = BucketStream()
+        stream.iterator = self._tensors(stream)
+        return stream
+
+    def _tensors(self, stream: BucketStream) -> Iterator[tuple[str, torch.Tensor]]:
         names, shapes = self.header["names"], self.header["shapes"]
         while self._next_bucket < len(self.header["buckets"]):
-            start, buffer = self._receive_bucket()
+            start, buffer = self._receive_bucket(stream.copies)
             end = self.header["buckets"][self._next_bucket - 1][1]
             offset = 0
             for k in range(start, end):
@@ -297,7 +341,7 @@ class Incoming:
         """Receive every bucket the consumer did not take, then the digests; WeightChecksumError on a mismatch."""
         try:
             while self._next_bucket < len(self.header["buckets"]):
-                self._receive_bucket()
+                self._receive_bucket(reuse=True)  # drained: nobody keeps these
             if not self.header["verify"]:
                 return
             sent = torch.empty(DIGEST_BYTES * len(self.header["buckets"]), dtype=torch.uint8, device=self.member.device)
