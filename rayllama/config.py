@@ -256,6 +256,7 @@ class PPOConfig:
     num_learners: int = 1
     num_generators: int = 1
     engine: str = "torch"  # torch | vllm | auto
+    async_rollouts: bool = False  # one-step-off-policy: generate iteration k+1 while iteration k trains
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     verify_weights_every: int = 1  # blake2b of every bucket on both sides every N-th update (0: off)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, schedule="constant"))

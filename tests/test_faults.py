@@ -21,14 +21,14 @@ from typing import Any
 
 import pytest
 import torch
-from worlds import local, rej_config, tiny_config
+from worlds import FailsSecondGenerate, local, rej_config, tiny_config
 
 from actors.group import create_local_rejection_actors, create_rl_actors, shutdown_rl_actors
 from actors.policy import PolicyLearner
 from rayllama.checkpoint import is_complete, load_model, save_model
 from rayllama.config import PipelineConfig
 from rayllama.data.formats import PromptRecord, read_prompts, write_jsonl
-from rayllama.rl.actors_api import ActorCallError, LearnerLostError, RLActors
+from rayllama.rl.actors_api import ActorCallError, LearnerLostError, LocalHandle, RLActors
 from rayllama.rl.ppo import latest_checkpoint, run_ppo
 from rayllama.rl.rejection import POOL_JSONL, run_rejection
 
@@ -153,6 +153,45 @@ def test_every_role_killed_once_during_ppo_and_the_run_equals_an_uninterrupted_o
                                                     for r in iteration_rows(tmp_path / "straight")]
 
 
+def test_async_ppo_survives_a_generator_killed_in_a_prefetch_and_a_lost_learner(ray_session, world, tmp_path,
+                                                                                caplog):
+    """ppo.async_rollouts through Ray actors, checkpoints at 2 and 4. rollout-0 gets SIGKILL during its 2nd
+    generate: the prefetch of iteration 2, beside iteration 1's training. A prefetch never sends weights (the
+    learner is busy training), so the restarted generator refuses it; the weight sync after iteration 1 sends it
+    the new weights and iteration 2 generates its rollouts again, on-policy. policy-learner-0 gets SIGKILL during
+    its 4th train: the loop restores iter-0002 with the rollouts it had prefetched for iteration 3 and redoes 3
+    and 4. The oracle is an in-process async run whose generator fails its 2nd call: the same weights, bit for
+    bit, and the same rows."""
+    ray = ray_session
+    cfg = tiny_config(iterations=4, checkpoint_every=2, async_rollouts=True)
+    group = create_rl_actors(cfg, world.sft, world.sft, world.reward_helpfulness, world.reward_safety,
+                             name_prefix="async-faults-")
+    kills: list[tuple[str, str, int, Any]] = []
+    faulty = dataclasses.replace(
+        group,
+        learners=[KillDuring(ray, group.learners[0], "policy-learner-0", "train", 4, kills)],
+        generators=[KillDuring(ray, group.generators[0], "rollout-0", "generate", 2, kills)],
+    )
+    caplog.set_level("WARNING", logger="rayllama")
+    try:
+        summary = run_ppo(cfg, faulty, world.prompts, world.tokenizer, tmp_path)
+    finally:
+        shutdown_rl_actors(group)
+    assert sorted(k[0] for k in kills) == ["policy-learner-0", "rollout-0"]
+    assert "prefetching the rollouts of PPO iteration 2 failed" in caplog.text
+    assert "restored iter-0002" in caplog.text and summary["recoveries"] == 1
+    rows = iteration_rows(tmp_path)
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+    assert [r["rollout_lag"] for r in rows] == [0, 0, 1, 1]
+
+    real = local(cfg, world)
+    oracle = dataclasses.replace(real, generators=[LocalHandle(FailsSecondGenerate(world.sft))])
+    run_ppo(cfg, oracle, world.prompts, world.tokenizer, tmp_path / "oracle")
+    assert_same_weights(policy_state(tmp_path / "model"), real.learners[0].obj.policy.state_dict())
+    assert [r["reward/combined"] for r in rows] == [r["reward/combined"]
+                                                    for r in iteration_rows(tmp_path / "oracle")]
+
+
 # ---------------------------------------------------------------------------------------------- lost learners, in-process
 
 
@@ -181,10 +220,13 @@ class LosesStateOnCall:
         return Method
 
 
-def test_ppo_learner_lost_in_a_checkpoint_save_rolls_back_and_equals_an_uninterrupted_run(world, tmp_path):
+@pytest.mark.parametrize("async_rollouts", [False, True], ids=["sync", "async"])
+def test_ppo_learner_lost_in_a_checkpoint_save_rolls_back_and_equals_an_uninterrupted_run(world, tmp_path,
+                                                                                           async_rollouts):
     """Checkpoints every 2 iterations; the learner "dies" in its 2nd save (iteration 4): the loop restores
-    iter-0002, removes iteration 3's logged row, redoes 3 and 4 (and saves), and ends where a straight run ends."""
-    cfg = tiny_config(iterations=5, checkpoint_every=2)
+    iter-0002 (async: with the rollouts it had prefetched for iteration 3), removes iteration 3's logged row,
+    redoes 3 and 4 (and saves), and ends where a straight run ends."""
+    cfg = tiny_config(iterations=5, checkpoint_every=2, async_rollouts=async_rollouts)
     actors = local(cfg, world)
     actors.learners = [LosesStateOnCall(lambda: PolicyLearner(world.sft, world.reward_helpfulness, cfg.ppo,
                                                               seed=cfg.seed), "save", {2})]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from worlds import TinyWorld, local, tiny_config
+from worlds import FailsSecondGenerate, TinyWorld, local, tiny_config
 
 from actors.policy import PolicyLearner
 from actors.reference import ReferenceModel
@@ -279,3 +279,53 @@ def test_logprob_drift_above_the_limit_stops_the_run():
     check_drift({"logprob_drift": 5.0, "logprob_drift_max": 9.0}, 0.0)  # 0 turns the monitor off
     with pytest.raises(LogprobDriftError, match="ppo.max_logprob_drift"):
         check_drift({"logprob_drift": 0.2, "logprob_drift_max": 1.5}, 0.05)
+
+
+# ---------------------------------------------------------------------------------------------- async rollouts
+
+
+def policy_of(actors) -> dict[str, torch.Tensor]:
+    return actors.learners[0].obj.policy.state_dict()
+
+
+def test_async_rollouts_train_one_version_behind_and_resume_bit_for_bit(world, tmp_path):
+    """ppo.async_rollouts: iteration k+1's rollouts are sampled during iteration k by the weights before it, so
+    from iteration 2 on the learner trains one version ahead of its rollouts (the behaviour log-probs differ from
+    its own before the first step, where the synchronous mode's agree to float noise). Iteration 1 equals the
+    synchronous run's. The prefetched rollouts go into the checkpoint: a run resumed after iteration 2 ends with
+    the uninterrupted run's weights and rows, bit for bit."""
+    straight, sync, interrupted = tmp_path / "straight", tmp_path / "sync", tmp_path / "interrupted"
+    straight_actors = local(tiny_config(3, async_rollouts=True), world)
+    run_ppo(tiny_config(3, async_rollouts=True), straight_actors, world.prompts, world.tokenizer, straight)
+    run_ppo(tiny_config(3), local(tiny_config(), world), world.prompts, world.tokenizer, sync)
+    rows, sync_rows = read_metrics(straight), read_metrics(sync)
+    assert [m["rollout_lag"] for m in rows] == [0, 1, 1] and [m["rollout_lag"] for m in sync_rows] == [0, 0, 0]
+    assert [m["weight_version"] for m in rows] == [m["weight_version"] for m in sync_rows]
+    assert rows[0]["reward/combined"] == sync_rows[0]["reward/combined"]  # same prompts, seeds and weights
+    assert rows[1]["reward/combined"] != sync_rows[1]["reward/combined"]  # sampled by the older weights
+    assert rows[0]["logprob_drift"] < 1e-4 and all(m["logprob_drift"] < 1e-4 for m in sync_rows)
+    assert all(m["logprob_drift"] > 1e-3 for m in rows[1:])  # one lr-1e-3 step between behaviour and learner
+    assert all("timing/prefetch_wait" in m for m in rows) and not any("timing/generate" in m for m in rows[1:])
+
+    run_ppo(tiny_config(2, async_rollouts=True), local(tiny_config(), world), world.prompts, world.tokenizer,
+            interrupted)
+    assert (latest_checkpoint(interrupted) / "rollouts.json").is_file()  # iteration 3's, made by version 1
+    resumed_actors = local(tiny_config(), world)  # fresh actors, as after a crash
+    summary = run_ppo(tiny_config(3, async_rollouts=True), resumed_actors, world.prompts, world.tokenizer,
+                      interrupted)
+    assert summary["resumed_from"] == 2
+    assert [m["reward/combined"] for m in read_metrics(interrupted)] == [m["reward/combined"] for m in rows]
+    for (name, x), y in zip(policy_of(resumed_actors).items(), policy_of(straight_actors).values()):
+        assert torch.equal(x, y), name
+
+
+def test_a_failed_prefetch_is_generated_again_after_the_sync(world, tmp_path, caplog):
+    cfg = tiny_config(3, async_rollouts=True)
+    generator = FailsSecondGenerate(world.sft)
+    caplog.set_level("WARNING", logger="rayllama")
+    run_ppo(cfg, stand_in_actors(cfg, world, generator), world.prompts, world.tokenizer, tmp_path)
+    assert "prefetching the rollouts of PPO iteration 2 failed" in caplog.text
+    rows = read_metrics(tmp_path)
+    assert [m["iteration"] for m in rows] == [1, 2, 3]
+    assert [m["rollout_lag"] for m in rows] == [0, 0, 1]  # iteration 2 regenerated on the new weights
+    assert rows[1]["logprob_drift"] < 1e-4

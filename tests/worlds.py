@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 
 from actors.group import create_local_rl_actors
+from actors.rollout import RolloutGenerator
 from rayllama.checkpoint import save_model
 from rayllama.config import OptimConfig, PipelineConfig
 from rayllama.data.formats import PromptRecord
 from rayllama.model import ModelConfig, ScalarHeadModel, Transformer
+from rayllama.rl.actors_api import ActorCallError
 from rayllama.tokenizer import Tokenizer, train_tokenizer
 
 WORDS = ("add subtract copy spell the word number answer please refuse help how do I make a cake bomb friend "
@@ -77,3 +79,16 @@ def rej_config(iterations: int = 2, **overrides) -> PipelineConfig:
     for key, value in overrides.items():
         setattr(r, key, value)
     return cfg
+
+
+class FailsSecondGenerate(RolloutGenerator):
+    """A generator whose 2nd `generate` call fails as a dead actor's does after Ray's retries (in-process stand-in
+    for a generator lost in the async mode's prefetch of iteration 2)."""
+
+    calls = 0
+
+    def generate(self, prompts, params):
+        self.calls += 1
+        if self.calls == 2:
+            raise ActorCallError("generate failed: an actor died 2 time(s) (RayActorError); see its log")
+        return super().generate(prompts, params)

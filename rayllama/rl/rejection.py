@@ -14,7 +14,7 @@ One iteration (`rejection_step`):
     6. sync weights         the same path as PPO: a broadcast from the learner to every generator
     7. log                  metrics.jsonl + TensorBoard, the best-of-K curve (JSON + PNG), timing/<phase>
 
-`run_rejection` wraps it with resume (the last complete `checkpoints/iter-XXXX`, holding the policy with its
+`run_rejection` drives it with the RL loop core (rayllama.rl.loop, shared with PPO): resume (the last complete `checkpoints/iter-XXXX`, holding the policy with its
 optimizer, the pool, the prompt position and the curves), a checkpoint every iteration, the optional gold eval
 every iteration, and the final `out_dir/model` (a complete HF-layout checkpoint: the driver's "stage done").
 Faults are handled as in PPO (rayllama.rl.ppo, "Faults"): retried calls, restarted generators refreshed before
@@ -41,14 +41,11 @@ best_of_k.png (one max line and one median line per iteration), pool.jsonl (the 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import shutil
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,26 +55,24 @@ import torch
 from rayllama.checkpoint import is_complete
 from rayllama.config import PipelineConfig, RejectionConfig, validate_rejection
 from rayllama.data.formats import PromptRecord
-from rayllama.generation import Completion, SamplingParams
+from rayllama.generation import Completion
 from rayllama.losses import llama2_combined_score
-from rayllama.rl.actors_api import LearnerLostError, RLActors
-from rayllama.rl.ppo import (
+from rayllama.rl.actors_api import RLActors
+from rayllama.rl.loop import (
+    RLLoop,
     check_learners,
-    checkpoint_dir,
-    encode_prompts,
     generate_grouped,
     prompt_indices,
-    read_state,
-    recover_loop,
-    rewind_metrics,
-    start_sync,
-    sync_weights,
+    push_weights,
+    run_loop,
+    sampling_params,
+    start_loop,
 )
+from rayllama.rl.loop import latest_checkpoint as _latest_checkpoint
 from rayllama.tokenizer import Tokenizer, strip_chat_tags
 
-CHECKPOINTS, STATE_FILE, POOL_FILE, MODEL = "checkpoints", "rejection_state.json", "pool.json", "model"
+STATE_FILE, POOL_FILE = "rejection_state.json", "pool.json"
 CURVE_JSON, CURVE_PNG, POOL_JSONL = "best_of_k.json", "best_of_k.png", "pool.jsonl"
-KEEP_CHECKPOINTS = 2  # complete checkpoints kept under out_dir/checkpoints (older ones are removed)
 
 
 # ---------------------------------------------------------------------------------------------- selection (pure)
@@ -153,27 +148,56 @@ def temperature_at(rej: RejectionConfig, iteration: int) -> float:
 
 
 @dataclass
-class RejectionLoop:
-    """What the loop carries between iterations (and what a checkpoint restores)."""
+class RejectionLoop(RLLoop):
+    """The rejection-sampling loop's state: the core's plus the pool and the best-of-K curves. Checkpoints every
+    iteration (policy + SFT optimizer + RNG in `policy/`, the pool in pool.json, the curves in the state file);
+    evaluates after every iteration's weight sync."""
 
-    cfg: PipelineConfig
-    actors: RLActors
-    prompts: list[PromptRecord]
-    prompt_ids: list[list[int]]
-    tokenizer: Tokenizer
-    max_seq_len: int  # the policy's: longer fine-tuning rows are dropped
-    iteration: int = 0  # iterations done
-    prompt_position: int = 0  # prompts consumed from the endless shuffled stream
-    weight_version: int = -1  # the version of the weights last pushed to the generators (-1: none yet)
     pool: dict[int, PoolEntry] = field(default_factory=dict)  # prompt index -> best sample ever
     curves: list[dict[str, Any]] = field(default_factory=list)  # the best-of-K curve of every iteration
-    timings: dict[str, float] = field(default_factory=dict)
 
-    @contextlib.contextmanager
-    def timed(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.timings[f"timing/{phase}"] = time.perf_counter() - start
+    kind = "rejection"
+
+    def step(self) -> dict[str, float]:
+        return rejection_step(self)
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "curves": self.curves}
+
+    def restore(self, state: dict[str, Any], path: Path) -> None:
+        super().restore(state, path)
+        self.curves = state["curves"]
+        self.pool = {e["prompt_index"]: PoolEntry(**e) for e in json.loads((path / POOL_FILE).read_text())}
+
+    def reset(self) -> None:
+        super().reset()
+        self.pool, self.curves = {}, []
+
+    def save_files(self, tmp: Path) -> None:
+        (tmp / POOL_FILE).write_text(json.dumps([dataclasses.asdict(self.pool[i]) for i in sorted(self.pool)]) + "\n")
+
+    def save_learners(self, tmp: Path) -> None:
+        self.actors.get_learners(self.actors.learners[0].save_sft.remote(str(tmp)), "learner save")
+
+    def load_learners(self, path: Path) -> None:
+        self.actors.get_learners(self.actors.learners[0].load_sft.remote(str(path)), "learner load")
+
+    @staticmethod
+    def learners_complete(path: Path) -> bool:
+        return (path / POOL_FILE).is_file() and is_complete(path / "policy")
+
+    def iteration_done(self, metrics: dict[str, Any]) -> None:
+        write_curve(self.out_dir, self.curves)
+
+    def finish(self) -> None:
+        write_curve(self.out_dir, self.curves)
+        write_pool(self.out_dir, self)
+        self.actors.get_learners(self.actors.learners[0].export_policy.remote(
+            str(self.out_dir / "model"), str(self.tokenizer.model_path),
+            {"stage": "rejection", "iteration": self.iteration, "pool_size": len(self.pool)}), "export policy")
+
+    def postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
+        return {"chosen": f"{metrics['reward/chosen']:.3f}", "pool": str(len(self.pool))}
 
 
 # ---------------------------------------------------------------------------------------------- the step
@@ -222,7 +246,7 @@ def rejection_step(loop: RejectionLoop) -> dict[str, float]:
 
     # 6. sync weights: a broadcast from the learner to every generator
     with loop.timed("sync"):
-        sync_weights(loop)  # PPO's sync path (it reads .actors, .cfg and .weight_version)
+        push_weights(loop)
 
     # 7. metrics
     flat = [c for samples in completions for c in samples]
@@ -255,15 +279,8 @@ def rejection_step(loop: RejectionLoop) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- phases
 
 
-def sampling_params(loop: RejectionLoop, iteration: int, generator_index: int, temperature: float) -> SamplingParams:
-    rej = loop.cfg.rejection
-    return SamplingParams(max_new_tokens=rej.max_new_tokens, temperature=temperature, top_p=rej.top_p,
-                          n=rej.samples_per_prompt, stop_token_ids=(loop.tokenizer.eos_id,),
-                          seed=(loop.cfg.seed * 1_000_003 + iteration) * 1009 + generator_index)
-
-
 def generate(loop: RejectionLoop, index: list[int], iteration: int, temperature: float) -> list[list[Completion]]:
-    """The K completions of every prompt in `index`, in prompt order (PPO's `generate_grouped`)."""
+    """The K completions of every prompt in `index`, in prompt order (`generate_grouped`)."""
     return generate_grouped(loop, index, lambda g: sampling_params(loop, iteration, g, temperature))
 
 
@@ -336,59 +353,12 @@ def write_pool(out_dir: Path, loop: RejectionLoop) -> None:
     _write_atomic(out_dir / POOL_JSONL, lambda p: p.write_text("".join(line + "\n" for line in lines)))
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------------------------------------- the run
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete `checkpoints/iter-XXXX` (state file, pool file, complete policy), or None."""
-    root = Path(out_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return None
-    for path in sorted(root.glob("iter-[0-9]*"), reverse=True):
-        if read_state(path / STATE_FILE) is not None and (path / POOL_FILE).is_file() and is_complete(path / "policy"):
-            return path
-    return None
-
-
-def save_checkpoint(loop: RejectionLoop, out_dir: Path, metrics: dict[str, Any] | None = None) -> Path:
-    """The learner writes policy + SFT optimizer + RNG into a temp dir; the loop state (with the iteration's
-    metrics row) and the pool go beside it; then one rename. The newest KEEP_CHECKPOINTS stay."""
-    target = checkpoint_dir(out_dir, loop.iteration)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    loop.actors.get_learners(loop.actors.learners[0].save_sft.remote(str(tmp)), "learner save")
-    state = {"iteration": loop.iteration, "prompt_position": loop.prompt_position, "weight_version": loop.weight_version,
-             "seed": loop.cfg.seed, "n_prompts": len(loop.prompt_ids), "curves": loop.curves, "metrics": metrics}
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-    (tmp / POOL_FILE).write_text(json.dumps([dataclasses.asdict(loop.pool[i]) for i in sorted(loop.pool)]) + "\n")
-    if target.exists():
-        shutil.rmtree(target)
-    os.rename(tmp, target)
-    root = target.parent
-    done = sorted(p for p in root.glob("iter-[0-9]*") if (p / STATE_FILE).is_file())
-    for path in done[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(path, ignore_errors=True)
-    return target
-
-
-def resume(loop: RejectionLoop, out_dir: Path) -> Path | None:
-    """Load the latest complete checkpoint into the learner and the loop (position, pool, curves); None if none."""
-    path = latest_checkpoint(out_dir)
-    if path is None:
-        return None
-    state = json.loads((path / STATE_FILE).read_text())
-    if state["n_prompts"] != len(loop.prompt_ids):
-        raise ValueError(f"checkpoint {path} was made with {state['n_prompts']} prompts but {len(loop.prompt_ids)} "
-                         f"are given; resume with the same prompts or use a new run directory")
-    loop.actors.get_learners(loop.actors.learners[0].load_sft.remote(str(path)), "learner load")
-    loop.iteration, loop.prompt_position = state["iteration"], state["prompt_position"]
-    loop.curves = state["curves"]
-    loop.pool = {e["prompt_index"]: PoolEntry(**e) for e in json.loads((path / POOL_FILE).read_text())}
-    return path
-
-
-# ---------------------------------------------------------------------------------------------- the run
+    """The newest complete `checkpoints/iter-XXXX` of a rejection run (state file, pool file, complete policy)."""
+    return _latest_checkpoint(out_dir, STATE_FILE, RejectionLoop.learners_complete)
 
 
 def run_rejection(cfg: PipelineConfig, actors: RLActors, prompts: list[PromptRecord], tokenizer: Tokenizer,
@@ -401,68 +371,11 @@ def run_rejection(cfg: PipelineConfig, actors: RLActors, prompts: list[PromptRec
     iteration's weight sync. Returns the last iteration's metrics plus `model_dir`, `iterations`,
     `resumed_from`, `pool_size`, `pool_mean_reward`, `best_of_k` (the last curve) and `curve_json`/`curve_png`.
     """
-    from tqdm import tqdm
-
-    from rayllama.train.loop import MetricsWriter
-
-    rej, out_dir = cfg.rejection, Path(out_dir)
-    validate_rejection(rej)  # configs from load_config are checked already; this is for built ones
-    max_seq_len = actors.call(lambda: actors.generators[0].max_seq_len.remote(), "generator max_seq_len")
-    try:
-        kept, prompt_ids = encode_prompts(prompts, tokenizer, max_seq_len - rej.max_new_tokens)
-    except ValueError:
-        raise ValueError(f"all {len(prompts)} rejection prompts are longer than {max_seq_len - rej.max_new_tokens} "
-                         f"tokens (max_seq_len - rejection.max_new_tokens); lower rejection.max_new_tokens or use "
-                         f"shorter prompts") from None
-    loop = RejectionLoop(cfg, actors, kept, prompt_ids, tokenizer, max_seq_len)
-    resumed = resume(loop, out_dir)
-    # the generators start from the learner's weights (the checkpoint's, on resume), labelled no older than theirs
-    start_sync(loop)  # PPO's (it reads .actors, .cfg and .weight_version)
-
-    def reset() -> None:
-        loop.iteration, loop.prompt_position, loop.pool, loop.curves = 0, 0, {}, []
-
-    model_dir = out_dir / MODEL
-    writer = MetricsWriter(str(out_dir), "rejection")
-    metrics: dict[str, Any] = {}
-    recoveries = 0
-    try:
-        rewind_metrics(writer, resumed, STATE_FILE, loop.iteration)
-        writer.write(loop.iteration, {"prompts": len(kept), "prompts_dropped_too_long": len(prompts) - len(kept),
-                                      "resumed_from": loop.iteration if resumed else -1})
-        bar = tqdm(total=rej.iterations, initial=loop.iteration, desc="rejection", unit="it")
-        while True:
-            try:
-                if loop.iteration == rej.iterations:
-                    write_curve(out_dir, loop.curves)
-                    write_pool(out_dir, loop)
-                    actors.get_learners(actors.learners[0].export_policy.remote(
-                        str(model_dir), str(tokenizer.model_path),
-                        {"stage": "rejection", "iteration": loop.iteration, "pool_size": len(loop.pool)}),
-                        "export policy")
-                    break
-                start = time.perf_counter()
-                metrics = rejection_step(loop)
-                if evaluate is not None:
-                    with loop.timed("evaluate"):
-                        metrics.update(evaluate(actors, loop.iteration))
-                with loop.timed("checkpoint"):
-                    save_checkpoint(loop, out_dir, {**metrics, **loop.timings})
-            except LearnerLostError as error:
-                recoveries += 1
-                recover_loop(loop, error, recoveries, lambda: resume(loop, out_dir), reset, writer, STATE_FILE, bar)
-                continue
-            write_curve(out_dir, loop.curves)
-            metrics.update(loop.timings, **{"timing/iteration": time.perf_counter() - start})
-            writer.write(loop.iteration, metrics)
-            bar.update(1)
-            bar.set_postfix({"chosen": f"{metrics['reward/chosen']:.3f}", "pool": len(loop.pool)})
-        bar.close()
-    finally:
-        writer.close()
+    validate_rejection(cfg.rejection)  # configs from load_config are checked already; this is for built ones
+    loop, dropped = start_loop(RejectionLoop, cfg, actors, prompts, tokenizer, out_dir)
+    summary = run_loop(loop, evaluate, dropped)
     pool_rewards = [e.reward for e in loop.pool.values()]
-    return {**metrics, "model_dir": str(model_dir), "iterations": loop.iteration,
-            "resumed_from": int(resumed.name.split("-")[1]) if resumed else None, "recoveries": recoveries,
-            "pool_size": len(loop.pool), "pool_mean_reward": sum(pool_rewards) / max(1, len(pool_rewards)),
+    out_dir = Path(out_dir)
+    return {**summary, "pool_size": len(loop.pool), "pool_mean_reward": sum(pool_rewards) / max(1, len(pool_rewards)),
             "best_of_k": loop.curves[-1] if loop.curves else None,
             "curve_json": str(out_dir / CURVE_JSON), "curve_png": str(out_dir / CURVE_PNG)}
