@@ -18,7 +18,11 @@
 #   6. (runs second, so the budget never skips it) bench/fsdp_memory.py --device cuda: one FSDP2 bf16 training step (activation checkpointing) of a
 #      Llama-2-7B-width model with 2 layers at 1 x 4096 tokens, peak memory against rayllama.plan's figure
 #      for the same shapes                                                             -> DIR/fsdp_memory.json
-# All output goes to DIR/log.txt (8 files in all: the device tool brings back at most 8).
+#   7. (third) bench/weight_update.py --device cuda: a bf16 weight update of a Llama-2-7B-width model with 2
+#      layers (1.3 GB) from a learner process to a torch engine in another process over the weight-sync
+#      protocol (NCCL with 2+ GPUs; gloo, host-staged, on one), seconds vs a device copy of the same bytes
+#                                                                                     -> DIR/weight_update.json
+# All output goes to DIR/log.txt (9 files in all: the device tool brings back what fits).
 #
 # Packages: the machine's python3 has torch, transformers, safetensors, sentencepiece, numpy, PyYAML; rayllama
 # also needs omegaconf (steps 2, 3 import rayllama.config) and sentencepiece >= 0.2.3 (0.2.2, seen on an H200
@@ -175,7 +179,8 @@ from ppo_iteration import build_world  # noqa: E402
 
 from actors.group import create_local_rl_actors  # noqa: E402
 from rayllama.config import OptimConfig, PipelineConfig  # noqa: E402
-from rayllama.rl.ppo import PPOLoop, encode_prompts, ppo_step, sync_weights  # noqa: E402
+from rayllama.rl.loop import push_weights, start_loop  # noqa: E402
+from rayllama.rl.ppo import PPOLoop, ppo_step  # noqa: E402
 
 device = sys.argv[1]
 cfg = PipelineConfig(seed=0, device=device)
@@ -188,9 +193,8 @@ with tempfile.TemporaryDirectory() as tmp:
     tok, sft, rm_h, rm_s, prompts = build_world(Path(tmp), 64)
     setup_s = time.perf_counter() - start
     actors = create_local_rl_actors(cfg, sft, sft, rm_h, rm_s)
-    kept, ids = encode_prompts(prompts, tok, 512 - ppo.max_new_tokens)
-    loop = PPOLoop(cfg, actors, kept, ids, tok)
-    sync_weights(loop)
+    loop, _ = start_loop(PPOLoop, cfg, actors, prompts, tok, Path(tmp) / "run")
+    push_weights(loop)
     start = time.perf_counter()
     metrics = ppo_step(loop)
     if device.startswith("cuda"):
@@ -206,6 +210,8 @@ EOF
 step "1 model parity ($DEV, fp32 + bf16)" 90 "$PY" "$SITE/parity.py" "$DEV" "$DIR/parity.json"
 step "6 FSDP2 bf16 step of a 7B-width model vs the memory plan ($DEV)" 90 "$PY" bench/fsdp_memory.py \
     --device "$DEV" $([[ $DEV == cpu ]] && echo "--dim 256 --seq 256") --out "$DIR/fsdp_memory.json"
+step "7 bf16 weight update of a 7B-width model, learner -> engine process ($DEV)" 90 "$PY" \
+    bench/weight_update.py --device "$DEV" $([[ $DEV == cpu ]] && echo "--dim 512") --out "$DIR/weight_update.json"
 step "2 one PPO iteration (torch engine, $DEV)" 150 "$PY" "$SITE/ppo_one_iteration.py" "$DEV" \
     "$DIR/ppo_one_iteration.json"
 step "3 train throughput bench ($DEV, bf16)" 75 "$PY" bench/train_throughput.py --device "$DEV" --dtype bfloat16 \

@@ -32,15 +32,16 @@ class TinyWorld:
     prompts: list[PromptRecord]
 
 
-def make_world(root: Path, seed: int = 0) -> TinyWorld:
+def make_world(root: Path, seed: int = 0, dim: int = 32) -> TinyWorld:
     """A 420-piece tokenizer, a ~45k-parameter SFT policy and two reward models (score heads std 1, so the
-    sigmoid scores spread over (0, 1) and both branches of the 0.15 safety gate occur)."""
+    sigmoid scores spread over (0, 1) and both branches of the 0.15 safety gate occur). `dim` 128 gives head_dim
+    32, which vLLM's CPU kernels need."""
     rng = random.Random(seed)
     lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + f" {rng.randint(0, 99)}."
              for _ in range(600)]
     tok_path = train_tokenizer(lines, root / "tok", vocab_size=420)
     tok = Tokenizer(tok_path)
-    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, ffn_dim=64,
+    cfg = ModelConfig(dim=dim, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, ffn_dim=2 * dim,
                       max_seq_len=64)
     torch.manual_seed(seed)
     sft = save_model(root / "sft", Transformer(cfg), cfg, tokenizer_model=tok_path)
