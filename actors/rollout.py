@@ -43,13 +43,31 @@ class RolloutGenerator:
         self.shapes = expected_shapes(self.model_cfg)
         self.sync: SyncMember | None = None
         self.torn = False  # an update failed part-way: mixed weights, refuse to serve
+        self.asleep = False  # the engine freed its accelerator memory (`sleep`)
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         """`params.n` completions per prompt; each carries `weight_version`."""
         if self.torn:
             raise ActorRestartedError("this rollout generator's last weight update failed part-way (mixed "
                                       "weights); send it the current weights first")
+        self._wake()
         return self.engine.generate(prompt_ids, params)
+
+    def sleep(self) -> bool:
+        """Free the engine's accelerator memory (weights and KV cache) while a learner on the same GPUs trains
+        (vllm.enable_sleep_mode); the next update or generate wakes it. False for an engine that cannot sleep
+        (the torch engine)."""
+        if not hasattr(self.engine, "sleep"):
+            return False
+        if not self.asleep:
+            self.engine.sleep()
+            self.asleep = True
+        return True
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.engine.wake_up()
+            self.asleep = False
 
     def weight_dtype(self) -> str:
         """The engine's weight dtype (what `ppo.weight_sync.dtype: auto` sends)."""
@@ -76,6 +94,7 @@ class RolloutGenerator:
             raise WeightSyncError(f"this generator is not in weight-sync group {generation} (it restarted?); form "
                                   f"the group again")
         try:
+            self._wake()
             incoming = receive(self.sync)
             self._load(incoming)
         except RuntimeError:  # the group broke (a peer died or stalled): leave it, the loop forms a new one

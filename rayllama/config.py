@@ -505,6 +505,9 @@ def validate(cfg: PipelineConfig) -> None:
     _check(p.value_init in ("reward", "sft"), f"ppo.value_init '{p.value_init}' is not reward or sft")
     _check(p.kl_estimator in ("k1", "k3"), f"ppo.kl_estimator '{p.kl_estimator}' is not k1 or k3")
     _check(0.0 < p.clip < 1.0, f"ppo.clip {p.clip} must be in (0, 1)")
+    _check(not (p.async_rollouts and cfg.vllm.enable_sleep_mode),
+           "ppo.async_rollouts generates while the learner trains, so its generators cannot sleep then; set "
+           "vllm.enable_sleep_mode=false (or ppo.async_rollouts=false for generators that share the learner's GPUs)")
     validate_rejection(cfg.rejection)
     validate_gatt(cfg.gatt)
     validate_vllm(cfg.vllm, cfg.device)

@@ -99,11 +99,12 @@ def test_missing_file_and_bad_yaml(tmp_path):
         ("vllm.tensor_parallel_size=2", "vllm.tensor_parallel_size 2 needs device cuda (it is cpu); set it to 1"),
         ("vllm.dtype=fp8", "vllm.dtype 'fp8' is not auto"),
         ("vllm.max_model_len=0", "vllm.max_model_len 0 must be >= 1"),
+        ("ppo.async_rollouts=true vllm.enable_sleep_mode=true", "set vllm.enable_sleep_mode=false"),
     ],
 )
 def test_semantic_errors_name_the_key_and_the_fix(override, needle):
     with pytest.raises(ConfigError) as e:
-        load_config(None, [override])
+        load_config(None, override.split())
     assert needle in _one_line(e.value)
 
 

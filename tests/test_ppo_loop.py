@@ -329,3 +329,34 @@ def test_a_failed_prefetch_is_generated_again_after_the_sync(world, tmp_path, ca
     assert [m["iteration"] for m in rows] == [1, 2, 3]
     assert [m["rollout_lag"] for m in rows] == [0, 0, 1]  # iteration 2 regenerated on the new weights
     assert rows[1]["logprob_drift"] < 1e-4
+
+
+class RecordingGenerator(RolloutGenerator):
+    """Logs generate / weight-update calls and its engine's sleep / wake_up (the torch engine cannot sleep: the
+    two methods are given to it here, as vLLM's engine has them)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.events: list[str] = []
+        self.engine.sleep = lambda: self.events.append("sleep")
+        self.engine.wake_up = lambda: self.events.append("wake")
+
+    def generate(self, prompts, params):
+        self.events.append("generate")
+        return super().generate(prompts, params)
+
+    def receive_weights(self, generation):
+        self.events.append("weights")
+        return super().receive_weights(generation)
+
+
+def test_sleep_mode_frees_the_generators_while_the_learner_trains(world, tmp_path):
+    """vllm.enable_sleep_mode: after every generation the generators sleep (free their GPU memory for the
+    learner on the same GPUs); the next weight update wakes them first."""
+    cfg = tiny_config(2)
+    cfg.vllm.enable_sleep_mode = True
+    generator = RecordingGenerator(world.sft)
+    run_ppo(cfg, stand_in_actors(cfg, world, generator), world.prompts, world.tokenizer, tmp_path)
+    assert generator.events == ["weights", "generate", "sleep", "weights", "wake", "generate", "sleep", "weights",
+                                "wake"]
+    assert not generator.asleep

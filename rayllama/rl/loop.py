@@ -225,6 +225,14 @@ def generate_grouped(loop: RLLoop, index: list[int], params: Callable[[int], Sam
     return out
 
 
+def sleep_generators(loop: RLLoop) -> None:
+    """With vllm.enable_sleep_mode, after a generation: the generators free their GPU memory for the learner's
+    training on the same GPUs; each wakes at its next weight update (or generate)."""
+    if loop.cfg.vllm.enable_sleep_mode:
+        actors = loop.actors
+        actors.call(lambda: [g.sleep.remote() for g in actors.generators], "generator sleep")
+
+
 def push_weights(loop: RLLoop) -> None:
     """The learners' current weights to every generator over the weight-sync group (formed on first use, formed
     again after a restart); a generator that dies or stalls in it is named, restarted and sent them again

@@ -113,6 +113,7 @@ from rayllama.rl.loop import (
     push_weights,
     run_loop,
     sampling_params,
+    sleep_generators,
     start_loop,
 )
 from rayllama.rl.loop import latest_checkpoint as _latest_checkpoint
@@ -213,6 +214,7 @@ def ppo_step(loop: PPOLoop) -> dict[str, float]:
     else:
         with loop.timed("generate"):
             completions = generate(loop, index, iteration)
+            sleep_generators(loop)
         batch, lag = rollout_batch(loop, index, completions), 0
         with loop.timed("score"):
             value_refs = issue_values(loop, batch)

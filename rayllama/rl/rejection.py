@@ -66,6 +66,7 @@ from rayllama.rl.loop import (
     push_weights,
     run_loop,
     sampling_params,
+    sleep_generators,
     start_loop,
 )
 from rayllama.rl.loop import latest_checkpoint as _latest_checkpoint
@@ -216,6 +217,7 @@ def rejection_step(loop: RejectionLoop) -> dict[str, float]:
     # 2. generate: K samples per prompt at T, prompt-major
     with loop.timed("generate"):
         completions = generate(loop, index, iteration, temperature)
+        sleep_generators(loop)
     texts = [[strip_chat_tags(loop.tokenizer.decode(c.token_ids)) for c in samples] for samples in completions]
 
     # 3. score every sample with both reward models, in parallel
