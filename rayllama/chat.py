@@ -22,6 +22,7 @@ class ChatModel:
 
     def __init__(self, engine: GenerationEngine, tokenizer: Tokenizer, max_seq_len: int):
         self.engine, self.tok, self.max_seq_len = engine, tokenizer, max_seq_len
+        self.shortened = 0  # dialogues answered so far that did not fit and lost earlier turns (or were cut)
 
     @classmethod
     def from_checkpoint(cls, model_dir: str | Path, device: str = "cpu", max_batch_size: int = 64) -> ChatModel:
@@ -33,9 +34,12 @@ class ChatModel:
         return cls(TorchEngine(model, device=device, max_batch_size=max_batch_size), tok, cfg.max_seq_len)
 
     def respond(self, dialogues: list[list[dict]], params: SamplingParams) -> list[list[str]]:
-        """n answers per dialogue. Prompts too long for the model keep their last tokens (left truncation)."""
+        """n answers per dialogue. A dialogue too long for the model loses whole earlier turns, never its system
+        block or its last user turn (`Tokenizer.encode_prompt_within`); `shortened` counts them."""
         budget = self.max_seq_len - params.max_new_tokens
-        prompts = [self.tok.encode_prompt(d)[-budget:] for d in dialogues]
+        fitted = [self.tok.encode_prompt_within(d, budget) for d in dialogues]
+        prompts = [ids for ids, _ in fitted]
+        self.shortened += sum(dropped != 0 for _, dropped in fitted)
         with torch.inference_mode():
             results = self.engine.generate(prompts, params)
         return [[completion_text(self.tok, c.token_ids) for c in per_prompt] for per_prompt in results]

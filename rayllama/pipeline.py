@@ -165,6 +165,7 @@ class Pipeline:
         chat = ChatModel.from_checkpoint(model_dir)
         temperature = self.cfg.ppo.temperature  # one T for every stage's eval, so the stages compare
         metrics = evaluate(chat.greedy_fn(), self.eval_set)
+        metrics["eval_dialogues_shortened"] = chat.shortened  # too long: earlier turns dropped (system block kept)
         metrics["gold_helpfulness_sampled"] = sampled_helpfulness(
             chat.sample_fn(temperature, seed=self.cfg.seed), self.eval_set, SAMPLES_PER_PROMPT
         )

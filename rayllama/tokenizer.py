@@ -272,6 +272,24 @@ class Tokenizer:
         ids = [t for user, answer in turns for t in self._prompt_ids(user) + self._answer_ids(answer)]
         return ids + self._prompt_ids(last_user)
 
+    def encode_prompt_within(self, messages: Sequence[Mapping[str, str]], budget: int) -> tuple[list[int], int]:
+        """`encode_prompt` in at most `budget` tokens, and how many earlier (user, answer) turns it dropped.
+
+        A dialogue that is too long loses whole turns from its middle, oldest first: the system block (which the
+        template puts in the first kept user turn) and the last user turn always stay, so a multi-turn dialogue
+        keeps its instruction. Only when the system block and the last user turn alone exceed `budget` are the
+        ids cut from the left (their last `budget` tokens; turns dropped = -1)."""
+        ids = self.encode_prompt(messages)
+        if len(ids) <= budget:
+            return ids, 0
+        system = [dict(messages[0])] if messages[0]["role"] == "system" else []
+        rest = [dict(m) for m in messages[len(system):]]  # user, assistant, ..., user
+        for dropped in range(1, len(rest) // 2 + 1):
+            ids = self.encode_prompt(system + rest[2 * dropped:])
+            if len(ids) <= budget:
+                return ids, dropped
+        return ids[-budget:], -1
+
 
 def _check_dialog(messages: Sequence[Mapping[str, str]], last: str) -> list[tuple[str, str | None]]:
     """Validate a dialogue and return its (user, answer) turns, the system prompt folded into the first user turn.

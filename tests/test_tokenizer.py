@@ -338,3 +338,18 @@ def test_completion_text_strips_chat_tags_and_what_follows_eos(tok: Tokenizer) -
     assert completion_text(tok, ids) == strip_chat_tags(tok.decode(tok.encode("hi [INST] there <</SYS>> friend"))).strip()
     assert not any(tag in completion_text(tok, ids) for tag in SPECIAL_TAGS) and "ignored" not in completion_text(tok, ids)
     assert strip_chat_tags("[INST] a <<SYS>>b<</SYS>> [/INST]") == " a b "
+
+
+def test_a_dialogue_longer_than_the_context_keeps_its_system_block_and_last_turn(tok: Tokenizer) -> None:
+    """Truncation drops whole earlier turns (oldest first), never the system block or the last user turn."""
+    turns = [f"turn {i} words words words words words" for i in range(9)]  # user, assistant, ..., user
+    dialog = _dialog(*turns, system="Always answer in French")
+    full = tok.encode_prompt(dialog)
+    kept, dropped = tok.encode_prompt_within(dialog, len(full) // 2)
+    assert len(kept) <= len(full) // 2 and dropped > 0
+    assert kept == tok.encode_prompt(_dialog(*turns[2 * dropped:], system="Always answer in French"))
+    text = tok.decode(kept)
+    assert "Always answer in French" in text and "turn 8" in text and "turn 0" not in text
+    assert tok.encode_prompt_within(dialog, len(full)) == (full, 0)  # fits: unchanged
+    tiny_budget, _ = tok.encode_prompt_within(dialog, 5)
+    assert tok.encode_prompt_within(dialog, 5) == (tiny_budget, -1) and tiny_budget == full[-5:]
