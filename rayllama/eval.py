@@ -19,12 +19,19 @@ returns one flat dict of metrics:
 over `samples` answers per held-out safe prompt. The pipeline reports it at ppo.temperature as
 gold_helpfulness_sampled: the distribution PPO optimizes, which a tiny model's greedy answer can hide.
 
+Intervals: `evaluate(..., scores=d)` / `sampled_helpfulness(..., scores=d)` also fill `d` with every metric's
+per-item values (one per prompt or dialogue, in eval-set order), from which `bootstrap_ci` gives a 95% percentile
+bootstrap interval of the mean and `paired_change` the change between two stages evaluated on the same items
+with a paired bootstrap interval (items resampled jointly). `change_lines(results)` formats the stage-to-stage
+changes of a run's eval.json.
+
 `format_table(rows)` prints stages x metrics as a fixed-width text table.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -75,10 +82,13 @@ def _single_turn(eval_set: Sequence[PromptRecord]) -> list[PromptRecord]:
 
 
 def evaluate(
-    generate_fn: GenerateFn, eval_set: Sequence[PromptRecord], max_turns: int | None = None
+    generate_fn: GenerateFn, eval_set: Sequence[PromptRecord], max_turns: int | None = None,
+    scores: dict[str, list[float]] | None = None,
 ) -> dict[str, float | int]:
     """Score `generate_fn` (a batch of dialogues, each ending with a user turn -> one answer each) with the gold
-    judge on `eval_set` (toyworld.eval_sets or eval.jsonl records). `max_turns` caps the GAtt turns."""
+    judge on `eval_set` (toyworld.eval_sets or eval.jsonl records). `max_turns` caps the GAtt turns. `scores`, if
+    given, receives each mean metric's per-item values."""
+    items: dict[str, list[float]] = {} if scores is None else scores
     single = _single_turn(eval_set)
     multi = [r for r in eval_set if r.turns]
 
@@ -88,14 +98,15 @@ def evaluate(
     for r, a in zip(single, answers):
         groups[category(r.task)].append((r.task, a))
     safe, unsafe, border = groups["safe"], groups["unsafe"], groups["borderline"]
-    out: dict[str, float | int] = {
-        "gold_helpfulness": _mean([judge_helpfulness(t, a) for t, a in safe]),
-        "gold_safety": _mean([judge_safety(t, a) for t, a in safe + unsafe + border]),
-        "refusal_rate_unsafe": _mean([float(is_refusal(a)) for _, a in unsafe]),
-        "over_refusal_borderline": _mean([float(is_refusal(a)) for _, a in border]),
-        "over_refusal_safe": _mean([float(is_refusal(a)) for _, a in safe]),
-        "helpfulness_borderline": _mean([judge_helpfulness(t, a) for t, a in border]),
-    }
+    items.update({
+        "gold_helpfulness": [judge_helpfulness(t, a) for t, a in safe],
+        "gold_safety": [judge_safety(t, a) for t, a in safe + unsafe + border],
+        "refusal_rate_unsafe": [float(is_refusal(a)) for _, a in unsafe],
+        "over_refusal_borderline": [float(is_refusal(a)) for _, a in border],
+        "over_refusal_safe": [float(is_refusal(a)) for _, a in safe],
+        "helpfulness_borderline": [judge_helpfulness(t, a) for t, a in border],
+    })
+    out: dict[str, float | int] = {name: _mean(values) for name, values in items.items()}
 
     # multi-turn GAtt dialogues: turn t of every dialogue in one call, the model's own answers in the history
     n_turns = max((len(r.turns) for r in multi), default=0)
@@ -113,6 +124,7 @@ def evaluate(
             scores.append(float(judge_adherence(multi[i].instruction, a)))
             helpfulness.append(judge_helpfulness(multi[i].turns[t], a))
         out[f"adherence_turn_{t + 1}"] = _mean(scores)
+        items[f"adherence_turn_{t + 1}"] = scores
         adherence += scores
     out["adherence_mean"] = _mean(adherence)
     out["helpfulness_gatt"] = _mean(helpfulness)
@@ -120,14 +132,59 @@ def evaluate(
     return out
 
 
-def sampled_helpfulness(generate_fn: GenerateFn, eval_set: Sequence[PromptRecord], samples: int) -> float:
+def sampled_helpfulness(generate_fn: GenerateFn, eval_set: Sequence[PromptRecord], samples: int,
+                        scores: dict[str, list[float]] | None = None) -> float:
     """Mean judge_helpfulness of `samples` answers (one batched call, each safe single-turn prompt repeated
-    `samples` times) per held-out safe prompt of `eval_set`; NaN without safe prompts."""
+    `samples` times) per held-out safe prompt of `eval_set`; NaN without safe prompts. `scores`, if given,
+    receives the per-prompt means as "gold_helpfulness_sampled"."""
     if samples < 1:
         raise ValueError(f"samples {samples} must be >= 1; pass the number of answers per prompt, such as 8")
     safe = [r for r in _single_turn(eval_set) if category(r.task) == "safe"]
     answers = _generate(generate_fn, [[dict(m) for m in r.prompt] for r in safe for _ in range(samples)])
-    return _mean([judge_helpfulness(safe[i // samples].task, a) for i, a in enumerate(answers)])
+    values = [judge_helpfulness(safe[i // samples].task, a) for i, a in enumerate(answers)]
+    per_prompt = [_mean(values[i:i + samples]) for i in range(0, len(values), samples)]
+    if scores is not None:
+        scores["gold_helpfulness_sampled"] = per_prompt
+    return _mean(per_prompt)
+
+
+BOOTSTRAP_REPS = 2000
+
+
+def bootstrap_ci(values: Sequence[float], reps: int = BOOTSTRAP_REPS, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of `values` (NaN, NaN when empty); deterministic."""
+    if not values:
+        return math.nan, math.nan
+    rng, n = random.Random(seed), len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(reps))
+    return means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
+
+
+def paired_change(before: Sequence[float], after: Sequence[float], reps: int = BOOTSTRAP_REPS,
+                  seed: int = 0) -> tuple[float, float, float]:
+    """(mean(after - before), 95% paired bootstrap interval) over the same items, resampled jointly."""
+    if len(before) != len(after):
+        raise ValueError(f"paired_change needs the same items: {len(before)} vs {len(after)} values")
+    diffs = [b - a for a, b in zip(before, after)]
+    return (_mean(diffs), *bootstrap_ci(diffs, reps, seed))
+
+
+CHANGE_METRICS = ("gold_helpfulness", "gold_helpfulness_sampled", "refusal_rate_unsafe", "over_refusal_borderline")
+
+
+def change_lines(results: Mapping[str, Mapping[str, Any]], stages: Sequence[str],
+                 metrics: Sequence[str] = CHANGE_METRICS) -> list[str]:
+    """One line per metric and pair of consecutive evaluated stages (in `stages` order): the change and its
+    paired 95% interval, from the per-item `scores` each stage's eval.json entry holds."""
+    evaluated = [s for s in stages if isinstance(results.get(s, {}).get("scores"), Mapping)]
+    lines = []
+    for before, after in zip(evaluated, evaluated[1:]):
+        for m in metrics:
+            a, b = results[before]["scores"].get(m), results[after]["scores"].get(m)
+            if a and b and len(a) == len(b):
+                change, lo, hi = paired_change(a, b)
+                lines.append(f"{m}: {before} -> {after} {change:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={len(a)})")
+    return lines
 
 
 def _cell(value: Any) -> str:

@@ -159,16 +159,20 @@ class Pipeline:
         if "gold_helpfulness" in self.results.get(stage, {}):
             return
         from rayllama.chat import ChatModel
-        from rayllama.eval import SAMPLES_PER_PROMPT, evaluate, sampled_helpfulness
+        from rayllama.eval import SAMPLES_PER_PROMPT, bootstrap_ci, evaluate, sampled_helpfulness
 
         t0 = time.time()
         chat = ChatModel.from_checkpoint(model_dir)
         temperature = self.cfg.ppo.temperature  # one T for every stage's eval, so the stages compare
-        metrics = evaluate(chat.greedy_fn(), self.eval_set)
+        scores: dict[str, list[float]] = {}
+        metrics = evaluate(chat.greedy_fn(), self.eval_set, scores=scores)
         metrics["eval_dialogues_shortened"] = chat.shortened  # too long: earlier turns dropped (system block kept)
         metrics["gold_helpfulness_sampled"] = sampled_helpfulness(
-            chat.sample_fn(temperature, seed=self.cfg.seed), self.eval_set, SAMPLES_PER_PROMPT
+            chat.sample_fn(temperature, seed=self.cfg.seed), self.eval_set, SAMPLES_PER_PROMPT, scores=scores
         )
+        for name, values in scores.items():  # 95% bootstrap intervals; the items themselves for paired changes
+            metrics[f"{name}_ci95"] = list(bootstrap_ci(values))
+        metrics["scores"] = scores
         turns = [v for k, v in metrics.items() if k.startswith("adherence_turn_") and int(k.rsplit("_", 1)[1]) >= 4]
         if turns:
             metrics["adherence_turn_4plus"] = sum(turns) / len(turns)
@@ -395,12 +399,15 @@ class Pipeline:
         print(self.summary())
 
     def summary(self) -> str:
-        from rayllama.eval import format_table
+        from rayllama.eval import change_lines, format_table
 
         order = [x for s in self.cfg.stages for x in (("reward-helpfulness", "reward-safety") if s == "reward" else (s,))]
         order += [s for s in self.results if s not in order]  # stages of earlier runs of this run dir
         rows = {s: {k: v for k, v in self.results.get(s, {}).items() if k in SUMMARY_KEYS} for s in order}
-        return format_table({s: r for s, r in rows.items() if r})
+        table = format_table({s: r for s, r in rows.items() if r})
+        changes = change_lines(self.results, order)
+        return table + ("\n\nchanges between stages, paired 95% bootstrap intervals over the same prompts:\n"
+                        + "\n".join(changes) if changes else "")
 
 
 RATING_COLUMNS = ("significantly_better", "better", "slightly_better", "negligibly_better")

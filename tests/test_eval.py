@@ -140,3 +140,33 @@ def test_format_table_fixed_width():
         "------  -",
         "x       1",
     ]
+
+
+def test_bootstrap_intervals_and_paired_changes_by_hand():
+    from rayllama.eval import bootstrap_ci, change_lines, paired_change
+
+    assert bootstrap_ci([0.5] * 10) == (0.5, 0.5)  # no spread, no width
+    lo, hi = bootstrap_ci([0.0, 1.0] * 30)  # mean 0.5, standard error 0.5 / sqrt(60) = 0.065
+    assert 0.5 - 2.2 * 0.065 < lo < 0.5 - 1.7 * 0.065 and 0.5 + 1.7 * 0.065 < hi < 0.5 + 2.2 * 0.065
+    assert bootstrap_ci([0.0, 1.0] * 30) == (lo, hi)  # deterministic
+    # pairing: every item improves by exactly 0.1, so the paired interval has no width while the unpaired
+    # intervals of the two stages overlap
+    before = [i / 60 for i in range(60)]
+    after = [b + 0.1 for b in before]
+    change, c_lo, c_hi = paired_change(before, after)
+    assert abs(change - 0.1) < 1e-12 and abs(c_lo - 0.1) < 1e-12 and abs(c_hi - 0.1) < 1e-12
+    assert bootstrap_ci(after)[0] < bootstrap_ci(before)[1]
+    with pytest.raises(ValueError, match="same items"):
+        paired_change([1.0], [1.0, 2.0])
+    results = {"sft": {"scores": {"gold_helpfulness": before}}, "ppo": {"scores": {"gold_helpfulness": after}}}
+    assert change_lines(results, ["sft", "ppo"]) == ["gold_helpfulness: sft -> ppo +0.100 [+0.100, +0.100] (n=60)"]
+
+
+def test_evaluate_fills_the_per_item_scores_behind_its_means(eval_set):
+    from rayllama.eval import evaluate
+
+    scores: dict[str, list[float]] = {}
+    metrics = evaluate(random_fn_factory(1), eval_set, scores=scores)
+    for name in ("gold_helpfulness", "refusal_rate_unsafe", "over_refusal_borderline", "adherence_turn_1"):
+        assert abs(sum(scores[name]) / len(scores[name]) - metrics[name]) < 1e-12, name
+    assert len(scores["gold_helpfulness"]) == metrics["n_safe"]
