@@ -42,7 +42,8 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=2000, help="fresh pairs per kind and split")
     ap.add_argument("--policy-prompts", type=int, default=1000,
                     help="held-out prompts per kind whose SFT samples are paired (0: skip)")
-    ap.add_argument("--seed", type=int, default=1234, help="pair generator seed (the run's world uses world.seed)")
+    ap.add_argument("--seed", type=int, default=1234,
+                    help="pair generator seed (the run's world uses world.seed, by default the run's seed)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reward_errors.json")
     args = ap.parse_args()
 
@@ -60,7 +61,7 @@ def main() -> int:
                   file=sys.stderr)
             return 2
     cfg = load_config(str(run / "config.yaml"))
-    if args.seed == cfg.world.seed:
+    if args.seed == cfg.world_seed:
         print(f"reward_errors: --seed {args.seed} is the run's world seed (its training pairs); pick another",
               file=sys.stderr)
         return 2

@@ -53,7 +53,7 @@ class TokenizerConfig:
 class WorldConfig:
     """Sizes of what the toy assistant world writes (rayllama.data.toyworld.write_world)."""
 
-    seed: int = 0
+    seed: int | None = None  # None: the run's seed, so runs with different seeds have different worlds
     pretrain_world: int = 4000  # world documents for pretraining
     pretrain_world_heldout: int = 200
     sft: int = 2000  # demonstrations (partly imperfect on purpose: RLHF needs headroom)
@@ -334,6 +334,11 @@ class PipelineConfig:
     rejection: RejectionConfig = field(default_factory=RejectionConfig)
     gatt: GAttConfig = field(default_factory=GAttConfig)
     vllm: VLLMSettings = field(default_factory=VLLMSettings)  # every vLLM engine the stages build
+
+    @property
+    def world_seed(self) -> int:
+        """The toy world's seed: world.seed, or the run's seed when that is unset."""
+        return self.seed if self.world.seed is None else self.world.seed
 
 
 def _accepted_keys(node_type: Any) -> str:

@@ -55,14 +55,14 @@ def write_world_once(data_dir: Path, cfg: PipelineConfig) -> dict[str, Path]:
 
     meta_path = data_dir / "world_meta.json"
     sizes = cfg.world.sizes()
-    wanted = {"version": toyworld.WORLD_VERSION, "seed": cfg.world.seed, "sizes": sizes}
+    wanted = {"version": toyworld.WORLD_VERSION, "seed": cfg.world_seed, "sizes": sizes}
     if meta_path.exists():
         meta = json.loads(meta_path.read_text().splitlines()[0])
         if {k: meta.get(k) for k in wanted} == wanted:
             files = {name: data_dir / f for name, f in meta["files"].items()}
             if all(p.exists() for p in files.values()):
                 return files
-    return toyworld.write_world(data_dir, cfg.world.seed, sizes)
+    return toyworld.write_world(data_dir, cfg.world_seed, sizes)
 
 
 def template_text(messages: list[dict]) -> str:
@@ -223,7 +223,7 @@ class Pipeline:
             corpus_train, corpus_heldout = corpus_split(seed=self.cfg.seed)
             world = [r.text for r in formats.read_pretrain(self.files["pretrain_world"])]
             world_heldout = [r.text for r in toyworld.pretrain_texts(self.cfg.world.pretrain_world_heldout,
-                                                                     self.cfg.world.seed, split="heldout")]
+                                                                     self.cfg.world_seed, split="heldout")]
             run_pretrain(self.cfg, self.run.root, self.tok, corpus_train, corpus_heldout, world, world_heldout)
         from rayllama.checkpoint import load_model
 
@@ -279,7 +279,7 @@ class Pipeline:
             return []
         if not path.exists():
             t0 = time.time()
-            seed = self.cfg.world.seed * 7919 + (1 if kind == "helpfulness" else 2)
+            seed = self.cfg.world_seed * 7919 + (1 if kind == "helpfulness" else 2)
             formats.write_jsonl(path, sample_policy_pairs(self.cfg, policy, kind, r.policy_pairs, seed))
             log.info(f"reward-{kind}: {r.policy_pairs} prompts x {r.policy_samples} policy samples rated into "
                      f"pairs in {time.time() - t0:.0f} s")

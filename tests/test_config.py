@@ -216,3 +216,10 @@ def test_real_size_configs_have_the_papers_shapes_and_settings(size, billions, d
     assert cfg.cluster.nodes == {"7b": 1, "13b": 2, "70b": 4}[size]
     res = p.resources
     assert all(r.num_gpus > 0 for r in (res.learner, res.reference, res.reward, res.rollout))
+
+
+def test_the_world_seed_follows_the_run_seed_unless_set():
+    """Runs with different seeds are different worlds (and eval sets), not one world sampled three times."""
+    assert load_config(None).world_seed == 0
+    assert load_config(None, ["seed=5"]).world_seed == 5
+    assert load_config(None, ["seed=5", "world.seed=2"]).world_seed == 2
