@@ -1,7 +1,8 @@
 """RolloutGenerator: samples responses for PPO with a `GenerationEngine`, and takes the learner's new weights.
 
 Every `Completion` carries the weight version that produced it. Weights arrive over the weight-sync group
-(rayllama.rl.weight_sync): `join_weight_sync` makes this generator a member (sync rank 1..M, learner rank 0 sends),
+(rayllama.rl.weight_sync): `join_weight_sync` makes this generator a member (learner rank 0 sends; the torch engine
+is one rank, in this process; a vLLM engine joins with each of its workers through vLLM's weight-transfer API),
 `receive_weights` takes one update: the header (names, shapes, version) is checked first (a version older than the
 one held: `StaleWeightsError`, after the update is drained so the group stays in step), then each bucket's tensors
 are copied into the engine as they arrive, then the digests, when the update carries them, are checked
@@ -41,7 +42,8 @@ class RolloutGenerator:
         self.engine = make_engine(engine, model_dir, device, max_batch_size=max_batch_size, vllm=vllm)
         self.model_cfg = engine_model_config(self.engine)
         self.shapes = expected_shapes(self.model_cfg)
-        self.sync: SyncMember | None = None
+        self.sync: SyncMember | None = None  # the torch engine's end of the weight-sync group
+        self.generation = 0  # the weight-sync group this generator is in (0: none)
         self.torn = False  # an update failed part-way: mixed weights, refuse to serve
         self.asleep = False  # the engine freed its accelerator memory (`sleep`)
 
@@ -76,32 +78,57 @@ class RolloutGenerator:
             dtype = next(self.engine.model.parameters()).dtype
         return str(dtype).removeprefix("torch.")
 
+    def weight_sync_members(self) -> int:
+        """Ranks this generator takes in the weight-sync group: one, or one per vLLM worker (its engine joins
+        the group itself: tensor_parallel_size)."""
+        return self.engine.weight_sync_members() if self._engine_transfers else 1
+
+    @property
+    def _engine_transfers(self) -> bool:
+        """vLLM's engine takes updates through vLLM's weight-transfer API, in its own workers."""
+        return hasattr(self.engine, "receive_weight_sync")
+
     def join_weight_sync(self, address: Any, rank: int, size: int, backend: str, timeout_s: float,
                          generation: int) -> str:
-        """Become rank `rank` of weight-sync group `generation` (blocks until every member joined); returns the
-        engine's dtype."""
-        self.sync = None
-        self.sync = SyncMember(address, rank, size, backend, timeout_s, generation, device=self.device)
+        """Become ranks `rank`.. of weight-sync group `generation` (blocks until every member joined); returns
+        the engine's dtype."""
+        self.sync, self.generation = None, 0
+        if self._engine_transfers:
+            self.engine.join_weight_sync(address, rank, size, backend, timeout_s, generation)
+        else:
+            self.sync = SyncMember(address, rank, size, backend, timeout_s, generation, device=self.device)
+        self.generation = generation
         return self.weight_dtype()
 
     def weight_sync_generation(self) -> int:
         """The weight-sync group this generator is in (0: none, e.g. after a restart)."""
-        return self.sync.generation if self.sync is not None else 0
+        return self.generation
 
     def receive_weights(self, generation: int) -> int:
         """Take one update from the weight-sync group (see module docstring); returns its version."""
-        if self.sync is None or self.sync.generation != generation:
+        if self.generation == 0 or self.generation != generation:
             raise WeightSyncError(f"this generator is not in weight-sync group {generation} (it restarted?); form "
                                   f"the group again")
+        torn = self.torn
         try:
             self._wake()
-            incoming = receive(self.sync)
-            self._load(incoming)
-        except RuntimeError:  # the group broke (a peer died or stalled): leave it, the loop forms a new one
-            self.sync = None
+            if self._engine_transfers:
+                self.torn = True
+                version = self.engine.receive_weight_sync(generation)
+            else:
+                assert self.sync is not None
+                incoming = receive(self.sync)
+                self._load(incoming)
+                version = incoming.version
+        except (ValueError, StaleWeightsError):  # a header refused (update drained, group in step) or bad digests
+            if self._engine_transfers:
+                self.torn = torn  # the workers check the header before they load anything
+            raise
+        except Exception:  # the group broke (a peer died or stalled), or a torn load: the loop forms a new group
+            self.sync, self.generation = None, 0
             raise
         self.torn = False
-        return incoming.version
+        return version
 
     def _load(self, incoming: Incoming) -> None:
         """Check the update's header, copy its buckets into the engine as they arrive, check the digests."""

@@ -14,13 +14,16 @@ CPU_HEAD_DIMS) and the engine core's shutdown in close() (skipped when absent).
     generate: {"prompt_token_ids": ...} prompts -> n samples each, logprobs=0 (the sampled token's own
               log-prob), logprobs_mode="raw_logprobs" = log_softmax of the unmodified logits, as `Completion`
               defines it (not of the temperature / top-p distribution it was drawn from)
-    update:   worker.reload_weights(weights_iterator=(name, tensor) ...) in HF names (vLLM's own loader fuses
-              q/k/v and gate/up), then reset_prefix_cache() so no KV block of the old weights is reused
+    update:   from the RL loop, vLLM's weight-transfer API with the "rayllama" engine
+              (rayllama.vllm_weight_transfer: every worker joins the weight-sync group and loads the broadcast
+              itself); from a state dict (`load_weights`), worker.reload_weights(weights_iterator=(name, tensor)
+              ...) in HF names (vLLM's own loader fuses q/k/v and gate/up); then reset_prefix_cache() so no KV
+              block of the old weights is reused
 
-The reload path is vLLM's layer-wise in-place reload: on CPU it re-runs the weight processing (oneDNN packing)
-per layer, on GPU it copies into the original storage (CUDA graphs stay valid). The weights arrive over the
-weight-sync group (rayllama.rl.weight_sync: a gloo or NCCL broadcast from learner rank 0, bucket by bucket) and
-`load_weights_stream` hands vLLM each tensor as its bucket lands, so the update never holds a second full copy.
+Both paths are vLLM's layer-wise in-place reload: on CPU it re-runs the weight processing (oneDNN packing) per
+layer, on GPU it copies into the original storage (CUDA graphs stay valid). The RL weights arrive over the
+weight-sync group (rayllama.rl.weight_sync: a gloo or NCCL broadcast from learner rank 0, bucket by bucket) straight
+into each worker, which hands vLLM each tensor as its bucket lands, so the update never holds a second full copy.
 
 vLLM is imported lazily: importing this module costs nothing.
 """
@@ -121,6 +124,22 @@ def default_kv_cache_bytes(cfg: ModelConfig, dtype: str, max_batch_size: int) ->
     return min(max(want, 64 * 2**20), 4 * 2**30)
 
 
+WEIGHT_TRANSFER_BACKEND = "rayllama"  # rayllama.vllm_weight_transfer's engine: the weight-sync group in every worker
+
+
+def register_weight_transfer() -> None:
+    """Make WEIGHT_TRANSFER_BACKEND a vLLM weight-transfer backend in this process (rayllama.vllm_weight_transfer,
+    imported when a worker builds it). Idempotent; also vLLM's general-plugin hook (pyproject.toml), which vLLM
+    runs in every process it starts."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    try:
+        WeightTransferEngineFactory.register_engine(WEIGHT_TRANSFER_BACKEND, "rayllama.vllm_weight_transfer",
+                                                    "SyncWeightTransferEngine")
+    except ValueError:  # registered already: the hook may run more than once per process
+        pass
+
+
 def executor_backend(tensor_parallel_size: int) -> str:
     """vLLM's distributed_executor_backend: "uni" (the worker in this process, what the in-place weight reload
     relies on) at tensor_parallel_size 1; "mp" (vLLM's multiprocessing executor: one worker process per GPU
@@ -143,7 +162,8 @@ def llm_kwargs(model_dir: Path, model_cfg: ModelConfig, device: str, settings: V
                 tensor_parallel_size=settings.tensor_parallel_size,
                 distributed_executor_backend=executor_backend(settings.tensor_parallel_size),
                 enable_prefix_caching=settings.enable_prefix_caching, enable_sleep_mode=settings.enable_sleep_mode,
-                seed=seed, logprobs_mode="raw_logprobs", generation_config="vllm", **memory)
+                seed=seed, logprobs_mode="raw_logprobs", generation_config="vllm",
+                weight_transfer_config={"backend": WEIGHT_TRANSFER_BACKEND}, **memory)
 
 
 class VLLMEngine(GenerationEngine):
@@ -191,6 +211,7 @@ class VLLMEngine(GenerationEngine):
         reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
         if not any(isinstance(f, _QuietRotaryReload) for f in reload_log.filters):
             reload_log.addFilter(_QuietRotaryReload())
+        register_weight_transfer()  # the worker of tensor_parallel_size 1 runs here (others: the plugin hook)
         self.llm = LLM(**llm_kwargs(self.model_dir, model_cfg, platform, settings, max_batch_size, kv_cache_bytes,
                                     seed))
 
@@ -253,6 +274,38 @@ class VLLMEngine(GenerationEngine):
                                f"mixed weights, reload the full state")
         self.llm.reset_prefix_cache()
         self._version = int(version)
+
+    # -------------------------------------------------------------------------- weights over the weight-sync group
+
+    def weight_sync_members(self) -> int:
+        """Members this engine adds to the weight-sync group: one per vLLM worker (tensor_parallel_size)."""
+        return self.settings.tensor_parallel_size
+
+    def join_weight_sync(self, address: Any, rank_offset: int, size: int, backend: str, timeout_s: float,
+                         generation: int) -> None:
+        """Every vLLM worker joins weight-sync group `generation` as rank `rank_offset` + its worker rank
+        (vLLM's `init_weight_transfer_engine`; rayllama.vllm_weight_transfer)."""
+        self.llm.collective_rpc("init_weight_transfer_engine", args=(dict(
+            address=address, rank_offset=rank_offset, world_size=size, backend=backend, timeout_s=timeout_s,
+            generation=generation),))
+
+    def receive_weight_sync(self, generation: int) -> int:
+        """Take one update over the weight-sync group into every worker (vLLM's start_weight_update,
+        update_weights, finish_weight_update), drop the prefix cache; returns the update's version."""
+        from rayllama.vllm_weight_transfer import worker_weight_version
+
+        self.llm.collective_rpc("start_weight_update")
+        self.llm.collective_rpc("update_weights", args=(dict(
+            generation=generation, current_version=self._version,
+            expected_shapes={name: list(shape) for name, shape in self._shapes.items()}),))
+        self.llm.collective_rpc("finish_weight_update")
+        self.llm.reset_prefix_cache()
+        versions = set(self.llm.collective_rpc(worker_weight_version))
+        if len(versions) != 1:
+            raise RuntimeError(f"vLLM's workers took different weight versions {sorted(versions)}; send the "
+                               f"weights again")
+        self._version = versions.pop()
+        return self._version
 
     # ------------------------------------------------------------------------------------------- generate
 

@@ -360,3 +360,28 @@ def test_sleep_mode_frees_the_generators_while_the_learner_trains(world, tmp_pat
     assert generator.events == ["weights", "generate", "sleep", "weights", "wake", "generate", "sleep", "weights",
                                 "wake"]
     assert not generator.asleep
+
+
+def test_a_tensor_parallel_generator_takes_one_weight_sync_rank_per_worker():
+    """vLLM with tensor_parallel_size T joins the weight-sync group with each of its T workers (vLLM's
+    weight-transfer API, rayllama.vllm_weight_transfer): ranks are handed out per worker, and a rank that falls
+    behind in an update is traced back to its generator."""
+    from rayllama.rl.weight_sync import WeightSync
+
+    class Member:
+        def __init__(self, workers: int) -> None:
+            self.workers, self.joined = workers, None
+
+        def weight_sync_members(self) -> int:
+            return self.workers
+
+        def join_weight_sync(self, address, rank, size, backend, timeout_s, generation) -> str:
+            self.joined = (rank, size)
+            return "float32"
+
+    learner, tp2, single = Member(1), Member(2), Member(1)
+    actors = local_actors([learner], None, None, None, [tp2, single])
+    sync = WeightSync(backend="gloo")
+    sync.form(actors)
+    assert (learner.joined, tp2.joined, single.joined) == ((0, 4), (1, 4), (3, 4))
+    assert sync.owners == {1: 0, 2: 0, 3: 1}

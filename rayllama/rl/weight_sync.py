@@ -406,6 +406,7 @@ class WeightSync:
     forms: int = 0  # groups formed so far
     updates: int = 0
     wire: str | None = None  # the resolved dtype on the wire
+    owners: dict[int, int] = field(default_factory=dict)  # group rank -> index of the generator it belongs to
 
     @classmethod
     def from_config(cls, cfg: Any) -> WeightSync:
@@ -458,7 +459,12 @@ class WeightSync:
         self.generation = secrets.randbits(62) + 1
         self.forms += 1
         backend = "local" if actors.local else self.backend
-        size = 1 + len(actors.generators)
+        # a generator is one rank, or one per vLLM worker (tensor_parallel_size > 1: each worker joins itself)
+        members = actors.call(lambda: [g.weight_sync_members.remote() for g in actors.generators],
+                              "generator weight-sync members")
+        first = [1 + sum(members[:i]) for i in range(len(members))]
+        size = 1 + sum(members)
+        self.owners = {first[g] + k: g for g in range(len(members)) for k in range(members[g])}
         if actors.local:
             address: Any = LocalChannel()
         else:
@@ -466,7 +472,7 @@ class WeightSync:
                                           "learner open weight sync")
         args = (size, backend, self.timeout_s, self.generation)
         learner_ref = actors.learners[0].join_weight_sync.remote(address, 0, *args)
-        gen_refs = [g.join_weight_sync.remote(address, i + 1, *args) for i, g in enumerate(actors.generators)]
+        gen_refs = [g.join_weight_sync.remote(address, rank, *args) for g, rank in zip(actors.generators, first)]
         if actors.local:
             dtypes = gen_refs
         else:
@@ -548,7 +554,7 @@ class WeightSync:
         sent = results[0]
         lost: list[str] = []
         stalled: list[int] = []
-        behind = {r - 1 for r in sent.get("behind", [])}
+        behind = {self.owners.get(r, r - 1) for r in sent.get("behind", [])}  # ranks -> generator indices
         for i, outcome in enumerate(outcomes):
             name = self._name(actors, i)
             if isinstance(outcome, StaleWeightsError | ValueError) and not isinstance(outcome, WeightChecksumError):
