@@ -176,7 +176,7 @@ def _ready_group(roles: list[Role], res: RLResources, pg: Any, name_prefix: str,
 
 
 def start_learners(n: int, options: Callable[[int], dict], policy_dir: str | Path, value_dir: str | Path | None,
-                   ppo: PPOConfig, *, rendezvous_timeout_s: float = 120.0, **learner_kwargs: Any) -> list[Any]:
+                   ppo: PPOConfig | None, *, rendezvous_timeout_s: float = 120.0, **learner_kwargs: Any) -> list[Any]:
     """N `PolicyLearnerActor`s, rank i created with `options(i)` and `learner_kwargs` (seed, device, threads,
     param_dtype, ...); returns at once (each constructor runs in its actor: wait on `__ray_ready__`).
 
@@ -289,29 +289,32 @@ def create_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir:
 
 def create_rejection_actors(cfg: PipelineConfig, policy_dir: str | Path, reward_helpfulness_dir: str | Path,
                             reward_safety_dir: str | Path, *, name_prefix: str = "") -> RLActors:
-    """Start the roles rejection sampling needs as Ray actors: one policy-only learner (sft_optim =
-    rejection.optim), both reward scorers, rejection.num_generators generators on `policy_dir`; no reference."""
-    from actors.policy import PolicyLearnerActor
-
+    """Start the roles rejection sampling needs as Ray actors: rejection.num_learners policy-only learners (one
+    FSDP2 group; sft_optim = rejection.optim), both reward scorers, rejection.num_generators generators on
+    `policy_dir`; no reference."""
     rej, res = cfg.rejection, cfg.rejection.resources
     _require(policy_dir, "policy (SFT)", "sft")
     _require(reward_helpfulness_dir, "helpfulness reward", "reward")
     _require(reward_safety_dir, "safety reward", "reward")
     if rej.num_generators < 1:
         raise ValueError(f"rejection.num_generators {rej.num_generators} must be >= 1")
-    roles = ([("policy-learner-0", res.learner, "learner"), ("reward-helpfulness", res.reward, "reward"),
-              ("reward-safety", res.reward, "reward")]
+    n = rej.num_learners
+    roles = ([(f"policy-learner-{i}", res.learner, "learner") for i in range(n)]
+             + [("reward-helpfulness", res.reward, "reward"), ("reward-safety", res.reward, "reward")]
              + [(f"rollout-{i}", res.rollout, "rollout") for i in range(rej.num_generators)])
     pg = _place_roles(roles, res, "rejection", f"{name_prefix}rejection-actors")
     options = _role_options(roles, res, pg, name_prefix)
 
-    learner = PolicyLearnerActor.options(**options(0)).remote(
-        policy_dir, None, None, micro_batch_size=rej.micro_batch_size, sft_optim=rej.optim,
-        **_learner_kwargs(cfg, res))
+    def learners_now() -> list[Any]:
+        return start_learners(n, options, policy_dir, None, None, micro_batch_size=rej.micro_batch_size,
+                              sft_optim=rej.optim, **_learner_kwargs(cfg, res))
+
+    learners = learners_now()
     reward_h, reward_s, generators = _start_scorers_and_generators(
-        cfg, res, options, 1, policy_dir, rej.engine, rej.num_generators, reward_helpfulness_dir, reward_safety_dir)
-    return _ready_group(roles, res, pg, name_prefix, learners=[learner], reference=None, reward_h=reward_h,
-                        reward_s=reward_s, generators=generators)
+        cfg, res, options, n, policy_dir, rej.engine, rej.num_generators, reward_helpfulness_dir, reward_safety_dir)
+    rebuild = _learner_rebuilder(learners_now, [f"{name_prefix}{roles[i][0]}" for i in range(n)]) if n > 1 else None
+    return _ready_group(roles, res, pg, name_prefix, learners=learners, reference=None, reward_h=reward_h,
+                        reward_s=reward_s, generators=generators, rebuild_learners=rebuild)
 
 
 def create_gatt_actors(cfg: PipelineConfig, policy_dir: str | Path, reward_helpfulness_dir: str | Path,
@@ -364,6 +367,9 @@ def create_local_rejection_actors(cfg: PipelineConfig, policy_dir: str | Path, r
     from actors.rollout import RolloutGenerator
 
     rej, dtype = cfg.rejection, param_dtype(cfg.train, cfg.device)
+    if rej.num_learners != 1:
+        raise ValueError(f"local rejection actors support rejection.num_learners=1, got {rej.num_learners}; use "
+                         f"Ray actors")
     learner = PolicyLearner(policy_dir, None, None, seed=cfg.seed, device=cfg.device,
                             micro_batch_size=rej.micro_batch_size, sft_optim=rej.optim, param_dtype=dtype,
                             activation_checkpointing=cfg.train.activation_checkpointing)

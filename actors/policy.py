@@ -41,7 +41,8 @@ process group): when one is lost the loop kills the group and starts a new one (
 
 Rejection-sampling fine-tuning uses the same class as a policy-only learner: `PolicyLearner(policy_dir, None,
 None, sft_optim=cfg.rejection.optim)` holds no value model and no PPO optimizers, and `sft_train(rows)` fine-tunes
-the policy with the SFT loss on answer tokens (one learner; `save_sft` / `load_sft` checkpoint it).
+the policy with the SFT loss on answer tokens (`rejection.num_learners` ranks, each on its share of every batch;
+`save_sft` / `load_sft` checkpoint its shards with DCP as `save` / `load` do).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from typing import Any
 import ray
 import torch
 
-from rayllama.checkpoint import load_model, load_train_state, read_model_config, save_model, save_state
+from rayllama.checkpoint import read_model_config, save_state
 from rayllama.config import OptimConfig, PPOConfig
 from rayllama.dist import dcp
 from rayllama.dist.fsdp import (
@@ -144,8 +145,6 @@ class PolicyLearner:
         self.activation_checkpointing = activation_checkpointing
         self.rank, self.world = rank, world_size
         if world_size > 1:
-            if sft_optim is not None:
-                raise ValueError("the rejection-sampling learner (sft_optim) runs on one rank; use world_size=1")
             self._join_group(init_method, timeout_s)
         if checkpoint_kind(policy_dir) != "causal":
             raise ValueError(f"policy checkpoint {policy_dir} is a reward model; pass the SFT (causal LM) checkpoint")
@@ -442,17 +441,22 @@ class PolicyLearner:
         ceil(epochs x N / b) optimizer steps of b = min(batch_size, N) rows in the seeded per-epoch order of
         `example_order`, gradients accumulated over micro-batches, clipped to sft_optim.grad_clip; AdamW moments
         persist across calls, the lr follows sft_optim's schedule within each call (warm-up, then cosine or
-        constant). Returns mean loss, grad norm, lr, steps, rows and the new version."""
+        constant). Returns mean loss, grad norm, lr, steps, rows and the new version.
+
+        Collective over a learner group: every rank gets all rows and trains on its contiguous share of each
+        batch, its loss normalised by the whole batch's answer tokens and scaled by the world size, so FSDP's mean
+        of the ranks' gradients is the one learner's gradient."""
         self._require_state("sft_train")
         if self.sft_opt is None or self.sft_optim is None:
             raise ValueError("this PolicyLearner was built without sft_optim; pass sft_optim=cfg.rejection.optim")
-        if self.world > 1:
-            raise ValueError(f"sft_train runs on one learner, but this one is rank {self.rank} of {self.world}")
         n = int(rows["tokens"].shape[0])
         if n < 1 or epochs <= 0 or batch_size < 1 or micro_batch_size < 1:
             raise ValueError(f"sft_train got {n} rows, epochs {epochs}, batch_size {batch_size}, micro_batch_size "
                              f"{micro_batch_size}; pass rows and positive sizes")
         b = min(batch_size, n)
+        if b < self.world:  # a rank without rows would skip the backward, and FSDP's gradient reduction with it
+            raise ValueError(f"a fine-tuning batch of {b} rows cannot give each of the {self.world} learners a row; "
+                             f"make rejection.batch_size and prompts_per_iteration at least num_learners")
         steps = max(1, math.ceil(epochs * n / b))
         order = example_order(n, b, steps, seed)  # (steps * b,)
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -465,11 +469,12 @@ class PolicyLearner:
                 group["lr"] = lr
             n_tokens = max(1, int(rows["loss_mask"][idx, 1:].sum()))  # answer tokens predicted in this batch
             loss_sum = 0.0
-            for micro in idx.split(micro_batch_size):
+            for micro in idx.tensor_split(self.world)[self.rank].split(micro_batch_size):  # this rank's share
                 with self._compute(self.policy):
                     ce_sum, _ = lm_micro_loss(self.policy, rows, micro, self.device)
-                (ce_sum / n_tokens).backward()
+                (ce_sum / n_tokens * self.world).backward()
                 loss_sum += float(ce_sum.detach())
+            loss_sum = self._sum_over_ranks([loss_sum])[0]
             totals["sft_grad_norm"] += clip_grad_norm(params, self.sft_optim.grad_clip)
             self.sft_opt.step()
             self.sft_opt.zero_grad(set_to_none=True)
@@ -480,33 +485,34 @@ class PolicyLearner:
                 "version": float(self.version)}
 
     def save_sft(self, path: str | Path) -> str:
-        """Write `path/policy` with the SFT optimizer, RNG and version in its train_state (rejection checkpoints)."""
+        """Write `path/train_state` (collective, as `save`): the policy's and the SFT optimizer's shards through
+        torch.distributed.checkpoint, version and RNG in extra.pt, COMPLETE last (rejection checkpoints)."""
         self._require_state("save_sft")
         if self.sft_opt is None:
             raise ValueError("this PolicyLearner was built without sft_optim; it has no SFT state to save")
-        state = {"sft_optimizer": self.sft_opt.state_dict(), "version": self.version,
-                 "torch_rng": torch.get_rng_state(),
+        extra = {"stage": "rejection", "version": self.version, "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
-        save_model(Path(path) / "policy", self.policy, self.cfg, meta={"stage": "rejection", "version": self.version},
-                   train_state=state)
+        with _single_process_dcp():
+            dcp.atomic_save(Path(path) / TRAIN_STATE, {"policy": (self.policy, self.sft_opt)}, extra)
         return str(path)
 
     def load_sft(self, path: str | Path) -> int:
-        """Restore what `save_sft` wrote (weights, SFT optimizer, RNG, version); returns the version."""
+        """Restore what `save_sft` wrote, by any number of ranks (collective; DCP reshards): weights, SFT
+        optimizer, RNG, version. Returns the version."""
         if self.sft_opt is None:
             raise ValueError("this PolicyLearner was built without sft_optim; pass sft_optim to load SFT state")
-        path = Path(path) / "policy"
-        loaded, _, _ = load_model(path, device=self.device)
-        with torch.no_grad():
-            self.policy.load_state_dict(loaded.state_dict())
-        state = load_train_state(path)
-        if state is None or "sft_optimizer" not in state:
-            raise ValueError(f"{path} has no SFT train_state; it is not a rejection-sampling checkpoint")
-        self.sft_opt.load_state_dict(state["sft_optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.version = int(state["version"])
+        state_dir = Path(path) / TRAIN_STATE
+        if not dcp.is_complete(state_dir):
+            raise ValueError(f"{state_dir} is not a complete sharded SFT train state; it is not a rejection-sampling "
+                             f"checkpoint of this version (resume from another one or start the stage again)")
+        with _single_process_dcp():
+            extra = dcp.load_train_state(state_dir, {"policy": (self.policy, self.sft_opt)})
+        if extra.get("stage") != "rejection":
+            raise ValueError(f"{state_dir} holds a {extra.get('stage')!r} train state, not a rejection-sampling one")
+        torch.set_rng_state(extra["torch_rng"])
+        if extra.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(extra["cuda_rng"])
+        self.version = int(extra["version"])
         self.state_lost = False
         return self.version
 

@@ -282,6 +282,7 @@ class RejectionConfig:
     batch_size: int = 32
     micro_batch_size: int = 16
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, schedule="constant"))
+    num_learners: int = 1  # ranks of the FSDP2 learner group (each fine-tunes on its share of every batch)
     num_generators: int = 1
     engine: str = "torch"  # torch | vllm | auto
     resources: RLResources = field(default_factory=RLResources)
@@ -543,6 +544,10 @@ def validate_rejection(rej: RejectionConfig) -> None:
     _check(all(t >= 0 for t in [rej.temperature, *rej.temperature_schedule]),
            f"rejection temperatures {[rej.temperature, *rej.temperature_schedule]} must be >= 0")
     _check(rej.num_generators >= 1, f"rejection.num_generators {rej.num_generators} must be >= 1")
+    _check(rej.num_learners >= 1, f"rejection.num_learners {rej.num_learners} must be >= 1")
+    _check(min(rej.batch_size, rej.prompts_per_iteration) >= rej.num_learners,
+           f"rejection.batch_size {rej.batch_size} and prompts_per_iteration {rej.prompts_per_iteration} must be at "
+           f"least num_learners {rej.num_learners} (every learner fine-tunes on a share of each batch)")
     _check(rej.engine in ("torch", "vllm", "auto"), f"rejection.engine '{rej.engine}' is not torch, vllm or auto")
 
 

@@ -203,3 +203,36 @@ def test_a_checkpoint_of_two_ranks_loads_into_one_learner(grouped, single, world
     for name, tensor in resumed.learners[0].obj.policy.state_dict().items():
         torch.testing.assert_close(tensor, single["learner"].policy.state_dict()[name], atol=1e-5, rtol=0, msg=name)
     assert os.path.isdir(out / "model")
+
+
+def test_a_two_rank_rejection_learner_fine_tunes_like_one(ray_session, world, tmp_path):
+    """rejection.num_learners 2: two FSDP2 ranks (gloo) fine-tune on their shares of each pool batch; the
+    pool, the rewards and the fine-tuning loss per iteration equal a one-learner run's to float rounding, as do the
+    final weights; its sharded checkpoints are complete DCP train states."""
+    from worlds import rej_config
+
+    from actors.group import create_local_rejection_actors, create_rejection_actors
+    from rayllama.dist import dcp
+    from rayllama.rl.rejection import POOL_JSONL, run_rejection
+
+    group_cfg, one_cfg = rej_config(iterations=2, num_learners=2), rej_config(iterations=2)
+    group = create_rejection_actors(group_cfg, world.sft, world.reward_helpfulness, world.reward_safety,
+                                    name_prefix="rej-lg-")
+    try:
+        assert len(group.learners) == 2 and group.rebuild_learners is not None
+        run_rejection(group_cfg, group, world.prompts, world.tokenizer, tmp_path / "group")
+    finally:
+        shutdown_rl_actors(group)
+    single = create_local_rejection_actors(one_cfg, world.sft, world.reward_helpfulness, world.reward_safety)
+    run_rejection(one_cfg, single, world.prompts, world.tokenizer, tmp_path / "single")
+
+    rows, oracle = iteration_rows(tmp_path / "group"), iteration_rows(tmp_path / "single")
+    assert [r["iteration"] for r in rows] == [r["iteration"] for r in oracle] == [1, 2]
+    for row, expected in zip(rows, oracle, strict=True):
+        for key in ("reward/chosen", "pool/mean_reward", "sft_loss", "sft_grad_norm"):
+            assert close(row[key], expected[key]), (row["iteration"], key, row[key], expected[key])
+    assert (tmp_path / "group" / POOL_JSONL).read_text() == (tmp_path / "single" / POOL_JSONL).read_text()
+    assert dcp.is_complete(tmp_path / "group" / "checkpoints" / "iter-0002" / "train_state")
+    final, expected = policy_state(tmp_path / "group" / "model"), single.learners[0].obj.policy.state_dict()
+    for name in final:
+        torch.testing.assert_close(final[name], expected[name], atol=1e-5, rtol=0, msg=name)

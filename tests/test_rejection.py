@@ -16,6 +16,7 @@ from actors.group import create_local_rejection_actors, create_rejection_actors,
 from actors.policy import PolicyLearner
 from rayllama.checkpoint import is_complete, load_model
 from rayllama.config import OptimConfig
+from rayllama.dist import dcp
 from rayllama.rl.actors_api import local_actors
 from rayllama.rl.rejection import (
     CURVE_JSON,
@@ -250,4 +251,4 @@ def test_two_iterations_through_ray_actors(ray_session, world, tmp_path):
     assert [(m["iteration"], m["weight_version"]) for m in metrics] == [(1, 1), (2, 2)]
     assert summary["iterations"] == 2 and is_complete(tmp_path / "model")
     assert (tmp_path / "model" / "tokenizer.model").is_file() and (tmp_path / CURVE_PNG).is_file()
-    assert is_complete(tmp_path / "checkpoints" / "iter-0002" / "policy")
+    assert dcp.is_complete(tmp_path / "checkpoints" / "iter-0002" / "train_state")  # sharded policy + optimizer

@@ -52,12 +52,12 @@ from typing import Any
 
 import torch
 
-from rayllama.checkpoint import is_complete
 from rayllama.config import PipelineConfig, RejectionConfig, validate_rejection
 from rayllama.data.formats import PromptRecord
+from rayllama.dist import dcp
 from rayllama.generation import Completion
 from rayllama.losses import llama2_combined_score
-from rayllama.rl.actors_api import RLActors
+from rayllama.rl.actors_api import TRAIN_STATE, RLActors
 from rayllama.rl.loop import (
     RLLoop,
     check_learners,
@@ -151,7 +151,8 @@ def temperature_at(rej: RejectionConfig, iteration: int) -> float:
 @dataclass
 class RejectionLoop(RLLoop):
     """The rejection-sampling loop's state: the core's plus the pool and the best-of-K curves. Checkpoints every
-    iteration (policy + SFT optimizer + RNG in `policy/`, the pool in pool.json, the curves in the state file);
+    iteration (the learner group's policy and SFT optimizer shards with RNG and version in `train_state/`, the
+    pool in pool.json, the curves in the state file);
     evaluates after every iteration's weight sync."""
 
     pool: dict[int, PoolEntry] = field(default_factory=dict)  # prompt index -> best sample ever
@@ -178,14 +179,16 @@ class RejectionLoop(RLLoop):
         (tmp / POOL_FILE).write_text(json.dumps([dataclasses.asdict(self.pool[i]) for i in sorted(self.pool)]) + "\n")
 
     def save_learners(self, tmp: Path) -> None:
-        self.actors.get_learners(self.actors.learners[0].save_sft.remote(str(tmp)), "learner save")
+        self.actors.get_learners([learner.save_sft.remote(str(tmp)) for learner in self.actors.learners],
+                                 "learner save")
 
     def load_learners(self, path: Path) -> None:
-        self.actors.get_learners(self.actors.learners[0].load_sft.remote(str(path)), "learner load")
+        self.actors.get_learners([learner.load_sft.remote(str(path)) for learner in self.actors.learners],
+                                 "learner load")
 
     @staticmethod
     def learners_complete(path: Path) -> bool:
-        return (path / POOL_FILE).is_file() and is_complete(path / "policy")
+        return (path / POOL_FILE).is_file() and dcp.is_complete(path / TRAIN_STATE)
 
     def iteration_done(self, metrics: dict[str, Any]) -> None:
         write_curve(self.out_dir, self.curves)
@@ -193,9 +196,10 @@ class RejectionLoop(RLLoop):
     def finish(self) -> None:
         write_curve(self.out_dir, self.curves)
         write_pool(self.out_dir, self)
-        self.actors.get_learners(self.actors.learners[0].export_policy.remote(
-            str(self.out_dir / "model"), str(self.tokenizer.model_path),
-            {"stage": "rejection", "iteration": self.iteration, "pool_size": len(self.pool)}), "export policy")
+        meta = {"stage": "rejection", "iteration": self.iteration, "pool_size": len(self.pool)}
+        self.actors.get_learners([learner.export_policy.remote(str(self.out_dir / "model"),
+                                                               str(self.tokenizer.model_path), meta)
+                                  for learner in self.actors.learners], "export policy")
 
     def postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
         return {"chosen": f"{metrics['reward/chosen']:.3f}", "pool": str(len(self.pool))}
@@ -300,10 +304,12 @@ def fine_tune(loop: RejectionLoop, iteration: int) -> dict[str, float]:
     dialogues = pool_dialogues(loop)
     rows, dropped = sft_rows(dialogues, loop.tokenizer, loop.max_seq_len)
     seed = loop.cfg.seed * 1_000_003 + iteration
-    stats = actors.get_learners(actors.learners[0].sft_train.remote(rows, rej.finetune_epochs, rej.batch_size,
-                                                                    rej.micro_batch_size, seed), "learner sft_train")
-    check_learners([stats], loop.weight_version + 1)
-    return {**stats, "sft_rows_dropped": float(dropped)}
+    rows_ref = actors.put(rows)  # one object-store copy that every rank reads
+    stats = actors.get_learners([learner.sft_train.remote(rows_ref, rej.finetune_epochs, rej.batch_size,
+                                                          rej.micro_batch_size, seed)
+                                 for learner in actors.learners], "learner sft_train")
+    check_learners(stats, loop.weight_version + 1)
+    return {**stats[0], "sft_rows_dropped": float(dropped)}
 
 
 # ---------------------------------------------------------------------------------------------- files
