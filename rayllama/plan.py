@@ -272,12 +272,15 @@ def learner_role(cfg: PipelineConfig, m: ModelConfig) -> Role:
 
 
 def rejection_learner_role(cfg: PipelineConfig, m: ModelConfig) -> Role:
-    """Rejection sampling's one policy-only learner (whole model, AdamW), fine-tuning on best-of-K answers."""
+    """A rank of rejection sampling's policy-only learner group (AdamW, FSDP over rejection.num_learners),
+    fine-tuning on best-of-K answers."""
     r = cfg.rejection
-    return training_role(cfg, m, "rejection", "policy-learner", 1, r.resources.learner.num_gpus, 1,
-                         r.micro_batch_size, m.max_seq_len, ("lm",), m.max_seq_len, True,
-                         _fixes(cfg, "GPUs with more memory (cluster.gpu_memory_gb): one learner holds the whole "
-                                     "model", "rejection.micro_batch_size"))
+    n = r.num_learners
+    return training_role(cfg, m, "rejection", "policy-learner", n, r.resources.learner.num_gpus,
+                         n if cfg.scaling.strategy == "fsdp" else 1, max(1, min(r.micro_batch_size, r.batch_size // n)),
+                         m.max_seq_len, ("lm",), m.max_seq_len, True,
+                         _fixes(cfg, "more learners to shard over (rejection.num_learners)",
+                                "rejection.micro_batch_size"))
 
 
 def frozen_role(cfg: PipelineConfig, m: ModelConfig, stage: str, name: str, res: ActorResources, head: str,
