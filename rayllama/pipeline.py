@@ -170,12 +170,13 @@ class Pipeline:
         metrics["gold_helpfulness_sampled"] = sampled_helpfulness(
             chat.sample_fn(temperature, seed=self.cfg.seed), self.eval_set, SAMPLES_PER_PROMPT, scores=scores
         )
+        late = [k for k in scores if k.startswith("adherence_turn_") and int(k.rsplit("_", 1)[1]) >= 4]
+        if late:
+            metrics["adherence_turn_4plus"] = sum(metrics[k] for k in late) / len(late)
+            scores["adherence_turn_4plus"] = [x for k in late for x in scores[k]]  # for its interval
         for name, values in scores.items():  # 95% bootstrap intervals; the items themselves for paired changes
             metrics[f"{name}_ci95"] = list(bootstrap_ci(values))
         metrics["scores"] = scores
-        turns = [v for k, v in metrics.items() if k.startswith("adherence_turn_") and int(k.rsplit("_", 1)[1]) >= 4]
-        if turns:
-            metrics["adherence_turn_4plus"] = sum(turns) / len(turns)
         self._record(stage, metrics)
         log.info(
             f"gold eval after {stage} ({time.time() - t0:.0f} s): helpfulness {metrics['gold_helpfulness']:.3f} "
