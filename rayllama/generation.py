@@ -1,33 +1,48 @@
 """The generation-engine interface shared by PPO rollouts and the chat endpoint, and its pure-torch engine.
 
 `GenerationEngine` is what `actors/rollout.py` and `serve/` call: token ids in, `Completion`s out, plus a
-weight update. `TorchEngine` implements it with `rayllama.model.Transformer` and a `KVCache`:
+weight update. `TorchEngine` implements it with `rayllama.model.Transformer` and a `ContinuousBatcher`, a
+step-level scheduler with a slot KV cache (one slot = one sequence's keys/values, at its own length):
 
-    left-pad the prompts -> prefill once -> repeat cache rows for n samples -> decode one token per step,
-    dropping finished rows from the batch.
+    every step: drop aborted requests -> admit waiting requests whose rows fit in the free slots (prefill their
+    prompts once, copy the prompt's cache into its n sample slots) -> sample one token for every running row
+    with its own request's settings -> finish rows (stop token, stop string, max_new_tokens) and free their
+    slots -> one decode forward for the rows that go on.
 
-Shape symbols: B prompts in a chunk, N = B * n rows being decoded, P padded prompt length, V vocabulary.
+So requests join and leave the running batch at every step. `TorchEngine.generate` (rollouts) submits its
+prompts and steps until they are done; the chat endpoint drives the same batcher from its engine thread and
+streams each step's tokens.
+
+Shape symbols: B rows in a forward, N running rows, P padded prompt length, S attended length, V vocabulary,
+R cache slots, L cache positions per slot.
 """
 
 from __future__ import annotations
 
+import itertools
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from rayllama.model import KVCache, Transformer
+from rayllama.model import Transformer, rope_cos_sin
 
 
 @dataclass
 class SamplingParams:
     """How to sample. temperature 0 is greedy (argmax); top_p is nucleus sampling over softmax(logits / T).
 
-    `seed` seeds a torch.Generator per `generate` call, so equal calls give equal samples (None: torch's global
-    RNG). Generation stops after a token in `stop_token_ids` (it is kept in the output) or `max_new_tokens`.
+    `seed` seeds a torch.Generator per `generate` call (per request in the batcher), so equal calls give equal
+    samples (None: torch's global RNG). Generation stops after a token in `stop_token_ids` (it is kept in the
+    output), once the decoded text contains one of `stop` (checked every step; needs the batcher's `decode`), or
+    after `max_new_tokens`. presence/frequency penalties follow OpenAI: logits[t] -= presence * [t generated]
+    + frequency * count(t generated), before temperature; they change the sampling, not the reported logprobs.
+    `top_logprobs` k > 0 also records the k most likely tokens' raw logprobs at every step.
     """
 
     max_new_tokens: int = 64
@@ -36,9 +51,14 @@ class SamplingParams:
     n: int = 1
     stop_token_ids: tuple[int, ...] = (2,)
     seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         self.stop_token_ids = tuple(self.stop_token_ids)
+        self.stop = tuple(self.stop)
         self.validate()
 
     def validate(self) -> SamplingParams:
@@ -51,7 +71,18 @@ class SamplingParams:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1] (1 = no nucleus filtering)")
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n={self.n!r} must be an integer >= 1 (samples per prompt)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be in [-2, 2] (0 = off)")
+        if not isinstance(self.top_logprobs, int) or self.top_logprobs < 0:
+            raise ValueError(f"top_logprobs={self.top_logprobs!r} must be an integer >= 0")
+        if any(not s for s in self.stop):
+            raise ValueError("stop holds an empty string; every stop string needs at least one character")
         return self
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 @dataclass
@@ -66,8 +97,10 @@ class Completion:
     prompt_index: int  # index of the prompt in the `generate` call
     token_ids: list[int]  # generated tokens, including the stop token if it stopped on one
     logprobs: list[float]  # log pi(token) per generated token (see above)
-    finish_reason: Literal["stop", "length"]  # "stop": ended on a stop token; "length": hit max_new_tokens
+    finish_reason: Literal["stop", "length"]  # "stop": a stop token or stop string; "length": max_new_tokens
     weight_version: int  # the engine's weight version when this was generated
+    # per generated token, the top_logprobs most likely (token, raw logprob) pairs, best first (None: not asked)
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class GenerationEngine(ABC):
@@ -122,25 +155,355 @@ def check_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams, cfg:
                              f"use the model's tokenizer")
 
 
-class TorchEngine(GenerationEngine):
-    """Batched KV-cache generation with a `Transformer` in this process (CPU or one GPU).
+@dataclass
+class TokenEvent:
+    """One step's output for one row of a request: what a streaming client is sent."""
 
-    Prompts go in chunks of at most max(1, max_batch_size // n) prompts, so at most max_batch_size rows are
-    decoded at once (a chunk always holds one prompt, even when n > max_batch_size). Results for a seed depend
-    on the chunking, i.e. on max_batch_size and the order of the prompts.
+    index: int  # the row within its request: prompt i, sample j -> i * n + j
+    token: int
+    logprob: float  # raw log pi(token) (see Completion)
+    top_logprobs: list[tuple[int, float]] | None  # the k best (token, raw logprob), if the request asked
+    finish_reason: str | None  # "stop" | "length" when this token ends the row, else None
+
+
+@dataclass
+class Request:
+    """Prompts sharing one SamplingParams and one RNG, admitted (and prefilled) together; row i * n + j is sample j
+    of prompts[i]. `on_event` is called from the stepping thread with each step's TokenEvents of this request."""
+
+    prompts: list[list[int]]
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    first_index: int = 0  # Completion.prompt_index of prompts[0]
+    on_event: Callable[[list[TokenEvent]], None] | None = None
+    id: int = field(default_factory=itertools.count().__next__)
+    completions: list[Completion | None] = field(default_factory=list)
+    aborted: bool = False
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts) * self.params.n
+
+    @property
+    def done(self) -> bool:
+        return self.aborted or (len(self.completions) == self.rows and all(c is not None for c in self.completions))
+
+    def results(self) -> list[list[Completion]]:
+        """result[i][j]: sample j of prompts[i] (only once `done` and not aborted)."""
+        n = self.params.n
+        return [self.completions[i * n:(i + 1) * n] for i in range(len(self.prompts))]  # type: ignore[misc]
+
+
+@dataclass
+class _Row:
+    request: Request
+    index: int  # i * n + j within the request
+    slot: int  # the cache slot holding its keys/values
+    length: int  # positions written in its slot (prompt + generated tokens fed back so far)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
+    text_checked: int = 0  # characters of decoded text already searched for stop strings
+
+
+class _SlotCache:
+    """Keys/values of R sequences, each in its own slot at its own length: k, v (n_layers, R, K, L, D).
+
+    Grows (copying) when a request needs more slots or positions than allocated, up to max_seq_len positions;
+    `bind` makes the view the model's attention layers write through for one forward."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.cfg = model.cfg
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.k = self.v = torch.zeros(0)
+        self.slots, self.length = 0, 0
+
+    def ensure(self, slots: int, length: int) -> None:
+        if slots <= self.slots and length <= self.length:
+            return
+        length = -(-length // 64) * 64  # whole blocks of 64 positions: fewer regrowths
+        slots, length = max(slots, self.slots), min(max(length, self.length), self.cfg.max_seq_len)
+        shape = (self.cfg.n_layers, slots, self.cfg.n_kv_heads, length, self.cfg.head_dim)
+        k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        if self.slots:
+            k[:, :self.slots, :, :self.length] = self.k
+            v[:, :self.slots, :, :self.length] = self.v
+        self.k, self.v, self.slots, self.length = k, v, slots, length
+
+    def copy_slot(self, src: int, dst: list[int]) -> None:
+        self.k[:, dst] = self.k[:, src:src + 1]
+        self.v[:, dst] = self.v[:, src:src + 1]
+
+
+class _SlotView:
+    """The `cache` argument of the attention layers for one forward over rows in `slots` (B,).
+
+    Prefill (starts None): tokens at positions 0..T-1 of each slot; attention sees only this call's keys.
+    Decode (T == 1): the token goes at position starts[b]; attention sees positions 0..S-1 of each slot."""
+
+    def __init__(self, cache: _SlotCache, slots: Tensor, starts: Tensor | None, attended: int) -> None:
+        self.cache, self.slots, self.starts, self.attended = cache, slots, starts, attended
+
+    def update(self, layer_id: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        ck, cv = self.cache.k[layer_id], self.cache.v[layer_id]  # (R, K, L, D)
+        if self.starts is None:  # prefill: k (B, K, P, D)
+            ck[self.slots, :, :k.shape[2]] = k
+            cv[self.slots, :, :k.shape[2]] = v
+            return k, v
+        ck[self.slots, :, self.starts] = k[:, :, 0]  # (B, K, D) at each row's own position
+        cv[self.slots, :, self.starts] = v[:, :, 0]
+        return ck[self.slots, :, :self.attended], cv[self.slots, :, :self.attended]  # (B, K, S, D)
+
+
+class ContinuousBatcher:
+    """Step-level scheduling of generation requests over one model (see the module docstring).
+
+    The KV cache is bounded: at most `max_rows` sequences run at once (a request is admitted whole, when all of
+    its rows fit; a lone request larger than max_rows runs by itself), each slot at most max_seq_len positions.
+    Waiting requests are admitted first come, first served. `submit` and `abort` may be called from any thread;
+    `step` from one thread at a time (it holds a lock). `decode` (token ids -> text) is needed for stop strings.
     """
 
-    def __init__(self, model: Transformer, device: str | torch.device = "cpu", max_batch_size: int = 64) -> None:
+    def __init__(self, model: Transformer, max_rows: int = 64,
+                 decode: Callable[[list[int]], str] | None = None) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows={max_rows} must be >= 1")
+        self.model, self.max_rows, self.decode = model, max_rows, decode
+        self.device = next(model.parameters()).device
+        self.cache = _SlotCache(model)
+        self.version = 0  # weight version stamped on the Completions
+        self._waiting: deque[Request] = deque()
+        self._rows: list[_Row] = []  # running rows in admission order (a request's rows are contiguous)
+        self._logits: Tensor | None = None  # (N, V) next-token logits of self._rows
+        self._free: list[int] = []
+        self._lock, self._step_lock = threading.Lock(), threading.Lock()
+
+    # ------------------------------------------------------------------------------------------- queue
+
+    def submit(self, request: Request) -> Request:
+        """Queue `request` (validated here: ValueError names the bad field or prompt)."""
+        request.params.validate()
+        check_prompts(request.prompts, request.params, self.model.cfg)
+        if request.params.stop and self.decode is None:
+            raise ValueError("stop strings need a tokenizer: build the ContinuousBatcher with decode=")
+        request.completions = [None] * request.rows
+        with self._lock:
+            self._waiting.append(request)
+        return request
+
+    def abort(self, request: Request) -> None:
+        """Stop generating for `request`; its slots are freed at the start of the next step."""
+        request.aborted = True
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        """Rows (sequences) in the running batch."""
+        return len(self._rows)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._rows or self._waiting)
+
+    def run_until_done(self, requests: Sequence[Request]) -> None:
+        while not all(r.done for r in requests):
+            self.step()
+
+    # ------------------------------------------------------------------------------------------- step
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One scheduling step: admit, sample one token per running row, finish rows, decode forward."""
+        with self._step_lock:
+            self._drop_aborted()
+            admitted = self._admit()
+            if admitted:
+                rows, logits = self._prefill(admitted)
+                self._rows += rows
+                self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
+            if not self._rows:
+                return
+            assert self._logits is not None
+            tokens, finished = self._sample(self._rows, self._logits)
+            keep = [i for i, done in enumerate(finished) if not done]
+            for i, done in enumerate(finished):
+                if done:
+                    self._free.append(self._rows[i].slot)
+            live = [self._rows[i] for i in keep]
+            self._rows, self._logits = live, None
+            if live:
+                self._logits = self._decode([r for r in live], tokens[torch.tensor(keep, device=tokens.device)])
+
+    def _drop_aborted(self) -> None:
+        with self._lock:
+            self._waiting = deque(r for r in self._waiting if not r.aborted)
+        gone = [i for i, r in enumerate(self._rows) if r.request.aborted]
+        if gone:
+            self._free += [self._rows[i].slot for i in gone]
+            keep = [i for i, r in enumerate(self._rows) if not r.request.aborted]
+            self._rows = [self._rows[i] for i in keep]
+            self._logits = self._logits[keep] if keep else None  # type: ignore[index]
+
+    def _admit(self) -> list[Request]:
+        admitted, used = [], len(self._rows)
+        with self._lock:
+            while self._waiting:
+                need = self._waiting[0].rows
+                if used + need > self.max_rows and used > 0:
+                    break
+                admitted.append(self._waiting.popleft())
+                used += need
+        if admitted:
+            longest = max(len(p) + r.params.max_new_tokens for r in admitted for p in r.prompts)
+            if used > self.cache.slots or longest > self.cache.length:
+                old = self.cache.slots
+                self.cache.ensure(max(used, self.max_rows), longest)
+                self._free += range(old, self.cache.slots)
+        return admitted
+
+    def _forward(self, tokens: Tensor, positions: Tensor, mask: Tensor | None, view: _SlotView) -> Tensor:
+        """tokens, positions (B, T) -> logits at the last position (B, V), writing keys/values through `view`."""
+        model = self.model.model
+        h = model.embed_tokens(tokens)  # (B, T, E)
+        cos, sin = rope_cos_sin(positions, self.model.cfg.head_dim, self.model.cfg.rope_theta, h.dtype)
+        for layer in model.layers:
+            h = layer(h, cos, sin, mask, view)  # (B, T, E)
+        return h  # (B, T, E) before the final norm
+
+    def _prefill(self, requests: list[Request]) -> tuple[list[_Row], Tensor]:
+        """Prefill every prompt of `requests` in one right-padded forward, then copy each prompt's cache into
+        the slots of its other n - 1 samples. Returns the new rows and their next-token logits (rows, V)."""
+        prompts = [(r, i, p) for r in requests for i, p in enumerate(r.prompts)]
+        p_len = max(len(p) for _, _, p in prompts)
+        tokens = torch.zeros(len(prompts), p_len, dtype=torch.long, device=self.device)  # (B, P) right-padded
+        for b, (_, _, p) in enumerate(prompts):
+            tokens[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+        first_slots = [self._free.pop(0) for _ in prompts]
+        positions = torch.arange(p_len, device=self.device).expand(len(prompts), p_len)  # (B, P)
+        view = _SlotView(self.cache, torch.tensor(first_slots, device=self.device), None, p_len)
+        # causal attention: a real token never sees the padding after it, so right padding needs no mask
+        hidden = self._forward(tokens, positions, None, view)  # (B, P, E)
+        last = torch.tensor([len(p) - 1 for _, _, p in prompts], device=self.device)
+        hidden = hidden[torch.arange(len(prompts), device=self.device), last]  # (B, E)
+        logits = self.model.lm_head(self.model.model.norm(hidden))  # (B, V)
+        rows, take = [], []
+        for b, (req, i, p) in enumerate(prompts):
+            n = req.params.n
+            slots = [first_slots[b]] + [self._free.pop(0) for _ in range(n - 1)]
+            if n > 1:
+                self.cache.copy_slot(first_slots[b], slots[1:])
+            rows += [_Row(req, i * n + j, slot, len(p)) for j, slot in enumerate(slots)]
+            take += [b] * n
+        return rows, logits[torch.tensor(take, device=self.device)]  # (N_new, V)
+
+    def _decode(self, rows: list[_Row], tokens: Tensor) -> Tensor:
+        """One token per row (tokens (B,)) at each row's own position -> next-token logits (B, V)."""
+        starts = torch.tensor([r.length for r in rows], device=self.device)  # (B,)
+        attended = int(starts.max()) + 1
+        # key j is visible to row b iff j <= starts[b] (its prompt, its tokens so far, and itself)
+        mask = torch.arange(attended, device=self.device)[None, :] <= starts[:, None]  # (B, S)
+        view = _SlotView(self.cache, torch.tensor([r.slot for r in rows], device=self.device), starts, attended)
+        hidden = self._forward(tokens[:, None], starts[:, None], mask[:, None, None, :], view)[:, -1]  # (B, E)
+        for r in rows:
+            r.length += 1
+        return self.model.lm_head(self.model.model.norm(hidden))  # (B, V)
+
+    def _sample(self, rows: list[_Row], logits: Tensor) -> tuple[Tensor, list[bool]]:
+        """Next token of every row with its request's settings; records it; returns (tokens (N,), finished)."""
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)  # (N,)
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(r.request.id, []).append(i)
+        for members in groups.values():
+            req = rows[members[0]].request
+            idx = torch.tensor(members, device=logits.device)
+            group_logits = logits[idx]  # (G, V)
+            if req.params.penalized:
+                group_logits = apply_penalties(group_logits, [rows[i].tokens for i in members], req.params)
+            tokens[idx] = sample_tokens(group_logits, req.params.temperature, req.params.top_p, req.generator)
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V) raw: what PPO needs as log pi_old
+        chosen = logp.gather(-1, tokens[:, None]).squeeze(-1).tolist()  # (N,)
+        k = max(r.request.params.top_logprobs for r in rows)
+        top = logp.topk(min(k, logp.shape[-1]), dim=-1) if k else None
+        finished: list[bool] = []
+        events: dict[int, list[TokenEvent]] = {}
+        for i, (r, tok, lp) in enumerate(zip(rows, tokens.tolist(), chosen, strict=True)):
+            params = r.request.params
+            best = None
+            if params.top_logprobs and top is not None:
+                best = list(zip(top.indices[i, :params.top_logprobs].tolist(),
+                                top.values[i, :params.top_logprobs].tolist(), strict=True))
+                r.top.append(best)
+            r.tokens.append(tok)
+            r.logprobs.append(lp)
+            reason = None
+            if tok in params.stop_token_ids or self._hit_stop_string(r):
+                reason = "stop"
+            elif len(r.tokens) >= params.max_new_tokens:
+                reason = "length"
+            finished.append(reason is not None)
+            events.setdefault(r.request.id, []).append(TokenEvent(r.index, tok, lp, best, reason))
+            if reason is not None:
+                n = params.n
+                r.request.completions[r.index] = Completion(
+                    prompt_index=r.request.first_index + r.index // n, token_ids=r.tokens, logprobs=r.logprobs,
+                    finish_reason=reason, weight_version=self.version,  # type: ignore[arg-type]
+                    top_logprobs=r.top if params.top_logprobs else None)
+        for members in groups.values():
+            req = rows[members[0]].request
+            if req.on_event is not None:
+                req.on_event(events[req.id])
+        return tokens, finished
+
+    def _hit_stop_string(self, row: _Row) -> bool:
+        stops = row.request.params.stop
+        if not stops:
+            return False
+        text = self.decode(row.tokens)  # type: ignore[misc]
+        # only text that could contain a stop string not seen before: from before the last check's end
+        start = max(0, row.text_checked - max(len(s) for s in stops))
+        row.text_checked = len(text)
+        return any(s in text[start:] for s in stops)
+
+
+def apply_penalties(logits: Tensor, generated: list[list[int]], params: SamplingParams) -> Tensor:
+    """OpenAI's presence/frequency penalties on logits (G, V): subtract presence * [count > 0] + frequency *
+    count, count = how often each token was generated so far in that row (the prompt does not count)."""
+    counts = torch.zeros_like(logits, dtype=torch.float32)  # (G, V)
+    for g, toks in enumerate(generated):
+        if toks:
+            counts[g] = torch.bincount(torch.tensor(toks), minlength=logits.shape[-1]).to(counts)
+    penalty = params.presence_penalty * (counts > 0).float() + params.frequency_penalty * counts  # (G, V)
+    return (logits.float() - penalty).to(logits.dtype)
+
+
+class TorchEngine(GenerationEngine):
+    """Continuous-batching KV-cache generation with a `Transformer` in this process (CPU or one GPU).
+
+    `generate` submits prompts in requests of at most max(1, max_batch_size // n) prompts (one RNG for the
+    call), so at most max_batch_size rows are decoded at once (a request always holds one prompt, even when
+    n > max_batch_size). Results for a seed depend on that split, i.e. on max_batch_size and the order of the
+    prompts. Greedy results do not depend on what else is in the batch (each row attends to its own slot only).
+    """
+
+    def __init__(self, model: Transformer, device: str | torch.device = "cpu", max_batch_size: int = 64,
+                 decode: Callable[[list[int]], str] | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.max_batch_size = max_batch_size
-        self._version = 0
+        self.batcher = ContinuousBatcher(self.model, max_batch_size, decode)
 
     @property
     def weight_version(self) -> int:
-        return self._version
+        return self.batcher.version
+
 
     def load_weights_stream(self, tensors: Iterable[tuple[str, Tensor]], version: int, count: int) -> None:
         if hasattr(tensors, "copies"):  # weight_sync.BucketStream: each tensor is copied before the next is taken
@@ -152,7 +515,7 @@ class TorchEngine(GenerationEngine):
                 copied += 1
         if copied != count:
             raise RuntimeError(f"weight update copied {copied} of {count} tensors; the engine holds mixed weights")
-        self._version = int(version)
+        self.batcher.version = int(version)
 
     def load_weights(self, state_dict: dict[str, Tensor], version: int) -> None:
         """Copy `state_dict` into the model (strict: same keys, same shapes; checked before anything is copied)."""
@@ -171,7 +534,7 @@ class TorchEngine(GenerationEngine):
         with torch.no_grad():
             for key, value in state_dict.items():
                 own[key].copy_(value)
-        self._version = int(version)
+        self.batcher.version = int(version)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         params.validate()
@@ -179,65 +542,9 @@ class TorchEngine(GenerationEngine):
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        per_chunk = max(1, self.max_batch_size // params.n)
-        out: list[list[Completion]] = []
-        for start in range(0, len(prompts), per_chunk):
-            out.extend(self._generate_chunk(prompts[start:start + per_chunk], start, params, generator))
-        return out
-
-    @torch.inference_mode()
-    def _generate_chunk(self, prompts: Sequence[Sequence[int]], first_index: int, params: SamplingParams,
-                        generator: torch.Generator | None) -> list[list[Completion]]:
-        b, n, dev = len(prompts), params.n, self.device
-        p_len = max(len(p) for p in prompts)
-        tokens = torch.zeros(b, p_len, dtype=torch.long, device=dev)  # (B, P) left-padded
-        attention_mask = torch.zeros(b, p_len, dtype=torch.long, device=dev)  # (B, P) 1 = real token
-        for i, prompt in enumerate(prompts):
-            tokens[i, p_len - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
-            attention_mask[i, p_len - len(prompt):] = 1
-        dtype = next(self.model.parameters()).dtype
-        cache = KVCache(b, p_len + params.max_new_tokens, self.model.cfg, device=dev, dtype=dtype)
-
-        # prefill the prompts once; LM head on the last position only
-        hidden = self.model.hidden_states(tokens, attention_mask, cache)[:, -1]  # (B, E)
-        logits = self.model.lm_head(hidden)  # (B, V)
-
-        # n samples per prompt: repeat rows (prompt-major: row r is sample r % n of prompt r // n)
-        repeat = torch.arange(b, device=dev).repeat_interleave(n)  # (N,)
-        if n > 1:
-            cache.select(repeat)
-            logits, attention_mask = logits[repeat], attention_mask[repeat]  # (N, V), (N, P)
-        rows = torch.arange(b * n, device=dev)  # (N,) output slot of each live row
-        out_tokens: list[list[int]] = [[] for _ in range(b * n)]
-        out_logprobs: list[list[float]] = [[] for _ in range(b * n)]
-        finish: list[str] = ["length"] * (b * n)
-        stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=dev)
-
-        for step in range(params.max_new_tokens):
-            next_tokens = sample_tokens(logits, params.temperature, params.top_p, generator)  # (N,)
-            logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
-            next_logp = logp.gather(-1, next_tokens[:, None]).squeeze(-1)  # (N,)
-            stopped = torch.isin(next_tokens, stop_ids)  # (N,)
-            for slot, tok, lp, stop in zip(rows.tolist(), next_tokens.tolist(), next_logp.tolist(),
-                                           stopped.tolist(), strict=True):
-                out_tokens[slot].append(tok)
-                out_logprobs[slot].append(lp)
-                if stop:
-                    finish[slot] = "stop"
-            if step == params.max_new_tokens - 1 or bool(stopped.all()):
-                break
-            if bool(stopped.any()):  # drop finished rows from the batch
-                keep = torch.nonzero(~stopped).squeeze(-1)  # (N',)
-                cache.select(keep)
-                rows, next_tokens, attention_mask = rows[keep], next_tokens[keep], attention_mask[keep]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)  # (N, S)
-            hidden = self.model.hidden_states(next_tokens[:, None], attention_mask, cache)[:, -1]  # (N, E)
-            logits = self.model.lm_head(hidden)  # (N, V)
-
-        return [
-            [Completion(prompt_index=first_index + i, token_ids=out_tokens[i * n + j],
-                        logprobs=out_logprobs[i * n + j], finish_reason=finish[i * n + j],  # type: ignore[arg-type]
-                        weight_version=self._version)
-             for j in range(n)]
-            for i in range(b)
-        ]
+        per_request = max(1, self.max_batch_size // params.n)
+        requests = [self.batcher.submit(Request([list(p) for p in prompts[start:start + per_request]], params,
+                                                generator, first_index=start))
+                    for start in range(0, len(prompts), per_request)]
+        self.batcher.run_until_done(requests)
+        return [samples for r in requests for samples in r.results()]

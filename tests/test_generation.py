@@ -209,3 +209,101 @@ def test_completion_fields(model):
     assert isinstance(c, Completion)
     assert len(c.token_ids) == len(c.logprobs) == 3
     assert all(lp <= 0 for lp in c.logprobs)
+
+
+# ------------------------------------------------------------------------------------------- continuous batching
+
+
+def greedy_alone(model, prompt, max_new, **kw):
+    [[c]] = TorchEngine(model).generate([prompt], SamplingParams(max_new_tokens=max_new, temperature=0.0,
+                                                                 stop_token_ids=(), **kw))
+    return c
+
+
+def test_requests_join_and_leave_the_batch_every_step(model):
+    """Greedy rows give the same tokens and logprobs alone and inside a busy batch that others join and leave."""
+    from rayllama.generation import ContinuousBatcher, Request
+
+    batcher = ContinuousBatcher(model, max_rows=4)
+    hot = SamplingParams(max_new_tokens=12, temperature=1.5, n=2, seed=1, stop_token_ids=())
+    busy = batcher.submit(Request([PROMPTS[2]], hot))
+    batcher.step()
+    batcher.step()  # `busy` is 2 tokens in when the greedy requests arrive
+    greedy = [batcher.submit(Request([p], SamplingParams(max_new_tokens=n, temperature=0.0, stop_token_ids=())))
+              for p, n in zip(PROMPTS, [3, 9, 5, 7], strict=True)]
+    sizes = []
+    while not all(r.done for r in [busy, *greedy]):
+        batcher.step()
+        sizes.append(batcher.running)
+        assert batcher.running <= 4  # the bound: requests that do not fit wait
+    assert len(set(sizes)) > 2  # the batch grew and shrank step by step
+    for prompt, req, n in zip(PROMPTS, greedy, [3, 9, 5, 7], strict=True):
+        [[c]] = req.results()
+        alone = greedy_alone(model, prompt, n)
+        assert c.token_ids == alone.token_ids and len(c.token_ids) == n
+        assert_logprobs_close(c.logprobs, alone.logprobs)
+        assert_logprobs_close(c.logprobs, full_forward_logprobs(model, prompt, c.token_ids))
+    assert [len(c.token_ids) for c in busy.results()[0]] == [12, 12]
+    assert batcher.running == 0 and batcher.waiting == 0
+
+
+def test_abort_frees_the_slots_at_the_next_step(model):
+    from rayllama.generation import ContinuousBatcher, Request
+
+    batcher = ContinuousBatcher(model, max_rows=2)
+    long = SamplingParams(max_new_tokens=30, temperature=0.0, stop_token_ids=())
+    a = batcher.submit(Request([PROMPTS[0]], long))
+    b = batcher.submit(Request([PROMPTS[1]], long))
+    c = batcher.submit(Request([PROMPTS[3]], SamplingParams(max_new_tokens=4, temperature=0.0, stop_token_ids=())))
+    batcher.step()
+    assert batcher.running == 2 and batcher.waiting == 1  # c waits for a slot
+    batcher.abort(a)
+    batcher.step()
+    assert a.done and batcher.waiting == 0 and batcher.running == 2  # a's slot went to c
+    batcher.run_until_done([c])
+    assert c.results()[0][0].token_ids == greedy_alone(model, PROMPTS[3], 4).token_ids
+    batcher.abort(b)
+    batcher.step()
+    assert batcher.running == 0
+
+
+def test_stop_strings_end_generation_in_the_engine(model):
+    """With decode = a letter per id, a stop string made of tokens 3..4 of the free run ends the row there."""
+    free = greedy_alone(model, PROMPTS[0], 12).token_ids
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    engine = TorchEngine(model, decode=lambda ids: "".join(letters[t] for t in ids))
+    stop = letters[free[2]] + letters[free[3]]
+    first = next(k for k in range(2, 12) if stop in "".join(letters[t] for t in free[:k]))
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=(), stop=("@", stop))
+    [[c]] = engine.generate([PROMPTS[0]], params)
+    assert c.token_ids == free[:first] and c.finish_reason == "stop"
+    with pytest.raises(ValueError, match="decode="):
+        TorchEngine(model).generate([PROMPTS[0]], params)
+
+
+def test_penalties_match_a_naive_penalised_loop(model):
+    """Greedy with presence/frequency penalties == a full-recompute loop that penalises the argmax itself;
+    logprobs stay the raw model's."""
+    pres, freq = 1.5, 0.7
+    seq, want = list(PROMPTS[1]), []
+    with torch.no_grad():
+        for _ in range(10):
+            logits = model(torch.tensor([seq]))[0, -1]
+            counts = torch.bincount(torch.tensor(want, dtype=torch.long), minlength=CFG.vocab_size).float()
+            tok = int((logits - pres * (counts > 0).float() - freq * counts).argmax())
+            want.append(tok)
+            seq.append(tok)
+    c = greedy_alone(model, PROMPTS[1], 10, presence_penalty=pres, frequency_penalty=freq)
+    assert c.token_ids == want
+    assert c.token_ids != greedy_alone(model, PROMPTS[1], 10).token_ids  # the penalties changed the answer
+    assert_logprobs_close(c.logprobs, full_forward_logprobs(model, PROMPTS[1], c.token_ids))
+
+
+def test_top_logprobs_are_the_models_best_tokens(model):
+    c = greedy_alone(model, PROMPTS[2], 5, top_logprobs=3)
+    logp = torch.log_softmax(model(torch.tensor([PROMPTS[2] + c.token_ids]))[0].double(), -1)  # (T, V)
+    assert c.top_logprobs is not None and len(c.top_logprobs) == 5
+    for i, best in enumerate(c.top_logprobs):
+        values, ids = logp[len(PROMPTS[2]) - 1 + i].topk(3)
+        assert [t for t, _ in best] == ids.tolist() and best[0][0] == c.token_ids[i]  # greedy = the best
+        assert_logprobs_close([lp for _, lp in best], values.tolist())
