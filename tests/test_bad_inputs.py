@@ -396,7 +396,7 @@ def server(ray_session, base_run):
     cfg = ServeConfig(model_dir=str(base_run / "sft" / "model"), model_name="tiny",
                       limits=LimitsConfig(max_prompt_tokens=100, max_tokens=16, default_max_tokens=4, max_n=2,
                                           max_stop=2, max_request_bytes=20_000),
-                      batch=BatchConfig(max_requests=32, wait_ms=5.0), auth=AuthConfig(token=TOKEN),
+                      batch=BatchConfig(max_rows=32), auth=AuthConfig(token=TOKEN),
                       replicas=ReplicaConfig(num_cpus=0.5, max_ongoing_requests=64), http=HTTPConfig(port=free_port()))
     url = start(cfg)
     yield url
