@@ -2,12 +2,13 @@
 
 `GenerationEngine` is what `actors/rollout.py` and `serve/` call: token ids in, `Completion`s out, plus a
 weight update. `TorchEngine` implements it with `rayllama.model.Transformer` and a `ContinuousBatcher`, a
-step-level scheduler with a slot KV cache (one slot = one sequence's keys/values, at its own length):
+step-level scheduler with a slot KV cache (one slot = one sequence's keys/values, at its own length; running
+row i lives in slot i, so a decode step attends through a view of the first N slots, no copy):
 
-    every step: drop aborted requests -> admit waiting requests whose rows fit in the free slots (prefill their
-    prompts once, copy the prompt's cache into its n sample slots) -> sample one token for every running row
-    with its own request's settings -> finish rows (stop token, stop string, max_new_tokens) and free their
-    slots -> one decode forward for the rows that go on.
+    every step: drop aborted requests -> admit waiting requests whose rows fit (prefill their prompts once into
+    the slots after the running ones, copy each prompt's cache into its n sample slots) -> sample one token for
+    every running row with its own request's settings -> finish rows (stop token, stop string, max_new_tokens)
+    and fill their slots with the last running rows -> one decode forward for the rows that go on.
 
 So requests join and leave the running batch at every step. `TorchEngine.generate` (rollouts) submits its
 prompts and steps until they are done; the chat endpoint drives the same batcher from its engine thread and
@@ -198,7 +199,6 @@ class Request:
 class _Row:
     request: Request
     index: int  # i * n + j within the request
-    slot: int  # the cache slot holding its keys/values
     length: int  # positions written in its slot (prompt + generated tokens fed back so far)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -232,29 +232,34 @@ class _SlotCache:
             v[:, :self.slots, :, :self.length] = self.v
         self.k, self.v, self.slots, self.length = k, v, slots, length
 
-    def copy_slot(self, src: int, dst: list[int]) -> None:
-        self.k[:, dst] = self.k[:, src:src + 1]
-        self.v[:, dst] = self.v[:, src:src + 1]
+    def copy_slots(self, src: list[int], dst: list[int]) -> None:
+        """Slot dst[i] := slot src[i] (no slot is both a source and a destination)."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
 
 
 class _SlotView:
-    """The `cache` argument of the attention layers for one forward over rows in `slots` (B,).
+    """The `cache` argument of the attention layers for one forward over the rows in slots first..first+B-1.
 
     Prefill (starts None): tokens at positions 0..T-1 of each slot; attention sees only this call's keys.
-    Decode (T == 1): the token goes at position starts[b]; attention sees positions 0..S-1 of each slot."""
+    Decode (T == 1, first 0): the token goes at position starts[b]; attention sees positions 0..S-1 of each
+    slot, a view of the cache (masked per row by the caller)."""
 
-    def __init__(self, cache: _SlotCache, slots: Tensor, starts: Tensor | None, attended: int) -> None:
-        self.cache, self.slots, self.starts, self.attended = cache, slots, starts, attended
+    def __init__(self, cache: _SlotCache, first: int, starts: Tensor | None, attended: int) -> None:
+        self.cache, self.first, self.starts, self.attended = cache, first, starts, attended
 
     def update(self, layer_id: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        ck, cv = self.cache.k[layer_id], self.cache.v[layer_id]  # (R, K, L, D)
+        b = k.shape[0]
+        ck = self.cache.k[layer_id, self.first:self.first + b]  # (B, K, L, D) view
+        cv = self.cache.v[layer_id, self.first:self.first + b]
         if self.starts is None:  # prefill: k (B, K, P, D)
-            ck[self.slots, :, :k.shape[2]] = k
-            cv[self.slots, :, :k.shape[2]] = v
+            ck[:, :, :k.shape[2]] = k
+            cv[:, :, :k.shape[2]] = v
             return k, v
-        ck[self.slots, :, self.starts] = k[:, :, 0]  # (B, K, D) at each row's own position
-        cv[self.slots, :, self.starts] = v[:, :, 0]
-        return ck[self.slots, :, :self.attended], cv[self.slots, :, :self.attended]  # (B, K, S, D)
+        rows = torch.arange(b, device=k.device)
+        ck[rows, :, self.starts] = k[:, :, 0]  # (B, K, D) at each row's own position
+        cv[rows, :, self.starts] = v[:, :, 0]
+        return ck[:, :, :self.attended], cv[:, :, :self.attended]  # (B, K, S, D)
 
 
 class ContinuousBatcher:
@@ -275,9 +280,8 @@ class ContinuousBatcher:
         self.cache = _SlotCache(model)
         self.version = 0  # weight version stamped on the Completions
         self._waiting: deque[Request] = deque()
-        self._rows: list[_Row] = []  # running rows in admission order (a request's rows are contiguous)
+        self._rows: list[_Row] = []  # running rows; row i lives in cache slot i
         self._logits: Tensor | None = None  # (N, V) next-token logits of self._rows
-        self._free: list[int] = []
         self._lock, self._step_lock = threading.Lock(), threading.Lock()
 
     # ------------------------------------------------------------------------------------------- queue
@@ -294,7 +298,7 @@ class ContinuousBatcher:
         return request
 
     def abort(self, request: Request) -> None:
-        """Stop generating for `request`; its slots are freed at the start of the next step."""
+        """Stop generating for `request`; its rows leave the batch at the start of the next step."""
         request.aborted = True
 
     @property
@@ -316,7 +320,6 @@ class ContinuousBatcher:
             for r in [*self._waiting, *(row.request for row in self._rows)]:
                 r.aborted = True
             self._waiting.clear()
-        self._free += [row.slot for row in self._rows]
         self._rows, self._logits = [], None
 
     def run_until_done(self, requests: Sequence[Request]) -> None:
@@ -339,24 +342,32 @@ class ContinuousBatcher:
                 return
             assert self._logits is not None
             tokens, finished = self._sample(self._rows, self._logits)
-            keep = [i for i, done in enumerate(finished) if not done]
-            for i, done in enumerate(finished):
-                if done:
-                    self._free.append(self._rows[i].slot)
-            live = [self._rows[i] for i in keep]
-            self._rows, self._logits = live, None
-            if live:
-                self._logits = self._decode([r for r in live], tokens[torch.tensor(keep, device=tokens.device)])
+            order = self._compact(finished)
+            self._logits = None
+            if order:
+                self._logits = self._decode(self._rows, tokens[torch.tensor(order, device=tokens.device)])
+
+    def _compact(self, gone: list[bool]) -> list[int]:
+        """Remove the rows flagged in `gone`: the last running rows move into their slots. Returns, for each new
+        row position, the old position it came from."""
+        keep = len(gone) - sum(gone)
+        holes = [i for i in range(keep) if gone[i]]
+        movers = [i for i in range(keep, len(gone)) if not gone[i]]
+        if holes:
+            self.cache.copy_slots(movers, holes)
+        order = list(range(keep))
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        self._rows = [self._rows[i] for i in order]
+        return order
 
     def _drop_aborted(self) -> None:
         with self._lock:
             self._waiting = deque(r for r in self._waiting if not r.aborted)
-        gone = [i for i, r in enumerate(self._rows) if r.request.aborted]
-        if gone:
-            self._free += [self._rows[i].slot for i in gone]
-            keep = [i for i, r in enumerate(self._rows) if not r.request.aborted]
-            self._rows = [self._rows[i] for i in keep]
-            self._logits = self._logits[keep] if keep else None  # type: ignore[index]
+        gone = [r.request.aborted for r in self._rows]
+        if any(gone):
+            order = self._compact(gone)
+            self._logits = self._logits[order] if order else None  # type: ignore[index]
 
     def _admit(self) -> list[Request]:
         admitted, used = [], len(self._rows)
@@ -369,10 +380,7 @@ class ContinuousBatcher:
                 used += need
         if admitted:
             longest = max(len(p) + r.params.max_new_tokens for r in admitted for p in r.prompts)
-            if used > self.cache.slots or longest > self.cache.length:
-                old = self.cache.slots
-                self.cache.ensure(max(used, self.max_rows), longest)
-                self._free += range(old, self.cache.slots)
+            self.cache.ensure(max(used, self.max_rows), longest)
         return admitted
 
     def _forward(self, tokens: Tensor, positions: Tensor, mask: Tensor | None, view: _SlotView) -> Tensor:
@@ -392,22 +400,24 @@ class ContinuousBatcher:
         tokens = torch.zeros(len(prompts), p_len, dtype=torch.long, device=self.device)  # (B, P) right-padded
         for b, (_, _, p) in enumerate(prompts):
             tokens[b, :len(p)] = torch.tensor(p, dtype=torch.long)
-        first_slots = [self._free.pop(0) for _ in prompts]
+        first = len(self._rows)  # the prompts go to the slots after the running rows
         positions = torch.arange(p_len, device=self.device).expand(len(prompts), p_len)  # (B, P)
-        view = _SlotView(self.cache, torch.tensor(first_slots, device=self.device), None, p_len)
+        view = _SlotView(self.cache, first, None, p_len)
         # causal attention: a real token never sees the padding after it, so right padding needs no mask
         hidden = self._forward(tokens, positions, None, view)  # (B, P, E)
         last = torch.tensor([len(p) - 1 for _, _, p in prompts], device=self.device)
         hidden = hidden[torch.arange(len(prompts), device=self.device), last]  # (B, E)
         logits = self.model.lm_head(self.model.model.norm(hidden))  # (B, V)
-        rows, take = [], []
-        for b, (req, i, p) in enumerate(prompts):
-            n = req.params.n
-            slots = [first_slots[b]] + [self._free.pop(0) for _ in range(n - 1)]
-            if n > 1:
-                self.cache.copy_slot(first_slots[b], slots[1:])
-            rows += [_Row(req, i * n + j, slot, len(p)) for j, slot in enumerate(slots)]
-            take += [b] * n
+        # prompt b sits in slot first + b; its n samples go to slots first + (rows so far) .. in prompt-major
+        # order, so rearrange: row r of the new block copies prompt take[r] (from the back, so a prompt's own
+        # slot is read before a later row overwrites it)
+        take = [b for b, (req, _, _) in enumerate(prompts) for _ in range(req.params.n)]
+        if len(take) > len(prompts):
+            self.cache.ensure(first + len(take), 0)
+            for r in reversed(range(len(take))):
+                if take[r] != r:
+                    self.cache.copy_slots([first + take[r]], [first + r])
+        rows = [_Row(req, i * req.params.n + j, len(p)) for req, i, p in prompts for j in range(req.params.n)]
         return rows, logits[torch.tensor(take, device=self.device)]  # (N_new, V)
 
     def _decode(self, rows: list[_Row], tokens: Tensor) -> Tensor:
@@ -416,7 +426,7 @@ class ContinuousBatcher:
         attended = int(starts.max()) + 1
         # key j is visible to row b iff j <= starts[b] (its prompt, its tokens so far, and itself)
         mask = torch.arange(attended, device=self.device)[None, :] <= starts[:, None]  # (B, S)
-        view = _SlotView(self.cache, torch.tensor([r.slot for r in rows], device=self.device), starts, attended)
+        view = _SlotView(self.cache, 0, starts, attended)
         hidden = self._forward(tokens[:, None], starts[:, None], mask[:, None, None, :], view)[:, -1]  # (B, E)
         for r in rows:
             r.length += 1
@@ -428,13 +438,21 @@ class ContinuousBatcher:
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault(r.request.id, []).append(i)
+        plain_greedy = []  # rows of greedy requests without penalties: one argmax for all of them
         for members in groups.values():
             req = rows[members[0]].request
+            if req.params.temperature == 0 and not req.params.penalized:
+                plain_greedy += members
+                continue
+            members.sort(key=lambda i: rows[i].index)  # the request's rows in prompt-major order (one RNG)
             idx = torch.tensor(members, device=logits.device)
             group_logits = logits[idx]  # (G, V)
             if req.params.penalized:
                 group_logits = apply_penalties(group_logits, [rows[i].tokens for i in members], req.params)
             tokens[idx] = sample_tokens(group_logits, req.params.temperature, req.params.top_p, req.generator)
+        if plain_greedy:
+            idx = torch.tensor(plain_greedy, device=logits.device)
+            tokens[idx] = logits[idx].argmax(-1)
         logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V) raw: what PPO needs as log pi_old
         chosen = logp.gather(-1, tokens[:, None]).squeeze(-1).tolist()  # (N,)
         k = max(r.request.params.top_logprobs for r in rows)

@@ -265,7 +265,12 @@ class ChatDeployment:
         last = None
         async for events in stream:
             now = time.perf_counter()
-            self.metrics.latency("ttft" if last is None else "itl", now - (job.arrived if last is None else last))
+            steps = max(sum(e.index == i for e in events) for i in {e.index for e in events})
+            if last is None:
+                self.metrics.latency("ttft", now - job.arrived)
+                steps -= 1
+            for _ in range(steps):  # steps that arrived together share the gap since the last delivery
+                self.metrics.latency("itl", (now - last) / steps if last is not None else 0.0)
             self.metrics.tokens(generated=len(events))
             last = now
             yield events
@@ -292,24 +297,9 @@ class ChatDeployment:
                     yield proto.chunk(job.id, name, created, i, {"role": "assistant", "content": ""})
             async with contextlib.aclosing(stream):
                 async for events in self._timed(job, stream):
-                    for e in events:
-                        delta = self._advance(choices[e.index], e, job)
-                        if not delta and e.finish_reason is None and not job.want_logprobs:
-                            continue
-                        lp = None
-                        if job.want_logprobs:
-                            entries = [choices[e.index].logprobs[-1]]
-                            lp = proto.chat_logprobs(entries) if job.chat else proto.completion_logprobs(entries)
-                        if job.chat:
-                            if delta or lp is not None:
-                                yield proto.chunk(job.id, name, created, e.index, {"content": delta}, logprobs=lp)
-                            if e.finish_reason is not None:
-                                yield proto.chunk(job.id, name, created, e.index, {},
-                                                  finish_reason=choices[e.index].answer.finish_reason)
-                        else:
-                            finish = choices[e.index].answer.finish_reason if e.finish_reason else None
-                            yield proto.text_chunk(job.id, name, created,
-                                                   proto.text_choice(e.index, delta, finish, lp))
+                    out = [self._event_chunk(job, created, choices, e) for e in events]
+                    if any(out):
+                        yield "".join(out)  # the steps since the last send, in one write
             if job.include_usage:
                 n_tokens = sum(c.answer.n_tokens for c in choices)  # type: ignore[union-attr]
                 usage = proto.usage(len(job.prompt), n_tokens)
@@ -322,6 +312,25 @@ class ChatDeployment:
             raise
         finally:
             self.metrics.request_done(status)
+
+    def _event_chunk(self, job: _Job, created: int, choices: list[_Choice], e: TokenEvent) -> str:
+        """The SSE chunk(s) of one generated token ("" when there is nothing to send yet)."""
+        name, choice = self.cfg.model_name, choices[e.index]
+        delta = self._advance(choice, e, job)
+        if not delta and e.finish_reason is None and not job.want_logprobs:
+            return ""
+        lp = None
+        if job.want_logprobs:
+            lp = proto.chat_logprobs(choice.logprobs[-1:]) if job.chat else proto.completion_logprobs(choice.logprobs[-1:])
+        if not job.chat:
+            finish = choice.answer.finish_reason if e.finish_reason and choice.answer else None
+            return proto.text_chunk(job.id, name, created, proto.text_choice(e.index, delta, finish, lp))
+        out = ""
+        if delta or lp is not None:
+            out = proto.chunk(job.id, name, created, e.index, {"content": delta}, logprobs=lp)
+        if e.finish_reason is not None and choice.answer is not None:
+            out += proto.chunk(job.id, name, created, e.index, {}, finish_reason=choice.answer.finish_reason)
+        return out
 
     def _check_auth(self, request: Request) -> None:
         if self._token is None:

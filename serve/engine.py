@@ -1,8 +1,9 @@
 """The endpoint's view of a generation engine: submit one request, get its tokens step by step as they are made.
 
     stream = engine.open(prompt_ids, params)     # QueueFull (-> 429) when too many requests already wait
-    async for events in stream: ...              # list[TokenEvent] per engine step; ends when every choice has
-                                                 # finished; leaving the loop early (client gone) aborts it
+    async for events in stream: ...              # list[TokenEvent] of the engine steps since the last one;
+                                                 # ends when every choice has finished; leaving the loop
+                                                 # early (client gone) aborts the request
 
 TorchStreamer drives the shared `ContinuousBatcher` (rayllama.generation) from one engine thread: it steps while
 any request runs or waits and hands each step's tokens to the request's asyncio queue. VLLMStreamer does the same
@@ -47,6 +48,13 @@ class _Stream:
         try:
             while self._left:
                 item = await self.queue.get()
+                while not isinstance(item, BaseException) and not self.queue.empty():
+                    # the engine stepped more than once since we last ran: hand over all those steps at once
+                    more = self.queue.get_nowait()
+                    if isinstance(more, BaseException):
+                        item = more
+                        break
+                    item = item + more
                 if isinstance(item, BaseException):
                     raise item
                 self._left -= sum(e.finish_reason is not None for e in item)
