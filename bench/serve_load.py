@@ -1,20 +1,30 @@
-"""Load benchmark of the chat endpoint: N concurrent clients, tokens/s and p50/p99 latency per concurrency level.
+"""Load benchmark of the chat endpoint: time to first token, inter-token latency and tokens/s per concurrency
+level, a mixed-length load, and 1000 requests at concurrency 32.
 
-    python bench/serve_load.py                                   # own server: random `tiny` model, 1 and 16 clients
-    python bench/serve_load.py --clients 1 4 16 32 --requests 1000 --max-tokens 16
+    python bench/serve_load.py                                   # own server: random `tiny` model
+    python bench/serve_load.py --clients 1 4 16 64 --max-tokens 32
     python bench/serve_load.py --url http://127.0.0.1:8000 --token $RAYLLAMA_API_KEY --model rayllama-chat
+    PYTHONPATH=<a checkout of main> python bench/serve_load.py  # the same load on another version's server
 
-Each client (an asyncio task sharing one httpx.AsyncClient) sends chat requests back to back; a level's tokens/s is
-sum(usage.completion_tokens) / wall time of the level. The own server uses random weights with the eos logit
-pinned to 0, so every request generates exactly --max-tokens tokens (steady-state decode, no early stops), auth on,
-and one replica; "batch" is requests per engine call from /health. Also probes that an oversize prompt gets 413
-and a request without the token 401. Prints a table and writes bench/results/serve_load-<time>.json.
+Every request streams (`stream=True`, `stream_options.include_usage`): TTFT = request sent -> first content
+chunk, ITL = the gaps between a request's later content chunks, tokens = usage.completion_tokens. Each client (an
+asyncio task sharing one httpx.AsyncClient) sends requests back to back; a level's tokens/s is its tokens / wall
+time. The own server uses random weights with the eos logit pinned to 0 and greedy decoding, so every answer runs
+to its max_tokens (steady-state decode, no early stops); one replica, auth on.
+
+Mixed lengths: `--long-clients` clients ask for 256-token answers while `--short-clients` clients ask for
+16-token ones; the short requests' p50 latency is compared with the short clients running without the long ones
+(what the long answers cost them: static batching makes them wait for whole 256-token batches) and with one
+short client alone (which on a CPU also includes the cost of decoding 16 rows per step instead of 1).
+Then 1000 requests at concurrency 32 (16 tokens): statuses and p99. /metrics is scraped before and after: its
+counters must have moved by what was sent. Prints tables and writes bench/results/serve_load-<time>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -63,11 +73,16 @@ def start_own_server(args: argparse.Namespace) -> tuple[str, str, str, dict]:
         model.lm_head.weight[tok.eos_id] = 0.0  # eos logit 0: random logits beat it, answers run to max_tokens
     save_model(work / "model", model, model_cfg, tokenizer_model=tok_path)
     token, name = secrets.token_hex(16), "bench-chat"
+    batch_fields = {f.name for f in dataclasses.fields(BatchConfig)}
+    if "max_rows" in batch_fields:  # continuous batching
+        batch, kind = BatchConfig(max_rows=args.max_rows, max_waiting=4096), "continuous"
+    else:  # a version with static batching (BatchQueue): the same row budget
+        batch = BatchConfig(max_requests=args.max_rows, wait_ms=5.0, engine_max_rows=args.max_rows)
+        kind = "static"
     cfg = ServeConfig(
         model_dir=str(work / "model"), model_name=name, torch_threads=args.threads,
-        limits=LimitsConfig(max_prompt_tokens=128, max_tokens=max(args.max_tokens, 64)),
-        batch=BatchConfig(max_requests=args.batch, wait_ms=args.wait_ms, engine_max_rows=max(64, args.batch)),
-        auth=AuthConfig(token=token), replicas=ReplicaConfig(num_cpus=1.0, max_ongoing_requests=256),
+        limits=LimitsConfig(max_prompt_tokens=128, max_tokens=256, default_max_tokens=16),
+        batch=batch, auth=AuthConfig(token=token), replicas=ReplicaConfig(num_cpus=1.0, max_ongoing_requests=4096),
         http=HTTPConfig(port=_free_port()),
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,71 +90,119 @@ def start_own_server(args: argparse.Namespace) -> tuple[str, str, str, dict]:
              _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     url = start(cfg)
     info = {"preset": args.preset, "params": sum(p.numel() for p in model.parameters()),
-            "vocab_size": tok.vocab_size, "torch_threads": args.threads, "batch_max_requests": args.batch,
-            "batch_wait_ms": args.wait_ms}
+            "vocab_size": tok.vocab_size, "torch_threads": args.threads, "batching": kind,
+            "max_rows": args.max_rows}
     return url, token, name, info
 
 
-async def _one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[int, float, int]:
+@dataclasses.dataclass
+class Result:
+    status: int
+    latency: float
+    ttft: float | None
+    gaps: list[float]
+    tokens: int
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict) -> Result:
+    """One streamed request: status, latency, time to first content chunk, gaps between content chunks."""
     t0 = time.perf_counter()
+    ttft, last, gaps, tokens, status = None, None, [], 0, 599
     try:
-        r = await client.post(f"{url}/v1/chat/completions", json=body)
-        status = r.status_code
-        tokens = r.json()["usage"]["completion_tokens"] if status == 200 else 0
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            status = r.status_code
+            if status != 200:
+                await r.aread()
+            else:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    if any(c["delta"].get("content") for c in chunk["choices"]):
+                        now = time.perf_counter()
+                        if ttft is None:
+                            ttft = now - t0
+                        else:
+                            gaps.append(now - last)
+                        last = now
     except httpx.HTTPError:
-        status, tokens = 599, 0  # transport failure: counted with the 5xx
-    return status, time.perf_counter() - t0, tokens
+        status = 599  # transport failure: counted with the 5xx
+    return Result(status, time.perf_counter() - t0, ttft, gaps, tokens)
 
 
-async def run_level(url: str, headers: dict, model: str, clients: int, total: int, max_tokens: int) -> dict:
-    """`clients` tasks share `total` requests; returns throughput and latency figures for the level."""
-    counter = iter(range(total))
-    results: list[tuple[int, float, int]] = []
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+def _body(model: str, i: int, max_tokens: int) -> dict:
+    return {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
+
+
+def _pct(values: list[float], q: int) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+async def run_clients(url: str, headers: dict, model: str, plan: list[tuple[int, int]]) -> tuple[list, float]:
+    """plan: (requests, max_tokens) per client; each client sends its requests back to back.
+    Returns ([(max_tokens, Result)], wall seconds)."""
+    results: list[tuple[int, Result]] = []
+    limits = httpx.Limits(max_connections=len(plan) + 4, max_keepalive_connections=len(plan) + 4)
     async with httpx.AsyncClient(headers=headers, timeout=600, limits=limits) as client:
-        health0 = (await client.get(f"{url}/health")).json()
-
-        async def worker() -> None:
-            for i in counter:
-                body = {"model": model, "max_tokens": max_tokens, "temperature": 1.0,
-                        "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
-                results.append(await _one(client, url, body))
+        async def worker(k: int, n: int, max_tokens: int) -> None:
+            for i in range(n):
+                results.append((max_tokens, await _one(client, url, _body(model, k + i, max_tokens))))
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        wall = time.perf_counter() - t0
-        health1 = (await client.get(f"{url}/health")).json()
-    ok = [lat for status, lat, _ in results if status == 200]
-    q = statistics.quantiles(ok, n=100, method="inclusive") if len(ok) >= 2 else ok * 99
-    batches = health1.get("engine_batches", 0) - health0.get("engine_batches", 0)
-    served = health1.get("requests", 0) - health0.get("requests", 0)
+        await asyncio.gather(*(worker(k, n, m) for k, (n, m) in enumerate(plan)))
+        return results, time.perf_counter() - t0
+
+
+def summary(results: list[Result], wall: float) -> dict:
+    ok = [r for r in results if r.status == 200]
+    gaps = [g for r in ok for g in r.gaps]
+    ms = lambda v: None if v is None else 1000 * v  # noqa: E731
     return {
-        "clients": clients, "requests": len(results), "ok": len(ok),
-        "status_4xx": sum(400 <= s < 500 for s, _, _ in results), "status_5xx": sum(s >= 500 for s, _, _ in results),
-        "wall_s": wall, "completion_tokens": sum(t for _, _, t in results),
-        "tokens_per_s": sum(t for _, _, t in results) / wall, "requests_per_s": len(results) / wall,
-        "p50_ms": 1000 * q[49] if ok else None, "p99_ms": 1000 * q[98] if ok else None,
-        "mean_batch": served / batches if batches > 0 else None,
+        "requests": len(results), "ok": len(ok), "status_4xx": sum(400 <= r.status < 500 for r in results),
+        "status_5xx": sum(r.status >= 500 for r in results), "wall_s": wall,
+        "completion_tokens": sum(r.tokens for r in ok), "tokens_per_s": sum(r.tokens for r in ok) / wall,
+        "ttft_p50_ms": ms(_pct([r.ttft for r in ok if r.ttft is not None], 50)),
+        "ttft_p99_ms": ms(_pct([r.ttft for r in ok if r.ttft is not None], 99)),
+        "itl_p50_ms": ms(_pct(gaps, 50)), "itl_p99_ms": ms(_pct(gaps, 99)),
+        "latency_p50_ms": ms(_pct([r.latency for r in ok], 50)),
+        "latency_p99_ms": ms(_pct([r.latency for r in ok], 99)),
     }
 
 
-async def probes(url: str, headers: dict, model: str) -> dict:
-    """An oversize prompt and a request without the token: the statuses they get."""
-    async with httpx.AsyncClient(timeout=60) as client:
-        big = {"model": model, "messages": [{"role": "user", "content": "word " * 5000}]}
-        small = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-        oversize = (await client.post(f"{url}/v1/chat/completions", json=big, headers=headers)).status_code
-        no_token = (await client.post(f"{url}/v1/chat/completions", json=small)).status_code
-    return {"oversize_prompt_status": oversize, "missing_token_status": no_token}
+async def scrape(url: str) -> dict[str, float]:
+    """Sum of each rayllama_* sample in GET /metrics (empty if the server has no /metrics)."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        r = await client.get(f"{url}/metrics")
+    out: dict[str, float] = {}
+    if r.status_code != 200:
+        return out
+    for line in r.text.splitlines():
+        if line.startswith("rayllama_"):
+            name = line.split("{")[0].split(" ")[0]
+            out[name] = out.get(name, 0.0) + float(line.split()[-1])
+    return out
+
+
+def _f(v: float | None, width: int, digits: int = 0) -> str:
+    return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'clients':>7} {'requests':>8} {'5xx':>4} {'tokens/s':>9} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}"
-    lines = [head, "-" * len(head)]
+    head = (f"{'clients':>7} {'reqs':>5} {'5xx':>4} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
+            f"{'ITL p99':>8} {'lat p50':>8} {'lat p99':>8}")
+    lines = [head + "   (ms)", "-" * len(head)]
     for r in rows:
-        batch = f"{r['mean_batch']:.1f}" if r["mean_batch"] else "-"
-        lines.append(f"{r['clients']:>7} {r['requests']:>8} {r['status_5xx']:>4} {r['tokens_per_s']:>9.1f} "
-                     f"{r['requests_per_s']:>7.2f} {r['p50_ms']:>8.0f} {r['p99_ms']:>8.0f} {batch:>6}")
+        lines.append(f"{r['clients']:>7} {r['requests']:>5} {r['status_5xx']:>4} {_f(r['tokens_per_s'], 7)} "
+                     f"{_f(r['ttft_p50_ms'], 9)} {_f(r['ttft_p99_ms'], 9)} {_f(r['itl_p50_ms'], 8, 1)} "
+                     f"{_f(r['itl_p99_ms'], 8, 1)} {_f(r['latency_p50_ms'], 8)} {_f(r['latency_p99_ms'], 8)}")
     return "\n".join(lines)
 
 
@@ -148,13 +211,15 @@ def main() -> None:
     ap.add_argument("--url", help="target a running server instead of starting one")
     ap.add_argument("--token", default=os.environ.get("RAYLLAMA_API_KEY"), help="bearer token for --url")
     ap.add_argument("--model", default="rayllama-chat", help="model id for --url")
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 16], help="concurrency levels")
-    ap.add_argument("--requests", type=int, default=0, help="requests per level (default 8 per client, >= 16)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64], help="concurrency levels")
+    ap.add_argument("--requests", type=int, default=0, help="requests per level (default 4 per client, >= 8)")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--long-clients", type=int, default=2, help="mixed load: clients asking for 256 tokens")
+    ap.add_argument("--short-clients", type=int, default=14, help="mixed load: clients asking for 16 tokens")
+    ap.add_argument("--bulk", type=int, default=1000, help="requests of the concurrency-32 run (0: skip)")
     ap.add_argument("--preset", default="tiny", help="model preset of the own server (random weights)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the own server's replica")
-    ap.add_argument("--batch", type=int, default=32, help="own server: requests per engine call at most")
-    ap.add_argument("--wait-ms", type=float, default=5.0, help="own server: batch collection window")
+    ap.add_argument("--max-rows", type=int, default=64, help="own server: sequences decoded at once")
     ap.add_argument("--ray-cpus", type=int, default=None)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
@@ -166,14 +231,53 @@ def main() -> None:
         url, token, name, own = start_own_server(args)
         info.update(own)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    record: dict = {"bench": "serve_load", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "max_tokens": args.max_tokens,
+                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "server": info}
     try:
-        asyncio.run(run_level(url, headers, name, 1, 2, args.max_tokens))  # warm-up
-        rows = []
+        asyncio.run(run_clients(url, headers, name, [(2, args.max_tokens)]))  # warm-up
+        metrics0 = asyncio.run(scrape(url))
+        rows, sent, sent_tokens = [], 0, 0
         for c in args.clients:
-            total = args.requests or max(16, 8 * c)
-            rows.append(asyncio.run(run_level(url, headers, name, c, total, args.max_tokens)))
+            total = args.requests or max(8, 4 * c)
+            plan = [(total // c + (k < total % c), args.max_tokens) for k in range(c)]
+            results, wall = asyncio.run(run_clients(url, headers, name, plan))
+            rows.append({"clients": c, **summary([r for _, r in results], wall)})
+            sent, sent_tokens = sent + len(results), sent_tokens + rows[-1]["completion_tokens"]
             print(f"  {c} clients: {rows[-1]['tokens_per_s']:.1f} tokens/s", flush=True)
-        checks = asyncio.run(probes(url, headers, name))
+        one = rows[0]["tokens_per_s"] if args.clients[0] == 1 else None
+        for r in rows:
+            r["speedup_vs_1"] = r["tokens_per_s"] / one if one else None
+        record["levels"] = rows
+
+        # mixed lengths: short requests alone (one client), the short clients without the long ones, then
+        # the short clients among long ones
+        alone, _ = asyncio.run(run_clients(url, headers, name, [(8, 16)]))
+        shorts_only, _ = asyncio.run(run_clients(url, headers, name, [(6, 16)] * args.short_clients))
+        plan = [(2, 256)] * args.long_clients + [(6, 16)] * args.short_clients
+        mixed, wall = asyncio.run(run_clients(url, headers, name, plan))
+        short = [r for m, r in mixed if m == 16 and r.status == 200]
+        alone_p50 = _pct([r.latency for _, r in alone if r.status == 200], 50)
+        only_p50 = _pct([r.latency for _, r in shorts_only if r.status == 200], 50)
+        mixed_p50 = _pct([r.latency for r in short], 50)
+        record["mixed"] = {"long_clients": args.long_clients, "short_clients": args.short_clients,
+                           "short_alone_p50_ms": 1000 * alone_p50, "short_only_p50_ms": 1000 * only_p50,
+                           "short_mixed_p50_ms": 1000 * mixed_p50,
+                           "short_mixed_p99_ms": 1000 * _pct([r.latency for r in short], 99),
+                           "ratio_vs_alone": mixed_p50 / alone_p50, "ratio_vs_shorts_only": mixed_p50 / only_p50,
+                           **summary([r for _, r in mixed], wall)}
+        for batch in (alone, shorts_only, mixed):
+            sent, sent_tokens = sent + len(batch), sent_tokens + sum(r.tokens for _, r in batch)
+        print(f"  mixed: short p50 {1000 * mixed_p50:.0f} ms vs alone {1000 * alone_p50:.0f} ms", flush=True)
+
+        if args.bulk:
+            plan = [(args.bulk // 32 + (k < args.bulk % 32), 16) for k in range(32)]
+            bulk, wall = asyncio.run(run_clients(url, headers, name, plan))
+            record["bulk"] = {"clients": 32, **summary([r for _, r in bulk], wall)}
+            sent, sent_tokens = sent + len(bulk), sent_tokens + record["bulk"]["completion_tokens"]
+        metrics1 = asyncio.run(scrape(url))
+        record["metrics_delta"] = {k: metrics1[k] - metrics0.get(k, 0.0) for k in sorted(metrics1)
+                                   if k.endswith(("_total", "_count"))}
+        record["sent"] = {"requests": sent, "completion_tokens": sent_tokens}
     finally:
         if not args.url:
             import ray
@@ -182,15 +286,29 @@ def main() -> None:
             serve.shutdown()
             ray.shutdown()
 
-    print(f"\nchat endpoint load ({info['target']}, max_tokens {args.max_tokens}, {os.cpu_count()} CPUs)")
+    print(f"\nchat endpoint load ({info['target']}, {info.get('batching', '?')} batching, streamed, "
+          f"max_tokens {args.max_tokens}, {os.cpu_count()} CPUs)")
     print(table(rows))
-    print(f"oversize prompt -> {checks['oversize_prompt_status']}, missing token -> {checks['missing_token_status']}")
+    if one:
+        print("tokens/s vs 1 client: " + ", ".join(f"{r['clients']}: {r['speedup_vs_1']:.1f}x" for r in rows))
+    m = record["mixed"]
+    print(f"mixed lengths ({m['long_clients']} clients x 256 tokens + {m['short_clients']} x 16): short p50 "
+          f"{m['short_mixed_p50_ms']:.0f} ms (p99 {m['short_mixed_p99_ms']:.0f}) = {m['ratio_vs_shorts_only']:.2f}x "
+          f"the {m['short_clients']} short clients without the long ones ({m['short_only_p50_ms']:.0f} ms), "
+          f"{m['ratio_vs_alone']:.2f}x one short client alone ({m['short_alone_p50_ms']:.0f} ms)")
+    if args.bulk:
+        b = record["bulk"]
+        print(f"{b['requests']} requests at concurrency 32: {b['ok']} ok, {b['status_4xx']} 4xx, {b['status_5xx']} "
+              f"5xx, latency p50 {b['latency_p50_ms']:.0f} ms p99 {b['latency_p99_ms']:.0f} ms, "
+              f"{b['tokens_per_s']:.0f} tokens/s")
+    if record["metrics_delta"]:
+        d = record["metrics_delta"]
+        print(f"/metrics moved: requests {d.get('rayllama_requests_total', 0):.0f} (sent {record['sent']['requests']}), "
+              f"generated tokens {d.get('rayllama_generation_tokens_total', 0):.0f} "
+              f"(received {record['sent']['completion_tokens']})")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"serve_load-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    record = {"bench": "serve_load", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "max_tokens": args.max_tokens,
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "server": info,
-              "levels": rows, "probes": checks}
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -160,13 +160,18 @@ class ChatDeployment:
         torch.set_num_threads(cfg.torch_threads)
         self.metrics = ServeMetrics(cfg.model_name)
         self.stats = {"requests": 0, "largest_batch": 0}
+        self._gauges_at = 0.0
         self.engine, self.tok, self.max_seq_len, self.weight_version = make_engine(cfg, self._on_step)
         self.created = int(time.time())
 
     def _on_step(self, running: int, waiting: int) -> None:
-        """After every engine step (engine thread): the batch gauges."""
+        """After every engine step (engine thread): the batch gauges, at most every 50 ms (a Ray metric update
+        per step would cost the engine thread time it holds the GIL in)."""
         self.stats["largest_batch"] = max(self.stats["largest_batch"], running)
-        self.metrics.batch(running, waiting)
+        now = time.monotonic()
+        if now - self._gauges_at >= 0.05 or not running:
+            self._gauges_at = now
+            self.metrics.batch(running, waiting)
 
     # ------------------------------------------------------------------------------------------- routes
 
