@@ -205,18 +205,21 @@ def test_first_streamed_token_arrives_early(client, checkpoint):
     assert max_tokens >= 120
     kwargs = dict(model=NAME, messages=messages, max_tokens=max_tokens, temperature=0)
     client.chat.completions.create(**kwargs)  # warm
-    t0 = time.perf_counter()
-    whole = client.chat.completions.create(**kwargs)
-    total = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    first, pieces = None, []
-    for c in client.chat.completions.create(**kwargs, stream=True):
-        if c.choices and c.choices[0].delta.content:
-            first = first or time.perf_counter() - t0
-            pieces.append(c.choices[0].delta.content)
-    assert whole.usage.completion_tokens == max_tokens
-    assert "".join(pieces) == whole.choices[0].message.content and len(pieces) > max_tokens // 4
-    assert first / total < 0.2, (first, total)
+    totals, firsts = [], []
+    for _ in range(3):  # the best of three of each: the CPUs are shared, one slow step must not decide
+        t0 = time.perf_counter()
+        whole = client.chat.completions.create(**kwargs)
+        totals.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        first, pieces = None, []
+        for c in client.chat.completions.create(**kwargs, stream=True):
+            if c.choices and c.choices[0].delta.content:
+                first = first or time.perf_counter() - t0
+                pieces.append(c.choices[0].delta.content)
+        firsts.append(first)
+        assert whole.usage.completion_tokens == max_tokens
+        assert "".join(pieces) == whole.choices[0].message.content and len(pieces) > max_tokens // 4
+    assert min(firsts) / min(totals) < 0.2, (firsts, totals)
 
 
 def test_greedy_answers_equal_the_engine_alone_and_in_a_busy_batch(client, server, oracle):
