@@ -1,4 +1,5 @@
 """`python -m rayllama.driver CONFIG [key=value ...]`: run the configured stages of the LLaMA 2-Chat pipeline.
+(`--help` lists the bundled configs; `--print-config` and `--dry-run`: rayllama.cli.)
 
     tokenizer -> pretrain -> sft -> reward -> (rejection | ppo) -> gatt
 
@@ -17,9 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from rayllama.config import ConfigError, PipelineConfig, load_config, to_yaml
+from rayllama.config import ConfigError, PipelineConfig, check_files, load_config, to_yaml
 
 log = logging.getLogger("rayllama")
+SUMMARY = ("Runs the configured stages of the LLaMA 2-Chat pipeline, each resumable, under runs/<name>/:\n"
+           "    tokenizer -> pretrain -> sft -> reward -> (rejection | ppo) -> gatt")
 trace = logging.getLogger("rayllama.driver.trace")  # tracebacks of user errors: driver.log only
 
 
@@ -125,27 +128,59 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return 0 if argv else 2
+def dry_run(cfg: PipelineConfig, run: RunDir, source: str) -> int:
+    """`--dry-run`: after load_config (keys, types, ranges), check_files (tokenizer, ray.address) and the memory
+    plan, the checks that need the run dir: it can be written, and every checkpoint a listed stage reads but no
+    listed stage writes is complete. Writes nothing; one line either way."""
+    from rayllama.cli import writable_dir
+    from rayllama.pipeline import PipelineError, check_stage_inputs
+
     try:
-        cfg = load_config(argv[0], argv[1:])
+        if not writable_dir(run.root):
+            raise PipelineError(f"run_dir {run.root} cannot be created or written; set run_dir to a writable path")
+        check_stage_inputs(cfg, run)
+    except (PipelineError, ValueError) as e:
+        print(f"rayllama: error: {e}", file=sys.stderr)
+        return 2
+    plan = "memory plan fits" if cfg.device == "cuda" else "no memory plan on cpu"
+    print(f"rayllama: dry run OK: {source} (stages {', '.join(cfg.stages)}; {plan}; run dir {run.root})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rayllama import cli
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = cli.parse_args(argv)
     except ConfigError as e:
         print(f"rayllama: error: {e}", file=sys.stderr)
         return 2
+    if args.help or args.config is None:
+        print(cli.help_text("rayllama.driver", SUMMARY, PipelineConfig, "the memory plan"))
+        return 0 if args.help else 2
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_files(cfg)
+    except ConfigError as e:
+        print(f"rayllama: error: {e}", file=sys.stderr)
+        return 2
+    cfg.run_dir = str(Path(cfg.run_dir).absolute())
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
     if cfg.device == "cuda":  # the memory plan: every process of every stage fits its GPU (rayllama.plan)
         from rayllama.plan import PlanError, check_plan
 
         try:
             check_plan(cfg)
         except PlanError as e:
-            print(f"rayllama: error: {e}; `python -m rayllama.plan {' '.join(argv)}` prints the whole plan",
-                  file=sys.stderr)
+            words = " ".join(a for a in argv if a not in cli.FLAGS)
+            print(f"rayllama: error: {e}; `python -m rayllama.plan {words}` prints the whole plan", file=sys.stderr)
             return 2
-    cfg.run_dir = str(Path(cfg.run_dir).absolute())
     run = RunDir(cfg)
+    if args.dry_run:
+        return dry_run(cfg, run, args.config)
     _setup_logging(run)
     (run.root / "config.yaml").write_text(to_yaml(cfg))
 

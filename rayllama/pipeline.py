@@ -411,6 +411,14 @@ class Pipeline:
                         + "\n".join(changes) if changes else "")
 
 
+def check_stage_inputs(cfg: PipelineConfig, run) -> None:
+    """Pipeline.check_inputs without building the pipeline (which writes and reads the data): the driver's
+    `--dry-run`. The check needs only the config and the run dir."""
+    pipeline = Pipeline.__new__(Pipeline)
+    pipeline.cfg, pipeline.run = cfg, run
+    pipeline.check_inputs()
+
+
 RATING_COLUMNS = ("significantly_better", "better", "slightly_better", "negligibly_better")
 
 
