@@ -314,6 +314,17 @@ class GAttConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Settings of the trackers `report_to` lists (rayllama.trackers): one tracker run per stage, named
+    <name>-<stage>, with the run's config."""
+
+    wandb_project: str = "rayllama"
+    wandb_mode: str = "offline"  # offline (runs/<name>/wandb; `wandb sync` uploads) | online (needs `wandb login`)
+    mlflow_tracking_uri: str | None = None  # None: MLflow's file store at runs/<name>/mlruns
+    mlflow_experiment: str | None = None  # None: the run's name
+
+
+@dataclass
 class PipelineConfig:
     name: str = "tiny"
     run_dir: str = "runs/${name}"
@@ -335,6 +346,8 @@ class PipelineConfig:
     rejection: RejectionConfig = field(default_factory=RejectionConfig)
     gatt: GAttConfig = field(default_factory=GAttConfig)
     vllm: VLLMSettings = field(default_factory=VLLMSettings)  # every vLLM engine the stages build
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # + wandb, mlflow (TRL's report_to)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def world_seed(self) -> int:
@@ -520,6 +533,7 @@ def validate(cfg: PipelineConfig) -> None:
     validate_gatt(cfg.gatt)
     validate_vllm(cfg.vllm, cfg.device)
     check_ranges(cfg, PIPELINE_RANGES)
+    validate_tracking(cfg)
     tp = cfg.vllm.tensor_parallel_size
     for name in ("ppo", "rejection", "gatt"):  # vLLM's TP workers run on the GPUs Ray gives the generator actor
         stage = getattr(cfg, name)
@@ -759,9 +773,21 @@ def check_ranges(cfg: Any, rules: dict[str, str]) -> None:
             raise ConfigError(f"{key} {value} must be {rule}")
 
 
+def validate_tracking(cfg: PipelineConfig) -> None:
+    from rayllama.trackers import TRACKERS
+
+    for name in cfg.report_to:
+        _check(name in TRACKERS, f"report_to lists '{name}'; accepted: {', '.join(TRACKERS)} (or [] for metrics.jsonl "
+                                 f"alone)")
+    _check(len(set(cfg.report_to)) == len(cfg.report_to), f"report_to {cfg.report_to} lists a tracker twice")
+    _check(cfg.tracking.wandb_mode in ("offline", "online"),
+           f"tracking.wandb_mode '{cfg.tracking.wandb_mode}' is not offline or online")
+
+
 def check_files(cfg: PipelineConfig) -> None:
     """What the config names outside itself, checked before Ray starts: tokenizer.model_path is a SentencePiece
-    model, ray.address is auto, host:port or ray://host:port. One-line ConfigError naming the key and the fix."""
+    model, report_to's trackers are installed, ray.address is auto, host:port or ray://host:port. One-line
+    ConfigError naming the key and the fix."""
     path = cfg.tokenizer.model_path
     if path:
         _check(Path(path).is_file(), f"tokenizer.model_path '{path}' does not exist; point it at a SentencePiece "
@@ -774,6 +800,14 @@ def check_files(cfg: PipelineConfig) -> None:
             raise ConfigError(f"tokenizer.model_path '{path}' is not a SentencePiece model "
                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); point it at a .model "
                               f"file") from None
+    import importlib.util
+
+    from rayllama.trackers import PACKAGES
+
+    for name in [n for n in cfg.report_to if n in PACKAGES]:
+        _check(importlib.util.find_spec(PACKAGES[name]) is not None,
+               f"report_to lists {name}, but the {PACKAGES[name]} package is not installed; pip install "
+               f"'rayllama[trackers]' or drop {name} from report_to")
     address = cfg.ray.address
     if address and address != "auto":
         import re

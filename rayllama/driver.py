@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         import ray
 
+        pipeline.close_trackers()
         ray.shutdown()
     log.info(f"done in {time.time() - t0:.0f} s; results in {run.root}")
     return 0

@@ -152,6 +152,24 @@ class Pipeline:
     def _record(self, stage: str, metrics: dict) -> None:
         self.results.setdefault(stage, {}).update(metrics)
         self.run.save_eval(self.results)
+        self._track_eval(stage, metrics)
+
+    def _track_eval(self, stage: str, metrics: dict) -> None:
+        """The gold and reward-model evaluations to the run's trackers (TensorBoard, wandb, MLflow: one tracker run
+        <name>-eval; keys <stage>/<metric>, step = the stage's place in the pipeline) and Ray metrics."""
+        from rayllama.config import STAGES
+        from rayllama.train.loop import MetricsWriter
+
+        if getattr(self, "_eval_writer", None) is None:  # eval.json holds the rows: no metrics.jsonl here
+            self._eval_writer = MetricsWriter(str(self.run.root / "eval"), "eval", jsonl=False)
+        base = stage.split("-", 1)[0]
+        step = STAGES.index(base) if base in STAGES else len(STAGES)
+        self._eval_writer.write(step, {f"{stage}/{k}": v for k, v in metrics.items()})
+
+    def close_trackers(self) -> None:
+        if getattr(self, "_eval_writer", None) is not None:
+            self._eval_writer.close()
+            self._eval_writer = None
 
     def gold_eval(self, stage: str, model_dir: Path) -> None:
         """Gold helpfulness (greedy, and sampled: rayllama.eval.sampled_helpfulness) / refusal / over-refusal /

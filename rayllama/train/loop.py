@@ -204,23 +204,30 @@ EVALUATORS = {"lm": evaluate_lm, "reward": evaluate_reward}
 
 
 class MetricsWriter:
-    """Rank 0's metrics: one JSON object per line in metrics.jsonl and the same scalars in TensorBoard."""
+    """Rank 0's metrics, the one place every stage's figures pass through: one JSON object per line in
+    metrics.jsonl, and the finite scalars to the run's `report_to` trackers (TensorBoard by default, wandb,
+    MLflow) and, while Ray runs, to Ray metrics (rayllama.trackers). `total_steps` makes Ray's progress gauge."""
 
-    def __init__(self, log_dir: str, stage: str):
-        from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, log_dir: str, stage: str, total_steps: int | None = None, jsonl: bool = True):
+        from rayllama.trackers import RayMetrics, open_trackers
 
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         self.stage = stage
-        self.jsonl = open(Path(log_dir) / "metrics.jsonl", "a")
-        self.tb = SummaryWriter(str(Path(log_dir) / "tensorboard"))
+        self.jsonl = open(Path(log_dir) / "metrics.jsonl", "a") if jsonl else None
+        self.trackers = open_trackers(log_dir, stage)
+        for tracker in self.trackers:
+            if isinstance(tracker, RayMetrics):
+                tracker.total_steps = total_steps
 
     def write(self, step: int, metrics: dict) -> None:
-        self.jsonl.write(json.dumps({"stage": self.stage, "step": step, "time": time.time(), **metrics}) + "\n")
-        self.jsonl.flush()
-        for k, v in metrics.items():
-            if isinstance(v, int | float) and math.isfinite(v):
-                self.tb.add_scalar(f"{self.stage}/{k}", v, step)
-        self.tb.flush()
+        from rayllama.trackers import scalars_of
+
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"stage": self.stage, "step": step, "time": time.time(), **metrics}) + "\n")
+            self.jsonl.flush()
+        scalars = scalars_of(metrics)
+        for tracker in self.trackers:
+            tracker.log(step, scalars)
 
     def rewind(self, step: int) -> list[dict]:
         """Drop the rows whose step is > `step` (iterations a restored checkpoint does not hold: they are redone)
@@ -243,8 +250,10 @@ class MetricsWriter:
         return kept
 
     def close(self) -> None:
-        self.jsonl.close()
-        self.tb.close()
+        if self.jsonl:
+            self.jsonl.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _build_model(job: TrainJob, device: torch.device):
@@ -313,7 +322,7 @@ def train_loop_per_worker(config: dict) -> None:
     eval_data = torch.load(job.eval_path) if job.eval_path else None  # every rank evaluates its share
     order = example_order(num_examples(data), job.batch_size, job.total_steps, job.seed)
     micro_loss = OBJECTIVES[job.objective]
-    writer = MetricsWriter(job.log_dir, job.stage) if rank == 0 else None
+    writer = MetricsWriter(job.log_dir, job.stage, job.total_steps) if rank == 0 else None
     if writer and start_step:
         writer.write(start_step, {"resumed_from_step": start_step})
     compute = compute_context(model, getattr(torch, job.param_dtype), device)
@@ -406,6 +415,15 @@ def _report_checkpoint(model, job: TrainJob, optimizer, scheduler, step: int, me
 # ----------------------------------------------------------------------------------------------- driver side
 
 
+def train_run_name(job: TrainJob) -> str:
+    """`<run>-<stage>` (tiny-pretrain, tiny-reward-helpfulness, tiny-gatt-round-1) inside a run dir, else the
+    stage: Ray Train's run name in the dashboard and the directory under job.log_dir holding its checkpoints."""
+    from rayllama.trackers import run_settings
+
+    settings = run_settings(job.log_dir)
+    return settings.run_name if settings else job.stage
+
+
 def run_train_job(job: TrainJob, scaling: ScalingSection) -> dict:
     """Run `job` on Ray Train with `scaling` workers; resume if this stage's run directory has a checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -421,7 +439,7 @@ def run_train_job(job: TrainJob, scaling: ScalingSection) -> dict:
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name="ray_train",
+            name=train_run_name(job),  # the dashboard's name of this Ray Train run; checkpoints go under it
             storage_path=str(Path(job.log_dir).absolute()),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
