@@ -209,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
 
         pipeline.close_trackers()
         ray.shutdown()
+    from rayllama.report import write_report
+
+    report, written = write_report(run.root)
+    log.info(f"report: {report} ({len(written.plots)} plots)")
     log.info(f"done in {time.time() - t0:.0f} s; results in {run.root}")
     return 0
 

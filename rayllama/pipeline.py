@@ -285,7 +285,7 @@ class Pipeline:
         if "rm_prefers_refusal_unsafe" not in self.results.get("reward-safety", {}):
             rate = self.safety_rm_refusal_preference()
             self._record("reward-safety", {"rm_prefers_refusal_unsafe": rate})
-        print(reward_table(self.results))
+        log.info("reward models: held-out accuracy per rating\n" + reward_table(self.results))
         log.info(f"safety RM prefers the refusal on {self.results['reward-safety']['rm_prefers_refusal_unsafe']:.3f} "
                  f"of held-out unsafe prompts")
 
@@ -393,7 +393,7 @@ class Pipeline:
                              replay=self.sft_dialogues)
             self._record("gatt", {k: v for k, v in stats.items() if isinstance(v, int | float)})
         self.gold_eval("gatt", out)
-        print(adherence_table(self.results, [before, "gatt"]))
+        log.info("adherence by turn, before and after GAtt\n" + adherence_table(self.results, [before, "gatt"]))
 
     def _policy_before(self, stage: str) -> Path:
         """The policy a stage starts from: the output of the stage before it among sft/rejection/ppo."""
@@ -415,18 +415,12 @@ class Pipeline:
             fn()
             if "seconds" not in self.results.get(stage, {}):
                 self._record(stage, {"seconds": round(time.time() - t0, 1)})
-        print(self.summary())
+        log.info("summary\n" + self.summary())  # console and driver.log
 
     def summary(self) -> str:
-        from rayllama.eval import change_lines, format_table
+        from rayllama.report import summary_table  # the run report prints the same table
 
-        order = [x for s in self.cfg.stages for x in (("reward-helpfulness", "reward-safety") if s == "reward" else (s,))]
-        order += [s for s in self.results if s not in order]  # stages of earlier runs of this run dir
-        rows = {s: {k: v for k, v in self.results.get(s, {}).items() if k in SUMMARY_KEYS} for s in order}
-        table = format_table({s: r for s, r in rows.items() if r})
-        changes = change_lines(self.results, order)
-        return table + ("\n\nchanges between stages, paired 95% bootstrap intervals over the same prompts:\n"
-                        + "\n".join(changes) if changes else "")
+        return summary_table(self.results, self.cfg.stages)
 
 
 def check_stage_inputs(cfg: PipelineConfig, run) -> None:
