@@ -348,6 +348,9 @@ class PipelineConfig:
     vllm: VLLMSettings = field(default_factory=VLLMSettings)  # every vLLM engine the stages build
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # + wandb, mlflow (TRL's report_to)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # info: the console shows rayllama's lines, one progress bar per stage and Ray's warnings (Ray's own INFO
+    # chatter stays in its session logs); debug: Ray's and Ray Train's INFO lines too
+    log_level: str = "info"
 
     @property
     def world_seed(self) -> int:
@@ -534,6 +537,7 @@ def validate(cfg: PipelineConfig) -> None:
     validate_vllm(cfg.vllm, cfg.device)
     check_ranges(cfg, PIPELINE_RANGES)
     validate_tracking(cfg)
+    _check(cfg.log_level in ("info", "debug"), f"log_level '{cfg.log_level}' is not info or debug")
     tp = cfg.vllm.tensor_parallel_size
     for name in ("ppo", "rejection", "gatt"):  # vLLM's TP workers run on the GPUs Ray gives the generator actor
         stage = getattr(cfg, name)

@@ -70,7 +70,7 @@ def one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def _setup_logging(run: RunDir) -> None:
+def _setup_logging(run: RunDir, cfg: PipelineConfig) -> None:
     run.root.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     file_handler = logging.FileHandler(run.root / "driver.log")
@@ -78,7 +78,7 @@ def _setup_logging(run: RunDir) -> None:
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("[rayllama] %(message)s"))
     log.handlers[:] = [file_handler, console]
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.DEBUG if cfg.log_level == "debug" else logging.INFO)
     log.propagate = False
     trace.handlers[:] = [file_handler]
     trace.propagate = False
@@ -96,7 +96,10 @@ def _start_ray(cfg: PipelineConfig, run: RunDir) -> None:
     env["OMP_NUM_THREADS"] = str(cfg.threads_per_worker)
     env.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")  # Ray's own deprecation notes, once per actor
     # Workers import rayllama from the installed package; the run dir is absolute so every node sees one path.
-    kwargs: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    # log_to_driver: worker errors and the Ray Train rank-0 progress bar (tqdm_ray) reach the console; Ray's own
+    # INFO lines only with log_level debug (they stay in /tmp/ray/session_latest/logs)
+    kwargs: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": True,
+                    "logging_level": logging.INFO if cfg.log_level == "debug" else logging.WARNING}
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)
     else:
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     run = RunDir(cfg)
     if args.dry_run:
         return dry_run(cfg, run, args.config)
-    _setup_logging(run)
+    _setup_logging(run, cfg)
     (run.root / "config.yaml").write_text(to_yaml(cfg))
 
     from rayllama.pipeline import Pipeline, PipelineError

@@ -27,6 +27,21 @@ SUMMARY_KEYS = (
 )
 
 
+def logged_calls(fn, label: str):
+    """`fn` (a batched generate or sample function: its first argument a list) that logs one line per call: how
+    many items, how long, which call. The phases that generate (gold eval, GAtt sampling) are silent otherwise."""
+    calls = [0]
+
+    def wrapped(items, *args, **kwargs):
+        t0 = time.time()
+        out = fn(items, *args, **kwargs)
+        calls[0] += 1
+        log.info(f"{label}: call {calls[0]}, {len(items)} dialogues in {time.time() - t0:.1f} s")
+        return out
+
+    return wrapped
+
+
 class PipelineError(RuntimeError):
     """A stage failed or cannot start; the message names the stage and the fix."""
 
@@ -182,11 +197,15 @@ class Pipeline:
         t0 = time.time()
         chat = ChatModel.from_checkpoint(model_dir)
         temperature = self.cfg.ppo.temperature  # one T for every stage's eval, so the stages compare
+        log.info(f"gold eval after {stage}: {len(self.eval_set)} held-out prompts, greedy, then {SAMPLES_PER_PROMPT} "
+                 f"samples per safe prompt")
         scores: dict[str, list[float]] = {}
-        metrics = evaluate(chat.greedy_fn(), self.eval_set, scores=scores)
+        metrics = evaluate(logged_calls(chat.greedy_fn(), f"gold eval after {stage} (greedy)"), self.eval_set,
+                           scores=scores)
         metrics["eval_dialogues_shortened"] = chat.shortened  # too long: earlier turns dropped (system block kept)
         metrics["gold_helpfulness_sampled"] = sampled_helpfulness(
-            chat.sample_fn(temperature, seed=self.cfg.seed), self.eval_set, SAMPLES_PER_PROMPT, scores=scores
+            logged_calls(chat.sample_fn(temperature, seed=self.cfg.seed), f"gold eval after {stage} (sampled)"),
+            self.eval_set, SAMPLES_PER_PROMPT, scores=scores
         )
         late = [k for k in scores if k.startswith("adherence_turn_") and int(k.rsplit("_", 1)[1]) >= 4]
         if late:
@@ -299,6 +318,8 @@ class Pipeline:
         if not path.exists():
             t0 = time.time()
             seed = self.cfg.world_seed * 7919 + (1 if kind == "helpfulness" else 2)
+            log.info(f"reward-{kind}: sampling {r.policy_pairs} prompts x {r.policy_samples} answers of the SFT "
+                     f"policy for policy pairs (one batched call)")
             formats.write_jsonl(path, sample_policy_pairs(self.cfg, policy, kind, r.policy_pairs, seed))
             log.info(f"reward-{kind}: {r.policy_pairs} prompts x {r.policy_samples} policy samples rated into "
                      f"pairs in {time.time() - t0:.0f} s")
@@ -319,7 +340,7 @@ class Pipeline:
         return sum(a > b for a, b in zip(refuse, comply)) / max(1, len(unsafe))
 
     def stage_ppo(self) -> None:
-        import actors.group  # the driver is the composition root: it alone builds actors (DESIGN: rooms and doors)
+        import actors.group  # the driver is the composition root: it alone builds actors (docs/architecture.md: layering)
         from rayllama.rl.ppo import run_ppo
 
         out_dir = self.run.root / "ppo"
@@ -383,7 +404,8 @@ class Pipeline:
                 handles = actors.group.create_gatt_actors(self.cfg, policy, *rewards)
                 try:
                     max_seq_len = handles.call(lambda: handles.generators[0].max_seq_len.remote(), "max_seq_len")
-                    yield (actor_sampler(handles, self.tok, g, max_seq_len, self.cfg.seed),
+                    yield (logged_calls(actor_sampler(handles, self.tok, g, max_seq_len, self.cfg.seed),
+                                        f"gatt: sampling x {g.samples_per_turn}"),
                            reward_model_judge(actor_scorer(handles), g.safety_gate, g.min_reward))
                 finally:
                     actors.group.shutdown_rl_actors(handles)

@@ -195,6 +195,8 @@ def test_report_to_mistakes_are_one_line(tmp_path, monkeypatch):
         load_config(None, ["report_to=[comet]"])
     with pytest.raises(ConfigError, match="tracking.wandb_mode 'cloud' is not offline or online"):
         load_config(None, ["tracking.wandb_mode=cloud"])
+    with pytest.raises(ConfigError, match="log_level 'verbose' is not info or debug"):
+        load_config(None, ["log_level=verbose"])
 
 
 def test_ray_metrics_endpoint_shows_the_gauges(ray_session, tmp_path):

@@ -288,6 +288,35 @@ def _extra_state(job: TrainJob, scheduler, step: int) -> dict:
     return {"stage": job.stage, "step": step, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
 
 
+class _RayInfoFilter:
+    """Drops Ray's own records below WARNING (by source file). Ray Train's LoggingConfig filters only loggers
+    named ray.train*, but its worker logs "Reporting training result ..." at INFO through a logger named after the
+    file (Ray 2.58), so a console handler needs this to keep that chatter out of the driver's console."""
+
+    def __init__(self):
+        import ray
+
+        self.ray_dir = str(Path(ray.__file__).parent)
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or not record.pathname.startswith(self.ray_dir)
+
+
+def _quiet_ray_console(job: TrainJob) -> None:
+    """Unless the run's log_level is debug: Ray's INFO records stay out of this worker's console handlers (the
+    session log files under /tmp/ray/session_latest/logs/train keep them)."""
+    import logging
+
+    from rayllama.trackers import run_settings
+
+    settings = run_settings(job.log_dir)
+    if settings and settings.config.get("log_level") == "debug":
+        return
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ != "SessionFileHandler":
+            handler.addFilter(_RayInfoFilter())
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point (runs on every worker)."""
     import ray.train
@@ -298,6 +327,7 @@ def train_loop_per_worker(config: dict) -> None:
     from rayllama.dist.fsdp import clip_grad_norm, compute_context, effective_strategy, wrap_ddp
 
     job: TrainJob = config["job"]
+    _quiet_ray_console(job)
     torch.set_num_threads(job.threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -426,8 +456,13 @@ def train_run_name(job: TrainJob) -> str:
 
 def run_train_job(job: TrainJob, scaling: ScalingSection) -> dict:
     """Run `job` on Ray Train with `scaling` workers; resume if this stage's run directory has a checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from rayllama.trackers import run_settings
+
+    settings = run_settings(job.log_dir)
+    debug = bool(settings) and settings.config.get("log_level") == "debug"
 
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -443,6 +478,9 @@ def run_train_job(job: TrainJob, scaling: ScalingSection) -> dict:
             storage_path=str(Path(job.log_dir).absolute()),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
+            # Ray Train's INFO lines (worker group start, "Reporting training result ...") only with log_level
+            # debug; its session log files keep every level
+            logging_config=LoggingConfig(log_level="INFO" if debug else "WARNING"),
         ),
     )
     try:
