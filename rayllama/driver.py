@@ -118,6 +118,9 @@ def _start_ray(cfg: PipelineConfig, run: RunDir) -> None:
         )
         if cfg.ray.include_dashboard:
             log.info(f"Ray dashboard: http://{context.dashboard_url}")
+    node = getattr(ray._private.worker.global_worker, "node", None)  # None for a ray:// client
+    if node is not None:  # where this node's rayllama_* gauges are scraped (rayllama.trackers.RayMetrics)
+        log.info(f"Ray metrics (Prometheus): http://{node.node_ip_address}:{node.metrics_export_port}/metrics")
 
 
 def _port_free(port: int) -> bool:

@@ -27,16 +27,18 @@ SUMMARY_KEYS = (
 )
 
 
-def logged_calls(fn, label: str):
-    """`fn` (a batched generate or sample function: its first argument a list) that logs one line per call: how
-    many items, how long, which call. The phases that generate (gold eval, GAtt sampling) are silent otherwise."""
+def logged_calls(fn, label: str, min_seconds: float = 2.0):
+    """`fn` (a batched generate or sample function: its first argument a list) that logs a line for each call
+    that takes `min_seconds` or more: how many items, how long, which call. The phases that generate (gold eval,
+    GAtt sampling) are silent otherwise."""
     calls = [0]
 
     def wrapped(items, *args, **kwargs):
         t0 = time.time()
         out = fn(items, *args, **kwargs)
         calls[0] += 1
-        log.info(f"{label}: call {calls[0]}, {len(items)} dialogues in {time.time() - t0:.1f} s")
+        if time.time() - t0 >= min_seconds:
+            log.info(f"{label}: call {calls[0]}, {len(items)} dialogues in {time.time() - t0:.1f} s")
         return out
 
     return wrapped

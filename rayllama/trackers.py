@@ -197,7 +197,7 @@ def scalars_of(metrics: dict) -> dict[str, float]:
 
 class RayMetrics:
     """Every scalar as a `ray.util.metrics.Gauge` named `rayllama_<key>` (non-alphanumerics as '_'; e.g.
-    rayllama_reward_combined, rayllama_kl, rayllama_timing_rollout, rayllama_weight_version) tagged with the run
+    rayllama_reward_combined, rayllama_kl, rayllama_timing_generate, rayllama_weight_version) tagged with the run
     and the stage, plus `rayllama_step` (the stage's last logged step), `rayllama_progress` (step / total when the
     writer knows the total) and the counter `rayllama_rows_total`. Ray exports them from every process (the Ray
     Train worker, the driver) to its metrics agent: Prometheus scrapes them and the dashboard's metrics view

@@ -4,8 +4,10 @@ metrics.jsonl files; each PNG a readable image; and the driver writes it (with t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -110,23 +112,71 @@ def test_not_a_run_dir_is_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "holds no eval.json or metrics.jsonl" in err
 
 
+def scrape_ray_metrics(proc: subprocess.Popen, lines: list[str], wanted: set[str], stage: str) -> dict[str, float]:
+    """While the driver runs: read its output (into `lines`) up to the Ray metrics URL it logs, then poll that
+    endpoint until every `wanted` gauge tagged with `stage` has a value (or the driver ends)."""
+    import threading
+    import urllib.request
+
+    url: list[str] = []
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ray metrics (Prometheus): " in line:
+                url.append(line.split("Ray metrics (Prometheus): ", 1)[1].strip())
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    found: dict[str, float] = {}
+    while proc.poll() is None and set(found) != wanted:
+        time.sleep(1)
+        if not url:
+            continue
+        try:
+            text = urllib.request.urlopen(url[0], timeout=5).read().decode()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            name = line.split("{", 1)[0]
+            if name in wanted and f'stage="{stage}"' in line:
+                found[name] = float(line.rsplit(" ", 1)[1])
+    proc.wait(timeout=600)
+    reader.join(timeout=10)
+    return found
+
+
+@pytest.mark.slow
 def test_driver_writes_the_report_and_logs_the_summary(tmp_path):
-    """`python -m rayllama.driver` on a prebuilt run (tests/test_faults.py: stages [ppo], 2 tiny iterations)
-    ends with report.md and the PPO plot, and driver.log holds the summary table."""
+    """`python -m rayllama.driver` on a prebuilt run (tests/test_faults.py: stages [ppo], 6 tiny iterations):
+    while PPO runs, Ray's metrics endpoint shows the rayllama gauges with current values; at the end report.md
+    holds the PPO plot and driver.log the summary table."""
     from test_faults import DRIVER_RUN, prebuild_run
 
     run = tmp_path / "run"
     prebuild_run(run)
-    result = subprocess.run([sys.executable, "-m", "rayllama.driver", str(ROOT / "configs" / "ppo.yaml"),
-                             *DRIVER_RUN, f"run_dir={run}", "ppo.iterations=2"], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "rayllama.driver", str(ROOT / "configs" / "ppo.yaml"),
+                             *DRIVER_RUN, f"run_dir={run}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=ROOT,
+                            env={**os.environ, "RAY_metrics_report_interval_ms": "1000"})  # Ray's default: 10 s
+    lines: list[str] = []
+    wanted = {"ray_rayllama_reward_combined", "ray_rayllama_kl", "ray_rayllama_weight_version",
+              "ray_rayllama_timing_generate", "ray_rayllama_step"}
+    gauges = scrape_ray_metrics(proc, lines, wanted, "ppo")
+    out = "".join(lines)
+    assert proc.returncode == 0, out[-3000:]
+    assert set(gauges) == wanted, (gauges, out[-2000:])
+    ppo_rows = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert gauges["ray_rayllama_weight_version"] in {r.get("weight_version") for r in ppo_rows}  # a real value
+    assert 1 <= gauges["ray_rayllama_step"] <= 6
+
     md = (run / "report.md").read_text()
     assert "](report/ppo.png)" in md
     assert_png(run / "report" / "ppo.png")
     log = (run / "driver.log").read_text()
     summary = next(line for line in log.splitlines() if line.startswith("stage ") and "gold_helpfulness" in line)
     assert summary in md and "ppo " in log.split(summary, 1)[1]
-    assert f"report: {run / 'report.md'}" in result.stdout
+    assert f"report: {run / 'report.md'}" in out
 
 
 @pytest.mark.parametrize("argv", [["-h"], []])
