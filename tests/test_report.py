@@ -183,3 +183,41 @@ def test_driver_writes_the_report_and_logs_the_summary(tmp_path):
 def test_usage(argv, capsys):
     assert report_main(argv) == (0 if argv else 2)
     assert "usage: python -m rayllama.report RUN_DIR" in capsys.readouterr().out
+
+
+def test_runtime_dependencies_cover_the_report_and_the_rejection_plot(tmp_path):
+    """Without the dev extra (its packages blocked from import) the rejection stage's best_of_k.png, a
+    MetricsWriter with the default report_to and the run report still work: matplotlib is a runtime dependency
+    (pyproject.toml) and wandb / mlflow load only when report_to names them."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert any(d.startswith("matplotlib") for d in project["dependencies"])
+    dev_only = {d.split("=")[0].split(">")[0].split("<")[0].split("[")[0].strip().replace("-", "_")
+                for d in project["optional-dependencies"]["dev"]} - {"matplotlib"}
+    dev_only = {{"mlflow_skinny": "mlflow"}.get(name, name) for name in dev_only}
+    script = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {sorted(dev_only)!r}:
+            raise ImportError(f'{{name}} is in the dev extra only')
+sys.meta_path.insert(0, Block())
+from pathlib import Path
+from rayllama.rl.rejection import write_curve
+from rayllama.report import main
+from rayllama.train.loop import MetricsWriter
+run = Path({str(tmp_path / "run")!r})
+(run / "rejection").mkdir(parents=True)
+(run / "config.yaml").write_text(f"name: run\\nrun_dir: {{run}}\\nstages: [rejection]\\n")
+write_curve(run / "rejection", [{{"ks": [1, 2], "iteration": 1, "temperature": 1.0, "max": [0.1, 0.2],
+                                  "median": [0.1, 0.1]}}])
+writer = MetricsWriter(str(run / "rejection"), "rejection")
+writer.write(1, {{"reward/chosen": 0.5, "loss": 1.0}})
+writer.close()
+assert main([str(run)]) == 0
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_png(tmp_path / "run" / "rejection" / "best_of_k.png")
+    assert_png(tmp_path / "run" / "report" / "best_of_k.png")
