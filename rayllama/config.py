@@ -314,6 +314,17 @@ class GAttConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Settings of the trackers `report_to` lists (rayllama.trackers): one tracker run per stage, named
+    <name>-<stage>, with the run's config."""
+
+    wandb_project: str = "rayllama"
+    wandb_mode: str = "offline"  # offline (runs/<name>/wandb; `wandb sync` uploads) | online (needs `wandb login`)
+    mlflow_tracking_uri: str | None = None  # None: MLflow's file store at runs/<name>/mlruns
+    mlflow_experiment: str | None = None  # None: the run's name
+
+
+@dataclass
 class PipelineConfig:
     name: str = "tiny"
     run_dir: str = "runs/${name}"
@@ -335,6 +346,11 @@ class PipelineConfig:
     rejection: RejectionConfig = field(default_factory=RejectionConfig)
     gatt: GAttConfig = field(default_factory=GAttConfig)
     vllm: VLLMSettings = field(default_factory=VLLMSettings)  # every vLLM engine the stages build
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # + wandb, mlflow (TRL's report_to)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # info: the console shows rayllama's lines, one progress bar per stage and Ray's warnings (Ray's own INFO
+    # chatter stays in its session logs); debug: Ray's and Ray Train's INFO lines too
+    log_level: str = "info"
 
     @property
     def world_seed(self) -> int:
@@ -372,7 +388,8 @@ def _translate(err: Exception, source: str, schema: Any) -> ConfigError:
         holder = _dataclass_at(schema, parent)
         where = f"under '{parent}'" if parent else "at the top level"
         return ConfigError(
-            f"unknown config key '{key}' in {source}; accepted keys {where}: {_accepted_keys(holder)}"
+            f"unknown config key '{key}' in {source};{_did_you_mean(schema, key)} accepted keys {where}: "
+            f"{_accepted_keys(holder)}"
         )
     if isinstance(err, ValidationError):
         msg = str(err).splitlines()[0]
@@ -423,6 +440,7 @@ def load_typed(schema: Any, path: str | Path | None, overrides: list[str] | tupl
             except OmegaConfBaseException as e:
                 raise _translate(e, f"config file '{source}'", schema) from None
     for item in overrides:
+        item = item[2:] if item.startswith("--") and "=" in item else item  # --ppo.iterations=3 as torchtune/TRL
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. pretrain.steps=100)")
         try:
@@ -517,6 +535,9 @@ def validate(cfg: PipelineConfig) -> None:
     validate_rejection(cfg.rejection)
     validate_gatt(cfg.gatt)
     validate_vllm(cfg.vllm, cfg.device)
+    check_ranges(cfg, PIPELINE_RANGES)
+    validate_tracking(cfg)
+    _check(cfg.log_level in ("info", "debug"), f"log_level '{cfg.log_level}' is not info or debug")
     tp = cfg.vllm.tensor_parallel_size
     for name in ("ppo", "rejection", "gatt"):  # vLLM's TP workers run on the GPUs Ray gives the generator actor
         stage = getattr(cfg, name)
@@ -595,3 +616,205 @@ def to_yaml(cfg: PipelineConfig) -> str:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# ----------------------------------------------------------------------------------------------- key names and ranges
+
+
+def config_keys(schema: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a config dataclass (sections and leaves), e.g. ppo, ppo.temperature, ppo.optim.lr."""
+    keys = []
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys += config_keys(type(default), f"{key}.")
+    return keys
+
+
+def _did_you_mean(schema: Any, key: str) -> str:
+    """' did you mean 'ppo.temperature'?' for the accepted key closest to `key` (difflib), or ''."""
+    import difflib
+
+    keys = config_keys(schema)
+    leaf = key.rsplit(".", 1)[-1]
+    # the whole dotted key first (a misspelt leaf or section), then the leaf alone (a key under the wrong section)
+    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.6) or difflib.get_close_matches(
+        leaf, [k for k in keys if k.rsplit(".", 1)[-1] == leaf] or keys, n=1, cutoff=0.6)
+    return f" did you mean '{match[0]}'?" if match else ""
+
+
+def numeric_leaves(cfg: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every number in a config instance: ints and floats (not bools), each number of a
+    list (key 'x.y') and each value of a dict of numbers (key 'x.y.<name>'). None (an unset optional) is skipped."""
+    out: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(cfg):
+        key, value = f"{prefix}{f.name}", getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out += numeric_leaves(value, f"{key}.")
+        elif isinstance(value, bool) or value is None:
+            continue
+        elif isinstance(value, int | float):
+            out.append((key, value))
+        elif isinstance(value, list):
+            out += [(key, v) for v in value if isinstance(v, int | float) and not isinstance(v, bool)]
+        elif isinstance(value, dict):
+            out += [(f"{key}.{k}", v) for k, v in value.items() if isinstance(v, int | float)]
+    return out
+
+
+# The accepted range of every numeric key, as "(op) number" or "in [lo, hi)"; the first fnmatch pattern that
+# matches a dotted key wins, so specific keys come before their section's wildcard. tests/test_cli.py checks that
+# every numeric key of PipelineConfig and ServeConfig has a rule: a new key needs one here.
+PIPELINE_RANGES: dict[str, str] = {
+    "seed": ">= 0",
+    "threads_per_worker": ">= 1",
+    "ray.num_cpus": ">= 1",
+    "ray.dashboard_port": "in [1, 65535]",
+    "model.norm_eps": "> 0",
+    "model.rope_theta": "> 0",
+    "model.*": ">= 1",
+    "tokenizer.vocab_size": ">= 300",
+    "tokenizer.max_train_chars": ">= 1",
+    "world.seed": ">= 0",
+    "world.gatt_turns": ">= 1",
+    "world.*": ">= 0",
+    "scaling.num_workers": ">= 1",
+    "scaling.cpus_per_worker": ">= 0",
+    "scaling.gpus_per_worker": "> 0",
+    "scaling.start_timeout_s": "> 0",
+    "scaling.max_failures": ">= 0",
+    "cluster.nodes": ">= 1",
+    "cluster.gpus_per_node": ">= 1",
+    "cluster.gpu_memory_gb": "> 0",
+    "*.optim.lr": "> 0",
+    "*.optim.warmup_steps": ">= 0",
+    "*.optim.warmup_ratio": "in [0, 1)",
+    "*.optim.final_lr_ratio": "in [0, 1]",
+    "*.optim.beta1": "in [0, 1)",
+    "*.optim.beta2": "in [0, 1)",
+    "*.optim.eps": "> 0",
+    "*.optim.weight_decay": ">= 0",
+    "*.optim.grad_clip": "> 0",
+    "*.resources.*.num_cpus": ">= 0",
+    "*.resources.*.num_gpus": ">= 0",
+    "*.resources.*.resources.*": ">= 0",
+    "*.resources.placement_timeout_s": "> 0",
+    "*.resources.max_restarts": ">= 0",
+    "*.resources.call_timeout_s": "> 0",
+    "*.policy_temperature": "> 0",
+    "*.temperature": ">= 0",
+    "*.temperature_schedule": ">= 0",
+    "*.top_p": "in (0, 1]",
+    "*.safety_gate": "in (0, 1)",
+    "gatt.replay_share": "in [0, 1)",
+    "gatt.min_reward": "in [0, 1)",
+    "*_share": "in [0, 1]",
+    "*.epochs": "> 0",
+    "rejection.finetune_epochs": "> 0",
+    "reward.policy_pairs": ">= 0",
+    "reward.policy_samples": ">= 2",
+    "ppo.clip": "in (0, 1)",
+    "ppo.value_clip": "> 0",
+    "ppo.value_coef": ">= 0",
+    "ppo.kl_beta": ">= 0",
+    "ppo.gamma": "in [0, 1]",
+    "ppo.lam": "in [0, 1]",
+    "ppo.max_logprob_drift": ">= 0",
+    "ppo.verify_weights_every": ">= 0",
+    "ppo.checkpoint_every": ">= 0",
+    "ppo.weight_sync.bucket_mb": "> 0",
+    "ppo.weight_sync.timeout_s": "> 0",
+    "*.eval_every": ">= 0",
+    "vllm.gpu_memory_utilization": "in (0, 1]",
+    "vllm.*": ">= 1",
+    # counts: iterations, prompts, samples, batch sizes, sequence lengths, steps, logging / checkpoint periods
+    "*.iterations": ">= 1",
+    "*.epochs_per_iteration": ">= 1",
+    "*.prompts_per_iteration": ">= 1",
+    "*.samples_per_prompt": ">= 1",
+    "*.samples_per_turn": ">= 1",
+    "*.batch_size": ">= 1",
+    "*.mini_batch_size": ">= 1",
+    "*.micro_batch_size": ">= 1",
+    "*.max_new_tokens": ">= 1",
+    "*.seq_len": ">= 2",
+    "*.max_seq_len": ">= 2",
+    "*.steps": ">= 1",
+    "*.checkpoint_every": ">= 1",
+    "*.log_every": ">= 1",
+    "*.num_learners": ">= 1",
+    "*.num_generators": ">= 1",
+    "gatt.dialogues": ">= 1",
+    "gatt.turns": ">= 1",
+    "gatt.rounds": ">= 1",
+}
+
+
+def range_rule(rules: dict[str, str], key: str) -> str | None:
+    """The first rule whose pattern matches `key` (fnmatch), or None."""
+    from fnmatch import fnmatchcase
+
+    return next((rule for pattern, rule in rules.items() if fnmatchcase(key, pattern)), None)
+
+
+def in_range(value: float, rule: str) -> bool:
+    """`value` against a rule: '>= 0', '> 0', 'in [0, 1)', 'in (0, 1]' ..."""
+    if rule.startswith("in "):
+        lo_bracket, lo, hi, hi_bracket = rule[3], *rule[4:-1].split(","), rule[-1]
+        lo, hi = float(lo), float(hi)
+        return (value >= lo if lo_bracket == "[" else value > lo) and (value <= hi if hi_bracket == "]" else value < hi)
+    op, bound = rule.split()
+    return value >= float(bound) if op == ">=" else value > float(bound)
+
+
+def check_ranges(cfg: Any, rules: dict[str, str]) -> None:
+    """Every numeric key of `cfg` against its rule: a one-line ConfigError 'ppo.top_p 1.5 must be in (0, 1]'."""
+    for key, value in numeric_leaves(cfg):
+        rule = range_rule(rules, key)
+        if rule is not None and not in_range(value, rule):
+            raise ConfigError(f"{key} {value} must be {rule}")
+
+
+def validate_tracking(cfg: PipelineConfig) -> None:
+    from rayllama.trackers import TRACKERS
+
+    for name in cfg.report_to:
+        _check(name in TRACKERS, f"report_to lists '{name}'; accepted: {', '.join(TRACKERS)} (or [] for metrics.jsonl "
+                                 f"alone)")
+    _check(len(set(cfg.report_to)) == len(cfg.report_to), f"report_to {cfg.report_to} lists a tracker twice")
+    _check(cfg.tracking.wandb_mode in ("offline", "online"),
+           f"tracking.wandb_mode '{cfg.tracking.wandb_mode}' is not offline or online")
+
+
+def check_files(cfg: PipelineConfig) -> None:
+    """What the config names outside itself, checked before Ray starts: tokenizer.model_path is a SentencePiece
+    model, report_to's trackers are installed, ray.address is auto, host:port or ray://host:port. One-line
+    ConfigError naming the key and the fix."""
+    path = cfg.tokenizer.model_path
+    if path:
+        _check(Path(path).is_file(), f"tokenizer.model_path '{path}' does not exist; point it at a SentencePiece "
+                                     f".model file or remove the key to train one (stage tokenizer)")
+        import sentencepiece as spm
+
+        try:
+            spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise ConfigError(f"tokenizer.model_path '{path}' is not a SentencePiece model "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); point it at a .model "
+                              f"file") from None
+    import importlib.util
+
+    from rayllama.trackers import PACKAGES
+
+    for name in [n for n in cfg.report_to if n in PACKAGES]:
+        _check(importlib.util.find_spec(PACKAGES[name]) is not None,
+               f"report_to lists {name}, but the {PACKAGES[name]} package is not installed; pip install "
+               f"'rayllama[trackers]' or drop {name} from report_to")
+    address = cfg.ray.address
+    if address and address != "auto":
+        import re
+
+        _check(re.fullmatch(r"(ray://)?[A-Za-z0-9_.\-]+:\d{1,5}", address) is not None,
+               f"ray.address '{address}' is not auto, host:port or ray://host:port; e.g. ray.address=auto")

@@ -1,4 +1,5 @@
 """`python -m rayllama.driver CONFIG [key=value ...]`: run the configured stages of the LLaMA 2-Chat pipeline.
+(`--help` lists the bundled configs; `--print-config` and `--dry-run`: rayllama.cli.)
 
     tokenizer -> pretrain -> sft -> reward -> (rejection | ppo) -> gatt
 
@@ -17,9 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from rayllama.config import ConfigError, PipelineConfig, load_config, to_yaml
+from rayllama.config import ConfigError, PipelineConfig, check_files, load_config, to_yaml
 
 log = logging.getLogger("rayllama")
+SUMMARY = ("Runs the configured stages of the LLaMA 2-Chat pipeline, each resumable, under runs/<name>/:\n"
+           "    tokenizer -> pretrain -> sft -> reward -> (rejection | ppo) -> gatt")
 trace = logging.getLogger("rayllama.driver.trace")  # tracebacks of user errors: driver.log only
 
 
@@ -67,7 +70,7 @@ def one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def _setup_logging(run: RunDir) -> None:
+def _setup_logging(run: RunDir, cfg: PipelineConfig) -> None:
     run.root.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     file_handler = logging.FileHandler(run.root / "driver.log")
@@ -75,7 +78,7 @@ def _setup_logging(run: RunDir) -> None:
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("[rayllama] %(message)s"))
     log.handlers[:] = [file_handler, console]
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.DEBUG if cfg.log_level == "debug" else logging.INFO)
     log.propagate = False
     trace.handlers[:] = [file_handler]
     trace.propagate = False
@@ -93,7 +96,10 @@ def _start_ray(cfg: PipelineConfig, run: RunDir) -> None:
     env["OMP_NUM_THREADS"] = str(cfg.threads_per_worker)
     env.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")  # Ray's own deprecation notes, once per actor
     # Workers import rayllama from the installed package; the run dir is absolute so every node sees one path.
-    kwargs: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    # log_to_driver: worker errors and the Ray Train rank-0 progress bar (tqdm_ray) reach the console; Ray's own
+    # INFO lines only with log_level debug (they stay in /tmp/ray/session_latest/logs)
+    kwargs: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": True,
+                    "logging_level": logging.INFO if cfg.log_level == "debug" else logging.WARNING}
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)
     else:
@@ -112,6 +118,9 @@ def _start_ray(cfg: PipelineConfig, run: RunDir) -> None:
         )
         if cfg.ray.include_dashboard:
             log.info(f"Ray dashboard: http://{context.dashboard_url}")
+    node = getattr(ray._private.worker.global_worker, "node", None)  # None for a ray:// client
+    if node is not None:  # where this node's rayllama_* gauges are scraped (rayllama.trackers.RayMetrics)
+        log.info(f"Ray metrics (Prometheus): http://{node.node_ip_address}:{node.metrics_export_port}/metrics")
 
 
 def _port_free(port: int) -> bool:
@@ -125,28 +134,60 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return 0 if argv else 2
+def dry_run(cfg: PipelineConfig, run: RunDir, source: str) -> int:
+    """`--dry-run`: after load_config (keys, types, ranges), check_files (tokenizer, ray.address) and the memory
+    plan, the checks that need the run dir: it can be written, and every checkpoint a listed stage reads but no
+    listed stage writes is complete. Writes nothing; one line either way."""
+    from rayllama.cli import writable_dir
+    from rayllama.pipeline import PipelineError, check_stage_inputs
+
     try:
-        cfg = load_config(argv[0], argv[1:])
+        if not writable_dir(run.root):
+            raise PipelineError(f"run_dir {run.root} cannot be created or written; set run_dir to a writable path")
+        check_stage_inputs(cfg, run)
+    except (PipelineError, ValueError) as e:
+        print(f"rayllama: error: {e}", file=sys.stderr)
+        return 2
+    plan = "memory plan fits" if cfg.device == "cuda" else "no memory plan on cpu"
+    print(f"rayllama: dry run OK: {source} (stages {', '.join(cfg.stages)}; {plan}; run dir {run.root})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rayllama import cli
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = cli.parse_args(argv)
     except ConfigError as e:
         print(f"rayllama: error: {e}", file=sys.stderr)
         return 2
+    if args.help or args.config is None:
+        print(cli.help_text("rayllama.driver", SUMMARY, PipelineConfig, "the memory plan"))
+        return 0 if args.help else 2
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_files(cfg)
+    except ConfigError as e:
+        print(f"rayllama: error: {e}", file=sys.stderr)
+        return 2
+    cfg.run_dir = str(Path(cfg.run_dir).absolute())
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
     if cfg.device == "cuda":  # the memory plan: every process of every stage fits its GPU (rayllama.plan)
         from rayllama.plan import PlanError, check_plan
 
         try:
             check_plan(cfg)
         except PlanError as e:
-            print(f"rayllama: error: {e}; `python -m rayllama.plan {' '.join(argv)}` prints the whole plan",
-                  file=sys.stderr)
+            words = " ".join(a for a in argv if a not in cli.FLAGS)
+            print(f"rayllama: error: {e}; `python -m rayllama.plan {words}` prints the whole plan", file=sys.stderr)
             return 2
-    cfg.run_dir = str(Path(cfg.run_dir).absolute())
     run = RunDir(cfg)
-    _setup_logging(run)
+    if args.dry_run:
+        return dry_run(cfg, run, args.config)
+    _setup_logging(run, cfg)
     (run.root / "config.yaml").write_text(to_yaml(cfg))
 
     from rayllama.pipeline import Pipeline, PipelineError
@@ -172,7 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         import ray
 
+        pipeline.close_trackers()
         ray.shutdown()
+    from rayllama.report import write_report
+
+    report, written = write_report(run.root)
+    log.info(f"report: {report} ({len(written.plots)} plots)")
     log.info(f"done in {time.time() - t0:.0f} s; results in {run.root}")
     return 0
 

@@ -27,6 +27,23 @@ SUMMARY_KEYS = (
 )
 
 
+def logged_calls(fn, label: str, min_seconds: float = 2.0):
+    """`fn` (a batched generate or sample function: its first argument a list) that logs a line for each call
+    that takes `min_seconds` or more: how many items, how long, which call. The phases that generate (gold eval,
+    GAtt sampling) are silent otherwise."""
+    calls = [0]
+
+    def wrapped(items, *args, **kwargs):
+        t0 = time.time()
+        out = fn(items, *args, **kwargs)
+        calls[0] += 1
+        if time.time() - t0 >= min_seconds:
+            log.info(f"{label}: call {calls[0]}, {len(items)} dialogues in {time.time() - t0:.1f} s")
+        return out
+
+    return wrapped
+
+
 class PipelineError(RuntimeError):
     """A stage failed or cannot start; the message names the stage and the fix."""
 
@@ -152,6 +169,24 @@ class Pipeline:
     def _record(self, stage: str, metrics: dict) -> None:
         self.results.setdefault(stage, {}).update(metrics)
         self.run.save_eval(self.results)
+        self._track_eval(stage, metrics)
+
+    def _track_eval(self, stage: str, metrics: dict) -> None:
+        """The gold and reward-model evaluations to the run's trackers (TensorBoard, wandb, MLflow: one tracker run
+        <name>-eval; keys <stage>/<metric>, step = the stage's place in the pipeline) and Ray metrics."""
+        from rayllama.config import STAGES
+        from rayllama.train.loop import MetricsWriter
+
+        if getattr(self, "_eval_writer", None) is None:  # eval.json holds the rows: no metrics.jsonl here
+            self._eval_writer = MetricsWriter(str(self.run.root / "eval"), "eval", jsonl=False)
+        base = stage.split("-", 1)[0]
+        step = STAGES.index(base) if base in STAGES else len(STAGES)
+        self._eval_writer.write(step, {f"{stage}/{k}": v for k, v in metrics.items()})
+
+    def close_trackers(self) -> None:
+        if getattr(self, "_eval_writer", None) is not None:
+            self._eval_writer.close()
+            self._eval_writer = None
 
     def gold_eval(self, stage: str, model_dir: Path) -> None:
         """Gold helpfulness (greedy, and sampled: rayllama.eval.sampled_helpfulness) / refusal / over-refusal /
@@ -164,11 +199,15 @@ class Pipeline:
         t0 = time.time()
         chat = ChatModel.from_checkpoint(model_dir)
         temperature = self.cfg.ppo.temperature  # one T for every stage's eval, so the stages compare
+        log.info(f"gold eval after {stage}: {len(self.eval_set)} held-out prompts, greedy, then {SAMPLES_PER_PROMPT} "
+                 f"samples per safe prompt")
         scores: dict[str, list[float]] = {}
-        metrics = evaluate(chat.greedy_fn(), self.eval_set, scores=scores)
+        metrics = evaluate(logged_calls(chat.greedy_fn(), f"gold eval after {stage} (greedy)"), self.eval_set,
+                           scores=scores)
         metrics["eval_dialogues_shortened"] = chat.shortened  # too long: earlier turns dropped (system block kept)
         metrics["gold_helpfulness_sampled"] = sampled_helpfulness(
-            chat.sample_fn(temperature, seed=self.cfg.seed), self.eval_set, SAMPLES_PER_PROMPT, scores=scores
+            logged_calls(chat.sample_fn(temperature, seed=self.cfg.seed), f"gold eval after {stage} (sampled)"),
+            self.eval_set, SAMPLES_PER_PROMPT, scores=scores
         )
         late = [k for k in scores if k.startswith("adherence_turn_") and int(k.rsplit("_", 1)[1]) >= 4]
         if late:
@@ -267,7 +306,7 @@ class Pipeline:
         if "rm_prefers_refusal_unsafe" not in self.results.get("reward-safety", {}):
             rate = self.safety_rm_refusal_preference()
             self._record("reward-safety", {"rm_prefers_refusal_unsafe": rate})
-        print(reward_table(self.results))
+        log.info("reward models: held-out accuracy per rating\n" + reward_table(self.results))
         log.info(f"safety RM prefers the refusal on {self.results['reward-safety']['rm_prefers_refusal_unsafe']:.3f} "
                  f"of held-out unsafe prompts")
 
@@ -281,6 +320,8 @@ class Pipeline:
         if not path.exists():
             t0 = time.time()
             seed = self.cfg.world_seed * 7919 + (1 if kind == "helpfulness" else 2)
+            log.info(f"reward-{kind}: sampling {r.policy_pairs} prompts x {r.policy_samples} answers of the SFT "
+                     f"policy for policy pairs (one batched call)")
             formats.write_jsonl(path, sample_policy_pairs(self.cfg, policy, kind, r.policy_pairs, seed))
             log.info(f"reward-{kind}: {r.policy_pairs} prompts x {r.policy_samples} policy samples rated into "
                      f"pairs in {time.time() - t0:.0f} s")
@@ -301,7 +342,7 @@ class Pipeline:
         return sum(a > b for a, b in zip(refuse, comply)) / max(1, len(unsafe))
 
     def stage_ppo(self) -> None:
-        import actors.group  # the driver is the composition root: it alone builds actors (DESIGN: rooms and doors)
+        import actors.group  # the driver is the composition root: it alone builds actors (docs/architecture.md: layering)
         from rayllama.rl.ppo import run_ppo
 
         out_dir = self.run.root / "ppo"
@@ -365,7 +406,8 @@ class Pipeline:
                 handles = actors.group.create_gatt_actors(self.cfg, policy, *rewards)
                 try:
                     max_seq_len = handles.call(lambda: handles.generators[0].max_seq_len.remote(), "max_seq_len")
-                    yield (actor_sampler(handles, self.tok, g, max_seq_len, self.cfg.seed),
+                    yield (logged_calls(actor_sampler(handles, self.tok, g, max_seq_len, self.cfg.seed),
+                                        f"gatt: sampling x {g.samples_per_turn}"),
                            reward_model_judge(actor_scorer(handles), g.safety_gate, g.min_reward))
                 finally:
                     actors.group.shutdown_rl_actors(handles)
@@ -375,7 +417,7 @@ class Pipeline:
                              replay=self.sft_dialogues)
             self._record("gatt", {k: v for k, v in stats.items() if isinstance(v, int | float)})
         self.gold_eval("gatt", out)
-        print(adherence_table(self.results, [before, "gatt"]))
+        log.info("adherence by turn, before and after GAtt\n" + adherence_table(self.results, [before, "gatt"]))
 
     def _policy_before(self, stage: str) -> Path:
         """The policy a stage starts from: the output of the stage before it among sft/rejection/ppo."""
@@ -397,18 +439,20 @@ class Pipeline:
             fn()
             if "seconds" not in self.results.get(stage, {}):
                 self._record(stage, {"seconds": round(time.time() - t0, 1)})
-        print(self.summary())
+        log.info("summary\n" + self.summary())  # console and driver.log
 
     def summary(self) -> str:
-        from rayllama.eval import change_lines, format_table
+        from rayllama.report import summary_table  # the run report prints the same table
 
-        order = [x for s in self.cfg.stages for x in (("reward-helpfulness", "reward-safety") if s == "reward" else (s,))]
-        order += [s for s in self.results if s not in order]  # stages of earlier runs of this run dir
-        rows = {s: {k: v for k, v in self.results.get(s, {}).items() if k in SUMMARY_KEYS} for s in order}
-        table = format_table({s: r for s, r in rows.items() if r})
-        changes = change_lines(self.results, order)
-        return table + ("\n\nchanges between stages, paired 95% bootstrap intervals over the same prompts:\n"
-                        + "\n".join(changes) if changes else "")
+        return summary_table(self.results, self.cfg.stages)
+
+
+def check_stage_inputs(cfg: PipelineConfig, run) -> None:
+    """Pipeline.check_inputs without building the pipeline (which writes and reads the data): the driver's
+    `--dry-run`. The check needs only the config and the run dir."""
+    pipeline = Pipeline.__new__(Pipeline)
+    pipeline.cfg, pipeline.run = cfg, run
+    pipeline.check_inputs()
 
 
 RATING_COLUMNS = ("significantly_better", "better", "slightly_better", "negligibly_better")

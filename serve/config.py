@@ -9,7 +9,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rayllama.config import ConfigError, RayConfig, VLLMSettings, load_typed, validate_vllm
+from rayllama.config import (
+    PIPELINE_RANGES,
+    ConfigError,
+    RayConfig,
+    VLLMSettings,
+    check_ranges,
+    load_typed,
+    validate_vllm,
+)
 
 ENGINES = ("torch", "vllm", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -88,6 +96,22 @@ class ServeConfig:
     vllm: VLLMSettings = field(default_factory=VLLMSettings)  # engine vllm / auto (the pipeline's vllm: section)
 
 
+# The accepted range of every numeric key (rayllama.config.check_ranges; the ray: and vllm: rules are the
+# pipeline's).
+SERVE_RANGES: dict[str, str] = {
+    "torch_threads": ">= 1",
+    "limits.max_stop": ">= 0",
+    "limits.*": ">= 1",
+    "batch.wait_ms": ">= 0",
+    "batch.*": ">= 1",
+    "replicas.num_cpus": ">= 0",
+    "replicas.num_gpus": ">= 0",
+    "replicas.*": ">= 1",
+    "http.port": "in [1, 65535]",
+    **{k: v for k, v in PIPELINE_RANGES.items() if k.startswith(("ray.", "vllm."))},
+}
+
+
 def load_serve_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ServeConfig:
     """Load `path` (YAML) over the defaults, apply `key=value` overrides, validate, return a ServeConfig."""
     cfg: ServeConfig = load_typed(ServeConfig, path, overrides)
@@ -136,6 +160,7 @@ def validate(cfg: ServeConfig) -> None:
     _check(bool(cfg.http.host), "http.host is empty; use 127.0.0.1 (local only) or 0.0.0.0 (all interfaces)")
     if cfg.auth.token is not None:
         _check(bool(cfg.auth.token.strip()), "auth.token is empty; set a non-empty token or remove the key")
+    check_ranges(cfg, SERVE_RANGES)
 
 
 def resolve_auth_token(cfg: ServeConfig) -> str | None:

@@ -249,7 +249,7 @@ def test_a_sigkilled_train_worker_is_replaced_and_resumes_from_the_sharded_check
     deadline = time.time() + 300
     while time.time() < deadline and runner.is_alive() and killed is None:
         steps = [r["step"] for r in _logged(job)] if os.path.exists(f"{job.log_dir}/metrics.jsonl") else []
-        if list((tmp_path / "logs" / "ray_train").glob("checkpoint_*")) and steps and max(steps) >= 15:
+        if list((tmp_path / "logs").glob("*/checkpoint_*")) and steps and max(steps) >= 15:
             workers = _train_worker_pids()
             if workers:
                 killed = workers[-1]

@@ -204,23 +204,30 @@ EVALUATORS = {"lm": evaluate_lm, "reward": evaluate_reward}
 
 
 class MetricsWriter:
-    """Rank 0's metrics: one JSON object per line in metrics.jsonl and the same scalars in TensorBoard."""
+    """Rank 0's metrics, the one place every stage's figures pass through: one JSON object per line in
+    metrics.jsonl, and the finite scalars to the run's `report_to` trackers (TensorBoard by default, wandb,
+    MLflow) and, while Ray runs, to Ray metrics (rayllama.trackers). `total_steps` makes Ray's progress gauge."""
 
-    def __init__(self, log_dir: str, stage: str):
-        from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, log_dir: str, stage: str, total_steps: int | None = None, jsonl: bool = True):
+        from rayllama.trackers import RayMetrics, open_trackers
 
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         self.stage = stage
-        self.jsonl = open(Path(log_dir) / "metrics.jsonl", "a")
-        self.tb = SummaryWriter(str(Path(log_dir) / "tensorboard"))
+        self.jsonl = open(Path(log_dir) / "metrics.jsonl", "a") if jsonl else None
+        self.trackers = open_trackers(log_dir, stage)
+        for tracker in self.trackers:
+            if isinstance(tracker, RayMetrics):
+                tracker.total_steps = total_steps
 
     def write(self, step: int, metrics: dict) -> None:
-        self.jsonl.write(json.dumps({"stage": self.stage, "step": step, "time": time.time(), **metrics}) + "\n")
-        self.jsonl.flush()
-        for k, v in metrics.items():
-            if isinstance(v, int | float) and math.isfinite(v):
-                self.tb.add_scalar(f"{self.stage}/{k}", v, step)
-        self.tb.flush()
+        from rayllama.trackers import scalars_of
+
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"stage": self.stage, "step": step, "time": time.time(), **metrics}) + "\n")
+            self.jsonl.flush()
+        scalars = scalars_of(metrics)
+        for tracker in self.trackers:
+            tracker.log(step, scalars)
 
     def rewind(self, step: int) -> list[dict]:
         """Drop the rows whose step is > `step` (iterations a restored checkpoint does not hold: they are redone)
@@ -243,8 +250,10 @@ class MetricsWriter:
         return kept
 
     def close(self) -> None:
-        self.jsonl.close()
-        self.tb.close()
+        if self.jsonl:
+            self.jsonl.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _build_model(job: TrainJob, device: torch.device):
@@ -279,6 +288,35 @@ def _extra_state(job: TrainJob, scheduler, step: int) -> dict:
     return {"stage": job.stage, "step": step, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
 
 
+class _RayInfoFilter:
+    """Drops Ray's own records below WARNING (by source file). Ray Train's LoggingConfig filters only loggers
+    named ray.train*, but its worker logs "Reporting training result ..." at INFO through a logger named after the
+    file (Ray 2.58), so a console handler needs this to keep that chatter out of the driver's console."""
+
+    def __init__(self):
+        import ray
+
+        self.ray_dir = str(Path(ray.__file__).parent)
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or not record.pathname.startswith(self.ray_dir)
+
+
+def _quiet_ray_console(job: TrainJob) -> None:
+    """Unless the run's log_level is debug: Ray's INFO records stay out of this worker's console handlers (the
+    session log files under /tmp/ray/session_latest/logs/train keep them)."""
+    import logging
+
+    from rayllama.trackers import run_settings
+
+    settings = run_settings(job.log_dir)
+    if settings and settings.config.get("log_level") == "debug":
+        return
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ != "SessionFileHandler":
+            handler.addFilter(_RayInfoFilter())
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point (runs on every worker)."""
     import ray.train
@@ -289,6 +327,7 @@ def train_loop_per_worker(config: dict) -> None:
     from rayllama.dist.fsdp import clip_grad_norm, compute_context, effective_strategy, wrap_ddp
 
     job: TrainJob = config["job"]
+    _quiet_ray_console(job)
     torch.set_num_threads(job.threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -313,7 +352,7 @@ def train_loop_per_worker(config: dict) -> None:
     eval_data = torch.load(job.eval_path) if job.eval_path else None  # every rank evaluates its share
     order = example_order(num_examples(data), job.batch_size, job.total_steps, job.seed)
     micro_loss = OBJECTIVES[job.objective]
-    writer = MetricsWriter(job.log_dir, job.stage) if rank == 0 else None
+    writer = MetricsWriter(job.log_dir, job.stage, job.total_steps) if rank == 0 else None
     if writer and start_step:
         writer.write(start_step, {"resumed_from_step": start_step})
     compute = compute_context(model, getattr(torch, job.param_dtype), device)
@@ -406,10 +445,24 @@ def _report_checkpoint(model, job: TrainJob, optimizer, scheduler, step: int, me
 # ----------------------------------------------------------------------------------------------- driver side
 
 
+def train_run_name(job: TrainJob) -> str:
+    """`<run>-<stage>` (tiny-pretrain, tiny-reward-helpfulness, tiny-gatt-round-1) inside a run dir, else the
+    stage: Ray Train's run name in the dashboard and the directory under job.log_dir holding its checkpoints."""
+    from rayllama.trackers import run_settings
+
+    settings = run_settings(job.log_dir)
+    return settings.run_name if settings else job.stage
+
+
 def run_train_job(job: TrainJob, scaling: ScalingSection) -> dict:
     """Run `job` on Ray Train with `scaling` workers; resume if this stage's run directory has a checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from rayllama.trackers import run_settings
+
+    settings = run_settings(job.log_dir)
+    debug = bool(settings) and settings.config.get("log_level") == "debug"
 
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -421,10 +474,13 @@ def run_train_job(job: TrainJob, scaling: ScalingSection) -> dict:
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name="ray_train",
+            name=train_run_name(job),  # the dashboard's name of this Ray Train run; checkpoints go under it
             storage_path=str(Path(job.log_dir).absolute()),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
+            # Ray Train's INFO lines (worker group start, "Reporting training result ...") only with log_level
+            # debug; its session log files keep every level
+            logging_config=LoggingConfig(log_level="INFO" if debug else "WARNING"),
         ),
     )
     try:
