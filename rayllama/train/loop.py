@@ -194,7 +194,17 @@ def evaluate_reward(model, data: dict, device, batch: int = 64) -> dict:
         out[f"n_{name}"] = int(sel.sum())
     all_r = torch.cat([rc, rr])
     out["reward_mean"], out["reward_std"] = float(all_r.mean()), float(all_r.std())
+    out.update(accuracy_per_source(correct, data))
     return out
+
+
+def accuracy_per_source(correct: torch.Tensor, data: dict) -> dict:
+    """Held-out accuracy per data source (user data with more than one preference source), by name."""
+    names = data.get("source_names") or []
+    if len(names) < 2:
+        return {}
+    return {f"accuracy_source/{name}": float(correct[data["source"] == i].mean())
+            for i, name in enumerate(names) if (data["source"] == i).any()}
 
 
 EVALUATORS = {"lm": evaluate_lm, "reward": evaluate_reward}

@@ -58,7 +58,7 @@ def mix_pretrain_texts(corpus: list[str], world: list[str], world_share: float, 
 
 
 def run_pretrain(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, corpus_train: list[str], corpus_heldout: list[str],
-                 world_train: list[str], world_heldout: list[str]) -> dict:
+                 world_train: list[str], world_heldout: list[str], init: Path | None = None) -> dict:
     p = cfg.pretrain
     data_dir = run_dir / "data"
     train = _tensors(
@@ -75,7 +75,7 @@ def run_pretrain(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, corpus_trai
         stage="pretrain", objective="lm", data_path=str(train), eval_path=str(heldout),
         output=str(run_dir / "pretrain" / "model"), log_dir=str(run_dir / "pretrain"),
         optim=p.optim, total_steps=p.steps, batch_size=p.batch_size, micro_batch_size=p.micro_batch_size,
-        model=model_config(cfg, tok.vocab_size), tokenizer_model=str(tok.model_path),
+        model=model_config(cfg, tok.vocab_size), tokenizer_model=str(tok.model_path), init=str(init) if init else None,
         checkpoint_every=p.checkpoint_every, eval_every=p.eval_every, log_every=p.log_every,
         seed=cfg.seed, threads=cfg.threads_per_worker, device=cfg.device, **sharding(cfg),
     )
