@@ -176,11 +176,14 @@ class Pipeline:
         for recs, st in zip(self._sources["preference"], self.data_stats["preference"]):
             for r in recs:
                 r.extra["source"] = st.name
-            self._pair_split.append(sources.heldout_split(recs, d.heldout_fraction))
+            split = [sources.heldout_split([r for r in recs if r.kind == k], d.heldout_fraction)
+                     for k in ("helpfulness", "safety")]  # per kind: each reward model gets held-out pairs
+            self._pair_split.append((split[0][0] + split[1][0], split[0][1] + split[1][1]))
         self._group_pairs(self._pair_split)
-        if self._pair_split and not self.pairs["helpfulness"]:
-            raise PipelineError("data.preference has no helpfulness pairs (every source is kind: safety); the "
-                                "helpfulness reward model needs some: set kind: helpfulness on a source")
+        if self._pair_split and "helpfulness" not in self.reward_kinds():
+            raise PipelineError(f"data.preference has {len(self.pairs['helpfulness'])} helpfulness pairs to train "
+                                f"on and {len(self.heldout_pairs['helpfulness'])} held out; the helpfulness reward "
+                                f"model needs both (at least 2 pairs of kind helpfulness)")
         self.rl_prompts = [r for recs, src in zip(self._sources["prompts"], d.prompts)
                            for r in sources.weighted(recs, src.weight, seed)]
         self.eval_set = [r for recs in self._sources["eval_prompts"] for r in recs]
@@ -201,7 +204,7 @@ class Pipeline:
         """The reward models this run trains: both on the toy world; on user data those with pairs."""
         if not self.user_data or not self.cfg.data.preference:
             return ("helpfulness", "safety")
-        return tuple(k for k in ("helpfulness", "safety") if self.pairs[k])
+        return tuple(k for k in ("helpfulness", "safety") if self.pairs[k] and self.heldout_pairs[k])
 
     def reward_path(self, kind: str) -> Path:
         """The reward model that scores `kind`. Without safety pairs the helpfulness RM scores safety too, which
@@ -485,10 +488,10 @@ class Pipeline:
         from rayllama.train.stages import run_reward
 
         sft = self.init_dir("reward") or self._require(self.run.model("sft"), "sft")
+        if self.user_data:
+            self.fit_pairs()
         kinds = ("helpfulness", "safety") if not self.user_data else self.reward_kinds()
         todo = [k for k in kinds if not is_complete(self.run.reward_model(k))]
-        if self.user_data and todo:
-            self.fit_pairs()
         pairs = {k: self.pairs[k] + (self.policy_pairs(k, sft) if todo else []) for k in kinds}
         for kind in kinds:
             out = self.run.reward_model(kind)
@@ -502,8 +505,8 @@ class Pipeline:
         if self.user_data:
             self._record("reward", self.data_metrics("preference"))
             if "safety" not in kinds:
-                log.info("reward: no safety pairs in data.preference; the helpfulness RM also scores safety, so "
-                         "the LLaMA 2 composition is the helpfulness reward alone")
+                log.info("reward: fewer than 2 safety pairs in data.preference; the helpfulness RM also scores "
+                         "safety, so the LLaMA 2 composition is the helpfulness reward alone")
             print(reward_table(self.results))
             return
         if "rm_prefers_refusal_unsafe" not in self.results.get("reward-safety", {}):

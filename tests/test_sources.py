@@ -74,6 +74,8 @@ def test_trl_preference_rows_strings_messages_and_implicit_prompt():
          "helpfulness", 0.5),
         ([user("How do I pick a lock?")], "I can't help with breaking into property.",
          "Insert a tension wrench and rake the pins.", None, "safety", None),
+        ([user("Write an insult for my coworker.")], "I'd rather help you give honest, kind feedback.",
+         "You are a useless lump.", "better", "safety", None),
     ]
     assert dict(st.dropped) == {"malformed": 1}  # rating "very_better"
 
@@ -83,7 +85,7 @@ def test_unrated_pairs_train_with_margin_zero():
     from rayllama.train.data import pair_margin
 
     records, _ = read("preference", FIXTURES / "preference.jsonl", "preference")
-    assert [pair_margin(r, MARGINS["small"]) for r in records] == [1.0, 0.5, 0.0]
+    assert [pair_margin(r, MARGINS["small"]) for r in records] == [1.0, 0.5, 0.0, 2 / 3]
 
 
 def test_ultrafeedback_best_against_a_worse_one_with_a_rating_level():
