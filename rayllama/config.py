@@ -96,6 +96,7 @@ class DataSection:
     eval_prompts: list[DataSource] = field(default_factory=list)  # held-out prompts for the sample table
     max_drop_fraction: float = 0.1  # a source with more of its rows dropped (malformed, empty, too long) stops the stage
     heldout_fraction: float = 0.05  # preference pairs / pretraining documents held out for accuracy / perplexity
+    stream_memory_mb: float | None = None  # cap on Ray Data's object store use while pretraining text streams in
 
     def user_data(self) -> bool:
         return any(getattr(self, k) for k in DATA_KINDS)

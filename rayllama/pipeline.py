@@ -264,19 +264,30 @@ class Pipeline:
         return out
 
     def _pretrain_user(self) -> None:
-        """Pretraining on data.pretrain: documents weighted per source, data.heldout_fraction of them held out
-        for perplexity."""
-        from rayllama.data import sources
-        from rayllama.train.stages import run_pretrain
+        """Pretraining on data.pretrain, streamed through Ray Data into the Ray Train workers (rayllama.data.stream):
+        the first rows of each source are checked here, the drops of the whole stream are counted as it is read."""
+        import ray
 
-        d, train, heldout = self.cfg.data, [], []
-        per_source, self.data_stats["pretrain"] = sources.load_kind(d, "pretrain", self.cfg.seed)
-        for recs, src in zip(per_source, d.pretrain):
-            tr, he = sources.heldout_split(recs, d.heldout_fraction)
-            train += [r.text for r in sources.weighted(tr, src.weight, self.cfg.seed)]
-            heldout += [r.text for r in he]
-        self._record("pretrain", self.data_metrics("pretrain"))
-        run_pretrain(self.cfg, self.run.root, self.tok, train, heldout, [], [], init=self.init_dir("pretrain"))
+        from rayllama.data import sources, stream
+        from rayllama.train.stages import HELDOUT_ROWS, run_pretrain_stream
+
+        d, seed, p = self.cfg.data, self.cfg.seed, self.cfg.pretrain
+        stream.precheck(d, seed)
+        counter = stream.drop_counter()
+        dataset = stream.pretrain_dataset(d, self.tok, p.seq_len, seed, counter, d.stream_memory_mb)
+        heldout = stream.collect_heldout(d, seed, max_chars=HELDOUT_ROWS * (p.seq_len + 1) * 8)
+        result = run_pretrain_stream(self.cfg, self.run.root, self.tok, dataset, heldout, self.init_dir("pretrain"))
+        counted = ray.get(counter.get.remote())
+        self.data_stats["pretrain"] = []
+        for i, src in enumerate(d.pretrain):
+            st = sources.SourceStats(f"data.pretrain[{i}] ({src.path})")
+            c = counted.get(st.name, {})
+            st.rows, st.kept = c.get("rows", 0), c.get("kept", 0)
+            st.dropped.update(c.get("dropped", {}))
+            st.examples.update(c.get("examples", {}))
+            self.data_stats["pretrain"].append(st)
+        self._record("pretrain", {**self.data_metrics("pretrain"), "tokens_seen": result.get("tokens_seen", 0)})
+        log.info(f"pretrain: {result.get('tokens_seen', 0)} tokens streamed through Ray Data")
 
     def _train_tokenizer_on_user_data(self) -> None:
         """A tokenizer trained on the user's text (tokenizer.max_train_chars of pretraining text, then chat text in

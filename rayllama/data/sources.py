@@ -436,18 +436,20 @@ def heldout_split(records: list, fraction: float) -> tuple[list, list]:
     sharing a prompt stay together, and the split does not depend on file order); at least one when fraction > 0."""
     if fraction <= 0 or len(records) < 2:
         return list(records), []
-
-    def key(r) -> float:
-        text = json.dumps(getattr(r, "prompt", None) or getattr(r, "text", ""), sort_keys=True)
-        return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-
-    keys = [key(r) for r in records]
+    keys = [heldout_key(getattr(r, "prompt", None) or getattr(r, "text", "")) for r in records]
     held = [r for r, k in zip(records, keys) if k < fraction]
     if not held:
         first = min(range(len(records)), key=keys.__getitem__)
         held = [records[first]]
         return [r for i, r in enumerate(records) if i != first], held
     return [r for r, k in zip(records, keys) if k >= fraction], held
+
+
+def heldout_key(value) -> float:
+    """A number in [0, 1] from the hash of a prompt (message list) or a document's text: below the held-out
+    fraction means held out."""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
 
 
 def load_kind(data, kind: str, seed: int = 0) -> tuple[list[list], list[SourceStats]]:

@@ -319,9 +319,13 @@ def train_loop_per_worker(config: dict) -> None:
     train_model = wrap_ddp(model, device) if strategy == "ddp" and world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
 
-    data = torch.load(job.data_path)
+    from rayllama.data.stream import STREAM, stream_rows
+
+    streamed = stream_rows(job, start_step, world) if job.data_path == STREAM else None  # Ray Data rows per step
+    data = None if streamed else torch.load(job.data_path)
     eval_data = torch.load(job.eval_path) if job.eval_path else None  # every rank evaluates its share
-    order = example_order(num_examples(data), job.batch_size, job.total_steps, job.seed)
+    order = None if streamed else example_order(num_examples(data), job.batch_size, job.total_steps, job.seed)
+    tokens_seen = 0  # real (unpadded) tokens of this rank's rows since start_step
     micro_loss = OBJECTIVES[job.objective]
     writer = MetricsWriter(job.log_dir, job.stage) if rank == 0 else None
     if writer and start_step:
@@ -334,7 +338,12 @@ def train_loop_per_worker(config: dict) -> None:
     t0, window_items = time.perf_counter(), 0
 
     for step in range(start_step, job.total_steps):
-        micro = rank_micro_batches(order, step, job, rank, world)
+        if streamed:
+            data, micro = next(streamed)
+        else:
+            micro = rank_micro_batches(order, step, job, rank, world)
+        if job.objective == "lm":
+            tokens_seen += sum(int(data["lengths"][idx].sum()) for idx in micro)
         # Normalise by the step's global count of targets (tokens or pairs), so that the ranks' gradient average
         # (FSDP's reduce-scatter, DDP's all-reduce) and the micro-batch accumulation give exactly the gradient of
         # the mean over the union batch.
@@ -388,12 +397,15 @@ def train_loop_per_worker(config: dict) -> None:
             _report_checkpoint(model, job, optimizer, scheduler, done, {"loss": loss_total})
 
     finished = job.stop_after is None or job.stop_after >= job.total_steps
+    seen = torch.tensor(tokens_seen, dtype=torch.float64, device=device)
+    if world > 1:
+        torch.distributed.all_reduce(seen)
     if finished:
         if eval_data is not None:
             last_eval = EVALUATORS[job.objective](model, eval_data, device)
             if writer:
                 writer.write(job.total_steps, last_eval)
-        _export(job, model, model_cfg, job.total_steps, {"eval": last_eval})
+        _export(job, model, model_cfg, job.total_steps, {"eval": last_eval, "tokens_seen": int(seen)})
     if writer:
         writer.close()
     if bar:
@@ -416,8 +428,9 @@ def _report_checkpoint(model, job: TrainJob, optimizer, scheduler, step: int, me
 # ----------------------------------------------------------------------------------------------- driver side
 
 
-def run_train_job(job: TrainJob, scaling: ScalingSection) -> dict:
-    """Run `job` on Ray Train with `scaling` workers; resume if this stage's run directory has a checkpoint."""
+def run_train_job(job: TrainJob, scaling: ScalingSection, datasets: dict | None = None) -> dict:
+    """Run `job` on Ray Train with `scaling` workers; resume if this stage's run directory has a checkpoint.
+    `datasets` (Ray Data, e.g. {"train": ...}) are split over the workers (ray.train.get_dataset_shard)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -427,6 +440,7 @@ def run_train_job(job: TrainJob, scaling: ScalingSection) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
+        datasets=datasets,
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
         ),
