@@ -13,6 +13,7 @@ through `write_dir` is complete when its marker file `COMPLETE`, written after e
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -37,31 +38,29 @@ def is_uri(path: str | os.PathLike) -> bool:
 
 
 def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path, file:// URI or object-store URI."""
+    """(filesystem, path inside it) for a local path, file:// URI or object-store URI. pyarrow parses the URI:
+    s3://[KEY:SECRET@]bucket/key?endpoint_override=http://host:port&region=... (options in the URI reach every
+    Ray worker with the path; without them pyarrow reads the AWS_* environment)."""
     s = str(path)
     if s.startswith("file://"):
         s = s[len("file://"):]
     if not is_uri(s):
         return pafs.LocalFileSystem(), str(Path(s).absolute())
-    scheme = s.split("://", 1)[0]
     try:
-        if scheme == "s3":
-            endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-            bucket_path = s[len("s3://"):]
-            kwargs = {"endpoint_override": endpoint} if endpoint else {}
-            if endpoint and endpoint.startswith("http://"):
-                kwargs["scheme"] = "http"
-            return pafs.S3FileSystem(**kwargs), bucket_path.rstrip("/")
         fs, inner = pafs.FileSystem.from_uri(s)
-        return fs, inner.rstrip("/")
     except (OSError, ValueError) as e:  # pyarrow's ArrowIOError / ArrowInvalid
-        raise StorageError(f"cannot open storage {s}: {str(e).splitlines()[0]}; check the URI and credentials") from None
+        raise StorageError(f"cannot open storage {s.split('?')[0]}: {str(e).splitlines()[0]}; check the URI and "
+                           f"credentials") from None
+    return fs, inner.rstrip("/")
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
-    """base / parts for a local path or a URI (URIs keep their scheme; no normalisation of '..')."""
-    s = str(base).rstrip("/")
-    return "/".join([s, *[p.strip("/") for p in parts]]) if is_uri(s) else str(Path(s, *parts))
+    """base / parts for a local path or a URI (a URI keeps its scheme and its ?options at the end)."""
+    s, _, query = str(base).partition("?") if is_uri(base) else (str(base), "", "")
+    if not is_uri(s):
+        return str(Path(s, *parts))
+    joined = "/".join([s.rstrip("/"), *[p.strip("/") for p in parts]])
+    return f"{joined}?{query}" if query else joined
 
 
 def exists(path: str | os.PathLike) -> bool:
@@ -82,9 +81,14 @@ def is_dir(path: str | os.PathLike) -> bool:
 def list_files(path: str | os.PathLike) -> list[str]:
     """Every file under the directory `path`, recursively, as paths / URIs in the same form as `path`, sorted."""
     fs, p = filesystem(path)
-    infos = fs.get_file_info(pafs.FileSelector(p, recursive=True))
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=True, allow_not_found=True))
     rel = sorted(i.path[len(p):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
     return [join(path, r) for r in rel]
+
+
+def relative(path: str, base: str) -> str:
+    """`path` (from list_files(base)) relative to `base`."""
+    return path.partition("?")[0][len(str(base).partition("?")[0].rstrip("/")):].lstrip("/")
 
 
 @contextmanager
@@ -147,9 +151,8 @@ def download_dir(src: str | os.PathLike, local: str | os.PathLike) -> Path:
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{local.name}.tmp-", dir=local.parent))
     try:
-        base = str(src).rstrip("/")
         for uri in list_files(src):
-            rel = uri[len(base):].lstrip("/")
+            rel = relative(uri, str(src))
             if rel == COMPLETE_MARKER:
                 continue
             target = tmp / rel
@@ -170,7 +173,7 @@ def local_dir(path: str | os.PathLike, cache: str | os.PathLike) -> Path:
     if not is_uri(path):
         return Path(filesystem(path)[1])
     fs, p = filesystem(path)
-    target = Path(cache) / p.replace("/", "_")
+    target = Path(cache) / hashlib.sha1(str(path).encode()).hexdigest()[:16]
     if not (target / ".downloaded").exists():
         download_dir(path, target)
         (target / ".downloaded").write_text(str(path))

@@ -125,10 +125,10 @@ def source_files(path: str, split: str) -> list[str]:
         return [path]
     if not storage.is_dir(path):
         raise SourceError(f"{path}: no such file or folder; check the path")
-    files = [f for f in storage.list_files(path) if _suffix(f) in DATA_SUFFIXES]
-    base = str(path).rstrip("/")
-    named = [f for f in files if f.rsplit("/", 1)[-1].startswith(split)]
-    under = [f for f in files if split in f[len(base):].strip("/").split("/")[:-1]]
+    files = [f for f in storage.list_files(path) if _suffix(f.partition("?")[0]) in DATA_SUFFIXES]
+    rel = {f: storage.relative(f, path) for f in files}
+    named = [f for f in files if rel[f].rsplit("/", 1)[-1].startswith(split)]
+    under = [f for f in files if split in rel[f].split("/")[:-1]]
     chosen = named or under
     if not chosen:
         raise SourceError(f"{path}: no data file of split '{split}' ({', '.join(DATA_SUFFIXES)}, optionally .gz, "
@@ -137,7 +137,7 @@ def source_files(path: str, split: str) -> list[str]:
 
 
 def _suffix(path: str) -> str:
-    name = path.rsplit("/", 1)[-1].lower()
+    name = path.partition("?")[0].rsplit("/", 1)[-1].lower()
     name = name[:-3] if name.endswith(".gz") else name
     return "." + name.rsplit(".", 1)[-1] if "." in name else ""
 
@@ -168,7 +168,7 @@ def iter_file_rows(path: str) -> Iterator[dict | None]:
                 yield from batch.to_pylist()
         return
     with storage.open_input(path) as raw:
-        stream = gzip.GzipFile(fileobj=raw) if path.lower().endswith(".gz") else raw
+        stream = gzip.GzipFile(fileobj=raw) if path.partition("?")[0].lower().endswith(".gz") else raw
         text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
         if suffix == ".txt":
             for line in text:

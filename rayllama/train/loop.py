@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import io
 import json
 import math
 import os
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rayllama import storage
 from rayllama.config import OptimConfig, ScalingSection
 from rayllama.losses import margin_ranking_loss
 from rayllama.model import ModelConfig
@@ -263,10 +266,11 @@ def _build_model(job: TrainJob, device: torch.device):
     from rayllama.checkpoint import read_model_config
     from rayllama.dist.fsdp import build_model
 
-    cfg = job.model if job.init is None else read_model_config(job.init)
+    init = local_copy(job.init) if job.init is not None else None  # a URI: this worker's own download
+    cfg = job.model if init is None else read_model_config(init)
     kind = "scalar" if job.objective == "reward" else "causal"
     model = build_model(kind, cfg, device=device, strategy=job.strategy, param_dtype=getattr(torch, job.param_dtype),
-                        activation_checkpointing=job.activation_checkpointing, init=job.init, seed=job.seed)
+                        activation_checkpointing=job.activation_checkpointing, init=init, seed=job.seed)
     return model, cfg
 
 
@@ -281,8 +285,47 @@ def _export(job: TrainJob, model, cfg, step: int, meta: dict) -> None:
             pass
         return
     kind = "scalar" if job.objective == "reward" else "causal"
-    save_state(job.output, tensors, cfg, kind, tokenizer_model=job.tokenizer_model,
-               meta={"stage": job.stage, "step": step, **meta})
+    tokenizer = local_copy(job.tokenizer_model, is_dir=False) if job.tokenizer_model else None
+    if not storage.is_uri(job.output):
+        save_state(job.output, tensors, cfg, kind, tokenizer_model=tokenizer,
+                   meta={"stage": job.stage, "step": step, **meta})
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # an object store: a local copy, uploaded with its marker last
+        save_state(Path(tmp) / "model", tensors, cfg, kind, tokenizer_model=tokenizer,
+                   meta={"stage": job.stage, "step": step, **meta})
+        storage.upload_dir(Path(tmp) / "model", job.output)
+
+
+def local_copy(path: str, is_dir: bool = True) -> str:
+    """`path` itself when local; for a URI (rayllama.storage) a copy on this node, made once: every worker reads
+    the run's storage, never a path only the driver's machine has."""
+    if not storage.is_uri(path):
+        return path
+    cache = Path(tempfile.gettempdir()) / "rayllama-cache"
+    if is_dir:
+        return str(storage.local_dir(path, cache))
+    target = cache / hashlib.sha1(path.encode()).hexdigest()[:16] / path.partition("?")[0].rsplit("/", 1)[-1]
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(storage.read_bytes(path))
+        os.replace(tmp, target)
+    return str(target)
+
+
+def load_tensors(path: str) -> dict:
+    """The tensors at `path` (rayllama.train.data), local or read from the run's storage."""
+    if storage.is_uri(path):
+        return torch.load(io.BytesIO(storage.read_bytes(path)))
+    return torch.load(path)
+
+
+def local_log_dir(job: TrainJob) -> str:
+    """Where rank 0 writes metrics.jsonl / tensorboard: the job's log_dir, or a local scratch dir for a URI (the
+    metrics file is uploaded at the end)."""
+    if not storage.is_uri(job.log_dir):
+        return job.log_dir
+    return str(Path(tempfile.gettempdir()) / "rayllama-logs" / hashlib.sha1(job.log_dir.encode()).hexdigest()[:16])
 
 
 def _extra_state(job: TrainJob, scheduler, step: int) -> dict:
@@ -322,12 +365,12 @@ def train_loop_per_worker(config: dict) -> None:
     from rayllama.data.stream import STREAM, stream_rows
 
     streamed = stream_rows(job, start_step, world) if job.data_path == STREAM else None  # Ray Data rows per step
-    data = None if streamed else torch.load(job.data_path)
-    eval_data = torch.load(job.eval_path) if job.eval_path else None  # every rank evaluates its share
+    data = None if streamed else load_tensors(job.data_path)
+    eval_data = load_tensors(job.eval_path) if job.eval_path else None  # every rank evaluates its share
     order = None if streamed else example_order(num_examples(data), job.batch_size, job.total_steps, job.seed)
     tokens_seen = 0  # real (unpadded) tokens of this rank's rows since start_step
     micro_loss = OBJECTIVES[job.objective]
-    writer = MetricsWriter(job.log_dir, job.stage) if rank == 0 else None
+    writer = MetricsWriter(local_log_dir(job), job.stage) if rank == 0 else None
     if writer and start_step:
         writer.write(start_step, {"resumed_from_step": start_step})
     compute = compute_context(model, getattr(torch, job.param_dtype), device)
@@ -408,6 +451,9 @@ def train_loop_per_worker(config: dict) -> None:
         _export(job, model, model_cfg, job.total_steps, {"eval": last_eval, "tokens_seen": int(seen)})
     if writer:
         writer.close()
+        if storage.is_uri(job.log_dir):  # the metrics of a run on an object store go there too
+            storage.write_bytes(storage.join(job.log_dir, "metrics.jsonl"),
+                                (Path(local_log_dir(job)) / "metrics.jsonl").read_bytes())
     if bar:
         bar.close()
     ray.train.report({"step": job.total_steps if finished else done, "finished": finished})
@@ -435,6 +481,11 @@ def run_train_job(job: TrainJob, scaling: ScalingSection, datasets: dict | None 
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": scaling.cpus_per_worker}
+    if storage.is_uri(job.log_dir):  # Ray Train's checkpoints go to the object store too
+        fs, inner = storage.filesystem(storage.join(job.log_dir))
+        where = {"storage_path": inner, "storage_filesystem": fs}
+    else:
+        where = {"storage_path": str(Path(job.log_dir).absolute())}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
     trainer = TorchTrainer(
@@ -446,7 +497,7 @@ def run_train_job(job: TrainJob, scaling: ScalingSection, datasets: dict | None 
         ),
         run_config=RunConfig(
             name="ray_train",
-            storage_path=str(Path(job.log_dir).absolute()),
+            **where,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
         ),
