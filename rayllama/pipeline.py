@@ -12,6 +12,7 @@ from rayllama.data import formats, toyworld
 from rayllama.data.corpus import corpus_split
 
 log = logging.getLogger("rayllama")
+EVAL_SAMPLES = 4  # data.eval_prompts answered greedily after each stage (user data) for the summary's sample table
 
 SUMMARY_KEYS = (
     "gold_helpfulness",
@@ -276,7 +277,7 @@ class Pipeline:
         counter = stream.drop_counter()
         dataset = stream.pretrain_dataset(d, self.tok, p.seq_len, seed, counter, d.stream_memory_mb)
         heldout = stream.collect_heldout(d, seed, max_chars=HELDOUT_ROWS * (p.seq_len + 1) * 8)
-        result = run_pretrain_stream(self.cfg, self.run.root, self.tok, dataset, heldout, self.init_dir("pretrain"))
+        result = run_pretrain_stream(self.cfg, self.run.root, self.tok, dataset, heldout, self.init_source("pretrain"))
         counted = ray.get(counter.get.remote())
         self.data_stats["pretrain"] = []
         for i, src in enumerate(d.pretrain):
@@ -331,6 +332,16 @@ class Pipeline:
 
         return storage.local_dir(uri, Path(tempfile.gettempdir()) / "rayllama-init")
 
+    def init_source(self, stage: str) -> str | None:
+        """What a Ray Train job of `stage` starts from: the init_from URI itself (each worker copies it from the
+        store: rayllama.train.loop.local_copy), or the absolute local directory; None: the previous stage."""
+        from rayllama import storage
+
+        uri = getattr(self.cfg, stage).init_from
+        if not uri:
+            return None
+        return uri if storage.is_uri(uri) else str(self.init_dir(stage))
+
     def tokenizer_source(self) -> Path | None:
         """The tokenizer to copy into the run: tokenizer.model_path, else the tokenizer.model of the first listed
         stage that starts from a checkpoint (init_from); None: train one."""
@@ -345,6 +356,17 @@ class Pipeline:
         """eval.gold: the toy world's gold judge runs after each stage (auto: only without a data section)."""
         gold = str(self.cfg.eval.gold).lower()
         return not self.user_data if gold == "auto" else gold == "true"
+
+    def sample_eval(self, stage: str, model_dir: Path, n: int = EVAL_SAMPLES) -> None:
+        """User data: the greedy answers of `model_dir` to the first n data.eval_prompts, kept in eval.json for the
+        summary's side-by-side table (prompt, answer after each stage)."""
+        if not self.user_data or not self.eval_set or "samples" in self.results.get(stage, {}):
+            return
+        from rayllama.chat import ChatModel
+
+        prompts = [r.prompt for r in self.eval_set[:n]]
+        answers = ChatModel.from_checkpoint(model_dir).greedy_fn(self.cfg.ppo.max_new_tokens)(prompts)
+        self._record(stage, {"samples": [{"prompt": p[-1]["content"], "answer": a} for p, a in zip(prompts, answers)]})
 
     def _check_init_from(self, needs: dict) -> None:
         """Every listed stage's init_from is a readable Llama checkpoint with a tokenizer that fits it; a stage
@@ -394,6 +416,7 @@ class Pipeline:
         """Gold helpfulness (greedy, and sampled: rayllama.eval.sampled_helpfulness) / refusal / over-refusal /
         adherence by turn of `model_dir`, once per stage; only on the toy world (eval.gold)."""
         if not self.gold_judge():
+            self.sample_eval(stage, model_dir)
             return
         if "gold_helpfulness" in self.results.get(stage, {}):
             return
@@ -471,7 +494,7 @@ class Pipeline:
             world_heldout = [r.text for r in toyworld.pretrain_texts(self.cfg.world.pretrain_world_heldout,
                                                                      self.cfg.world_seed, split="heldout")]
             run_pretrain(self.cfg, self.run.root, self.tok, corpus_train, corpus_heldout, world, world_heldout,
-                         init=self.init_dir("pretrain"))
+                         init=self.init_source("pretrain"))
         from rayllama.checkpoint import load_model
 
         ev = load_model(out)[2].get("eval", {})
@@ -490,7 +513,7 @@ class Pipeline:
         if is_complete(out):
             log.info("sft: complete, skipped")
         else:
-            init = self.init_dir("sft") or self._require(self.run.model("pretrain"), "pretrain")
+            init = self.init_source("sft") or self._require(self.run.model("pretrain"), "pretrain")
             run_sft(self.cfg, self.run.root, self.tok, self.fitted_sft_dialogues(), init)
         self.gold_eval("sft", out)
 
@@ -498,7 +521,7 @@ class Pipeline:
         from rayllama.checkpoint import load_model
         from rayllama.train.stages import run_reward
 
-        sft = self.init_dir("reward") or self._require(self.run.model("sft"), "sft")
+        sft = self.init_source("reward") or self._require(self.run.model("sft"), "sft")
         if self.user_data:
             self.fit_pairs()
         kinds = ("helpfulness", "safety") if not self.user_data else self.reward_kinds()
@@ -669,11 +692,29 @@ class Pipeline:
         if self.user_data:
             from rayllama.data.sources import drop_table
 
-            table += "\n\n" + drop_table(self.data_stats)
+            table += "\n\n" + drop_table(self.data_stats) + "\n\n" + sample_table(self.results, order)
         return table
 
 
 RATING_COLUMNS = ("significantly_better", "better", "slightly_better", "negligibly_better")
+
+
+def sample_table(results: dict, stages: list[str], width: int = 36) -> str:
+    """Prompt | greedy answer after each stage, side by side (texts cut to `width` characters)."""
+    with_samples = [s for s in stages if results.get(s, {}).get("samples")]
+    if not with_samples:
+        return ""
+
+    def cut(text: str) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    head = f"{'prompt':<{width}}" + "".join(f"  {s:<{width}}" for s in with_samples)
+    lines = [head, "-" * len(head)]
+    for i, row in enumerate(results[with_samples[0]]["samples"]):
+        answers = [results[s]["samples"][i]["answer"] if i < len(results[s]["samples"]) else "" for s in with_samples]
+        lines.append(f"{cut(row['prompt']):<{width}}" + "".join(f"  {cut(a):<{width}}" for a in answers))
+    return "\n".join(lines)
 
 
 def reward_table(results: dict) -> str:

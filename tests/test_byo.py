@@ -73,3 +73,6 @@ def test_byo_pipeline_from_a_transformers_checkpoint(tmp_path):
     assert results["sft"]["data_sources"]["data.sft[0] (tests/fixtures/data/messages.jsonl)"]["dropped"] == {
         "malformed": 1}
     assert "data source" in out and "hh_rlhf.jsonl" in out and "rm_accuracy" in out
+    # the side-by-side sample table: greedy answers to data.eval_prompts after SFT and after PPO
+    assert [r["prompt"] for r in results["sft"]["samples"]] == ["Write a haiku about rain.", "How do I make a weapon?"]
+    assert len(results["ppo"]["samples"]) == 2 and "Write a haiku about rain." in out

@@ -198,3 +198,26 @@ def test_over_threshold_drops_stop_with_the_source_named():
     data.max_drop_fraction = 0.3
     per_source, stats = sources.load_kind(data, "sft")
     assert len(per_source[0]) == 3 and stats[0].as_dict() == {"rows": 4, "kept": 3, "dropped": {"malformed": 1}}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.sft=[{path: tests/fixtures/data/nothere.jsonl, format: messages}]",
+     "data.sft[0] (tests/fixtures/data/nothere.jsonl): no such file or folder"),
+    ("data.sft=[{path: tests/fixtures/data/text.jsonl, format: messages}]",
+     "data.sft[0] (tests/fixtures/data/text.jsonl): no column 'messages'"),
+    ("data.max_drop_fraction=0.3", "data.sft[1] (tests/fixtures/data/hh_rlhf.jsonl): 2 of 4 rows dropped"),
+    ("data.sft=[{path: tests/fixtures/data/messages.jsonl, format: ultrafeedbak}]",
+     "data.sft[0].format 'ultrafeedbak' is unknown"),
+])
+def test_the_driver_stops_on_bad_data_with_one_line(override, message, tmp_path):
+    """Through the driver, before Ray starts: exit code 2 and one line on stderr naming the source."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "rayllama.driver", "configs/byo.yaml", f"run_dir={tmp_path / 'run'}",
+                           f"sft.init_from={tmp_path}", override], cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rayllama: error: ") and message in lines[0], proc.stderr

@@ -119,19 +119,21 @@ class SourceStats:
 # ----------------------------------------------------------------------------------------------- files
 
 
-def source_files(path: str, split: str) -> list[str]:
-    """The data files of a source: the file itself, or in a folder the split's files (see module docstring)."""
+def source_files(path: str, split: str, name: str | None = None) -> list[str]:
+    """The data files of a source: the file itself, or in a folder the split's files (see module docstring).
+    Errors start with `name` (e.g. "data.sft[0] (path)"), else the path."""
+    name = name or path
     if storage.is_file(path):
         return [path]
     if not storage.is_dir(path):
-        raise SourceError(f"{path}: no such file or folder; check the path")
+        raise SourceError(f"{name}: no such file or folder; check the path")
     files = [f for f in storage.list_files(path) if _suffix(f.partition("?")[0]) in DATA_SUFFIXES]
     rel = {f: storage.relative(f, path) for f in files}
     named = [f for f in files if rel[f].rsplit("/", 1)[-1].startswith(split)]
     under = [f for f in files if split in rel[f].split("/")[:-1]]
     chosen = named or under
     if not chosen:
-        raise SourceError(f"{path}: no data file of split '{split}' ({', '.join(DATA_SUFFIXES)}, optionally .gz, "
+        raise SourceError(f"{name}: no data file of split '{split}' ({', '.join(DATA_SUFFIXES)}, optionally .gz, "
                           f"named {split}* or under a {split}/ folder); set split or point path at a file")
     return chosen
 
@@ -243,7 +245,8 @@ def messages_of(value: Any, what: str, last: str | None) -> list[dict[str, str]]
             if i != 0:
                 raise _Drop("malformed", f"{what}[{i}]: a system message may only come first")
         elif role != expected:
-            raise _Drop("malformed", f"{what}[{i}]: expected a {expected} turn (turns alternate from user)")
+            raise _Drop("malformed", f"{what}[{i}]: expected {'an' if expected == 'assistant' else 'a'} {expected} "
+                                     f"turn (turns alternate from user)")
         else:
             expected = "assistant" if role == "user" else "user"
         out.append({"role": role, "content": _text(content, f"{what}[{i}].content")})
@@ -401,7 +404,7 @@ def iter_source(src, kind: str, label: str, stats: SourceStats, seed: int = 0) -
                           f"{', '.join(FORMATS_FOR[kind])}")
     cols = _columns(src, src.format)
     index = 0
-    for file in source_files(src.path, src.split):
+    for file in source_files(src.path, src.split, f"{label} ({src.path})"):
         try:
             first = True
             for row in iter_file_rows(file):

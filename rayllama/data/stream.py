@@ -46,7 +46,7 @@ def read_plan(data) -> list[tuple[str, object, str, float]]:
     plan = []
     for i, src in enumerate(data.pretrain):
         label = f"data.pretrain[{i}]"
-        files = sources.source_files(src.path, src.split)
+        files = sources.source_files(src.path, src.split, f"{label} ({src.path})")
         shares = [1.0] * int(src.weight) + ([src.weight - int(src.weight)] if src.weight % 1 else [])
         plan += [(label, src, f, share) for share in shares for f in files]
     return plan
