@@ -76,3 +76,35 @@ def test_byo_pipeline_from_a_transformers_checkpoint(tmp_path):
     # the side-by-side sample table: greedy answers to data.eval_prompts after SFT and after PPO
     assert [r["prompt"] for r in results["sft"]["samples"]] == ["Write a haiku about rain.", "How do I make a weapon?"]
     assert len(results["ppo"]["samples"]) == 2 and "Write a haiku about rain." in out
+
+
+def test_pretraining_on_user_text_through_the_driver(tmp_path):
+    """stages [tokenizer, pretrain] on data.pretrain: the tokenizer trains on the user's text, pretraining streams
+    it through Ray Data (tokens_seen, drops per source and held-out perplexity in eval.json)."""
+    import random
+
+    rng = random.Random(0)
+    words = "the river mill miller counts sacks of flour bread water salt and a to in is was".split()
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 40))) + "." for _ in range(300)]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs) + json.dumps({"text": ""}) + "\n")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rayllama.driver", str(ROOT / "configs" / "pretrain.yaml"), f"run_dir={run_dir}",
+         "stages=[tokenizer,pretrain]", f"data.pretrain=[{{path: {path}, format: text}}]", "data.heldout_fraction=0.1",
+         "ray.include_dashboard=false", "tokenizer.vocab_size=400", "model.dim=32", "model.n_layers=1",
+         "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=64", "pretrain.steps=40", "pretrain.seq_len=63",
+         "pretrain.batch_size=16", "pretrain.micro_batch_size=8", "pretrain.log_every=2", "scaling.num_workers=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    pre = json.loads((run_dir / "eval.json").read_text())["pretrain"]
+    from rayllama.data.stream import is_heldout
+    from rayllama.tokenizer import Tokenizer
+
+    tok = Tokenizer(run_dir / "tokenizer" / "tokenizer.model")
+    corpus_tokens = sum(len(tok.encode(d)) + 2 for d in docs if not is_heldout(d, 0.1))
+    assert pre["tokens_seen"] > corpus_tokens and pre["heldout_perplexity"] > 1.0  # more than one epoch...
+    assert pre["data_rows"] == 301 and pre["data_kept"] == 300 and pre["data_dropped_empty"] == 1  # ...counted once
+    assert not (run_dir / "data" / "world_meta.json").exists() and "corpus.jsonl" in out

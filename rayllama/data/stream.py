@@ -41,14 +41,15 @@ def is_heldout(text: str, fraction: float) -> bool:
     return fraction > 0 and sources.heldout_key(text) < fraction
 
 
-def read_plan(data) -> list[tuple[str, object, str, float]]:
-    """(label, source, file, keep share) per read task: int(weight) full passes and one partial pass."""
+def read_plan(data) -> list[tuple[str, object, str, float, bool]]:
+    """(label, source, file, keep share, counts) per read task: int(weight) full passes and one partial pass; only
+    the first full pass over a file counts its rows and drops (the others re-read the same rows)."""
     plan = []
     for i, src in enumerate(data.pretrain):
         label = f"data.pretrain[{i}]"
         files = sources.source_files(src.path, src.split, f"{label} ({src.path})")
         shares = [1.0] * int(src.weight) + ([src.weight - int(src.weight)] if src.weight % 1 else [])
-        plan += [(label, src, f, share) for share in shares for f in files]
+        plan += [(label, src, f, share, k == 0 and share == 1.0) for k, share in enumerate(shares) for f in files]
     return plan
 
 
@@ -58,22 +59,29 @@ def _counter_class():
 
     @ray.remote(num_cpus=0)
     class DropCounter:
-        """Rows and drops per source, reported by the read tasks (one report per task and pass)."""
+        """Rows and drops per source. A read task reports its running totals for its file after every block; the
+        counter keeps the furthest report per file, so a file read again in the next epoch is not counted twice
+        and a stream stopped midway counts what it read."""
 
         def __init__(self) -> None:
-            self.stats: dict[str, dict] = {}
+            self.files: dict[tuple[str, str], dict] = {}
 
-        def add(self, name: str, rows: int, kept: int, dropped: dict, examples: dict) -> None:
-            s = self.stats.setdefault(name, {"rows": 0, "kept": 0, "dropped": {}, "examples": {}})
-            s["rows"] += rows
-            s["kept"] += kept
-            for k, v in dropped.items():
-                s["dropped"][k] = s["dropped"].get(k, 0) + v
-            for k, v in examples.items():
-                s["examples"].setdefault(k, v)
+        def report(self, name: str, file: str, totals: dict) -> None:
+            key = (name, file)
+            if totals["rows"] >= self.files.get(key, {"rows": -1})["rows"]:
+                self.files[key] = totals
 
         def get(self) -> dict:
-            return self.stats
+            out: dict[str, dict] = {}
+            for (name, _), t in sorted(self.files.items()):
+                s = out.setdefault(name, {"rows": 0, "kept": 0, "dropped": {}, "examples": {}})
+                s["rows"] += t["rows"]
+                s["kept"] += t["kept"]
+                for k, v in t["dropped"].items():
+                    s["dropped"][k] = s["dropped"].get(k, 0) + v
+                for k, v in t["examples"].items():
+                    s["examples"].setdefault(k, v)
+            return out
 
     return DropCounter
 
@@ -82,13 +90,19 @@ def drop_counter():
     return _counter_class().remote()
 
 
-def _read_fn(label: str, src, file: str, share: float, heldout_fraction: float, seed: int, counter):
+def _read_fn(label: str, src, file: str, share: float, counts: bool, heldout_fraction: float, seed: int, counter):
     def read() -> Iterator:
         import pyarrow as pa
 
         one = dataclasses.replace(src, path=file)
         st = sources.SourceStats(f"{label} ({src.path})")
         texts: list[str] = []
+
+        def report() -> None:
+            if counter is not None and counts:
+                counter.report.remote(st.name, file, {"rows": st.rows, "kept": st.kept, "dropped": dict(st.dropped),
+                                                      "examples": dict(st.examples)})
+
         for rec in sources.iter_source(one, "pretrain", label, st, seed):
             if is_heldout(rec.text, heldout_fraction):
                 continue
@@ -96,12 +110,12 @@ def _read_fn(label: str, src, file: str, share: float, heldout_fraction: float, 
                 continue
             texts.append(rec.text)
             if len(texts) >= BLOCK_DOCS:
+                report()
                 yield pa.table({"text": texts})
                 texts = []
+        report()
         if texts:
             yield pa.table({"text": texts})
-        if counter is not None and share == 1.0:  # a partial pass re-reads rows already counted
-            counter.add.remote(st.name, st.rows, st.kept, dict(st.dropped), st.examples)
     return read
 
 
@@ -115,8 +129,8 @@ def pretrain_dataset(data, tok, seq_len: int, seed: int, counter=None, memory_mb
 
     class PretrainText(Datasource):
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-            return [ReadTask(_read_fn(label, src, f, share, data.heldout_fraction, seed, counter),
-                             BlockMetadata(None, None, (f,), None)) for label, src, f, share in plan]
+            return [ReadTask(_read_fn(label, src, f, share, counts, data.heldout_fraction, seed, counter),
+                             BlockMetadata(None, None, (f,), None)) for label, src, f, share, counts in plan]
 
         def estimate_inmemory_data_size(self):
             return None
