@@ -133,8 +133,10 @@ class Pipeline:
                 if maker in listed:
                     continue
                 if not is_complete(path):
+                    start = f", or start it from a checkpoint: {stage}.init_from=DIR" if stage in ("sft", "reward",
+                                                                                                    "ppo") else ""
                     raise PipelineError(f"stage '{stage}' needs {path}, which is missing or incomplete; add "
-                                        f"'{maker}' to stages (or restore that checkpoint)")
+                                        f"'{maker}' to stages (or restore that checkpoint){start}")
                 try:
                     verify(path)
                 except CheckpointError as e:

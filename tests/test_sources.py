@@ -221,3 +221,26 @@ def test_the_driver_stops_on_bad_data_with_one_line(override, message, tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("rayllama: error: ") and message in lines[0], proc.stderr
+
+
+def test_the_driver_names_a_bad_init_from(tmp_path):
+    """sft.init_from that is not a checkpoint, or one without tokenizer.model: one line naming the key."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+
+    def run(init) -> str:
+        proc = subprocess.run([sys.executable, "-m", "rayllama.driver", "configs/byo.yaml",
+                               f"run_dir={tmp_path / 'run'}", f"sft.init_from={init}"], cwd=root,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stdout + proc.stderr
+        return proc.stderr
+
+    assert f"sft.init_from {tmp_path}: " in run(tmp_path) and "config.json" in run(tmp_path)
+    from rayllama.checkpoint import save_model
+    from rayllama.model import ModelConfig, Transformer
+
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=400, ffn_dim=64, max_seq_len=64)
+    save_model(tmp_path / "ckpt", Transformer(cfg), cfg)  # no tokenizer.model
+    assert "has no tokenizer.model" in run(tmp_path / "ckpt")
