@@ -123,3 +123,26 @@ def test_a_ray_train_job_reads_and_writes_only_the_bucket(ray_session, bucket, t
     start, _, _ = load_model(tmp_path / "init")
     assert not torch.equal(model.state_dict()["model.embed_tokens.weight"],
                            start.state_dict()["model.embed_tokens.weight"])  # it trained from the bucket's init
+
+
+def test_init_from_a_uri_is_checked_and_gives_the_tokenizer(bucket, tmp_path):
+    """sft.init_from=s3://...: the driver verifies the checkpoint in the bucket (a local copy, made once, from a
+    complete upload) and takes its tokenizer.model; the Ray Train job gets the URI itself (each worker copies it)."""
+    from test_byo import hf_llama_dir
+
+    from rayllama.config import load_config
+    from rayllama.driver import RunDir
+    from rayllama.pipeline import Pipeline
+
+    storage.upload_dir(hf_llama_dir(tmp_path), uri(bucket, "models", "llama"))
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "byo.yaml",
+                      [f"run_dir={tmp_path / 'run'}", f"sft.init_from={uri(bucket, 'models', 'llama')}"])
+    cfg.data.sft[0].path = str(FIXTURES / "messages.jsonl")
+    for kind in ("sft", "preference", "prompts", "eval_prompts"):
+        for src in getattr(cfg.data, kind):
+            src.path = str(FIXTURES / Path(src.path).name)
+    pipeline = Pipeline(cfg, RunDir(cfg))
+    pipeline.check_inputs()
+    assert pipeline.init_source("sft") == cfg.sft.init_from  # workers read the bucket, not the driver's copy
+    assert pipeline.tok.vocab_size == 420
+    assert pipeline.run.tokenizer.read_bytes() == (tmp_path / "hf-llama" / "tokenizer.model").read_bytes()
