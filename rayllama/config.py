@@ -74,6 +74,43 @@ class WorldConfig:
 
 
 @dataclass
+class DataSource:
+    """One file (or folder of files) of the user's data (rayllama.data.sources reads it)."""
+
+    path: str = "???"  # a file (.jsonl, .json, .jsonl.gz, .parquet, .arrow, .txt) or a folder of them; required
+    format: str = "text"  # text | messages | hh-rlhf | preference | ultrafeedback | prompts
+    split: str = "train"  # in a folder: the files whose name starts with it (train.jsonl, train-0000-of-0002.parquet)
+    weight: float = 1.0  # the source's share multiplier: 2 repeats its rows twice, 0.5 keeps a seeded half
+    columns: dict[str, str] = field(default_factory=dict)  # our field -> the file's column, e.g. {text: content}
+    kind: str = "helpfulness"  # preference sources: which reward model the pairs train (helpfulness | safety)
+
+
+@dataclass
+class DataSection:
+    """The user's data; with every list empty the pipeline uses the toy world (rayllama.data.toyworld)."""
+
+    pretrain: list[DataSource] = field(default_factory=list)  # format text
+    sft: list[DataSource] = field(default_factory=list)  # messages | hh-rlhf | preference (the chosen answer)
+    preference: list[DataSource] = field(default_factory=list)  # hh-rlhf | preference | ultrafeedback
+    prompts: list[DataSource] = field(default_factory=list)  # RL prompts: prompts | messages | hh-rlhf | preference
+    eval_prompts: list[DataSource] = field(default_factory=list)  # held-out prompts for the sample table
+    max_drop_fraction: float = 0.1  # a source with more of its rows dropped (malformed, empty, too long) stops the stage
+    heldout_fraction: float = 0.05  # preference pairs / pretraining documents held out for accuracy / perplexity
+    stream_memory_mb: float | None = None  # cap on Ray Data's object store use while pretraining text streams in
+
+    def user_data(self) -> bool:
+        return any(getattr(self, k) for k in DATA_KINDS)
+
+
+DATA_KINDS = ("pretrain", "sft", "preference", "prompts", "eval_prompts")
+
+
+@dataclass
+class EvalSection:
+    gold: str = "auto"  # the toy world's gold judge after every stage: auto (only without a data section) | true | false
+
+
+@dataclass
 class ScalingSection:
     """Ray Train workers for the pretrain / SFT / reward stages."""
 
@@ -130,6 +167,7 @@ class PretrainConfig:
     eval_every: int = 100
     log_every: int = 10
     world_text_share: float = 0.5  # share of training tokens from the toy world's texts (rest: Shakespeare)
+    init_from: str | None = None  # continue pretraining an HF Llama checkpoint directory
 
 
 @dataclass
@@ -141,6 +179,7 @@ class SFTConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, warmup_ratio=0.03))
     checkpoint_every: int = 50
     log_every: int = 5
+    init_from: str | None = None  # an HF Llama checkpoint directory to fine-tune instead of this run's pretrain/model
 
 
 @dataclass
@@ -162,6 +201,7 @@ class RewardConfig:
     )
     checkpoint_every: int = 50
     log_every: int = 5
+    init_from: str | None = None  # a causal HF Llama directory (fresh scalar head) instead of this run's sft/model
 
 
 @dataclass
@@ -263,6 +303,7 @@ class PPOConfig:
     checkpoint_every: int = 10
     eval_every: int = 0  # 0: gold eval after the stage only
     resources: RLResources = field(default_factory=RLResources)
+    init_from: str | None = None  # the policy (and KL reference) to start from instead of this run's sft/model
 
 
 @dataclass
@@ -351,6 +392,8 @@ class PipelineConfig:
     # info: the console shows rayllama's lines, one progress bar per stage and Ray's warnings (Ray's own INFO
     # chatter stays in its session logs); debug: Ray's and Ray Train's INFO lines too
     log_level: str = "info"
+    data: DataSection = field(default_factory=DataSection)  # the user's data (empty: the toy world)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     @property
     def world_seed(self) -> int:
@@ -534,6 +577,7 @@ def validate(cfg: PipelineConfig) -> None:
            "vllm.enable_sleep_mode=false (or ppo.async_rollouts=false for generators that share the learner's GPUs)")
     validate_rejection(cfg.rejection)
     validate_gatt(cfg.gatt)
+    validate_data(cfg)
     validate_vllm(cfg.vllm, cfg.device)
     check_ranges(cfg, PIPELINE_RANGES)
     validate_tracking(cfg)
@@ -545,6 +589,38 @@ def validate(cfg: PipelineConfig) -> None:
         _check(tp == 1 or name not in cfg.stages or stage.engine == "torch" or gpus >= tp,
                f"vllm.tensor_parallel_size {tp} needs {name}.resources.rollout.num_gpus >= {tp} (it is {gpus:g}); "
                f"give each generator {tp} GPUs or lower vllm.tensor_parallel_size")
+
+
+def validate_data(cfg: PipelineConfig) -> None:
+    """The data: section, eval.gold and the init_from keys (one-line ConfigError naming the key)."""
+    from rayllama.data.sources import COLUMNS, FORMATS, FORMATS_FOR
+
+    d = cfg.data
+    for kind in DATA_KINDS:
+        for i, src in enumerate(getattr(d, kind)):
+            key = f"data.{kind}[{i}]"
+            _check(src.format in FORMATS, f"{key}.format '{src.format}' is unknown; use one of {', '.join(FORMATS)}")
+            _check(src.format in FORMATS_FOR[kind],
+                   f"{key}.format '{src.format}' cannot feed data.{kind}; use one of {', '.join(FORMATS_FOR[kind])}")
+            _check(src.weight > 0, f"{key}.weight {src.weight} must be > 0")
+            _check(src.kind in ("helpfulness", "safety"), f"{key}.kind '{src.kind}' is not helpfulness or safety")
+            unknown = sorted(set(src.columns) - set(COLUMNS[src.format]))
+            _check(not unknown, f"{key}.columns maps unknown field(s) {unknown} for format {src.format}; its fields "
+                                f"are {', '.join(COLUMNS[src.format])}")
+    _check(0.0 <= d.max_drop_fraction <= 1.0, f"data.max_drop_fraction {d.max_drop_fraction} must be in [0, 1]")
+    _check(0.0 <= d.heldout_fraction < 0.5, f"data.heldout_fraction {d.heldout_fraction} must be in [0, 0.5)")
+    gold = str(cfg.eval.gold).lower()
+    _check(gold in ("auto", "true", "false"), f"eval.gold '{cfg.eval.gold}' is not auto, true or false")
+    _check(gold != "true" or not d.user_data(),
+           "eval.gold true needs the toy world (its gold judge knows only the world's tasks); with a data: section "
+           "set eval.gold to auto or false")
+    _check(not d.user_data() or cfg.reward.policy_pairs == 0 or "reward" not in cfg.stages,
+           f"reward.policy_pairs {cfg.reward.policy_pairs} needs the toy world's gold annotator to rate the "
+           f"pairs; with a data: section set reward.policy_pairs=0")
+    for name in ("pretrain", "sft", "reward"):
+        _check(not d.user_data() or name not in cfg.stages or getattr(d, name if name != "reward" else "preference"),
+               f"stage '{name}' is listed but data.{name if name != 'reward' else 'preference'} is empty; add a "
+               f"source or remove the stage (start the next one from a checkpoint with init_from)")
 
 
 def validate_rejection(rej: RejectionConfig) -> None:

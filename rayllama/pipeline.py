@@ -12,6 +12,7 @@ from rayllama.data import formats, toyworld
 from rayllama.data.corpus import corpus_split
 
 log = logging.getLogger("rayllama")
+EVAL_SAMPLES = 4  # data.eval_prompts answered greedily after each stage (user data) for the summary's sample table
 
 SUMMARY_KEYS = (
     "gold_helpfulness",
@@ -99,14 +100,18 @@ def template_text(messages: list[dict]) -> str:
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, run):
         self.cfg, self.run = cfg, run
-        self.files = write_world_once(run.data, cfg)
-        self.sft_dialogues = [r.messages for r in formats.read_sft(self.files["sft"])]
-        self.pairs = {k: formats.read_preferences(self.files[f"pref_{k}"]) for k in ("helpfulness", "safety")}
-        self.heldout_pairs = {
-            k: formats.read_preferences(self.files[f"pref_{k}_heldout"]) for k in ("helpfulness", "safety")
-        }
-        self.rl_prompts = formats.read_prompts(self.files["prompts"])
-        self.eval_set = formats.read_prompts(self.files["eval"])
+        self.user_data = cfg.data.user_data()  # the user's files (data: section) instead of the toy world
+        if self.user_data:
+            self._read_user_data()
+        else:
+            self.files = write_world_once(run.data, cfg)
+            self.sft_dialogues = [r.messages for r in formats.read_sft(self.files["sft"])]
+            self.pairs = {k: formats.read_preferences(self.files[f"pref_{k}"]) for k in ("helpfulness", "safety")}
+            self.heldout_pairs = {
+                k: formats.read_preferences(self.files[f"pref_{k}_heldout"]) for k in ("helpfulness", "safety")
+            }
+            self.rl_prompts = formats.read_prompts(self.files["prompts"])
+            self.eval_set = formats.read_prompts(self.files["eval"])
         self.results = run.load_eval()
         self._tok = None
 
@@ -117,6 +122,8 @@ class Pipeline:
         from rayllama.tokenizer import Tokenizer
 
         if self._tok is None:
+            if not self.run.tokenizer.exists() and self.tokenizer_source():
+                self.stage_tokenizer()  # the init_from checkpoint's tokenizer.model, copied into the run
             if not self.run.tokenizer.exists():
                 raise PipelineError(f"no tokenizer at {self.run.tokenizer}; add 'tokenizer' to stages")
             self._tok = Tokenizer(self.run.tokenizer)
@@ -134,16 +141,19 @@ class Pipeline:
                  "rejection": [("sft", sft), *[("reward", p) for p in rewards]],
                  "ppo": [("sft", sft), *[("reward", p) for p in rewards]],
                  "gatt": [("sft", sft), *[("reward", p) for p in rewards]]}
-        if listed - {"tokenizer"} and "tokenizer" not in listed and not self.cfg.tokenizer.model_path \
+        if listed - {"tokenizer"} and "tokenizer" not in listed and not self.tokenizer_source() \
                 and not run.tokenizer.is_file():
             raise PipelineError(f"no tokenizer at {run.tokenizer}; add 'tokenizer' to stages")
+        self._check_init_from(needs)
         for stage in self.cfg.stages:
             for maker, path in needs.get(stage, []):
                 if maker in listed:
                     continue
                 if not is_complete(path):
+                    start = f", or start it from a checkpoint: {stage}.init_from=DIR" if stage in ("sft", "reward",
+                                                                                                    "ppo") else ""
                     raise PipelineError(f"stage '{stage}' needs {path}, which is missing or incomplete; add "
-                                        f"'{maker}' to stages (or restore that checkpoint)")
+                                        f"'{maker}' to stages (or restore that checkpoint){start}")
                 try:
                     verify(path)
                 except CheckpointError as e:
@@ -165,6 +175,257 @@ class Pipeline:
                     latest = self.run.model(done[-1])
                 return latest
         return self._require(self.run.model("sft"), "sft")
+
+    # ------------------------------------------------------------------------------------------- user data, init_from
+
+    def _read_user_data(self) -> None:
+        """The data: section's sources (rayllama.data.sources), read and checked before Ray starts: malformed and
+        empty rows are counted per source, past data.max_drop_fraction the run stops with one line naming it.
+        Preference pairs are split per source into train and held-out (data.heldout_fraction). Pretraining text
+        is read at its stage; rows too long for a stage are dropped (and counted) when that stage tokenizes."""
+        from rayllama.data import sources
+
+        d, seed = self.cfg.data, self.cfg.seed
+        self.files, self.data_stats, self._sources = {}, {}, {}
+        for kind in ("sft", "preference", "prompts", "eval_prompts"):
+            self._sources[kind], self.data_stats[kind] = sources.load_kind(d, kind, seed)
+        self.data_stats["pretrain"] = []
+        self.sft_dialogues = [r.messages for recs, src in zip(self._sources["sft"], d.sft)
+                              for r in sources.weighted(recs, src.weight, seed)]
+        self._pair_split = []  # per preference source: (train, held-out)
+        for recs, st in zip(self._sources["preference"], self.data_stats["preference"]):
+            for r in recs:
+                r.extra["source"] = st.name
+            split = [sources.heldout_split([r for r in recs if r.kind == k], d.heldout_fraction)
+                     for k in ("helpfulness", "safety")]  # per kind: each reward model gets held-out pairs
+            self._pair_split.append((split[0][0] + split[1][0], split[0][1] + split[1][1]))
+        self._group_pairs(self._pair_split)
+        if self._pair_split and "helpfulness" not in self.reward_kinds():
+            raise PipelineError(f"data.preference has {len(self.pairs['helpfulness'])} helpfulness pairs to train "
+                                f"on and {len(self.heldout_pairs['helpfulness'])} held out; the helpfulness reward "
+                                f"model needs both (at least 2 pairs of kind helpfulness)")
+        self.rl_prompts = [r for recs, src in zip(self._sources["prompts"], d.prompts)
+                           for r in sources.weighted(recs, src.weight, seed)]
+        self.eval_set = [r for recs in self._sources["eval_prompts"] for r in recs]
+
+    def _group_pairs(self, split: list[tuple[list, list]]) -> None:
+        """self.pairs / self.heldout_pairs by kind from per-source (train, held-out) lists, train weighted."""
+        from rayllama.data import sources
+
+        self.pairs = {"helpfulness": [], "safety": []}
+        self.heldout_pairs = {"helpfulness": [], "safety": []}
+        for (train, held), src in zip(split, self.cfg.data.preference):
+            for r in sources.weighted(train, src.weight, self.cfg.seed):
+                self.pairs[r.kind].append(r)
+            for r in held:
+                self.heldout_pairs[r.kind].append(r)
+
+    def reward_kinds(self) -> tuple[str, ...]:
+        """The reward models this run trains: both on the toy world; on user data those with pairs."""
+        if not self.user_data or not self.cfg.data.preference:
+            return ("helpfulness", "safety")
+        return tuple(k for k in ("helpfulness", "safety") if self.pairs[k] and self.heldout_pairs[k])
+
+    def reward_path(self, kind: str) -> Path:
+        """The reward model that scores `kind`. Without safety pairs the helpfulness RM scores safety too, which
+        makes LLaMA 2's composition (R_s if is_safety or R_s < gate, else R_h) the helpfulness reward alone."""
+        if kind == "safety" and kind not in self.reward_kinds():
+            return self.run.reward_model("helpfulness")
+        return self.run.reward_model(kind)
+
+    def fitted_sft_dialogues(self) -> list:
+        """The SFT dialogues that fit sft.max_seq_len, the rest counted per source as too_long (user data; the
+        toy world's are all kept here and sft_rows drops what is too long, as before)."""
+        if not self.user_data:
+            return self.sft_dialogues
+        from rayllama.data import sources
+
+        out, max_len = [], self.cfg.sft.max_seq_len
+        for recs, src, st in zip(self._sources["sft"], self.cfg.data.sft, self.data_stats["sft"]):
+            if "too_long" not in st.dropped:
+                lengths = [len(self.tok.encode_dialog(r.messages)[0]) for r in recs]
+                recs = sources.drop_too_long(recs, st, lengths, max_len, "sft.max_seq_len")
+                sources.check_drops(st, self.cfg.data.max_drop_fraction)
+            else:
+                recs = [r for r in recs if len(self.tok.encode_dialog(r.messages)[0]) <= max_len]
+            out += [r.messages for r in sources.weighted(recs, src.weight, self.cfg.seed)]
+        self._record("sft", self.data_metrics("sft"))
+        return out
+
+    def fit_pairs(self) -> None:
+        """Drop (and count per source) the pairs longer than reward.max_seq_len, train and held-out alike."""
+        from rayllama.data import sources
+
+        max_len = self.cfg.reward.max_seq_len
+
+        def length(p) -> int:
+            return max(len(self.tok.encode_dialog(p.prompt + [{"role": "assistant", "content": a}])[0])
+                       for a in (p.chosen, p.rejected))
+
+        fitted = []
+        for (train, held), st in zip(self._pair_split, self.data_stats["preference"]):
+            both = train + held
+            kept = {id(p) for p in sources.drop_too_long(both, st, [length(p) for p in both], max_len,
+                                                         "reward.max_seq_len")}
+            sources.check_drops(st, self.cfg.data.max_drop_fraction)
+            fitted.append(([p for p in train if id(p) in kept], [p for p in held if id(p) in kept]))
+        self._pair_split = fitted
+        self._group_pairs(fitted)
+
+    def data_metrics(self, kind: str) -> dict:
+        """The rows a data kind's sources gave, kept and dropped (by reason, and per source) for eval.json."""
+        stats = self.data_stats.get(kind, [])
+        out = {"data_rows": sum(s.rows for s in stats), "data_kept": sum(s.kept for s in stats),
+               "data_dropped": sum(s.n_dropped for s in stats)}
+        for st in stats:
+            for reason, n in st.dropped.items():
+                out[f"data_dropped_{reason}"] = out.get(f"data_dropped_{reason}", 0) + n
+        out["data_sources"] = {s.name: s.as_dict() for s in stats}
+        return out
+
+    def _pretrain_user(self) -> None:
+        """Pretraining on data.pretrain, streamed through Ray Data into the Ray Train workers (rayllama.data.stream):
+        the first rows of each source are checked here, the drops of the whole stream are counted as it is read."""
+        import ray
+
+        from rayllama.data import sources, stream
+        from rayllama.train.stages import HELDOUT_ROWS, run_pretrain_stream
+
+        d, seed, p = self.cfg.data, self.cfg.seed, self.cfg.pretrain
+        stream.precheck(d, seed)
+        counter = stream.drop_counter()
+        dataset = stream.pretrain_dataset(d, self.tok, p.seq_len, seed, counter, d.stream_memory_mb)
+        heldout = stream.collect_heldout(d, seed, max_chars=HELDOUT_ROWS * (p.seq_len + 1) * 8)
+        result = run_pretrain_stream(self.cfg, self.run.root, self.tok, dataset, heldout, self.init_source("pretrain"))
+        counted = ray.get(counter.get.remote())
+        self.data_stats["pretrain"] = []
+        for i, src in enumerate(d.pretrain):
+            st = sources.SourceStats(f"data.pretrain[{i}] ({src.path})")
+            c = counted.get(st.name, {})
+            st.rows, st.kept = c.get("rows", 0), c.get("kept", 0)
+            st.dropped.update(c.get("dropped", {}))
+            st.examples.update(c.get("examples", {}))
+            self.data_stats["pretrain"].append(st)
+        self._record("pretrain", {**self.data_metrics("pretrain"), "tokens_seen": result.get("tokens_seen", 0)})
+        log.info(f"pretrain: {result.get('tokens_seen', 0)} tokens streamed through Ray Data")
+
+    def _train_tokenizer_on_user_data(self) -> None:
+        """A tokenizer trained on the user's text (tokenizer.max_train_chars of pretraining text, then chat text in
+        the template) when no stage starts from a checkpoint with its own tokenizer.model."""
+        from rayllama.data import sources
+        from rayllama.tokenizer import train_tokenizer
+
+        budget, texts, used = self.cfg.tokenizer.max_train_chars, [], 0
+        chat = [template_text(m) for m in self.sft_dialogues]
+        chat += [template_text(p.prompt + [{"role": "assistant", "content": p.chosen}])
+                 for ps in self.pairs.values() for p in ps]
+        for i, src in enumerate(self.cfg.data.pretrain):
+            stats = sources.SourceStats(f"data.pretrain[{i}] ({src.path})")
+            for r in sources.iter_source(src, "pretrain", f"data.pretrain[{i}]", stats, self.cfg.seed):
+                if used > budget // 2:
+                    break
+                texts.append(r.text)
+                used += len(r.text)
+        for t in chat:
+            if used > budget:
+                break
+            texts.append(t)
+            used += len(t)
+        if not texts:
+            raise PipelineError("no text to train a tokenizer on; add data.pretrain or data.sft sources, or start "
+                                "from a checkpoint (init_from) or tokenizer.model_path")
+        t0 = time.time()
+        train_tokenizer(texts, self.run.tokenizer.with_suffix(""), self.cfg.tokenizer.vocab_size)
+        log.info(f"tokenizer: {self.cfg.tokenizer.vocab_size} pieces trained on the user's data in "
+                 f"{time.time() - t0:.1f} s")
+
+    def init_dir(self, stage: str) -> Path | None:
+        """The local directory of `<stage>.init_from` (an object-store URI is copied once into a local cache),
+        or None when the stage starts from this run's previous stage."""
+        uri = getattr(getattr(self.cfg, stage), "init_from", None)
+        if not uri:
+            return None
+        import tempfile
+
+        from rayllama import storage
+
+        return storage.local_dir(uri, Path(tempfile.gettempdir()) / "rayllama-init")
+
+    def init_source(self, stage: str) -> str | None:
+        """What a Ray Train job of `stage` starts from: the init_from URI itself (each worker copies it from the
+        store: rayllama.train.loop.local_copy), or the absolute local directory; None: the previous stage."""
+        from rayllama import storage
+
+        uri = getattr(self.cfg, stage).init_from
+        if not uri:
+            return None
+        return uri if storage.is_uri(uri) else str(self.init_dir(stage))
+
+    def tokenizer_source(self) -> Path | None:
+        """The tokenizer to copy into the run: tokenizer.model_path, else the tokenizer.model of the first listed
+        stage that starts from a checkpoint (init_from); None: train one."""
+        if self.cfg.tokenizer.model_path:
+            return Path(self.cfg.tokenizer.model_path)
+        for stage in ("pretrain", "sft", "reward", "ppo"):
+            if stage in self.cfg.stages and self.init_dir(stage) is not None:
+                return self.init_dir(stage) / "tokenizer.model"
+        return None
+
+    def gold_judge(self) -> bool:
+        """eval.gold: the toy world's gold judge runs after each stage (auto: only without a data section)."""
+        gold = str(self.cfg.eval.gold).lower()
+        return not self.user_data if gold == "auto" else gold == "true"
+
+    def sample_eval(self, stage: str, model_dir: Path, n: int = EVAL_SAMPLES) -> None:
+        """User data: the greedy answers of `model_dir` to the first n data.eval_prompts, kept in eval.json for the
+        summary's side-by-side table (prompt, answer after each stage)."""
+        if not self.user_data or not self.eval_set or "samples" in self.results.get(stage, {}):
+            return
+        from rayllama.chat import ChatModel
+
+        prompts = [r.prompt for r in self.eval_set[:n]]
+        answers = ChatModel.from_checkpoint(model_dir).greedy_fn(self.cfg.ppo.max_new_tokens)(prompts)
+        self._record(stage, {"samples": [{"prompt": p[-1]["content"], "answer": a} for p, a in zip(prompts, answers)]})
+
+    def _check_init_from(self, needs: dict) -> None:
+        """Every listed stage's init_from is a readable Llama checkpoint with a tokenizer that fits it; a stage
+        with init_from needs nothing from the stage before it (so that stage may be left out of stages)."""
+        from rayllama.checkpoint import CheckpointError, read_model_config, verify
+
+        run = self.run
+        for stage in ("pretrain", "sft", "reward", "ppo"):
+            uri = getattr(self.cfg, stage).init_from
+            if not uri or stage not in self.cfg.stages:
+                continue
+            try:
+                d = self.init_dir(stage)
+                verify(d)
+            except (CheckpointError, ValueError) as e:
+                raise PipelineError(f"{stage}.init_from {uri}: {e}") from None
+            if not self.cfg.tokenizer.model_path and not (d / "tokenizer.model").is_file():
+                raise PipelineError(f"{stage}.init_from {uri} has no tokenizer.model (the SentencePiece model of a "
+                                    f"Llama checkpoint); copy it in, or set tokenizer.model_path")
+            from rayllama.tokenizer import Tokenizer
+
+            vocab, model_vocab = Tokenizer(self.tokenizer_source()).vocab_size, read_model_config(d).vocab_size
+            if vocab > model_vocab:
+                raise PipelineError(f"{stage}.init_from {uri} has {model_vocab} embeddings but the tokenizer "
+                                    f"{self.tokenizer_source()} has {vocab} pieces; use the checkpoint's own tokenizer")
+            if stage in ("sft", "reward"):
+                needs[stage] = []
+            if stage == "ppo":
+                needs["ppo"] = [(m, p) for m, p in needs["ppo"] if m != "sft"]
+        if self.user_data:
+            for stage in ("ppo", "rejection", "gatt"):
+                needs[stage] = [(m, self.reward_path("safety") if p == run.reward_model("safety") else p)
+                                for m, p in needs[stage]]
+            rl = [s for s in ("ppo", "rejection") if s in self.cfg.stages]
+            if rl and not self.rl_prompts:
+                raise PipelineError(f"stage '{rl[0]}' needs RL prompts; add data.prompts sources (a prompts, "
+                                    f"messages or preference file)")
+            if "gatt" in self.cfg.stages:
+                raise PipelineError("stage 'gatt' samples the toy world's instruction dialogues; with a data: "
+                                    "section remove it from stages")
 
     def _record(self, stage: str, metrics: dict) -> None:
         self.results.setdefault(stage, {}).update(metrics)
@@ -190,7 +451,10 @@ class Pipeline:
 
     def gold_eval(self, stage: str, model_dir: Path) -> None:
         """Gold helpfulness (greedy, and sampled: rayllama.eval.sampled_helpfulness) / refusal / over-refusal /
-        adherence by turn of `model_dir`, once per stage."""
+        adherence by turn of `model_dir`, once per stage; only on the toy world (eval.gold)."""
+        if not self.gold_judge():
+            self.sample_eval(stage, model_dir)
+            return
         if "gold_helpfulness" in self.results.get(stage, {}):
             return
         from rayllama.chat import ChatModel
@@ -228,11 +492,15 @@ class Pipeline:
     def stage_tokenizer(self) -> None:
         from rayllama.tokenizer import train_tokenizer
 
-        if self.cfg.tokenizer.model_path:
+        source = self.tokenizer_source()
+        if source:
             import shutil
 
             self.run.tokenizer.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(self.cfg.tokenizer.model_path, self.run.tokenizer)
+            shutil.copyfile(source, self.run.tokenizer)
+            return
+        if self.user_data and not self.run.tokenizer.exists():
+            self._train_tokenizer_on_user_data()
             return
         if self.run.tokenizer.exists():
             log.info("tokenizer: complete, skipped")
@@ -259,12 +527,15 @@ class Pipeline:
         out = self.run.model("pretrain")
         if is_complete(out):
             log.info("pretrain: complete, skipped")
+        elif self.user_data:
+            self._pretrain_user()
         else:
             corpus_train, corpus_heldout = corpus_split(seed=self.cfg.seed)
             world = [r.text for r in formats.read_pretrain(self.files["pretrain_world"])]
             world_heldout = [r.text for r in toyworld.pretrain_texts(self.cfg.world.pretrain_world_heldout,
                                                                      self.cfg.world_seed, split="heldout")]
-            run_pretrain(self.cfg, self.run.root, self.tok, corpus_train, corpus_heldout, world, world_heldout)
+            run_pretrain(self.cfg, self.run.root, self.tok, corpus_train, corpus_heldout, world, world_heldout,
+                         init=self.init_source("pretrain"))
         from rayllama.checkpoint import load_model
 
         ev = load_model(out)[2].get("eval", {})
@@ -283,15 +554,18 @@ class Pipeline:
         if is_complete(out):
             log.info("sft: complete, skipped")
         else:
-            run_sft(self.cfg, self.run.root, self.tok, self.sft_dialogues, self._require(self.run.model("pretrain"), "pretrain"))
+            init = self.init_source("sft") or self._require(self.run.model("pretrain"), "pretrain")
+            run_sft(self.cfg, self.run.root, self.tok, self.fitted_sft_dialogues(), init)
         self.gold_eval("sft", out)
 
     def stage_reward(self) -> None:
         from rayllama.checkpoint import load_model
         from rayllama.train.stages import run_reward
 
-        sft = self._require(self.run.model("sft"), "sft")
-        kinds = ("helpfulness", "safety")
+        sft = self.init_source("reward") or self._require(self.run.model("sft"), "sft")
+        if self.user_data:
+            self.fit_pairs()
+        kinds = ("helpfulness", "safety") if not self.user_data else self.reward_kinds()
         todo = [k for k in kinds if not is_complete(self.run.reward_model(k))]
         pairs = {k: self.pairs[k] + (self.policy_pairs(k, sft) if todo else []) for k in kinds}
         for kind in kinds:
@@ -303,6 +577,13 @@ class Pipeline:
                            pairs["helpfulness"], sft)
             ev = load_model(out)[2].get("eval", {})
             self._record(f"reward-{kind}", {f"rm_{k}" if not k.startswith("rm_") else k: v for k, v in ev.items()})
+        if self.user_data:
+            self._record("reward", self.data_metrics("preference"))
+            if "safety" not in kinds:
+                log.info("reward: fewer than 2 safety pairs in data.preference; the helpfulness RM also scores "
+                         "safety, so the LLaMA 2 composition is the helpfulness reward alone")
+            print(reward_table(self.results))
+            return
         if "rm_prefers_refusal_unsafe" not in self.results.get("reward-safety", {}):
             rate = self.safety_rm_refusal_preference()
             self._record("reward-safety", {"rm_prefers_refusal_unsafe": rate})
@@ -349,11 +630,11 @@ class Pipeline:
         if is_complete(out_dir / "model"):
             log.info("ppo: complete, skipped")
         else:
-            start = self._policy_before("ppo")
+            start = self.init_dir("ppo") or self._policy_before("ppo")
             handles = actors.group.create_rl_actors(
-                self.cfg, start, self._require(self.run.model("sft"), "sft"),
+                self.cfg, start, self.init_dir("ppo") or self._require(self.run.model("sft"), "sft"),
                 self._require(self.run.reward_model("helpfulness"), "reward"),
-                self._require(self.run.reward_model("safety"), "reward"),
+                self._require(self.reward_path("safety"), "reward"),
             )
             try:
                 summary = run_ppo(self.cfg, handles, list(self.rl_prompts), self.tok, out_dir)
@@ -373,7 +654,7 @@ class Pipeline:
             handles = actors.group.create_rejection_actors(
                 self.cfg, self._policy_before("rejection"),
                 self._require(self.run.reward_model("helpfulness"), "reward"),
-                self._require(self.run.reward_model("safety"), "reward"),
+                self._require(self.reward_path("safety"), "reward"),
             )
             try:
                 summary = run_rejection(self.cfg, handles, list(self.rl_prompts), self.tok, out_dir)
@@ -399,7 +680,7 @@ class Pipeline:
         if is_complete(out):
             log.info("gatt: complete, skipped")
         else:
-            rewards = [self._require(self.run.reward_model(k), "reward") for k in ("helpfulness", "safety")]
+            rewards = [self._require(self.reward_path(k), "reward") for k in ("helpfulness", "safety")]
 
             @contextmanager
             def open_round(policy: Path):
@@ -444,7 +725,14 @@ class Pipeline:
     def summary(self) -> str:
         from rayllama.report import summary_table  # the run report prints the same table
 
-        return summary_table(self.results, self.cfg.stages)
+        table = summary_table(self.results, self.cfg.stages)
+        if self.user_data:
+            from rayllama.data.sources import drop_table
+
+            order = [x for s in self.cfg.stages for x in (("reward-helpfulness", "reward-safety") if s == "reward"
+                                                          else (s,))]
+            table += "\n\n" + drop_table(self.data_stats) + "\n\n" + sample_table(self.results, order)
+        return table
 
 
 def check_stage_inputs(cfg: PipelineConfig, run) -> None:
@@ -456,6 +744,24 @@ def check_stage_inputs(cfg: PipelineConfig, run) -> None:
 
 
 RATING_COLUMNS = ("significantly_better", "better", "slightly_better", "negligibly_better")
+
+
+def sample_table(results: dict, stages: list[str], width: int = 36) -> str:
+    """Prompt | greedy answer after each stage, side by side (texts cut to `width` characters)."""
+    with_samples = [s for s in stages if results.get(s, {}).get("samples")]
+    if not with_samples:
+        return ""
+
+    def cut(text: str) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    head = f"{'prompt':<{width}}" + "".join(f"  {s:<{width}}" for s in with_samples)
+    lines = [head, "-" * len(head)]
+    for i, row in enumerate(results[with_samples[0]]["samples"]):
+        answers = [results[s]["samples"][i]["answer"] if i < len(results[s]["samples"]) else "" for s in with_samples]
+        lines.append(f"{cut(row['prompt']):<{width}}" + "".join(f"  {cut(a):<{width}}" for a in answers))
+    return "\n".join(lines)
 
 
 def reward_table(results: dict) -> str:

@@ -5,6 +5,7 @@ Three kinds, each a dict of tensors saved with `torch.save` (atomically):
     lm:      tokens (N, L) long, right-padded with 0; loss_mask (N, L) bool (1 where a token is a target);
              lengths (N,) -- pretraining packs text into full rows, SFT keeps one dialogue per row
     reward:  chosen / rejected (N, L) long, chosen_len / rejected_len (N,), margin (N,) float, rating (N,) long
+             (-1: unrated), source (N,) long indexing source_names (a list of the pairs' data sources)
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def sft_rows(dialogues: Iterable[list[dict]], tok: Tokenizer, max_len: int) -> t
 def preference_rows(pairs: Iterable, tok: Tokenizer, max_len: int, margins: dict[str, float]) -> tuple[dict, int]:
     """Each pair as two full dialogues (prompt + chosen answer, prompt + rejected answer); the reward model
     scores the last token of each. Pairs where either side exceeds max_len are dropped and counted."""
-    chosen, rejected, margin, rating, dropped = [], [], [], [], 0
+    chosen, rejected, margin, rating, source, dropped = [], [], [], [], [], 0
+    sources: dict[str, int] = {}  # the pairs' data sources (user data: extra["source"]), for accuracy per source
     for p in pairs:
         c, _ = tok.encode_dialog(list(p.prompt) + [{"role": "assistant", "content": p.chosen}])
         r, _ = tok.encode_dialog(list(p.prompt) + [{"role": "assistant", "content": p.rejected}])
@@ -85,8 +87,9 @@ def preference_rows(pairs: Iterable, tok: Tokenizer, max_len: int, margins: dict
             continue
         chosen.append(c)
         rejected.append(r)
-        margin.append(margins[p.rating])
-        rating.append(RATING_INDEX[p.rating])
+        margin.append(pair_margin(p, margins))
+        rating.append(RATING_INDEX.get(p.rating, -1))  # -1: unrated (counts in overall accuracy only)
+        source.append(sources.setdefault(p.extra.get("source", ""), len(sources)))
     if not chosen:
         raise ValueError(f"every preference pair is longer than reward.max_seq_len {max_len}; raise it")
     width = max(max(len(x) for x in chosen), max(len(x) for x in rejected))
@@ -97,7 +100,17 @@ def preference_rows(pairs: Iterable, tok: Tokenizer, max_len: int, margins: dict
         "rejected_len": torch.tensor([len(x) for x in rejected], dtype=torch.long),
         "margin": torch.tensor(margin, dtype=torch.float32),
         "rating": torch.tensor(rating, dtype=torch.long),
+        "source": torch.tensor(source, dtype=torch.long),
+        "source_names": list(sources),  # not a tensor: num_examples reads the first entry, "chosen"
     }, dropped
+
+
+def pair_margin(pair, margins: dict[str, float]) -> float:
+    """The margin m(r) of a pair: its own "margin" (a TRL-style number), else its rating's, else 0 for an
+    unrated pair (LLaMA 2 trains pairs without a rating level with no margin)."""
+    if "margin" in pair.extra:
+        return float(pair.extra["margin"])
+    return margins[pair.rating] if pair.rating is not None else 0.0
 
 
 def safety_mix(safety_pairs: list, helpful_pairs: list, helpful_share: float, seed: int) -> list:

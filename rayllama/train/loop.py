@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import io
 import json
 import math
 import os
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rayllama import storage
 from rayllama.config import OptimConfig, ScalingSection
 from rayllama.losses import margin_ranking_loss
 from rayllama.model import ModelConfig
@@ -194,7 +197,17 @@ def evaluate_reward(model, data: dict, device, batch: int = 64) -> dict:
         out[f"n_{name}"] = int(sel.sum())
     all_r = torch.cat([rc, rr])
     out["reward_mean"], out["reward_std"] = float(all_r.mean()), float(all_r.std())
+    out.update(accuracy_per_source(correct, data))
     return out
+
+
+def accuracy_per_source(correct: torch.Tensor, data: dict) -> dict:
+    """Held-out accuracy per data source (user data with more than one preference source), by name."""
+    names = data.get("source_names") or []
+    if len(names) < 2:
+        return {}
+    return {f"accuracy_source/{name}": float(correct[data["source"] == i].mean())
+            for i, name in enumerate(names) if (data["source"] == i).any()}
 
 
 EVALUATORS = {"lm": evaluate_lm, "reward": evaluate_reward}
@@ -262,10 +275,11 @@ def _build_model(job: TrainJob, device: torch.device):
     from rayllama.checkpoint import read_model_config
     from rayllama.dist.fsdp import build_model
 
-    cfg = job.model if job.init is None else read_model_config(job.init)
+    init = local_copy(job.init) if job.init is not None else None  # a URI: this worker's own download
+    cfg = job.model if init is None else read_model_config(init)
     kind = "scalar" if job.objective == "reward" else "causal"
     model = build_model(kind, cfg, device=device, strategy=job.strategy, param_dtype=getattr(torch, job.param_dtype),
-                        activation_checkpointing=job.activation_checkpointing, init=job.init, seed=job.seed)
+                        activation_checkpointing=job.activation_checkpointing, init=init, seed=job.seed)
     return model, cfg
 
 
@@ -280,8 +294,47 @@ def _export(job: TrainJob, model, cfg, step: int, meta: dict) -> None:
             pass
         return
     kind = "scalar" if job.objective == "reward" else "causal"
-    save_state(job.output, tensors, cfg, kind, tokenizer_model=job.tokenizer_model,
-               meta={"stage": job.stage, "step": step, **meta})
+    tokenizer = local_copy(job.tokenizer_model, is_dir=False) if job.tokenizer_model else None
+    if not storage.is_uri(job.output):
+        save_state(job.output, tensors, cfg, kind, tokenizer_model=tokenizer,
+                   meta={"stage": job.stage, "step": step, **meta})
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # an object store: a local copy, uploaded with its marker last
+        save_state(Path(tmp) / "model", tensors, cfg, kind, tokenizer_model=tokenizer,
+                   meta={"stage": job.stage, "step": step, **meta})
+        storage.upload_dir(Path(tmp) / "model", job.output)
+
+
+def local_copy(path: str, is_dir: bool = True) -> str:
+    """`path` itself when local; for a URI (rayllama.storage) a copy on this node, made once: every worker reads
+    the run's storage, never a path only the driver's machine has."""
+    if not storage.is_uri(path):
+        return path
+    cache = Path(tempfile.gettempdir()) / "rayllama-cache"
+    if is_dir:
+        return str(storage.local_dir(path, cache))
+    target = cache / hashlib.sha1(path.encode()).hexdigest()[:16] / path.partition("?")[0].rsplit("/", 1)[-1]
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(storage.read_bytes(path))
+        os.replace(tmp, target)
+    return str(target)
+
+
+def load_tensors(path: str) -> dict:
+    """The tensors at `path` (rayllama.train.data), local or read from the run's storage."""
+    if storage.is_uri(path):
+        return torch.load(io.BytesIO(storage.read_bytes(path)))
+    return torch.load(path)
+
+
+def local_log_dir(job: TrainJob) -> str:
+    """Where rank 0 writes metrics.jsonl / tensorboard: the job's log_dir, or a local scratch dir for a URI (the
+    metrics file is uploaded at the end)."""
+    if not storage.is_uri(job.log_dir):
+        return job.log_dir
+    return str(Path(tempfile.gettempdir()) / "rayllama-logs" / hashlib.sha1(job.log_dir.encode()).hexdigest()[:16])
 
 
 def _extra_state(job: TrainJob, scheduler, step: int) -> dict:
@@ -348,11 +401,15 @@ def train_loop_per_worker(config: dict) -> None:
     train_model = wrap_ddp(model, device) if strategy == "ddp" and world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
 
-    data = torch.load(job.data_path)
-    eval_data = torch.load(job.eval_path) if job.eval_path else None  # every rank evaluates its share
-    order = example_order(num_examples(data), job.batch_size, job.total_steps, job.seed)
+    from rayllama.data.stream import STREAM, stream_rows
+
+    streamed = stream_rows(job, start_step, world) if job.data_path == STREAM else None  # Ray Data rows per step
+    data = None if streamed else load_tensors(job.data_path)
+    eval_data = load_tensors(job.eval_path) if job.eval_path else None  # every rank evaluates its share
+    order = None if streamed else example_order(num_examples(data), job.batch_size, job.total_steps, job.seed)
+    tokens_seen = 0  # real (unpadded) tokens of this rank's rows since start_step
     micro_loss = OBJECTIVES[job.objective]
-    writer = MetricsWriter(job.log_dir, job.stage, job.total_steps) if rank == 0 else None
+    writer = MetricsWriter(local_log_dir(job), job.stage, job.total_steps) if rank == 0 else None
     if writer and start_step:
         writer.write(start_step, {"resumed_from_step": start_step})
     compute = compute_context(model, getattr(torch, job.param_dtype), device)
@@ -363,7 +420,12 @@ def train_loop_per_worker(config: dict) -> None:
     t0, window_items = time.perf_counter(), 0
 
     for step in range(start_step, job.total_steps):
-        micro = rank_micro_batches(order, step, job, rank, world)
+        if streamed:
+            data, micro = next(streamed)
+        else:
+            micro = rank_micro_batches(order, step, job, rank, world)
+        if job.objective == "lm":
+            tokens_seen += sum(int(data["lengths"][idx].sum()) for idx in micro)
         # Normalise by the step's global count of targets (tokens or pairs), so that the ranks' gradient average
         # (FSDP's reduce-scatter, DDP's all-reduce) and the micro-batch accumulation give exactly the gradient of
         # the mean over the union batch.
@@ -417,14 +479,20 @@ def train_loop_per_worker(config: dict) -> None:
             _report_checkpoint(model, job, optimizer, scheduler, done, {"loss": loss_total})
 
     finished = job.stop_after is None or job.stop_after >= job.total_steps
+    seen = torch.tensor(tokens_seen, dtype=torch.float64, device=device)
+    if world > 1:
+        torch.distributed.all_reduce(seen)
     if finished:
         if eval_data is not None:
             last_eval = EVALUATORS[job.objective](model, eval_data, device)
             if writer:
                 writer.write(job.total_steps, last_eval)
-        _export(job, model, model_cfg, job.total_steps, {"eval": last_eval})
+        _export(job, model, model_cfg, job.total_steps, {"eval": last_eval, "tokens_seen": int(seen)})
     if writer:
         writer.close()
+        if storage.is_uri(job.log_dir):  # the metrics of a run on an object store go there too
+            storage.write_bytes(storage.join(job.log_dir, "metrics.jsonl"),
+                                (Path(local_log_dir(job)) / "metrics.jsonl").read_bytes())
     if bar:
         bar.close()
     ray.train.report({"step": job.total_steps if finished else done, "finished": finished})
@@ -454,8 +522,9 @@ def train_run_name(job: TrainJob) -> str:
     return settings.run_name if settings else job.stage
 
 
-def run_train_job(job: TrainJob, scaling: ScalingSection) -> dict:
-    """Run `job` on Ray Train with `scaling` workers; resume if this stage's run directory has a checkpoint."""
+def run_train_job(job: TrainJob, scaling: ScalingSection, datasets: dict | None = None) -> dict:
+    """Run `job` on Ray Train with `scaling` workers; resume if this stage's run directory has a checkpoint.
+    `datasets` (Ray Data, e.g. {"train": ...}) are split over the workers (ray.train.get_dataset_shard)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -465,17 +534,23 @@ def run_train_job(job: TrainJob, scaling: ScalingSection) -> dict:
     debug = bool(settings) and settings.config.get("log_level") == "debug"
 
     resources = {"CPU": scaling.cpus_per_worker}
+    if storage.is_uri(job.log_dir):  # Ray Train's checkpoints go to the object store too
+        fs, inner = storage.filesystem(storage.join(job.log_dir))
+        where = {"storage_path": inner, "storage_filesystem": fs}
+    else:
+        where = {"storage_path": str(Path(job.log_dir).absolute())}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
+        datasets=datasets,
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
             name=train_run_name(job),  # the dashboard's name of this Ray Train run; checkpoints go under it
-            storage_path=str(Path(job.log_dir).absolute()),
+            **where,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             # Ray Train's INFO lines (worker group start, "Reporting training result ...") only with log_level

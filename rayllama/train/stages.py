@@ -4,6 +4,7 @@ they are built from is unchanged), describes a TrainJob and runs it on the share
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 from pathlib import Path
@@ -58,7 +59,7 @@ def mix_pretrain_texts(corpus: list[str], world: list[str], world_share: float, 
 
 
 def run_pretrain(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, corpus_train: list[str], corpus_heldout: list[str],
-                 world_train: list[str], world_heldout: list[str]) -> dict:
+                 world_train: list[str], world_heldout: list[str], init: Path | None = None) -> dict:
     p = cfg.pretrain
     data_dir = run_dir / "data"
     train = _tensors(
@@ -75,7 +76,7 @@ def run_pretrain(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, corpus_trai
         stage="pretrain", objective="lm", data_path=str(train), eval_path=str(heldout),
         output=str(run_dir / "pretrain" / "model"), log_dir=str(run_dir / "pretrain"),
         optim=p.optim, total_steps=p.steps, batch_size=p.batch_size, micro_batch_size=p.micro_batch_size,
-        model=model_config(cfg, tok.vocab_size), tokenizer_model=str(tok.model_path),
+        model=model_config(cfg, tok.vocab_size), tokenizer_model=str(tok.model_path), init=str(init) if init else None,
         checkpoint_every=p.checkpoint_every, eval_every=p.eval_every, log_every=p.log_every,
         seed=cfg.seed, threads=cfg.threads_per_worker, device=cfg.device, **sharding(cfg),
     )
@@ -120,3 +121,28 @@ def run_reward(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, kind: str, pa
         seed=cfg.seed, threads=cfg.threads_per_worker, device=cfg.device, **sharding(cfg),
     )
     return run_train_job(job, cfg.scaling)
+
+
+def run_pretrain_stream(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, dataset, heldout_texts: list[str],
+                        init: Path | None = None) -> dict:
+    """Pretraining on a Ray Data dataset of packed rows (rayllama.data.stream): each worker reads its shard step by
+    step, nothing is tokenized up front; held-out perplexity over `heldout_texts` (a bounded sample)."""
+    from rayllama.data.stream import STREAM
+
+    p = cfg.pretrain
+    heldout = _tensors(
+        run_dir / "data", "pretrain_heldout", tok,
+        lambda texts, n, rows: {k: v[:rows] for k, v in pack_texts(texts, tok, n).items()},
+        heldout_texts, p.seq_len, HELDOUT_ROWS,
+    ) if heldout_texts else None
+    job = TrainJob(
+        stage="pretrain", objective="lm", data_path=STREAM, eval_path=str(heldout) if heldout else None,
+        output=str(run_dir / "pretrain" / "model"), log_dir=str(run_dir / "pretrain"),
+        optim=p.optim, total_steps=p.steps, batch_size=p.batch_size, micro_batch_size=p.micro_batch_size,
+        model=model_config(cfg, tok.vocab_size), tokenizer_model=str(tok.model_path), init=str(init) if init else None,
+        checkpoint_every=p.checkpoint_every, eval_every=p.eval_every, log_every=p.log_every,
+        seed=cfg.seed, threads=cfg.threads_per_worker, device=cfg.device, **sharding(cfg),
+    )
+    result = run_train_job(job, cfg.scaling, datasets={"train": dataset})
+    meta = json.loads((Path(job.output) / "rayllama.json").read_text())
+    return {**result, "tokens_seen": meta.get("tokens_seen", 0)}  # every rank's real tokens, summed

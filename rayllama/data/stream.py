@@ -1,0 +1,223 @@
+"""Pretraining text streamed through Ray Data into Ray Train, so that no process holds a whole corpus.
+
+    data.pretrain sources --read tasks (one per file and repeat; rayllama.data.sources' adapters, blocks of
+    BLOCK_DOCS documents)--> {"text"} --map_batches(TokenizePack)--> {"tokens", "loss_mask", "lengths"} rows of
+    seq_len + 1 --streaming_split (Ray Train's DataConfig)--> ray.train.get_dataset_shard("train") on every worker
+
+Packing (as rayllama.train.data.pack_texts): every document is `<s> text </s>`, documents are concatenated and cut
+into rows of seq_len + 1 tokens; a batch's last, shorter row is padded (lengths says how far it is real), so every
+token of the corpus is trained on once per epoch and a row never mixes two batches. Documents are whole in a
+stream: bos and eos mark where each starts and ends.
+
+Weights: a source of weight w is read int(w) times, plus once keeping a seeded hash-chosen w - int(w) share of its
+documents. Held-out documents (data.heldout_fraction, chosen by the hash of their text as in
+sources.heldout_split) never enter the stream; `collect_heldout` gathers a bounded number of them for perplexity.
+Ray Data's object store use is capped by data.stream_memory_mb, the budget the memory test trains a larger corpus
+under. Drops (empty / malformed rows) are counted per source by a small actor the read tasks report to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from rayllama.data import sources
+
+BLOCK_DOCS = 256  # documents per block a read task yields (one block in memory per task)
+STREAM = "ray-data:train"  # TrainJob.data_path of a job whose rows come from its Ray Data shard "train"
+
+
+def _unit(text: str, salt: str) -> float:
+    return int(hashlib.sha1((salt + text).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+def is_heldout(text: str, fraction: float) -> bool:
+    """The same rule as sources.heldout_split (hash of the document text), for one document in a stream."""
+    return fraction > 0 and sources.heldout_key(text) < fraction
+
+
+def read_plan(data) -> list[tuple[str, object, str, float, bool]]:
+    """(label, source, file, keep share, counts) per read task: int(weight) full passes and one partial pass; only
+    the first full pass over a file counts its rows and drops (the others re-read the same rows)."""
+    plan = []
+    for i, src in enumerate(data.pretrain):
+        label = f"data.pretrain[{i}]"
+        files = sources.source_files(src.path, src.split, f"{label} ({src.path})")
+        shares = [1.0] * int(src.weight) + ([src.weight - int(src.weight)] if src.weight % 1 else [])
+        plan += [(label, src, f, share, k == 0 and share == 1.0) for k, share in enumerate(shares) for f in files]
+    return plan
+
+
+@functools.cache
+def _counter_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class DropCounter:
+        """Rows and drops per source. A read task reports its running totals for its file after every block; the
+        counter keeps the furthest report per file, so a file read again in the next epoch is not counted twice
+        and a stream stopped midway counts what it read."""
+
+        def __init__(self) -> None:
+            self.files: dict[tuple[str, str], dict] = {}
+
+        def report(self, name: str, file: str, totals: dict) -> None:
+            key = (name, file)
+            if totals["rows"] >= self.files.get(key, {"rows": -1})["rows"]:
+                self.files[key] = totals
+
+        def get(self) -> dict:
+            out: dict[str, dict] = {}
+            for (name, _), t in sorted(self.files.items()):
+                s = out.setdefault(name, {"rows": 0, "kept": 0, "dropped": {}, "examples": {}})
+                s["rows"] += t["rows"]
+                s["kept"] += t["kept"]
+                for k, v in t["dropped"].items():
+                    s["dropped"][k] = s["dropped"].get(k, 0) + v
+                for k, v in t["examples"].items():
+                    s["examples"].setdefault(k, v)
+            return out
+
+    return DropCounter
+
+
+def drop_counter():
+    return _counter_class().remote()
+
+
+def _read_fn(label: str, src, file: str, share: float, counts: bool, heldout_fraction: float, seed: int, counter):
+    def read() -> Iterator:
+        import pyarrow as pa
+
+        one = dataclasses.replace(src, path=file)
+        st = sources.SourceStats(f"{label} ({src.path})")
+        texts: list[str] = []
+
+        def report() -> None:
+            if counter is not None and counts:
+                counter.report.remote(st.name, file, {"rows": st.rows, "kept": st.kept, "dropped": dict(st.dropped),
+                                                      "examples": dict(st.examples)})
+
+        for rec in sources.iter_source(one, "pretrain", label, st, seed):
+            if is_heldout(rec.text, heldout_fraction):
+                continue
+            if share < 1.0 and _unit(rec.text, f"{seed}:{label}") >= share:
+                continue
+            texts.append(rec.text)
+            if len(texts) >= BLOCK_DOCS:
+                report()
+                yield pa.table({"text": texts})
+                texts = []
+        report()
+        if texts:
+            yield pa.table({"text": texts})
+    return read
+
+
+def pretrain_dataset(data, tok, seq_len: int, seed: int, counter=None, memory_mb: float | None = None):
+    """The Ray Data dataset of packed pretraining rows over data.pretrain (see the module docstring)."""
+    import ray.data
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    plan = read_plan(data)
+
+    class PretrainText(Datasource):
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+            return [ReadTask(_read_fn(label, src, f, share, counts, data.heldout_fraction, seed, counter),
+                             BlockMetadata(None, None, (f,), None)) for label, src, f, share, counts in plan]
+
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_name(self) -> str:
+            return "PretrainText"
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the data order is a function of the seed: a resume skips rows
+    if memory_mb:
+        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+            object_store_memory=int(memory_mb * 1024 * 1024))
+    # fractional CPUs: the read tasks and the packer share the machine with the Ray Train workers they feed
+    ds = ray.data.read_datasource(PretrainText(), override_num_blocks=len(plan), ray_remote_args={"num_cpus": 0.25})
+    return ds.map_batches(TokenizePack, fn_constructor_args=(tok, seq_len), batch_size=BLOCK_DOCS,
+                          batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
+
+
+class TokenizePack:
+    """`<s> text </s>` per document, concatenated and cut into rows of seq_len + 1 (the last one padded)."""
+
+    def __init__(self, tok, seq_len: int) -> None:
+        self.tok, self.row = tok, seq_len + 1
+
+    def __call__(self, batch: dict) -> dict:
+        stream: list[int] = []
+        for text in batch["text"]:
+            stream.extend(self.tok.encode(str(text), bos=True, eos=True))
+        n = -(-len(stream) // self.row)
+        tokens = np.zeros((n, self.row), dtype=np.int64)  # (N, L), right-padded with 0
+        flat = np.asarray(stream, dtype=np.int64)
+        tokens.reshape(-1)[: len(flat)] = flat
+        lengths = np.full(n, self.row, dtype=np.int64)
+        lengths[-1] = len(flat) - (n - 1) * self.row
+        loss_mask = np.arange(self.row)[None, :] < lengths[:, None]
+        loss_mask[:, 0] = False  # the first token of a row is never a target
+        return {"tokens": tokens, "loss_mask": loss_mask, "lengths": lengths}
+
+
+def collect_heldout(data, seed: int, max_chars: int) -> list[str]:
+    """Held-out documents of data.pretrain (the hash rule of is_heldout), read until max_chars: a scan that stops
+    early, never a whole corpus in memory."""
+    out, used = [], 0
+    for i, src in enumerate(data.pretrain):
+        st = sources.SourceStats(f"data.pretrain[{i}] ({src.path})")
+        for rec in sources.iter_source(src, "pretrain", f"data.pretrain[{i}]", st, seed):
+            if is_heldout(rec.text, data.heldout_fraction):
+                out.append(rec.text)
+                used += len(rec.text)
+                if used >= max_chars:
+                    return out
+    return out
+
+
+def precheck(data, seed: int, rows: int = 1000) -> list[sources.SourceStats]:
+    """The first `rows` rows of every pretraining source read on the driver before training: a wrong format,
+    a missing column or too many drops stop the stage now, not after a long run (sources.check_drops)."""
+    stats = []
+    for i, src in enumerate(data.pretrain):
+        st = sources.SourceStats(f"data.pretrain[{i}] ({src.path})")
+        for _ in sources.iter_source(src, "pretrain", f"data.pretrain[{i}]", st, seed):
+            if st.rows >= rows:
+                break
+        sources.check_drops(st, data.max_drop_fraction)
+        stats.append(st)
+    return stats
+
+
+def stream_rows(job, start_step: int, world: int) -> Iterator[tuple[dict, list[torch.Tensor]]]:
+    """Worker side: this rank's rows of each step from its Ray Data shard, epoch after epoch: (a dict of
+    tokens / loss_mask / lengths tensors of batch_size // world rows, its micro-batch index lists). A resumed
+    run skips the rows the steps before start_step used (the stream order is fixed: preserve_order)."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    per_rank = job.batch_size // world
+    skip = start_step
+    micro = list(torch.arange(per_rank).split(job.micro_batch_size))
+    while True:
+        seen = False
+        for batch in shard.iter_torch_batches(batch_size=per_rank, drop_last=True):
+            seen = True
+            if skip:
+                skip -= 1
+                continue
+            yield {"tokens": batch["tokens"], "loss_mask": batch["loss_mask"].bool(),
+                   "lengths": batch["lengths"]}, micro
+        if not seen:
+            raise ValueError(f"{job.stage}: the pretraining stream has fewer than batch_size / workers = {per_rank} "
+                             f"rows per worker; add text or lower pretrain.batch_size")

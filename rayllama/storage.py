@@ -1,0 +1,180 @@
+"""One place that turns a path or URI into a filesystem: what every reader and writer of run data goes through.
+
+    "runs/x", "/abs/x", "file:///abs/x"   -> pyarrow's LocalFileSystem, an absolute local path
+    "s3://bucket/key", "gs://bucket/key"  -> pyarrow's S3FileSystem / GcsFileSystem, "bucket/key"
+
+S3 options come from the usual environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION) plus
+AWS_ENDPOINT_URL (an S3-API server that is not AWS: MinIO, moto, Ceph), which pyarrow reads itself.
+
+Object stores have no atomic rename, so "complete" cannot mean "renamed into place" there. A directory written
+through `write_dir` is complete when its marker file `COMPLETE`, written after every other file, exists
+(`is_complete_dir`); readers check the marker, never a half-uploaded directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import pyarrow.fs as pafs
+
+COMPLETE_MARKER = "COMPLETE"
+SCHEMES = ("s3", "gs", "gcs", "file", "hdfs")
+
+
+class StorageError(ValueError):
+    """A path or URI that cannot be opened; the message names it and the fix."""
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    s = str(path)
+    return "://" in s and s.split("://", 1)[0] in SCHEMES and not s.startswith("file://")
+
+
+def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path, file:// URI or object-store URI. pyarrow parses the URI:
+    s3://[KEY:SECRET@]bucket/key?endpoint_override=http://host:port&region=... (options in the URI reach every
+    Ray worker with the path; without them pyarrow reads the AWS_* environment)."""
+    s = str(path)
+    if s.startswith("file://"):
+        s = s[len("file://"):]
+    if not is_uri(s):
+        return pafs.LocalFileSystem(), str(Path(s).absolute())
+    try:
+        fs, inner = pafs.FileSystem.from_uri(s)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowIOError / ArrowInvalid
+        raise StorageError(f"cannot open storage {s.split('?')[0]}: {str(e).splitlines()[0]}; check the URI and "
+                           f"credentials") from None
+    return fs, inner.rstrip("/")
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """base / parts for a local path or a URI (a URI keeps its scheme and its ?options at the end)."""
+    s, _, query = str(base).partition("?") if is_uri(base) else (str(base), "", "")
+    if not is_uri(s):
+        return str(Path(s, *parts))
+    joined = "/".join([s.rstrip("/"), *[p.strip("/") for p in parts]])
+    return f"{joined}?{query}" if query else joined
+
+
+def exists(path: str | os.PathLike) -> bool:
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def is_file(path: str | os.PathLike) -> bool:
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type == pafs.FileType.File
+
+
+def is_dir(path: str | os.PathLike) -> bool:
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type == pafs.FileType.Directory
+
+
+def list_files(path: str | os.PathLike) -> list[str]:
+    """Every file under the directory `path`, recursively, as paths / URIs in the same form as `path`, sorted."""
+    fs, p = filesystem(path)
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=True, allow_not_found=True))
+    rel = sorted(i.path[len(p):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
+    return [join(path, r) for r in rel]
+
+
+def relative(path: str, base: str) -> str:
+    """`path` (from list_files(base)) relative to `base`."""
+    return path.partition("?")[0][len(str(base).partition("?")[0].rstrip("/")):].lstrip("/")
+
+
+@contextmanager
+def open_input(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """A seekable binary stream of the file (local, or an object-store object read by ranges)."""
+    fs, p = filesystem(path)
+    try:
+        f = fs.open_input_file(p)
+    except (FileNotFoundError, OSError) as e:
+        raise StorageError(f"cannot read {path}: {str(e).splitlines()[0]}; check the path") from None
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    with open_input(path) as f:
+        return f.read()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a whole file: locally through a temp file and a rename, on an object store as one PUT (atomic there:
+    an object appears whole or not at all)."""
+    fs, p = filesystem(path)
+    if not is_uri(path):
+        Path(p).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(p).with_name(f".{Path(p).name}.tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, p)
+        return
+    with fs.open_output_stream(p) as f:
+        f.write(data)
+
+
+def upload_dir(local: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Copy the local directory `local` to `dest` (a path or URI), then write the COMPLETE marker last."""
+    fs, p = filesystem(dest)
+    if not is_uri(dest):
+        raise StorageError(f"upload_dir wants an object-store URI, got {dest}; use a local copy instead")
+    for f in sorted(Path(local).rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as src, fs.open_output_stream(f"{p}/{f.relative_to(local).as_posix()}") as out:
+                shutil.copyfileobj(src, out, length=8 << 20)
+    with fs.open_output_stream(f"{p}/{COMPLETE_MARKER}") as out:
+        out.write(b"")
+
+
+def is_complete_dir(path: str | os.PathLike) -> bool:
+    """An object-store directory is complete when its COMPLETE marker (written last) exists."""
+    return is_file(join(path, COMPLETE_MARKER))
+
+
+def download_dir(src: str | os.PathLike, local: str | os.PathLike) -> Path:
+    """Copy the complete object-store directory `src` to the local directory `local` (replaced atomically).
+    StorageError if `src` lacks its COMPLETE marker (an upload that did not finish)."""
+    if not is_complete_dir(src):
+        raise StorageError(f"{src} has no {COMPLETE_MARKER} marker: its upload did not finish; write it again")
+    local = Path(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{local.name}.tmp-", dir=local.parent))
+    try:
+        for uri in list_files(src):
+            rel = relative(uri, str(src))
+            if rel == COMPLETE_MARKER:
+                continue
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open_input(uri) as f, open(target, "wb") as out:
+                shutil.copyfileobj(f, out, length=8 << 20)
+        if local.exists():
+            shutil.rmtree(local)
+        os.rename(tmp, local)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return local
+
+
+def local_dir(path: str | os.PathLike, cache: str | os.PathLike) -> Path:
+    """A local directory holding `path`: itself when local, else a copy under `cache` (made once per marker)."""
+    if not is_uri(path):
+        return Path(filesystem(path)[1])
+    fs, p = filesystem(path)
+    target = Path(cache) / hashlib.sha1(str(path).encode()).hexdigest()[:16]
+    if not (target / ".downloaded").exists():
+        download_dir(path, target)
+        (target / ".downloaded").write_text(str(path))
+    return target
