@@ -792,6 +792,8 @@ PIPELINE_RANGES: dict[str, str] = {
     "reward.policy_pairs": ">= 0",
     "reward.policy_samples": ">= 2",
     "ppo.clip": "in (0, 1)",
+    "data.max_drop_fraction": "in [0, 1]",
+    "data.heldout_fraction": "in [0, 1)",
     "ppo.value_clip": "> 0",
     "ppo.value_coef": ">= 0",
     "ppo.kl_beta": ">= 0",

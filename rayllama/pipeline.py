@@ -739,7 +739,7 @@ def check_stage_inputs(cfg: PipelineConfig, run) -> None:
     """Pipeline.check_inputs without building the pipeline (which writes and reads the data): the driver's
     `--dry-run`. The check needs only the config and the run dir."""
     pipeline = Pipeline.__new__(Pipeline)
-    pipeline.cfg, pipeline.run = cfg, run
+    pipeline.cfg, pipeline.run, pipeline.user_data = cfg, run, cfg.data.user_data()
     pipeline.check_inputs()
 
 

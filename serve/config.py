@@ -102,7 +102,6 @@ SERVE_RANGES: dict[str, str] = {
     "torch_threads": ">= 1",
     "limits.max_stop": ">= 0",
     "limits.*": ">= 1",
-    "batch.wait_ms": ">= 0",
     "batch.*": ">= 1",
     "replicas.num_cpus": ">= 0",
     "replicas.num_gpus": ">= 0",

@@ -147,8 +147,8 @@ def test_serve_dry_run_and_print_config(tmp_path, capsys):
     assert code == 2 and "does not exist" in one_error_line(err)
     code, _, err = run_main(serve_cli.main, [serve_yaml, "--dry-run", "limits.max_tokenz=5"], capsys)
     assert code == 2 and "did you mean 'limits.max_tokens'?" in one_error_line(err)
-    code, _, err = run_main(serve_cli.main, [serve_yaml, "--dry-run", "batch.wait_ms=-1"], capsys)
-    assert code == 2 and "batch.wait_ms -1.0 must be >= 0" in one_error_line(err)
+    code, _, err = run_main(serve_cli.main, [serve_yaml, "--dry-run", "batch.max_rows=0"], capsys)
+    assert code == 2 and "batch.max_rows 0 must be >= 1" in one_error_line(err)
 
 
 @pytest.mark.parametrize("schema, rules", [(PipelineConfig, PIPELINE_RANGES), (ServeConfig, SERVE_RANGES)],
