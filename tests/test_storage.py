@@ -89,7 +89,7 @@ def test_a_ray_train_job_reads_and_writes_only_the_bucket(ray_session, bucket, t
     from rayllama.checkpoint import load_model, save_model
     from rayllama.config import OptimConfig, ScalingSection
     from rayllama.model import ModelConfig, Transformer
-    from rayllama.train.loop import TrainJob, run_train_job
+    from rayllama.train.loop import TrainJob, run_train_job, train_run_name
 
     cfg = ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_dim=64, max_seq_len=32)
     torch.manual_seed(0)
@@ -115,7 +115,8 @@ def test_a_ray_train_job_reads_and_writes_only_the_bucket(ray_session, bucket, t
     assert {"config.json", "model.safetensors", "rayllama.json", storage.COMPLETE_MARKER} <= set(model_files)
     train_files = objects(bucket, "run/sft")
     assert "metrics.jsonl" in train_files
-    assert any(f.startswith("ray_train/checkpoint_") for f in train_files), train_files  # Ray Train's, in the bucket
+    run_name = train_run_name(job)  # Ray Train's run (its checkpoints' dir): the stage, outside a run dir
+    assert any(f.startswith(f"{run_name}/checkpoint_") for f in train_files), train_files  # in the bucket
     rows = [json.loads(line) for line in storage.read_bytes(uri(bucket, "run", "sft", "metrics.jsonl")).splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     model, _, meta = load_model(storage.download_dir(job.output, tmp_path / "out"))
