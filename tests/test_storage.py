@@ -19,16 +19,32 @@ FIXTURES = Path(__file__).parent / "fixtures" / "data"
 @pytest.fixture(scope="module")
 def bucket():
     """s3://test-bucket on a moto server at 127.0.0.1:<free port>, its options in the URI (so Ray workers get
-    them with the path)."""
-    server_mod = pytest.importorskip("moto.server", reason="moto[server] provides the S3-API server")
+    them with the path). The server runs in its own process: moto's in-process server imports Flask, whose
+    request-context proxies make vLLM's kernel registration (it scans every module's globals) fail later in the
+    same test session."""
+    import importlib.util
     import socket
+    import subprocess
+    import sys
+    import time
 
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
+        pytest.skip("moto[server] provides the S3-API server")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"moto's S3 server did not start on port {port}") from None
+                time.sleep(0.2)
         opts = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
         root = f"s3://testing:testing@test-bucket?{opts}"
         import pyarrow.fs as pafs
@@ -37,7 +53,8 @@ def bucket():
                           scheme="http", region="us-east-1", allow_bucket_creation=True).create_dir("test-bucket")
         yield root
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def uri(root: str, *parts: str) -> str:
