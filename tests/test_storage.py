@@ -29,7 +29,7 @@ def bucket():
     import time
 
     if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
-        pytest.skip("moto[server] provides the S3-API server")
+        pytest.skip("moto[server] (moto and flask) is not installed; it provides the S3-API server these tests use")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

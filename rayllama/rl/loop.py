@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,7 @@ log = logging.getLogger("rayllama")
 
 
 @dataclass
-class RLLoop:
+class RLLoop(ABC):
     """What a loop carries between iterations (and what a checkpoint restores); subclasses add their own state
     and say what an iteration does."""
 
@@ -71,6 +72,8 @@ class RLLoop:
     timings: dict[str, float] = field(default_factory=dict)
 
     kind: ClassVar[str] = ""  # "ppo" | "rejection": the config section, metrics prefix, state file, progress bar
+    learner_save: ClassVar[str] = "save"  # the learner methods that write / read a checkpoint's learner state
+    learner_load: ClassVar[str] = "load"
 
     @property
     def section(self) -> Any:
@@ -89,9 +92,9 @@ class RLLoop:
 
     # -- what a loop says (the defaults are what both loops do)
 
+    @abstractmethod
     def step(self) -> dict[str, float]:
         """One iteration; sets self.iteration and returns its metrics."""
-        raise NotImplementedError
 
     def evaluate_due(self) -> bool:
         return True
@@ -112,32 +115,38 @@ class RLLoop:
         """Back to the start (a learner lost before the first checkpoint)."""
         self.iteration, self.prompt_position = 0, 0
 
-    def save_files(self, tmp: Path) -> None:
+    def save_files(self, tmp: Path) -> None:  # noqa: B027 - an optional hook, a no-op by default
         """Extra files of a checkpoint, written into its temp dir."""
 
     def save_learners(self, tmp: Path) -> None:
-        raise NotImplementedError
+        """Every rank writes its shards (`learner.<learner_save>(tmp)`, a collective)."""
+        actors = self.actors
+        actors.get_learners([getattr(learner, self.learner_save).remote(str(tmp)) for learner in actors.learners],
+                            "learner save")
 
     def load_learners(self, path: Path) -> None:
-        raise NotImplementedError
+        """Every rank loads its shards (`learner.<learner_load>(path)`, a collective; DCP reshards)."""
+        actors = self.actors
+        actors.get_learners([getattr(learner, self.learner_load).remote(str(path)) for learner in actors.learners],
+                            "learner load")
 
     @staticmethod
+    @abstractmethod
     def learners_complete(path: Path) -> bool:
         """Whether checkpoint `path` holds a complete learner state (and the loop's files)."""
-        raise NotImplementedError
 
-    def iteration_done(self, metrics: dict[str, Any]) -> None:
+    def iteration_done(self, metrics: dict[str, Any]) -> None:  # noqa: B027 - an optional hook, a no-op by default
         """After an iteration's row is final (before it is logged)."""
 
+    @abstractmethod
     def finish(self) -> None:
         """After the last iteration: the stage's outputs (out_dir/model)."""
-        raise NotImplementedError
 
     def postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
         """The progress bar's figures."""
         return {}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook, a no-op by default
         """When the run ends, however it ends (threads, pools)."""
 
 

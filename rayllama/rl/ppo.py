@@ -166,14 +166,6 @@ class PPOLoop(RLLoop):
         if self.pending is not None:
             write_rollouts(tmp / ROLLOUTS_FILE, self.pending)
 
-    def save_learners(self, tmp: Path) -> None:
-        self.actors.get_learners([learner.save.remote(str(tmp)) for learner in self.actors.learners],
-                                 "learner save")
-
-    def load_learners(self, path: Path) -> None:
-        self.actors.get_learners([learner.load.remote(str(path)) for learner in self.actors.learners],
-                                 "learner load")
-
     @staticmethod
     def learners_complete(path: Path) -> bool:
         return dcp.is_complete(path / TRAIN_STATE)

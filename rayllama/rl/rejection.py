@@ -159,6 +159,7 @@ class RejectionLoop(RLLoop):
     curves: list[dict[str, Any]] = field(default_factory=list)  # the best-of-K curve of every iteration
 
     kind = "rejection"
+    learner_save, learner_load = "save_sft", "load_sft"  # policy + SFT optimizer shards
 
     def step(self) -> dict[str, float]:
         return rejection_step(self)
@@ -177,14 +178,6 @@ class RejectionLoop(RLLoop):
 
     def save_files(self, tmp: Path) -> None:
         (tmp / POOL_FILE).write_text(json.dumps([dataclasses.asdict(self.pool[i]) for i in sorted(self.pool)]) + "\n")
-
-    def save_learners(self, tmp: Path) -> None:
-        self.actors.get_learners([learner.save_sft.remote(str(tmp)) for learner in self.actors.learners],
-                                 "learner save")
-
-    def load_learners(self, path: Path) -> None:
-        self.actors.get_learners([learner.load_sft.remote(str(path)) for learner in self.actors.learners],
-                                 "learner load")
 
     @staticmethod
     def learners_complete(path: Path) -> bool:
