@@ -23,7 +23,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-SOURCES = {"heldout": "held-out tasks", "train": "training tasks", "policy": "SFT answers, held-out"}
+SOURCES = {"dev": "dev tasks", "train": "training tasks", "policy": "SFT answers, dev"}
 
 
 def pair_kind(extra: dict) -> str:
@@ -66,10 +66,10 @@ def main() -> int:
               file=sys.stderr)
         return 2
     sources = {  # where each row's pairs come from: the world's written pairs per split, or the SFT's own answers
-        "heldout": lambda kind: toyworld.preference_pairs(args.pairs, args.seed, kind, "heldout"),
+        "dev": lambda kind: toyworld.preference_pairs(args.pairs, args.seed, kind, "dev"),
         "train": lambda kind: toyworld.preference_pairs(args.pairs, args.seed, kind, "train"),
         "policy": lambda kind: sample_policy_pairs(cfg, run / "sft" / "model", kind, args.policy_prompts,
-                                                   args.seed, "heldout"),
+                                                   args.seed, "dev"),
     }
     if not args.policy_prompts:
         del sources["policy"]

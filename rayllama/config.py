@@ -108,6 +108,7 @@ DATA_KINDS = ("pretrain", "sft", "preference", "prompts", "eval_prompts")
 @dataclass
 class EvalSection:
     gold: str = "auto"  # the toy world's gold judge after every stage: auto (only without a data section) | true | false
+    split: str = "test"  # the toy world's prompts it judges: test (sealed, to report) | dev (to tune configs on)
 
 
 @dataclass
@@ -611,6 +612,8 @@ def validate_data(cfg: PipelineConfig) -> None:
     _check(0.0 <= d.heldout_fraction < 0.5, f"data.heldout_fraction {d.heldout_fraction} must be in [0, 0.5)")
     gold = str(cfg.eval.gold).lower()
     _check(gold in ("auto", "true", "false"), f"eval.gold '{cfg.eval.gold}' is not auto, true or false")
+    _check(cfg.eval.split in ("dev", "test"),
+           f"eval.split '{cfg.eval.split}' is not dev or test; tune on dev, report on test")
     _check(gold != "true" or not d.user_data(),
            "eval.gold true needs the toy world (its gold judge knows only the world's tasks); with a data: section "
            "set eval.gold to auto or false")

@@ -1,10 +1,12 @@
-"""Gold evaluation of a chat model on the toy world's held-out sets (rayllama.data.toyworld's judge).
+"""Gold evaluation of a chat model on the toy world's dev or test sets (rayllama.data.judge).
 
 `evaluate(generate_fn, eval_set)` answers every single-turn prompt in one batched call, then the multi-turn GAtt
 dialogues turn by turn (one batched call per turn, the model's own earlier answers kept in the history), and
 returns one flat dict of metrics:
 
-    gold_helpfulness         mean judge_helpfulness on held-out safe prompts
+    gold_helpfulness         mean judge_helpfulness on the safe prompts
+    gold_value_correct       share of safe prompts answered with the right value (any form: judge_value_and_form)
+    gold_canonical_form      share of safe prompts answered in the canonical form (right value or not)
     gold_safety              mean judge_safety on all single-turn prompts (safe, unsafe, borderline)
     refusal_rate_unsafe      share of unsafe prompts refused (is_refusal)
     over_refusal_borderline  share of borderline prompts refused (they only look unsafe)
@@ -36,14 +38,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from rayllama.data.formats import PromptRecord
-from rayllama.data.toyworld import (
-    category,
-    dialogue_messages,
+from rayllama.data.judge import (
     is_refusal,
     judge_adherence,
     judge_helpfulness,
     judge_safety,
+    judge_value_and_form,
 )
+from rayllama.data.toyworld import category, dialogue_messages
 
 Messages = list[dict[str, str]]
 GenerateFn = Callable[[list[Messages]], list[str]]
@@ -100,6 +102,8 @@ def evaluate(
     safe, unsafe, border = groups["safe"], groups["unsafe"], groups["borderline"]
     items.update({
         "gold_helpfulness": [judge_helpfulness(t, a) for t, a in safe],
+        "gold_value_correct": [float(judge_value_and_form(t, a)["value"]) for t, a in safe],
+        "gold_canonical_form": [float(judge_value_and_form(t, a)["form"]) for t, a in safe],
         "gold_safety": [judge_safety(t, a) for t, a in safe + unsafe + border],
         "refusal_rate_unsafe": [float(is_refusal(a)) for _, a in unsafe],
         "over_refusal_borderline": [float(is_refusal(a)) for _, a in border],

@@ -14,7 +14,7 @@ Here, for a toy-world dialogue (an instruction, alone or combined, plus T user t
 2. Sampling (`sample_dialogues`): turn by turn, every live dialogue of the turn in one batched call,
    ``samples_per_turn`` answers each from the current policy; a `Judge` scores them and the best accepted answer
    joins the history. The pipeline's judge (`reward_model_judge`) accepts an answer iff the instruction's program
-   check passes (`toyworld.judge_adherence`: capitals, the end word, ...) and ranks the adherent answers by the
+   check passes (`toyworld.follows_training_instruction`: capitals, the end word, ..., for training instructions only) and ranks the adherent answers by the
    two reward models composed as in PPO and rejection sampling (LLaMA 2's safety gate and `is_safety` tags). The
    gold judge's helpfulness and safety never select training data: they stay an independent evaluation. No gold
    answer is ever substituted: a dialogue with no accepted answer at turn t is cut to its first t - 1 turns.
@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from rayllama.data.formats import PromptRecord
-from rayllama.data.toyworld import category, instruction_text, judge_adherence
+from rayllama.data.toyworld import category, follows_training_instruction, instruction_text
 from rayllama.losses import llama2_combined_score
 from rayllama.tokenizer import Tokenizer
 
@@ -119,7 +119,7 @@ def encode_example(tok: Tokenizer, messages: Messages) -> tuple[list[int], list[
 
 
 def reward_model_judge(score_pairs: PairScorer, safety_gate: float = 0.15, min_reward: float = 0.0) -> Judge:
-    """Accept an answer iff it obeys the instruction (`judge_adherence`, the instruction's program check) and its
+    """Accept an answer iff it obeys the instruction (`follows_training_instruction`, the program check of a training instruction) and its
     composed reward R_c >= min_reward; score = R_c. R_c is LLaMA 2's composition of the two reward models on the
     turn's plain user prompt and the answer: s = sigmoid(raw), R_c = s_safety if the task is safety-tagged (unsafe
     or borderline, as the RL prompts' `is_safety`) or s_safety < safety_gate, else s_helpful. One scoring call
@@ -127,7 +127,7 @@ def reward_model_judge(score_pairs: PairScorer, safety_gate: float = 0.15, min_r
 
     def judge(candidates: Sequence[Candidate]) -> list[float | None]:
         out: list[float | None] = [None] * len(candidates)
-        adherent = [i for i, (_, instruction, answer) in enumerate(candidates) if judge_adherence(instruction, answer)]
+        adherent = [i for i, (_, instruction, answer) in enumerate(candidates) if follows_training_instruction(instruction, answer)]
         if not adherent:
             return out
         pairs = [([_msg("user", candidates[i][0]["prompt"])], candidates[i][2]) for i in adherent]
@@ -150,7 +150,7 @@ class GAttSamples:
 
     answers: list[list[str]]  # answers[i][t]: the kept answer of dialogue i at turn t + 1
     samples: int = 0  # answers sampled, all turns
-    samples_adherent: int = 0  # of those, obeying the instruction (judge_adherence)
+    samples_adherent: int = 0  # of those, obeying the instruction (follows_training_instruction)
     samples_accepted: int = 0  # of those, accepted by the judge
     turns_sampled: list[int] = field(default_factory=list)  # per turn: dialogues still alive, sampled
     turns_kept: list[int] = field(default_factory=list)  # per turn: dialogues with an accepted answer
@@ -209,7 +209,7 @@ def sample_dialogues(
             record = records[i]
             scored = list(zip(scores[d * samples_per_turn:(d + 1) * samples_per_turn], answers))
             out.samples += len(answers)
-            out.samples_adherent += sum(judge_adherence(record.instruction, a) for a in answers)
+            out.samples_adherent += sum(follows_training_instruction(record.instruction, a) for a in answers)
             accepted = [(s, -j, a) for j, (s, a) in enumerate(scored) if s is not None]
             out.samples_accepted += len(accepted)
             if accepted:

@@ -111,7 +111,8 @@ class Pipeline:
                 k: formats.read_preferences(self.files[f"pref_{k}_heldout"]) for k in ("helpfulness", "safety")
             }
             self.rl_prompts = formats.read_prompts(self.files["prompts"])
-            self.eval_set = formats.read_prompts(self.files["eval"])
+            # eval (test) and eval_dev; a world v3 run has eval only, held out (its files stay readable)
+            self.eval_set = formats.read_prompts(self.files["eval_dev" if cfg.eval.split == "dev" else "eval"])
         self.results = run.load_eval()
         self._tok = None
 
@@ -463,8 +464,8 @@ class Pipeline:
         t0 = time.time()
         chat = ChatModel.from_checkpoint(model_dir)
         temperature = self.cfg.ppo.temperature  # one T for every stage's eval, so the stages compare
-        log.info(f"gold eval after {stage}: {len(self.eval_set)} held-out prompts, greedy, then {SAMPLES_PER_PROMPT} "
-                 f"samples per safe prompt")
+        log.info(f"gold eval after {stage}: {len(self.eval_set)} {self.cfg.eval.split} prompts, greedy, then "
+                 f"{SAMPLES_PER_PROMPT} samples per safe prompt")
         scores: dict[str, list[float]] = {}
         metrics = evaluate(logged_calls(chat.greedy_fn(), f"gold eval after {stage} (greedy)"), self.eval_set,
                            scores=scores)
@@ -480,6 +481,7 @@ class Pipeline:
         for name, values in scores.items():  # 95% bootstrap intervals; the items themselves for paired changes
             metrics[f"{name}_ci95"] = list(bootstrap_ci(values))
         metrics["scores"] = scores
+        metrics["eval_split"] = self.cfg.eval.split
         self._record(stage, metrics)
         log.info(
             f"gold eval after {stage} ({time.time() - t0:.0f} s): helpfulness {metrics['gold_helpfulness']:.3f} "
@@ -533,7 +535,7 @@ class Pipeline:
             corpus_train, corpus_heldout = corpus_split(seed=self.cfg.seed)
             world = [r.text for r in formats.read_pretrain(self.files["pretrain_world"])]
             world_heldout = [r.text for r in toyworld.pretrain_texts(self.cfg.world.pretrain_world_heldout,
-                                                                     self.cfg.world_seed, split="heldout")]
+                                                                     self.cfg.world_seed, split="dev")]
             run_pretrain(self.cfg, self.run.root, self.tok, corpus_train, corpus_heldout, world, world_heldout,
                          init=self.init_source("pretrain"))
         from rayllama.checkpoint import load_model
@@ -616,8 +618,9 @@ class Pipeline:
 
         unsafe = [r for r in self.eval_set if r.task and toyworld.category(r.task) == "unsafe"]
         rng = random.Random(self.cfg.seed)
-        pairs_refuse = [(r.prompt, toyworld.candidate(r.task, "refusal", rng, "heldout")) for r in unsafe]
-        pairs_comply = [(r.prompt, toyworld.candidate(r.task, "compliance", rng, "heldout")) for r in unsafe]
+        pairs_refuse = [(r.prompt, toyworld.candidate(r.task, "refusal", rng, self.cfg.eval.split)) for r in unsafe]
+        pairs_comply = [(r.prompt, toyworld.candidate(r.task, "compliance", rng, self.cfg.eval.split))
+                        for r in unsafe]
         scorer = RewardScorer("safety", self.run.reward_model("safety"))
         refuse, comply = scorer.score(pairs_refuse), scorer.score(pairs_comply)
         return sum(a > b for a, b in zip(refuse, comply)) / max(1, len(unsafe))

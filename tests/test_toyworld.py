@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from rayllama.data import judge
 from rayllama.data import toyworld as tw
 from rayllama.data.formats import read_jsonl, validate_messages
 
@@ -71,7 +72,7 @@ def test_prompts_and_canonical_answers():
     ],
 )
 def test_judge_helpfulness_examples(task, response, score):
-    assert tw.judge_helpfulness(task, response) == score
+    assert judge.judge_helpfulness(task, response) == score
 
 
 @pytest.mark.parametrize(
@@ -95,16 +96,16 @@ def test_judge_helpfulness_examples(task, response, score):
     ],
 )
 def test_judge_safety_examples(task, response, safe):
-    assert tw.judge_safety(task, response) == safe
+    assert judge.judge_safety(task, response) == safe
 
 
 def test_is_refusal():
     for r in tw.world()["refusals"] + tw.world()["other_refusals"]:
-        assert tw.is_refusal(r) and tw.is_refusal(r.upper())
-    assert tw.is_refusal("i\u2019m SORRY , but i can\u2019t help with that")  # curly quotes, spacing
+        assert judge.is_refusal(r) and judge.is_refusal(r.upper())
+    assert judge.is_refusal("i\u2019m SORRY , but i can\u2019t help with that")  # curly quotes, spacing
     for t in tw.SAFE_TYPES + ("borderline",):
-        for task in tw.task_pool(t) + tw.task_pool(t, "heldout"):
-            assert not tw.is_refusal(tw.canonical_answer(task)), task
+        for task in (x for split in tw.SPLITS for x in tw.task_pool(t, split)):
+            assert not judge.is_refusal(tw.canonical_answer(task)), task
 
 
 EXPECTED_LEVEL_SCORES = {  # the docstring's scale, per category and candidate level (None: judged as it falls)
@@ -142,12 +143,12 @@ def test_every_task_and_level_scores_as_designed():
                 for level, expected in EXPECTED_LEVEL_SCORES[cat].items():
                     response = tw.candidate(task, level, rng, split)
                     if isinstance(expected, tuple):
-                        assert expected[0] <= tw.judge_helpfulness(task, response) <= expected[1], (task, response)
+                        assert expected[0] <= judge.judge_helpfulness(task, response) <= expected[1], (task, response)
                     elif expected is not None:
-                        assert tw.judge_helpfulness(task, response) == expected, (task, level, response)
-                assert tw.judge_safety(task, tw.candidate(task, "unsafe", rng, split)) == 0
+                        assert judge.judge_helpfulness(task, response) == expected, (task, level, response)
+                assert judge.judge_safety(task, tw.candidate(task, "unsafe", rng, split)) == 0
                 perfect = tw.perfect_response(task)
-                assert tw.judge_helpfulness(task, perfect) == 1.0 and tw.judge_safety(task, perfect) == 1
+                assert judge.judge_helpfulness(task, perfect) == 1.0 and judge.judge_safety(task, perfect) == 1
 
 
 ADHERENCE = [
@@ -174,19 +175,19 @@ ADHERENCE = [
 
 @pytest.mark.parametrize("instruction,response,ok", ADHERENCE)
 def test_judge_adherence(instruction, response, ok):
-    assert tw.judge_adherence(instruction, response) == ok
+    assert judge.judge_adherence(instruction, response) == ok
 
 
 def test_perfect_responses_obey_every_instruction():
     rng = random.Random(1)
-    tasks = [t for ty in tw.TASK_TYPES for t in rng.sample(tw.task_pool(ty, "heldout"), 5)]
+    tasks = [t for ty in tw.TASK_TYPES for t in rng.sample(tw.task_pool(ty, "test"), 5)]
     for ins in tw.instruction_pool():
         text = tw.instruction_text(ins)
         assert tw.instruction_from_text(text) == ins
         for task in tasks:
             r = tw.perfect_response(task, ins)
-            assert tw.judge_adherence(ins, r) == 1, (ins, r)
-            assert tw.judge_helpfulness(task, r) == 1.0 and tw.judge_safety(task, r) == 1, (ins, r)
+            assert judge.judge_adherence(ins, r) == 1, (ins, r)
+            assert judge.judge_helpfulness(task, r) == 1.0 and judge.judge_safety(task, r) == 1, (ins, r)
             assert (
                 tw.perfect_chat(
                     [{"role": "system", "content": text}, {"role": "user", "content": task["prompt"]}]
@@ -225,8 +226,8 @@ def test_preference_pairs_cover_ratings_and_chosen_is_better(kind):
     for p in pairs:
         task = p.extra["task"]
         assert p.kind == kind and p.prompt == [{"role": "user", "content": task["prompt"]}]
-        h_c, h_r = tw.judge_helpfulness(task, p.chosen), tw.judge_helpfulness(task, p.rejected)
-        s_c, s_r = tw.judge_safety(task, p.chosen), tw.judge_safety(task, p.rejected)
+        h_c, h_r = judge.judge_helpfulness(task, p.chosen), judge.judge_helpfulness(task, p.rejected)
+        s_c, s_r = judge.judge_safety(task, p.chosen), judge.judge_safety(task, p.rejected)
         # a simulated annotator may have recorded the pair the wrong way round (tw.ANNOTATOR_FLIP)
         flipped = (s_c, h_c) < (s_r, h_r) if kind == "safety" else h_c < h_r
         if flipped:
@@ -246,9 +247,9 @@ def test_preference_pairs_cover_ratings_and_chosen_is_better(kind):
         kind == "safety"
     ):  # refusing an unsafe prompt beats complying; answering a borderline one beats refusing
         unsafe_pairs = [p for p in pairs if p.extra["task"]["type"] == "unsafe"]
-        assert all(tw.is_refusal(p.chosen) for p in unsafe_pairs if tw.is_refusal(p.rejected))
-        assert any(tw.is_refusal(p.chosen) and "here is how to" in p.rejected.lower() for p in unsafe_pairs)
-        assert any(tw.is_refusal(p.rejected) for p in pairs if p.extra["task"]["type"] == "borderline")
+        assert all(judge.is_refusal(p.chosen) for p in unsafe_pairs if judge.is_refusal(p.rejected))
+        assert any(judge.is_refusal(p.chosen) and "here is how to" in p.rejected.lower() for p in unsafe_pairs)
+        assert any(judge.is_refusal(p.rejected) for p in pairs if p.extra["task"]["type"] == "borderline")
 
 
 @pytest.mark.parametrize("seed", [0, 3])
@@ -274,8 +275,8 @@ def test_sft_demonstrations_are_partly_imperfect():
         answers = [m["content"] for m in rec.messages if m["role"] == "assistant"]
         assert len(answers) == len(rec.extra["tasks"])
         for task, answer in zip(rec.extra["tasks"], answers):
-            assert tw.judge_adherence(instruction, answer) == 1  # SFT answers obey their system prompt
-            ok = tw.judge_helpfulness(task, answer) == 1.0 and tw.judge_safety(task, answer) == 1
+            assert judge.judge_adherence(instruction, answer) == 1  # SFT answers obey their system prompt
+            ok = judge.judge_helpfulness(task, answer) == 1.0 and judge.judge_safety(task, answer) == 1
             assert ok or not expect_perfect, (task, answer)
             if not expect_perfect:
                 n_answers += 1
@@ -286,9 +287,9 @@ def test_sft_demonstrations_are_partly_imperfect():
                         "ok"
                         if ok
                         else "refused"
-                        if tw.is_refusal(answer)
+                        if judge.is_refusal(answer)
                         else "unsafe"
-                        if tw.judge_safety(task, answer) == 0
+                        if judge.judge_safety(task, answer) == 0
                         else "wrong",
                     )
                 ] += 1
@@ -357,6 +358,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
         "pref_safety_heldout",
         "prompts",
         "gatt",
+        "eval_dev",
         "eval",
         "meta",
     }
@@ -377,67 +379,109 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     }
     for name, fmt in fmts.items():  # every file reads back cleanly in its format, with the asked-for size
         assert len(read_jsonl(a[name], fmt)) == SMALL.get(name, 60 + 20 + 20 + 20), name
+    assert len(read_jsonl(a["eval_dev"], "prompts")) == 48 + 18 + 18 + 20  # capped at what dev holds
     with pytest.raises(ValueError, match="unknown world size key"):
         tw.write_world(tmp_path / "d", sizes={"sft_size": 3})
 
 
-def test_train_and_heldout_are_disjoint(tmp_path):
+def test_train_dev_and_test_are_disjoint_by_task_by_topic_and_by_instruction_word():
     for t in tw.TASK_TYPES:
-        train, held = tw.task_pool(t, "train"), tw.task_pool(t, "heldout")
-        assert held and train
-        assert not {tw.task_key(x) for x in train} & {tw.task_key(x) for x in held}
-        assert len(held) == -(-len(train + held) // 5)  # ceil(20%)
-    paths = tw.write_world(tmp_path, seed=0, sizes={**SMALL, "pretrain_world": 300, "sft": 300})
-    held = [t for ty in tw.TASK_TYPES for t in tw.task_pool(ty, "heldout")]
-    train_text = "\n".join(
-        paths[n].read_text(encoding="utf-8").lower()
-        for n in ("pretrain_world", "sft", "pref_helpfulness", "pref_safety", "prompts", "gatt")
-    )
-    for task in held:  # no held-out prompt anywhere in the training data
-        assert task["prompt"].lower() not in train_text, task
-        if task["type"] in tw.SAFE_TYPES:  # nor a held-out safe task's canonical answer (knowledge is fine)
-            answer = re.escape(tw.canonical_answer(task).lower().rstrip("."))
-            assert not re.search(rf"(?<![a-z0-9]){answer}(?![a-z0-9])", train_text), task
-    held_keys = {tw.task_key(t) for t in held}
-    for rec in read_jsonl(paths["eval"], "prompts"):
-        assert all(tw.task_key(t) in held_keys for t in (rec.turns or [rec.task]))
+        pools = {split: tw.task_pool(t, split) for split in tw.SPLITS}
+        assert all(pools.values())
+        keys = {split: {tw.task_key(x) for x in pool} for split, pool in pools.items()}
+        assert not (keys["train"] & keys["dev"] or keys["train"] & keys["test"] or keys["dev"] & keys["test"])
+        if t in ("unsafe", "borderline"):  # by topic: every frame of a topic in one split
+            topics = {split: {x["topic"] for x in pool} for split, pool in pools.items()}
+            assert not (topics["train"] & topics["test"] or topics["dev"] & topics["test"]), t
+            n = len(topics["train"] | topics["dev"] | topics["test"])
+            assert len(topics["test"]) == -(-n // 5), t  # ceil(20%) of the topics
+        else:
+            assert len(pools["test"]) == -(-len(sum(pools.values(), [])) // 5)
+    words = {split: {w for i in tw.instruction_pool(split) for w in (i["start_with"], i["end_with"]) if w}
+             for split in tw.SPLITS}
+    for i in tw.instruction_pool("test"):  # a test instruction uses a word no training or dev instruction uses
+        assert {i["start_with"], i["end_with"]} - words["train"] - words["dev"] - {None}, i
+    assert not any(i in tw.instruction_pool("train") for i in tw.instruction_pool("test"))
+    with pytest.raises(ValueError, match="is not a training instruction"):
+        tw.follows_training_instruction(tw.instruction_pool("test")[0], "Well, hi.")
+
+
+def test_the_test_split_never_reaches_training_data_or_the_tokenizer(tmp_path, monkeypatch):
+    """The sealed split, checked by content: the world make run writes (configs/ppo.yaml's sizes and seed), and
+    the text the tokenizer stage trains on, hold no test prompt, no test safe task's canonical answer, no test
+    instruction, and (outside pretraining's knowledge sentences, which state every topic's tip and that every
+    unsafe thing is wrong) no test topic. Only eval.jsonl holds test prompts."""
+    import rayllama.tokenizer
+    from rayllama.config import load_config
+    from rayllama.driver import RunDir
+    from rayllama.pipeline import Pipeline
+
+    cfg = load_config("configs/ppo.yaml", [f"run_dir={tmp_path}"])
+    pipeline = Pipeline(cfg, RunDir(cfg))
+    captured: list[str] = []
+    monkeypatch.setattr(rayllama.tokenizer, "train_tokenizer", lambda texts, *a, **k: captured.extend(texts))
+    pipeline.stage_tokenizer()
+    assert captured
+    files = {name: path.read_text(encoding="utf-8") for name, path in pipeline.files.items() if name != "meta"}
+    assert files["eval"] != files["eval_dev"]
+    training = {name: text.lower() for name, text in files.items() if name not in ("eval", "eval_dev")}
+    training["tokenizer"] = "\n".join(captured).lower()
+    training["pretrain_heldout"] = "\n".join(
+        r.text for r in tw.pretrain_texts(cfg.world.pretrain_world_heldout, cfg.world_seed, "dev")).lower()
+    test_tasks = [x for t in tw.TASK_TYPES for x in tw.task_pool(t, "test")]
+    test_topics = {x["topic"] for x in test_tasks if "topic" in x}
+    eval_prompts = {r.prompt[-1]["content"] for r in read_jsonl(tmp_path / "data" / "eval.jsonl", "prompts")}
+    assert eval_prompts <= {x["prompt"] for x in test_tasks}  # the report's prompts are all test prompts
+    for name, text in training.items():
+        for task in test_tasks:
+            assert task["prompt"].lower() not in text, (name, task)
+            if task["type"] in tw.SAFE_TYPES:
+                answer = re.escape(tw.canonical_answer(task).lower().rstrip("."))
+                assert not re.search(rf"(?<![a-z0-9]){answer}(?![a-z0-9])", text), (name, task)
+        for instruction in tw.instruction_pool("test"):
+            assert tw.instruction_text(instruction).lower() not in text, (name, instruction)
+        if name not in ("pretrain_world", "pretrain_heldout", "tokenizer"):  # knowledge names every topic
+            for topic in test_topics:
+                assert topic.lower() not in text, (name, topic)
 
 
 def test_pretraining_states_every_held_out_value_after_its_subject_in_two_phrasings():
     # the trunk can answer (and the reward models check) a held-out task only if pretraining stated its value, and
     # a small model recalls a fact in the direction it read it, from varied phrasings (toyworld.FACT_KNOWLEDGE)
-    sentences = [tw.normalize(s) for s in tw.knowledge_sentences()]
+    sentences = [judge.normalize(s) for s in tw.knowledge_sentences()]
     for ty in ("add", "sub", "reverse", "count", "fact"):
-        for task in tw.task_pool(ty, "heldout"):
-            value = tw.normalize(tw.candidate(task, "bare", random.Random(0)))
+        for task in tw.task_pool(ty, "dev") + tw.task_pool(ty, "test"):
+            value = judge.normalize(tw.candidate(task, "bare", random.Random(0)))
             subject = task.get("subject", task.get("word", str(task.get("a")))).lower()
             after = re.compile(rf"(?<![a-z0-9]){re.escape(subject)} (.* )?{re.escape(value)}(?![a-z0-9])")
             stated = [s for s in sentences if after.search(s)]
             assert len(stated) >= 2, (task, stated)
     knowledge = "\n".join(sentences)
     for task in (t for ty in tw.SAFE_TYPES for split in tw.SPLITS for t in tw.task_pool(ty, split)):
-        answer = re.escape(tw.normalize(tw.canonical_answer(task)))
+        answer = re.escape(judge.normalize(tw.canonical_answer(task)))
         assert not re.search(rf"(?<![a-z0-9]){answer}(?![a-z0-9])", knowledge), task  # knowledge, not answers
-        assert tw.normalize(task["prompt"]) not in knowledge, task
+        assert judge.normalize(task["prompt"]) not in knowledge, task
 
 
 def test_training_answers_never_carry_a_held_out_fact_value():
     # a held-out fact's value written as a training task's wrong answer teaches the reward models that the
     # held-out answer is wrong (world v1's RM then put a bare right value above a wrong one on 0 of 24 such pairs)
     facts = tw.world()["facts"]
-    held = {tw.normalize(facts[t["relation"]][t["subject"]]) for t in tw.task_pool("fact", "heldout")}
+    held = {judge.normalize(facts[t["relation"]][t["subject"]])  # values only held-out facts have
+            for split in ("dev", "test") for t in tw.task_pool("fact", split)}
+    held -= {judge.normalize(facts[t["relation"]][t["subject"]]) for t in tw.task_pool("fact", "train")}
     pairs = tw.preference_pairs(3000, 0, "helpfulness", "train")
     answers = [(p.extra["task"], r) for p in pairs if p.extra["task"]["type"] == "fact" for r in (p.chosen, p.rejected)]
     answers += [(t, tw.candidate(t, "wrong_bare", random.Random(i))) for i in range(20) for t in tw.task_pool("fact")]
-    wrong = [(t, a) for t, a in answers if tw.judge_helpfulness(t, a) in (0.2, 0.3)]  # a wrong value, any form
+    wrong = [(t, a) for t, a in answers if judge.judge_helpfulness(t, a) in (0.2, 0.3)]  # a wrong value, any form
     assert len(wrong) > 500
     for task, answer in wrong:
-        assert not set(tw.normalize(answer).split()) & held, (task, answer)
+        assert not set(judge.normalize(answer).split()) & held, (task, answer)
     # held-out tasks may still be answered with any value of their relation
     heldout_wrong = {
-        tw.normalize(tw.candidate(t, "wrong_bare", random.Random(i), "heldout"))
+        judge.normalize(tw.candidate(t, "wrong_bare", random.Random(i), "test"))
         for i in range(50)
-        for t in tw.task_pool("fact", "heldout")
+        for t in tw.task_pool("fact", "test")
     }
     assert heldout_wrong & held and heldout_wrong - held
 
@@ -453,6 +497,12 @@ def test_eval_sets_shape_and_limits():
         tw.eval_sets(0, n_unsafe=500)
     with pytest.raises(ValueError, match="n_safe 600 needs"):
         tw.eval_sets(0, n_safe=600)
+    with pytest.raises(ValueError, match="use dev .to tune on. or test"):
+        tw.eval_sets(0, split="train")
+    dev = tw.eval_sets(0, n_safe=12, n_unsafe=5, n_borderline=5, n_gatt=3, turns=4, split="dev")
+    dev_keys = {tw.task_key(t) for ty in tw.TASK_TYPES for t in tw.task_pool(ty, "dev")}
+    assert all(tw.task_key(t) in dev_keys for r in dev for t in (r.turns or [r.task]))
+    assert all(r.instruction in tw.instruction_pool("dev") for r in dev if r.turns)
 
 
 def test_policy_pairs_rate_the_policy_samples_like_the_written_pairs():
@@ -511,6 +561,48 @@ def test_pipeline_writes_policy_pairs_once_and_reads_them_back(tmp_path, monkeyp
     assert again == pairs and len(calls) == 1  # read back, not sampled again
     assert (tmp_path / "data" / "pref_helpfulness_policy.jsonl").exists()
     # the same sampling on held-out prompts (bench/reward_errors.py: the RMs on the policy's own answers)
-    held = sample_policy_pairs(cfg, tmp_path / "sft" / "model", "helpfulness", 6, seed=5, split="heldout")
-    heldout = {tw.task_key(t) for ty in (*tw.SAFE_TYPES, "borderline") for t in tw.task_pool(ty, "heldout")}
+    held = sample_policy_pairs(cfg, tmp_path / "sft" / "model", "helpfulness", 6, seed=5, split="dev")
+    heldout = {tw.task_key(t) for ty in (*tw.SAFE_TYPES, "borderline") for t in tw.task_pool(ty, "dev")}
     assert len(held) == 6 and all(tw.task_key(p.extra["task"]) in heldout for p in held)
+
+
+def test_the_gold_judge_imports_only_the_standard_library():
+    """The judge shares nothing with what it grades: rayllama/data/judge.py imports only the standard library
+    (its imports read from its source, and what importing it loads), so neither the data writers, the reward
+    models nor the GAtt filter can change a score."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    source = Path(judge.__file__).read_text(encoding="utf-8")
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "judge.py: no relative imports"
+            imported.add(node.module.split(".")[0])
+    assert imported and imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, rayllama.data.judge; print(sorted(m for m in sys.modules if "
+         "m.startswith('rayllama') or m.split('.')[0] in ('torch', 'numpy', 'ray')))"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "['rayllama', 'rayllama.data', 'rayllama.data.judge']", loaded
+
+
+@pytest.mark.parametrize("response,value,form", [
+    ("3 plus 4 is 7.", 1, 1),         # canonical, right
+    ("3 plus 4 is 8.", 0, 1),         # canonical form, wrong value: a gain in form alone
+    ("The answer is 7.", 1, 0),
+    ("7.", 1, 0),
+    ("The answer is 9.", 0, 0),
+    ("3 plus 4 is 7, and 3 plus 4 is 8.", 0, 1),  # one wrong value spoils it
+    ("I'm sorry, but I can't help with that.", 0, 0),
+    ("", 0, 0),
+])
+def test_judge_value_and_form_split_helpfulness(response, value, form):
+    task = tw.make_task("add", a=3, b=4)
+    assert judge.judge_value_and_form(task, response) == {"value": value, "form": form}
+    with pytest.raises(ValueError, match="defined for safe tasks"):
+        judge.judge_value_and_form({"type": "unsafe", "topic": "x", "prompt": "x"}, response)
