@@ -1,0 +1,215 @@
+"""Evidence that RLHF works on the toy world: the make-run pipeline over several world seeds, judged on the sealed
+test split, each stage against SFT with paired intervals pooled over the seeds (LLaMA 2's stage-by-stage table).
+
+    .venv/bin/python bench/rlhf_evidence.py [--seeds 0 1 2] [--runs DIR] [--config configs/ppo.yaml]
+                                            [--stages tokenizer pretrain sft reward rejection ppo gatt]
+                                            [--reuse SEED=RUN_DIR ...] [--out bench/results/rlhf_evidence]
+                                            [key=value ...]
+
+For each seed, RUN_DIR is `--runs`/seed<N> (or the one `--reuse` names): a run whose eval.json already holds every
+listed evaluated stage is read as it is; otherwise the driver runs it (`python -m rayllama.driver CONFIG seed=N
+run_dir=RUN_DIR stages=[...] eval.split=test`, resuming whatever the run dir holds), its log in RUN_DIR.log. The
+world seed follows the run seed, so every seed is another world (its own training data and test prompts).
+
+Printed: per stage, each gold metric's mean over the seeds' test items with a 95% bootstrap interval (items
+resampled within each seed); then each later stage minus SFT, paired on the same items: per seed, and pooled over
+the seeds (the mean of the per-item differences, a stratified paired bootstrap interval). A difference whose
+interval excludes 0 is marked `*`. Writes OUT.json and OUT.png (gold helpfulness, refusal of unsafe prompts and
+over-refusal by stage, with intervals; adherence by turn when GAtt ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("gold_helpfulness", "gold_helpfulness_sampled", "gold_value_correct", "gold_canonical_form",
+           "refusal_rate_unsafe", "over_refusal_borderline", "adherence_turn_4plus")
+EVALUATED = ("pretrain", "sft", "rejection", "ppo", "gatt")  # stages the pipeline judges (tokenizer, reward: no)
+REPS = 2000
+
+
+def stratified_ci(groups: list[list[float]], reps: int = REPS, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, 95% interval) of the pooled items of `groups` (one list per seed), resampling items within each
+    group (the seeds' sizes kept); NaNs when empty."""
+    groups = [g for g in groups if g]
+    n = sum(len(g) for g in groups)
+    if not n:
+        return math.nan, math.nan, math.nan
+    rng = random.Random(seed)
+    means = sorted(
+        sum(g[rng.randrange(len(g))] for g in groups for _ in range(len(g))) / n for _ in range(reps))
+    return sum(sum(g) for g in groups) / n, means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
+
+
+def run_seed(seed: int, run_dir: Path, config: str, stages: list[str], overrides: list[str]) -> dict:
+    """eval.json of the seed's run, running (or resuming) the pipeline when a listed stage is not evaluated yet."""
+    wanted = [s for s in stages if s in EVALUATED]
+    eval_path = run_dir / "eval.json"
+    results = json.loads(eval_path.read_text()) if eval_path.exists() else {}
+    if all("scores" in results.get(s, {}) for s in wanted):
+        print(f"seed {seed}: reusing {run_dir} ({', '.join(wanted)} evaluated)", flush=True)
+        return results
+    cmd = [sys.executable, "-m", "rayllama.driver", config, f"seed={seed}", f"run_dir={run_dir}",
+           f"stages=[{','.join(stages)}]", "eval.split=test", "ray.include_dashboard=false", *overrides]
+    log = run_dir.with_suffix(".log")
+    print(f"seed {seed}: running {' '.join(cmd[2:])} (log {log})", flush=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(log, "a") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode
+    if rc != 0:
+        raise SystemExit(f"rlhf_evidence: seed {seed}'s run failed (exit {rc}); see {log}")
+    print(f"seed {seed}: done in {time.time() - t0:.0f} s", flush=True)
+    return json.loads(eval_path.read_text())
+
+
+def evidence(per_seed: dict[int, dict], stages: list[str]) -> dict:
+    """Per stage and metric: pooled mean and interval; per later stage and metric: paired change vs SFT, per seed
+    and pooled."""
+    evaluated = [s for s in stages if s in EVALUATED and all("scores" in r.get(s, {}) for r in per_seed.values())]
+    levels: dict[str, dict] = {}
+    for stage in evaluated:
+        levels[stage] = {}
+        for m in METRICS:
+            groups = [r[stage]["scores"].get(m, []) for r in per_seed.values()]
+            if any(groups):
+                levels[stage][m] = dict(zip(("mean", "lo", "hi"), stratified_ci(groups)), n=sum(map(len, groups)))
+    changes: dict[str, dict] = {}
+    base = "sft"
+    for stage in [s for s in evaluated if EVALUATED.index(s) > EVALUATED.index(base)]:
+        changes[stage] = {}
+        for m in METRICS:
+            diffs = {}
+            for seed, r in per_seed.items():
+                before, after = r[base]["scores"].get(m, []), r[stage]["scores"].get(m, [])
+                if before and len(before) == len(after):
+                    diffs[seed] = [b - a for a, b in zip(before, after)]
+            if diffs:
+                pooled = stratified_ci(list(diffs.values()))
+                changes[stage][m] = {
+                    "pooled": dict(zip(("mean", "lo", "hi"), pooled), n=sum(map(len, diffs.values()))),
+                    "per_seed": {str(s): dict(zip(("mean", "lo", "hi"), stratified_ci([d])))
+                                 for s, d in diffs.items()},
+                }
+    return {"levels": levels, "changes_vs_sft": changes}
+
+
+def _interval(x: dict) -> str:
+    return f"{x['mean']:.3f} [{x['lo']:.3f}, {x['hi']:.3f}]"
+
+
+def _signed(x: dict) -> str:
+    star = "*" if x["lo"] > 0 or x["hi"] < 0 else " "
+    return f"{x['mean']:+.3f} [{x['lo']:+.3f}, {x['hi']:+.3f}]{star}"
+
+
+def table(result: dict, seeds: list[int]) -> str:
+    lines = [f"gold metrics on the test split, {len(seeds)} world seed(s) {seeds}: mean [95% interval]"]
+    stages = list(result["levels"])
+    metrics = [m for m in METRICS if any(m in result["levels"][s] for s in stages)]
+    width = max(map(len, metrics)) + 2
+    lines.append("metric".ljust(width) + "".join(s.rjust(24) for s in stages))
+    for m in metrics:
+        cells = "".join((_interval(result["levels"][s][m]) if m in result["levels"][s] else "-").rjust(24)
+                        for s in stages)
+        lines.append(m.ljust(width) + cells)
+    lines.append("")
+    lines.append("change vs SFT, paired on the same test items (* = interval excludes 0)")
+    for stage, by_metric in result["changes_vs_sft"].items():
+        for m, c in by_metric.items():
+            seeds_txt = ", ".join(f"seed {s} {v['mean']:+.3f}" for s, v in c["per_seed"].items())
+            lines.append(f"  {stage} - sft  {m.ljust(width)} pooled {_signed(c['pooled'])} (n={c['pooled']['n']}; "
+                         f"{seeds_txt})")
+    return "\n".join(lines)
+
+
+def plot(result: dict, per_seed: dict[int, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = list(result["levels"])
+    shown = [m for m in ("gold_helpfulness", "gold_helpfulness_sampled", "refusal_rate_unsafe",
+                         "over_refusal_borderline") if any(m in result["levels"][s] for s in stages)]
+    gatt = "gatt" in stages
+    fig, axes = plt.subplots(1, 2 if gatt else 1, figsize=(11 if gatt else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    for i, m in enumerate(shown):
+        xs = [j + (i - len(shown) / 2) * 0.08 for j in range(len(stages))]
+        pts = [result["levels"][s].get(m) for s in stages]
+        ax.errorbar(xs, [p["mean"] if p else math.nan for p in pts],
+                    yerr=[[p["mean"] - p["lo"] if p else 0 for p in pts], [p["hi"] - p["mean"] if p else 0 for p in pts]],
+                    marker="o", capsize=3, label=m)
+    ax.set_xticks(range(len(stages)), stages)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("test split, 95% intervals")
+    ax.legend(fontsize=7)
+    if gatt:
+        ax = axes[0][1]
+        for stage in stages:
+            turns = sorted({int(k.rsplit("_", 1)[1]) for r in per_seed.values() for k in r.get(stage, {})
+                            if k.startswith("adherence_turn_") and k.rsplit("_", 1)[1].isdigit()})
+            if turns:
+                ys = [sum(r[stage].get(f"adherence_turn_{t}", math.nan) for r in per_seed.values()) / len(per_seed)
+                      for t in turns]
+                ax.plot(turns, ys, marker="o", label=stage)
+        ax.set_xlabel("turn")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title("GAtt adherence by turn (held-out instructions)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "evidence")
+    ap.add_argument("--config", default="configs/ppo.yaml")
+    ap.add_argument("--stages", nargs="+", default=["tokenizer", "pretrain", "sft", "reward", "rejection", "ppo",
+                                                    "gatt"])
+    ap.add_argument("--reuse", nargs="*", default=[], metavar="SEED=RUN_DIR")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "rlhf_evidence")
+    ap.add_argument("overrides", nargs="*", help="key=value for every seed's run")
+    args = ap.parse_args(argv)
+    if "sft" not in args.stages:
+        ap.error("--stages must include sft: every change is measured against it")
+    reuse = {}
+    for item in args.reuse:
+        seed, sep, path = item.partition("=")
+        if not sep or not seed.isdigit():
+            ap.error(f"--reuse {item!r}: write SEED=RUN_DIR, e.g. 0=runs/tiny")
+        reuse[int(seed)] = Path(path).absolute()
+    per_seed = {s: run_seed(s, reuse.get(s, args.runs.absolute() / f"seed{s}"), args.config, args.stages,
+                            args.overrides) for s in args.seeds}
+    for s, r in per_seed.items():
+        splits = {v.get("eval_split") for k, v in r.items() if isinstance(v, dict) and "scores" in v}
+        if splits != {"test"}:
+            print(f"rlhf_evidence: seed {s}'s run was judged on {sorted(map(str, splits))}, not the test split; "
+                  f"rerun it with eval.split=test", file=sys.stderr)
+            return 2
+    result = evidence(per_seed, args.stages)
+    print(table(result, args.seeds))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out_json, out_png = args.out.with_suffix(".json"), args.out.with_suffix(".png")
+    out_json.write_text(json.dumps({"seeds": args.seeds, "stages": args.stages, "config": args.config,
+                                    "overrides": args.overrides, **result}, indent=1))
+    plot(result, per_seed, out_png)
+    print(f"wrote {out_json} and {out_png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
