@@ -124,6 +124,33 @@ def test_chat_template_gives_our_ids(tok, exported, dialog):
         len(full_ids) - len(prompt))
 
 
+def random_dialog(rng: random.Random) -> list[dict[str, str]]:
+    """1-4 user turns (the last unanswered), a system prompt half the time; contents of words, digits, punctuation,
+    non-ASCII text and whitespace runs, at either end too."""
+    pieces = [*WORDS, "42", "7.5", "?!", ",", "(x)", "ünï", "☃", "😀", "中文", "\u00a0", " ", "  ", "\t", "\n", "\n\n"]
+
+    def text() -> str:
+        return "".join(rng.choice(pieces) + rng.choice(["", " "]) for _ in range(rng.randint(0, 12)))
+
+    turns = rng.randint(1, 4)
+    dialog = [{"role": "system", "content": text()}] if rng.random() < 0.5 else []
+    for i in range(turns):
+        dialog.append({"role": "user", "content": text()})
+        if i < turns - 1:
+            dialog.append({"role": "assistant", "content": text()})
+    return dialog
+
+
+def test_chat_template_gives_our_ids_on_random_dialogs(tok, exported):
+    hf_tok = AutoTokenizer.from_pretrained(exported[2])
+    rng = random.Random(1)
+    for _ in range(200):
+        dialog = random_dialog(rng)
+        assert chat_ids(hf_tok, dialog, add_generation_prompt=True) == tok.encode_prompt(dialog), dialog
+        answered = [*dialog, {"role": "assistant", "content": random_dialog(rng)[-1]["content"]}]
+        assert chat_ids(hf_tok, answered) == tok.encode_dialog(answered)[0], answered
+
+
 def test_chat_template_refuses_what_our_template_refuses(tok, exported):
     from jinja2 import TemplateError
 
