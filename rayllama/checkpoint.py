@@ -6,6 +6,11 @@ One on-disk format for every stage (pretrain, SFT, reward, PPO) and for import/e
     model.safetensors    the state dict, whose keys already are HF's (over 5 GB: model-0000i-of-0000n.safetensors
                          and model.safetensors.index.json, HF's sharded layout)
     tokenizer.model      SentencePiece model (copied, if given)
+    tokenizer_config.json, special_tokens_map.json
+                         with a tokenizer: transformers' LlamaTokenizer over tokenizer.model, its special tokens and
+                         our chat template (rayllama.tokenizer.hf_tokenizer_files), so `AutoTokenizer`,
+                         `apply_chat_template` and vLLM's chat API work on the directory as it is
+    generation_config.json  with a tokenizer, causal only: bos / eos / pad ids, greedy by default in transformers
     rayllama.json        our meta: kind ("causal" | "scalar"), step, whatever the caller passes
     train_state.pt       optimizer / scheduler / RNG / data position (torch.save), if given
 
@@ -30,12 +35,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rayllama.model import ModelConfig, ScalarHeadModel, Transformer
+from rayllama.tokenizer import Tokenizer, hf_tokenizer_files
 
 CONFIG, WEIGHTS, TOKENIZER, META, TRAIN_STATE = (
     "config.json", "model.safetensors", "tokenizer.model", "rayllama.json", "train_state.pt")
 SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX = (
     "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 ARCHITECTURES = {"causal": "LlamaForCausalLM", "scalar": "LlamaForSequenceClassification"}
+GENERATION_CONFIG = "generation_config.json"
 MAX_SHARD_BYTES = 5 * 1024**3  # HF's default shard size: a bigger model is written as sharded safetensors
 
 
@@ -81,6 +88,12 @@ def hf_config_dict(cfg: ModelConfig, kind: str = "causal",
     if kind == "scalar":
         out.update(num_labels=1, pad_token_id=0, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     return out
+
+
+def hf_generation_config(tok: Tokenizer) -> dict[str, Any]:
+    """generation_config.json of a causal checkpoint with `tok`: its special ids; no sampling settings (the project
+    has no chat defaults), so transformers' generate is greedy and vLLM keeps its own defaults."""
+    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "do_sample": False}
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -235,6 +248,12 @@ def save_state(path: str | Path, tensors: Iterable[tuple[str, torch.Tensor]], cf
     if tokenizer_model is not None and not Path(tokenizer_model).is_file():
         raise CheckpointError(f"tokenizer_model {tokenizer_model} does not exist; "
                               f"pass the .model file or None")
+    tok = None
+    if tokenizer_model is not None:
+        try:
+            tok = Tokenizer(tokenizer_model)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     target = Path(path).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(target)
@@ -248,8 +267,12 @@ def save_state(path: str | Path, tensors: Iterable[tuple[str, torch.Tensor]], cf
             writer.add(name, tensor)
         writer.close()
         _write_json(tmp / CONFIG, hf_config_dict(cfg, kind, writer.dtype or torch.float32))
-        if tokenizer_model is not None:
+        if tok is not None:
             shutil.copyfile(tokenizer_model, tmp / TOKENIZER)
+            for name, content in hf_tokenizer_files(tok, cfg.max_seq_len).items():
+                _write_json(tmp / name, content)
+            if kind == "causal":
+                _write_json(tmp / GENERATION_CONFIG, hf_generation_config(tok))
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
         _write_json(tmp / META, {**(meta or {}), "kind": kind})

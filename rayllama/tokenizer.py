@@ -9,7 +9,8 @@ piece (so digits and punctuation never fall back to bytes, however rare in the c
 Chat template (Meta's ``Llama.chat_completion``): a leading system message is folded into the first user turn as
 ``<<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user}``; each answered turn is
 ``[bos] + encode(f"[INST] {user.strip()} [/INST] {answer.strip()} ") + [eos]`` and a final unanswered turn
-``[bos] + encode(f"[INST] {user.strip()} [/INST]")``.
+``[bos] + encode(f"[INST] {user.strip()} [/INST]")``. The same template for transformers and vLLM is CHAT_TEMPLATE,
+written with the tokenizer files of an exported checkpoint (`hf_tokenizer_files`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,41 @@ ROLES = ("system", "user", "assistant")
 N_BYTE_PIECES = 256
 REQUIRED_CHARS = "".join(chr(c) for c in range(33, 127))  # printable ASCII but space (space is "▁")
 MIN_SENTENCEPIECE = (0, 2, 3)  # pyproject's floor: 0.2.2 aborts on a required char of frequency 0
+
+
+# Our chat template in Jinja, for transformers' `apply_chat_template` and vLLM's chat API on an exported checkpoint
+# (tokenizer_config.json): the rules of `_check_dialog`, each turn as `Tokenizer` encodes it. The bos and eos ids are
+# the literal bos_token / eos_token strings, which the HF tokenizer maps back to their ids. `encode` gives every
+# piece it is called on a dummy-prefix "▁", the HF tokenizer (legacy=False) only to text at the very start of
+# the string, so the template writes that space itself: "<s> [INST] ..." and " {answer} </s>" are exactly
+# [bos] + encode("[INST] ...") and encode("{answer} ") + [eos] (tests/test_hf_export.py checks it token for token).
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set system_message = messages[0]['content'] %}{% set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system_message = none %}{% set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set expected = 'user' if loop.index0 % 2 == 0 else 'assistant' -%}"
+    "{%- if message['role'] != expected -%}"
+    "{{ raise_exception('roles must be an optional system message, then user and assistant alternating, "
+    "starting with user') }}"
+    "{%- endif -%}"
+    "{%- for tag in " + repr(list(SPECIAL_TAGS)) + " if tag in message['content'] -%}"
+    "{{ raise_exception('message content contains the chat tag ' + tag + '; remove it') }}"
+    "{%- endfor -%}"
+    "{%- if loop.first and system_message is not none -%}"
+    "{%- set content = " + repr(B_SYS) + " + system_message + " + repr(E_SYS) + " + message['content'] -%}"
+    "{%- else -%}"
+    "{%- set content = message['content'] -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ bos_token + ' " + B_INST + " ' + (content | trim) + ' " + E_INST + "' }}"
+    "{%- else -%}"
+    "{{ ' ' + (content | trim) + ' ' + eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
 
 
 def strip_chat_tags(text: str) -> str:
@@ -207,6 +243,10 @@ class Tokenizer:
         return self._sp.eos_id()
 
     @property
+    def unk_id(self) -> int:
+        return self._sp.unk_id()
+
+    @property
     def pad_id(self) -> int:
         return 0
 
@@ -333,3 +373,16 @@ def _check_dialog(messages: Sequence[Mapping[str, str]], last: str) -> list[tupl
         contents[0] = B_SYS + system + E_SYS + contents[0]
     answers: list[str | None] = contents[1::2] + [None] * (len(contents) % 2)
     return list(zip(contents[0::2], answers))
+
+
+def hf_tokenizer_files(tok: Tokenizer, model_max_length: int) -> dict[str, dict]:
+    """tokenizer_config.json and special_tokens_map.json for a directory holding `tok`'s model as tokenizer.model:
+    transformers' LlamaTokenizer built from it encodes plain text as `tok.encode(text, bos=True)` and dialogues
+    (CHAT_TEMPLATE) as `encode_prompt` / `encode_dialog`. legacy=False with add_prefix_space: the dummy prefix goes
+    on the start of the text only, as sentencepiece puts it on the start of each piece `encode` is given."""
+    special = {"bos_token": tok.id_to_piece(tok.bos_id), "eos_token": tok.id_to_piece(tok.eos_id),
+               "unk_token": tok.id_to_piece(tok.unk_id), "pad_token": tok.id_to_piece(tok.pad_id)}
+    config = {"tokenizer_class": "LlamaTokenizer", **special, "add_bos_token": True, "add_eos_token": False,
+              "legacy": False, "add_prefix_space": True, "clean_up_tokenization_spaces": False,
+              "model_max_length": model_max_length, "chat_template": CHAT_TEMPLATE}
+    return {"tokenizer_config.json": config, "special_tokens_map.json": special}

@@ -19,6 +19,7 @@ from rayllama.checkpoint import (
     save_model,
 )
 from rayllama.model import ModelConfig, ScalarHeadModel, Transformer
+from rayllama.tokenizer import train_tokenizer
 
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=53, ffn_dim=64, max_seq_len=32)
 
@@ -41,8 +42,8 @@ def test_round_trip_weights_meta_train_state_tokenizer(tmp_path) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(tokens()).sum().backward()
     opt.step()
-    tok = tmp_path / "spm.model"
-    tok.write_bytes(b"\x00\x01not-really-sentencepiece")
+    tok = train_tokenizer([f"line {i} of a tiny corpus for the tokenizer" for i in range(50)], tmp_path / "spm",
+                          vocab_size=380)
     train_state = {"optimizer": opt.state_dict(), "step": 7, "rng": torch.get_rng_state()}
     with pytest.raises(ValueError, match="differs"):
         save_model(tmp_path / "ckpt", model, ModelConfig())
@@ -51,8 +52,9 @@ def test_round_trip_weights_meta_train_state_tokenizer(tmp_path) -> None:
     out = save_model(tmp_path / "ckpt", wrapped, CFG, tokenizer_model=tok, meta={"step": 7, "stage": "sft"},
                      train_state=train_state)
     assert is_complete(out)
-    assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "model.safetensors", "rayllama.json", "tokenizer.model", "train_state.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [  # the HF tokenizer files: tests/test_hf_export.py
+        "config.json", "generation_config.json", "model.safetensors", "rayllama.json", "special_tokens_map.json",
+        "tokenizer.model", "tokenizer_config.json", "train_state.pt"]
     assert (out / "tokenizer.model").read_bytes() == tok.read_bytes()
     loaded, cfg, meta = load_model(out)
     assert isinstance(loaded, Transformer) and cfg == CFG
