@@ -198,28 +198,29 @@ def test_wrong_key_is_rejected_by_openai_client(server):
 
 
 def test_first_streamed_token_arrives_early(client, checkpoint):
-    """The first content chunk of a long streamed answer comes before 20% of the same unstreamed answer's time."""
+    """A long streamed answer arrives token by token, not replayed at the end: its first content chunk comes in the
+    first half of the stream's own duration (a replayed answer's chunks all arrive together: a ratio near 1). The
+    stream is compared with itself, so HTTP overhead and a loaded machine, which slow every request alike, do not
+    decide it (comparing with a separate unstreamed request did: 0.22 under CI load, with the answer streamed)."""
     _, tok = checkpoint
     messages = [{"role": "system", "content": "."}, {"role": "user", "content": "Hi"}]
     max_tokens = min(128, 150 - len(tok.encode_prompt(messages)))
     assert max_tokens >= 120
     kwargs = dict(model=NAME, messages=messages, max_tokens=max_tokens, temperature=0)
-    client.chat.completions.create(**kwargs)  # warm
-    totals, firsts = [], []
-    for _ in range(3):  # the best of three of each: the CPUs are shared, one slow step must not decide
+    whole = client.chat.completions.create(**kwargs)  # also warms up
+    assert whole.usage.completion_tokens == max_tokens
+    ratios = []
+    for _ in range(3):  # the best of three: the CPUs are shared, one stalled step must not decide
         t0 = time.perf_counter()
-        whole = client.chat.completions.create(**kwargs)
-        totals.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        first, pieces = None, []
+        first, last, pieces = None, None, []
         for c in client.chat.completions.create(**kwargs, stream=True):
             if c.choices and c.choices[0].delta.content:
-                first = first or time.perf_counter() - t0
+                last = time.perf_counter() - t0
+                first = first or last
                 pieces.append(c.choices[0].delta.content)
-        firsts.append(first)
-        assert whole.usage.completion_tokens == max_tokens
+        ratios.append(first / last)
         assert "".join(pieces) == whole.choices[0].message.content and len(pieces) > max_tokens // 4
-    assert min(firsts) / min(totals) < 0.2, (firsts, totals)
+    assert min(ratios) < 0.5, ratios
 
 
 def test_greedy_answers_equal_the_engine_alone_and_in_a_busy_batch(client, server, oracle):
