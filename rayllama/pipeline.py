@@ -17,6 +17,8 @@ EVAL_SAMPLES = 4  # data.eval_prompts answered greedily after each stage (user d
 SUMMARY_KEYS = (
     "gold_helpfulness",
     "gold_helpfulness_sampled",
+    "gold_value_correct",
+    "gold_canonical_form",
     "refusal_rate_unsafe",
     "over_refusal_borderline",
     "adherence_turn_4plus",

@@ -210,10 +210,18 @@ def run_stages(run: Path) -> list[str]:
     return list((yaml.safe_load(config.read_text()) or {}).get("stages", [])) if config.exists() else []
 
 
+def _with_interval(value, ci95) -> object:
+    """A gold metric as "mean [lo, hi]" (its 95% bootstrap interval) when eval.json has one, else the value."""
+    if ci95 and isinstance(value, float) and all(isinstance(x, float) and x == x for x in ci95):
+        return f"{value:.3f} [{ci95[0]:.2f}, {ci95[1]:.2f}]"
+    return value
+
+
 def summary_table(results: dict, stages: list[str]) -> str:
     """The gold judge's and the reward models' headline metrics (pipeline.SUMMARY_KEYS, in that order), one row
-    per stage in `stages` order (reward: both models), then the stages of earlier runs of the run dir; then each
-    stage-to-stage change with its paired bootstrap interval (rayllama.eval.change_lines)."""
+    per stage in `stages` order (reward: both models), then the stages of earlier runs of the run dir, each gold
+    metric with its 95% bootstrap interval; then each stage-to-stage change with its paired bootstrap interval
+    (rayllama.eval.change_lines)."""
     from rayllama.config import STAGES
     from rayllama.eval import change_lines, format_table
     from rayllama.pipeline import SUMMARY_KEYS
@@ -221,7 +229,8 @@ def summary_table(results: dict, stages: list[str]) -> str:
     order = [x for s in stages for x in (("reward-helpfulness", "reward-safety") if s == "reward" else (s,))]
     order += sorted((s for s in results if s not in order),
                     key=lambda s: STAGES.index(s.split("-")[0]) if s.split("-")[0] in STAGES else len(STAGES))
-    rows = {s: {k: v for k, v in results.get(s, {}).items() if k in SUMMARY_KEYS} for s in order}
+    rows = {s: {k: _with_interval(v, results[s].get(f"{k}_ci95")) for k, v in results.get(s, {}).items()
+                if k in SUMMARY_KEYS} for s in order}
     rows = {s: r for s, r in rows.items() if r}
     if not rows:
         return ""
