@@ -15,7 +15,9 @@ two samples still counts. Prints a table (role, processes, peak RSS MB, peak RSS
 PASS/FAIL against --rss-bound-mb) and writes bench/results/stream_pretrain.json.
 
 RSS counts shared pages a process has touched, among them Ray's object store (/dev/shm) pages it maps; the
-"private" column leaves them out (psutil's rss - shared).
+"private" column leaves them out (psutil's rss - shared). Also reported: the object store's bytes in use (sampled
+every 4th time, against data.stream_memory_mb), each top role's highest RSS per quarter of the run (does it grow
+as the corpus streams?), the CPU seconds per role and, from them, what one pass of 1 GB would take on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from rayllama.train.stages import HELDOUT_ROWS, run_pretrain_stream  # noqa: E40
 
 CHUNK_DOCS = 2000  # documents per generator call (one chunk in memory at a time)
 MB = 1024 * 1024
+STORE = "(object store in use)"
 
 
 def documents(seed: int):
@@ -104,6 +107,21 @@ def hwm_bytes(pid: int) -> int:
     return 0
 
 
+def store_bytes() -> int | None:
+    """Bytes in use in the Ray object store (what `ray memory --stats-only` prints), None without Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        return get_memory_info_reply(state).store_stats.object_store_bytes_used
+    except Exception:  # a private API: no figure rather than no bench
+        return None
+
+
 class RssSampler(threading.Thread):
     """Every `interval` s: every process under the driver, its role, RSS, RSS less shared pages and VmHWM; keeps
     per role the peak of each and the pids seen, and the peak of the sum over all processes."""
@@ -114,12 +132,21 @@ class RssSampler(threading.Thread):
         self.roles: dict[str, dict] = {}
         self.cpu: dict[int, tuple[str, float]] = {}  # pid: (its latest role, its CPU seconds so far)
         self.peak_total = 0
+        self.store_peak = 0  # bytes in Ray's object store (not a process's RSS; its pages count in those that map them)
         self.samples = 0
+        self.t0 = time.perf_counter()
+        self.series: list[tuple[float, dict[str, float]]] = []  # (s since start, {role: highest RSS MB}) per ~10 s
+        self.window: dict[str, float] = {}
         self.done = threading.Event()
+        self.lock = threading.Lock()  # the driver samples too (before Ray shuts down)
 
     def sample(self) -> None:
+        with self.lock:
+            self._sample()
+
+    def _sample(self) -> None:
         me = psutil.Process(self.driver)
-        total = 0
+        total, now = 0, self.window
         for proc in [me, *me.children(recursive=True)]:
             try:
                 role = role_of(proc, self.driver)
@@ -133,8 +160,18 @@ class RssSampler(threading.Thread):
             r["private"] = max(r["private"], mem.rss - mem.shared)
             r["hwm"] = max(r["hwm"], hwm_bytes(proc.pid))
             total += mem.rss
+            now[role] = max(now.get(role, 0.0), mem.rss / MB)
             self.cpu[proc.pid] = (role, cpu.user + cpu.system)
         self.peak_total = max(self.peak_total, total)
+        if self.samples % 4 == 0:
+            used = store_bytes()
+            if used is not None:
+                self.store_peak = max(self.store_peak, used)
+                now[STORE] = max(now.get(STORE, 0.0), used / MB)
+        t = time.perf_counter() - self.t0
+        if not self.series or t - self.series[-1][0] >= 10:
+            self.series.append((t, now))
+            self.window = {}
         self.samples += 1
 
     def run(self) -> None:
@@ -264,6 +301,14 @@ def report(args, r: dict, sampler: RssSampler) -> None:
         per_gb = 1e9 / r["bytes_per_token"] / r["steady_tokens_per_s"]
         print(f"training loop's median window {r['steady_tokens_per_s']:.0f} tokens/s: one pass of 1 GB "
               f"(~{1e9 / r['bytes_per_token'] / 1e6:.0f}M tokens) would take ~{per_gb / 60:.0f} min at this rate")
+    top = [x["role"] for x in rows[:4]] + [STORE]
+    end = sampler.series[-1][0] if sampler.series else 0
+    quarters = [[now for t, now in sampler.series if q * end / 4 <= t <= (q + 1) * end / 4] for q in range(4)]
+    print(f"\nhighest RSS MB in each quarter of the run's {end:.0f} s (does it grow as the corpus "
+          f"streams?):")
+    for role in top:
+        print(f"  {role:<{width}}  " + "  ".join(f"{max((n.get(role, 0) for n in q), default=0):>7.1f}"
+                                                 for q in quarters))
     worker_cpu = sum(x["cpu_s"] for x in rows if x["role"] == "ray::RayTrainWorker")
     if worker_cpu:  # a rate per CPU-second does not depend on what else runs on the machine
         per_cpu = r["tokens_seen"] / worker_cpu
@@ -276,6 +321,8 @@ def report(args, r: dict, sampler: RssSampler) -> None:
     print(f"all processes used {total_cpu:.0f} CPU-s (start-up included): at that cost per token, one pass of 1 GB "
           f"on 2 otherwise idle cores would take ~{total_cpu * 1e9 / r['bytes_per_token'] / r['tokens_seen'] / 2 / 60:.0f}"
           f" min, plus writing the corpus")
+    print(f"object store in use at most {sampler.store_peak / MB:.0f} MB (data.stream_memory_mb "
+          f"{args.stream_memory_mb:g})")
     print(f"peak of the summed RSS of all processes {sampler.peak_total / MB:.0f} MB; driver ru_maxrss "
           f"{driver_maxrss / MB:.0f} MB; {sampler.samples} samples every {args.interval} s; every process's peak RSS "
           f"< {args.rss_bound_mb:g} MB: {'PASS' if ok else 'FAIL'} (corpus / bound: "
@@ -283,8 +330,8 @@ def report(args, r: dict, sampler: RssSampler) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "args": vars(args), **r, "rss_bound_mb": args.rss_bound_mb, "processes": rows, "all_pass": ok,
-        "peak_total_rss_mb": sampler.peak_total / MB, "driver_ru_maxrss_mb": driver_maxrss / MB,
-        "samples": sampler.samples,
+        "peak_total_rss_mb": sampler.peak_total / MB, "object_store_peak_mb": sampler.store_peak / MB, "driver_ru_maxrss_mb": driver_maxrss / MB,
+        "samples": sampler.samples, "rss_series_mb": sampler.series,
     }, indent=2))
 
 
