@@ -183,6 +183,7 @@ def test_every_numeric_key_has_a_range(schema, rules):
     ("ppo.resources.learner.resources={node_a: -1}", "ppo.resources.learner.resources.node_a -1"),
     ("pretrain.log_every=0", "pretrain.log_every 0 must be >= 1"),
     ("ray.dashboard_port=70000", "ray.dashboard_port 70000 must be in [1, 65535]"),
+    ("eval.split=heldout", "eval.split 'heldout' is not dev or test; tune on dev, report on test"),
 ])
 def test_range_checks(override, fragment):
     with pytest.raises(ConfigError) as e:

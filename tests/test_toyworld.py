@@ -432,6 +432,9 @@ def test_the_test_split_never_reaches_training_data_or_the_tokenizer(tmp_path, m
     test_topics = {x["topic"] for x in test_tasks if "topic" in x}
     eval_prompts = {r.prompt[-1]["content"] for r in read_jsonl(tmp_path / "data" / "eval.jsonl", "prompts")}
     assert eval_prompts <= {x["prompt"] for x in test_tasks}  # the report's prompts are all test prompts
+    tuning = Pipeline(load_config("configs/ppo.yaml", [f"run_dir={tmp_path}", "eval.split=dev"]), RunDir(cfg))
+    dev_prompts = {x["prompt"] for t in tw.TASK_TYPES for x in tw.task_pool(t, "dev")}
+    assert {r.prompt[-1]["content"] for r in tuning.eval_set} <= dev_prompts  # eval.split=dev: dev prompts only
     for name, text in training.items():
         for task in test_tasks:
             assert task["prompt"].lower() not in text, (name, task)
