@@ -29,6 +29,7 @@ import torch
 from rayllama.data import sources
 
 BLOCK_DOCS = 256  # documents per block a read task yields (one block in memory per task)
+BLOCK_BYTES = 1024 * 1024  # the most bytes a block of the stream holds (Ray Data's default: 128 MiB)
 STREAM = "ray-data:train"  # TrainJob.data_path of a job whose rows come from its Ray Data shard "train"
 
 
@@ -145,8 +146,9 @@ def pretrain_dataset(data, tok, seq_len: int, seed: int, counter=None, memory_mb
             object_store_memory=int(memory_mb * 1024 * 1024))
     # fractional CPUs: the read tasks and the packer share the machine with the Ray Train workers they feed
     ds = ray.data.read_datasource(PretrainText(), override_num_blocks=len(plan), ray_remote_args={"num_cpus": 0.25})
-    return ds.map_batches(TokenizePack, fn_constructor_args=(tok, seq_len), batch_size=BLOCK_DOCS,
-                          batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
+    ds = ds.map_batches(TokenizePack(tok, seq_len), batch_size=BLOCK_DOCS, batch_format="numpy", num_cpus=0.25)
+    ds.context.target_max_block_size = BLOCK_BYTES
+    return ds
 
 
 class TokenizePack:
