@@ -42,15 +42,22 @@ def is_heldout(text: str, fraction: float) -> bool:
     return fraction > 0 and sources.heldout_key(text) < fraction
 
 
-def read_plan(data) -> list[tuple[str, object, str, float, bool]]:
-    """(label, source, file, keep share, counts) per read task: int(weight) full passes and one partial pass; only
-    the first full pass over a file counts its rows and drops (the others re-read the same rows)."""
+def read_plan(data, range_bytes: int | None = None) -> list[tuple[str, object, str, float, bool, tuple | None]]:
+    """(label, source, file, keep share, counts, byte range) per read task: int(weight) full passes and one partial
+    pass; only the first full pass over a file counts its rows and drops (the others re-read the same rows). A
+    splittable file (uncompressed .jsonl / .txt) is read in byte ranges of range_bytes, one read task each; other
+    files whole (byte range None)."""
     plan = []
     for i, src in enumerate(data.pretrain):
         label = f"data.pretrain[{i}]"
         files = sources.source_files(src.path, src.split, f"{label} ({src.path})")
+        parts = []
+        for f in files:
+            size = sources.file_size(f) if range_bytes and sources.splittable(f) else 0
+            parts += [(f, (a, min(a + range_bytes, size))) for a in range(0, size, range_bytes)] if size else [(f, None)]
         shares = [1.0] * int(src.weight) + ([src.weight - int(src.weight)] if src.weight % 1 else [])
-        plan += [(label, src, f, share, k == 0 and share == 1.0) for k, share in enumerate(shares) for f in files]
+        plan += [(label, src, f, share, k == 0 and share == 1.0, part) for k, share in enumerate(shares)
+                 for f, part in parts]
     return plan
 
 
@@ -91,20 +98,22 @@ def drop_counter():
     return _counter_class().remote()
 
 
-def _read_fn(label: str, src, file: str, share: float, counts: bool, heldout_fraction: float, seed: int, counter):
+def _read_fn(label: str, src, file: str, share: float, counts: bool, part: tuple | None, heldout_fraction: float,
+             seed: int, counter):
     def read() -> Iterator:
         import pyarrow as pa
 
         one = dataclasses.replace(src, path=file)
         st = sources.SourceStats(f"{label} ({src.path})")
         texts: list[str] = []
+        key = file if part is None else f"{file}@{part[0]}"  # the counter's unit: a file or a byte range of one
 
         def report() -> None:
             if counter is not None and counts:
-                counter.report.remote(st.name, file, {"rows": st.rows, "kept": st.kept, "dropped": dict(st.dropped),
-                                                      "examples": dict(st.examples)})
+                counter.report.remote(st.name, key, {"rows": st.rows, "kept": st.kept, "dropped": dict(st.dropped),
+                                                     "examples": dict(st.examples)})
 
-        for rec in sources.iter_source(one, "pretrain", label, st, seed):
+        for rec in sources.iter_source(one, "pretrain", label, st, seed, byte_range=part):
             if is_heldout(rec.text, heldout_fraction):
                 continue
             if share < 1.0 and _unit(rec.text, f"{seed}:{label}") >= share:
@@ -120,18 +129,23 @@ def _read_fn(label: str, src, file: str, share: float, counts: bool, heldout_fra
     return read
 
 
+def block_bytes(memory_mb: float | None) -> int:
+    """The most bytes a block of the stream holds: an eighth of the memory budget, within 64 KiB .. BLOCK_BYTES."""
+    return BLOCK_BYTES if not memory_mb else int(min(BLOCK_BYTES, max(64 * 1024, memory_mb * 1024 * 1024 / 8)))
+
+
 def pretrain_dataset(data, tok, seq_len: int, seed: int, counter=None, memory_mb: float | None = None):
     """The Ray Data dataset of packed pretraining rows over data.pretrain (see the module docstring)."""
     import ray.data
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
-    plan = read_plan(data)
+    plan = read_plan(data, range_bytes=2 * block_bytes(memory_mb))
 
     class PretrainText(Datasource):
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-            return [ReadTask(_read_fn(label, src, f, share, counts, data.heldout_fraction, seed, counter),
-                             BlockMetadata(None, None, (f,), None)) for label, src, f, share, counts in plan]
+            return [ReadTask(_read_fn(label, src, f, share, counts, part, data.heldout_fraction, seed, counter),
+                             BlockMetadata(None, None, (f,), None)) for label, src, f, share, counts, part in plan]
 
         def estimate_inmemory_data_size(self):
             return None
@@ -147,7 +161,8 @@ def pretrain_dataset(data, tok, seq_len: int, seed: int, counter=None, memory_mb
     # fractional CPUs: the read tasks and the packer share the machine with the Ray Train workers they feed
     ds = ray.data.read_datasource(PretrainText(), override_num_blocks=len(plan), ray_remote_args={"num_cpus": 0.25})
     ds = ds.map_batches(TokenizePack(tok, seq_len), batch_size=BLOCK_DOCS, batch_format="numpy", num_cpus=0.25)
-    ds.context.target_max_block_size = BLOCK_BYTES
+    # small blocks: Ray Data's backpressure works in whole blocks, and its default block (128 MiB) is a whole file
+    ds.context.target_max_block_size = block_bytes(memory_mb)
     return ds
 
 
