@@ -119,7 +119,7 @@ def test_the_object_store_holds_about_the_memory_budget_not_the_corpus(ray_sessi
     print(f"corpus {corpus_bytes / 1e6:.1f} MB, budget {budget_mb} MB: object store peak {peak / 1e6:.2f} MB over "
           f"{rows} rows")
     assert rows >= 3000
-    assert peak < 4 * budget_mb * 1024 * 1024, peak
+    assert peak < 6 * budget_mb * 1024 * 1024, peak  # the whole corpus before byte ranges and small blocks
 
 
 @pytest.mark.parametrize("range_bytes", [1, 7, 64, 1000, 10**6])

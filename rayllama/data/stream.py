@@ -24,7 +24,7 @@ waited on the budget). The packer runs as tasks, not an actor pool. Other files 
 .arrow) are read whole by one task each and are not bounded so. Measured (bench/stream_pretrain.py, a 0.106 GB
 JSONL corpus, --fraction 0.1, budget 32 MB, loaded 2-core machine): object store peak 353 -> 33 MB, packer peak
 RSS 1104 (601 private) -> 435 (253) MB, read task 583 (387) -> 419 (249) MB; tests/test_stream.py: a 10.3 MB
-corpus under a 1 MB budget read by a slow consumer peaks at 34 MB in the object store before, 2.4-3.5 MB after.
+corpus under a 1 MB budget read by a slow consumer peaks at 34 MB in the object store before, 2.1-3.5 MB after.
 """
 
 from __future__ import annotations
