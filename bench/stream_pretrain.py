@@ -16,8 +16,9 @@ PASS/FAIL against --rss-bound-mb) and writes bench/results/stream_pretrain.json.
 
 RSS counts shared pages a process has touched, among them Ray's object store (/dev/shm) pages it maps; the
 "private" column leaves them out (psutil's rss - shared). Also reported: the object store's bytes in use (sampled
-every 4th time, against data.stream_memory_mb), each top role's highest RSS per quarter of the run (does it grow
-as the corpus streams?), the CPU seconds per role and, from them, what one pass of 1 GB would take on 2 idle cores.
+every 4th time, against data.stream_memory_mb), each top role's highest RSS per quarter of the streaming part (from
+the dataset's creation to the end: does it grow as the corpus streams?), the CPU seconds per role and, from them,
+what one pass of 1 GB would take on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ class RssSampler(threading.Thread):
         self.store_peak = 0  # bytes in Ray's object store (not a process's RSS; its pages count in those that map them)
         self.samples = 0
         self.t0 = time.perf_counter()
+        self.stream_t0 = 0.0  # s since start when the stream begins (the quarters are of the streaming part)
         self.series: list[tuple[float, dict[str, float]]] = []  # (s since start, {role: highest RSS MB}) per ~10 s
         self.window: dict[str, float] = {}
         self.done = threading.Event()
@@ -259,6 +261,7 @@ def run(args, workdir: Path, sampler: RssSampler) -> dict:
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
         t1 = time.perf_counter()
+        sampler.stream_t0 = t1 - sampler.t0
         dataset = stream.pretrain_dataset(data, tok, p.seq_len, cfg.seed, memory_mb=data.stream_memory_mb)
         heldout = stream.collect_heldout(data, cfg.seed, max_chars=HELDOUT_ROWS * row * 8)
         out = run_pretrain_stream(cfg, workdir / "run", tok, dataset, heldout)
@@ -302,10 +305,12 @@ def report(args, r: dict, sampler: RssSampler) -> None:
         print(f"training loop's median window {r['steady_tokens_per_s']:.0f} tokens/s: one pass of 1 GB "
               f"(~{1e9 / r['bytes_per_token'] / 1e6:.0f}M tokens) would take ~{per_gb / 60:.0f} min at this rate")
     top = [x["role"] for x in rows[:4]] + [STORE]
-    end = sampler.series[-1][0] if sampler.series else 0
-    quarters = [[now for t, now in sampler.series if q * end / 4 <= t <= (q + 1) * end / 4] for q in range(4)]
-    print(f"\nhighest RSS MB in each quarter of the run's {end:.0f} s (does it grow as the corpus "
-          f"streams?):")
+    end, t0 = (sampler.series[-1][0] if sampler.series else 0), sampler.stream_t0
+    quarters = [[now for t, now in sampler.series if t0 + q * (end - t0) / 4 <= t <= t0 + (q + 1) * (end - t0) / 4]
+                for q in range(4)]
+    r["quarters_mb"] = {role: [max((n.get(role, 0) for n in q), default=0) for q in quarters] for role in top}
+    print(f"\nhighest RSS MB in each quarter of the {end - t0:.0f} s from the stream's start to the end (does it grow "
+          f"as the corpus streams?):")
     for role in top:
         print(f"  {role:<{width}}  " + "  ".join(f"{max((n.get(role, 0) for n in q), default=0):>7.1f}"
                                                  for q in quarters))

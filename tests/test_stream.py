@@ -77,3 +77,61 @@ def test_a_corpus_larger_than_the_memory_budget_streams_through_ray_train(ray_se
     assert heldout and all(stream.is_heldout(d, data.heldout_fraction) for d in heldout)
     print(f"corpus {corpus_bytes / 1e6:.2f} MB, {corpus_tokens} tokens, budget {budget_mb} MB, "
           f"{p.steps} steps, {seen} tokens seen")
+
+
+def store_bytes() -> int:
+    """Bytes in use in the local Ray object store (what `ray memory --stats-only` prints)."""
+    import ray
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    state = get_state_from_address(ray.get_runtime_context().gcs_address)
+    return get_memory_info_reply(state).store_stats.object_store_bytes_used
+
+
+def test_the_object_store_holds_about_the_memory_budget_not_the_corpus(ray_session, tmp_path, tok):
+    """A consumer slower than the packer: Ray Data runs ahead only until data.stream_memory_mb is in use (with Ray
+    Data's default 128 MiB blocks the read task and the packer each built one block of the whole file)."""
+    import time
+
+    import ray.data
+
+    docs = corpus(30000, seed=3)
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    budget_mb = 1.0
+    corpus_bytes = path.stat().st_size
+    assert corpus_bytes > 8 * budget_mb * 1024 * 1024, corpus_bytes
+    data = DataSection(pretrain=[DataSource(path=str(path), format="text")], stream_memory_mb=budget_mb)
+    ctx = ray.data.DataContext.get_current()
+    limits = ctx.execution_options.resource_limits
+    base = store_bytes()
+    peak, rows = 0, 0
+    try:
+        dataset = stream.pretrain_dataset(data, tok, 127, 0, memory_mb=budget_mb)
+        for batch in dataset.iter_batches(batch_size=64):
+            rows += len(batch["tokens"])
+            peak = max(peak, store_bytes() - base)
+            if rows >= 3000:  # about a third of the corpus's rows of 128 tokens
+                break
+            time.sleep(0.02)
+    finally:
+        ctx.execution_options.resource_limits = limits
+    print(f"corpus {corpus_bytes / 1e6:.1f} MB, budget {budget_mb} MB: object store peak {peak / 1e6:.2f} MB over "
+          f"{rows} rows")
+    assert rows >= 3000
+    assert peak < 6 * budget_mb * 1024 * 1024, peak  # the whole corpus before byte ranges and small blocks
+
+
+@pytest.mark.parametrize("range_bytes", [1, 7, 64, 1000, 10**6])
+def test_byte_ranges_read_every_line_once(tmp_path, range_bytes):
+    from rayllama.data import sources
+
+    docs = corpus(40, seed=4) + ["", "ünïcode line", "last line without newline"]
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(("\n".join(json.dumps({"text": d}) for d in docs[:-1]) + "\r\n\n" +
+                      json.dumps({"text": docs[-1]})).encode())
+    size = path.stat().st_size
+    rows = [r for a in range(0, size, range_bytes)
+            for r in sources.iter_file_rows(str(path), (a, min(a + range_bytes, size)))]
+    assert rows == list(sources.iter_file_rows(str(path)))
+    assert [r["text"] for r in rows] == docs

@@ -144,9 +144,62 @@ def _suffix(path: str) -> str:
     return "." + name.rsplit(".", 1)[-1] if "." in name else ""
 
 
-def iter_file_rows(path: str) -> Iterator[dict | None]:
-    """The rows of one data file as dicts; a JSON line that is not an object yields None (a malformed row)."""
+def splittable(path: str) -> bool:
+    """Whether a file can be read in byte ranges (iter_file_rows' byte_range): uncompressed JSON lines or text."""
+    return _suffix(path) in (".jsonl", ".txt") and not path.partition("?")[0].lower().endswith(".gz")
+
+
+def file_size(path: str) -> int:
+    fs, p = storage.filesystem(path)
+    return fs.get_file_info(p).size
+
+
+def _lines_in_range(f, start: int, end: int, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The lines of a binary file that start at a byte offset in [start, end): consecutive ranges read every line
+    once (a line that starts before `start` belongs to the range before)."""
+    pos = max(start - 1, 0)  # from the byte before start: a line starting at start follows a newline there
+    f.seek(pos)
+    skip, rest = start > 0, b""
+    while True:
+        data = f.read(chunk)
+        buf, at = rest + data, 0
+        while (nl := buf.find(b"\n", at)) >= 0:
+            if not skip:
+                if pos >= end:
+                    return
+                yield buf[at:nl + 1]
+            skip = False
+            pos += nl + 1 - at
+            at = nl + 1
+        rest = buf[at:]
+        if not data:
+            if rest and not skip and pos < end:
+                yield rest
+            return
+
+
+def iter_file_rows(path: str, byte_range: tuple[int, int] | None = None) -> Iterator[dict | None]:
+    """The rows of one data file as dicts; a JSON line that is not an object yields None (a malformed row).
+    byte_range (start, end): only the lines starting in it, for a `splittable` file."""
     suffix = _suffix(path)
+    if byte_range is not None:
+        if not splittable(path):
+            raise SourceError(f"{path}: only uncompressed .jsonl and .txt files are read in byte ranges")
+        with storage.open_input(path) as raw:
+            for raw_line in _lines_in_range(raw, *byte_range):
+                line = raw_line.decode("utf-8", errors="replace").replace("\r\n", "\n")  # as universal newlines
+                if not line.strip():
+                    continue
+                if suffix == ".txt":
+                    yield {"text": line.rstrip("\n")}
+                    continue
+                try:
+                    obj = json.loads(line)
+                except (json.JSONDecodeError, RecursionError):
+                    yield None
+                    continue
+                yield obj if isinstance(obj, dict) else None
+        return
     if suffix not in DATA_SUFFIXES:
         raise SourceError(f"{path}: unknown file type '{suffix}'; use one of {', '.join(DATA_SUFFIXES)} (or .gz)")
     if suffix == ".parquet":
@@ -397,8 +450,10 @@ def _check_columns(src, label: str, fmt: str, cols: dict[str, str], row: dict | 
                           f"{{{[f for f in REQUIRED[fmt] if cols[f] == missing[0]][0]}: <column>}}")
 
 
-def iter_source(src, kind: str, label: str, stats: SourceStats, seed: int = 0) -> Iterator:
-    """The records of one source, streamed file by file; counts rows and drops into `stats`."""
+def iter_source(src, kind: str, label: str, stats: SourceStats, seed: int = 0,
+                byte_range: tuple[int, int] | None = None) -> Iterator:
+    """The records of one source, streamed file by file; counts rows and drops into `stats`. byte_range: only the
+    rows of that byte range of a source that is one splittable file (row numbers in drop examples count from it)."""
     if src.format not in FORMATS_FOR[kind]:
         raise SourceError(f"{label} ({src.path}): format '{src.format}' cannot feed data.{kind}; use one of "
                           f"{', '.join(FORMATS_FOR[kind])}")
@@ -407,7 +462,7 @@ def iter_source(src, kind: str, label: str, stats: SourceStats, seed: int = 0) -
     for file in source_files(src.path, src.split, f"{label} ({src.path})"):
         try:
             first = True
-            for row in iter_file_rows(file):
+            for row in iter_file_rows(file, byte_range):
                 if first:
                     _check_columns(src, label, src.format, cols, row, file)
                     first = False

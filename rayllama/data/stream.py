@@ -1,8 +1,9 @@
 """Pretraining text streamed through Ray Data into Ray Train, so that no process holds a whole corpus.
 
-    data.pretrain sources --read tasks (one per file and repeat; rayllama.data.sources' adapters, blocks of
-    BLOCK_DOCS documents)--> {"text"} --map_batches(TokenizePack)--> {"tokens", "loss_mask", "lengths"} rows of
-    seq_len + 1 --streaming_split (Ray Train's DataConfig)--> ray.train.get_dataset_shard("train") on every worker
+    data.pretrain sources --read tasks (one per byte range of a file and repeat; rayllama.data.sources' adapters,
+    blocks of BLOCK_DOCS documents)--> {"text"} --map_batches(TokenizePack) tasks--> {"tokens", "loss_mask",
+    "lengths"} rows of seq_len + 1 --streaming_split (Ray Train's DataConfig)--> ray.train.get_dataset_shard("train")
+    on every worker
 
 Packing (as rayllama.train.data.pack_texts): every document is `<s> text </s>`, documents are concatenated and cut
 into rows of seq_len + 1 tokens; a batch's last, shorter row is padded (lengths says how far it is real), so every
@@ -12,8 +13,18 @@ stream: bos and eos mark where each starts and ends.
 Weights: a source of weight w is read int(w) times, plus once keeping a seeded hash-chosen w - int(w) share of its
 documents. Held-out documents (data.heldout_fraction, chosen by the hash of their text as in
 sources.heldout_split) never enter the stream; `collect_heldout` gathers a bounded number of them for perplexity.
-Ray Data's object store use is capped by data.stream_memory_mb, the budget the memory test trains a larger corpus
-under. Drops (empty / malformed rows) are counted per source by a small actor the read tasks report to.
+Drops (empty / malformed rows) are counted per source by a small actor the read tasks report to.
+
+Memory: data.stream_memory_mb is Ray Data's object store budget. Ray Data throttles in whole blocks and whole task
+launches, so the stream keeps both small: blocks of at most an eighth of the budget (64 KiB .. 1 MiB, block_bytes;
+Ray Data's default, 128 MiB, made the read task and the packer each build one block of a whole file), and an
+uncompressed .jsonl / .txt file is read in byte ranges of a quarter of the budget (128 KiB .. 2 MiB), one read task
+each (with one task per file, the executor pulled a whole file into the packer's input queue while the packer
+waited on the budget). The packer runs as tasks, not an actor pool. Other files (.gz, a JSON array, .parquet,
+.arrow) are read whole by one task each and are not bounded so. Measured (bench/stream_pretrain.py, a 0.106 GB
+JSONL corpus, --fraction 0.1, budget 32 MB, loaded 2-core machine): object store peak 353 -> 33 MB, packer peak
+RSS 1104 (601 private) -> 435 (253) MB, read task 583 (387) -> 419 (249) MB; tests/test_stream.py: a 10.3 MB
+corpus under a 1 MB budget read by a slow consumer peaks at 34 MB in the object store before, 2.1-3.5 MB after.
 """
 
 from __future__ import annotations
@@ -28,7 +39,8 @@ import torch
 
 from rayllama.data import sources
 
-BLOCK_DOCS = 256  # documents per block a read task yields (one block in memory per task)
+BLOCK_DOCS = 256  # documents per table a read task yields (and per packed batch)
+BLOCK_BYTES = 1024 * 1024  # the most bytes a block of the stream holds (Ray Data's default: 128 MiB)
 STREAM = "ray-data:train"  # TrainJob.data_path of a job whose rows come from its Ray Data shard "train"
 
 
@@ -41,15 +53,22 @@ def is_heldout(text: str, fraction: float) -> bool:
     return fraction > 0 and sources.heldout_key(text) < fraction
 
 
-def read_plan(data) -> list[tuple[str, object, str, float, bool]]:
-    """(label, source, file, keep share, counts) per read task: int(weight) full passes and one partial pass; only
-    the first full pass over a file counts its rows and drops (the others re-read the same rows)."""
+def read_plan(data, range_bytes: int | None = None) -> list[tuple[str, object, str, float, bool, tuple | None]]:
+    """(label, source, file, keep share, counts, byte range) per read task: int(weight) full passes and one partial
+    pass; only the first full pass over a file counts its rows and drops (the others re-read the same rows). A
+    splittable file (uncompressed .jsonl / .txt) is read in byte ranges of range_bytes, one read task each; other
+    files whole (byte range None)."""
     plan = []
     for i, src in enumerate(data.pretrain):
         label = f"data.pretrain[{i}]"
         files = sources.source_files(src.path, src.split, f"{label} ({src.path})")
+        parts = []
+        for f in files:
+            size = sources.file_size(f) if range_bytes and sources.splittable(f) else 0
+            parts += [(f, (a, min(a + range_bytes, size))) for a in range(0, size, range_bytes)] if size else [(f, None)]
         shares = [1.0] * int(src.weight) + ([src.weight - int(src.weight)] if src.weight % 1 else [])
-        plan += [(label, src, f, share, k == 0 and share == 1.0) for k, share in enumerate(shares) for f in files]
+        plan += [(label, src, f, share, k == 0 and share == 1.0, part) for k, share in enumerate(shares)
+                 for f, part in parts]
     return plan
 
 
@@ -90,20 +109,22 @@ def drop_counter():
     return _counter_class().remote()
 
 
-def _read_fn(label: str, src, file: str, share: float, counts: bool, heldout_fraction: float, seed: int, counter):
+def _read_fn(label: str, src, file: str, share: float, counts: bool, part: tuple | None, heldout_fraction: float,
+             seed: int, counter):
     def read() -> Iterator:
         import pyarrow as pa
 
         one = dataclasses.replace(src, path=file)
         st = sources.SourceStats(f"{label} ({src.path})")
         texts: list[str] = []
+        key = file if part is None else f"{file}@{part[0]}"  # the counter's unit: a file or a byte range of one
 
         def report() -> None:
             if counter is not None and counts:
-                counter.report.remote(st.name, file, {"rows": st.rows, "kept": st.kept, "dropped": dict(st.dropped),
-                                                      "examples": dict(st.examples)})
+                counter.report.remote(st.name, key, {"rows": st.rows, "kept": st.kept, "dropped": dict(st.dropped),
+                                                     "examples": dict(st.examples)})
 
-        for rec in sources.iter_source(one, "pretrain", label, st, seed):
+        for rec in sources.iter_source(one, "pretrain", label, st, seed, byte_range=part):
             if is_heldout(rec.text, heldout_fraction):
                 continue
             if share < 1.0 and _unit(rec.text, f"{seed}:{label}") >= share:
@@ -119,18 +140,23 @@ def _read_fn(label: str, src, file: str, share: float, counts: bool, heldout_fra
     return read
 
 
+def block_bytes(memory_mb: float | None) -> int:
+    """The most bytes a block of the stream holds: an eighth of the memory budget, within 64 KiB .. BLOCK_BYTES."""
+    return BLOCK_BYTES if not memory_mb else int(min(BLOCK_BYTES, max(64 * 1024, memory_mb * 1024 * 1024 / 8)))
+
+
 def pretrain_dataset(data, tok, seq_len: int, seed: int, counter=None, memory_mb: float | None = None):
     """The Ray Data dataset of packed pretraining rows over data.pretrain (see the module docstring)."""
     import ray.data
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
-    plan = read_plan(data)
+    plan = read_plan(data, range_bytes=2 * block_bytes(memory_mb))
 
     class PretrainText(Datasource):
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-            return [ReadTask(_read_fn(label, src, f, share, counts, data.heldout_fraction, seed, counter),
-                             BlockMetadata(None, None, (f,), None)) for label, src, f, share, counts in plan]
+            return [ReadTask(_read_fn(label, src, f, share, counts, part, data.heldout_fraction, seed, counter),
+                             BlockMetadata(None, None, (f,), None)) for label, src, f, share, counts, part in plan]
 
         def estimate_inmemory_data_size(self):
             return None
@@ -145,8 +171,10 @@ def pretrain_dataset(data, tok, seq_len: int, seed: int, counter=None, memory_mb
             object_store_memory=int(memory_mb * 1024 * 1024))
     # fractional CPUs: the read tasks and the packer share the machine with the Ray Train workers they feed
     ds = ray.data.read_datasource(PretrainText(), override_num_blocks=len(plan), ray_remote_args={"num_cpus": 0.25})
-    return ds.map_batches(TokenizePack, fn_constructor_args=(tok, seq_len), batch_size=BLOCK_DOCS,
-                          batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
+    ds = ds.map_batches(TokenizePack(tok, seq_len), batch_size=BLOCK_DOCS, batch_format="numpy", num_cpus=0.25)
+    # small blocks: Ray Data's backpressure works in whole blocks, and its default block (128 MiB) is a whole file
+    ds.context.target_max_block_size = block_bytes(memory_mb)
+    return ds
 
 
 class TokenizePack:
