@@ -28,9 +28,9 @@ each scorer) N > 1 the role is N actors, a bundle each, that form one FSDP2 grou
 through one `rayllama.rl.actors_api.ShardedHandle`. Their ranks are not restarted either (max_restarts 0) and there
 is no rebuild: a lost rank fails the call that needed it.
 
-Faults: every actor except a grouped learner or frozen rank restarts up to `max_restarts` times and re-runs the task it died in
-(`_role_options`); `RLActors.call` re-issues up to `max_restarts` more times. A lone learner restarts with fresh
-SFT weights and refuses work until the loop restores a checkpoint. Ranks of a group of N > 1 are not restarted
+Faults: every actor except a grouped learner or a sharded frozen role's rank restarts up to `max_restarts` times
+and re-runs the task it died in (`_role_options`); `RLActors.call` re-issues up to `max_restarts` more times. A
+lone learner restarts with fresh SFT weights and refuses work until the loop restores a checkpoint. Ranks of a group of N > 1 are not restarted
 (max_restarts 0: a new process cannot join the old process group); instead `RLActors.rebuild_learners` kills every
 rank and starts a new group (new actors, new rendezvous address, the same bundles and names), and the loop
 restores the last complete sharded checkpoint, or the initial state, and redoes the lost iterations, up to
@@ -115,7 +115,7 @@ def _place_roles(roles: list[Role], res: RLResources, section: str, name: str) -
         raise PlacementError(f"the {len(bundles)} RL actors need {cpus:g} CPUs and {gpus:g} GPUs{extra} but only "
                              f"{free.get('CPU', 0):g} CPUs and {free.get('GPU', 0):g} GPUs were free within "
                              f"{res.placement_timeout_s:g} s; lower {section}.resources.*.num_cpus/num_gpus or "
-                             f"{section}.num_learners/num_generators") from None
+                             f"{section}.num_learners/num_generators/resources.*.shards") from None
     return pg
 
 

@@ -580,8 +580,8 @@ def format_plan(plan: Plan) -> str:
     for sp in plan.stages:
         for r in sp.roles:
             rows.append((r.stage, r.name, str(r.procs), f"{r.num_gpus:g}" if r.on_gpu else "cpu",
-                         f"/{r.shards}" if r.optimizer or r.shards > 1 else "-", r.batch, _gb(r.params), _gb(r.grads), _gb(r.optimizer),
-                         _gb(r.gathered), _gb(r.act_ckpt), _gb(r.act_full), _gb(r.logits), _gb(r.kv), _gb(r.total)))
+                         f"/{r.shards}" if r.optimizer or r.shards > 1 else "-", r.batch, _gb(r.params), _gb(r.grads),
+                         _gb(r.optimizer), _gb(r.gathered), _gb(r.act_ckpt), _gb(r.act_full), _gb(r.logits), _gb(r.kv), _gb(r.total)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     for row in rows:
         lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
@@ -591,7 +591,8 @@ def format_plan(plan: Plan) -> str:
     lines.append("")
     bad = [s.stage for s in plan.stages if s.problem]
     why = [f"; no layout of {cl.gpu_memory_gb:g} GB GPUs fits {s.stage}: {', '.join(r.name for r in s.blockers)} "
-           f"{'holds' if len(s.blockers) == 1 else 'each hold'} the whole model ({max(r.params for r in s.blockers) / GB:.1f} GB in {dtype}) on one GPU "
+           f"{'holds' if len(s.blockers) == 1 else 'each hold'} the whole model "
+           f"({max(r.params for r in s.blockers) / GB:.1f} GB in {dtype}) on one GPU "
            f"(tensor-parallel vLLM is not in the plan yet)" for s in plan.stages if s.blockers]
     lines.append(f"does not fit: {', '.join(bad)} (above){''.join(why)}" if bad else "fits")
     return "\n".join(lines)
