@@ -381,6 +381,15 @@ def create_gatt_actors(cfg: PipelineConfig, policy_dir: str | Path, reward_helpf
                         reward_s=reward_s, generators=generators)
 
 
+def _require_unsharded(res: RLResources, section: str) -> None:
+    """Local roles are plain objects in this process: one whole model each."""
+    for key in ("reference", "reward"):
+        shards = getattr(res, key).shards
+        if shards != 1:
+            raise ValueError(f"local RL actors hold whole models, got {section}.resources.{key}.shards={shards}; use "
+                             f"Ray actors or shards=1")
+
+
 def create_local_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir: str | Path,
                            reward_helpfulness_dir: str | Path, reward_safety_dir: str | Path) -> RLActors:
     """The same roles as plain objects in this process (one learner, one generator): tests and benches."""
@@ -391,6 +400,7 @@ def create_local_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, referenc
 
     if cfg.ppo.num_learners != 1:
         raise ValueError(f"local RL actors support ppo.num_learners=1, got {cfg.ppo.num_learners}; use Ray actors")
+    _require_unsharded(cfg.ppo.resources, "ppo")
     dtype = param_dtype(cfg.train, cfg.device)
     learner = PolicyLearner(policy_dir, reward_helpfulness_dir, cfg.ppo, seed=cfg.seed, device=cfg.device,
                             micro_batch_size=cfg.ppo.micro_batch_size, param_dtype=dtype,
@@ -416,6 +426,7 @@ def create_local_rejection_actors(cfg: PipelineConfig, policy_dir: str | Path, r
     if rej.num_learners != 1:
         raise ValueError(f"local rejection actors support rejection.num_learners=1, got {rej.num_learners}; use "
                          f"Ray actors")
+    _require_unsharded(rej.resources, "rejection")
     learner = PolicyLearner(policy_dir, None, None, seed=cfg.seed, device=cfg.device,
                             micro_batch_size=rej.micro_batch_size, sft_optim=rej.optim, param_dtype=dtype,
                             activation_checkpointing=cfg.train.activation_checkpointing)

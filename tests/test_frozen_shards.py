@@ -15,7 +15,7 @@ import pytest
 import torch
 from worlds import tiny_config
 
-from actors.group import create_rl_actors, shutdown_rl_actors, start_frozen
+from actors.group import create_local_rl_actors, create_rl_actors, shutdown_rl_actors, start_frozen
 from actors.reference import ReferenceModel, ReferenceModelActor
 from actors.reward import RewardScorer, RewardScorerActor
 from rayllama.config import ActorResources, FrozenResources, load_config
@@ -175,3 +175,10 @@ def test_plan_divides_the_frozen_roles_bytes_by_their_shards(shards):
         placed = [n for g in ppo.gpus for n, r in g.procs if r is role]
         assert placed == [f"{name}-{i}" for i in range(shards)]  # one process per shard, a GPU each
     assert [r.name for r in ppo.blockers] == ["rollout"]  # no frozen role blocks every layout any more
+
+
+def test_local_actors_refuse_shards(world):
+    cfg = tiny_config()
+    cfg.ppo.resources.reference.shards = 2
+    with pytest.raises(ValueError, match=r"ppo\.resources\.reference\.shards=2; use Ray actors"):
+        create_local_rl_actors(cfg, world.sft, world.sft, world.reward_helpfulness, world.reward_safety)
