@@ -38,7 +38,7 @@ MIN_SENTENCEPIECE = (0, 2, 3)  # pyproject's floor: 0.2.2 aborts on a required c
 # the literal bos_token / eos_token strings, which the HF tokenizer maps back to their ids. `encode` gives every
 # piece it is called on a dummy-prefix "▁", the HF tokenizer (legacy=False) only to text at the very start of
 # the string, so the template writes that space itself: "<s> [INST] ..." and " {answer} </s>" are exactly
-# [bos] + encode("[INST] ...") and encode("{answer} ") + [eos] (tests/test_hf_export.py checks it token for token).
+# [bos] + encode("[INST] ...") and encode("{answer} ") + [eos] (tests/test_vllm_hf_export.py checks it token for token).
 CHAT_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' -%}"
     "{%- set system_message = messages[0]['content'] %}{% set loop_messages = messages[1:] -%}"

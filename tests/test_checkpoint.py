@@ -52,7 +52,7 @@ def test_round_trip_weights_meta_train_state_tokenizer(tmp_path) -> None:
     out = save_model(tmp_path / "ckpt", wrapped, CFG, tokenizer_model=tok, meta={"step": 7, "stage": "sft"},
                      train_state=train_state)
     assert is_complete(out)
-    assert sorted(p.name for p in out.iterdir()) == [  # the HF tokenizer files: tests/test_hf_export.py
+    assert sorted(p.name for p in out.iterdir()) == [  # the HF tokenizer files: tests/test_vllm_hf_export.py
         "config.json", "generation_config.json", "model.safetensors", "rayllama.json", "special_tokens_map.json",
         "tokenizer.model", "tokenizer_config.json", "train_state.pt"]
     assert (out / "tokenizer.model").read_bytes() == tok.read_bytes()

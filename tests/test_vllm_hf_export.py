@@ -1,5 +1,9 @@
 """The exported `model/` is a complete Hugging Face directory: transformers' tokenizer and chat template give our
-ids token for token, and vLLM's `LLM.chat` on the directory as it is answers as our torch engine does."""
+ids token for token, and vLLM's `LLM.chat` on the directory as it is answers as our torch engine does.
+
+The file is named test_vllm_* so that it runs after every bit-exact test (pytest's file order): its in-process vLLM
+engine changes torch state in this process, which made tests/test_multinode.py's in-process PPO differ in the last
+bits from the 2-node run."""
 
 from __future__ import annotations
 
