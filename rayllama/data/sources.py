@@ -43,7 +43,7 @@ import json
 import random
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,19 +186,9 @@ def iter_file_rows(path: str, byte_range: tuple[int, int] | None = None) -> Iter
         if not splittable(path):
             raise SourceError(f"{path}: only uncompressed .jsonl and .txt files are read in byte ranges")
         with storage.open_input(path) as raw:
-            for raw_line in _lines_in_range(raw, *byte_range):
-                line = raw_line.decode("utf-8", errors="replace").replace("\r\n", "\n")  # as universal newlines
-                if not line.strip():
-                    continue
-                if suffix == ".txt":
-                    yield {"text": line.rstrip("\n")}
-                    continue
-                try:
-                    obj = json.loads(line)
-                except (json.JSONDecodeError, RecursionError):
-                    yield None
-                    continue
-                yield obj if isinstance(obj, dict) else None
+            lines = (raw_line.decode("utf-8", errors="replace").replace("\r\n", "\n")  # as universal newlines
+                     for raw_line in _lines_in_range(raw, *byte_range))
+            yield from _rows_of_lines(lines, suffix)
         return
     if suffix not in DATA_SUFFIXES:
         raise SourceError(f"{path}: unknown file type '{suffix}'; use one of {', '.join(DATA_SUFFIXES)} (or .gz)")
@@ -225,25 +215,28 @@ def iter_file_rows(path: str, byte_range: tuple[int, int] | None = None) -> Iter
     with storage.open_input(path) as raw:
         stream = gzip.GzipFile(fileobj=raw) if path.partition("?")[0].lower().endswith(".gz") else raw
         text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
-        if suffix == ".txt":
-            for line in text:
-                if line.strip():
-                    yield {"text": line.rstrip("\n")}
-            return
-        first = _peek_char(text)
-        if suffix == ".json" and first == "[":
+        if suffix == ".json" and _peek_char(text) == "[":
             for obj in json.load(text):
                 yield obj if isinstance(obj, dict) else None
             return
-        for line in text:
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
-                yield None
-                continue
-            yield obj if isinstance(obj, dict) else None
+        yield from _rows_of_lines(text, suffix)
+
+
+def _rows_of_lines(lines: Iterable[str], suffix: str) -> Iterator[dict | None]:
+    """Rows of a line format: .txt -> {"text": line}; JSON lines -> the object (None for a malformed line or a
+    non-object); blank lines skipped."""
+    for line in lines:
+        if not line.strip():
+            continue
+        if suffix == ".txt":
+            yield {"text": line.rstrip("\n")}
+            continue
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            yield None
+            continue
+        yield obj if isinstance(obj, dict) else None
 
 
 def _peek_char(text: io.TextIOWrapper) -> str:
