@@ -3,9 +3,9 @@
 Roles and names (the dashboard shows them):
 
     policy-learner-<i>   PolicyLearner rank i < ppo.num_learners (one FSDP2 group when > 1)
-    reference            ReferenceModel (the SFT checkpoint, frozen)
-    reward-helpfulness   RewardScorer("helpfulness")
-    reward-safety        RewardScorer("safety")
+    reference            ReferenceModel (the SFT checkpoint, frozen); reference-<i>, i < shards, when sharded
+    reward-helpfulness   RewardScorer("helpfulness"); reward-helpfulness-<i> when sharded
+    reward-safety        RewardScorer("safety"); reward-safety-<i> when sharded
     rollout-<i>          RolloutGenerator, i < ppo.num_generators
 
 The learners train and read out in micro-batches of `ppo.micro_batch_size` rows; every learner computes in, and
@@ -22,9 +22,15 @@ rank 0's node, and the N actors are created at once with (rank, N, tcp://that ad
 group in its constructor and then builds its FSDP2-sharded models (actors.policy), so no rank ever loads a whole
 model. `__ray_ready__` returns once every rank has loaded its shards.
 
-Faults: every actor except a grouped learner restarts up to `max_restarts` times and re-runs the task it died in
-(`_role_options`); `RLActors.call` re-issues up to `max_restarts` more times. A lone learner restarts with fresh
-SFT weights and refuses work until the loop restores a checkpoint. Ranks of a group of N > 1 are not restarted
+Sharded frozen roles (`start_frozen`): with `ppo.resources.reference.shards` (or `<section>.resources.reward.shards`,
+each scorer) N > 1 the role is N actors, a bundle each, that form one FSDP2 group the same way (the same rendezvous,
+`rayllama.dist.fsdp.join_group`), each holding 1/N of the frozen model in the role's dtype; the loops call them
+through one `rayllama.rl.actors_api.ShardedHandle`. Their ranks are not restarted either (max_restarts 0) and there
+is no rebuild: a lost rank fails the call that needed it.
+
+Faults: every actor except a grouped learner or a sharded frozen role's rank restarts up to `max_restarts` times
+and re-runs the task it died in (`_role_options`); `RLActors.call` re-issues up to `max_restarts` more times. A
+lone learner restarts with fresh SFT weights and refuses work until the loop restores a checkpoint. Ranks of a group of N > 1 are not restarted
 (max_restarts 0: a new process cannot join the old process group); instead `RLActors.rebuild_learners` kills every
 rank and starts a new group (new actors, new rendezvous address, the same bundles and names), and the loop
 restores the last complete sharded checkpoint, or the initial state, and redoes the lost iterations, up to
@@ -43,8 +49,15 @@ from pathlib import Path
 from typing import Any
 
 from rayllama.checkpoint import is_complete, resolve
-from rayllama.config import ActorResources, PipelineConfig, PPOConfig, RLResources, param_dtype
-from rayllama.rl.actors_api import ActorCallError, RLActors, local_actors
+from rayllama.config import (
+    ActorResources,
+    FrozenResources,
+    PipelineConfig,
+    PPOConfig,
+    RLResources,
+    param_dtype,
+)
+from rayllama.rl.actors_api import ActorCallError, RLActors, frozen_handle, local_actors
 
 
 class PlacementError(RuntimeError):
@@ -102,7 +115,7 @@ def _place_roles(roles: list[Role], res: RLResources, section: str, name: str) -
         raise PlacementError(f"the {len(bundles)} RL actors need {cpus:g} CPUs and {gpus:g} GPUs{extra} but only "
                              f"{free.get('CPU', 0):g} CPUs and {free.get('GPU', 0):g} GPUs were free within "
                              f"{res.placement_timeout_s:g} s; lower {section}.resources.*.num_cpus/num_gpus or "
-                             f"{section}.num_learners/num_generators") from None
+                             f"{section}.num_learners/num_generators/resources.*.shards") from None
     return pg
 
 
@@ -143,31 +156,73 @@ def _device(cfg: PipelineConfig, r: ActorResources) -> str:
     return "cuda" if cfg.device == "cuda" and r.num_gpus > 0 else "cpu"
 
 
+def _frozen_roles(name: str, res: FrozenResources, key: str) -> list[Role]:
+    """A frozen role's bundles: one named `name`, or `name-<i>` per shard."""
+    if res.shards == 1:
+        return [(name, res, key)]
+    return [(f"{name}-{i}", res, key) for i in range(res.shards)]
+
+
+def _scorer_roles(res: RLResources) -> list[Role]:
+    return [*_frozen_roles("reward-helpfulness", res.reward, "reward"),
+            *_frozen_roles("reward-safety", res.reward, "reward")]
+
+
+def _rendezvous(options: Callable[[int], dict], first: int, timeout_s: float) -> str:
+    """rank 0's tcp:// init_method for a group whose rank 0 is bundle `first`: a zero-CPU task scheduled like rank 0
+    (its placement-group bundle, so its node) picks a free port there."""
+    import ray
+
+    from actors.policy import free_address
+
+    strategy = options(first).get("scheduling_strategy")
+    task = ray.remote(num_cpus=0)(free_address)
+    if strategy is not None:
+        task = task.options(scheduling_strategy=strategy)
+    return ray.get(task.remote(), timeout=timeout_s)
+
+
+def start_frozen(actor_class: Any, shards: int, options: Callable[[int], dict], first: int, *args: Any,
+                 timeout_s: float, **kwargs: Any) -> list[Any]:
+    """A frozen role's actors at bundles first .. first + shards - 1: one plain actor, or `shards` ranks of one
+    FSDP2 group (rank, world size, rendezvous; no restarts: a new process cannot join the old group). Returns at
+    once; each constructor loads its shard in its actor."""
+    if shards == 1:
+        return [actor_class.options(**options(first)).remote(*args, **kwargs)]
+    init_method = _rendezvous(options, first, timeout_s)
+    return [actor_class.options(**{**options(first + rank), "max_restarts": 0, "max_task_retries": 0}).remote(
+        *args, rank=rank, world_size=shards, init_method=init_method, timeout_s=timeout_s, **kwargs)
+        for rank in range(shards)]
+
+
 def _start_scorers_and_generators(cfg: PipelineConfig, res: RLResources, options: Callable[[int], dict], first: int,
                                   policy_dir: str | Path, engine: str, count: int, reward_helpfulness_dir: str | Path,
-                                  reward_safety_dir: str | Path) -> tuple[Any, Any, list[Any]]:
-    """The two reward scorers at bundles first, first + 1 (weights in `param_dtype(cfg.train, their device)`) and
-    `count` generators on `policy_dir` after them."""
+                                  reward_safety_dir: str | Path) -> tuple[list[Any], list[Any], list[Any]]:
+    """The two reward scorers' actors (`res.reward.shards` each) from bundle `first` on (weights in
+    `param_dtype(cfg.train, their device)`) and `count` generators on `policy_dir` after them."""
     from actors.reward import RewardScorerActor
     from actors.rollout import RolloutGeneratorActor
 
-    threads, reward_device = cfg.threads_per_worker, _device(cfg, res.reward)
+    threads, reward_device, n = cfg.threads_per_worker, _device(cfg, res.reward), res.reward.shards
     dtype = param_dtype(cfg.train, reward_device)
-    reward_h = RewardScorerActor.options(**options(first)).remote(
-        "helpfulness", reward_helpfulness_dir, device=reward_device, dtype=dtype, threads=threads)
-    reward_s = RewardScorerActor.options(**options(first + 1)).remote(
-        "safety", reward_safety_dir, device=reward_device, dtype=dtype, threads=threads)
-    generators = [RolloutGeneratorActor.options(**options(first + 2 + i)).remote(
+    reward_h, reward_s = (
+        start_frozen(RewardScorerActor, n, options, first + i * n, kind, model_dir, device=reward_device,
+                     dtype=dtype, threads=threads, timeout_s=res.call_timeout_s)
+        for i, (kind, model_dir) in enumerate((("helpfulness", reward_helpfulness_dir),
+                                               ("safety", reward_safety_dir))))
+    generators = [RolloutGeneratorActor.options(**options(first + 2 * n + i)).remote(
         policy_dir, engine, device=_device(cfg, res.rollout), threads=threads, vllm=cfg.vllm) for i in range(count)]
     return reward_h, reward_s, generators
 
 
 def _ready_group(roles: list[Role], res: RLResources, pg: Any, name_prefix: str, *, learners: list[Any],
-                 reference: Any, reward_h: Any, reward_s: Any, generators: list[Any],
+                 reference: list[Any], reward_h: list[Any], reward_s: list[Any], generators: list[Any],
                  rebuild_learners: Callable[[RLActors], None] | None = None) -> RLActors:
-    """The `RLActors` over the started handles (in `roles` order), once every one is ready."""
-    handles = [*learners, *([reference] if reference is not None else []), reward_h, reward_s, *generators]
-    actors = RLActors(learners=learners, reference=reference, reward_helpfulness=reward_h, reward_safety=reward_s,
+    """The `RLActors` over the started handles (in `roles` order; a frozen role's actors: one, or its ranks),
+    once every one is ready."""
+    handles = [*learners, *reference, *reward_h, *reward_s, *generators]
+    actors = RLActors(learners=learners, reference=frozen_handle(reference) if reference else None,
+                      reward_helpfulness=frozen_handle(reward_h), reward_safety=frozen_handle(reward_s),
                       generators=generators, call_timeout_s=res.call_timeout_s, placement_group=pg,
                       retries=res.max_restarts, max_recoveries=res.max_restarts,
                       names={f"{name_prefix}{name}": h for (name, _, _), h in zip(roles, handles, strict=True)},
@@ -182,17 +237,9 @@ def start_learners(n: int, options: Callable[[int], dict], policy_dir: str | Pat
 
     With N > 1 they form one FSDP2 group: a zero-CPU task scheduled like rank 0 (its placement-group bundle, so
     its node) picks a free port for the tcp rendezvous, and no rank is restarted by Ray (see module docstring)."""
-    import ray
+    from actors.policy import PolicyLearnerActor
 
-    from actors.policy import PolicyLearnerActor, free_address
-
-    init_method = None
-    if n > 1:
-        strategy = options(0).get("scheduling_strategy")
-        task = ray.remote(num_cpus=0)(free_address)
-        if strategy is not None:
-            task = task.options(scheduling_strategy=strategy)
-        init_method = ray.get(task.remote(), timeout=rendezvous_timeout_s)
+    init_method = _rendezvous(options, 0, rendezvous_timeout_s) if n > 1 else None
     handles = []
     for rank in range(n):
         opts = options(rank)
@@ -263,8 +310,7 @@ def create_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir:
     _require(reward_helpfulness_dir, "helpfulness reward", "reward")
     _require(reward_safety_dir, "safety reward", "reward")
     roles = ([(f"policy-learner-{i}", res.learner, "learner") for i in range(ppo.num_learners)]
-             + [("reference", res.reference, "reference"), ("reward-helpfulness", res.reward, "reward"),
-                ("reward-safety", res.reward, "reward")]
+             + _frozen_roles("reference", res.reference, "reference") + _scorer_roles(res)
              + [(f"rollout-{i}", res.rollout, "rollout") for i in range(ppo.num_generators)])
     pg = _place_roles(roles, res, "ppo", f"{name_prefix}rl-actors")
     options = _role_options(roles, res, pg, name_prefix)
@@ -278,10 +324,12 @@ def create_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir:
 
     learners = learners_now()
     reference_device = _device(cfg, res.reference)
-    reference = ReferenceModelActor.options(**options(n)).remote(
-        reference_dir, device=reference_device, dtype=param_dtype(cfg.train, reference_device), threads=threads)
+    reference = start_frozen(ReferenceModelActor, res.reference.shards, options, n, reference_dir,
+                             device=reference_device, dtype=param_dtype(cfg.train, reference_device), threads=threads,
+                             timeout_s=res.call_timeout_s)
     reward_h, reward_s, generators = _start_scorers_and_generators(
-        cfg, res, options, n + 1, policy_dir, ppo.engine, m, reward_helpfulness_dir, reward_safety_dir)
+        cfg, res, options, n + res.reference.shards, policy_dir, ppo.engine, m, reward_helpfulness_dir,
+        reward_safety_dir)
     rebuild = _learner_rebuilder(learners_now, [f"{name_prefix}{roles[i][0]}" for i in range(n)]) if n > 1 else None
     return _ready_group(roles, res, pg, name_prefix, learners=learners, reference=reference, reward_h=reward_h,
                         reward_s=reward_s, generators=generators, rebuild_learners=rebuild)
@@ -300,8 +348,7 @@ def create_rejection_actors(cfg: PipelineConfig, policy_dir: str | Path, reward_
         raise ValueError(f"rejection.num_generators {rej.num_generators} must be >= 1")
     n = rej.num_learners
     roles = ([(f"policy-learner-{i}", res.learner, "learner") for i in range(n)]
-             + [("reward-helpfulness", res.reward, "reward"), ("reward-safety", res.reward, "reward")]
-             + [(f"rollout-{i}", res.rollout, "rollout") for i in range(rej.num_generators)])
+             + _scorer_roles(res) + [(f"rollout-{i}", res.rollout, "rollout") for i in range(rej.num_generators)])
     pg = _place_roles(roles, res, "rejection", f"{name_prefix}rejection-actors")
     options = _role_options(roles, res, pg, name_prefix)
 
@@ -313,7 +360,7 @@ def create_rejection_actors(cfg: PipelineConfig, policy_dir: str | Path, reward_
     reward_h, reward_s, generators = _start_scorers_and_generators(
         cfg, res, options, n, policy_dir, rej.engine, rej.num_generators, reward_helpfulness_dir, reward_safety_dir)
     rebuild = _learner_rebuilder(learners_now, [f"{name_prefix}{roles[i][0]}" for i in range(n)]) if n > 1 else None
-    return _ready_group(roles, res, pg, name_prefix, learners=learners, reference=None, reward_h=reward_h,
+    return _ready_group(roles, res, pg, name_prefix, learners=learners, reference=[], reward_h=reward_h,
                         reward_s=reward_s, generators=generators, rebuild_learners=rebuild)
 
 
@@ -325,14 +372,22 @@ def create_gatt_actors(cfg: PipelineConfig, policy_dir: str | Path, reward_helpf
     _require(policy_dir, "GAtt policy", "sft")
     _require(reward_helpfulness_dir, "helpfulness reward", "reward")
     _require(reward_safety_dir, "safety reward", "reward")
-    roles = ([("reward-helpfulness", res.reward, "reward"), ("reward-safety", res.reward, "reward")]
-             + [(f"rollout-{i}", res.rollout, "rollout") for i in range(g.num_generators)])
+    roles = _scorer_roles(res) + [(f"rollout-{i}", res.rollout, "rollout") for i in range(g.num_generators)]
     pg = _place_roles(roles, res, "gatt", f"{name_prefix}actors")
     options = _role_options(roles, res, pg, name_prefix)
     reward_h, reward_s, generators = _start_scorers_and_generators(
         cfg, res, options, 0, policy_dir, g.engine, g.num_generators, reward_helpfulness_dir, reward_safety_dir)
-    return _ready_group(roles, res, pg, name_prefix, learners=[], reference=None, reward_h=reward_h,
+    return _ready_group(roles, res, pg, name_prefix, learners=[], reference=[], reward_h=reward_h,
                         reward_s=reward_s, generators=generators)
+
+
+def _require_unsharded(res: RLResources, section: str) -> None:
+    """Local roles are plain objects in this process: one whole model each."""
+    for key in ("reference", "reward"):
+        shards = getattr(res, key).shards
+        if shards != 1:
+            raise ValueError(f"local RL actors hold whole models, got {section}.resources.{key}.shards={shards}; use "
+                             f"Ray actors or shards=1")
 
 
 def create_local_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir: str | Path,
@@ -345,6 +400,7 @@ def create_local_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, referenc
 
     if cfg.ppo.num_learners != 1:
         raise ValueError(f"local RL actors support ppo.num_learners=1, got {cfg.ppo.num_learners}; use Ray actors")
+    _require_unsharded(cfg.ppo.resources, "ppo")
     dtype = param_dtype(cfg.train, cfg.device)
     learner = PolicyLearner(policy_dir, reward_helpfulness_dir, cfg.ppo, seed=cfg.seed, device=cfg.device,
                             micro_batch_size=cfg.ppo.micro_batch_size, param_dtype=dtype,
@@ -370,6 +426,7 @@ def create_local_rejection_actors(cfg: PipelineConfig, policy_dir: str | Path, r
     if rej.num_learners != 1:
         raise ValueError(f"local rejection actors support rejection.num_learners=1, got {rej.num_learners}; use "
                          f"Ray actors")
+    _require_unsharded(rej.resources, "rejection")
     learner = PolicyLearner(policy_dir, None, None, seed=cfg.seed, device=cfg.device,
                             micro_batch_size=rej.micro_batch_size, sft_optim=rej.optim, param_dtype=dtype,
                             activation_checkpointing=cfg.train.activation_checkpointing)

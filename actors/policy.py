@@ -54,7 +54,6 @@ import types
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +70,8 @@ from rayllama.dist.fsdp import (
     compute_context,
     is_sharded,
     iter_full_state,
+    join_group,
+    max_over_ranks,
 )
 from rayllama.generation import SamplingParams, TorchEngine
 from rayllama.losses import (
@@ -85,6 +86,7 @@ from rayllama.rl.actors_api import TRAIN_STATE, LearnerLostError
 from rayllama.rl.experience import (
     Experience,
     SequenceBatch,
+    action_logits,
     action_values,
     micro_batches,
     mini_batches,
@@ -109,12 +111,44 @@ def free_address() -> str:
     return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
 
-def _action_logits(self: Transformer, sequences: torch.Tensor, attention_mask: torch.Tensor, first: int,
-                   last: int) -> torch.Tensor:
-    """(B, last - first, V): lm_head on the hidden states at positions first .. last - 1 only. Bound to the policy
-    and registered as an FSDP forward method, so one call gathers the root's parameters (embedding, final norm,
-    lm_head) for both the trunk and the head."""
-    return self.lm_head(self.hidden_states(sequences, attention_mask)[:, first:last])
+def _action_logits(self: Transformer, batch: SequenceBatch) -> torch.Tensor:
+    """(B, A, V) logits that predict each response token (rayllama.rl.experience.action_logits: lm_head on the
+    hidden states at positions P - 1 .. S - 2 only). Bound to a model and registered as an FSDP forward method,
+    so one call gathers the root's parameters (embedding, final norm, lm_head) for both the trunk and the head."""
+    return action_logits(self, batch)
+
+
+def add_action_logits(model: torch.nn.Module) -> torch.nn.Module:
+    """`model.action_logits(batch)`, one FSDP forward of a sharded Transformer (a plain method of a plain one)."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    model.action_logits = types.MethodType(_action_logits, model)
+    register_fsdp_forward_method(model, "action_logits")  # a no-op on a plain module
+    return model
+
+
+@torch.no_grad()
+def read_out(model: torch.nn.Module, batch: SequenceBatch, fn: Callable[[SequenceBatch], torch.Tensor],
+             micro_batch_size: int, device: torch.device, param_dtype: torch.dtype) -> torch.Tensor:
+    """(B, A) fn(micro-batch) * action_mask over trimmed micro-batches of `batch` (this rank's rows), zero on
+    padding, computed in `param_dtype`. Collective in a process group: every rank runs as many forwards as the
+    rank with the most micro-batches (idle ones on its first micro-batch, discarded), then frees the root's
+    gathered parameters (FSDP keeps the root unsharded after a forward)."""
+    out = torch.zeros(len(batch), batch.num_actions)  # (B, A)
+    micros = list(micro_batches(batch, micro_batch_size))
+    count = max_over_ranks(len(micros), device)
+    start = 0
+    with compute_context(model, param_dtype, device):
+        for micro in micros:
+            micro = to_device(micro, device)
+            values = fn(micro)  # (b, a)
+            out[start:start + len(micro), :micro.num_actions] = (values * micro.action_mask).float().cpu()
+            start += len(micro)
+        for _ in range(count - len(micros)):
+            fn(to_device(micros[0], device))
+    if is_sharded(model):
+        model.reshard()
+    return out
 
 
 @contextlib.contextmanager
@@ -145,15 +179,11 @@ class PolicyLearner:
         self.activation_checkpointing = activation_checkpointing
         self.rank, self.world = rank, world_size
         if world_size > 1:
-            self._join_group(init_method, timeout_s)
+            join_group("policy-learner", rank, world_size, init_method, self.device, timeout_s)
         if checkpoint_kind(policy_dir) != "causal":
             raise ValueError(f"policy checkpoint {policy_dir} is a reward model; pass the SFT (causal LM) checkpoint")
         self.cfg = read_model_config(policy_dir)
-        self.policy = self._build("causal", self.cfg, policy_dir)
-        self.policy.action_logits = types.MethodType(_action_logits, self.policy)
-        from torch.distributed.fsdp import register_fsdp_forward_method
-
-        register_fsdp_forward_method(self.policy, "action_logits")  # a no-op on a plain module
+        self.policy = add_action_logits(self._build("causal", self.cfg, policy_dir))
         if ppo_cfg is not None:
             self.value = self._init_value(policy_dir, value_dir)
             total = optimizer_steps(ppo_cfg)
@@ -168,16 +198,6 @@ class PolicyLearner:
         self._weight_sync: SyncMember | None = None  # rank 0's end of the weight-sync group
         self._sync_store: Any = None  # rank 0 serves the group's TCPStore
         self._sync_address = ""
-
-    def _join_group(self, init_method: str | None, timeout_s: float) -> None:
-        import torch.distributed as dist
-
-        if not init_method:
-            raise ValueError(f"policy-learner rank {self.rank} of {self.world} needs init_method (rank 0's "
-                             f"tcp:// rendezvous address)")
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world,
-                                timeout=timedelta(seconds=timeout_s))
 
     def _build(self, kind: str, cfg: Any, init: str | Path) -> torch.nn.Module:
         """`kind` model of shape `cfg` from checkpoint `init`, FSDP2-sharded over the group (plain without one)."""
@@ -228,24 +248,9 @@ class PolicyLearner:
         dist.all_reduce(t)
         return t.tolist()
 
-    def _max_over_ranks(self, value: int) -> int:
-        if self.world == 1:
-            return value
-        import torch.distributed as dist
-
-        t = torch.tensor([value], dtype=torch.int64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
-
     def _compute(self, model: torch.nn.Module) -> Any:
         """Autocast to the compute dtype for a plain module (FSDP casts a sharded one itself)."""
         return compute_context(model, self.param_dtype, self.device)
-
-    @staticmethod
-    def _reshard(model: torch.nn.Module) -> None:
-        """Free the root's gathered parameters after a read-out (FSDP keeps the root unsharded after a forward)."""
-        if is_sharded(model):
-            model.reshard()
 
     def _gathered(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]] | None:
         """`iter_full_state(model)` for rank 0; on other ranks it is drained here (each step is a collective) and
@@ -259,42 +264,18 @@ class PolicyLearner:
 
     # ------------------------------------------------------------------------------------------ read-outs
 
-    def _policy_logits(self, batch: SequenceBatch) -> torch.Tensor:
-        """(B, A, V) logits that predict each response token (rayllama.rl.experience.action_logits, in one FSDP
-        forward of the policy)."""
-        p_len, s_len = batch.prompt_len, batch.sequences.shape[1]
-        return self.policy.action_logits(batch.sequences, batch.attention_mask, p_len - 1, s_len - 1)
-
-    @torch.no_grad()
-    def _read_out(self, model: torch.nn.Module, batch: SequenceBatch,
-                  fn: Callable[[SequenceBatch], torch.Tensor]) -> torch.Tensor:
-        """(B, A) fn(micro-batch) * action_mask over trimmed micro-batches, zero on padding. Every rank runs as
-        many forwards as the rank with the most micro-batches (idle ones on its first micro-batch, discarded)."""
-        out = torch.zeros(len(batch), batch.num_actions)  # (B, A)
-        micros = list(micro_batches(batch, self.micro_batch_size))
-        count = self._max_over_ranks(len(micros))
-        start = 0
-        with self._compute(model):
-            for micro in micros:
-                micro = to_device(micro, self.device)
-                values = fn(micro)  # (b, a)
-                out[start:start + len(micro), :micro.num_actions] = (values * micro.action_mask).float().cpu()
-                start += len(micro)
-            for _ in range(count - len(micros)):
-                fn(to_device(micros[0], self.device))
-        self._reshard(model)
-        return out
-
     def logprobs(self, batch: SequenceBatch) -> torch.Tensor:
         """(B, A) log pi_theta(a_t | s_t) of this rank's rows under the current policy (collective)."""
         self._require_state("logprobs")
-        return self._read_out(self.policy, batch,
-                              lambda micro: logprobs_from_logits(self._policy_logits(micro), micro.actions()))
+        return read_out(self.policy, batch, lambda micro: logprobs_from_logits(self.policy.action_logits(micro),
+                                                                               micro.actions()),
+                        self.micro_batch_size, self.device, self.param_dtype)
 
     def values(self, batch: SequenceBatch) -> torch.Tensor:
         """(B, A) V(s_t) of this rank's rows under the current value model (collective)."""
         self._require_state("values")
-        return self._read_out(self.value, batch, lambda micro: action_values(self.value, micro))
+        return read_out(self.value, batch, lambda micro: action_values(self.value, micro), self.micro_batch_size,
+                        self.device, self.param_dtype)
 
     def greedy(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
                stop_token_ids: Sequence[int] = (2,)) -> list[list[int]] | None:
@@ -400,7 +381,7 @@ class PolicyLearner:
             micro = to_device(micro, self.device)
             share = float(micro.action_mask.sum()) / n_tokens
             with self._compute(self.policy):
-                logits = self._policy_logits(micro.batch)  # (b, a, V)
+                logits = self.policy.action_logits(micro.batch)  # (b, a, V)
                 logp = logprobs_from_logits(logits, micro.batch.actions())  # (b, a) log pi_theta
                 pg_loss, pg_stats = ppo_policy_loss(logp, micro.logprobs, micro.advantages, micro.action_mask,
                                                     ppo.clip)

@@ -215,10 +215,18 @@ class ActorResources:
 
 
 @dataclass
+class FrozenResources(ActorResources):
+    """A frozen role's resources (the reference, each reward scorer): `shards` actors of one FSDP2 group, each
+    with num_cpus / num_gpus and 1/shards of the model (actors.reference, actors.reward)."""
+
+    shards: int = 1
+
+
+@dataclass
 class RLResources:
     learner: ActorResources = field(default_factory=ActorResources)
-    reference: ActorResources = field(default_factory=ActorResources)
-    reward: ActorResources = field(default_factory=ActorResources)  # each of the two scorers
+    reference: FrozenResources = field(default_factory=FrozenResources)
+    reward: FrozenResources = field(default_factory=FrozenResources)  # each of the two scorers
     rollout: ActorResources = field(default_factory=ActorResources)  # each generator
     placement_timeout_s: float = 60.0
     max_restarts: int = 3  # every RL actor restarts this many times after a crash
@@ -779,6 +787,7 @@ PIPELINE_RANGES: dict[str, str] = {
     "*.resources.*.num_cpus": ">= 0",
     "*.resources.*.num_gpus": ">= 0",
     "*.resources.*.resources.*": ">= 0",
+    "*.resources.*.shards": ">= 1",
     "*.resources.placement_timeout_s": "> 0",
     "*.resources.max_restarts": ">= 0",
     "*.resources.call_timeout_s": "> 0",

@@ -15,14 +15,16 @@ c bytes per compute element: 2 in bfloat16, 4 in float32; train.param_dtype, aut
       Transformer / ScalarHeadModel). Trainers store parameters in fp32 (FSDP2's MixedPrecisionPolicy casts them
       to the compute dtype), sharded on dim 0 over R ranks (each holds ceil(rows / R) rows of every tensor, FSDP2's
       padded shard): 4 B parameter + 4 B gradient + 8 B AdamW (exp_avg, exp_avg_sq) per local element; DDP
-      (scaling.strategy ddp) keeps whole replicas (R = 1). Frozen roles (reference, reward scorers, generators)
-      hold the whole model in c bytes: actors.group loads the reference and the reward scorers in
-      rayllama.config.param_dtype (the generators load float32 today: planned in c bytes all the same).
+      (scaling.strategy ddp) keeps whole replicas (R = 1). Frozen roles hold their model in c bytes: the
+      reference and each reward scorer sharded on dim 0 over their `<section>.resources.<role>.shards` N processes
+      (FSDP2, parameters stored in rayllama.config.param_dtype: ceil(rows / N) rows of every tensor each; N = 1:
+      the whole model), the generators whole (they load float32 today: planned in c bytes all the same).
   gathered  FSDP2 all-gathers a unit's parameters in c bytes to compute with it: the root unit (embedding, final
       norm, head), which is not resharded between forward and backward, with its unsharded gradients (c bytes)
       through backward, and two blocks (the one computing, the one prefetched) plus one block's unsharded gradient
       in c bytes and its fp32 reduce-scatter copy: root * 2c + block * (3c + 4) (every model's root, the largest
-      block). DDP: its gradient buckets, 4 B per parameter.
+      block). DDP: its gradient buckets, 4 B per parameter. A sharded frozen role (no backward): root * c +
+      2 * block * c.
   activations  Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models" (eq. 1,
       t = 1): a layer keeps s*b*h*(34 + 5*a*s/h) bytes in 16-bit for backward. The 5*a*s^2*b term is the s x s
       attention scores, which SDPA's flash / memory-efficient kernels never materialise: dropped, so 34*s*b*h per
@@ -53,8 +55,9 @@ sampling actors, then its fine-tune). Processes are placed in role order (learne
 generators, as actors.group creates them), first fit node by node as Ray's PACK placement group packs bundles:
 num_gpus >= 1 takes that many whole GPUs on one node and uses the first (its torch device), a fraction shares a
 GPU whose fractions sum to <= 1, 0 runs on the CPU. Ray places by GPU fractions only; the plan checks the bytes.
-A reference, reward scorer or generator that needs more than a whole GPU by itself fits no layout of these GPUs
-(there are no sharded inference roles or tensor-parallel vLLM yet): the stage's first problem and the verdict say so.
+A sharded reference or reward scorer is N processes (`reference-<i>`, `reward-helpfulness-<i>`, ...), placed one by
+one. A generator that needs more than a whole GPU by itself fits no layout of these GPUs (the plan has no
+tensor-parallel vLLM yet): the stage's first problem and the verdict say so.
 """
 
 from __future__ import annotations
@@ -63,7 +66,14 @@ import math
 import sys
 from dataclasses import dataclass, field
 
-from rayllama.config import ActorResources, ConfigError, PipelineConfig, load_config, model_config
+from rayllama.config import (
+    ActorResources,
+    ConfigError,
+    FrozenResources,
+    PipelineConfig,
+    load_config,
+    model_config,
+)
 from rayllama.model import ModelConfig
 
 GB = 1e9
@@ -71,8 +81,8 @@ CONTEXT = int(1e9)  # per process on a GPU
 ENGINE_ROWS = 64  # rows a generation engine decodes at once (TorchEngine / VLLMEngine max_batch_size)
 REFERENCE_MICRO = 16  # actors.reference.ReferenceModel micro_batch_size
 SCORER_BATCH = 32  # actors.reward.RewardScorer batch_size
-WHOLE_MODEL = ("GPUs with more memory (cluster.gpu_memory_gb): a reference, reward scorer or generator holds the "
-               "whole model on one device (no sharded inference roles or tensor-parallel vLLM yet)")
+WHOLE_MODEL = ("GPUs with more memory (cluster.gpu_memory_gb): a generator holds the whole model on one device (the "
+               "plan has no tensor-parallel vLLM yet)")
 
 
 class PlanError(ValueError):
@@ -153,7 +163,7 @@ class Role:
     share: int = 0
     batch: str = ""  # rows x tokens per forward
     fixes: str = ""
-    whole_model: bool = False  # reference, reward scorers, generators: the whole model on one device
+    whole_model: bool = False  # generators: the whole model on one device
 
     @property
     def alone(self) -> int:
@@ -283,21 +293,24 @@ def rejection_learner_role(cfg: PipelineConfig, m: ModelConfig) -> Role:
                                 "rejection.micro_batch_size"))
 
 
-def frozen_role(cfg: PipelineConfig, m: ModelConfig, stage: str, name: str, res: ActorResources, head: str,
-                b: int, logit_tokens: int) -> Role:
-    """The reference (head lm) or a reward scorer (head scalar): the whole model in the compute dtype, no grad,
-    padded rows of up to max_seq_len tokens."""
-    c, s = _compute_bytes(cfg), m.max_seq_len
+def frozen_role(cfg: PipelineConfig, m: ModelConfig, stage: str, name: str, res: FrozenResources, head: str,
+                b: int, logit_tokens: int, key: str) -> Role:
+    """The reference (head lm) or a reward scorer (head scalar), `res.shards` processes: each its 1/shards of the
+    model in the compute dtype (sharded: plus the gathered root and two blocks), no grad, padded rows of up to
+    max_seq_len tokens. `key`: its resources key (ppo.resources.reference, ...)."""
+    c, s, n = _compute_bytes(cfg), m.max_seq_len, res.shards
     peak = _forward_peak(m, b, s, c, padded=True)
-    return Role(stage, name, 1, _gpus(cfg, res.num_gpus), params=c * numel(param_shapes(m, head)), act_ckpt=peak,
-                act_full=peak, logits=_logits(m, b * (logit_tokens if head == "lm" else s), c, head),
-                batch=f"{b}x{s}",
-                fixes=WHOLE_MODEL, whole_model=True)
+    root, block = _units(m, head)
+    return Role(stage, name, n, _gpus(cfg, res.num_gpus), n, params=c * numel(param_shapes(m, head), n),
+                gathered=(root + 2 * block) * c if n > 1 else 0, act_ckpt=peak, act_full=peak,
+                logits=_logits(m, b * (logit_tokens if head == "lm" else s), c, head), batch=f"{b}x{s}",
+                fixes=f"more shards ({key}.shards, now {n}: each process holds 1/shards of the model) or GPUs with "
+                      f"more memory (cluster.gpu_memory_gb)")
 
 
-def _scorers(cfg: PipelineConfig, m: ModelConfig, stage: str, res: ActorResources) -> list[Role]:
-    return [frozen_role(cfg, m, stage, f"reward-{kind}", res, "scalar", SCORER_BATCH, m.max_seq_len)
-            for kind in ("helpfulness", "safety")]
+def _scorers(cfg: PipelineConfig, m: ModelConfig, stage: str, res: FrozenResources, section: str) -> list[Role]:
+    return [frozen_role(cfg, m, stage, f"reward-{kind}", res, "scalar", SCORER_BATCH, m.max_seq_len,
+                        f"{section}.resources.reward") for kind in ("helpfulness", "safety")]
 
 
 def vllm_utilization(cfg: PipelineConfig) -> float:
@@ -340,18 +353,19 @@ def stage_roles(cfg: PipelineConfig, m: ModelConfig) -> list[list[Role]]:
             p, res = cfg.ppo, cfg.ppo.resources
             rollouts = math.ceil(p.prompts_per_iteration * p.samples_per_prompt / p.num_generators)
             out.append([learner_role(cfg, m),
-                        frozen_role(cfg, m, stage, "reference", res.reference, "lm", REFERENCE_MICRO, p.max_new_tokens),
-                        *_scorers(cfg, m, stage, res.reward),
+                        frozen_role(cfg, m, stage, "reference", res.reference, "lm", REFERENCE_MICRO, p.max_new_tokens,
+                                    "ppo.resources.reference"),
+                        *_scorers(cfg, m, stage, res.reward, "ppo"),
                         generator_role(cfg, m, stage, res.rollout, p.num_generators, p.engine, rollouts)])
         elif stage == "rejection":
             r = cfg.rejection
             rollouts = math.ceil(r.prompts_per_iteration * r.samples_per_prompt / r.num_generators)
-            out.append([rejection_learner_role(cfg, m), *_scorers(cfg, m, stage, r.resources.reward),
+            out.append([rejection_learner_role(cfg, m), *_scorers(cfg, m, stage, r.resources.reward, "rejection"),
                         generator_role(cfg, m, stage, r.resources.rollout, r.num_generators, r.engine, rollouts)])
         elif stage == "gatt":
             g = cfg.gatt
             rollouts = math.ceil(g.dialogues * g.samples_per_turn / g.num_generators)
-            out.append([*_scorers(cfg, m, "gatt-sampling", g.resources.reward),
+            out.append([*_scorers(cfg, m, "gatt-sampling", g.resources.reward, "gatt"),
                         generator_role(cfg, m, "gatt-sampling", g.resources.rollout, g.num_generators, g.engine,
                                        rollouts)])
             out.append([trainer_role(cfg, m, "gatt-finetune", g.micro_batch_size, g.max_seq_len)])
@@ -400,8 +414,8 @@ class StagePlan:
 
     @property
     def blockers(self) -> list[Role]:
-        """Whole-model roles (reference, reward scorers, generators) that need more than a whole GPU by themselves:
-        no layout of these GPUs fits the stage."""
+        """Whole-model roles (generators) that need more than a whole GPU by themselves: no layout of these GPUs
+        fits the stage."""
         cap = self.gpus[0].capacity if self.gpus else 0
         return [r for r in self.roles if r.whole_model and r.on_gpu and r.alone > cap]
 
@@ -441,7 +455,7 @@ def _take(gpus: list[Gpu], per_node: int, num_gpus: float) -> Gpu | None:
 
 
 def _proc_name(role: Role, k: int) -> str:
-    return f"{role.name}-{k}" if role.name in ("trainer", "policy-learner", "rollout") else role.name
+    return f"{role.name}-{k}" if role.name in ("trainer", "policy-learner", "rollout") or role.procs > 1 else role.name
 
 
 def place(cfg: PipelineConfig, roles: list[Role]) -> StagePlan:
@@ -566,8 +580,8 @@ def format_plan(plan: Plan) -> str:
     for sp in plan.stages:
         for r in sp.roles:
             rows.append((r.stage, r.name, str(r.procs), f"{r.num_gpus:g}" if r.on_gpu else "cpu",
-                         f"/{r.shards}" if r.optimizer else "-", r.batch, _gb(r.params), _gb(r.grads), _gb(r.optimizer),
-                         _gb(r.gathered), _gb(r.act_ckpt), _gb(r.act_full), _gb(r.logits), _gb(r.kv), _gb(r.total)))
+                         f"/{r.shards}" if r.optimizer or r.shards > 1 else "-", r.batch, _gb(r.params), _gb(r.grads),
+                         _gb(r.optimizer), _gb(r.gathered), _gb(r.act_ckpt), _gb(r.act_full), _gb(r.logits), _gb(r.kv), _gb(r.total)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     for row in rows:
         lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
@@ -577,8 +591,9 @@ def format_plan(plan: Plan) -> str:
     lines.append("")
     bad = [s.stage for s in plan.stages if s.problem]
     why = [f"; no layout of {cl.gpu_memory_gb:g} GB GPUs fits {s.stage}: {', '.join(r.name for r in s.blockers)} "
-           f"each hold the whole model ({max(r.params for r in s.blockers) / GB:.1f} GB in {dtype}) on one GPU "
-           f"(sharded inference roles and tensor-parallel vLLM are future work)" for s in plan.stages if s.blockers]
+           f"{'holds' if len(s.blockers) == 1 else 'each hold'} the whole model "
+           f"({max(r.params for r in s.blockers) / GB:.1f} GB in {dtype}) on one GPU "
+           f"(tensor-parallel vLLM is not in the plan yet)" for s in plan.stages if s.blockers]
     lines.append(f"does not fit: {', '.join(bad)} (above){''.join(why)}" if bad else "fits")
     return "\n".join(lines)
 

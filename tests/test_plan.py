@@ -102,19 +102,24 @@ def test_infeasible_layout_is_one_line_plan_error():
     assert "\n" not in msg
     assert msg.startswith("pretrain: trainer-0 needs") and "GB" in msg and "80 GB" in msg
     assert "fix:" in msg and "scaling.num_workers" in msg and "micro_batch_size" in msg
-    # the 70B frozen roles hold the whole model (138 GB in bf16) on one GPU: PPO cannot fit 80 GB GPUs, even where
-    # the learners do (64 of them on 10 nodes at 1 row: 59.4 GB), and the first problem and the verdict say so
+    # the 70B generators hold the whole model (138 GB in bf16) on one GPU: PPO cannot fit 80 GB GPUs, even where
+    # the learners do (64 of them on 11 nodes at 1 row: 59.4 GB) and the reference and reward scorers are sharded
+    # 4 ways (configs/llama2-70b.yaml), and the first problem and the verdict say so
     plan = build_plan(load_config(CONFIGS / "llama2-70b.yaml", ["ppo.num_learners=64", "ppo.micro_batch_size=1",
-                                                                "cluster.nodes=10"]))
+                                                                "cluster.nodes=11"]))
     ppo = plan.stages[-1]
     assert ppo.roles[0].total < 60 * GB and not any(line.startswith("ppo: policy") for line in ppo.role_problems)
-    assert [r.name for r in ppo.blockers] == ["reference", "reward-helpfulness", "reward-safety", "rollout"]
-    assert ppo.problem.startswith("ppo: reference needs")
-    with pytest.raises(PlanError, match=r"^ppo: reference needs 158\.4 GB .*no sharded inference roles"):
+    assert [r.name for r in ppo.blockers] == ["rollout"]
+    assert all(r.total < 80 * GB for r in ppo.roles[1:4]) and ppo.problem.startswith("ppo: rollout (vLLM) needs")
+    with pytest.raises(PlanError, match=r"^ppo: rollout \(vLLM\) needs 141\.2 GB .*no tensor-parallel vLLM"):
         check_plan(load_config(CONFIGS / "llama2-70b.yaml"))
     verdict = plan.table().splitlines()[-1]
-    assert verdict.startswith("does not fit: ppo (above); no layout of 80 GB GPUs fits ppo")
+    assert verdict.startswith("does not fit: ppo (above); no layout of 80 GB GPUs fits ppo: rollout holds")
     assert "whole model (138.0 GB in bfloat16)" in verdict
+    # one reference process holds the whole 138 GB: the fix is to shard it
+    whole = build_plan(load_config(CONFIGS / "llama2-70b.yaml", ["ppo.resources.reference.shards=1"]))
+    assert any(line.startswith("ppo: reference needs 158.4 GB") and "ppo.resources.reference.shards, now 1" in line
+               for line in whole.stages[-1].role_problems)
 
 
 def test_cpu_pipeline_plans_nothing_on_gpus():

@@ -7,6 +7,8 @@
     clip_grad_norm(model, max)    global grad norm over sharded (DTensor) or plain gradients, clipped in place
     iter_full_state(model)        (name, full CPU tensor) one parameter at a time (collective on every rank): the
                                   streaming input of `checkpoint.save_state`, so an export never gathers the model
+    join_group(...)               an RL actor rank joins its group's process group (the PPO learners, the sharded
+                                  reference and reward scorers); max_over_ranks, one all-reduce over it
 
 Strategies (`scaling.strategy`): "fsdp" shards parameters, gradients and AdamW state over the process group
 (PyTorch FSDP2, the way torchtitan and torchtune do it; gloo on CPU, NCCL on GPU), with a MixedPrecisionPolicy
@@ -24,6 +26,7 @@ import contextlib
 import json
 import zlib
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -41,6 +44,26 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def join_group(who: str, rank: int, world: int, init_method: str | None, device: torch.device,
+               timeout_s: float) -> None:
+    """Rank `rank` of `world` joins the default process group at `init_method` (rank 0's tcp:// rendezvous; every
+    rank of the group joins at once): gloo on CPU, NCCL on cuda. `who` names the role in the error."""
+    if not init_method:
+        raise ValueError(f"{who} rank {rank} of {world} needs init_method (rank 0's tcp:// rendezvous address)")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest `value` over the process group's ranks (the value itself without a group)."""
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def effective_strategy(strategy: str) -> str:
@@ -172,14 +195,18 @@ def checkpoint_kind(path: str | Path) -> str:
 
 def build_model(kind: str, cfg: ModelConfig, *, device: torch.device | str = "cpu", strategy: str = "fsdp",
                 param_dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False,
-                init: str | Path | None = None, seed: int = 0) -> nn.Module:
+                init: str | Path | None = None, seed: int = 0, frozen: bool = False) -> nn.Module:
     """A Transformer ("causal") or ScalarHeadModel ("scalar") built on the meta device, sharded when `strategy`
     resolves to fsdp, materialised on `device` and filled from `init` (a checkpoint dir) or `init_weights(seed)`.
-    The returned module is what trainers call and step; for "ddp" wrap it with `wrap_ddp` after the optimizer."""
+    The returned module is what trainers call and step; for "ddp" wrap it with `wrap_ddp` after the optimizer.
+    `frozen`: an inference model (the sharded reference and reward scorers): parameters stored in `param_dtype`
+    itself (not fp32), no gradients, eval mode."""
     if kind not in ("causal", "scalar"):
         raise ValueError(f"model kind {kind!r} is not causal or scalar")
     with torch.device("meta"):
         model = ScalarHeadModel(cfg) if kind == "scalar" else Transformer(cfg)
+    if frozen:
+        model = model.to(param_dtype).eval().requires_grad_(False)
     model.model.activation_checkpointing = activation_checkpointing
     if effective_strategy(strategy) == "fsdp":
         shard(model, param_dtype)

@@ -18,6 +18,7 @@ than its own (`StaleWeightsError`) and buckets whose digest differs (`WeightChec
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -99,6 +100,58 @@ class LocalHandle:
         return f"LocalHandle({type(self.obj).__name__})"
 
 
+def concat_shares(*shares: Any) -> Any:
+    """The ranks' results of one call in rank order: (b_i, A) tensors concatenated on rows, or lists joined."""
+    if isinstance(shares[0], torch.Tensor):
+        return torch.cat(shares)
+    return [x for share in shares for x in share]
+
+
+class _ShardedMethod:
+    def __init__(self, handles: list[Any], name: str) -> None:
+        self._handles, self._name = handles, name
+
+    def remote(self, *args: Any) -> Any:
+        """Call the method on every rank with the same arguments (put once in the object store); one ref to the
+        ranks' results concatenated in rank order (a zero-CPU task that waits for all of them)."""
+        import ray
+
+        args = tuple(a if isinstance(a, ray.ObjectRef) else ray.put(a) for a in args)
+        refs = [getattr(h, self._name).remote(*args) for h in self._handles]
+        return _concat_task().remote(*refs)
+
+
+@functools.cache
+def _concat_task() -> Any:
+    import ray
+
+    return ray.remote(num_cpus=0)(concat_shares)
+
+
+class ShardedHandle:
+    """The N ranks of a sharded frozen role (the reference, a reward scorer: one FSDP2 group) behind one handle:
+    `h.logprobs.remote(batch)` / `h.score.remote(pairs)` calls every rank with the whole batch, each computes its
+    contiguous share of the rows (rayllama.rl.experience.rank_rows), and the one returned ref holds the results
+    in the original row order, what the single actor returns. A rank that died fails the call (its error is the
+    ref's); grouped ranks are not restarted (a new process cannot join the old process group)."""
+
+    def __init__(self, handles: list[Any]) -> None:
+        self.handles = list(handles)
+
+    def __getattr__(self, name: str) -> _ShardedMethod:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _ShardedMethod(self.handles, name)
+
+    def __repr__(self) -> str:
+        return f"ShardedHandle({len(self.handles)} ranks)"
+
+
+def frozen_handle(handles: list[Any]) -> Any:
+    """The handle the loops call for a frozen role: its actor, or a ShardedHandle over its ranks."""
+    return handles[0] if len(handles) == 1 else ShardedHandle(handles)
+
+
 @dataclass
 class RLActors:
     """The RL roles the loops drive: Ray actor handles, or `LocalHandle`s when `local`.
@@ -110,9 +163,9 @@ class RLActors:
     """
 
     learners: list[Any]  # PolicyLearner handles, rank order
-    reference: Any  # ReferenceModel
-    reward_helpfulness: Any  # RewardScorer(kind="helpfulness")
-    reward_safety: Any  # RewardScorer(kind="safety")
+    reference: Any  # ReferenceModel (a ShardedHandle over its ranks when sharded)
+    reward_helpfulness: Any  # RewardScorer(kind="helpfulness") (or a ShardedHandle)
+    reward_safety: Any  # RewardScorer(kind="safety") (or a ShardedHandle)
     generators: list[Any]  # RolloutGenerator handles
     local: bool = False
     call_timeout_s: float | None = None  # None: wait forever

@@ -19,8 +19,6 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from rayllama.losses import logprobs_from_logits
-
 Rows = TypeVar("Rows", bound="_RowsMixin")
 
 
@@ -150,6 +148,12 @@ def split_rows(x: Rows, n: int) -> list[Rows]:
     return [x.select(slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def rank_rows(n: int, rank: int, world: int) -> slice:
+    """Rank `rank`'s contiguous share of n rows over `world` ranks: sizes differ by at most 1, in rank order, empty
+    for some ranks when n < world (the sharded reference and reward scorers' split of a call's rows)."""
+    return slice(rank * n // world, (rank + 1) * n // world)
+
+
 def micro_batches(x: Rows, size: int) -> Iterator[Rows]:
     """Contiguous chunks of `size` rows (the last may be smaller), each trimmed of all-padding columns."""
     if size < 1:
@@ -186,20 +190,6 @@ def action_values(value_model: torch.nn.Module, batch: SequenceBatch) -> Tensor:
     """(B, A) V(s_t), the scalar head at position P - 1 + t (the state before response token t)."""
     p_len, s_len = batch.prompt_len, batch.sequences.shape[1]
     return value_model(batch.sequences, batch.attention_mask)[:, p_len - 1:s_len - 1]  # (B, A)
-
-
-@torch.no_grad()
-def batched_logprobs(policy: torch.nn.Module, batch: SequenceBatch, micro_batch_size: int = 16) -> Tensor:
-    """(B, A) log pi(a_t | s_t), zero on padding; computed in trimmed micro-batches."""
-    device = next(policy.parameters()).device
-    out = torch.zeros(len(batch), batch.num_actions)  # (B, A)
-    start = 0
-    for micro in micro_batches(batch, micro_batch_size):
-        micro = to_device(micro, device)
-        logp = logprobs_from_logits(action_logits(policy, micro), micro.actions())  # (b, a)
-        out[start:start + len(micro), :micro.num_actions] = (logp * micro.action_mask).float().cpu()
-        start += len(micro)
-    return out
 
 
 @torch.no_grad()

@@ -46,7 +46,8 @@ Faults (every role restarts, `ppo.resources.max_restarts`):
                         generate until it is sent weights: the loop sends it the current weights before it serves
                         (`refresh_generators`, also before `RLActors.call` re-issues a call: bounded retries, each
                         wait bounded by call_timeout_s); a shard made by other weights is regenerated once
-    reference, reward   frozen: Ray re-runs the task on the restarted actor (max_task_retries), or `call` re-issues
+    reference, reward   frozen: Ray re-runs the task on the restarted actor (max_task_retries), or `call` re-issues;
+                        a sharded one (resources.*.shards > 1) is not restarted: a lost rank fails the call
     learner             a restart loses its weights and optimizer, so a restarted learner refuses work
                         (`LearnerLostError`, its calls are never re-issued): the loop restores the last checkpoint
                         (or the initial state), drops the metrics rows after it and redoes those iterations, up to
