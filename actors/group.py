@@ -48,6 +48,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rayllama import storage
 from rayllama.checkpoint import is_complete, resolve
 from rayllama.config import (
     ActorResources,
@@ -65,8 +66,13 @@ class PlacementError(RuntimeError):
 
 
 def _require(path: str | Path | None, what: str, key: str) -> str:
+    """`path` if it holds a complete checkpoint (a URI: the store has it, marked complete; each actor reads its
+    own node's copy)."""
     try:
-        ok = path is not None and is_complete(resolve(path))
+        if path is not None and storage.is_uri(path):
+            ok = storage.is_complete_dir(path)
+        else:
+            ok = path is not None and is_complete(resolve(path))
     except ValueError:
         ok = False
     if not ok:

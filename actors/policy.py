@@ -60,7 +60,8 @@ from typing import Any
 import ray
 import torch
 
-from rayllama.checkpoint import read_model_config, save_state
+from rayllama import storage
+from rayllama.checkpoint import TOKENIZER, read_model_config, save_state
 from rayllama.config import OptimConfig, PPOConfig
 from rayllama.dist import dcp
 from rayllama.dist.fsdp import (
@@ -180,6 +181,9 @@ class PolicyLearner:
         self.rank, self.world = rank, world_size
         if world_size > 1:
             join_group("policy-learner", rank, world_size, init_method, self.device, timeout_s)
+        policy_dir = storage.local_dir(policy_dir)  # a URI: this node's copy of the run's checkpoint
+        value_dir = storage.local_dir(value_dir) if value_dir is not None else None
+        self.policy_dir = policy_dir
         if checkpoint_kind(policy_dir) != "causal":
             raise ValueError(f"policy checkpoint {policy_dir} is a reward model; pass the SFT (causal LM) checkpoint")
         self.cfg = read_model_config(policy_dir)
@@ -474,7 +478,7 @@ class PolicyLearner:
         extra = {"stage": "rejection", "version": self.version, "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
         with _single_process_dcp():
-            dcp.atomic_save(Path(path) / TRAIN_STATE, {"policy": (self.policy, self.sft_opt)}, extra)
+            _save_train_state(path, {"policy": (self.policy, self.sft_opt)}, extra)
         return str(path)
 
     def load_sft(self, path: str | Path) -> int:
@@ -482,7 +486,7 @@ class PolicyLearner:
         optimizer, RNG, version. Returns the version."""
         if self.sft_opt is None:
             raise ValueError("this PolicyLearner was built without sft_optim; pass sft_optim to load SFT state")
-        state_dir = Path(path) / TRAIN_STATE
+        state_dir = _train_state_dir(path)
         if not dcp.is_complete(state_dir):
             raise ValueError(f"{state_dir} is not a complete sharded SFT train state; it is not a rejection-sampling "
                              f"checkpoint of this version (resume from another one or start the stage again)")
@@ -511,13 +515,13 @@ class PolicyLearner:
                  "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}
         with _single_process_dcp():
-            dcp.atomic_save(Path(path) / TRAIN_STATE, self._parts(), extra)
+            _save_train_state(path, self._parts(), extra)
         return str(path)
 
     def load(self, path: str | Path) -> int:
         """Restore what `save` wrote, by any number of ranks (collective; DCP reshards): weights, optimizers,
         schedulers, RNG, version. Returns the version."""
-        state_dir = Path(path) / TRAIN_STATE
+        state_dir = _train_state_dir(path)
         if not dcp.is_complete(state_dir):
             raise ValueError(f"{state_dir} is not a complete sharded PPO train state; it is not a PPO checkpoint "
                              f"of this version (resume from another one or start the stage again)")
@@ -540,19 +544,42 @@ class PolicyLearner:
 
     def export_policy(self, path: str | Path, tokenizer_model: str | Path | None = None,
                       meta: dict[str, Any] | None = None) -> str | None:
-        """The policy as a complete HF-layout checkpoint (with tokenizer.model): the stage's output. Collective:
-        parameters are gathered one at a time and streamed into the files by rank 0 (other ranks return None)."""
+        """The policy as a complete HF-layout checkpoint (with tokenizer.model: `tokenizer_model`, or None: the one
+        of the checkpoint this learner started from) at `path` (a URI: written here, uploaded with its marker
+        last): the stage's output. Collective: parameters are gathered one at a time and streamed into the files
+        by rank 0 (other ranks return None)."""
         self._require_state("export_policy")
+        if tokenizer_model is None and (self.policy_dir / TOKENIZER).is_file():
+            tokenizer_model = self.policy_dir / TOKENIZER
         if tokenizer_model is not None and not Path(tokenizer_model).is_file():  # before any rank starts gathering
             raise ValueError(f"tokenizer_model {tokenizer_model} does not exist; pass the .model file or None")
         tensors = self._gathered(self.policy)
         if tensors is None:
             return None
-        return str(save_state(path, tensors, self.cfg, "causal", tokenizer_model=tokenizer_model,
-                              meta={"stage": "ppo", "version": self.version, **(meta or {})}))
+        storage.write_complete_dir(path, lambda d: save_state(d, tensors, self.cfg, "causal",
+                                                              tokenizer_model=tokenizer_model,
+                                                              meta={"stage": "ppo", "version": self.version,
+                                                                    **(meta or {})}))
+        return str(path)
 
     def get_version(self) -> int:
         return self.version
+
+
+def _save_train_state(path: str | Path, parts: dcp.Parts, extra: dict[str, Any]) -> None:
+    """Every rank writes `path/train_state` (collective). Locally: dcp.atomic_save into a directory every rank
+    sees. On an object store: each rank writes its shards into its own scratch dir and uploads them (rank 0 also
+    extra.pt); the RL loop's COMPLETE marker, written once every rank returned, makes the checkpoint whole."""
+    if storage.is_uri(path):
+        with storage.writing_dir(storage.join(path, TRAIN_STATE)) as scratch:
+            dcp.save_train_state(scratch, parts, extra)
+    else:
+        dcp.atomic_save(Path(path) / TRAIN_STATE, parts, extra)
+
+
+def _train_state_dir(path: str | Path) -> Path:
+    """`path/train_state` to read: a URI's through this node's copy of the complete checkpoint."""
+    return storage.local_dir(path) / TRAIN_STATE
 
 
 @ray.remote

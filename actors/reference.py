@@ -16,6 +16,7 @@ import ray
 import torch
 
 from actors.policy import add_action_logits, read_out
+from rayllama import storage
 from rayllama.checkpoint import load_model, read_model_config
 from rayllama.dist.fsdp import build_model, checkpoint_kind, join_group
 from rayllama.losses import logprobs_from_logits
@@ -34,6 +35,7 @@ class ReferenceModel:
         if threads:
             torch.set_num_threads(threads)
         self.device, self.dtype, self.rank, self.world = torch.device(device), dtype, rank, world_size
+        sft_dir = storage.local_dir(sft_dir)  # a URI: this node's copy of the run's checkpoint
         if world_size > 1:
             join_group("reference", rank, world_size, init_method, self.device, timeout_s)
             if checkpoint_kind(sft_dir) != "causal":

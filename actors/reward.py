@@ -18,6 +18,7 @@ from pathlib import Path
 import ray
 import torch
 
+from rayllama import storage
 from rayllama.checkpoint import TOKENIZER, load_model, read_model_config, resolve
 from rayllama.dist.fsdp import build_model, checkpoint_kind, is_sharded, join_group, max_over_ranks
 from rayllama.model import ScalarHeadModel
@@ -43,6 +44,7 @@ class RewardScorer:
             torch.set_num_threads(threads)
         self.kind, self.device, self.batch_size = kind, torch.device(device), batch_size
         self.rank, self.world = rank, world_size
+        model_dir = storage.local_dir(model_dir)  # a URI: this node's copy of the run's checkpoint
         causal_lm = f"{kind} reward checkpoint {model_dir} is a causal LM; pass a reward model checkpoint"
         if world_size > 1:
             join_group(f"reward-{kind}", rank, world_size, init_method, self.device, timeout_s)

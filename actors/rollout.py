@@ -23,6 +23,7 @@ from typing import Any
 import ray
 import torch
 
+from rayllama import storage
 from rayllama.config import VLLMSettings
 from rayllama.engines import engine_model_config, make_engine
 from rayllama.generation import Completion, SamplingParams
@@ -39,6 +40,7 @@ class RolloutGenerator:
         if threads:
             torch.set_num_threads(threads)
         self.device = device
+        model_dir = storage.local_dir(model_dir)  # a URI: this node's copy of the run's checkpoint
         self.engine = make_engine(engine, model_dir, device, max_batch_size=max_batch_size, vllm=vllm)
         self.model_cfg = engine_model_config(self.engine)
         self.shapes = expected_shapes(self.model_cfg)

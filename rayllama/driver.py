@@ -11,7 +11,6 @@ continues from its last Ray Train checkpoint). After each stage the gold judge e
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -19,35 +18,12 @@ import time
 from pathlib import Path
 
 from rayllama.config import ConfigError, PipelineConfig, check_files, load_config, to_yaml
+from rayllama.run_dir import RunDir
 
 log = logging.getLogger("rayllama")
 SUMMARY = ("Runs the configured stages of the LLaMA 2-Chat pipeline, each resumable, under runs/<name>/:\n"
            "    tokenizer -> pretrain -> sft -> reward -> (rejection | ppo) -> gatt")
 trace = logging.getLogger("rayllama.driver.trace")  # tracebacks of user errors: driver.log only
-
-
-class RunDir:
-    """Where a run keeps everything: runs/<name>/."""
-
-    def __init__(self, cfg: PipelineConfig):
-        self.root = Path(cfg.run_dir)
-        self.data = self.root / "data"
-        self.tokenizer = self.root / "tokenizer" / "tokenizer.model"
-        self.eval_json = self.root / "eval.json"
-
-    def model(self, stage: str) -> Path:
-        return self.root / stage / "model"
-
-    def reward_model(self, kind: str) -> Path:
-        return self.root / "reward" / kind / "model"
-
-    def load_eval(self) -> dict:
-        return json.loads(self.eval_json.read_text()) if self.eval_json.exists() else {}
-
-    def save_eval(self, results: dict) -> None:
-        tmp = self.eval_json.with_name(f".eval.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
-        os.replace(tmp, self.eval_json)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -142,14 +118,16 @@ def dry_run(cfg: PipelineConfig, run: RunDir, source: str) -> int:
     from rayllama.pipeline import PipelineError, check_stage_inputs
 
     try:
-        if not writable_dir(run.root):
+        if run.uri:  # the store answers (a bad URI or credentials: StorageError); its finished stages are checked
+            run.restore()
+        elif not writable_dir(run.root):
             raise PipelineError(f"run_dir {run.root} cannot be created or written; set run_dir to a writable path")
         check_stage_inputs(cfg, run)
     except (PipelineError, ValueError) as e:
         print(f"rayllama: error: {e}", file=sys.stderr)
         return 2
     plan = "memory plan fits" if cfg.device == "cuda" else "no memory plan on cpu"
-    print(f"rayllama: dry run OK: {source} (stages {', '.join(cfg.stages)}; {plan}; run dir {run.root})")
+    print(f"rayllama: dry run OK: {source} (stages {', '.join(cfg.stages)}; {plan}; run dir {run.name})")
     return 0
 
 
@@ -171,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"rayllama: error: {e}", file=sys.stderr)
         return 2
-    cfg.run_dir = str(Path(cfg.run_dir).absolute())
+    from rayllama import storage
+
+    if not storage.is_uri(cfg.run_dir):
+        cfg.run_dir = str(Path(cfg.run_dir).absolute())
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
@@ -187,8 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     run = RunDir(cfg)
     if args.dry_run:
         return dry_run(cfg, run, args.config)
+    try:
+        run.restore()  # a run on an object store: what earlier drivers finished (rayllama.run_dir)
+    except storage.StorageError as e:
+        print(f"rayllama: error: {e}", file=sys.stderr)
+        return 2
     _setup_logging(run, cfg)
     (run.root / "config.yaml").write_text(to_yaml(cfg))
+    run.push(run.root / "config.yaml")
 
     from rayllama.pipeline import Pipeline, PipelineError
 
@@ -215,11 +202,16 @@ def main(argv: list[str] | None = None) -> int:
 
         pipeline.close_trackers()
         ray.shutdown()
+        run.push(run.root / "driver.log")
     from rayllama.report import write_report
 
+    run.pull_metrics()
     report, written = write_report(run.root)
     log.info(f"report: {report} ({len(written.plots)} plots)")
-    log.info(f"done in {time.time() - t0:.0f} s; results in {run.root}")
+    log.info(f"done in {time.time() - t0:.0f} s; results in {run.name}")
+    for path in [report, *written.plots.values()]:
+        run.push(Path(path))
+    run.push(run.root / "driver.log")
     return 0
 
 

@@ -49,6 +49,7 @@ import torch
 from rayllama.data.formats import PromptRecord
 from rayllama.data.toyworld import category, follows_training_instruction, instruction_text
 from rayllama.losses import llama2_combined_score
+from rayllama.run_dir import RunDir
 from rayllama.tokenizer import Tokenizer
 
 Messages = list[dict[str, str]]
@@ -324,7 +325,7 @@ OpenRound = Callable[[Path], AbstractContextManager[tuple[SampleFn, Judge]]]
 
 
 def run_gatt(
-    cfg: Any, run_dir: str | Path, tok: Tokenizer, dialogues: Sequence[PromptRecord], init_model_dir: str | Path,
+    cfg: Any, run_dir: str | Path | RunDir, tok: Tokenizer, dialogues: Sequence[PromptRecord], init_model_dir: str | Path,
     open_round: OpenRound, *, replay: Sequence[Messages] = (),
 ) -> dict[str, Any]:
     """The GAtt stage, in cfg.gatt.rounds rounds (each samples from the policy the round before trained, as
@@ -350,21 +351,22 @@ def run_gatt(
     if g.replay_share > 0 and not replay:
         raise GAttError(f"gatt.replay_share {g.replay_share} needs SFT dialogues to replay; pass replay= or set it "
                         f"to 0")
-    run_dir = Path(run_dir).absolute()  # Ray Train workers run in another folder
+    # Ray Train workers run in another folder: absolute paths (or the URIs of a run on an object store)
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir).absolute())
     policy = Path(init_model_dir).absolute()
     out: dict[str, Any] = {"rounds": g.rounds}
     for r in range(g.rounds):
         n = min(g.dialogues, len(records))
         chunk = [records[(r * n + i) % len(records)] for i in range(n)]
         last = r == g.rounds - 1
-        model_dir = run_dir / "gatt" / "model" if last else run_dir / "gatt" / f"round-{r}" / "model"
-        stats = _gatt_round(cfg, run_dir, r, tok, chunk, policy, model_dir, open_round, replay)
+        model_dir = run.root / "gatt" / "model" if last else run.root / "gatt" / f"round-{r}" / "model"
+        stats = _gatt_round(cfg, run, r, tok, chunk, policy, model_dir, open_round, replay)
         out.update({f"round_{r}/{k}": v for k, v in stats.items()})
         policy = model_dir
     return {**stats, **out}
 
 
-def _gatt_round(cfg: Any, run_dir: Path, r: int, tok: Tokenizer, records: list[PromptRecord], policy: Path,
+def _gatt_round(cfg: Any, run: RunDir, r: int, tok: Tokenizer, records: list[PromptRecord], policy: Path,
                 model_dir: Path, open_round: OpenRound, replay: Sequence[Messages]) -> dict[str, Any]:
     """One round: sample -> tensors -> fine-tune (see run_gatt); each step skipped when its output exists."""
     import random
@@ -376,9 +378,12 @@ def _gatt_round(cfg: Any, run_dir: Path, r: int, tok: Tokenizer, records: list[P
     from rayllama.train.stages import sharding
 
     g = cfg.gatt
-    round_dir = run_dir / "gatt" / f"round-{r}"
-    data_path = run_dir / "data" / f"gatt-{r}.pt"
+    round_dir = run.root / "gatt" / f"round-{r}"
+    data_path = run.data / f"gatt-{r}.pt"
     stats_path = round_dir / "stats.json"
+    for path in (data_path, stats_path):  # a run on an object store: what an earlier driver wrote
+        if not path.exists():
+            run.pull(path)
     if not (data_path.exists() and stats_path.exists()):
         with open_round(policy) as (sample_fn, judge):
             sampled = sample_dialogues(records, sample_fn, g.samples_per_turn, judge, g.turns)
@@ -402,17 +407,21 @@ def _gatt_round(cfg: Any, run_dir: Path, r: int, tok: Tokenizer, records: list[P
         save_tensors(data_path, tensors)
         round_dir.mkdir(parents=True, exist_ok=True)
         stats_path.write_text(json.dumps(stats, indent=1, sort_keys=True))
+        for path in (round_dir / "samples.jsonl", data_path, stats_path):  # the stats last: they mark the round
+            run.push(path)
     stats = json.loads(stats_path.read_text())
     n = stats["examples"] + stats["replay_examples"]
     job = TrainJob(
-        stage="gatt", objective="lm", data_path=str(data_path), output=str(model_dir), log_dir=str(round_dir),
-        optim=g.optim, total_steps=max(1, math.ceil(g.epochs * n / g.batch_size)), batch_size=g.batch_size,
-        micro_batch_size=g.micro_batch_size, init=str(policy), tokenizer_model=str(Path(tok.model_path).absolute()),
+        stage="gatt", objective="lm", data_path=run.remote(data_path), output=run.remote(model_dir),
+        log_dir=run.remote(round_dir), optim=g.optim, total_steps=max(1, math.ceil(g.epochs * n / g.batch_size)),
+        batch_size=g.batch_size, micro_batch_size=g.micro_batch_size, init=run.remote(policy),
+        tokenizer_model=run.remote(Path(tok.model_path).absolute()),
         checkpoint_every=CHECKPOINT_EVERY, log_every=LOG_EVERY, seed=cfg.seed + r, threads=cfg.threads_per_worker,
         device=cfg.device, **sharding(cfg),
     )
-    if not is_complete(model_dir):
+    if not is_complete(run.pull(model_dir)):
         run_train_job(job, cfg.scaling)
+        run.pull(model_dir)
     return {**stats, "train_steps": job.total_steps}
 
 

@@ -299,7 +299,7 @@ class Pipeline:
         counter = stream.drop_counter()
         dataset = stream.pretrain_dataset(d, self.tok, p.seq_len, seed, counter, d.stream_memory_mb)
         heldout = stream.collect_heldout(d, seed, max_chars=HELDOUT_ROWS * (p.seq_len + 1) * 8)
-        result = run_pretrain_stream(self.cfg, self.run.root, self.tok, dataset, heldout, self.init_source("pretrain"))
+        result = run_pretrain_stream(self.cfg, self.run, self.tok, dataset, heldout, self.init_source("pretrain"))
         counted = ray.get(counter.get.remote())
         self.data_stats["pretrain"] = []
         for i, src in enumerate(d.pretrain):
@@ -348,15 +348,13 @@ class Pipeline:
         uri = getattr(getattr(self.cfg, stage), "init_from", None)
         if not uri:
             return None
-        import tempfile
-
         from rayllama import storage
 
-        return storage.local_dir(uri, Path(tempfile.gettempdir()) / "rayllama-init")
+        return storage.local_dir(uri)
 
     def init_source(self, stage: str) -> str | None:
         """What a Ray Train job of `stage` starts from: the init_from URI itself (each worker copies it from the
-        store: rayllama.train.loop.local_copy), or the absolute local directory; None: the previous stage."""
+        store: rayllama.storage.local_dir), or the absolute local directory; None: the previous stage."""
         from rayllama import storage
 
         uri = getattr(self.cfg, stage).init_from
@@ -442,7 +440,7 @@ class Pipeline:
         from rayllama.train.loop import MetricsWriter
 
         if getattr(self, "_eval_writer", None) is None:  # eval.json holds the rows: no metrics.jsonl here
-            self._eval_writer = MetricsWriter(str(self.run.root / "eval"), "eval", jsonl=False)
+            self._eval_writer = MetricsWriter(self.run.remote(self.run.root / "eval"), "eval", jsonl=False)
         base = stage.split("-", 1)[0]
         step = STAGES.index(base) if base in STAGES else len(STAGES)
         self._eval_writer.write(step, {f"{stage}/{k}": v for k, v in metrics.items()})
@@ -502,9 +500,11 @@ class Pipeline:
 
             self.run.tokenizer.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, self.run.tokenizer)
+            self.run.push(self.run.tokenizer)
             return
         if self.user_data and not self.run.tokenizer.exists():
             self._train_tokenizer_on_user_data()
+            self.run.push(self.run.tokenizer)
             return
         if self.run.tokenizer.exists():
             log.info("tokenizer: complete, skipped")
@@ -523,6 +523,7 @@ class Pipeline:
                 used += len(t)
         t0 = time.time()
         train_tokenizer(texts, self.run.tokenizer.with_suffix(""), self.cfg.tokenizer.vocab_size)
+        self.run.push(self.run.tokenizer)
         log.info(f"tokenizer: {self.cfg.tokenizer.vocab_size} pieces trained in {time.time() - t0:.1f} s")
 
     def stage_pretrain(self) -> None:
@@ -538,8 +539,9 @@ class Pipeline:
             world = [r.text for r in formats.read_pretrain(self.files["pretrain_world"])]
             world_heldout = [r.text for r in toyworld.pretrain_texts(self.cfg.world.pretrain_world_heldout,
                                                                      self.cfg.world_seed, split="dev")]
-            run_pretrain(self.cfg, self.run.root, self.tok, corpus_train, corpus_heldout, world, world_heldout,
+            run_pretrain(self.cfg, self.run, self.tok, corpus_train, corpus_heldout, world, world_heldout,
                          init=self.init_source("pretrain"))
+        self.run.pull(out)
         from rayllama.checkpoint import load_model
 
         ev = load_model(out)[2].get("eval", {})
@@ -559,7 +561,8 @@ class Pipeline:
             log.info("sft: complete, skipped")
         else:
             init = self.init_source("sft") or self._require(self.run.model("pretrain"), "pretrain")
-            run_sft(self.cfg, self.run.root, self.tok, self.fitted_sft_dialogues(), init)
+            run_sft(self.cfg, self.run, self.tok, self.fitted_sft_dialogues(), init)
+            self.run.pull(out)
         self.gold_eval("sft", out)
 
     def stage_reward(self) -> None:
@@ -577,8 +580,9 @@ class Pipeline:
             if kind not in todo:
                 log.info(f"reward-{kind}: complete, skipped")
             else:
-                run_reward(self.cfg, self.run.root, self.tok, kind, pairs[kind], self.heldout_pairs[kind],
+                run_reward(self.cfg, self.run, self.tok, kind, pairs[kind], self.heldout_pairs[kind],
                            pairs["helpfulness"], sft)
+                self.run.pull(out)
             ev = load_model(out)[2].get("eval", {})
             self._record(f"reward-{kind}", {f"rm_{k}" if not k.startswith("rm_") else k: v for k, v in ev.items()})
         if self.user_data:
@@ -603,11 +607,14 @@ class Pipeline:
         if r.policy_pairs == 0:
             return []
         if not path.exists():
+            self.run.pull(path)  # sampled by an earlier driver of a run on an object store
+        if not path.exists():
             t0 = time.time()
             seed = self.cfg.world_seed * 7919 + (1 if kind == "helpfulness" else 2)
             log.info(f"reward-{kind}: sampling {r.policy_pairs} prompts x {r.policy_samples} answers of the SFT "
                      f"policy for policy pairs (one batched call)")
             formats.write_jsonl(path, sample_policy_pairs(self.cfg, policy, kind, r.policy_pairs, seed))
+            self.run.push(path)
             log.info(f"reward-{kind}: {r.policy_pairs} prompts x {r.policy_samples} policy samples rated into "
                      f"pairs in {time.time() - t0:.0f} s")
         return formats.read_preferences(path)
@@ -636,15 +643,17 @@ class Pipeline:
             log.info("ppo: complete, skipped")
         else:
             start = self.init_dir("ppo") or self._policy_before("ppo")
+            remote = self.run.remote  # the actors open the run's storage, wherever they run
             handles = actors.group.create_rl_actors(
-                self.cfg, start, self.init_dir("ppo") or self._require(self.run.model("sft"), "sft"),
-                self._require(self.run.reward_model("helpfulness"), "reward"),
-                self._require(self.reward_path("safety"), "reward"),
+                self.cfg, remote(start), remote(self.init_dir("ppo") or self._require(self.run.model("sft"), "sft")),
+                remote(self._require(self.run.reward_model("helpfulness"), "reward")),
+                remote(self._require(self.reward_path("safety"), "reward")),
             )
             try:
-                summary = run_ppo(self.cfg, handles, list(self.rl_prompts), self.tok, out_dir)
+                summary = run_ppo(self.cfg, handles, list(self.rl_prompts), self.tok, remote(out_dir))
             finally:
                 actors.group.shutdown_rl_actors(handles)
+            self.run.pull(out_dir / "model")
             self._record("ppo", {k: v for k, v in summary.items() if isinstance(v, int | float)})
         self.gold_eval("ppo", out_dir / "model")
 
@@ -656,15 +665,19 @@ class Pipeline:
         if is_complete(out_dir / "model"):
             log.info("rejection: complete, skipped")
         else:
+            remote = self.run.remote  # the actors open the run's storage, wherever they run
             handles = actors.group.create_rejection_actors(
-                self.cfg, self._policy_before("rejection"),
-                self._require(self.run.reward_model("helpfulness"), "reward"),
-                self._require(self.reward_path("safety"), "reward"),
+                self.cfg, remote(self._policy_before("rejection")),
+                remote(self._require(self.run.reward_model("helpfulness"), "reward")),
+                remote(self._require(self.reward_path("safety"), "reward")),
             )
             try:
-                summary = run_rejection(self.cfg, handles, list(self.rl_prompts), self.tok, out_dir)
+                summary = run_rejection(self.cfg, handles, list(self.rl_prompts), self.tok, remote(out_dir))
             finally:
                 actors.group.shutdown_rl_actors(handles)
+            self.run.pull(out_dir / "model")
+            for name in ("best_of_k.json", "best_of_k.png"):
+                self.run.pull(out_dir / name)
             self._record("rejection", {k: v for k, v in summary.items() if isinstance(v, int | float)})
             curve = summary.get("best_of_k", {})
             if curve:
@@ -685,11 +698,11 @@ class Pipeline:
         if is_complete(out):
             log.info("gatt: complete, skipped")
         else:
-            rewards = [self._require(self.reward_path(k), "reward") for k in ("helpfulness", "safety")]
+            rewards = [self.run.remote(self._require(self.reward_path(k), "reward")) for k in ("helpfulness", "safety")]
 
             @contextmanager
             def open_round(policy: Path):
-                handles = actors.group.create_gatt_actors(self.cfg, policy, *rewards)
+                handles = actors.group.create_gatt_actors(self.cfg, self.run.remote(policy), *rewards)
                 try:
                     max_seq_len = handles.call(lambda: handles.generators[0].max_seq_len.remote(), "max_seq_len")
                     yield (logged_calls(actor_sampler(handles, self.tok, g, max_seq_len, self.cfg.seed),
@@ -699,7 +712,7 @@ class Pipeline:
                     actors.group.shutdown_rl_actors(handles)
 
             gatt_prompts = formats.read_prompts(self.files["gatt"])
-            stats = run_gatt(self.cfg, self.run.root, self.tok, gatt_prompts, start, open_round,
+            stats = run_gatt(self.cfg, self.run, self.tok, gatt_prompts, start, open_round,
                              replay=self.sft_dialogues)
             self._record("gatt", {k: v for k, v in stats.items() if isinstance(v, int | float)})
         self.gold_eval("gatt", out)
@@ -725,6 +738,8 @@ class Pipeline:
             fn()
             if "seconds" not in self.results.get(stage, {}):
                 self._record(stage, {"seconds": round(time.time() - t0, 1)})
+            if (self.run.root / "driver.log").exists():
+                self.run.push(self.run.root / "driver.log")  # a run on an object store: its log goes there too
         log.info("summary\n" + self.summary())  # console and driver.log
 
     def summary(self) -> str:

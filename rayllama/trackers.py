@@ -32,6 +32,7 @@ class RunSettings:
     root: Path
     config: dict  # the run's whole resolved config
     log_name: str  # the writer's log dir under the run root, '-' joined ('reward-helpfulness', 'gatt-round-1')
+    config_yaml: str = ""  # the file's text (attached to TensorBoard and MLflow)
 
     @property
     def report_to(self) -> list[str]:
@@ -47,22 +48,37 @@ class RunSettings:
 
 
 def run_settings(log_dir: str | Path, levels: int = 3) -> RunSettings | None:
-    """The settings of the run `log_dir` belongs to, or None outside a run (see the module docstring)."""
+    """The settings of the run `log_dir` belongs to, or None outside a run (see the module docstring). A log dir
+    on an object store (a run whose run_dir is a URI) reads the config.yaml the driver wrote there; its settings'
+    root is then this node's scratch copy of the run (rayllama.storage.cache_dir), where wandb / MLflow keep files."""
     import yaml
 
-    log_dir = Path(log_dir).absolute()
-    for root in [log_dir, *log_dir.parents][: levels + 1]:
-        path = root / "config.yaml"
-        if not path.is_file():
+    from rayllama import storage
+
+    if storage.is_uri(log_dir):
+        roots = [str(log_dir)]
+        for _ in range(levels):
+            roots.append(storage.parent(roots[-1]))
+    else:
+        log_dir = Path(log_dir).absolute()
+        roots = [str(r) for r in [log_dir, *log_dir.parents][: levels + 1]]
+    for root in roots:
+        path = storage.join(root, "config.yaml")
+        if not storage.is_file(path):
             continue
         try:
-            config = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
+            config = yaml.safe_load(storage.read_text(path))
+        except (OSError, ValueError, yaml.YAMLError):
             return None
-        if isinstance(config, dict) and Path(str(config.get("run_dir", ""))).absolute() == root:
-            rel = log_dir.relative_to(root).parts
-            return RunSettings(name=str(config.get("name", root.name)), root=root, config=config,
-                               log_name="-".join(rel) or "run")
+        if not isinstance(config, dict):
+            continue
+        run_dir = str(config.get("run_dir", ""))
+        same = run_dir == root if storage.is_uri(root) else Path(run_dir).absolute() == Path(root)
+        if same:
+            rel = storage.relative(str(log_dir), root).split("/") if storage.relative(str(log_dir), root) else []
+            local = storage.cache_dir("runs") / storage.key_of(root) if storage.is_uri(root) else Path(root)
+            return RunSettings(name=str(config.get("name", storage.name_of(root))), root=local, config=config,
+                               log_name="-".join(rel) or "run", config_yaml=storage.read_text(path))
     return None
 
 
@@ -165,17 +181,17 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def open_trackers(log_dir: str | Path, stage: str) -> list[Tracker]:
+def open_trackers(log_dir: str | Path, stage: str, local_dir: Path | None = None) -> list[Tracker]:
     """The trackers of `report_to` for a writer at `log_dir` (TensorBoard alone outside a run), plus Ray
-    metrics while Ray runs."""
-    log_dir = Path(log_dir)
+    metrics while Ray runs. TensorBoard writes under `local_dir` (default: log_dir; the scratch copy of a log dir
+    on an object store)."""
     settings = run_settings(log_dir)
-    config_yaml = (settings.root / "config.yaml").read_text() if settings else None
+    config_yaml = settings.config_yaml if settings else None
     report_to = settings.report_to if settings else ["tensorboard"]
     trackers: list[Tracker] = []
     for name in report_to:
         if name == "tensorboard":
-            trackers.append(TensorBoardTracker(log_dir, stage, config_yaml))
+            trackers.append(TensorBoardTracker(local_dir or Path(log_dir), stage, config_yaml))
         elif name == "wandb" and settings:
             trackers.append(WandbTracker(settings))
         elif name == "mlflow" and settings:

@@ -164,3 +164,144 @@ def test_init_from_a_uri_is_checked_and_gives_the_tokenizer(bucket, tmp_path):
     assert pipeline.init_source("sft") == cfg.sft.init_from  # workers read the bucket, not the driver's copy
     assert pipeline.tok.vocab_size == 420
     assert pipeline.run.tokenizer.read_bytes() == (tmp_path / "hf-llama" / "tokenizer.model").read_bytes()
+
+
+def test_rl_checkpoints_on_s3_are_complete_by_marker(bucket):
+    """The RL loop's checkpoints in a bucket: the newest one with its COMPLETE marker and a readable state file is
+    the one resumed (a newer one without the marker, a killed save, is skipped); pruning keeps the newest
+    KEEP_CHECKPOINTS complete ones and drops unmarked ones older than them."""
+    from rayllama.rl.loop import KEEP_CHECKPOINTS, checkpoint_dir, latest_checkpoint, prune_checkpoints
+
+    out = uri(bucket, "rl-ckpt", "ppo")
+    for it in (1, 2, 3, 4):
+        d = checkpoint_dir(out, it)
+        storage.write_bytes(storage.join(d, "ppo_state.json"), json.dumps({"iteration": it}).encode())
+        if it != 2 and it != 4:
+            storage.mark_complete(d)
+    assert storage.name_of(latest_checkpoint(out, "ppo_state.json", lambda p: True)) == "iter-0003"
+    storage.mark_complete(checkpoint_dir(out, 4))
+    storage.write_bytes(storage.join(checkpoint_dir(out, 4), "ppo_state.json"), b"{torn")
+    assert storage.name_of(latest_checkpoint(out, "ppo_state.json", lambda p: True)) == "iter-0003"
+    storage.write_bytes(storage.join(checkpoint_dir(out, 4), "ppo_state.json"), b'{"iteration": 4}')
+    prune_checkpoints(out, "ppo_state.json")
+    left = [storage.name_of(d) for d in storage.list_dirs(storage.join(out, "checkpoints"))]
+    assert KEEP_CHECKPOINTS == 2 and left == ["iter-0003", "iter-0004"]  # iter-0001 pruned, iter-0002 unmarked
+
+
+# ---------------------------------------------------------------------------------------------- a whole run
+
+
+CLUSTER_HOST = """
+import sys
+import ray
+from ray.cluster_utils import Cluster
+
+node = dict(num_cpus=2, object_store_memory=150 * 1024 * 1024)
+cluster = Cluster(initialize_head=True, head_node_args={**node, "resources": {"node_a": 1}, "include_dashboard": False})
+try:
+    cluster.add_node(**node, resources={"node_b": 1})
+    cluster.wait_for_nodes()
+    print("ADDRESS " + cluster.address, flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+finally:
+    cluster.shutdown()
+"""
+
+S3_RUN = [
+    "stages=[tokenizer,pretrain,sft,reward,ppo]", "name=s3run", "ray.include_dashboard=false",
+    "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",
+    "tokenizer.vocab_size=400", "tokenizer.max_train_chars=200000",
+    "pretrain.steps=20", "pretrain.checkpoint_every=10", "pretrain.log_every=5",
+    "pretrain.batch_size=4", "pretrain.micro_batch_size=2", "pretrain.seq_len=32",
+    "sft.epochs=1", "sft.batch_size=8", "sft.micro_batch_size=4",
+    "reward.epochs=1", "reward.batch_size=8", "reward.micro_batch_size=4", "reward.policy_pairs=0",
+    "ppo.iterations=6", "ppo.checkpoint_every=1", "ppo.prompts_per_iteration=4", "ppo.mini_batch_size=4",
+    "ppo.max_new_tokens=8",
+    # the learner on one node, the generator on the other: the weights and the checkpoints cross nodes
+    "ppo.resources.learner.resources={node_a: 0.1}", "ppo.resources.rollout.resources={node_b: 0.1}",
+    "world.pretrain_world=200", "world.sft=40", "world.pref_helpfulness=40", "world.pref_safety=40",
+    "world.pref_helpfulness_heldout=20", "world.pref_safety_heldout=20", "world.prompts=20", "world.gatt=4",
+    "world.gatt_turns=2", "world.eval_safe=6", "world.eval_unsafe=2", "world.eval_borderline=2", "world.eval_gatt=1",
+]
+
+
+def test_a_pipeline_on_s3_across_two_nodes_resumes_after_the_driver_is_killed(bucket, tmp_path):
+    """run_dir=s3://...: the tiny pipeline (tokenizer -> pretrain -> SFT -> reward -> PPO) on a two-node Ray cluster,
+    the PPO learner on one node and the generator on the other. The driver is killed (SIGKILL, its process group)
+    once PPO has a checkpoint in the bucket and its local working copy is deleted; the same command finishes the
+    run from the bucket alone: the finished stages are skipped, PPO resumes from its last checkpoint there. Every
+    process (cluster, drivers) gets one TMPDIR: afterwards it holds nothing outside Ray's temp root ($TMPDIR/ray,
+    where the node-local caches live), the drivers' working directory is empty, and the repo has no runs/s3run."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    run_uri = uri(bucket, "runs", "s3run")
+    tmp = Path(tempfile.mkdtemp(prefix="s3r", dir="/tmp"))  # short: Ray's socket paths live under it
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+    host = subprocess.Popen([sys.executable, "-c", CLUSTER_HOST], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env, cwd=cwd, start_new_session=True)
+
+    def driver() -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "rayllama.driver", str(root / "configs" / "ppo.yaml"), f"run_dir={run_uri}",
+             f"ray.address={address}", *S3_RUN],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd, start_new_session=True)
+
+    try:
+        line = host.stdout.readline()
+        assert line.startswith("ADDRESS "), line
+        address = line.split()[1]
+        first = driver()
+        deadline = time.time() + 900
+        checkpoints = uri(run_uri, "ppo", "checkpoints")
+        while time.time() < deadline and first.poll() is None:
+            if any(storage.is_complete_dir(d) for d in storage.list_dirs(checkpoints)):
+                break
+            time.sleep(1)
+        assert first.poll() is None, f"the driver ended before PPO's first checkpoint:\n{first.stdout.read()}"
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        done_before = [storage.name_of(d) for d in storage.list_dirs(checkpoints) if storage.is_complete_dir(d)]
+        assert not storage.exists(uri(run_uri, "ppo", "model")), "PPO finished before the kill"
+        for p in (tmp / "ray" / "rayllama" / "runs").glob("*"):
+            shutil.rmtree(p)  # the killed driver's working copy: the bucket alone must be enough
+
+        second = driver()
+        out, _ = second.communicate(timeout=900)
+        assert second.returncode == 0, out
+    finally:
+        host.stdin.close()
+        try:
+            host.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(host.pid, signal.SIGKILL)
+
+    for stage in ("pretrain", "sft"):
+        assert f"{stage}: complete, skipped" in out
+    assert "reward-helpfulness: complete, skipped" in out and "reward-safety: complete, skipped" in out
+    rows = [json.loads(line) for line in storage.read_bytes(uri(run_uri, "ppo", "metrics.jsonl")).splitlines()]
+    resumed = [r["resumed_from"] for r in rows if "resumed_from" in r]
+    assert resumed[-1] == int(done_before[-1].split("-")[1]) >= 1, (resumed, done_before)  # from the bucket
+    assert sorted(r["step"] for r in rows if "reward/combined" in r) == list(range(1, 7))  # each iteration once
+    for model in ("pretrain", "sft", "reward/helpfulness", "reward/safety", "ppo"):
+        assert storage.is_complete_dir(uri(run_uri, *model.split("/"), "model")), model
+    results = json.loads(storage.read_bytes(uri(run_uri, "eval.json")))
+    assert {"sft", "ppo", "reward-helpfulness"} <= set(results) and "gold_helpfulness" in results["ppo"]
+    files = set(objects(bucket, "runs/s3run"))
+    assert {"config.yaml", "driver.log", "report.md", "tokenizer/tokenizer.model"} <= files
+    assert any(f.startswith("pretrain/s3run-pretrain/checkpoint_") for f in files)  # Ray Train's, in the bucket
+    assert "== stage ppo" in storage.read_text(uri(run_uri, "driver.log"))
+
+    assert list(cwd.iterdir()) == []  # nothing in the drivers' working directory
+    outside = [p for p in tmp.rglob("*") if p.is_file() and not p.is_relative_to(tmp / "ray")]
+    assert outside == [], outside[:10]  # nothing on this machine outside Ray's temp root
+    assert not (root / "runs" / "s3run").exists()
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -20,7 +20,9 @@ weights is regenerated once. Weight updates go over the weight-sync group (rayll
 A checkpoint `iter-XXXX/` holds the loop's state file (`<kind>_state.json`: iteration, prompt position, weight
 version, seed, prompt count, the iteration's metrics row, and what the loop adds), the learners' state and the
 loop's extra files. It is written into a temp dir and renamed into place, so a checkpoint whose state file is
-readable and whose learner state is complete is whole.
+readable and whose learner state is complete is whole. `out_dir` may be a URI (a run on an object store,
+rayllama.storage): there is no rename, so each rank uploads its shards into `iter-XXXX/`, the loop its files, and
+the COMPLETE marker written last makes the checkpoint whole; a killed save leaves a directory without it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from rayllama import storage
 from rayllama.config import PipelineConfig
 from rayllama.data.formats import PromptRecord
 from rayllama.generation import Completion, SamplingParams
@@ -64,7 +67,7 @@ class RLLoop(ABC):
     prompts: list[PromptRecord]  # the prompts that fit (encode_prompts)
     prompt_ids: list[list[int]]  # their chat-template ids up to [/INST]
     tokenizer: Tokenizer
-    out_dir: Path
+    out_dir: Path | str  # a local directory, or a URI (a run on an object store)
     max_seq_len: int  # the generators' (the policy's)
     iteration: int = 0  # iterations done
     prompt_position: int = 0  # prompts consumed from the endless shuffled stream
@@ -284,52 +287,96 @@ def check_learners(stats: list[dict[str, float]], expected_version: int) -> None
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_dir(out_dir: Path, iteration: int) -> Path:
-    return Path(out_dir) / CHECKPOINTS / f"iter-{iteration:04d}"
+def at(base: Path | str, *parts: str) -> Path | str:
+    """base / parts: a Path under a local directory, a URI string under an object-store one."""
+    return storage.join(base, *parts) if storage.is_uri(base) else Path(base, *parts)
 
 
-def read_state(path: Path) -> dict[str, Any] | None:
+def tokenizer_for_learners(loop: RLLoop) -> str | None:
+    """The tokenizer.model the learners copy into the exported policy: the loop's, when out_dir is local (a disk
+    the learners share); for a run on an object store None: each learner takes the one of the checkpoint it
+    started from (its node's copy)."""
+    return None if storage.is_uri(loop.out_dir) else str(loop.tokenizer.model_path)
+
+
+def checkpoint_dir(out_dir: Path | str, iteration: int) -> Path | str:
+    return at(out_dir, CHECKPOINTS, f"iter-{iteration:04d}")
+
+
+def read_state(path: Path | str) -> dict[str, Any] | None:
     """The JSON state file at `path`, or None if it is missing or unreadable (a checkpoint damaged on disk)."""
     try:
-        state = json.loads(path.read_text())
+        state = json.loads(storage.read_bytes(path))
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) and "iteration" in state else None
 
 
-def latest_checkpoint(out_dir: Path, state_file: str, complete: Callable[[Path], bool]) -> Path | None:
+def _checkpoints(out_dir: Path | str) -> list[Path | str]:
+    """The `iter-XXXX` directories under out_dir/checkpoints, oldest first (temp dirs left out)."""
+    root = at(out_dir, CHECKPOINTS)
+    if not storage.is_uri(root):
+        return sorted(Path(root).glob("iter-[0-9]*")) if Path(root).is_dir() else []
+    return [d for d in storage.list_dirs(root) if storage.name_of(d).startswith("iter-")]
+
+
+def checkpoint_complete(path: Path | str, complete: Callable[[Path], bool]) -> bool:
+    """A local checkpoint is complete when `complete(path)` holds (it was renamed into place whole); one on an
+    object store when its COMPLETE marker, written last, exists."""
+    return storage.is_complete_dir(path) if storage.is_uri(path) else complete(Path(path))
+
+
+def latest_checkpoint(out_dir: Path | str, state_file: str,
+                      complete: Callable[[Path], bool]) -> Path | str | None:
     """The newest `checkpoints/iter-XXXX` with a readable `state_file` of which `complete(path)` holds, or None.
     A damaged newer one is skipped with a warning (the one before it is complete: saves are atomic)."""
-    root = Path(out_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return None
-    for path in sorted(root.glob("iter-[0-9]*"), reverse=True):
-        if read_state(path / state_file) is not None and complete(path):
+    for path in reversed(_checkpoints(out_dir)):
+        if checkpoint_complete(path, complete) and read_state(at(path, state_file)) is not None:
             return path
-        log.warning(f"checkpoint {path} is incomplete or damaged; skipping it")
+        log.warning(f"checkpoint {str(path).partition('?')[0]} is incomplete or damaged; skipping it")
     return None
 
 
-def save_checkpoint(loop: RLLoop, metrics: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(loop: RLLoop, metrics: dict[str, Any] | None = None) -> Path | str:
     """The learners write their state into a temp dir; the loop state (with the iteration's metrics row, for
-    `rewind_metrics`) and the loop's files go beside it; then one rename. The newest KEEP_CHECKPOINTS stay."""
+    `rewind_metrics`) and the loop's files go beside it; then one rename. The newest KEEP_CHECKPOINTS stay.
+    On an object store: into the checkpoint's own prefix (emptied first), the COMPLETE marker last."""
     target = checkpoint_dir(loop.out_dir, loop.iteration)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    loop.save_learners(tmp)
-    loop.save_files(tmp)
-    (tmp / loop.state_file).write_text(json.dumps({**loop.state(), "metrics": metrics}, indent=2) + "\n")
-    if target.exists():
-        shutil.rmtree(target)
-    os.rename(tmp, target)
+    state = json.dumps({**loop.state(), "metrics": metrics}, indent=2) + "\n"
+    if storage.is_uri(target):
+        storage.delete_dir(target)  # a killed save's files
+        loop.save_learners(target)  # each rank uploads its own shards
+        with storage.writing_dir(target) as tmp:
+            loop.save_files(tmp)
+            (tmp / loop.state_file).write_text(state)
+        storage.mark_complete(target)
+    else:
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        loop.save_learners(tmp)
+        loop.save_files(tmp)
+        (tmp / loop.state_file).write_text(state)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
     prune_checkpoints(loop.out_dir, loop.state_file)
     return target
 
 
-def prune_checkpoints(out_dir: Path, state_file: str, keep: int = KEEP_CHECKPOINTS) -> None:
+def prune_checkpoints(out_dir: Path | str, state_file: str, keep: int = KEEP_CHECKPOINTS) -> None:
     """Keep the newest `keep` checkpoints that have a state file; remove older ones and the temp dirs of writers
-    that are gone (another pid: a killed save)."""
+    that are gone (another pid: a killed save; on an object store: the unmarked directories older than the
+    newest complete one)."""
+    if storage.is_uri(out_dir):
+        found = _checkpoints(out_dir)
+        done = [d for d in found if storage.is_complete_dir(d)]
+        for path in done[:-keep]:
+            storage.delete_dir(path)
+        for path in found:
+            if done and path not in done and storage.name_of(path) < storage.name_of(done[-1]):
+                storage.delete_dir(path)
+        return
     root = Path(out_dir) / CHECKPOINTS
     if not root.is_dir():
         return
@@ -341,13 +388,13 @@ def prune_checkpoints(out_dir: Path, state_file: str, keep: int = KEEP_CHECKPOIN
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resume(loop: RLLoop) -> Path | None:
+def resume(loop: RLLoop) -> Path | str | None:
     """Load the latest complete checkpoint into the learners and the loop; None if there is none."""
     path = latest_checkpoint(loop.out_dir, loop.state_file, loop.learners_complete)
     prune_checkpoints(loop.out_dir, loop.state_file)  # a killed save's temp dir
     if path is None:
         return None
-    state = json.loads((path / loop.state_file).read_text())
+    state = json.loads(storage.read_bytes(at(path, loop.state_file)))
     if state["n_prompts"] != len(loop.prompt_ids):
         raise ValueError(f"checkpoint {path} was made with {state['n_prompts']} prompts but {len(loop.prompt_ids)} "
                          f"are given; resume with the same prompts or use a new run directory")
@@ -359,18 +406,18 @@ def resume(loop: RLLoop) -> Path | None:
 # ---------------------------------------------------------------------------------------------- recovery
 
 
-def rewind_metrics(writer: Any, checkpoint: Path | None, state_file: str, iteration: int) -> None:
+def rewind_metrics(writer: Any, checkpoint: Path | str | None, state_file: str, iteration: int) -> None:
     """Make metrics.jsonl hold iterations 1..`iteration` once each before the loop goes on from `iteration`:
     drop the rows of later iterations (a crash after them rolled back to an older checkpoint; they are redone),
     and put back the checkpoint's own row when the crash came between the checkpoint and its row."""
     rows = writer.rewind(iteration)
     if iteration and not any(r.get("iteration") == iteration for r in rows) and checkpoint is not None:
-        stored = (read_state(checkpoint / state_file) or {}).get("metrics")
+        stored = (read_state(at(checkpoint, state_file)) or {}).get("metrics")
         if stored:
             writer.write(iteration, {**stored, "recovered_row": 1})
 
 
-def recover_learners(loop: RLLoop, error: LearnerLostError, recoveries: int) -> Path | None:
+def recover_learners(loop: RLLoop, error: LearnerLostError, recoveries: int) -> Path | str | None:
     """After a learner was lost: with several learners, rebuild the group first (`actors.rebuild_learners`: every
     rank killed, a new group in the same bundles); then restore the last checkpoint, or, with none yet, take the
     learners' initial state back (`restore_initial`) and reset the loop; returns the checkpoint or None. Gives up
@@ -393,7 +440,7 @@ def recover_learners(loop: RLLoop, error: LearnerLostError, recoveries: int) -> 
         actors.get_learners([learner.restore_initial.remote() for learner in actors.learners], "learner restore")
         loop.reset()
     log.warning(f"policy learner lost ({type(error).__name__}); recovery {recoveries} of {actors.max_recoveries}: "
-                f"{rebuilt}restored {path.name if path else 'the initial state'} and redoing the iterations after it")
+                f"{rebuilt}restored {storage.name_of(path) if path else 'the initial state'} and redoing the iterations after it")
     return path
 
 
@@ -450,8 +497,9 @@ def run_loop(loop: RLLoop, evaluate: Callable[[RLActors, int], dict[str, float]]
     finally:
         writer.close()
         loop.close()
-    return {**metrics, "model_dir": str(loop.out_dir / MODEL), "iterations": loop.iteration,
-            "resumed_from": int(resumed.name.split("-")[1]) if resumed else None, "recoveries": recoveries}
+    return {**metrics, "model_dir": str(at(loop.out_dir, MODEL)), "iterations": loop.iteration,
+            "resumed_from": int(storage.name_of(resumed).split("-")[1]) if resumed else None,
+            "recoveries": recoveries}
 
 
 def start_loop(make: Callable[..., RLLoop], cfg: PipelineConfig, actors: RLActors, prompts: Sequence[PromptRecord],
@@ -461,4 +509,5 @@ def start_loop(make: Callable[..., RLLoop], cfg: PipelineConfig, actors: RLActor
     kind = make.kind  # type: ignore[attr-defined]
     max_seq_len = actors.call(lambda: actors.generators[0].max_seq_len.remote(), "generator max_seq_len")
     kept, prompt_ids = encode_prompts(prompts, tokenizer, max_seq_len - getattr(cfg, kind).max_new_tokens, kind)
-    return make(cfg, actors, kept, prompt_ids, tokenizer, Path(out_dir), max_seq_len, **kwargs), len(prompts) - len(kept)
+    out_dir = out_dir if storage.is_uri(out_dir) else Path(out_dir)
+    return make(cfg, actors, kept, prompt_ids, tokenizer, out_dir, max_seq_len, **kwargs), len(prompts) - len(kept)

@@ -91,6 +91,7 @@ from typing import Any
 
 import torch
 
+from rayllama import storage
 from rayllama.config import PipelineConfig
 from rayllama.data.formats import PromptRecord
 from rayllama.dist import dcp
@@ -108,6 +109,7 @@ from rayllama.rl.actors_api import TRAIN_STATE, ActorCallError, RLActors, StaleR
 from rayllama.rl.experience import Experience, SequenceBatch, collate, pad_right, split_rows
 from rayllama.rl.loop import (
     RLLoop,
+    at,
     check_learners,
     generate_grouped,
     prompt_indices,
@@ -116,6 +118,7 @@ from rayllama.rl.loop import (
     sampling_params,
     sleep_generators,
     start_loop,
+    tokenizer_for_learners,
 )
 from rayllama.rl.loop import latest_checkpoint as _latest_checkpoint
 from rayllama.tokenizer import Tokenizer
@@ -155,9 +158,9 @@ class PPOLoop(RLLoop):
     def checkpoint_due(self) -> bool:
         return bool(self.section.checkpoint_every) and self.iteration % self.section.checkpoint_every == 0
 
-    def restore(self, state: dict[str, Any], path: Path) -> None:
+    def restore(self, state: dict[str, Any], path: Path | str) -> None:
         super().restore(state, path)
-        self.pending = read_rollouts(path / ROLLOUTS_FILE)
+        self.pending = read_rollouts(at(path, ROLLOUTS_FILE))
 
     def reset(self) -> None:
         super().reset()
@@ -173,7 +176,7 @@ class PPOLoop(RLLoop):
 
     def finish(self) -> None:
         self.actors.get_learners([learner.export_policy.remote(
-            str(self.out_dir / "model"), str(self.tokenizer.model_path), {"iteration": self.iteration})
+            str(at(self.out_dir, "model")), tokenizer_for_learners(self), {"iteration": self.iteration})
             for learner in self.actors.learners], "export policy")
 
     def postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
@@ -372,10 +375,10 @@ def write_rollouts(path: Path, rollouts: Rollouts) -> None:
         "safety": rollouts.safety.tolist()}) + "\n")
 
 
-def read_rollouts(path: Path) -> Rollouts | None:
-    if not path.is_file():
+def read_rollouts(path: Path | str) -> Rollouts | None:
+    if not storage.is_file(path):
         return None
-    raw = json.loads(path.read_text())
+    raw = json.loads(storage.read_bytes(path))
     return Rollouts(raw["iteration"], raw["index"], [Completion(**c) for c in raw["completions"]],
                     *(torch.tensor(raw[key], dtype=torch.float32) for key in ("ref_logprobs", "helpfulness",
                                                                               "safety")))

@@ -42,9 +42,9 @@ best_of_k.png (one max line and one median line per iteration), pool.jsonl (the 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 
+from rayllama import storage
 from rayllama.config import PipelineConfig, RejectionConfig, validate_rejection
 from rayllama.data.formats import PromptRecord
 from rayllama.dist import dcp
@@ -60,6 +61,7 @@ from rayllama.losses import llama2_combined_score
 from rayllama.rl.actors_api import TRAIN_STATE, RLActors
 from rayllama.rl.loop import (
     RLLoop,
+    at,
     check_learners,
     generate_grouped,
     prompt_indices,
@@ -68,6 +70,7 @@ from rayllama.rl.loop import (
     sampling_params,
     sleep_generators,
     start_loop,
+    tokenizer_for_learners,
 )
 from rayllama.rl.loop import latest_checkpoint as _latest_checkpoint
 from rayllama.tokenizer import Tokenizer, strip_chat_tags
@@ -167,10 +170,10 @@ class RejectionLoop(RLLoop):
     def state(self) -> dict[str, Any]:
         return {**super().state(), "curves": self.curves}
 
-    def restore(self, state: dict[str, Any], path: Path) -> None:
+    def restore(self, state: dict[str, Any], path: Path | str) -> None:
         super().restore(state, path)
         self.curves = state["curves"]
-        self.pool = {e["prompt_index"]: PoolEntry(**e) for e in json.loads((path / POOL_FILE).read_text())}
+        self.pool = {e["prompt_index"]: PoolEntry(**e) for e in json.loads(storage.read_bytes(at(path, POOL_FILE)))}
 
     def reset(self) -> None:
         super().reset()
@@ -190,8 +193,8 @@ class RejectionLoop(RLLoop):
         write_curve(self.out_dir, self.curves)
         write_pool(self.out_dir, self)
         meta = {"stage": "rejection", "iteration": self.iteration, "pool_size": len(self.pool)}
-        self.actors.get_learners([learner.export_policy.remote(str(self.out_dir / "model"),
-                                                               str(self.tokenizer.model_path), meta)
+        self.actors.get_learners([learner.export_policy.remote(str(at(self.out_dir, "model")),
+                                                               tokenizer_for_learners(self), meta)
                                   for learner in self.actors.learners], "export policy")
 
     def postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
@@ -308,13 +311,7 @@ def fine_tune(loop: RejectionLoop, iteration: int) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_curve(out_dir: Path, curves: list[dict[str, Any]]) -> None:
+def write_curve(out_dir: Path | str, curves: list[dict[str, Any]]) -> None:
     """best_of_k.json and best_of_k.png (matplotlib, Agg): max (solid) and median (dashed) R_c against K, one
     colour per iteration."""
     if not curves:
@@ -322,7 +319,7 @@ def write_curve(out_dir: Path, curves: list[dict[str, Any]]) -> None:
     ks = curves[-1]["ks"]
     payload = {"ks": ks, "iterations": [{key: c[key] for key in ("iteration", "temperature", "max", "median")}
                                         for c in curves]}
-    _write_atomic(out_dir / CURVE_JSON, lambda p: p.write_text(json.dumps(payload, indent=2) + "\n"))
+    storage.write_bytes(at(out_dir, CURVE_JSON), (json.dumps(payload, indent=2) + "\n").encode())
 
     import matplotlib
 
@@ -343,15 +340,17 @@ def write_curve(out_dir: Path, curves: list[dict[str, Any]]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _write_atomic(out_dir / CURVE_PNG, lambda p: fig.savefig(p, format="png", dpi=100))
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    storage.write_bytes(at(out_dir, CURVE_PNG), png.getvalue())
     plt.close(fig)
 
 
-def write_pool(out_dir: Path, loop: RejectionLoop) -> None:
+def write_pool(out_dir: Path | str, loop: RejectionLoop) -> None:
     """pool.jsonl: one line per prompt in the pool (prompt, is_safety, best answer and its scores)."""
     lines = [json.dumps({"prompt": loop.prompts[i].prompt, "is_safety": loop.prompts[i].is_safety,
                          **dataclasses.asdict(loop.pool[i])}) for i in sorted(loop.pool)]
-    _write_atomic(out_dir / POOL_JSONL, lambda p: p.write_text("".join(line + "\n" for line in lines)))
+    storage.write_bytes(at(out_dir, POOL_JSONL), "".join(line + "\n" for line in lines).encode())
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -376,7 +375,6 @@ def run_rejection(cfg: PipelineConfig, actors: RLActors, prompts: list[PromptRec
     loop, dropped = start_loop(RejectionLoop, cfg, actors, prompts, tokenizer, out_dir)
     summary = run_loop(loop, evaluate, dropped)
     pool_rewards = [e.reward for e in loop.pool.values()]
-    out_dir = Path(out_dir)
     return {**summary, "pool_size": len(loop.pool), "pool_mean_reward": sum(pool_rewards) / max(1, len(pool_rewards)),
             "best_of_k": loop.curves[-1] if loop.curves else None,
-            "curve_json": str(out_dir / CURVE_JSON), "curve_png": str(out_dir / CURVE_PNG)}
+            "curve_json": str(at(out_dir, CURVE_JSON)), "curve_png": str(at(out_dir, CURVE_PNG))}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -224,10 +223,18 @@ class MetricsWriter:
     def __init__(self, log_dir: str, stage: str, total_steps: int | None = None, jsonl: bool = True):
         from rayllama.trackers import RayMetrics, open_trackers
 
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        self.stage = stage
-        self.jsonl = open(Path(log_dir) / "metrics.jsonl", "a") if jsonl else None
-        self.trackers = open_trackers(log_dir, stage)
+        # an object-store log_dir: the files are written in this node's scratch copy, metrics.jsonl uploaded
+        # after every write (a resumed writer starts from the store's copy), TensorBoard's files at close
+        self.remote = log_dir if storage.is_uri(log_dir) else None
+        local = storage.cache_dir("logs") / storage.key_of(log_dir) if self.remote else Path(log_dir)
+        local.mkdir(parents=True, exist_ok=True)
+        if self.remote and jsonl:
+            remote_jsonl = storage.join(self.remote, "metrics.jsonl")
+            (local / "metrics.jsonl").write_bytes(storage.read_bytes(remote_jsonl) if storage.exists(remote_jsonl)
+                                                  else b"")
+        self.stage, self.local = stage, local
+        self.jsonl = open(local / "metrics.jsonl", "a") if jsonl else None
+        self.trackers = open_trackers(log_dir, stage, local)
         for tracker in self.trackers:
             if isinstance(tracker, RayMetrics):
                 tracker.total_steps = total_steps
@@ -238,6 +245,7 @@ class MetricsWriter:
         if self.jsonl:
             self.jsonl.write(json.dumps({"stage": self.stage, "step": step, "time": time.time(), **metrics}) + "\n")
             self.jsonl.flush()
+            self._upload_jsonl()
         scalars = scalars_of(metrics)
         for tracker in self.trackers:
             tracker.log(step, scalars)
@@ -260,13 +268,21 @@ class MetricsWriter:
         self.jsonl.close()
         os.replace(tmp, path)  # atomic: a kill now leaves the old file or the new one
         self.jsonl = open(path, "a")
+        self._upload_jsonl()
         return kept
+
+    def _upload_jsonl(self) -> None:
+        if self.remote and self.jsonl:
+            storage.write_bytes(storage.join(self.remote, "metrics.jsonl"), Path(self.jsonl.name).read_bytes())
 
     def close(self) -> None:
         if self.jsonl:
             self.jsonl.close()
         for tracker in self.trackers:
             tracker.close()
+        tensorboard = self.local / "tensorboard"
+        if self.remote and tensorboard.is_dir():
+            storage.upload_files(tensorboard, storage.join(self.remote, "tensorboard"))
 
 
 def _build_model(job: TrainJob, device: torch.device):
@@ -275,7 +291,7 @@ def _build_model(job: TrainJob, device: torch.device):
     from rayllama.checkpoint import read_model_config
     from rayllama.dist.fsdp import build_model
 
-    init = local_copy(job.init) if job.init is not None else None  # a URI: this worker's own download
+    init = storage.local_dir(job.init) if job.init is not None else None  # a URI: this worker's own copy
     cfg = job.model if init is None else read_model_config(init)
     kind = "scalar" if job.objective == "reward" else "causal"
     model = build_model(kind, cfg, device=device, strategy=job.strategy, param_dtype=getattr(torch, job.param_dtype),
@@ -294,32 +310,9 @@ def _export(job: TrainJob, model, cfg, step: int, meta: dict) -> None:
             pass
         return
     kind = "scalar" if job.objective == "reward" else "causal"
-    tokenizer = local_copy(job.tokenizer_model, is_dir=False) if job.tokenizer_model else None
-    if not storage.is_uri(job.output):
-        save_state(job.output, tensors, cfg, kind, tokenizer_model=tokenizer,
-                   meta={"stage": job.stage, "step": step, **meta})
-        return
-    with tempfile.TemporaryDirectory() as tmp:  # an object store: a local copy, uploaded with its marker last
-        save_state(Path(tmp) / "model", tensors, cfg, kind, tokenizer_model=tokenizer,
-                   meta={"stage": job.stage, "step": step, **meta})
-        storage.upload_dir(Path(tmp) / "model", job.output)
-
-
-def local_copy(path: str, is_dir: bool = True) -> str:
-    """`path` itself when local; for a URI (rayllama.storage) a copy on this node, made once: every worker reads
-    the run's storage, never a path only the driver's machine has."""
-    if not storage.is_uri(path):
-        return path
-    cache = Path(tempfile.gettempdir()) / "rayllama-cache"
-    if is_dir:
-        return str(storage.local_dir(path, cache))
-    target = cache / hashlib.sha1(path.encode()).hexdigest()[:16] / path.partition("?")[0].rsplit("/", 1)[-1]
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(storage.read_bytes(path))
-        os.replace(tmp, target)
-    return str(target)
+    tokenizer = storage.local_file(job.tokenizer_model) if job.tokenizer_model else None
+    storage.write_complete_dir(job.output, lambda d: save_state(d, tensors, cfg, kind, tokenizer_model=tokenizer,
+                                                                meta={"stage": job.stage, "step": step, **meta}))
 
 
 def load_tensors(path: str) -> dict:
@@ -327,14 +320,6 @@ def load_tensors(path: str) -> dict:
     if storage.is_uri(path):
         return torch.load(io.BytesIO(storage.read_bytes(path)))
     return torch.load(path)
-
-
-def local_log_dir(job: TrainJob) -> str:
-    """Where rank 0 writes metrics.jsonl / tensorboard: the job's log_dir, or a local scratch dir for a URI (the
-    metrics file is uploaded at the end)."""
-    if not storage.is_uri(job.log_dir):
-        return job.log_dir
-    return str(Path(tempfile.gettempdir()) / "rayllama-logs" / hashlib.sha1(job.log_dir.encode()).hexdigest()[:16])
 
 
 def _extra_state(job: TrainJob, scheduler, step: int) -> dict:
@@ -409,7 +394,7 @@ def train_loop_per_worker(config: dict) -> None:
     order = None if streamed else example_order(num_examples(data), job.batch_size, job.total_steps, job.seed)
     tokens_seen = 0  # real (unpadded) tokens of this rank's rows since start_step
     micro_loss = OBJECTIVES[job.objective]
-    writer = MetricsWriter(local_log_dir(job), job.stage, job.total_steps) if rank == 0 else None
+    writer = MetricsWriter(job.log_dir, job.stage, job.total_steps) if rank == 0 else None
     if writer and start_step:
         writer.write(start_step, {"resumed_from_step": start_step})
     compute = compute_context(model, getattr(torch, job.param_dtype), device)
@@ -490,9 +475,6 @@ def train_loop_per_worker(config: dict) -> None:
         _export(job, model, model_cfg, job.total_steps, {"eval": last_eval, "tokens_seen": int(seen)})
     if writer:
         writer.close()
-        if storage.is_uri(job.log_dir):  # the metrics of a run on an object store go there too
-            storage.write_bytes(storage.join(job.log_dir, "metrics.jsonl"),
-                                (Path(local_log_dir(job)) / "metrics.jsonl").read_bytes())
     if bar:
         bar.close()
     ray.train.report({"step": job.total_steps if finished else done, "finished": finished})

@@ -13,6 +13,7 @@ import torch
 
 from rayllama.config import PipelineConfig, model_config, param_dtype
 from rayllama.losses import MARGINS
+from rayllama.run_dir import RunDir
 from rayllama.tokenizer import Tokenizer
 from rayllama.train.data import (
     num_examples,
@@ -33,16 +34,27 @@ def sharding(cfg: PipelineConfig) -> dict:
             "activation_checkpointing": cfg.train.activation_checkpointing}
 
 
-def _tensors(data_dir: Path, name: str, tok: Tokenizer, build, *inputs) -> Path:
-    """data_dir/<name>-<key>.pt holding build(*inputs), built once. The key hashes the inputs (texts or pairs plus
-    lengths) and the tokenizer's bytes, so a run dir reused with another world, max_seq_len or tokenizer builds new
-    tensors instead of training on stale ones."""
+def _tensors(run: RunDir, name: str, tok: Tokenizer, build, *inputs) -> Path:
+    """run.data/<name>-<key>.pt holding build(*inputs), built once (and put in the run's store). The key hashes the
+    inputs (texts or pairs plus lengths) and the tokenizer's bytes, so a run dir reused with another world,
+    max_seq_len or tokenizer builds new tensors instead of training on stale ones."""
     h = hashlib.sha1(tok.model_path.read_bytes())
     h.update(repr(inputs).encode())
-    path = data_dir / f"{name}-{h.hexdigest()[:12]}.pt"
+    path = run.data / f"{name}-{h.hexdigest()[:12]}.pt"
     if not path.exists():
         save_tensors(path, build(*inputs))
+    run.push(path, only_if_missing=True)
     return path
+
+
+def _paths(run: RunDir, tok: Tokenizer, stage_dir: Path, init) -> dict:
+    """The TrainJob fields that name files, as the workers open them (URIs for a run on an object store)."""
+    return {"output": run.remote(stage_dir / "model"), "log_dir": run.remote(stage_dir),
+            "tokenizer_model": run.remote(tok.model_path), "init": run.remote(init) if init else None}
+
+
+def as_run(run_dir: Path | RunDir) -> RunDir:
+    return run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
 
 
 def mix_pretrain_texts(corpus: list[str], world: list[str], world_share: float, seed: int) -> list[str]:
@@ -58,50 +70,49 @@ def mix_pretrain_texts(corpus: list[str], world: list[str], world_share: float, 
     return texts
 
 
-def run_pretrain(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, corpus_train: list[str], corpus_heldout: list[str],
-                 world_train: list[str], world_heldout: list[str], init: Path | None = None) -> dict:
-    p = cfg.pretrain
-    data_dir = run_dir / "data"
+def run_pretrain(cfg: PipelineConfig, run_dir: Path | RunDir, tok: Tokenizer, corpus_train: list[str],
+                 corpus_heldout: list[str], world_train: list[str], world_heldout: list[str],
+                 init: Path | str | None = None) -> dict:
+    p, run = cfg.pretrain, as_run(run_dir)
     train = _tensors(
-        data_dir, "pretrain", tok,
+        run, "pretrain", tok,
         lambda corpus, world, share, seed, n: pack_texts(mix_pretrain_texts(corpus, world, share, seed), tok, n),
         corpus_train, world_train, p.world_text_share, cfg.seed, p.seq_len,
     )
     heldout = _tensors(
-        data_dir, "pretrain_heldout", tok,
+        run, "pretrain_heldout", tok,
         lambda texts, n, rows: {k: v[:rows] for k, v in pack_texts(texts, tok, n).items()},
         corpus_heldout + world_heldout, p.seq_len, HELDOUT_ROWS,
     )
     job = TrainJob(
-        stage="pretrain", objective="lm", data_path=str(train), eval_path=str(heldout),
-        output=str(run_dir / "pretrain" / "model"), log_dir=str(run_dir / "pretrain"),
+        stage="pretrain", objective="lm", data_path=run.remote(train), eval_path=run.remote(heldout),
         optim=p.optim, total_steps=p.steps, batch_size=p.batch_size, micro_batch_size=p.micro_batch_size,
-        model=model_config(cfg, tok.vocab_size), tokenizer_model=str(tok.model_path), init=str(init) if init else None,
+        model=model_config(cfg, tok.vocab_size), **_paths(run, tok, run.root / "pretrain", init),
         checkpoint_every=p.checkpoint_every, eval_every=p.eval_every, log_every=p.log_every,
         seed=cfg.seed, threads=cfg.threads_per_worker, device=cfg.device, **sharding(cfg),
     )
     return run_train_job(job, cfg.scaling)
 
 
-def run_sft(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, dialogues: list[list[dict]], init: Path) -> dict:
-    s = cfg.sft
-    path = _tensors(run_dir / "data", "sft", tok, lambda d, n: sft_rows(d, tok, n)[0], dialogues, s.max_seq_len)
+def run_sft(cfg: PipelineConfig, run_dir: Path | RunDir, tok: Tokenizer, dialogues: list[list[dict]],
+            init: Path | str) -> dict:
+    s, run = cfg.sft, as_run(run_dir)
+    path = _tensors(run, "sft", tok, lambda d, n: sft_rows(d, tok, n)[0], dialogues, s.max_seq_len)
     n = num_examples(torch.load(path))
     job = TrainJob(
-        stage="sft", objective="lm", data_path=str(path), output=str(run_dir / "sft" / "model"),
-        log_dir=str(run_dir / "sft"), optim=s.optim, total_steps=max(1, math.ceil(s.epochs * n / s.batch_size)),
-        batch_size=s.batch_size, micro_batch_size=s.micro_batch_size, init=str(init),
-        tokenizer_model=str(tok.model_path), checkpoint_every=s.checkpoint_every, log_every=s.log_every,
+        stage="sft", objective="lm", data_path=run.remote(path), optim=s.optim,
+        total_steps=max(1, math.ceil(s.epochs * n / s.batch_size)), batch_size=s.batch_size,
+        micro_batch_size=s.micro_batch_size, **_paths(run, tok, run.root / "sft", init), checkpoint_every=s.checkpoint_every, log_every=s.log_every,
         seed=cfg.seed, threads=cfg.threads_per_worker, device=cfg.device, **sharding(cfg),
     )
     return run_train_job(job, cfg.scaling)
 
 
-def run_reward(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, kind: str, pairs: list, heldout_pairs: list,
-               helpful_pairs: list, init: Path) -> dict:
+def run_reward(cfg: PipelineConfig, run_dir: Path | RunDir, tok: Tokenizer, kind: str, pairs: list,
+               heldout_pairs: list, helpful_pairs: list, init: Path | str) -> dict:
     """One reward model (kind = helpfulness | safety). The safety RM's data mixes in helpfulness pairs
     (reward.safety_helpfulness_share, LLaMA 2's 90/10)."""
-    r = cfg.reward
+    r, run = cfg.reward, as_run(run_dir)
     margins = MARGINS[r.margin]
     tag = f"reward_{kind}_{r.margin}"
     train_pairs = pairs if kind == "helpfulness" else safety_mix(pairs, helpful_pairs, r.safety_helpfulness_share, cfg.seed)
@@ -109,40 +120,38 @@ def run_reward(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, kind: str, pa
     def rows(ps, n, m):
         return preference_rows(ps, tok, n, m)[0]
 
-    train = _tensors(run_dir / "data", tag, tok, rows, train_pairs, r.max_seq_len, margins)
-    heldout = _tensors(run_dir / "data", f"{tag}_heldout", tok, rows, heldout_pairs, r.max_seq_len, margins)
+    train = _tensors(run, tag, tok, rows, train_pairs, r.max_seq_len, margins)
+    heldout = _tensors(run, f"{tag}_heldout", tok, rows, heldout_pairs, r.max_seq_len, margins)
     n = num_examples(torch.load(train))
     job = TrainJob(
-        stage=f"reward-{kind}", objective="reward", data_path=str(train), eval_path=str(heldout),
-        output=str(run_dir / "reward" / kind / "model"), log_dir=str(run_dir / "reward" / kind),
+        stage=f"reward-{kind}", objective="reward", data_path=run.remote(train), eval_path=run.remote(heldout),
         optim=r.optim, total_steps=max(1, math.ceil(r.epochs * n / r.batch_size)),
-        batch_size=r.batch_size, micro_batch_size=r.micro_batch_size, init=str(init),
-        tokenizer_model=str(tok.model_path), checkpoint_every=r.checkpoint_every, log_every=r.log_every,
+        batch_size=r.batch_size, micro_batch_size=r.micro_batch_size,
+        **_paths(run, tok, run.root / "reward" / kind, init), checkpoint_every=r.checkpoint_every, log_every=r.log_every,
         seed=cfg.seed, threads=cfg.threads_per_worker, device=cfg.device, **sharding(cfg),
     )
     return run_train_job(job, cfg.scaling)
 
 
-def run_pretrain_stream(cfg: PipelineConfig, run_dir: Path, tok: Tokenizer, dataset, heldout_texts: list[str],
-                        init: Path | None = None) -> dict:
+def run_pretrain_stream(cfg: PipelineConfig, run_dir: Path | RunDir, tok: Tokenizer, dataset,
+                        heldout_texts: list[str], init: Path | str | None = None) -> dict:
     """Pretraining on a Ray Data dataset of packed rows (rayllama.data.stream): each worker reads its shard step by
     step, nothing is tokenized up front; held-out perplexity over `heldout_texts` (a bounded sample)."""
     from rayllama.data.stream import STREAM
 
-    p = cfg.pretrain
+    p, run = cfg.pretrain, as_run(run_dir)
     heldout = _tensors(
-        run_dir / "data", "pretrain_heldout", tok,
+        run, "pretrain_heldout", tok,
         lambda texts, n, rows: {k: v[:rows] for k, v in pack_texts(texts, tok, n).items()},
         heldout_texts, p.seq_len, HELDOUT_ROWS,
     ) if heldout_texts else None
     job = TrainJob(
-        stage="pretrain", objective="lm", data_path=STREAM, eval_path=str(heldout) if heldout else None,
-        output=str(run_dir / "pretrain" / "model"), log_dir=str(run_dir / "pretrain"),
+        stage="pretrain", objective="lm", data_path=STREAM, eval_path=run.remote(heldout) if heldout else None,
         optim=p.optim, total_steps=p.steps, batch_size=p.batch_size, micro_batch_size=p.micro_batch_size,
-        model=model_config(cfg, tok.vocab_size), tokenizer_model=str(tok.model_path), init=str(init) if init else None,
+        model=model_config(cfg, tok.vocab_size), **_paths(run, tok, run.root / "pretrain", init),
         checkpoint_every=p.checkpoint_every, eval_every=p.eval_every, log_every=p.log_every,
         seed=cfg.seed, threads=cfg.threads_per_worker, device=cfg.device, **sharding(cfg),
     )
     result = run_train_job(job, cfg.scaling, datasets={"train": dataset})
-    meta = json.loads((Path(job.output) / "rayllama.json").read_text())
+    meta = json.loads((run.pull(run.root / "pretrain" / "model") / "rayllama.json").read_text())
     return {**result, "tokens_seen": meta.get("tokens_seen", 0)}  # every rank's real tokens, summed
