@@ -114,6 +114,7 @@ def test_single_shard_step_differs_from_the_union_step(tmp_path):
 def test_stage_tensors_are_rebuilt_when_what_they_are_made_of_changes(tmp_path):
     """A run dir reused with another max_seq_len, world or tokenizer must not train on the old cached tensors."""
     from rayllama.data import toyworld as tw
+    from rayllama.run_dir import RunDir
     from rayllama.tokenizer import Tokenizer, train_tokenizer
     from rayllama.train.stages import _tensors
 
@@ -126,12 +127,13 @@ def test_stage_tensors_are_rebuilt_when_what_they_are_made_of_changes(tmp_path):
         builds.append((texts, n))
         return {"x": torch.arange(n)}
 
-    first = _tensors(tmp_path, "sft", tok_a, build, ["hello"], 8)
-    assert _tensors(tmp_path, "sft", tok_a, build, ["hello"], 8) == first  # unchanged: reused, not rebuilt
-    other_len = _tensors(tmp_path, "sft", tok_a, build, ["hello"], 3)
-    other_text = _tensors(tmp_path, "sft", tok_a, build, ["hello!"], 8)
-    other_tok = _tensors(tmp_path, "sft", tok_b, build, ["hello"], 8)
+    run = RunDir(tmp_path)  # the tensors go to run.data
+    first = _tensors(run, "sft", tok_a, build, ["hello"], 8)
+    assert _tensors(run, "sft", tok_a, build, ["hello"], 8) == first  # unchanged: reused, not rebuilt
+    other_len = _tensors(run, "sft", tok_a, build, ["hello"], 3)
+    other_text = _tensors(run, "sft", tok_a, build, ["hello!"], 8)
+    other_tok = _tensors(run, "sft", tok_b, build, ["hello"], 8)
     assert builds == [(["hello"], 8), (["hello"], 3), (["hello!"], 8), (["hello"], 8)]
     assert len({first, other_len, other_text, other_tok}) == 4
     assert torch.load(other_len)["x"].tolist() == [0, 1, 2]
-    assert not list(tmp_path.glob(".*tmp*"))  # written through a temp file and renamed
+    assert not list(run.data.glob(".*tmp*"))  # written through a temp file and renamed
