@@ -63,15 +63,12 @@ class RunDir:
         return storage.join(self.uri, Path(path).relative_to(self.root).as_posix())
 
     def push(self, path: Path, *, only_if_missing: bool = False) -> None:
-        """Upload the file or directory `path` (under root) to the store: a directory replaces what was there and
-        is complete once its marker is written, last. `only_if_missing`: leave a file the store already has."""
+        """Upload the file `path` (under root) to the store (directories are written there by the processes that
+        make them). `only_if_missing`: leave a file the store already has."""
         if not self.uri:
             return
         remote = self.remote(path)
-        if path.is_dir():
-            storage.delete_dir(remote)
-            storage.upload_dir(path, remote)
-        elif not (only_if_missing and storage.is_file(remote)):
+        if not (only_if_missing and storage.is_file(remote)):
             storage.write_bytes(remote, path.read_bytes())
 
     def pull(self, path: Path) -> Path:

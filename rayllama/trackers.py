@@ -75,7 +75,7 @@ def run_settings(log_dir: str | Path, levels: int = 3) -> RunSettings | None:
         run_dir = str(config.get("run_dir", ""))
         same = run_dir == root if storage.is_uri(root) else Path(run_dir).absolute() == Path(root)
         if same:
-            rel = storage.relative(str(log_dir), root).split("/") if storage.relative(str(log_dir), root) else []
+            rel = [part for part in storage.relative(str(log_dir), root).split("/") if part]
             local = storage.cache_dir("runs") / storage.key_of(root) if storage.is_uri(root) else Path(root)
             return RunSettings(name=str(config.get("name", storage.name_of(root))), root=local, config=config,
                                log_name="-".join(rel) or "run", config_yaml=storage.read_text(path))

@@ -481,6 +481,7 @@ def run_loop(loop: RLLoop, evaluate: Callable[[RLActors, int], dict[str, float]]
                 if loop.iteration == iterations or loop.checkpoint_due():
                     with loop.timed("checkpoint"):
                         save_checkpoint(loop, {**metrics, **loop.timings})
+                        writer.sync()  # the rows before it are in the store with it (a run on an object store)
             except LearnerLostError as error:
                 recoveries += 1
                 restored = recover_learners(loop, error, recoveries)

@@ -34,6 +34,7 @@ from rayllama.train.data import RATING_INDEX, num_examples
 from rayllama.train.optim import build_optimizer, build_scheduler
 
 RATING_NAMES = {v: k for k, v in RATING_INDEX.items()}
+UPLOAD_EVERY_S = 30.0  # MetricsWriter on an object store: the longest a row waits for its upload
 
 
 class TrainJobError(RuntimeError):
@@ -223,9 +224,12 @@ class MetricsWriter:
     def __init__(self, log_dir: str, stage: str, total_steps: int | None = None, jsonl: bool = True):
         from rayllama.trackers import RayMetrics, open_trackers
 
-        # an object-store log_dir: the files are written in this node's scratch copy, metrics.jsonl uploaded
-        # after every write (a resumed writer starts from the store's copy), TensorBoard's files at close
+        # an object-store log_dir: the files are written in this node's scratch copy; metrics.jsonl is uploaded
+        # at most every UPLOAD_EVERY_S while rows come (the whole file each time: not on every row), by `sync`
+        # (the loops call it at each checkpoint, so the store holds every row before one) and at close;
+        # TensorBoard's files at close. A resumed writer starts from the store's copy.
         self.remote = log_dir if storage.is_uri(log_dir) else None
+        self.uploaded_at = 0.0
         local = storage.cache_dir("logs") / storage.key_of(log_dir) if self.remote else Path(log_dir)
         local.mkdir(parents=True, exist_ok=True)
         if self.remote and jsonl:
@@ -245,7 +249,8 @@ class MetricsWriter:
         if self.jsonl:
             self.jsonl.write(json.dumps({"stage": self.stage, "step": step, "time": time.time(), **metrics}) + "\n")
             self.jsonl.flush()
-            self._upload_jsonl()
+            if time.monotonic() - self.uploaded_at >= UPLOAD_EVERY_S:
+                self.sync()
         scalars = scalars_of(metrics)
         for tracker in self.trackers:
             tracker.log(step, scalars)
@@ -268,15 +273,19 @@ class MetricsWriter:
         self.jsonl.close()
         os.replace(tmp, path)  # atomic: a kill now leaves the old file or the new one
         self.jsonl = open(path, "a")
-        self._upload_jsonl()
+        self.sync()
         return kept
 
-    def _upload_jsonl(self) -> None:
+    def sync(self) -> None:
+        """Put metrics.jsonl as it is now in the store (nothing for a local log_dir)."""
         if self.remote and self.jsonl:
+            self.jsonl.flush()
             storage.write_bytes(storage.join(self.remote, "metrics.jsonl"), Path(self.jsonl.name).read_bytes())
+            self.uploaded_at = time.monotonic()
 
     def close(self) -> None:
         if self.jsonl:
+            self.sync()
             self.jsonl.close()
         for tracker in self.trackers:
             tracker.close()
@@ -462,6 +471,8 @@ def train_loop_per_worker(config: dict) -> None:
             break
         if done % job.checkpoint_every == 0 and done < job.total_steps:
             _report_checkpoint(model, job, optimizer, scheduler, done, {"loss": loss_total})
+            if writer:
+                writer.sync()
 
     finished = job.stop_after is None or job.stop_after >= job.total_steps
     seen = torch.tensor(tokens_seen, dtype=torch.float64, device=device)
