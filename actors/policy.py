@@ -93,7 +93,7 @@ from rayllama.rl.experience import (
     mini_batches,
     to_device,
 )
-from rayllama.rl.weight_sync import SyncMember, open_store, send, stream_state, wire_dtype
+from rayllama.rl.weight_sync import SyncMember, open_store, place_of, send, stream_state, wire_dtype
 from rayllama.train.loop import example_order, lm_micro_loss
 from rayllama.train.optim import build_optimizer, build_scheduler, lr_factor
 
@@ -310,6 +310,8 @@ class PolicyLearner:
         """Rank 0 joins weight-sync group `generation` as its sender (blocks until every generator joined)."""
         if self.rank != 0 or rank != 0:
             raise ValueError(f"only policy-learner rank 0 sends weights (sync rank 0); this is rank {self.rank}")
+        if self._weight_sync is not None:
+            self._weight_sync.close()
         self._weight_sync = None
         store = self._sync_store if backend != "local" else None
         self._weight_sync = SyncMember(address, 0, size, backend, timeout_s, generation, device=self.device,
@@ -318,6 +320,10 @@ class PolicyLearner:
 
     def weight_sync_generation(self) -> int:
         return self._weight_sync.generation if self._weight_sync is not None else 0
+
+    def weight_sync_places(self) -> list[dict[str, Any]]:
+        """Where the sender (this rank) lives (rayllama.rl.weight_sync.place_of)."""
+        return [place_of(self.device)]
 
     def send_weights(self, generation: int, bucket_mb: float, dtype: str, verify: bool) -> dict[str, Any]:
         """The policy to the generators (rayllama.rl.weight_sync.send). Collective over the learner group: every

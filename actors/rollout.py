@@ -28,7 +28,7 @@ from rayllama.config import VLLMSettings
 from rayllama.engines import engine_model_config, make_engine
 from rayllama.generation import Completion, SamplingParams
 from rayllama.rl.actors_api import ActorRestartedError, StaleWeightsError
-from rayllama.rl.weight_sync import Incoming, SyncMember, WeightSyncError, check_header, receive
+from rayllama.rl.weight_sync import Incoming, SyncMember, WeightSyncError, check_header, place_of, receive
 from rayllama.vllm_engine import expected_shapes
 
 
@@ -80,10 +80,10 @@ class RolloutGenerator:
             dtype = next(self.engine.model.parameters()).dtype
         return str(dtype).removeprefix("torch.")
 
-    def weight_sync_members(self) -> int:
-        """Ranks this generator takes in the weight-sync group: one, or one per vLLM worker (its engine joins
-        the group itself: tensor_parallel_size)."""
-        return self.engine.weight_sync_members() if self._engine_transfers else 1
+    def weight_sync_places(self) -> list[dict[str, Any]]:
+        """Where each rank this generator takes in the weight-sync group lives (rayllama.rl.weight_sync.place_of):
+        one rank, or one per vLLM worker (its engine joins the group itself: tensor_parallel_size)."""
+        return self.engine.weight_sync_places() if self._engine_transfers else [place_of(self.device)]
 
     @property
     def _engine_transfers(self) -> bool:

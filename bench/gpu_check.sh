@@ -20,7 +20,7 @@
 #      for the same shapes                                                             -> DIR/fsdp_memory.json
 #   7. (third) bench/weight_update.py --device cuda: a bf16 weight update of a Llama-2-7B-width model with 2
 #      layers (1.3 GB) from a learner process to a torch engine in another process over the weight-sync
-#      protocol (NCCL with 2+ GPUs; gloo, host-staged, on one), seconds vs a device copy of the same bytes
+#      protocol (NCCL with 2+ GPUs; on one, CUDA IPC and host-staged gloo), seconds vs a device copy of the bytes
 #                                                                                     -> DIR/weight_update.json
 # All output goes to DIR/log.txt (9 files in all: the device tool brings back what fits).
 #

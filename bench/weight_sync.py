@@ -5,14 +5,16 @@ the old object-store path (kept here as a reference implementation), and a memcp
 
 For each model size (millions of parameters) a `PolicyLearnerActor` and `--generators` `RolloutGeneratorActor`s:
 
-    collective    rayllama.rl.weight_sync.WeightSync.push: learner rank 0 gathers the policy, packs it into
+    gloo          rayllama.rl.weight_sync.WeightSync.push: learner rank 0 gathers the policy, packs it into
                   buckets of --bucket-mb MB and broadcasts each over gloo; the generators copy each bucket into
                   their model in place (no verification: ppo.verify_weights_every 0, and a verified run)
+    ipc           the same protocol with each bucket handed over in shared memory (/dev/shm): the generators
+                  copy straight out of the learner's bucket buffer (what `auto` picks on one machine)
     object store  what the loop did before: the learner puts the state as numpy arrays with one `ray.put`, every
                   generator reads the ref (zero-copy) and copies it into its model (no checksums)
     memcpy        a single-process `np.copyto` of the same number of bytes (the floor a copy-based sync cannot beat)
 
-Reported: median seconds per update and the ratio collective / memcpy. Writes bench/results/weight_sync.json.
+Reported: median seconds per update and the ratios to memcpy. Writes bench/results/weight_sync.json.
 """
 
 from __future__ import annotations
@@ -98,10 +100,11 @@ def bench_size(ray, size: int, reps: int, n_generators: int, bucket_mb: float, r
             times.append(time.perf_counter() - start)
         return statistics.median(times[1:])
 
-    collective = WeightSync(backend="gloo", bucket_mb=bucket_mb, timeout_s=120.0, verify_every=0)
-    collective_s = timed(lambda: collective.push(actors))
-    verified = WeightSync(backend="gloo", bucket_mb=bucket_mb, timeout_s=120.0, verify_every=1)
-    verified_s = timed(lambda: verified.push(actors))
+    seconds = {}
+    for backend in ("gloo", "ipc"):
+        for verify in (0, 1):
+            sync = WeightSync(backend=backend, bucket_mb=bucket_mb, timeout_s=120.0, verify_every=verify)
+            seconds[f"{backend}{'_verified' if verify else ''}_s"] = timed(lambda sync=sync: sync.push(actors))
 
     def object_store() -> None:
         ref, _ = ray.get(learner.__ray_call__.remote(_object_store_weights))
@@ -113,7 +116,7 @@ def bench_size(ray, size: int, reps: int, n_generators: int, bucket_mb: float, r
         ray.kill(a)
     nbytes = 4 * count_params(cfg)
     return {"params": count_params(cfg), "bytes": nbytes, "generators": n_generators, "bucket_mb": bucket_mb,
-            "collective_s": collective_s, "collective_verified_s": verified_s, "object_store_s": object_store_s,
+            **seconds, "object_store_s": object_store_s,
             "memcpy_s": memcpy_seconds(nbytes, reps)}
 
 
@@ -137,12 +140,13 @@ def main() -> None:
         ray.shutdown()
     print(f"\nweight update, learner -> {args.generators} generators, fp32, {args.bucket_mb:g} MB buckets "
           f"(median of {args.reps}, seconds)")
-    print(f"{'params':>8}{'MiB':>8}{'collective':>12}{'+verify':>10}{'obj store':>11}{'memcpy':>9}"
-          f"{'coll/memcpy':>13}{'store/memcpy':>14}")
+    print(f"{'params':>8}{'MiB':>8}{'gloo':>8}{'+verify':>9}{'ipc':>8}{'+verify':>9}{'obj store':>11}{'memcpy':>9}"
+          f"{'ipc/memcpy':>12}{'gloo/memcpy':>13}{'store/memcpy':>14}")
     for r in rows:
-        print(f"{r['params'] / 1e6:>7.1f}M{r['bytes'] / 2**20:>8.0f}{r['collective_s']:>12.3f}"
-              f"{r['collective_verified_s']:>10.3f}{r['object_store_s']:>11.3f}{r['memcpy_s']:>9.3f}"
-              f"{r['collective_s'] / r['memcpy_s']:>13.1f}{r['object_store_s'] / r['memcpy_s']:>14.1f}")
+        print(f"{r['params'] / 1e6:>7.1f}M{r['bytes'] / 2**20:>8.0f}{r['gloo_s']:>8.3f}{r['gloo_verified_s']:>9.3f}"
+              f"{r['ipc_s']:>8.3f}{r['ipc_verified_s']:>9.3f}{r['object_store_s']:>11.3f}{r['memcpy_s']:>9.3f}"
+              f"{r['ipc_s'] / r['memcpy_s']:>12.1f}{r['gloo_s'] / r['memcpy_s']:>13.1f}"
+              f"{r['object_store_s'] / r['memcpy_s']:>14.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2) + "\n")
 

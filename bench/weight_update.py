@@ -11,9 +11,10 @@ MB broadcast from rank 0 (`weight_sync.send`), the child streams them into its e
 as `RolloutGenerator` does) and acknowledges; seconds from the first broadcast to the acknowledgement.
 
     cuda, 2+ GPUs   learner on cuda:0, generator on cuda:1, NCCL (the product's GPU path)
-    cuda, 1 GPU     both on cuda:0; NCCL refuses two ranks on one device, so the broadcast runs over gloo
-                    (host-staged): a lower bound on what colocation costs without CUDA IPC
-    cpu             gloo (a dry run of the plumbing; use small --layers)
+    cuda, 1 GPU     both on cuda:0; NCCL refuses two ranks on one device: ipc (the learner's buckets handed over
+                    by CUDA IPC handle, what `ppo.weight_sync.backend: auto` picks for a colocated generator),
+                    and gloo (host-staged) as the baseline
+    cpu             gloo and ipc (shared memory), a dry run of the plumbing; use small --layers
 
 The floor is a `copy_` of the same number of bytes between the two devices (cuda:0 -> cuda:1, or within one
 device / host memory), so the table reads: seconds per update, GB moved, effective GB/s, and update / copy.
@@ -88,38 +89,9 @@ def copy_seconds(nbytes: int, src_device: str, dst_device: str, reps: int) -> fl
     return statistics.median(times)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--dim", type=int, default=None, help="model width (default: Llama-2-7B's 4096)")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--engine", default="torch", choices=("torch", "vllm"))
-    ap.add_argument("--bucket-mb", type=int, default=256)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--out", default="bench/results/weight_update.json")
-    args = ap.parse_args()
-
-    cfg = preset("llama2-7b")
-    cfg.n_layers = args.layers
-    if args.dim:
-        cfg.dim, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads = args.dim, int(args.dim * 2.6875), 8, 8
-        cfg.vocab_size, cfg.max_seq_len = 4000, 256
-    dtype = wire_dtype(args.dtype)
-    gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
-    if args.device.startswith("cuda") and gpus == 0:
-        raise SystemExit("--device cuda but no GPU is visible; use --device cpu")
-    send_dev, recv_dev = ("cuda:0", "cuda:1") if gpus >= 2 else (("cuda:0", "cuda:0") if gpus else ("cpu", "cpu"))
-    backend = "nccl" if gpus >= 2 else "gloo"
-
-    torch.manual_seed(0)
-    with torch.device(send_dev):
-        model = Transformer(cfg).to(dtype)
-    names, shapes = stream_state(model)
-    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    print(f"{count_params(cfg) / 1e9:.2f}B params ({args.layers} layers, width {cfg.dim}), {nbytes / 1e9:.2f} GB "
-          f"in {args.dtype}; learner {send_dev} -> {args.engine} engine {recv_dev} over {backend}", flush=True)
-
+def update_seconds(model: Any, cfg: Any, names: list[str], shapes: list[Any], backend: str, send_dev: str,
+                   recv_dev: str, args: Any, dtype: torch.dtype) -> tuple[list[float], float | None, float]:
+    """(seconds per update after a warm-up one, the child's fingerprint, the learner's) over `backend`."""
     import torch.distributed as dist
 
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
@@ -145,29 +117,76 @@ def main() -> None:
                            args.bucket_mb << 20, verify=False)
             kind, value = results.get(timeout=TIMEOUT_S)
             if kind != "ack" or not outcome["ok"]:
-                raise SystemExit(f"update {version} failed: {outcome} / {kind}: {value}")
+                raise SystemExit(f"update {version} over {backend} failed: {outcome} / {kind}: {value}")
             if version > 1:
                 seconds.append(time.perf_counter() - start)
         kind, remote = results.get(timeout=TIMEOUT_S)
         child.join(timeout=60)
-    local = fingerprint(model.state_dict())
-    if kind == "error" or (remote is not None and remote != local):
-        raise SystemExit(f"the generator's weights differ from the learner's after the updates: {remote} vs {local}")
-    update = statistics.median(seconds)
+        member.close()
+    if kind == "error":
+        raise SystemExit(f"the generator failed over {backend}: {remote}")
+    return seconds, remote, fingerprint(model.state_dict())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--dim", type=int, default=None, help="model width (default: Llama-2-7B's 4096)")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--engine", default="torch", choices=("torch", "vllm"))
+    ap.add_argument("--bucket-mb", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default="bench/results/weight_update.json")
+    args = ap.parse_args()
+
+    cfg = preset("llama2-7b")
+    cfg.n_layers = args.layers
+    if args.dim:
+        cfg.dim, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads = args.dim, int(args.dim * 2.6875), 8, 8
+        cfg.vocab_size, cfg.max_seq_len = 4000, 256
+    dtype = wire_dtype(args.dtype)
+    gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
+    if args.device.startswith("cuda") and gpus == 0:
+        raise SystemExit("--device cuda but no GPU is visible; use --device cpu")
+    send_dev, recv_dev = ("cuda:0", "cuda:1") if gpus >= 2 else (("cuda:0", "cuda:0") if gpus else ("cpu", "cpu"))
+    # what `ppo.weight_sync.backend: auto` picks for this layout last; a host-staged gloo baseline before it
+    backends = ["nccl"] if gpus >= 2 else ["gloo", "ipc"]
+
+    torch.manual_seed(0)
+    with torch.device(send_dev):
+        model = Transformer(cfg).to(dtype)
+    names, shapes = stream_state(model)
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    print(f"{count_params(cfg) / 1e9:.2f}B params ({args.layers} layers, width {cfg.dim}), {nbytes / 1e9:.2f} GB "
+          f"in {args.dtype}; learner {send_dev} -> {args.engine} engine {recv_dev} over {', '.join(backends)}",
+          flush=True)
     floor = copy_seconds(nbytes, send_dev, recv_dev, args.reps)
-    row = {"device": torch.cuda.get_device_name() if gpus else "cpu", "gpus": gpus, "backend": backend,
-           "engine": args.engine, "dtype": args.dtype, "layers": args.layers, "params": count_params(cfg),
-           "bytes": nbytes, "bucket_mb": args.bucket_mb, "update_s": update, "update_gb_s": nbytes / update / 1e9,
-           "copy_s": floor, "copy_gb_s": nbytes / floor / 1e9, "update_over_copy": update / floor,
-           "weights_equal": None if remote is None else remote == local, "reps": seconds}
-    print(f"{'path':<28}{'seconds':>10}{'GB/s':>10}")
-    print(f"{f'weight update ({backend})':<28}{update:>10.3f}{nbytes / update / 1e9:>10.2f}")
-    print(f"{f'copy_ {send_dev}->{recv_dev}':<28}{floor:>10.3f}{nbytes / floor / 1e9:>10.2f}")
-    checked = "not checked (the engine exposes no model)" if remote is None else "yes"
-    print(f"update / copy: {update / floor:.1f}x; the generator's weights equal the learner's after the updates: "
-          f"{checked}")
+    rows, equal = [], True
+    for backend in backends:
+        seconds, remote, local = update_seconds(model, cfg, names, shapes, backend, send_dev, recv_dev, args, dtype)
+        update = statistics.median(seconds)
+        equal &= remote is None or remote == local
+        if remote is not None and remote != local:
+            print(f"over {backend} the generator's weights differ from the learner's: {remote} vs {local}")
+        rows.append({"backend": backend, "update_s": update, "update_gb_s": nbytes / update / 1e9,
+                     "update_over_copy": update / floor, "weights_equal": None if remote is None else remote == local,
+                     "reps": seconds})
+    print(f"{'path':<28}{'seconds':>10}{'GB/s':>10}{'/ copy':>9}")
+    for row in rows:
+        print(f"{'weight update (' + row['backend'] + ')':<28}{row['update_s']:>10.4f}{row['update_gb_s']:>10.2f}"
+              f"{row['update_over_copy']:>8.1f}x")
+    print(f"{f'copy_ {send_dev}->{recv_dev}':<28}{floor:>10.4f}{nbytes / floor / 1e9:>10.2f}")
+    checked = "not checked (the engine exposes no model)" if rows[0]["weights_equal"] is None else (
+        "yes" if equal else "NO")
+    print(f"the generator's weights equal the learner's after the updates: {checked}")
+    result = {"device": torch.cuda.get_device_name() if gpus else "cpu", "gpus": gpus, "engine": args.engine,
+              "dtype": args.dtype, "layers": args.layers, "params": count_params(cfg), "bytes": nbytes,
+              "bucket_mb": args.bucket_mb, "copy_s": floor, "copy_gb_s": nbytes / floor / 1e9, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(row, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if not equal:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -236,8 +236,11 @@ class RLResources:
 @dataclass
 class WeightSyncConfig:
     """How the learner sends new policy weights to the generators (rayllama.rl.weight_sync): a broadcast over a
-    gloo (CPU) or NCCL (GPU) process group of learner rank 0 and every generator."""
+    process group of learner rank 0 and every generator."""
 
+    # auto: ipc on one machine on CPU (shared memory) and where every member shares one GPU (CUDA IPC), nccl across
+    # GPUs, gloo across CPU machines | gloo | nccl | ipc
+    backend: str = "auto"
     bucket_mb: float = 64.0  # tensors are packed into buckets of about this many MB, one broadcast each
     dtype: str = "auto"  # on the wire: auto (the generators' dtype) | float32 | bfloat16 | float16
     timeout_s: float = 60.0  # every collective of an update; a dead or stalled generator fails it within this
@@ -573,6 +576,8 @@ def validate(cfg: PipelineConfig) -> None:
     )
     _check(p.engine in ("torch", "vllm", "auto"), f"ppo.engine '{p.engine}' is not torch, vllm or auto")
     w = p.weight_sync
+    _check(w.backend in ("auto", "gloo", "nccl", "ipc"),
+           f"ppo.weight_sync.backend '{w.backend}' is not auto, gloo, nccl or ipc")
     _check(w.bucket_mb > 0, f"ppo.weight_sync.bucket_mb {w.bucket_mb} must be > 0")
     _check(w.dtype in ("auto", "float32", "bfloat16", "float16"),
            f"ppo.weight_sync.dtype '{w.dtype}' is not auto, float32, bfloat16 or float16")

@@ -277,9 +277,12 @@ class VLLMEngine(GenerationEngine):
 
     # -------------------------------------------------------------------------- weights over the weight-sync group
 
-    def weight_sync_members(self) -> int:
-        """Members this engine adds to the weight-sync group: one per vLLM worker (tensor_parallel_size)."""
-        return self.settings.tensor_parallel_size
+    def weight_sync_places(self) -> list[dict[str, Any]]:
+        """Where each member this engine adds to the weight-sync group lives: one per vLLM worker
+        (tensor_parallel_size; rayllama.rl.weight_sync.place_of, asked in each worker)."""
+        from rayllama.vllm_weight_transfer import worker_place
+
+        return list(self.llm.collective_rpc(worker_place))
 
     def join_weight_sync(self, address: Any, rank_offset: int, size: int, backend: str, timeout_s: float,
                          generation: int) -> None:

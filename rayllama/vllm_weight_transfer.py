@@ -33,7 +33,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 
 from rayllama.rl.actors_api import StaleWeightsError
-from rayllama.rl.weight_sync import SyncMember, WeightSyncError, check_header, receive
+from rayllama.rl.weight_sync import SyncMember, WeightSyncError, check_header, place_of, receive
 
 BACKEND = "rayllama"
 
@@ -43,7 +43,7 @@ class SyncInitInfo(WeightTransferInitInfo):
     address: Any  # "host:port" of the weight-sync group's TCPStore (learner rank 0); a LocalChannel in-process
     rank_offset: int  # this generator's first rank in the group
     world_size: int  # members of the group: learner rank 0 + every generator's workers
-    backend: str  # gloo | nccl
+    backend: str  # gloo | nccl | ipc
     timeout_s: float
     generation: int  # which forming of the group
 
@@ -117,6 +117,11 @@ class SyncWeightTransferEngine(WeightTransferEngine[SyncInitInfo, SyncUpdateInfo
 
     def shutdown(self) -> None:
         self.member = None
+
+
+def worker_place(worker: Any) -> dict[str, Any]:
+    """Run on a vLLM worker through `collective_rpc`: where it lives (rayllama.rl.weight_sync.place_of)."""
+    return place_of(worker.device)
 
 
 def worker_weight_version(worker: Any) -> int:

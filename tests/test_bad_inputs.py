@@ -160,6 +160,8 @@ CLI_CASES: dict[str, tuple[Callable, str, int]] = {
     "override stages out of order": (overrides("stages=[sft,pretrain]"), "out of order", 2),
     "override batch not a multiple": (overrides("ppo.mini_batch_size=7"), "not a multiple", 2),
     "override clip out of range": (overrides("ppo.clip=3"), "ppo.clip 3.0 must be in (0, 1)", 2),
+    "override weight-sync backend unknown": (overrides("ppo.weight_sync.backend=shm"),
+                                             "ppo.weight_sync.backend 'shm' is not auto, gloo, nccl or ipc", 2),
     "override rejection K zero": (overrides("rejection.samples_per_prompt=0"),
                                   "rejection.samples_per_prompt 0 must be >= 1", 2),
     "override gatt replay share out of range": (overrides("gatt.replay_share=1.5"),

@@ -372,8 +372,8 @@ def test_a_tensor_parallel_generator_takes_one_weight_sync_rank_per_worker():
         def __init__(self, workers: int) -> None:
             self.workers, self.joined = workers, None
 
-        def weight_sync_members(self) -> int:
-            return self.workers
+        def weight_sync_places(self) -> list[dict]:
+            return [{"machine": "m", "device": "cpu", "shm_free": 0}] * self.workers
 
         def join_weight_sync(self, address, rank, size, backend, timeout_s, generation) -> str:
             self.joined = (rank, size)

