@@ -222,8 +222,10 @@ def is_complete_dir(path: str | os.PathLike) -> bool:
     return is_file(join(path, COMPLETE_MARKER))
 
 
-def download_dir(src: str | os.PathLike, local: str | os.PathLike) -> Path:
+def download_dir(src: str | os.PathLike, local: str | os.PathLike, stamp: str | None = None) -> Path:
     """Copy the complete object-store directory `src` to the local directory `local` (replaced atomically).
+    With `stamp`, the copy carries it in `.downloaded`, and a `local` another process finished first with the same
+    stamp is kept (ours is dropped): processes on one node may fetch the same version at once.
     StorageError if `src` lacks its COMPLETE marker (an upload that did not finish)."""
     if not is_complete_dir(src):
         raise StorageError(f"{src} has no {COMPLETE_MARKER} marker: its upload did not finish; write it again")
@@ -239,25 +241,40 @@ def download_dir(src: str | os.PathLike, local: str | os.PathLike) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             with open_input(uri) as f, open(target, "wb") as out:
                 shutil.copyfileobj(f, out, length=8 << 20)
+        if stamp is not None:
+            (tmp / ".downloaded").write_text(stamp)
+        if _stamped(local, stamp):
+            shutil.rmtree(tmp)
+            return local
         if local.exists():
             shutil.rmtree(local)
-        os.rename(tmp, local)
+        try:
+            os.rename(tmp, local)
+        except OSError:  # another process renamed its copy in between
+            if not _stamped(local, stamp):
+                raise
+            shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return local
 
 
+def _stamped(local: Path, stamp: str | None) -> bool:
+    marker = local / ".downloaded"
+    return stamp is not None and marker.is_file() and marker.read_text() == stamp
+
+
 def local_dir(path: str | os.PathLike) -> Path:
     """A local directory holding `path`: itself when local, else this node's copy of the complete object-store
-    directory (made once per version of its marker: a directory written again is copied again)."""
+    directory (made once per version of its marker: a directory written again is copied again; processes that
+    ask at once each download, and the first copy renamed into place is the one they all use)."""
     if not is_uri(path):
         return Path(filesystem(path)[1])
     version = f"{path}@{marker_version(path)}"
     target = cache_dir("copies") / key_of(version)
-    if not (target / ".downloaded").exists():
-        download_dir(path, target)
-        (target / ".downloaded").write_text(version)
+    if not _stamped(target, version):
+        download_dir(path, target, stamp=version)
     return target
 
 

@@ -106,11 +106,13 @@ def make_engine(cfg: ServeConfig, on_step: Any = None) -> tuple[Any, Any, int, i
     """(streaming engine, Tokenizer, max_seq_len, weight version) for cfg.model_dir; the one place the endpoint
     chooses an engine kind: torch -> TorchStreamer over the shared ContinuousBatcher; vllm -> VLLMStreamer over
     vLLM's AsyncLLM; auto -> vllm when it is importable and runs here, else torch."""
+    from rayllama import storage
     from rayllama.engines import engine_model_config, make_torch_engine, vllm_importable
     from rayllama.tokenizer import Tokenizer
     from serve.engine import TorchStreamer, VLLMStreamer
 
-    tok = Tokenizer(tokenizer_file(cfg))
+    model_dir = storage.local_dir(cfg.model_dir)  # this node's copy of a checkpoint on an object store
+    tok = Tokenizer(storage.local_file(tokenizer_file(cfg)) if cfg.tokenizer_path else model_dir / "tokenizer.model")
     b = cfg.batch
     try:
         kind = cfg.engine
@@ -120,8 +122,8 @@ def make_engine(cfg: ServeConfig, on_step: Any = None) -> tuple[Any, Any, int, i
             from rayllama.vllm_engine import VLLMUnsupportedError, build_async_llm, read_model_config
 
             try:
-                llm = build_async_llm(cfg.model_dir, device=cfg.device, settings=cfg.vllm, max_batch_size=b.max_rows)
-                _, model_cfg = read_model_config(cfg.model_dir)
+                llm = build_async_llm(model_dir, device=cfg.device, settings=cfg.vllm, max_batch_size=b.max_rows)
+                _, model_cfg = read_model_config(model_dir)
                 model_cfg = dataclasses.replace(model_cfg, max_seq_len=cfg.vllm.max_model_len or model_cfg.max_seq_len)
                 engine: Any = VLLMStreamer(llm, tok.decode, b.max_waiting + b.max_rows, b.retry_after_s)
                 version = 0
@@ -131,7 +133,7 @@ def make_engine(cfg: ServeConfig, on_step: Any = None) -> tuple[Any, Any, int, i
                 log.warning("engine=auto: %s; using the torch engine", e)
                 kind = "torch"
         if kind == "torch":
-            torch_engine = make_torch_engine(cfg.model_dir, cfg.device, cfg.dtype, b.max_rows)
+            torch_engine = make_torch_engine(model_dir, cfg.device, cfg.dtype, b.max_rows)
             torch_engine.batcher.decode = tok.decode  # stop strings are checked on the decoded text
             model_cfg = engine_model_config(torch_engine)
             engine = TorchStreamer(torch_engine.batcher, b.max_waiting, b.retry_after_s, cfg.torch_threads, on_step)
@@ -144,8 +146,11 @@ def make_engine(cfg: ServeConfig, on_step: Any = None) -> tuple[Any, Any, int, i
     return engine, tok, model_cfg.max_seq_len, version
 
 
-def tokenizer_file(cfg: ServeConfig) -> Path:
-    return Path(cfg.tokenizer_path) if cfg.tokenizer_path else Path(cfg.model_dir) / "tokenizer.model"
+def tokenizer_file(cfg: ServeConfig) -> str:
+    """The tokenizer's path or URI: tokenizer_path, else model_dir's tokenizer.model."""
+    from rayllama import storage
+
+    return cfg.tokenizer_path or storage.join(cfg.model_dir, "tokenizer.model")
 
 
 @serve.deployment
@@ -420,29 +425,40 @@ class ChatDeployment:
 
 def check_checkpoint(cfg: ServeConfig) -> None:
     """Fail early, in one line, when model_dir or its tokenizer is missing or incomplete."""
+    from rayllama import storage
     from rayllama.checkpoint import is_complete, resolve
 
-    d = Path(cfg.model_dir)
-    try:
-        complete = is_complete(resolve(d))
-    except ValueError:
-        complete = False
+    d = cfg.model_dir
+    if storage.is_uri(d):  # an object store: complete once its marker is there (the replicas copy it)
+        complete = storage.is_complete_dir(d)
+    else:
+        try:
+            complete = is_complete(resolve(d))
+        except ValueError:
+            complete = False
     if not complete:
-        what = "does not exist" if not d.exists() else "is not a complete checkpoint"
+        what = "does not exist" if not storage.exists(d) else "is not a complete checkpoint"
+        if storage.is_uri(d) and storage.exists(d):
+            what = f"has no {storage.COMPLETE_MARKER} marker (an upload that did not finish)"
         raise ServeError(f"checkpoint {d} {what}; run `make run` first to train the policy, or pass "
-                         f"model_dir=PATH to a complete checkpoint directory")
+                         f"model_dir=PATH_OR_URI to a complete checkpoint directory")
     tok = tokenizer_file(cfg)
-    if not tok.is_file():
+    if not storage.is_file(tok):
         raise ServeError(f"tokenizer {tok} does not exist; copy the run's tokenizer.model into {d} "
-                         f"or pass tokenizer_path=PATH")
+                         f"or pass tokenizer_path=PATH_OR_URI")
 
 
 def build_app(cfg: ServeConfig) -> serve.Application:
     """The Serve application for `cfg`: checks the checkpoint, resolves the auth token, sets replicas/resources."""
     check_checkpoint(cfg)
     token = resolve_auth_token(cfg)
-    cfg = dataclasses.replace(cfg, model_dir=str(Path(cfg.model_dir).absolute()),
-                              tokenizer_path=str(tokenizer_file(cfg).absolute()))
+    from rayllama import storage
+
+    def absolute(path: str) -> str:  # the replicas may run in another directory; URIs stay as they are
+        return path if storage.is_uri(path) else str(Path(storage.filesystem(path)[1]))
+
+    cfg = dataclasses.replace(cfg, model_dir=absolute(cfg.model_dir),
+                              tokenizer_path=absolute(cfg.tokenizer_path) if cfg.tokenizer_path else None)
     return ChatDeployment.options(**deployment_options(cfg)).bind(cfg, token)
 
 

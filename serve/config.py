@@ -78,8 +78,10 @@ class AuthConfig:
 
 @dataclass
 class ServeConfig:
-    model_dir: str = "runs/tiny/ppo/model"  # any complete checkpoint dir with tokenizer.model (the driver's policy)
-    tokenizer_path: str | None = None  # default: <model_dir>/tokenizer.model
+    # any complete checkpoint dir with tokenizer.model (the driver's policy): a path, or a URI (s3://, gs://) of one
+    # the pipeline wrote there (its COMPLETE marker): each replica copies it to its node once
+    model_dir: str = "runs/tiny/ppo/model"
+    tokenizer_path: str | None = None  # default: <model_dir>/tokenizer.model (a path or URI)
     model_name: str = "rayllama-chat"  # the id clients pass as `model` and /v1/models lists
     default_system_prompt: str | None = None  # used when a request has no system message (GAtt's <<SYS>>)
     engine: str = "torch"

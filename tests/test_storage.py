@@ -166,6 +166,58 @@ def test_init_from_a_uri_is_checked_and_gives_the_tokenizer(bucket, tmp_path):
     assert pipeline.run.tokenizer.read_bytes() == (tmp_path / "hf-llama" / "tokenizer.model").read_bytes()
 
 
+def test_the_endpoint_serves_a_checkpoint_on_s3(bucket, tmp_path):
+    """serve's model_dir=s3://...: checked by its marker before Ray starts (an unfinished upload is one line),
+    each replica copies it to its node once (copies asked for at once end as one), and the endpoint's engine
+    answers as the local checkpoint does."""
+    import asyncio
+    import threading
+
+    from test_byo import hf_llama_dir
+
+    from rayllama.engines import make_torch_engine
+    from rayllama.generation import SamplingParams
+    from serve.app import ServeError, check_checkpoint, make_engine
+    from serve.config import ServeConfig
+
+    local = hf_llama_dir(tmp_path)
+    model = uri(bucket, "serve", "model")
+    storage.upload_dir(local, model)
+    unfinished = uri(bucket, "serve", "unfinished")
+    storage.upload_files(local, unfinished)  # no marker
+    with pytest.raises(ServeError, match="has no COMPLETE marker") as info:
+        check_checkpoint(ServeConfig(model_dir=unfinished))
+    assert "\n" not in str(info.value)
+    with pytest.raises(ServeError, match="does not exist"):
+        check_checkpoint(ServeConfig(model_dir=uri(bucket, "serve", "nothing")))
+    cfg = ServeConfig(model_dir=model, torch_threads=1)
+    check_checkpoint(cfg)
+
+    copies: list[Path] = []
+    threads = [threading.Thread(target=lambda: copies.append(storage.local_dir(model))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(copies)) == 1 and len(copies) == 4
+    assert (copies[0] / "tokenizer.model").read_bytes() == (local / "tokenizer.model").read_bytes()
+    assert not [p for p in copies[0].parent.iterdir() if ".tmp-" in p.name]  # the losers' copies are gone
+
+    engine, tok, max_seq_len, _ = make_engine(cfg)
+    assert tok.vocab_size == 420 and max_seq_len == 256
+    prompt = tok.encode("word7 and more", bos=True)
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=())
+
+    async def answer() -> list[int]:
+        tokens = []
+        async for events in engine.open(prompt, params):
+            tokens += [e.token for e in events]
+        return tokens
+
+    expected = make_torch_engine(local).generate([prompt], params)[0][0].token_ids
+    assert asyncio.run(answer()) == expected
+
+
 def test_rl_checkpoints_on_s3_are_complete_by_marker(bucket):
     """The RL loop's checkpoints in a bucket: the newest one with its COMPLETE marker and a readable state file is
     the one resumed (a newer one without the marker, a killed save, is skipped); pruning keeps the newest
