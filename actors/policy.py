@@ -305,7 +305,7 @@ class PolicyLearner:
             self._sync_store, self._sync_address = open_store(timeout_s)
         return self._sync_address
 
-    def join_weight_sync(self, address: Any, rank: int, size: int, backend: str, timeout_s: float,
+    def join_weight_sync(self, address: Any, rank: int, size: int, backend: Any, timeout_s: float,
                          generation: int) -> int:
         """Rank 0 joins weight-sync group `generation` as its sender (blocks until every generator joined)."""
         if self.rank != 0 or rank != 0:

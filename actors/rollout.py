@@ -90,7 +90,7 @@ class RolloutGenerator:
         """vLLM's engine takes updates through vLLM's weight-transfer API, in its own workers."""
         return hasattr(self.engine, "receive_weight_sync")
 
-    def join_weight_sync(self, address: Any, rank: int, size: int, backend: str, timeout_s: float,
+    def join_weight_sync(self, address: Any, rank: int, size: int, backend: Any, timeout_s: float,
                          generation: int) -> str:
         """Become ranks `rank`.. of weight-sync group `generation` (blocks until every member joined); returns
         the engine's dtype."""

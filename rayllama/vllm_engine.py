@@ -284,7 +284,7 @@ class VLLMEngine(GenerationEngine):
 
         return list(self.llm.collective_rpc(worker_place))
 
-    def join_weight_sync(self, address: Any, rank_offset: int, size: int, backend: str, timeout_s: float,
+    def join_weight_sync(self, address: Any, rank_offset: int, size: int, backend: Any, timeout_s: float,
                          generation: int) -> None:
         """Every vLLM worker joins weight-sync group `generation` as rank `rank_offset` + its worker rank
         (vLLM's `init_weight_transfer_engine`; rayllama.vllm_weight_transfer)."""

@@ -43,7 +43,7 @@ class SyncInitInfo(WeightTransferInitInfo):
     address: Any  # "host:port" of the weight-sync group's TCPStore (learner rank 0); a LocalChannel in-process
     rank_offset: int  # this generator's first rank in the group
     world_size: int  # members of the group: learner rank 0 + every generator's workers
-    backend: str  # gloo | nccl | ipc
+    backend: Any  # gloo | nccl | ipc, or {"wire": ..., "ipc": [ranks]} (rayllama.rl.weight_sync.resolve_backend)
     timeout_s: float
     generation: int  # which forming of the group
 

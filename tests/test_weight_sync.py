@@ -221,8 +221,8 @@ def test_a_generator_that_stops_answering_mid_update_is_named_within_the_timeout
 
 
 def test_the_backend_follows_where_the_members_are():
-    """auto: shared memory on one CPU machine, CUDA IPC when every member shares one GPU, NCCL across GPUs, gloo
-    across CPU machines; a layout no backend serves is a one-line error naming the members that share a GPU."""
+    """auto: members that can map the learner's buffers do (its machine on CPU, its GPU on CUDA), the others get the
+    bytes over gloo / NCCL; a layout nothing serves is a one-line error naming the members."""
     from rayllama.rl.weight_sync import resolve_backend
 
     def at(machine: str, device: str = "cpu", shm: int = 2**34) -> dict:
@@ -232,16 +232,57 @@ def test_the_backend_follows_where_the_members_are():
     assert resolve_backend("auto", [at("a"), at("a"), at("a")], 64 * mb) == "ipc"
     assert resolve_backend("auto", [at("a", shm=64 * mb), at("a")], 64 * mb) == "gloo"  # /dev/shm too small
     assert resolve_backend("auto", [at("a"), at("b")], 64 * mb) == "gloo"
+    assert resolve_backend("auto", [at("a"), at("b"), at("a")], 64 * mb) == {"wire": "gloo", "ipc": [2]}
     assert resolve_backend("gloo", [at("a"), at("a")], 64 * mb) == "gloo"
     assert resolve_backend("auto", [at("a", "cuda:0"), at("a", "cuda:0")], 64 * mb) == "ipc"
     assert resolve_backend("auto", [at("a", "cuda:0"), at("a", "cuda:1"), at("b", "cuda:2")], 64 * mb) == "nccl"
-    with pytest.raises(ValueError, match="rollout-0, rollout-1 share one GPU") as info:
-        resolve_backend("auto", [at("a", "cuda:0"), at("a", "cuda:1"), at("a", "cuda:1")], 64 * mb,
-                        ["policy-learner-0", "rollout-0", "rollout-1"])
+    # LLaMA 2's 7B layout: a generator beside each learner rank; the one on the sender's GPU maps its buffers
+    layout = [at("a", "cuda:0"), at("a", "cuda:0"), at("a", "cuda:1"), at("a", "cuda:2")]
+    assert resolve_backend("auto", layout, 64 * mb) == {"wire": "nccl", "ipc": [1]}
+    names = ["policy-learner-0", "rollout-0", "rollout-1", "rollout-2"]
+    with pytest.raises(ValueError, match="rollout-0 and rollout-1 share one GPU") as info:
+        resolve_backend("auto", [at("a", "cuda:0"), at("a", "cuda:1"), at("a", "cuda:1")], 64 * mb, names)
     assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="policy-learner-0 and rollout-0 share one GPU"):
+        resolve_backend("nccl", layout, 64 * mb, names)
     with pytest.raises(ValueError, match="backend nccl needs GPUs"):
         resolve_backend("nccl", [at("a"), at("a")], 64 * mb)
-    with pytest.raises(ValueError, match="needs every member on one machine"):
-        resolve_backend("ipc", [at("a"), at("b")], 64 * mb)
+    with pytest.raises(ValueError, match="ipc needs every member on the learner's machine.*rollout-0 is not"):
+        resolve_backend("ipc", [at("a"), at("b")], 64 * mb, names)
     with pytest.raises(ValueError, match="rollout-0 is on the CPU"):
-        resolve_backend("auto", [at("a", "cuda:0"), at("a")], 64 * mb, ["policy-learner-0", "rollout-0"])
+        resolve_backend("auto", [at("a", "cuda:0"), at("a")], 64 * mb, names)
+
+
+def test_generators_near_and_far_take_the_same_update(ray_session, policy_dir):
+    """A generator on another machine (RAYLLAMA_MACHINE_ID) gets the buckets over gloo while the one beside the
+    learner maps its buffers, in one update; both follow the learner, and a stalled far one is named."""
+    ray = ray_session
+    actors = group(ray, policy_dir, 1, ["torch", "torch"], "ws-mixed-")
+    far = RolloutGeneratorActor.options(name="ws-mixed-far", num_cpus=0.1, max_restarts=2, max_task_retries=2,
+                                        runtime_env={"env_vars": {"RAYLLAMA_MACHINE_ID": "elsewhere"}}
+                                        ).remote(policy_dir, "torch", threads=1)
+    ray.kill(actors.generators[1], no_restart=True)
+    actors.generators[1] = actors.names["ws-mixed-rollout-1"] = far
+    timeout = 5.0
+    sync = WeightSync(backend="auto", bucket_mb=0.05, timeout_s=timeout)
+    pid = None
+    try:
+        for update in range(2):
+            if update:
+                perturb(ray, actors, update)
+            assert sync.push(actors) == update
+            check_generators_follow_the_learner(ray, actors, update)
+        assert sync.resolved == {"wire": "gloo", "ipc": [1]}
+        assert sync.forms == 1
+        perturb(ray, actors, 2)
+        pid = ray.get(far.__ray_call__.remote(lambda self: os.getpid()))
+        os.kill(pid, signal.SIGSTOP)
+        actors.retries = 0
+        start = time.monotonic()
+        with pytest.raises(ActorCallError, match="ws-mixed-rollout-1 (did not answer|died or stopped answering)"):
+            sync.push(actors)
+        assert time.monotonic() - start < 2 * timeout + 10.0
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
+        shutdown(ray, actors)

@@ -13,12 +13,14 @@ The backend name is the only difference between CPU and GPU; every collective ca
 
 Members on one machine can skip the wire: backend `ipc` keeps the header, the digests and small acknowledgements
 on a gloo group and hands each bucket over by reference. Rank 0's two bucket buffers live in memory every member
-can map: shared memory (/dev/shm, torch's file-system sharing) on CPU, a CUDA IPC handle on a GPU that every member
+can map: files in /dev/shm on CPU (unlinked once mapped), a CUDA IPC handle on a GPU that every member
 shares (a generator colocated with the learner: NCCL refuses two ranks on one GPU). A bucket message is then the
 buffer's handle (opened once per buffer, cached); a receiver reads the tensors straight from the sender's buffer,
 and before rank 0 packs bucket b into the buffer bucket b-2 used, every member acknowledges (an all-reduce) that
-it is done with b-2. `ppo.weight_sync.backend: auto` picks ipc on one machine on CPU (when /dev/shm has room) and
-when every member shares one GPU, nccl across GPUs, gloo across machines on CPU (`resolve_backend`).
+it is done with b-2. `ppo.weight_sync.backend: auto` decides per member (`resolve_backend`): the members on the
+learner's machine (CPU, when /dev/shm has room) or on its GPU map its buffers; the others get the bucket bytes
+over a second group, gloo on CPU or NCCL across GPUs, in the same update (the 7B layout's generator beside learner
+rank 0 by CUDA IPC, the rest by NCCL).
 
 A `local` backend (`LocalChannel`) carries the same messages between plain objects in one process (the loop's
 local actors, tests): the sender runs first and the receivers read what it wrote.
@@ -84,17 +86,21 @@ class WeightSyncError(RuntimeError):
 def place_of(device: str | torch.device) -> dict[str, Any]:
     """Where a member lives, for `resolve_backend`: its machine (host name, boot id, IPC namespace and the
     /dev/shm mount: processes that agree on all four share /dev/shm and can open each other's CUDA IPC handles;
-    two containers on one host do not), its device (cpu, or cuda:<GPU UUID>) and the free bytes of /dev/shm."""
+    two containers on one host do not; or $RAYLLAMA_MACHINE_ID), its device (cpu, or cuda:<GPU UUID>) and the free
+    bytes of /dev/shm."""
     import socket
 
     device = torch.device(device)
-    machine = [socket.gethostname()]
-    for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
-                 lambda: os.readlink("/proc/self/ns/ipc"), lambda: str(os.stat("/dev/shm").st_dev)):
-        try:
-            machine.append(read())
-        except OSError:
-            machine.append("")
+    machine = os.environ.get("RAYLLAMA_MACHINE_ID", "")  # an explicit identity (tests; containers that share IPC)
+    if not machine:
+        parts = [socket.gethostname()]
+        for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                     lambda: os.readlink("/proc/self/ns/ipc"), lambda: str(os.stat("/dev/shm").st_dev)):
+            try:
+                parts.append(read())
+            except OSError:
+                parts.append("")
+        machine = "/".join(parts)
     key = "cpu"
     if device.type == "cuda":
         key = f"cuda:{torch.cuda.get_device_properties(device).uuid}"
@@ -103,45 +109,65 @@ def place_of(device: str | torch.device) -> dict[str, Any]:
         shm_free = stat.f_bavail * stat.f_frsize
     except OSError:
         shm_free = 0
-    return {"machine": "/".join(machine), "device": key, "shm_free": shm_free}
+    return {"machine": machine, "device": key, "shm_free": shm_free}
 
 
 def resolve_backend(requested: str, places: Sequence[dict[str, Any]], bucket_bytes: int,
-                    names: Sequence[str] = ()) -> str:
-    """The weight-sync backend for members at `places` (rank 0 first). `auto`: ipc where every member is on one
-    machine, on CPU when rank 0's /dev/shm holds its two bucket buffers with room to spare, on CUDA when every
-    member shares one GPU; nccl across distinct GPUs; gloo across CPU machines. A layout no backend serves (some
-    members sharing a GPU, others not) or an explicit choice the layout cannot take is a one-line ValueError."""
-    machines = {p["machine"] for p in places}
+                    names: Sequence[str] = ()) -> str | dict[str, Any]:
+    """The weight-sync transport for members at `places` (rank 0, the learner, first): a backend name, or
+    {"wire": gloo|nccl, "ipc": [ranks]} when some members map rank 0's buffers and the others need the wire.
+
+    `auto`: a member maps rank 0's buffers when it can, on CPU when it is on rank 0's machine and rank 0's /dev/shm
+    holds its two bucket buffers with room to spare, on CUDA when it is on rank 0's GPU (where NCCL refuses a
+    second rank, and Ray shows each process only its own GPUs); the rest get the bytes over gloo (CPU) or NCCL
+    (CUDA, one rank per GPU). Explicit gloo / nccl / ipc use that backend for every member. A layout that cannot
+    work (two receivers on one GPU other than the learner's, nccl with members sharing a GPU, ipc across machines
+    or GPUs) is a one-line ValueError naming the members."""
     devices = [p["device"] for p in places]
     gpus = [d for d in devices if d.startswith("cuda")]
     label = list(names) or [f"rank {r}" for r in range(len(places))]
     if gpus and len(gpus) != len(devices):
         raise ValueError(f"weight sync: {label[devices.index('cpu')]} is on the CPU and "
                          f"{label[devices.index(gpus[0])]} on a GPU; put every member on the same kind of device")
-    if requested == "ipc" and len(machines) > 1:
-        raise ValueError("ppo.weight_sync.backend ipc needs every member on one machine; these span "
-                         f"{len(machines)}: use auto, gloo or nccl")
     if gpus:
-        shared = len(set(gpus)) < len(gpus)
-        if requested == "nccl" and shared or requested == "auto" and shared and len(set(gpus)) > 1:
-            first = next(d for d in gpus if gpus.count(d) > 1)
-            sharing = [label[i] for i, d in enumerate(devices) if d == first]
-            raise ValueError(f"weight sync: {', '.join(sharing)} share one GPU while other members have their own; "
-                             f"NCCL needs one GPU per member and CUDA IPC one GPU for all: place each generator on "
-                             f"its own GPU, or all of them on the learner's")
-        if requested == "ipc" and len(set(gpus)) > 1:
-            raise ValueError("ppo.weight_sync.backend ipc on GPUs needs every member on one GPU; these use "
-                             f"{len(set(gpus))}: use auto or nccl")
-        if requested != "auto":
-            return requested
-        return "ipc" if len(set(gpus)) == 1 and len(gpus) > 1 else "nccl"
-    if requested == "nccl":
+        near = [r for r in range(1, len(places)) if devices[r] == devices[0]]  # on the learner's GPU
+    else:
+        room = places[0].get("shm_free", 0) >= 4 * RING * bucket_bytes
+        near = [r for r in range(1, len(places)) if places[r]["machine"] == places[0]["machine"] and room]
+    wire = "nccl" if gpus else "gloo"
+    if requested == "ipc":
+        far = [label[r] for r in range(1, len(places)) if r not in near]
+        if far:
+            where = "GPU" if gpus else "machine (or /dev/shm has no room)"
+            raise ValueError(f"ppo.weight_sync.backend ipc needs every member on the learner's {where}; "
+                             f"{', '.join(far)} is not: use auto")
+        return "ipc"
+    if requested == "nccl" and not gpus:
         raise ValueError("ppo.weight_sync.backend nccl needs GPUs; these members are on the CPU: use auto, gloo or ipc")
-    if requested != "auto":
+    on_wire = list(range(len(places))) if requested in ("gloo", "nccl") else [0] + [
+        r for r in range(1, len(places)) if r not in near]
+    if (requested == "nccl" or requested == "auto" and gpus):
+        seen: dict[str, int] = {}
+        for r in on_wire:
+            if devices[r] in seen:
+                raise ValueError(f"weight sync: {label[seen[devices[r]]]} and {label[r]} share one GPU; NCCL needs "
+                                 f"one GPU per member (only members on the learner's own GPU can share it, over "
+                                 f"CUDA IPC): place each generator on its own GPU or on the learner's")
+            seen[devices[r]] = r
+    if requested in ("gloo", "nccl"):
         return requested
-    room = places[0].get("shm_free", 0) >= 4 * RING * bucket_bytes
-    return "ipc" if len(machines) == 1 and room else "gloo"
+    if not near:
+        return wire
+    if len(near) == len(places) - 1:
+        return "ipc"
+    return {"wire": wire, "ipc": near}
+
+
+def transport_name(transport: str | dict[str, Any]) -> str:
+    """A resolved transport in words: "ipc", "nccl", or "nccl + ipc for ranks 1, 3"."""
+    if isinstance(transport, dict):
+        return f"{transport['wire']} + ipc for rank(s) {', '.join(map(str, transport['ipc']))}"
+    return transport
 
 
 def wire_dtype(name: str) -> torch.dtype:
@@ -242,20 +268,36 @@ def _open(handle: bytes) -> torch.Tensor:
     return rebuild(*args)
 
 
+def _transport(backend: str | dict[str, Any], size: int) -> tuple[str | None, list[int]]:
+    """(the wire backend or None, the ranks that map rank 0's buffers) of a `resolve_backend` result."""
+    if isinstance(backend, dict):
+        return backend["wire"], sorted(int(r) for r in backend["ipc"])
+    if backend == "ipc":
+        return None, list(range(1, size))
+    return backend, []
+
+
 class SyncMember:
     """This process's end of one generation of the weight-sync group (rank 0: the sender)."""
 
-    def __init__(self, address: Any, rank: int, size: int, backend: str, timeout_s: float, generation: int,
-                 device: str | torch.device = "cpu", store: Any = None) -> None:
+    def __init__(self, address: Any, rank: int, size: int, backend: str | dict[str, Any], timeout_s: float,
+                 generation: int, device: str | torch.device = "cpu", store: Any = None) -> None:
+        """`backend`: gloo | nccl | ipc | local, or {"wire": gloo|nccl, "ipc": [ranks]} (resolve_backend): the
+        listed ranks map rank 0's buffers, the others receive the buckets over the wire backend."""
         self.rank, self.size, self.backend, self.generation = rank, size, backend, generation
         self.timeout_s, self.device = timeout_s, torch.device(device)
-        self.ipc = backend == "ipc"
-        self.control = torch.device("cpu") if self.ipc else self.device  # where header and digests travel
+        wire, ipc_ranks = _transport(backend, size)
+        self.shares = bool(ipc_ranks)  # rank 0 hands buckets over by handle (to some members) and everyone acks
+        self.mapped = rank in ipc_ranks  # this receiver reads rank 0's buffers
+        wire_ranks = [0] + [r for r in range(1, size) if r not in ipc_ranks] if wire else []
+        self.on_wire = rank in wire_ranks and len(wire_ranks) > 1  # this member sends / receives bucket bytes
+        self.control = torch.device("cpu") if self.shares else self.device  # where header and digests travel
         self._handles: dict[int, bytes] = {}  # ipc, rank 0: ring slot -> the handle of its buffer
         self._unlink: list[str] = []  # ipc on CPU, rank 0: buffer files the receivers have yet to map
         self._opened: dict[bytes, torch.Tensor] = {}  # ipc, receivers: handle -> rank 0's buffer, mapped
         self.channel: LocalChannel | None = None
-        self.pg: Any = None
+        self.pg: Any = None  # the control group: header, digests, handles, acknowledgements (all members)
+        self.wire_pg: Any = None  # the bucket bytes' group: the control group itself when nobody maps buffers
         self.store: Any = None
         self.step = 0  # messages of the current update so far
         self._ring: list[torch.Tensor | None] = [None] * RING  # bucket buffers, reused across buckets and updates
@@ -269,7 +311,12 @@ class SyncMember:
             store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=timeout_s))
         self._server = store
         self.store = dist.PrefixStore(f"weight-sync/{generation}/", store)
-        self.pg = _process_group("gloo" if self.ipc else backend, self.store, rank, size, timeout_s)
+        self.pg = _process_group("gloo" if self.shares else str(wire), self.store, rank, size, timeout_s)
+        if not self.shares:
+            self.wire_pg = self.pg
+        elif self.on_wire:
+            self.wire_pg = _process_group(str(wire), dist.PrefixStore("wire/", self.store), wire_ranks.index(rank),
+                                          len(wire_ranks), timeout_s)
 
     def bucket(self, slot: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat `numel` tensor of `dtype` in ring slot `slot % RING`, kept for the next buckets and updates: a
@@ -278,7 +325,7 @@ class SyncMember:
         slot %= RING
         store = self._ring[slot]
         if store is None or store.numel() < nbytes:
-            if self.ipc and self.rank == 0:
+            if self.shares and self.rank == 0:
                 store, self._handles[slot], path = _shared_buffer(nbytes, self.device, f"{self.generation}-{slot}")
                 self._unlink += [path] if path else []
             else:
@@ -287,32 +334,37 @@ class SyncMember:
         return store[:nbytes].view(dtype)
 
     def send_bucket(self, bucket: int, buffer: torch.Tensor) -> None:
-        """Rank 0: bucket number `bucket`, packed in `self.bucket(bucket, ...)`, to every member: its bytes
-        (gloo, nccl) or its buffer's handle (ipc)."""
-        if not self.ipc:
-            self.broadcast(buffer)
-            return
-        if buffer.device.type == "cuda":
-            torch.cuda.synchronize(buffer.device)  # packed before the receivers read it
-        handle = self._handles[bucket % RING]
-        if len(handle) > HANDLE_BYTES - 4:
-            raise RuntimeError(f"weight sync: a buffer handle of {len(handle)} bytes exceeds {HANDLE_BYTES - 4}")
-        message = torch.zeros(HANDLE_BYTES, dtype=torch.uint8)
-        message[:4] = torch.tensor([len(handle)], dtype=torch.int32).view(torch.uint8)
-        message[4:4 + len(handle)] = torch.frombuffer(bytearray(handle), dtype=torch.uint8)
-        self.broadcast(message)
+        """Rank 0: bucket number `bucket`, packed in `self.bucket(bucket, ...)`, to every member: its bytes over
+        the wire group, then its buffer's handle to the members that map it (one message of the update)."""
+        if self.on_wire:
+            self._send(self.wire_pg, buffer)
+        if self.shares:
+            if buffer.device.type == "cuda":
+                torch.cuda.synchronize(buffer.device)  # packed before the mapping receivers read it
+            handle = self._handles[bucket % RING]
+            if len(handle) > HANDLE_BYTES - 4:
+                raise RuntimeError(f"weight sync: a buffer handle of {len(handle)} bytes exceeds {HANDLE_BYTES - 4}")
+            message = torch.zeros(HANDLE_BYTES, dtype=torch.uint8)
+            message[:4] = torch.tensor([len(handle)], dtype=torch.int32).view(torch.uint8)
+            message[4:4 + len(handle)] = torch.frombuffer(bytearray(handle), dtype=torch.uint8)
+            self._send(self.pg, message)
+        self._progress()
 
     def receive_bucket(self, bucket: int, numel: int, dtype: torch.dtype, reuse: bool) -> torch.Tensor:
-        """A receiver: bucket number `bucket` as a flat tensor. gloo / nccl: received into a ring slot when `reuse`
-        (its tensors are copied out before the bucket after next), else into a fresh buffer. ipc: rank 0's buffer
-        itself when `reuse`, else a copy of it."""
-        if not self.ipc:
+        """A receiver: bucket number `bucket` as a flat tensor. Over the wire: received into a ring slot when
+        `reuse` (its tensors are copied out before the bucket after next), else into a fresh buffer. Mapped: rank
+        0's buffer itself when `reuse`, else a copy of it."""
+        if not self.mapped:
             buffer = self.bucket(bucket, numel, dtype) if reuse else torch.empty(numel, dtype=dtype,
                                                                                    device=self.device)
-            self.broadcast(buffer)
+            self._send(self.wire_pg, buffer)
+            if self.shares:  # the handle message the mapping members read
+                self._send(self.pg, torch.empty(HANDLE_BYTES, dtype=torch.uint8))
+            self._progress()
             return buffer
         message = torch.empty(HANDLE_BYTES, dtype=torch.uint8)
-        self.broadcast(message)
+        self._send(self.pg, message)
+        self._progress()
         length = int(message[:4].view(torch.int32).item())
         handle = bytes(message[4:4 + length].numpy().tobytes())
         if handle not in self._opened:
@@ -328,9 +380,9 @@ class SyncMember:
         return shared if reuse else shared.clone()
 
     def acknowledge(self) -> None:
-        """ipc: every member is done with the oldest bucket it still reads (an all-reduce; rank 0 may refill its
-        buffer after it). Nothing on other backends."""
-        if not self.ipc:
+        """When some members map rank 0's buffers: every member is done with the oldest bucket it still reads (an
+        all-reduce; rank 0 may refill that buffer after it). Nothing otherwise."""
+        if not self.shares:
             return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # copies out of rank 0's buffer are done
@@ -357,15 +409,19 @@ class SyncMember:
 
     def broadcast(self, tensor: torch.Tensor) -> None:
         """Rank 0's `tensor` into every member's `tensor` (same shape and dtype), within the timeout."""
-        if self.channel is not None:
-            if self.rank == 0:
-                self.channel.messages.append(tensor.detach().clone())
-            else:
-                tensor.copy_(self.channel.messages[self._cursor])
-                self._cursor += 1
-        else:
-            self.pg.broadcast(tensor, 0).wait()
+        self._send(self.pg, tensor)
         self._progress()
+
+    def _send(self, pg: Any, tensor: torch.Tensor) -> None:
+        """Rank 0's `tensor` to every member of `pg` (a broadcast from its rank 0), within the timeout; the
+        local channel's members read what rank 0 wrote."""
+        if self.channel is None:
+            pg.broadcast(tensor, 0).wait()
+        elif self.rank == 0:
+            self.channel.messages.append(tensor.detach().clone())
+        else:
+            tensor.copy_(self.channel.messages[self._cursor])
+            self._cursor += 1
 
     def _progress(self) -> None:
         self.step += 1
@@ -386,7 +442,7 @@ class SyncMember:
 
     def close(self) -> None:
         """Drop this end: peers blocked in a broadcast with it fail at once (connection closed)."""
-        self.pg = None
+        self.pg = self.wire_pg = None
         self._opened.clear()
         self.unlink_mapped()
 
@@ -594,7 +650,7 @@ class WeightSync:
     updates: int = 0
     wire: str | None = None  # the resolved dtype on the wire
     owners: dict[int, int] = field(default_factory=dict)  # group rank -> index of the generator it belongs to
-    resolved: str | None = None  # the backend the current group uses
+    resolved: str | dict[str, Any] | None = None  # the transport the current group uses (resolve_backend)
 
     @classmethod
     def from_config(cls, cfg: Any) -> WeightSync:
@@ -662,7 +718,7 @@ class WeightSync:
             backend = resolve_backend(self.backend, [*sender, *(p for ps in places for p in ps)],
                                       int(self.bucket_mb * 2**20), names)
             if backend != self.resolved:
-                log.info(f"weight sync: backend {backend} ({self.backend} for {size} members)")
+                log.info(f"weight sync: {transport_name(backend)} ({self.backend} for {size} members)")
         self.resolved = backend
         if actors.local:
             address: Any = LocalChannel()
