@@ -56,8 +56,9 @@ generators, as actors.group creates them), first fit node by node as Ray's PACK 
 num_gpus >= 1 takes that many whole GPUs on one node and uses the first (its torch device), a fraction shares a
 GPU whose fractions sum to <= 1, 0 runs on the CPU. Ray places by GPU fractions only; the plan checks the bytes.
 A sharded reference or reward scorer is N processes (`reference-<i>`, `reward-helpfulness-<i>`, ...), placed one by
-one. A generator that needs more than a whole GPU by itself fits no layout of these GPUs (the plan has no
-tensor-parallel vLLM yet): the stage's first problem and the verdict say so.
+one. A tensor-parallel vLLM generator (vllm.tensor_parallel_size T, num_gpus >= T) holds its per-GPU bytes on each
+of its first T GPUs (`rollout-<i>/tp<j>`). A generator that needs more than a whole GPU even so fits no layout of
+these GPUs: the stage's first problem and the verdict say so.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ CONTEXT = int(1e9)  # per process on a GPU
 ENGINE_ROWS = 64  # rows a generation engine decodes at once (TorchEngine / VLLMEngine max_batch_size)
 REFERENCE_MICRO = 16  # actors.reference.ReferenceModel micro_batch_size
 SCORER_BATCH = 32  # actors.reward.RewardScorer batch_size
-WHOLE_MODEL = ("GPUs with more memory (cluster.gpu_memory_gb): a generator holds the whole model on one device (the "
-               "plan has no tensor-parallel vLLM yet)")
+WHOLE_MODEL = ("tensor-parallel vLLM (vllm.tensor_parallel_size, with the rollout's num_gpus >= it: the model and KV "
+               "cache split over that many GPUs) or GPUs with more memory (cluster.gpu_memory_gb)")
 
 
 class PlanError(ValueError):
@@ -163,7 +164,8 @@ class Role:
     share: int = 0
     batch: str = ""  # rows x tokens per forward
     fixes: str = ""
-    whole_model: bool = False  # generators: the whole model on one device
+    whole_model: bool = False  # generators: the model on `tp` devices, no sharding beyond
+    tp: int = 1  # tensor-parallel generators: GPUs the process's bytes are split over (each holds the figures here)
 
     @property
     def alone(self) -> int:
@@ -323,16 +325,19 @@ def generator_role(cfg: PipelineConfig, m: ModelConfig, stage: str, res: ActorRe
                    rows_wanted: int) -> Role:
     """Rollout generators: the whole model in the compute dtype, a KV cache, a no-grad prefill (vLLM: one row at a
     time; the torch engine: every row, left-padded), the last position's logits. vLLM (engine vllm or auto on
-    cuda) takes gpu_memory_utilization of its GPU and pages its KV cache in what its weights leave of that."""
+    cuda) takes gpu_memory_utilization of its GPU and pages its KV cache in what its weights leave of that; with
+    vllm.tensor_parallel_size T each of its T GPUs holds 1/T of the weights and of the KV heads (at least one:
+    heads are replicated when T > n_kv_heads), while the prefill peak and the logits are counted whole."""
     c, s = _compute_bytes(cfg), m.max_seq_len
     rows = max(1, min(ENGINE_ROWS, rows_wanted))
-    kv_row = 2 * m.n_layers * m.n_kv_heads * m.head_dim * c * s
-    role = Role(stage, "rollout", count, _gpus(cfg, res.num_gpus), params=c * numel(param_shapes(m)),
+    vllm = engine in ("vllm", "auto") and _gpus(cfg, res.num_gpus) > 0
+    tp = cfg.vllm.tensor_parallel_size if vllm else 1
+    kv_row = 2 * m.n_layers * math.ceil(m.n_kv_heads / tp) * m.head_dim * c * s
+    role = Role(stage, "rollout", count, _gpus(cfg, res.num_gpus), params=math.ceil(c * numel(param_shapes(m)) / tp),
                 logits=_logits(m, rows, c), kv=rows * kv_row, kv_full=rows * kv_row, kv_row=kv_row, rows=rows,
-                batch=f"{rows}x{s}",
-                fixes=WHOLE_MODEL, whole_model=True)
+                batch=f"{rows}x{s}", shards=tp, fixes=WHOLE_MODEL, whole_model=True, tp=tp)
     role.act_ckpt = role.act_full = _forward_peak(m, rows, s, c, True)
-    if engine in ("vllm", "auto") and role.on_gpu:
+    if vllm:
         role.paged, role.share = True, int(vllm_utilization(cfg) * cfg.cluster.gpu_memory_gb * GB)
         role.act_ckpt = role.act_full = _forward_peak(m, 1, s, c, False)
         role.kv = max(kv_row, role.share - (role.total - role.kv))
@@ -436,8 +441,8 @@ class StagePlan:
 EPS = 1e-6
 
 
-def _take(gpus: list[Gpu], per_node: int, num_gpus: float) -> Gpu | None:
-    """First fit: whole GPUs on one node for num_gpus >= 1 (memory on the first), else a GPU with that fraction."""
+def _take(gpus: list[Gpu], per_node: int, num_gpus: float) -> list[Gpu]:
+    """First fit: whole GPUs on one node for num_gpus >= 1, else a GPU with that fraction; [] if none."""
     if num_gpus >= 1 - EPS:
         k = math.ceil(num_gpus - EPS)
         for node in range(len(gpus) // per_node):
@@ -445,13 +450,13 @@ def _take(gpus: list[Gpu], per_node: int, num_gpus: float) -> Gpu | None:
             if len(whole) >= k:
                 for g in whole[:k]:
                     g.free = 0.0
-                return whole[0]
-        return None
+                return whole[:k]
+        return []
     for g in gpus:
         if g.free >= num_gpus - EPS:
             g.free -= num_gpus
-            return g
-    return None
+            return [g]
+    return []
 
 
 def _proc_name(role: Role, k: int) -> str:
@@ -470,15 +475,16 @@ def place(cfg: PipelineConfig, roles: list[Role]) -> StagePlan:
             if not role.on_gpu:
                 plan.cpu.append(name)
                 continue
-            gpu = _take(plan.gpus, cl.gpus_per_node, role.num_gpus)
-            if gpu is None:
+            taken = _take(plan.gpus, cl.gpus_per_node, role.num_gpus)
+            if not taken:
                 asked = sum(r.procs * r.num_gpus for r in roles if r.on_gpu)
                 plan.problems.append((roles.index(role), 0, (
                     f"{plan.stage}: {name} asks for {role.num_gpus:g} GPU but the cluster's {cl.nodes} x "
                     f"{cl.gpus_per_node} GPUs are taken (the stage asks for {asked:g}); fix: more GPUs "
                     f"(cluster.nodes) or smaller asks (num_gpus, num_workers, num_learners, num_generators)")))
                 return plan
-            gpu.procs.append((name, role))
+            for j, gpu in enumerate(taken[:role.tp]):  # memory on the first, or on each tensor-parallel GPU
+                gpu.procs.append((name if role.tp == 1 else f"{name}/tp{j}", role))
     _vllm_notes(plan, vllm_utilization(cfg))
     over = [g for g in plan.gpus if g.used > g.capacity]
     for gpu in over:
@@ -592,8 +598,8 @@ def format_plan(plan: Plan) -> str:
     bad = [s.stage for s in plan.stages if s.problem]
     why = [f"; no layout of {cl.gpu_memory_gb:g} GB GPUs fits {s.stage}: {', '.join(r.name for r in s.blockers)} "
            f"{'holds' if len(s.blockers) == 1 else 'each hold'} the whole model "
-           f"({max(r.params for r in s.blockers) / GB:.1f} GB in {dtype}) on one GPU "
-           f"(tensor-parallel vLLM is not in the plan yet)" for s in plan.stages if s.blockers]
+           f"({max(r.params for r in s.blockers) / GB:.1f} GB in {dtype} per GPU at vllm.tensor_parallel_size "
+           f"{max(r.tp for r in s.blockers)}; raise it)" for s in plan.stages if s.blockers]
     lines.append(f"does not fit: {', '.join(bad)} (above){''.join(why)}" if bad else "fits")
     return "\n".join(lines)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import subprocess
 import sys
 from pathlib import Path
@@ -102,20 +104,27 @@ def test_infeasible_layout_is_one_line_plan_error():
     assert "\n" not in msg
     assert msg.startswith("pretrain: trainer-0 needs") and "GB" in msg and "80 GB" in msg
     assert "fix:" in msg and "scaling.num_workers" in msg and "micro_batch_size" in msg
-    # the 70B generators hold the whole model (138 GB in bf16) on one GPU: PPO cannot fit 80 GB GPUs, even where
-    # the learners do (64 of them on 11 nodes at 1 row: 59.4 GB) and the reference and reward scorers are sharded
-    # 4 ways (configs/llama2-70b.yaml), and the first problem and the verdict say so
-    plan = build_plan(load_config(CONFIGS / "llama2-70b.yaml", ["ppo.num_learners=64", "ppo.micro_batch_size=1",
-                                                                "cluster.nodes=11"]))
+    # a 70B generator on one GPU holds the whole model (138 GB in bf16): no layout of 80 GB GPUs fits PPO, even where
+    # the learners do (64 of them at 1 row: 59.4 GB), and the first problem and the verdict name the fix
+    one_gpu = ["vllm.tensor_parallel_size=1", "ppo.resources.rollout.num_gpus=1"]
+    plan = build_plan(load_config(CONFIGS / "llama2-70b.yaml", one_gpu))
     ppo = plan.stages[-1]
     assert ppo.roles[0].total < 60 * GB and not any(line.startswith("ppo: policy") for line in ppo.role_problems)
     assert [r.name for r in ppo.blockers] == ["rollout"]
     assert all(r.total < 80 * GB for r in ppo.roles[1:4]) and ppo.problem.startswith("ppo: rollout (vLLM) needs")
-    with pytest.raises(PlanError, match=r"^ppo: rollout \(vLLM\) needs 141\.2 GB .*no tensor-parallel vLLM"):
-        check_plan(load_config(CONFIGS / "llama2-70b.yaml"))
+    with pytest.raises(PlanError, match=r"^ppo: rollout \(vLLM\) needs 141\.2 GB .*vllm\.tensor_parallel_size"):
+        check_plan(load_config(CONFIGS / "llama2-70b.yaml", one_gpu))
     verdict = plan.table().splitlines()[-1]
     assert verdict.startswith("does not fit: ppo (above); no layout of 80 GB GPUs fits ppo: rollout holds")
-    assert "whole model (138.0 GB in bfloat16)" in verdict
+    assert "(138.0 GB in bfloat16 per GPU at vllm.tensor_parallel_size 1; raise it)" in verdict
+    # as shipped: tensor-parallel vLLM over 8 GPUs holds 1/8 of the weights and of the KV heads on each of its 8
+    # GPUs, and 70B PPO fits 12 nodes
+    shipped = check_plan(load_config(CONFIGS / "llama2-70b.yaml"))
+    rollout = shipped.stages[-1].roles[-1]
+    assert rollout.tp == 8 and rollout.params == math.ceil(plan.stages[-1].roles[-1].params / 8)
+    assert rollout.kv_row * 8 == plan.stages[-1].roles[-1].kv_row  # 8 KV heads: one per GPU
+    taken = [name for gpu in shipped.stages[-1].gpus for name, role in gpu.procs if role is rollout]
+    assert taken == [f"rollout-{i}/tp{j}" for i in range(2) for j in range(8)]
     # one reference process holds the whole 138 GB: the fix is to shard it
     whole = build_plan(load_config(CONFIGS / "llama2-70b.yaml", ["ppo.resources.reference.shards=1"]))
     assert any(line.startswith("ppo: reference needs 158.4 GB") and "ppo.resources.reference.shards, now 1" in line
