@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-
 import subprocess
 import sys
 from pathlib import Path
