@@ -141,6 +141,25 @@ def test_every_file_type_gives_the_same_rows(tmp_path):
     assert [r.text for r in got] == ["line one", "line two"]
 
 
+def test_a_json_array_is_read_item_by_item(tmp_path, monkeypatch):
+    """A .json array streams: items parsed one at a time across chunk boundaries (json.load, which holds the whole
+    file, is never called), and a malformed or unclosed array names the source and the file."""
+    from rayllama.data import sources
+
+    rows = [{"text": f"document {i} [" + "x]y,{z\\"[i % 5:] * (i % 7) + "]"} for i in range(500)]
+    (tmp_path / "big.json").write_text(json.dumps(rows, indent=1))
+    monkeypatch.setattr(json, "load", lambda *a, **k: pytest.fail("json.load read the whole file"))
+    monkeypatch.setattr(sources, "_json_array_items",
+                        lambda text, chunk=97, f=sources._json_array_items: f(text, chunk))  # many chunk edges
+    got, _ = read("pretrain", tmp_path / "big.json", "text")
+    assert [r.text for r in got] == [r["text"] for r in rows]
+    for name, text in (("open.json", '[{"text": "a"}, {"text": "b"}'), ("double.json", '[{"text": "a"},, {}]')):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SourceError, match=rf"data.test\[0\] .*cannot read .*{name}: (the JSON array is not "
+                                              rf"closed|malformed JSON array)"):
+            read("pretrain", tmp_path / name, "text")
+
+
 def test_a_folder_reads_the_files_of_its_split(tmp_path):
     shutil.copy(FIXTURES / "hh_rlhf.jsonl", tmp_path / "train.jsonl")
     (tmp_path / "test.jsonl").write_text((FIXTURES / "hh_rlhf.jsonl").read_text().splitlines()[0] + "\n")

@@ -216,7 +216,7 @@ def iter_file_rows(path: str, byte_range: tuple[int, int] | None = None) -> Iter
         stream = gzip.GzipFile(fileobj=raw) if path.partition("?")[0].lower().endswith(".gz") else raw
         text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
         if suffix == ".json" and _peek_char(text) == "[":
-            for obj in json.load(text):
+            for obj in _json_array_items(text):
                 yield obj if isinstance(obj, dict) else None
             return
         yield from _rows_of_lines(text, suffix)
@@ -237,6 +237,46 @@ def _rows_of_lines(lines: Iterable[str], suffix: str) -> Iterator[dict | None]:
             yield None
             continue
         yield obj if isinstance(obj, dict) else None
+
+
+def _json_array_items(text: io.TextIOBase, chunk: int = 1 << 20) -> Iterator[Any]:
+    """The items of a top-level JSON array, parsed one at a time as the text streams in (never the whole file in
+    memory: the buffer holds at most the item being read and one chunk). Malformed JSON is a ValueError (the
+    caller names the file)."""
+    decoder = json.JSONDecoder()
+    buf, pos, state = "", 0, "open"  # open -> first (an item or ']') -> item -> sep (',' or ']') -> item ...
+    more = "start"
+    while more:
+        more = text.read(chunk)
+        buf, pos = buf[pos:] + more, 0
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n\ufeff":
+                pos += 1
+            if pos >= len(buf):
+                break
+            c = buf[pos]
+            if state == "open":
+                if c != "[":
+                    raise ValueError(f"expected a JSON array, found {c!r}")
+                state, pos = "first", pos + 1
+            elif state == "sep" or (state == "first" and c == "]"):
+                if c == "]":
+                    return
+                if c != ",":
+                    raise ValueError(f"malformed JSON array: expected ',' or ']', found {c!r}")
+                state, pos = "item", pos + 1
+            else:
+                try:
+                    item, end = decoder.raw_decode(buf, pos)
+                except json.JSONDecodeError as e:
+                    if more:  # the item may continue in the next chunk
+                        break
+                    raise ValueError(f"malformed JSON array: {e.msg}") from None
+                if end == len(buf) and more:  # a number or literal may continue in the next chunk
+                    break
+                yield item
+                state, pos = "sep", end
+    raise ValueError("the JSON array is not closed (']' missing)")
 
 
 def _peek_char(text: io.TextIOWrapper) -> str:

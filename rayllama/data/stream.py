@@ -21,7 +21,8 @@ Ray Data's default, 128 MiB, made the read task and the packer each build one bl
 uncompressed .jsonl / .txt file is read in byte ranges of a quarter of the budget (128 KiB .. 2 MiB), one read task
 each (with one task per file, the executor pulled a whole file into the packer's input queue while the packer
 waited on the budget). The packer runs as tasks, not an actor pool. Other files (.gz, a JSON array, .parquet,
-.arrow) are read whole by one task each and are not bounded so. Measured (bench/stream_pretrain.py, a 0.106 GB
+.arrow) are read by one task each: the task streams them (gzip line by line, a JSON array item by item, parquet and
+Arrow a record batch at a time) but its blocks are not throttled as the byte ranges' are. Measured (bench/stream_pretrain.py, a 0.106 GB
 JSONL corpus, --fraction 0.1, budget 32 MB, loaded 2-core machine): object store peak 353 -> 33 MB, packer peak
 RSS 1104 (601 private) -> 435 (253) MB, read task 583 (387) -> 419 (249) MB; tests/test_stream.py: a 10.3 MB
 corpus under a 1 MB budget read by a slow consumer peaks at 34 MB in the object store before, 2.1-3.5 MB after.
