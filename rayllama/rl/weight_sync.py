@@ -19,7 +19,7 @@ buffer's handle (opened once per buffer, cached); a receiver reads the tensors s
 and before rank 0 packs bucket b into the buffer bucket b-2 used, every member acknowledges (an all-reduce) that
 it is done with b-2. `ppo.weight_sync.backend: auto` decides per member (`resolve_backend`): the members on the
 learner's machine (CPU, when /dev/shm has room) or on its GPU map its buffers; the others get the bucket bytes
-over a second group, gloo on CPU or NCCL across GPUs, in the same update (the 7B layout's generator beside learner
+over a second group, gloo on CPU or NCCL across GPUs, in the same update (a generator Ray places beside learner
 rank 0 by CUDA IPC, the rest by NCCL).
 
 A `local` backend (`LocalChannel`) carries the same messages between plain objects in one process (the loop's
