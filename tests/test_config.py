@@ -212,8 +212,13 @@ def test_real_size_configs_have_the_papers_shapes_and_settings(size, billions, d
     assert cfg.device == "cuda" and cfg.scaling.use_gpu and cfg.scaling.strategy == "fsdp"
     assert cfg.train.param_dtype == "bfloat16" and cfg.train.activation_checkpointing
     assert cfg.cluster.gpus_per_node == 8 and cfg.cluster.gpu_memory_gb == 80
-    assert cfg.scaling.num_workers == cfg.cluster.nodes * 8 and cfg.scaling.gpus_per_worker == 1
-    assert cfg.cluster.nodes == {"7b": 1, "13b": 2, "70b": 4}[size]
+    # Ray Train stages: a GPU per worker, 1, 2 and 4 nodes' worth; 70B's PPO needs 12 nodes (92 GPUs: 64 learner
+    # ranks, 12 frozen-model shards, 2 generators tensor-parallel over 8 GPUs each; README "Memory plan")
+    assert cfg.scaling.num_workers == {"7b": 8, "13b": 16, "70b": 32}[size] and cfg.scaling.gpus_per_worker == 1
+    assert cfg.cluster.nodes == {"7b": 1, "13b": 2, "70b": 12}[size]
+    if size == "70b":
+        assert (p.num_learners, p.num_generators, cfg.vllm.tensor_parallel_size, p.resources.rollout.num_gpus) == (
+            64, 2, 8, 8)
     res = p.resources
     assert all(r.num_gpus > 0 for r in (res.learner, res.reference, res.reward, res.rollout))
 
