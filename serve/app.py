@@ -112,7 +112,7 @@ def make_engine(cfg: ServeConfig, on_step: Any = None) -> tuple[Any, Any, int, i
     from serve.engine import TorchStreamer, VLLMStreamer
 
     model_dir = storage.local_dir(cfg.model_dir)  # this node's copy of a checkpoint on an object store
-    tok = Tokenizer(storage.local_file(tokenizer_file(cfg)) if cfg.tokenizer_path else model_dir / "tokenizer.model")
+    tok = Tokenizer(storage.local_file(cfg.tokenizer_path) if cfg.tokenizer_path else model_dir / "tokenizer.model")
     b = cfg.batch
     try:
         kind = cfg.engine

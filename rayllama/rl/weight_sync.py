@@ -144,11 +144,9 @@ def resolve_backend(requested: str, places: Sequence[dict[str, Any]], bucket_byt
         return "ipc"
     if requested == "nccl" and not gpus:
         raise ValueError("ppo.weight_sync.backend nccl needs GPUs; these members are on the CPU: use auto, gloo or ipc")
-    on_wire = list(range(len(places))) if requested in ("gloo", "nccl") else [0] + [
-        r for r in range(1, len(places)) if r not in near]
-    if (requested == "nccl" or requested == "auto" and gpus):
+    if requested == "nccl" or requested == "auto" and gpus:  # NCCL: one rank per GPU among those on the wire
         seen: dict[str, int] = {}
-        for r in on_wire:
+        for r in [r for r in range(len(places)) if requested == "nccl" or r not in near]:
             if devices[r] in seen:
                 raise ValueError(f"weight sync: {label[seen[devices[r]]]} and {label[r]} share one GPU; NCCL needs "
                                  f"one GPU per member (only members on the learner's own GPU can share it, over "
@@ -251,6 +249,16 @@ def _shared_buffer(nbytes: int, device: torch.device, tag: str) -> tuple[torch.T
     return buffer, pickle.dumps(("cuda", *reduce_tensor(buffer))), None
 
 
+def _handle_message(handle: bytes) -> torch.Tensor:
+    """The HANDLE_BYTES bucket message of a buffer handle: int32 length, then the handle."""
+    if len(handle) > HANDLE_BYTES - 4:
+        raise RuntimeError(f"weight sync: a buffer handle of {len(handle)} bytes exceeds {HANDLE_BYTES - 4}")
+    message = torch.zeros(HANDLE_BYTES, dtype=torch.uint8)
+    message[:4] = torch.tensor([len(handle)], dtype=torch.int32).view(torch.uint8)
+    message[4:4 + len(handle)] = torch.frombuffer(bytearray(handle), dtype=torch.uint8)
+    return message
+
+
 def _indexed(device: torch.device) -> torch.device:
     """cuda -> cuda:<current device>; anything else as it is."""
     if device.type == "cuda" and device.index is None:
@@ -292,7 +300,8 @@ class SyncMember:
         wire_ranks = [0] + [r for r in range(1, size) if r not in ipc_ranks] if wire else []
         self.on_wire = rank in wire_ranks and len(wire_ranks) > 1  # this member sends / receives bucket bytes
         self.control = torch.device("cpu") if self.shares else self.device  # where header and digests travel
-        self._handles: dict[int, bytes] = {}  # ipc, rank 0: ring slot -> the handle of its buffer
+        self._messages: dict[int, torch.Tensor] = {}  # ipc, rank 0: ring slot -> the bucket message of its buffer
+        self._scratch = torch.empty(HANDLE_BYTES, dtype=torch.uint8)  # ipc, receivers: where bucket messages land
         self._unlink: list[str] = []  # ipc on CPU, rank 0: buffer files the receivers have yet to map
         self._opened: dict[bytes, torch.Tensor] = {}  # ipc, receivers: handle -> rank 0's buffer, mapped
         self.channel: LocalChannel | None = None
@@ -326,7 +335,8 @@ class SyncMember:
         store = self._ring[slot]
         if store is None or store.numel() < nbytes:
             if self.shares and self.rank == 0:
-                store, self._handles[slot], path = _shared_buffer(nbytes, self.device, f"{self.generation}-{slot}")
+                store, handle, path = _shared_buffer(nbytes, self.device, f"{self.generation}-{slot}")
+                self._messages[slot] = _handle_message(handle)
                 self._unlink += [path] if path else []
             else:
                 store = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
@@ -341,13 +351,7 @@ class SyncMember:
         if self.shares:
             if buffer.device.type == "cuda":
                 torch.cuda.synchronize(buffer.device)  # packed before the mapping receivers read it
-            handle = self._handles[bucket % RING]
-            if len(handle) > HANDLE_BYTES - 4:
-                raise RuntimeError(f"weight sync: a buffer handle of {len(handle)} bytes exceeds {HANDLE_BYTES - 4}")
-            message = torch.zeros(HANDLE_BYTES, dtype=torch.uint8)
-            message[:4] = torch.tensor([len(handle)], dtype=torch.int32).view(torch.uint8)
-            message[4:4 + len(handle)] = torch.frombuffer(bytearray(handle), dtype=torch.uint8)
-            self._send(self.pg, message)
+            self._send(self.pg, self._messages[bucket % RING])
         self._progress()
 
     def receive_bucket(self, bucket: int, numel: int, dtype: torch.dtype, reuse: bool) -> torch.Tensor:
@@ -359,10 +363,10 @@ class SyncMember:
                                                                                    device=self.device)
             self._send(self.wire_pg, buffer)
             if self.shares:  # the handle message the mapping members read
-                self._send(self.pg, torch.empty(HANDLE_BYTES, dtype=torch.uint8))
+                self._send(self.pg, self._scratch)
             self._progress()
             return buffer
-        message = torch.empty(HANDLE_BYTES, dtype=torch.uint8)
+        message = self._scratch
         self._send(self.pg, message)
         self._progress()
         length = int(message[:4].view(torch.int32).item())
