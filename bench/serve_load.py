@@ -7,7 +7,8 @@ level, a mixed-length load, and 1000 requests at concurrency 32.
     PYTHONPATH=<a checkout of main> python bench/serve_load.py  # the same load on another version's server
 
 Every request streams (`stream=True`, `stream_options.include_usage`): TTFT = request sent -> first content
-chunk, ITL = the gaps between a request's later content chunks, tokens = usage.completion_tokens. Each client (an
+chunk, ITL = the gaps between a request's later content chunks (with --stream-interval n > 1 the tokens of one
+chunk arrive together: gaps of ~0 between them), tokens = usage.completion_tokens. Each client (an
 asyncio task sharing one httpx.AsyncClient) sends requests back to back; a level's tokens/s is its tokens / wall
 time. The own server uses random weights with the eos logit pinned to 0 and greedy decoding, so every answer runs
 to its max_tokens (steady-state decode, no early stops); one replica, auth on.
@@ -76,6 +77,10 @@ def start_own_server(args: argparse.Namespace) -> tuple[str, str, str, dict]:
     batch_fields = {f.name for f in dataclasses.fields(BatchConfig)}
     if "max_rows" in batch_fields:  # continuous batching
         batch, kind = BatchConfig(max_rows=args.max_rows, max_waiting=4096), "continuous"
+        if "stream_interval" in batch_fields:
+            batch.stream_interval = args.stream_interval
+        elif args.stream_interval != 1:
+            raise SystemExit("--stream-interval: this version's server sends every token (no batch.stream_interval)")
     else:  # a version with static batching (BatchQueue): the same row budget
         batch = BatchConfig(max_requests=args.max_rows, wait_ms=5.0, engine_max_rows=args.max_rows)
         kind = "static"
@@ -91,7 +96,7 @@ def start_own_server(args: argparse.Namespace) -> tuple[str, str, str, dict]:
     url = start(cfg)
     info = {"preset": args.preset, "params": sum(p.numel() for p in model.parameters()),
             "vocab_size": tok.vocab_size, "torch_threads": args.threads, "batching": kind,
-            "max_rows": args.max_rows}
+            "max_rows": args.max_rows, "stream_interval": args.stream_interval}
     return url, token, name, info
 
 
@@ -220,6 +225,8 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny", help="model preset of the own server (random weights)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the own server's replica")
     ap.add_argument("--max-rows", type=int, default=64, help="own server: sequences decoded at once")
+    ap.add_argument("--stream-interval", type=int, default=1,
+                    help="own server: tokens per streamed chunk after the first (batch.stream_interval)")
     ap.add_argument("--ray-cpus", type=int, default=None)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
@@ -286,8 +293,8 @@ def main() -> None:
             serve.shutdown()
             ray.shutdown()
 
-    print(f"\nchat endpoint load ({info['target']}, {info.get('batching', '?')} batching, streamed, "
-          f"max_tokens {args.max_tokens}, {os.cpu_count()} CPUs)")
+    print(f"\nchat endpoint load ({info['target']}, {info.get('batching', '?')} batching, streamed every "
+          f"{info.get('stream_interval', '?')} token(s), max_tokens {args.max_tokens}, {os.cpu_count()} CPUs)")
     print(table(rows))
     if one:
         print("tokens/s vs 1 client: " + ", ".join(f"{r['clients']}: {r['speedup_vs_1']:.1f}x" for r in rows))

@@ -37,7 +37,7 @@ from rayllama.generation import SamplingParams, TokenEvent
 from rayllama.tokenizer import DialogError
 from serve import protocol as proto
 from serve.config import ServeConfig, resolve_auth_token
-from serve.engine import QueueFull
+from serve.engine import QueueFull, every_n_steps
 from serve.metrics import ServeMetrics
 from serve.text import Answer, TextStream
 
@@ -306,7 +306,7 @@ class ChatDeployment:
                 for i in range(len(choices)):
                     yield proto.chunk(job.id, name, created, i, {"role": "assistant", "content": ""})
             async with contextlib.aclosing(stream):
-                async for events in self._timed(job, stream):
+                async for events in every_n_steps(self._timed(job, stream), self.cfg.batch.stream_interval):
                     out = [self._event_chunk(job, created, choices, e) for e in events]
                     if any(out):
                         yield "".join(out)  # the steps since the last send, in one write

@@ -66,6 +66,10 @@ class BatchConfig:
     max_rows: int = 64
     max_waiting: int = 256
     retry_after_s: int = 1
+    # a streamed answer is sent every `stream_interval` tokens (the first token and the last at once), as vLLM's
+    # --stream-interval: 1 sends each token as it is made; more means fewer, larger chunks (less work per token
+    # in the replica, Ray Serve's proxy and the client: bench/serve_load.py --stream-interval)
+    stream_interval: int = 1
 
 
 @dataclass
@@ -140,7 +144,7 @@ def validate(cfg: ServeConfig) -> None:
     _check(lim.default_max_tokens <= lim.max_tokens,
            f"limits.default_max_tokens {lim.default_max_tokens} exceeds limits.max_tokens {lim.max_tokens}; "
            f"lower it or raise limits.max_tokens")
-    for name in ("max_rows", "max_waiting", "retry_after_s"):
+    for name in ("max_rows", "max_waiting", "retry_after_s", "stream_interval"):
         _check(getattr(cfg.batch, name) >= 1, f"batch.{name} {getattr(cfg.batch, name)} must be >= 1")
     _check(cfg.limits.max_n <= cfg.batch.max_rows,
            f"limits.max_n {cfg.limits.max_n} exceeds batch.max_rows {cfg.batch.max_rows}; a request of max_n "

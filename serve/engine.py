@@ -64,6 +64,21 @@ class _Stream:
                 self._abort()
 
 
+async def every_n_steps(stream: AsyncIterator[list[TokenEvent]], n: int) -> AsyncIterator[list[TokenEvent]]:
+    """`stream`'s events regrouped for sending: the first step's at once, then whenever `n` steps have gathered
+    (a choice's token count), a choice has finished, or the stream ends (vLLM's stream_interval)."""
+    held: list[TokenEvent] = []
+    sent = False
+    async for events in stream:
+        held += events
+        steps = max(sum(e.index == i for e in held) for i in {e.index for e in held})
+        if not sent or steps >= n or any(e.finish_reason is not None for e in events):
+            yield held
+            held, sent = [], True
+    if held:
+        yield held
+
+
 class TorchStreamer:
     """Continuous batching on the torch engine: one thread steps the shared ContinuousBatcher."""
 

@@ -7,6 +7,7 @@ fingerprint of its prompt); stop-string cuts against the uncut text; streamed de
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import socket
@@ -21,7 +22,7 @@ import torch
 from rayllama.checkpoint import load_model, save_model
 from rayllama.config import ConfigError
 from rayllama.data.corpus import shakespeare_documents
-from rayllama.generation import SamplingParams, TorchEngine
+from rayllama.generation import SamplingParams, TokenEvent, TorchEngine
 from rayllama.model import ModelConfig, Transformer
 from rayllama.tokenizer import Tokenizer, train_tokenizer
 from serve.config import (
@@ -34,6 +35,7 @@ from serve.config import (
     load_serve_config,
     resolve_auth_token,
 )
+from serve.engine import every_n_steps
 from serve.text import TextStream, finish_answer
 
 # Ray Serve's own pydantic models warn on import (PydanticDeprecatedSince20); not ours to fix.
@@ -513,6 +515,31 @@ def test_finish_answer_and_text_stream(checkpoint):
     assert finish_answer(tok, ids, "length", ["zzz"]).finish_reason == "length"
 
 
+def test_a_stream_is_sent_every_n_steps():
+    """batch.stream_interval (vLLM's stream_interval): the first step at once, then every n steps of a choice, at
+    once when a choice finishes, and what is left when the stream ends; every event exactly once, in order."""
+    def step(k: int, *finished: int) -> list[TokenEvent]:  # choices 0 and 1 (1 stops at step 6), token id = step
+        return [TokenEvent(i, k, -0.5, None, "stop" if i in finished else None) for i in (0, 1) if i == 0 or k <= 6]
+
+    steps = [step(1), step(2), step(3) + step(4), step(5), step(6, 1), step(7), step(8), step(9), step(10)]
+
+    async def engine():  # step 3 and 4 arrive together, as when the engine stepped twice between reads
+        for events in steps:
+            yield events
+
+    async def sent(n: int) -> list[list[TokenEvent]]:
+        return [events async for events in every_n_steps(engine(), n)]
+
+    for n in (1, 4, 100):
+        groups = asyncio.run(sent(n))
+        assert [e for g in groups for e in g] == [e for events in steps for e in events]
+        tokens_of_choice_0 = [[e.token for e in g if e.index == 0] for g in groups]
+        expected = {1: [[1], [2], [3, 4], [5], [6], [7], [8], [9], [10]],
+                    4: [[1], [2, 3, 4, 5], [6], [7, 8, 9, 10]],  # 6: choice 1 finished
+                    100: [[1], [2, 3, 4, 5, 6], [7, 8, 9, 10]]}[n]  # 7-10: the end of the stream
+        assert tokens_of_choice_0 == expected, (n, tokens_of_choice_0)
+
+
 def test_config_defaults_and_errors(tmp_path, monkeypatch):
     cfg = load_serve_config("configs/serve.yaml")
     assert (cfg.http.host, cfg.http.port) == ("127.0.0.1", 8000)  # loopback unless told otherwise
@@ -523,6 +550,8 @@ def test_config_defaults_and_errors(tmp_path, monkeypatch):
         load_serve_config("configs/serve.yaml", ["http.port=eighty"])
     with pytest.raises(ConfigError, match="default_max_tokens 300 exceeds limits.max_tokens 128"):
         load_serve_config("configs/serve.yaml", ["limits.default_max_tokens=300"])
+    with pytest.raises(ConfigError, match="batch.stream_interval 0 must be >= 1"):
+        load_serve_config("configs/serve.yaml", ["batch.stream_interval=0"])
     with pytest.raises(ConfigError, match=r"\$RL_TEST_TOKEN, which is unset"):
         resolve_auth_token(load_serve_config(None, ["auth.token_env=RL_TEST_TOKEN"]))
     monkeypatch.setenv("RL_TEST_TOKEN", "s3cret")
