@@ -9,9 +9,9 @@ sample, estimates the packed rows of one pass, and runs the real streaming path 
 .pretrain_dataset under data.stream_memory_mb, rayllama.train.stages.run_pretrain_stream: 2 Ray Train workers,
 FSDP2) with a tiny model for the steps that pass the whole corpus through once (--fraction < 1 passes a share).
 A background thread walks the process tree of the driver (the Ray processes it started: gcs_server, raylet and its
-workers, the Ray Data read tasks and packer, the Ray Train controller and workers) every --interval s and keeps,
-per role, the highest RSS seen and the kernel's high-water mark (VmHWM in /proc/PID/status), so a peak between
-two samples still counts. Prints a table (role, processes, peak RSS MB, peak RSS less shared pages MB,
+workers, the Ray Data read tasks, which also tokenize and pack, the Ray Train controller and workers) every
+--interval s and keeps, per role, the highest RSS seen and the kernel's high-water mark (VmHWM in
+/proc/PID/status), so a peak between two samples still counts. Prints a table (role, processes, peak RSS MB, peak RSS less shared pages MB,
 PASS/FAIL against --rss-bound-mb) and writes bench/results/stream_pretrain.json.
 
 RSS counts shared pages a process has touched, among them Ray's object store (/dev/shm) pages it maps; the

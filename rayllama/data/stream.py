@@ -1,9 +1,8 @@
 """Pretraining text streamed through Ray Data into Ray Train, so that no process holds a whole corpus.
 
     data.pretrain sources --read tasks (one per byte range of a file and repeat; rayllama.data.sources' adapters,
-    blocks of BLOCK_DOCS documents)--> {"text"} --map_batches(TokenizePack) tasks--> {"tokens", "loss_mask",
-    "lengths"} rows of seq_len + 1 --streaming_split (Ray Train's DataConfig)--> ray.train.get_dataset_shard("train")
-    on every worker
+    BLOCK_DOCS documents at a time, tokenized and packed in the task)--> {"tokens", "loss_mask", "lengths"} rows
+    of seq_len + 1 --streaming_split (Ray Train's DataConfig)--> ray.train.get_dataset_shard("train") on every worker
 
 Packing (as rayllama.train.data.pack_texts): every document is `<s> text </s>`, documents are concatenated and cut
 into rows of seq_len + 1 tokens; a batch's last, shorter row is padded (lengths says how far it is real), so every
@@ -15,17 +14,20 @@ documents. Held-out documents (data.heldout_fraction, chosen by the hash of thei
 sources.heldout_split) never enter the stream; `collect_heldout` gathers a bounded number of them for perplexity.
 Drops (empty / malformed rows) are counted per source by a small actor the read tasks report to.
 
-Memory: data.stream_memory_mb is Ray Data's object store budget. Ray Data throttles in whole blocks and whole task
-launches, so the stream keeps both small: blocks of at most an eighth of the budget (64 KiB .. 1 MiB, block_bytes;
-Ray Data's default, 128 MiB, made the read task and the packer each build one block of a whole file), and an
-uncompressed .jsonl / .txt file is read in byte ranges of a quarter of the budget (128 KiB .. 2 MiB), one read task
-each (with one task per file, the executor pulled a whole file into the packer's input queue while the packer
-waited on the budget). The packer runs as tasks, not an actor pool. Other files (.gz, a JSON array, .parquet,
-.arrow) are read by one task each: the task streams them (gzip line by line, a JSON array item by item, parquet and
-Arrow a record batch at a time) but its blocks are not throttled as the byte ranges' are. Measured (bench/stream_pretrain.py, a 0.106 GB
-JSONL corpus, --fraction 0.1, budget 32 MB, loaded 2-core machine): object store peak 353 -> 33 MB, packer peak
-RSS 1104 (601 private) -> 435 (253) MB, read task 583 (387) -> 419 (249) MB; tests/test_stream.py: a 10.3 MB
-corpus under a 1 MB budget read by a slow consumer peaks at 34 MB in the object store before, 2.1-3.5 MB after.
+Memory: data.stream_memory_mb is Ray Data's object store budget. Ray Data throttles in whole blocks, whole task
+launches and, for a running task, by not reading its next output (its generator then pauses), so the stream keeps
+blocks small (at most an eighth of the budget, 64 KiB .. 1 MiB, block_bytes; Ray Data's default, 128 MiB, made a
+task build one block of a whole file), reads an uncompressed .jsonl / .txt file in byte ranges of a quarter of the
+budget (128 KiB .. 2 MiB), one read task each, and tokenizes and packs in the read task itself. Other files (.gz, a
+JSON array, .parquet, .arrow) are read by one task each, streamed (gzip line by line, a JSON array item by item,
+Parquet and Arrow a record batch at a time). With a separate packer operator (map_batches), such a task's text
+blocks were read out of it as fast as it made them and queued before the packer, which Ray Data's budget did not
+stop: a slow consumer of a .jsonl.gz file saw the object store grow with the corpus (11.2 MB for 10.3 MB of text,
+30.5 MB for 30.8 MB; tests/test_stream.py now holds it under 6 MB for either). The tokenizer reaches the tasks
+once, through the object store (ray.put), not inside every read task. Measured (bench/stream_pretrain.py, a
+0.106 GB JSONL corpus, --fraction 0.1, budget 32 MB, loaded 2-core machine, with the byte ranges and small
+blocks, before the packing moved into the read tasks): object store peak 353 -> 33 MB, packer peak RSS 1104 (601
+private) -> 435 (253) MB, read task 583 (387) -> 419 (249) MB.
 """
 
 from __future__ import annotations
@@ -110,11 +112,24 @@ def drop_counter():
     return _counter_class().remote()
 
 
-def _read_fn(label: str, src, file: str, share: float, counts: bool, part: tuple | None, heldout_fraction: float,
-             seed: int, counter):
-    def read() -> Iterator:
-        import pyarrow as pa
+_PACKERS: dict[tuple[str, int], "TokenizePack"] = {}  # per process: (tokenizer object ref, seq_len) -> packer
 
+
+def _packer(tok_ref, seq_len: int) -> "TokenizePack":
+    key = (tok_ref.hex(), seq_len)
+    if key not in _PACKERS:
+        import ray
+
+        _PACKERS[key] = TokenizePack(ray.get(tok_ref), seq_len)
+    return _PACKERS[key]
+
+
+def _read_fn(label: str, src, file: str, share: float, counts: bool, part: tuple | None, heldout_fraction: float,
+             seed: int, counter, tok_ref, seq_len: int):
+    def read() -> Iterator:
+        from ray.data.block import BlockAccessor
+
+        pack = _packer(tok_ref, seq_len)
         one = dataclasses.replace(src, path=file)
         st = sources.SourceStats(f"{label} ({src.path})")
         texts: list[str] = []
@@ -133,11 +148,11 @@ def _read_fn(label: str, src, file: str, share: float, counts: bool, part: tuple
             texts.append(rec.text)
             if len(texts) >= BLOCK_DOCS:
                 report()
-                yield pa.table({"text": texts})
+                yield BlockAccessor.batch_to_block(pack({"text": texts}))
                 texts = []
         report()
         if texts:
-            yield pa.table({"text": texts})
+            yield BlockAccessor.batch_to_block(pack({"text": texts}))
     return read
 
 
@@ -153,10 +168,12 @@ def pretrain_dataset(data, tok, seq_len: int, seed: int, counter=None, memory_mb
     from ray.data.datasource import Datasource, ReadTask
 
     plan = read_plan(data, range_bytes=2 * block_bytes(memory_mb))
+    tok_ref = ray.put(tok)  # once, not inside each of the (possibly thousands of) read tasks
 
     class PretrainText(Datasource):
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-            return [ReadTask(_read_fn(label, src, f, share, counts, part, data.heldout_fraction, seed, counter),
+            return [ReadTask(_read_fn(label, src, f, share, counts, part, data.heldout_fraction, seed, counter,
+                                      tok_ref, seq_len),
                              BlockMetadata(None, None, (f,), None)) for label, src, f, share, counts, part in plan]
 
         def estimate_inmemory_data_size(self):
@@ -170,9 +187,8 @@ def pretrain_dataset(data, tok, seq_len: int, seed: int, counter=None, memory_mb
     if memory_mb:
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
             object_store_memory=int(memory_mb * 1024 * 1024))
-    # fractional CPUs: the read tasks and the packer share the machine with the Ray Train workers they feed
+    # fractional CPUs: the read tasks share the machine with the Ray Train workers they feed
     ds = ray.data.read_datasource(PretrainText(), override_num_blocks=len(plan), ray_remote_args={"num_cpus": 0.25})
-    ds = ds.map_batches(TokenizePack(tok, seq_len), batch_size=BLOCK_DOCS, batch_format="numpy", num_cpus=0.25)
     # small blocks: Ray Data's backpressure works in whole blocks, and its default block (128 MiB) is a whole file
     ds.context.target_max_block_size = block_bytes(memory_mb)
     return ds
