@@ -88,11 +88,11 @@ def store_bytes() -> int:
     return get_memory_info_reply(state).store_stats.object_store_bytes_used
 
 
-@pytest.mark.parametrize("suffix", ["jsonl", "jsonl.gz"])
+@pytest.mark.parametrize("suffix", ["jsonl", "jsonl.gz", "parquet"])
 def test_the_object_store_holds_about_the_memory_budget_not_the_corpus(ray_session, tmp_path, tok, suffix):
     """A consumer slower than the packer: Ray Data runs ahead only until data.stream_memory_mb is in use (with Ray
-    Data's default 128 MiB blocks the read task and the packer each built one block of the whole file). A .gz file
-    is one read task (no byte ranges): with the packer as a separate operator its text blocks piled up before it
+    Data's default 128 MiB blocks the read task and the packer each built one block of the whole file). A .gz or
+    Parquet file is one read task (no byte ranges): with the packer as a separate operator its text blocks piled up before it
     (11.2 MB here, growing with the corpus)."""
     import gzip
     import time
@@ -102,8 +102,14 @@ def test_the_object_store_holds_about_the_memory_budget_not_the_corpus(ray_sessi
     docs = corpus(30000, seed=3)
     path = tmp_path / f"big.{suffix}"
     text = "".join(json.dumps({"text": d}) + "\n" for d in docs)
-    with (gzip.open(path, "wt") if suffix.endswith(".gz") else open(path, "w")) as f:
-        f.write(text)
+    if suffix == "parquet":  # read a record batch at a time
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": docs}), path, row_group_size=1000)
+    else:
+        with (gzip.open(path, "wt") if suffix.endswith(".gz") else open(path, "w")) as f:
+            f.write(text)
     budget_mb = 1.0
     corpus_bytes = len(text.encode())
     assert corpus_bytes > 8 * budget_mb * 1024 * 1024, corpus_bytes
