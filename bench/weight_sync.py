@@ -13,6 +13,8 @@ For each model size (millions of parameters) a `PolicyLearnerActor` and `--gener
     object store  what the loop did before: the learner puts the state as numpy arrays with one `ray.put`, every
                   generator reads the ref (zero-copy) and copies it into its model (no checksums)
     memcpy        a single-process `np.copyto` of the same number of bytes (the floor a copy-based sync cannot beat)
+    memcpy each   the same for --generators times the bytes: every generator holds its own copy of the weights,
+                  so a sync into N generators writes N copies, whatever carries them
 
 Reported: median seconds per update and the ratios to memcpy. Writes bench/results/weight_sync.json.
 """
@@ -117,7 +119,7 @@ def bench_size(ray, size: int, reps: int, n_generators: int, bucket_mb: float, r
     nbytes = 4 * count_params(cfg)
     return {"params": count_params(cfg), "bytes": nbytes, "generators": n_generators, "bucket_mb": bucket_mb,
             **seconds, "object_store_s": object_store_s,
-            "memcpy_s": memcpy_seconds(nbytes, reps)}
+            "memcpy_s": memcpy_seconds(nbytes, reps), "memcpy_each_s": memcpy_seconds(n_generators * nbytes, reps)}
 
 
 def main() -> None:
@@ -141,12 +143,13 @@ def main() -> None:
     print(f"\nweight update, learner -> {args.generators} generators, fp32, {args.bucket_mb:g} MB buckets "
           f"(median of {args.reps}, seconds)")
     print(f"{'params':>8}{'MiB':>8}{'gloo':>8}{'+verify':>9}{'ipc':>8}{'+verify':>9}{'obj store':>11}{'memcpy':>9}"
-          f"{'ipc/memcpy':>12}{'gloo/memcpy':>13}{'store/memcpy':>14}")
+          f"{'ipc/memcpy':>12}{'gloo/memcpy':>13}{'store/memcpy':>14}{'memcpy each':>13}{'ipc/each':>10}")
     for r in rows:
         print(f"{r['params'] / 1e6:>7.1f}M{r['bytes'] / 2**20:>8.0f}{r['gloo_s']:>8.3f}{r['gloo_verified_s']:>9.3f}"
               f"{r['ipc_s']:>8.3f}{r['ipc_verified_s']:>9.3f}{r['object_store_s']:>11.3f}{r['memcpy_s']:>9.3f}"
               f"{r['ipc_s'] / r['memcpy_s']:>12.1f}{r['gloo_s'] / r['memcpy_s']:>13.1f}"
-              f"{r['object_store_s'] / r['memcpy_s']:>14.1f}")
+              f"{r['object_store_s'] / r['memcpy_s']:>14.1f}{r['memcpy_each_s']:>13.3f}"
+              f"{r['ipc_s'] / r['memcpy_each_s']:>10.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2) + "\n")
 
