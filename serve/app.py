@@ -37,7 +37,7 @@ from rayllama.generation import SamplingParams, TokenEvent
 from rayllama.tokenizer import DialogError
 from serve import protocol as proto
 from serve.config import ServeConfig, resolve_auth_token
-from serve.engine import QueueFull, every_n_steps
+from serve.engine import QueueFull, every_n_steps, steps_in
 from serve.metrics import ServeMetrics
 from serve.text import Answer, TextStream
 
@@ -275,7 +275,7 @@ class ChatDeployment:
         last = None
         async for events in stream:
             now = time.perf_counter()
-            steps = max(sum(e.index == i for e in events) for i in {e.index for e in events})
+            steps = steps_in(events)
             if last is None:
                 self.metrics.latency("ttft", now - job.arrived)
                 steps -= 1

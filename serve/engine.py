@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import logging
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -64,6 +65,11 @@ class _Stream:
                 self._abort()
 
 
+def steps_in(events: list[TokenEvent]) -> int:
+    """Engine steps a list of events spans: the most tokens any one choice has in it."""
+    return max(Counter(e.index for e in events).values())
+
+
 async def every_n_steps(stream: AsyncIterator[list[TokenEvent]], n: int) -> AsyncIterator[list[TokenEvent]]:
     """`stream`'s events regrouped for sending: the first step's at once, then whenever `n` steps have gathered
     (a choice's token count), a choice has finished, or the stream ends (vLLM's stream_interval)."""
@@ -71,8 +77,7 @@ async def every_n_steps(stream: AsyncIterator[list[TokenEvent]], n: int) -> Asyn
     sent = False
     async for events in stream:
         held += events
-        steps = max(sum(e.index == i for e in held) for i in {e.index for e in held})
-        if not sent or steps >= n or any(e.finish_reason is not None for e in events):
+        if not sent or steps_in(held) >= n or any(e.finish_reason is not None for e in events):
             yield held
             held, sent = [], True
     if held:
