@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hmac
 import logging
 import os
@@ -37,7 +38,7 @@ from rayllama.generation import SamplingParams, TokenEvent
 from rayllama.tokenizer import DialogError
 from serve import protocol as proto
 from serve.config import ServeConfig, resolve_auth_token
-from serve.engine import QueueFull, every_n_steps, steps_in
+from serve.engine import EngineDead, QueueFull, every_n_steps, steps_in
 from serve.metrics import ServeMetrics
 from serve.text import Answer, TextStream
 
@@ -104,15 +105,16 @@ class _Job:
 
 def make_engine(cfg: ServeConfig, on_step: Any = None) -> tuple[Any, Any, int, int]:
     """(streaming engine, Tokenizer, max_seq_len, weight version) for cfg.model_dir; the one place the endpoint
-    chooses an engine kind: torch -> TorchStreamer over the shared ContinuousBatcher; vllm -> VLLMStreamer over
-    vLLM's AsyncLLM; auto -> vllm when it is importable and runs here, else torch."""
+    chooses an engine kind: torch -> TorchStreamer (the shared ContinuousBatcher in an engine process); vllm ->
+    VLLMStreamer over vLLM's AsyncLLM; auto -> vllm when it is importable and runs here, else torch."""
     from rayllama import storage
-    from rayllama.engines import engine_model_config, make_torch_engine, vllm_importable
+    from rayllama.engines import vllm_importable
     from rayllama.tokenizer import Tokenizer
-    from serve.engine import TorchStreamer, VLLMStreamer
+    from serve.engine import TorchStreamer, VLLMStreamer, load_batcher
 
     model_dir = storage.local_dir(cfg.model_dir)  # this node's copy of a checkpoint on an object store
-    tok = Tokenizer(storage.local_file(cfg.tokenizer_path) if cfg.tokenizer_path else model_dir / "tokenizer.model")
+    tok_file = storage.local_file(cfg.tokenizer_path) if cfg.tokenizer_path else model_dir / "tokenizer.model"
+    tok = Tokenizer(tok_file)
     b = cfg.batch
     try:
         kind = cfg.engine
@@ -133,11 +135,9 @@ def make_engine(cfg: ServeConfig, on_step: Any = None) -> tuple[Any, Any, int, i
                 log.warning("engine=auto: %s; using the torch engine", e)
                 kind = "torch"
         if kind == "torch":
-            torch_engine = make_torch_engine(model_dir, cfg.device, cfg.dtype, b.max_rows)
-            torch_engine.batcher.decode = tok.decode  # stop strings are checked on the decoded text
-            model_cfg = engine_model_config(torch_engine)
-            engine = TorchStreamer(torch_engine.batcher, b.max_waiting, b.retry_after_s, cfg.torch_threads, on_step)
-            version = torch_engine.weight_version
+            build = functools.partial(load_batcher, str(model_dir), cfg.device, cfg.dtype, b.max_rows, str(tok_file))
+            engine = TorchStreamer(build, b.max_waiting, b.retry_after_s, cfg.torch_threads, on_step)
+            model_cfg, version = engine.model_cfg, engine.version
     except ValueError as e:  # CheckpointError, a scalar-head checkpoint, a model vLLM cannot run here
         raise ServeError(str(e)) from None
     if tok.vocab_size > model_cfg.vocab_size:
@@ -169,9 +169,17 @@ class ChatDeployment:
         self.engine, self.tok, self.max_seq_len, self.weight_version = make_engine(cfg, self._on_step)
         self.created = int(time.time())
 
+    def check_health(self) -> None:
+        """Ray Serve's periodic health check: a replica whose engine died is replaced."""
+        self.engine.check_health()
+
+    def __del__(self) -> None:  # Serve calls it when the replica shuts down
+        with contextlib.suppress(Exception):
+            self.engine.close()
+
     def _on_step(self, running: int, waiting: int) -> None:
-        """After every engine step (engine thread): the batch gauges, at most every 50 ms (a Ray metric update
-        per step would cost the engine thread time it holds the GIL in)."""
+        """After every engine step (the engine's reader thread): the batch gauges, at most every 50 ms (a Ray
+        metric update per step would cost the replica's event loop time it holds the GIL in)."""
         self.stats["largest_batch"] = max(self.stats["largest_batch"], running)
         now = time.monotonic()
         if now - self._gauges_at >= 0.05 or not running:
@@ -246,6 +254,8 @@ class ChatDeployment:
         except QueueFull as e:
             raise proto.APIError(429, str(e), type="rate_limit_error", code="queue_full",
                                  retry_after_s=e.retry_after_s) from None
+        except EngineDead as e:
+            raise proto.APIError(503, f"the engine is down: {e}", type="server_error", code="engine_dead") from None
         except ValueError as e:  # a prompt the engine refuses (token id outside the vocabulary, ...)
             raise proto.APIError(400, str(e), param="prompt" if not job.chat else None) from None
         self.metrics.tokens(prompt=len(job.prompt))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import socket
 import threading
@@ -579,7 +580,8 @@ def test_queue_beyond_its_limit_is_refused_with_retry_after():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=50, ffn_dim=64,
                                     max_seq_len=4096))
-    streamer = TorchStreamer(ContinuousBatcher(model, max_rows=1), max_waiting=1, retry_after_s=3, threads=1)
+    streamer = TorchStreamer(functools.partial(ContinuousBatcher, model, max_rows=1), max_waiting=1, retry_after_s=3,
+                             threads=1)
     long = SamplingParams(max_new_tokens=4000, temperature=0.0, stop_token_ids=())  # seconds: still running
 
     async def scenario():
@@ -599,6 +601,43 @@ def test_queue_beyond_its_limit_is_refused_with_retry_after():
     while (streamer.running or streamer.waiting) and time.time() < deadline:
         time.sleep(0.01)
     assert streamer.running == 0 and streamer.waiting == 0
+    streamer.close()
+
+
+def test_a_dead_engine_process_fails_its_requests_and_the_health_check():
+    """The engine process killed mid-answer: the request in flight ends with EngineDead (the endpoint: an error,
+    never a hang), new requests are refused with EngineDead (503) and check_health raises, so Serve replaces the
+    replica."""
+    import asyncio
+    import os
+    import signal
+
+    from rayllama.generation import ContinuousBatcher
+    from serve.engine import EngineDead, TorchStreamer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=50, ffn_dim=64,
+                                    max_seq_len=4096))
+    streamer = TorchStreamer(functools.partial(ContinuousBatcher, model, max_rows=4), max_waiting=4,
+                             retry_after_s=1, threads=1)
+    streamer.check_health()
+    long = SamplingParams(max_new_tokens=4000, temperature=0.0, stop_token_ids=())
+
+    async def scenario() -> None:
+        stream = streamer.open([1, 2, 3], long)
+        await anext(stream)
+        os.kill(streamer.process.pid, signal.SIGKILL)
+        with pytest.raises(EngineDead, match="exit code -9"):
+            async with asyncio.timeout(30):
+                async for _ in stream:
+                    pass
+        with pytest.raises(EngineDead, match="engine process exited"):
+            streamer.open([1, 2], long)
+
+    asyncio.run(scenario())
+    with pytest.raises(EngineDead):
+        streamer.check_health()
+    streamer.close()
 
 
 def test_autoscaling_and_gpu_options():

@@ -112,10 +112,10 @@ def drop_counter():
     return _counter_class().remote()
 
 
-_PACKERS: dict[tuple[str, int], "TokenizePack"] = {}  # per process: (tokenizer object ref, seq_len) -> packer
+_PACKERS: dict[tuple[str, int], TokenizePack] = {}  # per process: (tokenizer object ref, seq_len) -> packer
 
 
-def _packer(tok_ref, seq_len: int) -> "TokenizePack":
+def _packer(tok_ref, seq_len: int) -> TokenizePack:
     key = (tok_ref.hex(), seq_len)
     if key not in _PACKERS:
         import ray
