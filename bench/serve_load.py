@@ -3,6 +3,7 @@ level, a mixed-length load, and 1000 requests at concurrency 32.
 
     python bench/serve_load.py                                   # own server: random `tiny` model
     python bench/serve_load.py --clients 1 4 16 64 --max-tokens 32
+    python bench/serve_load.py --ingress haproxy --stream-interval 4   # Serve's high-throughput mode
     python bench/serve_load.py --url http://127.0.0.1:8000 --token $RAYLLAMA_API_KEY --model rayllama-chat
     PYTHONPATH=<a checkout of main> python bench/serve_load.py  # the same load on another version's server
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -90,13 +92,20 @@ def start_own_server(args: argparse.Namespace) -> tuple[str, str, str, dict]:
         batch=batch, auth=AuthConfig(token=token), replicas=ReplicaConfig(num_cpus=1.0, max_ongoing_requests=4096),
         http=HTTPConfig(port=_free_port()),
     )
+    if "ingress" in {f.name for f in dataclasses.fields(HTTPConfig)}:
+        from serve.app import ingress_env
+
+        cfg.http.ingress = args.ingress
+        os.environ.update(ingress_env(cfg))  # before Ray starts: its Serve processes read them
+    elif args.ingress != "proxy":
+        raise SystemExit("--ingress: this version's server has only Serve's proxy (no http.ingress)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     url = start(cfg)
     info = {"preset": args.preset, "params": sum(p.numel() for p in model.parameters()),
             "vocab_size": tok.vocab_size, "torch_threads": args.threads, "batching": kind,
-            "max_rows": args.max_rows, "stream_interval": args.stream_interval}
+            "max_rows": args.max_rows, "stream_interval": args.stream_interval, "ingress": args.ingress}
     return url, token, name, info
 
 
@@ -227,6 +236,8 @@ def main() -> None:
     ap.add_argument("--max-rows", type=int, default=64, help="own server: sequences decoded at once")
     ap.add_argument("--stream-interval", type=int, default=1,
                     help="own server: tokens per streamed chunk after the first (batch.stream_interval)")
+    ap.add_argument("--ingress", choices=("proxy", "haproxy"), default="proxy",
+                    help="own server: http.ingress (Serve's Python proxy, or its high-throughput HAProxy mode)")
     ap.add_argument("--ray-cpus", type=int, default=None)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
@@ -290,11 +301,20 @@ def main() -> None:
             import ray
             from ray import serve
 
+            leftovers = []
+            if args.ingress == "haproxy":
+                from serve.app import haproxy_children
+
+                leftovers = haproxy_children()
             serve.shutdown()
             ray.shutdown()
+            for proc in leftovers:  # an HAProxy that outlived serve.shutdown() would hold the port
+                with contextlib.suppress(Exception):
+                    proc.kill()
 
-    print(f"\nchat endpoint load ({info['target']}, {info.get('batching', '?')} batching, streamed every "
-          f"{info.get('stream_interval', '?')} token(s), max_tokens {args.max_tokens}, {os.cpu_count()} CPUs)")
+    print(f"\nchat endpoint load ({info['target']}, {info.get('batching', '?')} batching, ingress "
+          f"{info.get('ingress', '?')}, streamed every {info.get('stream_interval', '?')} token(s), max_tokens "
+          f"{args.max_tokens}, {os.cpu_count()} CPUs)")
     print(table(rows))
     if one:
         print("tokens/s vs 1 client: " + ", ".join(f"{r['clients']}: {r['speedup_vs_1']:.1f}x" for r in rows))

@@ -498,9 +498,55 @@ def check_port_free(host: str, port: int) -> None:
                              f"or stop what holds it") from None
 
 
+def ingress_env(cfg: ServeConfig) -> dict[str, str]:
+    """The environment Ray must start with for cfg.http.ingress (Serve's processes read it when they start).
+    haproxy: Ray Serve's throughput-optimized mode behind its bundled HAProxy, with HAProxy's connection limit
+    and threads fitted to this machine (its default maxconn needs more file descriptors than many hosts allow)."""
+    if cfg.http.ingress != "haproxy":
+        return {}
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    hard = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            "RAY_SERVE_HAPROXY_MAXCONN": str(max(256, min(20000, (hard - 100) * 2 // 5))),  # ~2.5 fds each
+            "RAY_SERVE_HAPROXY_NBTHREAD": str(min(4, os.cpu_count() or 1)),
+            # its stats and metrics ports default to fixed ones (8404, 9101): free ones, so two servers can share
+            # a host; and a replica drains for 5 s, not 30, before its port closes (HAProxy is local)
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(cfg.http.host)),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(cfg.http.host)),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
+
+
+def free_port(host: str) -> int:
+    """A TCP port free on `host` now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def haproxy_children() -> list:
+    """The HAProxy processes that Serve started under this process's local Ray (psutil.Process). They can outlive
+    serve.shutdown() (when the controller's shutdown times out) and would then keep holding http.port, so the
+    CLI kills them after shutting down; found before, while they are still our descendants."""
+    import psutil
+
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if child.name() == "haproxy":
+                found.append(child)
+    return found
+
+
 def start(cfg: ServeConfig) -> str:
-    """Start Serve's HTTP proxy on cfg.http (Ray must be initialised or is started locally), deploy the app,
-    wait until it is ready; return the base URL (e.g. http://127.0.0.1:8000)."""
+    """Start Serve's HTTP ingress on cfg.http (Ray must be initialised, with ingress_env(cfg) for haproxy),
+    deploy the app, wait until it is ready; return the base URL (e.g. http://127.0.0.1:8000)."""
+    missing = [k for k in ingress_env(cfg) if k.startswith("RAY_SERVE_ENABLE") and os.environ.get(k) != "1"]
+    if missing:
+        raise ServeError(f"http.ingress=haproxy needs Ray started with {missing[0]}=1 and "
+                         f"RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (python -m rayllama.serve sets them when it starts Ray; "
+                         f"on a cluster export them before `ray start`), or use http.ingress=proxy")
     application = build_app(cfg)
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     serve.run(application, name=cfg.app_name, route_prefix="/")
@@ -539,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address)
     else:
+        for key, value in ingress_env(cfg).items():  # the Ray processes started here inherit them
+            os.environ.setdefault(key, value)
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
                  dashboard_host="127.0.0.1", dashboard_port=cfg.ray.dashboard_port)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even if started with SIGINT ignored
@@ -558,5 +606,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     finally:
+        leftovers = haproxy_children() if cfg.http.ingress == "haproxy" and not cfg.ray.address else []
         serve.shutdown()
         ray.shutdown()
+        for proc in leftovers:
+            with contextlib.suppress(Exception):
+                proc.kill()

@@ -23,10 +23,18 @@ ENGINES = ("torch", "vllm", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+INGRESSES = ("proxy", "haproxy")
+
+
 @dataclass
 class HTTPConfig:
     host: str = "127.0.0.1"  # loopback only unless told otherwise (0.0.0.0 exposes it to the network)
     port: int = 8000
+    # what takes the HTTP requests in: "proxy" is Ray Serve's default Python proxy actor (every streamed chunk
+    # crosses it and a Ray call); "haproxy" is Ray Serve's high-throughput mode (the HAProxy that ships with Ray
+    # listens on `port` and forwards to the replicas, which take HTTP themselves: direct ingress). Ray must
+    # start with it: python -m rayllama.serve sets it up when it starts Ray (see serve.app.ingress_env)
+    ingress: str = "proxy"
 
 
 @dataclass
@@ -163,6 +171,7 @@ def validate(cfg: ServeConfig) -> None:
            f"device '{cfg.device}' needs replicas.num_gpus > 0 (it is {r.num_gpus}); set replicas.num_gpus=1")
     _check(1 <= cfg.http.port <= 65535, f"http.port {cfg.http.port} must be in 1..65535")
     _check(bool(cfg.http.host), "http.host is empty; use 127.0.0.1 (local only) or 0.0.0.0 (all interfaces)")
+    _check(cfg.http.ingress in INGRESSES, f"http.ingress '{cfg.http.ingress}' is not one of {', '.join(INGRESSES)}")
     if cfg.auth.token is not None:
         _check(bool(cfg.auth.token.strip()), "auth.token is empty; set a non-empty token or remove the key")
     check_ranges(cfg, SERVE_RANGES)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import json
 import socket
@@ -567,6 +568,73 @@ def test_cli_missing_checkpoint_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(missing) in err and "make run" in err
     assert main(["configs/serve.yaml", "http.port=0x"]) == 2
+
+
+def test_haproxy_ingress_serves_streams_and_metrics(checkpoint, oracle, tmp_path):
+    """`python -m rayllama.serve ... http.ingress=haproxy` (Ray Serve's high-throughput mode, set up by the CLI
+    when it starts Ray): Ray's bundled HAProxy listens on http.port, a streamed greedy answer equals the engine's,
+    /metrics counts it, and Ctrl-C shuts it all down."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the session's
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rayllama.serve", "configs/serve.yaml", f"model_dir={checkpoint[0]}",
+         f"model_name={NAME}", "http.ingress=haproxy", f"http.port={port}", f"auth.token={TOKEN}",
+         "replicas.num_cpus=0.5", "limits.max_prompt_tokens=120", "ray.num_cpus=2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(1)
+        else:
+            pytest.fail("the haproxy-ingress server did not answer /health within 180 s")
+        listeners = {c.laddr.port: p.info["name"] for p in psutil.process_iter(["name"])
+                     for c in _listening(p)}
+        assert listeners.get(port) == "haproxy", listeners
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=60)
+        messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *USER]
+        chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0,
+                                                     stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text.strip() == oracle(messages, 10)
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        assert 'rayllama_requests_total{model="tiny-chat",status="200"} 1.0' in metrics, metrics[:2000]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "shutting down" in out
+
+
+def _listening(proc) -> list:
+    import psutil
+
+    try:
+        return [c for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+    except (psutil.AccessDenied, psutil.NoSuchProcess):
+        return []
+
+
+def test_haproxy_ingress_without_its_ray_setup_is_one_line(checkpoint, monkeypatch):
+    from serve.app import ServeError, start
+
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    cfg = ServeConfig(model_dir=str(checkpoint[0]), http=HTTPConfig(ingress="haproxy"))
+    with pytest.raises(ServeError, match="RAY_SERVE_ENABLE_HA_PROXY=1") as info:
+        start(cfg)
+    assert "\n" not in str(info.value) and "http.ingress=proxy" in str(info.value)
+    with pytest.raises(ConfigError, match="http.ingress 'nginx' is not one of proxy, haproxy"):
+        load_serve_config("configs/serve.yaml", ["http.ingress=nginx"])
 
 
 def test_queue_beyond_its_limit_is_refused_with_retry_after():
