@@ -103,7 +103,7 @@ def start_own_server(args: argparse.Namespace) -> tuple[str, str, str, dict]:
     ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     url = start(cfg)
-    info = {"preset": args.preset, "params": sum(p.numel() for p in model.parameters()),
+    info = {"model_dir": str(work / "model"), "preset": args.preset, "params": sum(p.numel() for p in model.parameters()),
             "vocab_size": tok.vocab_size, "torch_threads": args.threads, "batching": kind,
             "max_rows": args.max_rows, "stream_interval": args.stream_interval, "ingress": args.ingress}
     return url, token, name, info
@@ -209,6 +209,48 @@ def _f(v: float | None, width: int, digits: int = 0) -> str:
     return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
 
 
+def engine_mixed(model_dir: str, args: argparse.Namespace) -> dict:
+    """The mixed-length load on the engine alone, no HTTP: the same closed loop of clients (long: 256 tokens,
+    short: 16) stepping one ContinuousBatcher in this process, against one short client alone. Its ratio is what
+    the decode steps themselves cost on this machine (a step of 16 rows vs one row), the floor under the
+    endpoint's."""
+    import torch
+
+    from rayllama.checkpoint import load_model
+    from rayllama.generation import ContinuousBatcher, Request, SamplingParams
+    from rayllama.tokenizer import Tokenizer
+
+    torch.set_num_threads(args.threads)
+    model, _, _ = load_model(model_dir)
+    tok = Tokenizer(Path(model_dir) / "tokenizer.model")
+    prompts = [tok.encode_prompt([{"role": "user", "content": p}]) for p in PROMPTS]
+
+    def short_p50(plan: list[tuple[int, int]]) -> float:
+        batcher, running, short = ContinuousBatcher(model, max_rows=args.max_rows), {}, []
+
+        def submit(client: int, left: int, max_tokens: int) -> None:
+            params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, stop_token_ids=())
+            r = batcher.submit(Request([prompts[(client + left) % len(prompts)]], params))
+            running[r.id] = (r, client, left, max_tokens, time.perf_counter())
+
+        for client, (n, max_tokens) in enumerate(plan):
+            submit(client, n, max_tokens)
+        while running:
+            batcher.step()
+            for rid, (r, client, left, max_tokens, t0) in list(running.items()):
+                if r.done:
+                    del running[rid]
+                    if max_tokens == 16:
+                        short.append(time.perf_counter() - t0)
+                    if left > 1:
+                        submit(client, left - 1, max_tokens)
+        return statistics.median(short)
+
+    alone = short_p50([(8, 16)])
+    mixed = short_p50([(2, 256)] * args.long_clients + [(6, 16)] * args.short_clients)
+    return {"short_alone_p50_ms": 1000 * alone, "short_mixed_p50_ms": 1000 * mixed, "ratio_vs_alone": mixed / alone}
+
+
 def table(rows: list[dict]) -> str:
     head = (f"{'clients':>7} {'reqs':>5} {'5xx':>4} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
             f"{'ITL p99':>8} {'lat p50':>8} {'lat p99':>8}")
@@ -312,6 +354,8 @@ def main() -> None:
                 with contextlib.suppress(Exception):
                     proc.kill()
 
+    if not args.url:  # the server is down: the engine alone has the CPUs
+        record["mixed"]["engine_only"] = engine_mixed(info["model_dir"], args)
     print(f"\nchat endpoint load ({info['target']}, {info.get('batching', '?')} batching, ingress "
           f"{info.get('ingress', '?')}, streamed every {info.get('stream_interval', '?')} token(s), max_tokens "
           f"{args.max_tokens}, {os.cpu_count()} CPUs)")
@@ -323,6 +367,11 @@ def main() -> None:
           f"{m['short_mixed_p50_ms']:.0f} ms (p99 {m['short_mixed_p99_ms']:.0f}) = {m['ratio_vs_shorts_only']:.2f}x "
           f"the {m['short_clients']} short clients without the long ones ({m['short_only_p50_ms']:.0f} ms), "
           f"{m['ratio_vs_alone']:.2f}x one short client alone ({m['short_alone_p50_ms']:.0f} ms)")
+    if "engine_only" in m:
+        e = m["engine_only"]
+        print(f"  the same mixed load on the engine alone (no HTTP, this process): short p50 "
+              f"{e['short_mixed_p50_ms']:.0f} ms = {e['ratio_vs_alone']:.2f}x one short client alone "
+              f"({e['short_alone_p50_ms']:.0f} ms)")
     if args.bulk:
         b = record["bulk"]
         print(f"{b['requests']} requests at concurrency 32: {b['ok']} ok, {b['status_4xx']} 4xx, {b['status_5xx']} "
