@@ -579,8 +579,6 @@ def test_haproxy_ingress_serves_streams_and_metrics(checkpoint, oracle, tmp_path
     import subprocess
     import sys
 
-    import psutil
-
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the session's
     proc = subprocess.Popen(
@@ -599,9 +597,7 @@ def test_haproxy_ingress_serves_streams_and_metrics(checkpoint, oracle, tmp_path
             time.sleep(1)
         else:
             pytest.fail("the haproxy-ingress server did not answer /health within 180 s")
-        listeners = {c.laddr.port: p.info["name"] for p in psutil.process_iter(["name"])
-                     for c in _listening(p)}
-        assert listeners.get(port) == "haproxy", listeners
+        assert _listener(port) == "haproxy"
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=60)
         messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *USER]
         chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0,
@@ -616,13 +612,21 @@ def test_haproxy_ingress_serves_streams_and_metrics(checkpoint, oracle, tmp_path
     assert proc.returncode == 0 and "shutting down" in out
 
 
-def _listening(proc) -> list:
+def _listener(port: int, wait_s: float = 20.0) -> str | None:
+    """The name of the process listening on TCP `port` (retried: HAProxy reloads hand the socket over)."""
     import psutil
 
-    try:
-        return [c for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
-    except (psutil.AccessDenied, psutil.NoSuchProcess):
-        return []
+    deadline = time.time() + wait_s
+    while True:
+        for c in psutil.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid:
+                with contextlib.suppress(psutil.Error):
+                    name = psutil.Process(c.pid).name()
+                    if name == "haproxy" or time.time() > deadline:
+                        return name
+        if time.time() > deadline:
+            return None
+        time.sleep(0.5)
 
 
 def test_haproxy_ingress_without_its_ray_setup_is_one_line(checkpoint, monkeypatch):
