@@ -205,7 +205,11 @@ class TorchStreamer:
         stream = _Stream(params.n, lambda: self._abort(rid))
         self._streams[rid] = [asyncio.get_running_loop(), stream, params.n]
         self._unstarted.add(rid)
-        self._send(("submit", rid, prompt, params))
+        try:
+            self._send(("submit", rid, prompt, params))
+        except OSError:  # the engine process is gone; the reader thread is about to notice
+            self._abort(rid)
+            raise EngineDead(self.dead or "the engine process exited; see the replica's log") from None
         return stream.events()
 
     def check_health(self) -> None:
@@ -255,7 +259,7 @@ class TorchStreamer:
                     by_loop.setdefault(entry[0], []).append((entry[1], events))
                     entry[2] -= sum(e.finish_reason is not None for e in events)
                     if not entry[2]:
-                        del self._streams[rid]
+                        self._streams.pop(rid, None)  # (the client may have gone at the same moment)
             for loop, deliveries in by_loop.items():
                 loop.call_soon_threadsafe(_deliver, deliveries)
             if self._on_step is not None:
