@@ -3,7 +3,7 @@ level, a mixed-length load, and 1000 requests at concurrency 32.
 
     python bench/serve_load.py                                   # own server: random `tiny` model
     python bench/serve_load.py --clients 1 4 16 64 --max-tokens 32
-    python bench/serve_load.py --ingress haproxy --stream-interval 4   # Serve's high-throughput mode
+    python bench/serve_load.py --ingress proxy                   # through Serve's Python proxy instead of HAProxy
     python bench/serve_load.py --url http://127.0.0.1:8000 --token $RAYLLAMA_API_KEY --model rayllama-chat
     PYTHONPATH=<a checkout of main> python bench/serve_load.py  # the same load on another version's server
 
@@ -278,8 +278,9 @@ def main() -> None:
     ap.add_argument("--max-rows", type=int, default=64, help="own server: sequences decoded at once")
     ap.add_argument("--stream-interval", type=int, default=1,
                     help="own server: tokens per streamed chunk after the first (batch.stream_interval)")
-    ap.add_argument("--ingress", choices=("proxy", "haproxy"), default="proxy",
-                    help="own server: http.ingress (Serve's Python proxy, or its high-throughput HAProxy mode)")
+    ap.add_argument("--ingress", choices=("proxy", "haproxy"), default="haproxy",
+                    help="own server: http.ingress (haproxy: what `auto` gives python -m rayllama.serve, Serve's "
+                         "high-throughput mode; proxy: Serve's Python proxy actor)")
     ap.add_argument("--ray-cpus", type=int, default=None)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()

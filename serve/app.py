@@ -499,10 +499,11 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def ingress_env(cfg: ServeConfig) -> dict[str, str]:
-    """The environment Ray must start with for cfg.http.ingress (Serve's processes read it when they start).
-    haproxy: Ray Serve's throughput-optimized mode behind its bundled HAProxy, with HAProxy's connection limit
-    and threads fitted to this machine (its default maxconn needs more file descriptors than many hosts allow)."""
-    if cfg.http.ingress != "haproxy":
+    """The environment a Ray started by this process needs for cfg.http.ingress (Serve's processes read it when
+    they start). haproxy and auto: Ray Serve's throughput-optimized mode behind its bundled HAProxy, with HAProxy's
+    connection limit and threads fitted to this machine (its default maxconn needs more file descriptors than many
+    hosts allow); proxy: nothing."""
+    if cfg.http.ingress == "proxy":
         return {}
     import resource
 
@@ -539,14 +540,21 @@ def haproxy_children() -> list:
     return found
 
 
+def ingress_in_use() -> str:
+    """The ingress Serve runs with here: its processes take it from the environment Ray started with (this
+    process's, for a Ray this process started)."""
+    return "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "proxy"
+
+
 def start(cfg: ServeConfig) -> str:
-    """Start Serve's HTTP ingress on cfg.http (Ray must be initialised, with ingress_env(cfg) for haproxy),
-    deploy the app, wait until it is ready; return the base URL (e.g. http://127.0.0.1:8000)."""
-    missing = [k for k in ingress_env(cfg) if k.startswith("RAY_SERVE_ENABLE") and os.environ.get(k) != "1"]
-    if missing:
-        raise ServeError(f"http.ingress=haproxy needs Ray started with {missing[0]}=1 and "
-                         f"RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (python -m rayllama.serve sets them when it starts Ray; "
-                         f"on a cluster export them before `ray start`), or use http.ingress=proxy")
+    """Start Serve's HTTP ingress on cfg.http (Ray must be initialised; for haproxy with ingress_env(cfg) in its
+    environment), deploy the app, wait until it is ready; return the base URL (e.g. http://127.0.0.1:8000)."""
+    used = ingress_in_use()
+    if cfg.http.ingress not in ("auto", used):
+        need = ("Ray started with RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_THROUGHPUT_OPTIMIZED=1" if used == "proxy"
+                else "Ray started without RAY_SERVE_ENABLE_HA_PROXY")
+        raise ServeError(f"http.ingress={cfg.http.ingress} needs {need} (python -m rayllama.serve sets this up when it "
+                         f"starts Ray; on a cluster, export or unset it before `ray start`), or use http.ingress=auto")
     application = build_app(cfg)
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     serve.run(application, name=cfg.app_name, route_prefix="/")
@@ -594,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         url = start(cfg)
         auth = "bearer token required" if resolve_auth_token(cfg) else "no auth"
-        print(f"rayllama.serve: '{cfg.model_name}' from {cfg.model_dir} at {url}/v1 ({auth}); Ctrl-C stops",
+        print(f"rayllama.serve: '{cfg.model_name}' from {cfg.model_dir} at {url}/v1 ({auth}, {ingress_in_use()} "
+              f"ingress); Ctrl-C stops",
               flush=True)
         while True:
             time.sleep(3600)
@@ -606,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     finally:
-        leftovers = haproxy_children() if cfg.http.ingress == "haproxy" and not cfg.ray.address else []
+        leftovers = haproxy_children() if ingress_in_use() == "haproxy" and not cfg.ray.address else []
         serve.shutdown()
         ray.shutdown()
         for proc in leftovers:

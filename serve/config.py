@@ -23,18 +23,19 @@ ENGINES = ("torch", "vllm", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-INGRESSES = ("proxy", "haproxy")
+INGRESSES = ("auto", "proxy", "haproxy")
 
 
 @dataclass
 class HTTPConfig:
     host: str = "127.0.0.1"  # loopback only unless told otherwise (0.0.0.0 exposes it to the network)
     port: int = 8000
-    # what takes the HTTP requests in: "proxy" is Ray Serve's default Python proxy actor (every streamed chunk
-    # crosses it and a Ray call); "haproxy" is Ray Serve's high-throughput mode (the HAProxy that ships with Ray
-    # listens on `port` and forwards to the replicas, which take HTTP themselves: direct ingress). Ray must
-    # start with it: python -m rayllama.serve sets it up when it starts Ray (see serve.app.ingress_env)
-    ingress: str = "proxy"
+    # what takes the HTTP requests in: "proxy" is Ray Serve's Python proxy actor (every streamed chunk crosses it
+    # and a Ray call); "haproxy" is Serve's high-throughput mode (the HAProxy that ships with Ray listens on `port`
+    # and forwards to the replicas, which take HTTP themselves: direct ingress). Serve's processes take it from the
+    # environment Ray started with, so python -m rayllama.serve sets that up when it starts Ray (serve.app.
+    # ingress_env). "auto": haproxy when rayllama.serve starts Ray, else what the running Ray was started with
+    ingress: str = "auto"
 
 
 @dataclass

@@ -570,10 +570,10 @@ def test_cli_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["configs/serve.yaml", "http.port=0x"]) == 2
 
 
-def test_haproxy_ingress_serves_streams_and_metrics(checkpoint, oracle, tmp_path):
-    """`python -m rayllama.serve ... http.ingress=haproxy` (Ray Serve's high-throughput mode, set up by the CLI
-    when it starts Ray): Ray's bundled HAProxy listens on http.port, a streamed greedy answer equals the engine's,
-    /metrics counts it, and Ctrl-C shuts it all down."""
+def test_haproxy_ingress_serves_streams_and_metrics(checkpoint, oracle):
+    """`python -m rayllama.serve` with the default http.ingress (auto: Ray Serve's high-throughput mode, set up by
+    the CLI when it starts Ray): Ray's bundled HAProxy listens on http.port, a streamed greedy answer equals the
+    engine's, /metrics counts it, and Ctrl-C shuts it all down, HAProxy included."""
     import os
     import signal
     import subprocess
@@ -583,20 +583,25 @@ def test_haproxy_ingress_serves_streams_and_metrics(checkpoint, oracle, tmp_path
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the session's
     proc = subprocess.Popen(
         [sys.executable, "-m", "rayllama.serve", "configs/serve.yaml", f"model_dir={checkpoint[0]}",
-         f"model_name={NAME}", "http.ingress=haproxy", f"http.port={port}", f"auth.token={TOKEN}",
+         f"model_name={NAME}", f"http.port={port}", f"auth.token={TOKEN}",
          "replicas.num_cpus=0.5", "limits.max_prompt_tokens=120", "ray.num_cpus=2"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    lines: list[str] = []
+
+    def read() -> None:  # the CLI's output, line by line, until it exits
+        for line in proc.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
         deadline = time.time() + 180
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(1)
-        else:
-            pytest.fail("the haproxy-ingress server did not answer /health within 180 s")
+        while not any("Ctrl-C stops" in line for line in lines):  # the CLI's ready line: serve.run returned
+            assert proc.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.5)
+        ready = next(line for line in lines if "Ctrl-C stops" in line)
+        assert f"127.0.0.1:{port}/v1" in ready and "haproxy ingress" in ready, ready
         assert _listener(port) == "haproxy"
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=60)
         messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *USER]
@@ -608,8 +613,10 @@ def test_haproxy_ingress_serves_streams_and_metrics(checkpoint, oracle, tmp_path
         assert 'rayllama_requests_total{model="tiny-chat",status="200"} 1.0' in metrics, metrics[:2000]
     finally:
         os.killpg(proc.pid, signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "shutting down" in out
+        proc.wait(timeout=120)
+        reader.join(10)
+    assert proc.returncode == 0 and any("shutting down" in line for line in lines), "".join(lines)[-3000:]
+    assert _listener(port, wait_s=0) is None  # no HAProxy left holding the port
 
 
 def _listener(port: int, wait_s: float = 20.0) -> str | None:
@@ -636,8 +643,8 @@ def test_haproxy_ingress_without_its_ray_setup_is_one_line(checkpoint, monkeypat
     cfg = ServeConfig(model_dir=str(checkpoint[0]), http=HTTPConfig(ingress="haproxy"))
     with pytest.raises(ServeError, match="RAY_SERVE_ENABLE_HA_PROXY=1") as info:
         start(cfg)
-    assert "\n" not in str(info.value) and "http.ingress=proxy" in str(info.value)
-    with pytest.raises(ConfigError, match="http.ingress 'nginx' is not one of proxy, haproxy"):
+    assert "\n" not in str(info.value) and "http.ingress=auto" in str(info.value)
+    with pytest.raises(ConfigError, match="http.ingress 'nginx' is not one of auto, proxy, haproxy"):
         load_serve_config("configs/serve.yaml", ["http.ingress=nginx"])
 
 
