@@ -134,11 +134,12 @@ def serve_cli(*items: str, model: str = "good") -> Callable[[Path, Path], tuple[
             shutil.copytree(base / "sft" / "model", model_dir)
             (model_dir / "model.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes()[:1000])
         return ["-m", "rayllama.serve", str(ROOT / "configs" / "serve.yaml"), f"model_dir={model_dir}",
-                *[i.format(port=BUSY_PORT) for i in items]], model_dir
+                *[i.format(port=BUSY["port"]) for i in items]], model_dir
     return prepare
 
 
-BUSY_PORT = free_port()
+BUSY: dict[str, int] = {}  # "port": the port cli_results holds while the cases run (bound then, not at import:
+# a port that was free at collection may be some Ray process's by the time the fixture runs)
 ILLEGAL_PROMPT = b'{"prompt": [{"role": "user", "content": "hi"}], "is_safety": "yes"}'
 
 # name -> (prepare(tmp, prebuilt run) -> (argv after python, dir that must not be corrupted), fragment, exit code)
@@ -201,20 +202,21 @@ def base_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cli_results(tmp_path_factory, base_run) -> dict[str, tuple[subprocess.CompletedProcess, dict, dict, Path]]:
     """Every CLI case, three subprocesses at a time: name -> (result, snapshot before, snapshot after, dir)."""
-    prepared = {}
-    for name, (prepare, _, _) in CLI_CASES.items():
-        tmp = tmp_path_factory.mktemp("cli")
-        argv, watched = prepare(tmp, base_run)
-        prepared[name] = (argv, watched, snapshot(watched))
     env = {k: v for k, v in os.environ.items() if k != "RAYLLAMA_TEST_UNSET_TOKEN"}
 
     def run(name: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, *prepared[name][0]], capture_output=True, text=True, timeout=300,
                               cwd=ROOT, env=env)
 
-    with socket.socket() as busy:  # holds BUSY_PORT for the "port in use" case
-        busy.bind(("127.0.0.1", BUSY_PORT))
+    with socket.socket() as busy:  # holds a port for the "port in use" case
+        busy.bind(("127.0.0.1", 0))
         busy.listen()
+        BUSY["port"] = busy.getsockname()[1]
+        prepared = {}
+        for name, (prepare, _, _) in CLI_CASES.items():
+            tmp = tmp_path_factory.mktemp("cli")
+            argv, watched = prepare(tmp, base_run)
+            prepared[name] = (argv, watched, snapshot(watched))
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             results = dict(zip(prepared, pool.map(run, prepared)))
     return {name: (results[name], prepared[name][2], snapshot(prepared[name][1]), prepared[name][1])
