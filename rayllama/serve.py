@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         from serve.app import main as serve_main
 
         return serve_main(argv)
-    from serve.app import ServeError, check_checkpoint, check_port_free
+    from serve.app import ServeError, check_checkpoint, check_port_free, ingress_env
     from serve.config import load_serve_config, resolve_auth_token
 
     try:
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         resolve_auth_token(cfg)
         if not cfg.ray.address:
             check_port_free(cfg.http.host, cfg.http.port)
+            ingress_env(cfg)  # http.ingress=haproxy without an HAProxy binary
     except (ConfigError, ServeError) as e:
         print(f"rayllama.serve: error: {e}", file=sys.stderr)
         return 2

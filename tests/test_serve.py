@@ -636,6 +636,21 @@ def _listener(port: int, wait_s: float = 20.0) -> str | None:
         time.sleep(0.5)
 
 
+def test_haproxy_ingress_without_a_binary(monkeypatch, tmp_path):
+    """No HAProxy binary (e.g. macOS: ray[serve] bundles it on Linux only): auto falls back to Serve's proxy,
+    an explicit http.ingress=haproxy is one line naming the fix."""
+    from serve.app import ServeError, ingress_env
+
+    assert ingress_env(ServeConfig())["RAY_SERVE_ENABLE_HA_PROXY"] == "1"  # ray[serve] on Linux: the bundled one
+    not_executable = tmp_path / "haproxy"
+    not_executable.write_text("")
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(not_executable))
+    assert ingress_env(ServeConfig()) == {}
+    with pytest.raises(ServeError, match="needs an HAProxy binary") as info:
+        ingress_env(ServeConfig(http=HTTPConfig(ingress="haproxy")))
+    assert "\n" not in str(info.value) and "http.ingress=proxy" in str(info.value)
+
+
 def test_haproxy_ingress_without_its_ray_setup_is_one_line(checkpoint, monkeypatch):
     from serve.app import ServeError, start
 
