@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import os
@@ -340,20 +339,16 @@ def main() -> None:
                                    if k.endswith(("_total", "_count"))}
         record["sent"] = {"requests": sent, "completion_tokens": sent_tokens}
     finally:
-        if not args.url:
+        if not args.url and args.ingress == "haproxy":
+            from serve.app import shutdown
+
+            shutdown(ray_started_here=True)  # also an HAProxy that outlived Serve
+        elif not args.url:  # (a version without http.ingress)
             import ray
             from ray import serve
 
-            leftovers = []
-            if args.ingress == "haproxy":
-                from serve.app import haproxy_children
-
-                leftovers = haproxy_children()
             serve.shutdown()
             ray.shutdown()
-            for proc in leftovers:  # an HAProxy that outlived serve.shutdown() would hold the port
-                with contextlib.suppress(Exception):
-                    proc.kill()
 
     if not args.url:  # the server is down: the engine alone has the CPUs
         record["mixed"]["engine_only"] = engine_mixed(info["model_dir"], args)

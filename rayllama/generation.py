@@ -142,8 +142,11 @@ def sample_tokens(logits: Tensor, temperature: float, top_p: float,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (N,)
 
 
-def check_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams, cfg: Any) -> None:
-    """Every engine's prompt rules: non-empty, prompt + max_new_tokens <= cfg.max_seq_len, ids in the vocab."""
+def check_request(prompts: Sequence[Sequence[int]], params: SamplingParams, cfg: Any) -> None:
+    """Every engine's request rules (ValueError naming the bad field or prompt): the sampling settings (they may
+    have been changed since they were made), then each prompt non-empty, prompt + max_new_tokens <=
+    cfg.max_seq_len, ids in the vocab."""
+    params.validate()
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ValueError(f"prompt {i} is empty; give at least one token (e.g. BOS)")
@@ -288,8 +291,7 @@ class ContinuousBatcher:
 
     def submit(self, request: Request) -> Request:
         """Queue `request` (validated here: ValueError names the bad field or prompt)."""
-        request.params.validate()
-        check_prompts(request.prompts, request.params, self.model.cfg)
+        check_request(request.prompts, request.params, self.model.cfg)
         if request.params.stop and self.decode is None:
             raise ValueError("stop strings need a tokenizer: build the ContinuousBatcher with decode=")
         request.completions = [None] * request.rows
@@ -564,8 +566,7 @@ class TorchEngine(GenerationEngine):
         self.batcher.version = int(version)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
-        params.validate()
-        check_prompts(prompts, params, self.model.cfg)
+        check_request(prompts, params, self.model.cfg)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)

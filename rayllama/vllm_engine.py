@@ -46,7 +46,7 @@ import torch
 
 from rayllama.checkpoint import ARCHITECTURES, CONFIG, CheckpointError, config_from_hf, resolve
 from rayllama.config import VLLMSettings, validate_vllm, vllm_dtype
-from rayllama.generation import Completion, GenerationEngine, SamplingParams, check_prompts
+from rayllama.generation import Completion, GenerationEngine, SamplingParams, check_request
 from rayllama.model import ModelConfig, Transformer
 
 # vLLM 0.32's CPU attention kernels (v1/attention/backends/cpu_attn.py); used if that module cannot be read
@@ -331,8 +331,7 @@ class VLLMEngine(GenerationEngine):
         return [make(rng.randrange(2**31)) for _ in range(n_prompts)]
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
-        params.validate()
-        check_prompts(prompts, params, self.model_cfg)
+        check_request(prompts, params, self.model_cfg)
         if not prompts:
             return []
         outputs = self.llm.generate([{"prompt_token_ids": [int(t) for t in p]} for p in prompts],

@@ -548,18 +548,24 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def haproxy_children() -> list:
-    """The HAProxy processes that Serve started under this process's local Ray (psutil.Process). They can outlive
-    serve.shutdown() (when the controller's shutdown times out) and would then keep holding http.port, so the
-    CLI kills them after shutting down; found before, while they are still our descendants."""
+def shutdown(ray_started_here: bool) -> None:
+    """serve.shutdown() and ray.shutdown(); then, for a Ray this process started, kill the HAProxy Serve ran
+    under it if it outlived them (it does when the controller's shutdown times out) and would keep holding
+    http.port. It is found first, while it is still this process's descendant."""
     import psutil
+    import ray
 
-    found = []
-    for child in psutil.Process().children(recursive=True):
+    leftovers = []
+    if ray_started_here and ingress_in_use() == "haproxy":
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if child.name() == "haproxy":
+                    leftovers.append(child)
+    serve.shutdown()
+    ray.shutdown()
+    for proc in leftovers:
         with contextlib.suppress(psutil.Error):
-            if child.name() == "haproxy":
-                found.append(child)
-    return found
+            proc.kill()
 
 
 def ingress_in_use() -> str:
@@ -639,9 +645,4 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     finally:
-        leftovers = haproxy_children() if ingress_in_use() == "haproxy" and not cfg.ray.address else []
-        serve.shutdown()
-        ray.shutdown()
-        for proc in leftovers:
-            with contextlib.suppress(Exception):
-                proc.kill()
+        shutdown(ray_started_here=not cfg.ray.address)

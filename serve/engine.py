@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from rayllama.generation import ContinuousBatcher, Request, SamplingParams, TokenEvent, check_prompts
+from rayllama.generation import ContinuousBatcher, Request, SamplingParams, TokenEvent, check_request
 
 log = logging.getLogger("ray.serve")
 
@@ -199,8 +199,7 @@ class TorchStreamer:
             raise EngineDead(self.dead)
         if self.waiting >= self.max_waiting:
             raise QueueFull(self.waiting, self.retry_after_s)
-        params.validate()  # ValueError (-> 400), as the batcher would raise it
-        check_prompts([prompt], params, self.model_cfg)
+        check_request([prompt], params, self.model_cfg)  # ValueError (-> 400), as the batcher's submit
         rid = next(self._ids)
         stream = _Stream(params.n, lambda: self._abort(rid))
         self._streams[rid] = [asyncio.get_running_loop(), stream, params.n]
