@@ -17,7 +17,7 @@ can map: files in /dev/shm on CPU (unlinked once mapped), a CUDA IPC handle on a
 shares (a generator colocated with the learner: NCCL refuses two ranks on one GPU). A bucket message is then the
 buffer's handle (opened once per buffer, cached); a receiver reads the tensors straight from the sender's buffer,
 and before rank 0 packs bucket b into the buffer bucket b-2 used, every member acknowledges (an all-reduce) that
-it is done with b-2. `ppo.weight_sync.backend: auto` decides per member (`resolve_backend`): the members on the
+it is done with b-2: as soon as bucket b-1 has arrived, so rank 0 packs b while the members copy b-1 out. `ppo.weight_sync.backend: auto` decides per member (`resolve_backend`): the members on the
 learner's machine (CPU, when /dev/shm has room) or on its GPU map its buffers; the others get the bucket bytes
 over a second group, gloo on CPU or NCCL across GPUs, in the same update (a generator Ray places beside learner
 rank 0 by CUDA IPC, the rest by NCCL).
@@ -550,11 +550,14 @@ class Incoming:
         start, end = self.header["buckets"][b]
         shapes = self.header["shapes"]
         numel, dtype = sum(_numel(shapes[k]) for k in range(start, end)), wire_dtype(self.header["dtype"])
-        if b >= RING:
-            if self._digests:
-                self._digests[b - RING].result()  # its digest read the slot this bucket lands in
-            self.member.acknowledge()  # ipc: done with bucket b - RING (its tensors were copied out)
         buffer = self.member.receive_bucket(b, numel, dtype, reuse)
+        done = b - RING + 1  # the consumer has moved on to bucket b, so it is done with every bucket before it
+        if done >= 0:
+            if self._digests:
+                self._digests[done].result()  # its digest read the slot (ipc: rank 0's buffer) it was in
+            # ipc: rank 0 waits for this before packing bucket done + RING: acknowledged now, as soon as bucket b
+            # arrived, rank 0 packs that bucket while this member copies b out (the two copies overlap)
+            self.member.acknowledge()
         if self.header["verify"]:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1)
@@ -587,8 +590,8 @@ class Incoming:
             while self._next_bucket < len(self.header["buckets"]):
                 self._receive_bucket(reuse=True)  # drained: nobody keeps these
             got = b"".join(f.result() for f in self._digests)
-            for _ in range(min(RING, len(self.header["buckets"]))):
-                self.member.acknowledge()  # ipc: done with the last buckets
+            for _ in range(min(RING - 1, len(self.header["buckets"]))):
+                self.member.acknowledge()  # ipc: done with the last buckets (the earlier ones were acknowledged)
             if not self.header["verify"]:
                 return
             sent = torch.empty(DIGEST_BYTES * len(self.header["buckets"]), dtype=torch.uint8,
