@@ -316,6 +316,8 @@ class PolicyLearner:
         store = self._sync_store if backend != "local" else None
         self._weight_sync = SyncMember(address, 0, size, backend, timeout_s, generation, device=self.device,
                                        store=store)
+        if not is_sharded(self.policy):  # one rank: the generators that map its memory copy straight from it
+            self._weight_sync.share_params(self.policy)
         return generation
 
     def weight_sync_generation(self) -> int:

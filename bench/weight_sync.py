@@ -1,15 +1,18 @@
 """Weight sync cost: learner -> 2 rollout generators over the weight-sync group (gloo broadcast, the product path),
 the old object-store path (kept here as a reference implementation), and a memcpy of the same bytes.
 
-    .venv/bin/python bench/weight_sync.py [--sizes 10 100] [--reps 5] [--generators 2] [--bucket-mb 64]
+    .venv/bin/python bench/weight_sync.py [--sizes 10 100] [--reps 5] [--generators 1 2] [--bucket-mb 64]
 
-For each model size (millions of parameters) a `PolicyLearnerActor` and `--generators` `RolloutGeneratorActor`s:
+For each model size (millions of parameters) and generator count, a `PolicyLearnerActor` and that many
+`RolloutGeneratorActor`s:
 
     gloo          rayllama.rl.weight_sync.WeightSync.push: learner rank 0 gathers the policy, packs it into
                   buckets of --bucket-mb MB and broadcasts each over gloo; the generators copy each bucket into
                   their model in place (no verification: ppo.verify_weights_every 0, and a verified run)
-    ipc           the same protocol with each bucket handed over in shared memory (/dev/shm): the generators
-                  copy straight out of the learner's bucket buffer (what `auto` picks on one machine)
+    ipc           the same protocol with each bucket handed over in shared memory (/dev/shm), what `auto` picks
+                  on one machine: the learner (one rank) moved its parameters into shared memory when the group
+                  formed, so a bucket is a slice of them, never packed, and each generator copies straight out
+                  of the learner's parameters (one copy per generator, the floor for N copies of the weights)
     object store  what the loop did before: the learner puts the state as numpy arrays with one `ray.put`, every
                   generator reads the ref (zero-copy) and copies it into its model (no checksums)
     memcpy        a single-process `np.copyto` of the same number of bytes (the floor a copy-based sync cannot beat)
@@ -126,7 +129,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100], choices=sorted(SHAPES))
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--generators", type=int, default=2)
+    ap.add_argument("--generators", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--bucket-mb", type=float, default=64.0)
     ap.add_argument("--out", default="bench/results/weight_sync.json")
     args = ap.parse_args()
@@ -136,16 +139,16 @@ def main() -> None:
              _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            rows = [bench_size(ray, size, args.reps, args.generators, args.bucket_mb, Path(tmp))
-                    for size in args.sizes]
+            rows = [bench_size(ray, size, args.reps, n, args.bucket_mb, Path(tmp))
+                    for size in args.sizes for n in args.generators]
     finally:
         ray.shutdown()
-    print(f"\nweight update, learner -> {args.generators} generators, fp32, {args.bucket_mb:g} MB buckets "
-          f"(median of {args.reps}, seconds)")
-    print(f"{'params':>8}{'MiB':>8}{'gloo':>8}{'+verify':>9}{'ipc':>8}{'+verify':>9}{'obj store':>11}{'memcpy':>9}"
+    print(f"\nweight update, learner -> generators, fp32, {args.bucket_mb:g} MB buckets (median of {args.reps}, "
+          f"seconds)")
+    print(f"{'params':>8}{'MiB':>8}{'gens':>6}{'gloo':>8}{'+verify':>9}{'ipc':>8}{'+verify':>9}{'obj store':>11}{'memcpy':>9}"
           f"{'ipc/memcpy':>12}{'gloo/memcpy':>13}{'store/memcpy':>14}{'memcpy each':>13}{'ipc/each':>10}")
     for r in rows:
-        print(f"{r['params'] / 1e6:>7.1f}M{r['bytes'] / 2**20:>8.0f}{r['gloo_s']:>8.3f}{r['gloo_verified_s']:>9.3f}"
+        print(f"{r['params'] / 1e6:>7.1f}M{r['bytes'] / 2**20:>8.0f}{r['generators']:>6}{r['gloo_s']:>8.3f}{r['gloo_verified_s']:>9.3f}"
               f"{r['ipc_s']:>8.3f}{r['ipc_verified_s']:>9.3f}{r['object_store_s']:>11.3f}{r['memcpy_s']:>9.3f}"
               f"{r['ipc_s'] / r['memcpy_s']:>12.1f}{r['gloo_s'] / r['memcpy_s']:>13.1f}"
               f"{r['object_store_s'] / r['memcpy_s']:>14.1f}{r['memcpy_each_s']:>13.3f}"

@@ -119,6 +119,51 @@ def test_two_fsdp_learners_to_two_torch_generators(ray_session, policy_dir, back
         shutdown(ray, actors)
 
 
+def test_one_learner_rank_hands_its_parameters_over_unpacked(ray_session, policy_dir):
+    """One learner rank over ipc: its parameters move into shared memory when the group forms, and the generators
+    copy straight out of them (no bucket buffer is ever packed), through steps of the learner's own optimizer; a
+    parameter replaced since (its storage no longer the shared one) has its bucket packed, and the update is still
+    exact."""
+    ray = ray_session
+    actors = group(ray, policy_dir, 1, ["torch", "torch"], "ws-unpacked-")
+    learner = actors.learners[0]
+    sync = WeightSync(backend="ipc", bucket_mb=0.05, timeout_s=30.0)
+
+    def adamw_step(self):
+        self.policy_opt.zero_grad()
+        loss = sum((p.float() ** 2).sum() for p in self.policy.parameters())
+        loss.backward()
+        self.policy_opt.step()
+        self.version += 1
+
+    def replace_first(self):
+        p = next(iter(self.policy.parameters()))
+        p.data = p.data.clone() + 0.05  # a new storage, outside the shared buffer
+        self.version += 1
+
+    def packed_slots(self):
+        return [slot is not None for slot in self._weight_sync._ring]
+
+    try:
+        assert sync.push(actors) == 0
+        check_generators_follow_the_learner(ray, actors, 0)
+        before = [c[0].token_ids for c in ray.get(actors.generators[0].generate.remote(PROMPTS, GREEDY))]
+        for _ in range(3):
+            ray.get(learner.__ray_call__.remote(adamw_step))
+        perturb(ray, actors, 3)  # in place, as the optimizer: the parameters stay in the shared buffer
+        assert sync.push(actors) == 4
+        check_generators_follow_the_learner(ray, actors, 4)
+        assert [c[0].token_ids for c in ray.get(actors.generators[0].generate.remote(PROMPTS, GREEDY))] != before
+        assert ray.get(learner.__ray_call__.remote(packed_slots)) == [False, False]  # nothing was packed
+        ray.get(learner.__ray_call__.remote(replace_first))
+        assert sync.push(actors) == 5
+        check_generators_follow_the_learner(ray, actors, 5)
+        assert ray.get(learner.__ray_call__.remote(packed_slots))[0]  # the replaced parameter's bucket was packed
+        assert sync.forms == 1
+    finally:
+        shutdown(ray, actors)
+
+
 @pytest.mark.parametrize("backend", ["gloo", "auto"])
 def test_two_fsdp_learners_to_a_vllm_generator(ray_session, policy_dir, backend):
     """auto on this one machine: ipc, the learner's buffers mapped into vLLM's worker."""

@@ -17,7 +17,10 @@ can map: files in /dev/shm on CPU (unlinked once mapped), a CUDA IPC handle on a
 shares (a generator colocated with the learner: NCCL refuses two ranks on one GPU). A bucket message is then the
 buffer's handle (opened once per buffer, cached); a receiver reads the tensors straight from the sender's buffer,
 and before rank 0 packs bucket b into the buffer bucket b-2 used, every member acknowledges (an all-reduce) that
-it is done with b-2: as soon as bucket b-1 has arrived, so rank 0 packs b while the members copy b-1 out. `ppo.weight_sync.backend: auto` decides per member (`resolve_backend`): the members on the
+it is done with b-2: as soon as bucket b-1 has arrived, so rank 0 packs b while the members copy b-1 out. A learner
+of one rank on CPU goes further (`SyncMember.share_params`): its parameters move into one shared buffer when the
+group forms, and a bucket that lies in it is handed over as (handle, offset) without being packed, so a generator
+copies straight out of the learner's parameters: one copy per update where packing made two. `ppo.weight_sync.backend: auto` decides per member (`resolve_backend`): the members on the
 learner's machine (CPU, when /dev/shm has room) or on its GPU map its buffers; the others get the bucket bytes
 over a second group, gloo on CPU or NCCL across GPUs, in the same update (a generator Ray places beside learner
 rank 0 by CUDA IPC, the rest by NCCL).
@@ -76,7 +79,7 @@ log = logging.getLogger("rayllama")
 DIGEST_BYTES = 16
 RING = 2  # bucket buffers per member: bucket b reuses bucket b-2's once its digest (if any) is done
 BACKENDS = ("gloo", "nccl", "ipc", "local")
-HANDLE_BYTES = 4096  # an ipc bucket message: int32 length + the pickled handle of rank 0's buffer
+HANDLE_BYTES = 4096  # an ipc bucket message: int64 byte offset, int32 length, the pickled handle of a buffer
 
 
 class WeightSyncError(RuntimeError):
@@ -249,14 +252,37 @@ def _shared_buffer(nbytes: int, device: torch.device, tag: str) -> tuple[torch.T
     return buffer, pickle.dumps(("cuda", *reduce_tensor(buffer))), None
 
 
-def _handle_message(handle: bytes) -> torch.Tensor:
-    """The HANDLE_BYTES bucket message of a buffer handle: int32 length, then the handle."""
-    if len(handle) > HANDLE_BYTES - 4:
-        raise RuntimeError(f"weight sync: a buffer handle of {len(handle)} bytes exceeds {HANDLE_BYTES - 4}")
+def _handle_message(handle: bytes, offset: int = 0) -> torch.Tensor:
+    """The HANDLE_BYTES bucket message of a buffer handle: int64 byte offset of the bucket in the buffer, int32
+    length of the handle, then the handle."""
+    if len(handle) > HANDLE_BYTES - 12:
+        raise RuntimeError(f"weight sync: a buffer handle of {len(handle)} bytes exceeds {HANDLE_BYTES - 12}")
     message = torch.zeros(HANDLE_BYTES, dtype=torch.uint8)
-    message[:4] = torch.tensor([len(handle)], dtype=torch.int32).view(torch.uint8)
-    message[4:4 + len(handle)] = torch.frombuffer(bytearray(handle), dtype=torch.uint8)
+    message[:8] = torch.tensor([offset], dtype=torch.int64).view(torch.uint8)
+    message[8:12] = torch.tensor([len(handle)], dtype=torch.int32).view(torch.uint8)
+    message[12:12 + len(handle)] = torch.frombuffer(bytearray(handle), dtype=torch.uint8)
     return message
+
+
+@dataclass
+class SharedParams:
+    """Rank 0's parameters moved into one buffer the mapping members can open (`SyncMember.share_params`): a
+    bucket whose tensors lie in it in order, in the wire dtype, is handed over as (handle, offset), unpacked."""
+
+    buffer: torch.Tensor  # flat uint8, every parameter a view into it
+    handle: bytes
+
+    def bucket(self, tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple[int, int] | None:
+        """(byte offset, bytes) of `tensors` in the buffer if they are its consecutive contiguous bytes in
+        `dtype` (a parameter replaced since, e.g. by a checkpoint load, is not); else None."""
+        base = self.buffer.data_ptr()
+        start = tensors[0].data_ptr() - base
+        offset = start
+        for t in tensors:
+            if t.dtype != dtype or not t.is_contiguous() or t.data_ptr() - base != offset:
+                return None
+            offset += t.numel() * t.element_size()
+        return (start, offset - start) if 0 <= start and offset <= self.buffer.numel() else None
 
 
 def _indexed(device: torch.device) -> torch.device:
@@ -304,6 +330,7 @@ class SyncMember:
         self._scratch = torch.empty(HANDLE_BYTES, dtype=torch.uint8)  # ipc, receivers: where bucket messages land
         self._unlink: list[str] = []  # ipc on CPU, rank 0: buffer files the receivers have yet to map
         self._opened: dict[bytes, torch.Tensor] = {}  # ipc, receivers: handle -> rank 0's buffer, mapped
+        self.params: SharedParams | None = None  # ipc on CPU, rank 0: its parameters, mappable (share_params)
         self.channel: LocalChannel | None = None
         self.pg: Any = None  # the control group: header, digests, handles, acknowledgements (all members)
         self.wire_pg: Any = None  # the bucket bytes' group: the control group itself when nobody maps buffers
@@ -343,15 +370,40 @@ class SyncMember:
             self._ring[slot] = store
         return store[:nbytes].view(dtype)
 
-    def send_bucket(self, bucket: int, buffer: torch.Tensor) -> None:
-        """Rank 0: bucket number `bucket`, packed in `self.bucket(bucket, ...)`, to every member: its bytes over
-        the wire group, then its buffer's handle to the members that map it (one message of the update)."""
+    def share_params(self, module: torch.nn.Module) -> None:
+        """Rank 0 on CPU, when members map its buffers: move `module`'s parameters (state-dict order) into one
+        buffer they can map, so that `send` hands over the buckets that lie in it without packing them (the
+        receivers copy straight out of the parameters: one copy per update instead of two). The parameters stay
+        the same objects (their `.data` moves), so optimizers keep working on them. Nothing otherwise."""
+        if not self.shares or self.rank != 0 or self.device.type != "cpu":
+            return
+        params = list(module.state_dict(keep_vars=True).values())
+        if len({p.data_ptr() for p in params}) != len(params) or not all(isinstance(p, torch.nn.Parameter)
+                                                                          for p in params):
+            return  # tied or non-parameter entries: pack as usual
+        nbytes = sum(p.numel() * p.element_size() for p in params)
+        buffer, handle, path = _shared_buffer(nbytes, self.device, f"{self.generation}-params")
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                size = p.numel() * p.element_size()
+                view = buffer[offset:offset + size].view(p.dtype).view(p.shape)
+                view.copy_(p.data)
+                p.data = view
+                offset += size
+        self.params = SharedParams(buffer, handle)
+        self._unlink += [path] if path else []
+
+    def send_bucket(self, bucket: int, buffer: torch.Tensor, message: torch.Tensor | None = None) -> None:
+        """Rank 0: bucket number `bucket`, packed in `self.bucket(bucket, ...)` (or lying in the shared parameters:
+        its `message` given), to every member: its bytes over the wire group, then the handle message to the
+        members that map it (one message of the update)."""
         if self.on_wire:
             self._send(self.wire_pg, buffer)
         if self.shares:
             if buffer.device.type == "cuda":
                 torch.cuda.synchronize(buffer.device)  # packed before the mapping receivers read it
-            self._send(self.pg, self._messages[bucket % RING])
+            self._send(self.pg, self._messages[bucket % RING] if message is None else message)
         self._progress()
 
     def receive_bucket(self, bucket: int, numel: int, dtype: torch.dtype, reuse: bool) -> torch.Tensor:
@@ -369,8 +421,9 @@ class SyncMember:
         message = self._scratch
         self._send(self.pg, message)
         self._progress()
-        length = int(message[:4].view(torch.int32).item())
-        handle = bytes(message[4:4 + length].numpy().tobytes())
+        offset = int(message[:8].view(torch.int64).item())
+        length = int(message[8:12].view(torch.int32).item())
+        handle = bytes(message[12:12 + length].numpy().tobytes())
         if handle not in self._opened:
             if len(self._opened) >= 2 * RING:  # rank 0 re-allocated its buffers: drop the oldest mappings
                 self._opened.pop(next(iter(self._opened)))
@@ -380,7 +433,7 @@ class SyncMember:
                                    f"member on {self.device}; use ppo.weight_sync.backend auto or nccl")
             self._opened[handle] = shared
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        shared = self._opened[handle][:nbytes].view(dtype)
+        shared = self._opened[handle][offset:offset + nbytes].view(dtype)
         return shared if reuse else shared.clone()
 
     def acknowledge(self) -> None:
@@ -448,10 +501,19 @@ class SyncMember:
         """Drop this end: peers blocked in a broadcast with it fail at once (connection closed)."""
         self.pg = self.wire_pg = None
         self._opened.clear()
+        self.params = None
         self.unlink_mapped()
 
 
 # ---------------------------------------------------------------------------------------------- sender
+
+
+def _next_named(tensors: Iterator[tuple[str, torch.Tensor]], name: str, k: int) -> torch.Tensor:
+    """The next tensor of `tensors`, which must be tensor `k` of the header, `name`."""
+    got, tensor = next(tensors)
+    if got != name:
+        raise ValueError(f"weight sync: tensor {k} is {got!r}, the header says {name!r}")
+    return tensor
 
 
 def send(member: SyncMember, names: Sequence[str], shapes: Sequence[Sequence[int]],
@@ -478,15 +540,24 @@ def send(member: SyncMember, names: Sequence[str], shapes: Sequence[Sequence[int
                 if futures:
                     futures[b - RING].result()  # its digest read the slot this bucket packs into
                 member.acknowledge()  # ipc: every receiver is done with bucket b - RING, which used this slot
-            buffer = member.bucket(b, sum(numels), dtype)
-            offset = 0
-            for k, numel in zip(range(start, end), numels, strict=True):
-                name, tensor = next(tensors)
-                if name != names[k]:
-                    raise ValueError(f"weight sync: tensor {k} is {name!r}, the header says {names[k]!r}")
-                buffer[offset:offset + numel].copy_(tensor.reshape(-1))
-                offset += numel
-            member.send_bucket(b, buffer)
+            place = None
+            if member.params is not None:  # shared parameters: the bucket may lie in them as it is
+                listed = [_next_named(tensors, names[k], k) for k in range(start, end)]
+                place = member.params.bucket(listed, dtype)
+                source: Iterator[torch.Tensor] = iter(listed)
+            else:  # gathered one at a time (FSDP) as they are packed
+                source = (_next_named(tensors, names[k], k) for k in range(start, end))
+            if place is not None and member.params is not None:
+                offset, nbytes = place
+                buffer = member.params.buffer[offset:offset + nbytes].view(dtype)
+                member.send_bucket(b, buffer, _handle_message(member.params.handle, offset))
+            else:
+                buffer = member.bucket(b, sum(numels), dtype)
+                offset = 0
+                for tensor, numel in zip(source, numels, strict=True):
+                    buffer[offset:offset + numel].copy_(tensor.reshape(-1))
+                    offset += numel
+                member.send_bucket(b, buffer)
             sent += buffer.numel() * element
             if pool is not None:
                 futures.append(pool.submit(digest, buffer))
