@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -331,3 +332,47 @@ def test_generators_near_and_far_take_the_same_update(ray_session, policy_dir):
         if pid is not None:
             os.kill(pid, signal.SIGCONT)
         shutdown(ray, actors)
+
+
+def test_parameters_are_shared_only_where_dev_shm_has_room(monkeypatch):
+    """share_params moves the parameters into one /dev/shm buffer (same Parameter objects, same values, the
+    model's output unchanged) when /dev/shm holds twice their bytes, and leaves them alone otherwise (a /dev/shm
+    too small would fault when touched)."""
+    from rayllama.rl import weight_sync
+
+    def member() -> weight_sync.SyncMember:
+        m = object.__new__(weight_sync.SyncMember)  # rank 0 of a group whose members map its buffers
+        m.shares, m.rank, m.device, m.generation, m._unlink, m.params = True, 0, torch.device("cpu"), 7, [], None
+        return m
+
+    torch.manual_seed(0)
+    model = Transformer(CFG)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([PROMPTS[0]])
+    logits = model(ids)
+    nbytes = sum(v.numel() * v.element_size() for v in before.values())
+
+    monkeypatch.setattr(weight_sync, "shm_free", lambda: 2 * nbytes - 1)
+    small = member()
+    small.share_params(model)
+    assert small.params is None and not small._unlink
+
+    monkeypatch.setattr(weight_sync, "shm_free", lambda: 2 * nbytes)
+    roomy = member()
+    params = list(model.parameters())
+    roomy.share_params(model)
+    try:
+        assert roomy.params is not None and roomy.params.buffer.numel() == nbytes
+        base = roomy.params.buffer.data_ptr()
+        assert all(base <= p.data_ptr() < base + nbytes for p in model.parameters())
+        assert list(model.parameters()) == params  # the same objects: optimizers hold them
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert torch.equal(model(ids), logits)
+        whole = list(model.state_dict().values())
+        assert roomy.params.bucket(whole, torch.float32) == (0, nbytes)  # all of it, unpacked
+        assert roomy.params.bucket(whole, torch.bfloat16) is None  # another wire dtype: packed
+        files = list(roomy._unlink)
+        assert len(files) == 1 and Path(files[0]).exists()
+    finally:
+        roomy.unlink_mapped()
+    assert not Path(files[0]).exists()  # the name goes once the members mapped it; nothing stays in /dev/shm

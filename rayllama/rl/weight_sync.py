@@ -107,12 +107,16 @@ def place_of(device: str | torch.device) -> dict[str, Any]:
     key = "cpu"
     if device.type == "cuda":
         key = f"cuda:{torch.cuda.get_device_properties(device).uuid}"
+    return {"machine": machine, "device": key, "shm_free": shm_free()}
+
+
+def shm_free() -> int:
+    """Free bytes of /dev/shm (0 where there is none): a buffer larger than that faults (SIGBUS) when touched."""
     try:
         stat = os.statvfs("/dev/shm")
-        shm_free = stat.f_bavail * stat.f_frsize
     except OSError:
-        shm_free = 0
-    return {"machine": machine, "device": key, "shm_free": shm_free}
+        return 0
+    return stat.f_bavail * stat.f_frsize
 
 
 def resolve_backend(requested: str, places: Sequence[dict[str, Any]], bucket_bytes: int,
@@ -371,17 +375,22 @@ class SyncMember:
         return store[:nbytes].view(dtype)
 
     def share_params(self, module: torch.nn.Module) -> None:
-        """Rank 0 on CPU, when members map its buffers: move `module`'s parameters (state-dict order) into one
-        buffer they can map, so that `send` hands over the buckets that lie in it without packing them (the
-        receivers copy straight out of the parameters: one copy per update instead of two). The parameters stay
-        the same objects (their `.data` moves), so optimizers keep working on them. Nothing otherwise."""
+        """Rank 0 on CPU, when members map its buffers and /dev/shm has room: move `module`'s parameters
+        (state-dict order) into one buffer they can map, so that `send` hands over the buckets lying in it
+        unpacked (the receivers copy straight out of the parameters: one copy per update instead of two). The
+        parameters stay the same objects (their `.data` moves), so optimizers keep working on them. Nothing
+        otherwise, nor for tied, non-parameter or mixed-dtype state (packed as usual)."""
         if not self.shares or self.rank != 0 or self.device.type != "cpu":
             return
         params = list(module.state_dict(keep_vars=True).values())
-        if len({p.data_ptr() for p in params}) != len(params) or not all(isinstance(p, torch.nn.Parameter)
-                                                                          for p in params):
-            return  # tied or non-parameter entries: pack as usual
+        if (len({p.data_ptr() for p in params}) != len(params) or len({p.dtype for p in params}) != 1
+                or not all(isinstance(p, torch.nn.Parameter) for p in params)):
+            return
         nbytes = sum(p.numel() * p.element_size() for p in params)
+        if shm_free() < 2 * nbytes:  # room to spare (a full /dev/shm faults when touched): pack as usual
+            log.info(f"weight sync: /dev/shm has {shm_free() / 2**20:.0f} MiB free, too little to share "
+                     f"{nbytes / 2**20:.0f} MiB of parameters; buckets are packed")
+            return
         buffer, handle, path = _shared_buffer(nbytes, self.device, f"{self.generation}-params")
         offset = 0
         with torch.no_grad():
