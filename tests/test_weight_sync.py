@@ -120,13 +120,14 @@ def test_two_fsdp_learners_to_two_torch_generators(ray_session, policy_dir, back
         shutdown(ray, actors)
 
 
-def test_one_learner_rank_hands_its_parameters_over_unpacked(ray_session, policy_dir):
+@pytest.mark.parametrize("engines", [["torch", "torch"], ["vllm"]])
+def test_one_learner_rank_hands_its_parameters_over_unpacked(ray_session, policy_dir, engines):
     """One learner rank over ipc: its parameters move into shared memory when the group forms, and the generators
-    copy straight out of them (no bucket buffer is ever packed), through steps of the learner's own optimizer; a
-    parameter replaced since (its storage no longer the shared one) has its bucket packed, and the update is still
-    exact."""
+    (torch, and vLLM through its weight-transfer API) copy straight out of them (no bucket buffer is ever packed),
+    through steps of the learner's own optimizer; a parameter replaced since (its storage no longer the shared
+    one) has its bucket packed, and the update is still exact."""
     ray = ray_session
-    actors = group(ray, policy_dir, 1, ["torch", "torch"], "ws-unpacked-")
+    actors = group(ray, policy_dir, 1, engines, f"ws-unpacked-{engines[0]}-")
     learner = actors.learners[0]
     sync = WeightSync(backend="ipc", bucket_mb=0.05, timeout_s=30.0)
 
