@@ -502,14 +502,18 @@ class PolicyLearner:
             extra = dcp.load_train_state(state_dir, {"policy": (self.policy, self.sft_opt)})
         if extra.get("stage") != "rejection":
             raise ValueError(f"{state_dir} holds a {extra.get('stage')!r} train state, not a rejection-sampling one")
+        return self._resumed(extra)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def _resumed(self, extra: dict[str, Any]) -> int:
+        """The RNG and version of a loaded train state's extra.pt; this learner holds the run's state again."""
         torch.set_rng_state(extra["torch_rng"])
         if extra.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(extra["cuda_rng"])
         self.version = int(extra["version"])
         self.state_lost = False
         return self.version
-
-    # ------------------------------------------------------------------------------------------ checkpoints
 
     def _parts(self) -> dcp.Parts:
         return {"policy": (self.policy, self.policy_opt), "value": (self.value, self.value_opt)}
@@ -537,12 +541,7 @@ class PolicyLearner:
             extra = dcp.load_train_state(state_dir, self._parts())
         self.policy_sched.load_state_dict(extra["policy_scheduler"])
         self.value_sched.load_state_dict(extra["value_scheduler"])
-        torch.set_rng_state(extra["torch_rng"])
-        if extra.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(extra["cuda_rng"])
-        self.version = int(extra["version"])
-        self.state_lost = False
-        return self.version
+        return self._resumed(extra)
 
     def advance_version(self, at_least: int) -> int:
         """version = max(version, at_least): label the next push no older than what generators already hold
