@@ -11,19 +11,19 @@ spans members of the default group, so every member builds the backend object di
 
 The backend name is the only difference between CPU and GPU; every collective carries `ppo.weight_sync.timeout_s`.
 
-Members on one machine can skip the wire: backend `ipc` keeps the header, the digests and small acknowledgements
-on a gloo group and hands each bucket over by reference. Rank 0's two bucket buffers live in memory every member
-can map: files in /dev/shm on CPU (unlinked once mapped), a CUDA IPC handle on a GPU that every member
-shares (a generator colocated with the learner: NCCL refuses two ranks on one GPU). A bucket message is then the
-buffer's handle (opened once per buffer, cached); a receiver reads the tensors straight from the sender's buffer,
-and before rank 0 packs bucket b into the buffer bucket b-2 used, every member acknowledges (an all-reduce) that
-it is done with b-2: as soon as bucket b-1 has arrived, so rank 0 packs b while the members copy b-1 out. A learner
-of one rank on CPU goes further (`SyncMember.share_params`): its parameters move into one shared buffer when the
-group forms, and a bucket that lies in it is handed over as (handle, offset) without being packed, so a generator
-copies straight out of the learner's parameters: one copy per update where packing made two. `ppo.weight_sync.backend: auto` decides per member (`resolve_backend`): the members on the
-learner's machine (CPU, when /dev/shm has room) or on its GPU map its buffers; the others get the bucket bytes
-over a second group, gloo on CPU or NCCL across GPUs, in the same update (a generator Ray places beside learner
-rank 0 by CUDA IPC, the rest by NCCL).
+Members on one machine can skip the wire: backend `ipc` keeps the header, the digests and small acknowledgements on
+a gloo group and hands each bucket over by reference. Rank 0's two bucket buffers live in memory every member can
+map: files in /dev/shm on CPU (unlinked once mapped), a CUDA IPC handle on a GPU that every member shares (a
+generator colocated with the learner: NCCL refuses two ranks on one GPU). A bucket message is then the buffer's
+handle (opened once per buffer, cached); a receiver reads the tensors straight from the sender's buffer, and before
+rank 0 packs bucket b into the buffer bucket b-2 used, every member acknowledges (an all-reduce) that it is done
+with b-2: as soon as bucket b-1 has arrived, so rank 0 packs b while the members copy b-1 out. A learner of one rank
+on CPU goes further (`SyncMember.share_params`): its parameters move into one shared buffer when the group forms,
+and a bucket that lies in it is handed over as (handle, offset) without being packed, so a generator copies straight
+out of the learner's parameters: one copy per update where packing made two. `ppo.weight_sync.backend: auto` decides
+per member (`resolve_backend`): the members on the learner's machine (CPU, when /dev/shm has room) or on its GPU map
+its buffers; the others get the bucket bytes over a second group, gloo on CPU or NCCL across GPUs, in the same
+update (a generator Ray places beside learner rank 0 by CUDA IPC, the rest by NCCL).
 
 A `local` backend (`LocalChannel`) carries the same messages between plain objects in one process (the loop's
 local actors, tests): the sender runs first and the receivers read what it wrote.
