@@ -343,7 +343,7 @@ def main() -> None:
             from serve.app import shutdown
 
             shutdown(ray_started_here=True)  # also an HAProxy that outlived Serve
-        elif not args.url:  # (a version without http.ingress)
+        elif not args.url:  # proxy: also on a version (PYTHONPATH) without serve.app.shutdown
             import ray
             from ray import serve
 

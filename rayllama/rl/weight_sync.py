@@ -549,17 +549,17 @@ def send(member: SyncMember, names: Sequence[str], shapes: Sequence[Sequence[int
                 if futures:
                     futures[b - RING].result()  # its digest read the slot this bucket packs into
                 member.acknowledge()  # ipc: every receiver is done with bucket b - RING, which used this slot
-            place = None
-            if member.params is not None:  # shared parameters: the bucket may lie in them as it is
+            shared, place = member.params, None
+            if shared is not None:  # shared parameters: the bucket may lie in them as it is
                 listed = [_next_named(tensors, names[k], k) for k in range(start, end)]
-                place = member.params.bucket(listed, dtype)
+                place = shared.bucket(listed, dtype)
                 source: Iterator[torch.Tensor] = iter(listed)
             else:  # gathered one at a time (FSDP) as they are packed
                 source = (_next_named(tensors, names[k], k) for k in range(start, end))
-            if place is not None and member.params is not None:
+            if shared is not None and place is not None:
                 offset, nbytes = place
-                buffer = member.params.buffer[offset:offset + nbytes].view(dtype)
-                member.send_bucket(b, buffer, _handle_message(member.params.handle, offset))
+                buffer = shared.buffer[offset:offset + nbytes].view(dtype)
+                member.send_bucket(b, buffer, _handle_message(shared.handle, offset))
             else:
                 buffer = member.bucket(b, sum(numels), dtype)
                 offset = 0
