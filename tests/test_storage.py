@@ -240,6 +240,56 @@ def test_rl_checkpoints_on_s3_are_complete_by_marker(bucket):
     assert KEEP_CHECKPOINTS == 2 and left == ["iter-0003", "iter-0004"]  # iter-0001 pruned, iter-0002 unmarked
 
 
+def test_an_rl_checkpoint_is_complete_only_after_the_rows_before_it_are_in_the_store(bucket, monkeypatch):
+    """A driver killed the moment an RL checkpoint on S3 is complete must find every metrics row before that
+    iteration in the store when it resumes (the checkpoint's own row is in its state file): save_checkpoint puts
+    the writer's rows in the store before the COMPLETE marker. (metrics.jsonl is uploaded at most every
+    UPLOAD_EVERY_S otherwise, so a row written just before the checkpoint was not there yet.)"""
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    from rayllama.rl.loop import RLLoop, save_checkpoint
+    from rayllama.train.loop import MetricsWriter
+
+    @dataclass
+    class NoLearnerLoop(RLLoop):
+        kind = "ppo"
+
+        def step(self):
+            raise NotImplementedError
+
+        def finish(self):
+            raise NotImplementedError
+
+        @staticmethod
+        def learners_complete(path):
+            return True
+
+        def save_learners(self, tmp):
+            pass
+
+    out = uri(bucket, "rows-first", "ppo")
+    loop = NoLearnerLoop(SimpleNamespace(seed=0), None, [], [], None, out, 64)
+    writer = MetricsWriter(out, "ppo")
+    stored_when_marked = []
+    mark_complete = storage.mark_complete
+
+    def marking(path):
+        stored_when_marked.append(storage.read_bytes(uri(out, "metrics.jsonl")).decode())
+        mark_complete(path)
+
+    monkeypatch.setattr(storage, "mark_complete", marking)
+    try:
+        for iteration in (1, 2):
+            writer.write(iteration - 1, {"iteration": iteration - 1})  # the row before (uploaded at most every 30 s)
+            loop.iteration = iteration
+            save_checkpoint(loop, writer, {"iteration": iteration})
+    finally:
+        writer.close()
+    steps = [[json.loads(line)["step"] for line in text.splitlines()] for text in stored_when_marked]
+    assert steps == [[0], [0, 1]]
+
+
 # ---------------------------------------------------------------------------------------------- a whole run
 
 

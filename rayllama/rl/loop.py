@@ -337,10 +337,13 @@ def latest_checkpoint(out_dir: Path | str, state_file: str,
     return None
 
 
-def save_checkpoint(loop: RLLoop, metrics: dict[str, Any] | None = None) -> Path | str:
+def save_checkpoint(loop: RLLoop, writer: Any, metrics: dict[str, Any] | None = None) -> Path | str:
     """The learners write their state into a temp dir; the loop state (with the iteration's metrics row, for
     `rewind_metrics`) and the loop's files go beside it; then one rename. The newest KEEP_CHECKPOINTS stay.
-    On an object store: into the checkpoint's own prefix (emptied first), the COMPLETE marker last."""
+    On an object store: into the checkpoint's own prefix (emptied first), the COMPLETE marker last. `writer`'s
+    rows (the iterations before this one) reach the store first, so a run killed once the checkpoint is complete
+    resumes with all of them (this iteration's own row is in the checkpoint)."""
+    writer.sync()
     target = checkpoint_dir(loop.out_dir, loop.iteration)
     state = json.dumps({**loop.state(), "metrics": metrics}, indent=2) + "\n"
     if storage.is_uri(target):
@@ -480,8 +483,7 @@ def run_loop(loop: RLLoop, evaluate: Callable[[RLActors, int], dict[str, float]]
                         metrics.update(evaluate(loop.actors, loop.iteration))
                 if loop.iteration == iterations or loop.checkpoint_due():
                     with loop.timed("checkpoint"):
-                        save_checkpoint(loop, {**metrics, **loop.timings})
-                        writer.sync()  # the rows before it are in the store with it (a run on an object store)
+                        save_checkpoint(loop, writer, {**metrics, **loop.timings})
             except LearnerLostError as error:
                 recoveries += 1
                 restored = recover_learners(loop, error, recoveries)
