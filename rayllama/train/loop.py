@@ -226,7 +226,7 @@ class MetricsWriter:
 
         # an object-store log_dir: the files are written in this node's scratch copy; metrics.jsonl is uploaded
         # at most every UPLOAD_EVERY_S while rows come (the whole file each time: not on every row), by `sync`
-        # (the loops call it at each checkpoint, so the store holds every row before one) and at close;
+        # (the loops call it before each checkpoint, so the store holds every row before one) and at close;
         # TensorBoard's files at close. A resumed writer starts from the store's copy.
         self.remote = log_dir if storage.is_uri(log_dir) else None
         self.uploaded_at = 0.0
@@ -470,9 +470,9 @@ def train_loop_per_worker(config: dict) -> None:
         if job.stop_after is not None and done >= job.stop_after:
             break
         if done % job.checkpoint_every == 0 and done < job.total_steps:
-            _report_checkpoint(model, job, optimizer, scheduler, done, {"loss": loss_total})
             if writer:
-                writer.sync()
+                writer.sync()  # the rows up to this step reach the store before the checkpoint does
+            _report_checkpoint(model, job, optimizer, scheduler, done, {"loss": loss_total})
 
     finished = job.stop_after is None or job.stop_after >= job.total_steps
     seen = torch.tensor(tokens_seen, dtype=torch.float64, device=device)
