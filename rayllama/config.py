@@ -309,6 +309,9 @@ class PPOConfig:
     num_generators: int = 1
     engine: str = "torch"  # torch | vllm | auto
     async_rollouts: bool = False  # one-step-off-policy: generate iteration k+1 while iteration k trains
+    # async_rollouts: how the prefetch scores with the frozen models beside training: parallel (the three calls at
+    # once) | serial (one model at a time, so the prefetch holds one core beside the learner) | auto (serial on cpu)
+    prefetch_scoring: str = "auto"
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     verify_weights_every: int = 1  # blake2b of every bucket on both sides every N-th update (0: off)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, schedule="constant"))
@@ -575,6 +578,8 @@ def validate(cfg: PipelineConfig) -> None:
         f"learner trains on an equal share of a mini-batch); make ppo.num_learners a divisor of it",
     )
     _check(p.engine in ("torch", "vllm", "auto"), f"ppo.engine '{p.engine}' is not torch, vllm or auto")
+    _check(p.prefetch_scoring in ("auto", "serial", "parallel"),
+           f"ppo.prefetch_scoring '{p.prefetch_scoring}' is not auto, serial or parallel")
     w = p.weight_sync
     _check(w.backend in ("auto", "gloo", "nccl", "ipc"),
            f"ppo.weight_sync.backend '{w.backend}' is not auto, gloo, nccl or ipc")

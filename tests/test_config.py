@@ -100,6 +100,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
         ("vllm.dtype=fp8", "vllm.dtype 'fp8' is not auto"),
         ("vllm.max_model_len=0", "vllm.max_model_len 0 must be >= 1"),
         ("ppo.async_rollouts=true vllm.enable_sleep_mode=true", "set vllm.enable_sleep_mode=false"),
+        ("ppo.prefetch_scoring=both", "ppo.prefetch_scoring 'both' is not auto, serial or parallel"),
     ],
 )
 def test_semantic_errors_name_the_key_and_the_fix(override, needle):

@@ -292,11 +292,20 @@ def test_async_rollouts_train_one_version_behind_and_resume_bit_for_bit(world, t
     """ppo.async_rollouts: iteration k+1's rollouts are sampled during iteration k by the weights before it, so
     from iteration 2 on the learner trains one version ahead of its rollouts (the behaviour log-probs differ from
     its own before the first step, where the synchronous mode's agree to float noise). Iteration 1 equals the
-    synchronous run's. The prefetched rollouts go into the checkpoint: a run resumed after iteration 2 ends with
-    the uninterrupted run's weights and rows, bit for bit."""
+    synchronous run's. Scoring the prefetch one frozen model at a time (auto on CPU) or all three together gives
+    the same run. The prefetched rollouts go into the checkpoint: a run resumed after iteration 2 ends with the
+    uninterrupted run's weights and rows, bit for bit."""
     straight, sync, interrupted = tmp_path / "straight", tmp_path / "sync", tmp_path / "interrupted"
     straight_actors = local(tiny_config(3, async_rollouts=True), world)
+    assert tiny_config().device == "cpu"  # prefetch_scoring auto: the frozen models score one at a time
     run_ppo(tiny_config(3, async_rollouts=True), straight_actors, world.prompts, world.tokenizer, straight)
+    together = local(tiny_config(), world)
+    run_ppo(tiny_config(3, async_rollouts=True, prefetch_scoring="parallel"), together, world.prompts,
+            world.tokenizer, tmp_path / "together")
+    rewards = [m["reward/combined"] for m in read_metrics(straight)]
+    assert len(rewards) == 3 and [m["reward/combined"] for m in read_metrics(tmp_path / "together")] == rewards
+    for (name, x), y in zip(policy_of(together).items(), policy_of(straight_actors).values()):
+        assert torch.equal(x, y), name
     run_ppo(tiny_config(3), local(tiny_config(), world), world.prompts, world.tokenizer, sync)
     rows, sync_rows = read_metrics(straight), read_metrics(sync)
     assert [m["rollout_lag"] for m in rows] == [0, 1, 1] and [m["rollout_lag"] for m in sync_rows] == [0, 0, 0]

@@ -310,16 +310,21 @@ def rollout_batch(loop: PPOLoop, index: list[int], completions: list[Completion]
 
 
 def score_frozen(loop: PPOLoop, iteration: int, index: list[int], completions: list[Completion],
-                 batch: SequenceBatch) -> Rollouts:
-    """The reference log-probs and both reward models' scores (on text), the three calls issued together; Ray
-    re-runs a call whose actor died on the restarted actor (frozen: no state to restore)."""
+                 batch: SequenceBatch, serial: bool = False) -> Rollouts:
+    """The reference log-probs and both reward models' scores (on text), the three calls issued together (or,
+    `serial`, one after another); Ray re-runs a call whose actor died on the restarted actor (frozen: no state to
+    restore)."""
     actors, ppo = loop.actors, loop.cfg.ppo
     rows = [i for i in index for _ in range(ppo.samples_per_prompt)]
     pairs = [(loop.prompts[i].prompt, loop.tokenizer.decode(c.token_ids)) for i, c in zip(rows, completions)]
     batch_ref, pairs_ref = actors.put(batch), actors.put(pairs)
-    ref, helpful, safety = actors.call(lambda: [actors.reference.logprobs.remote(batch_ref),
-                                                actors.reward_helpfulness.score.remote(pairs_ref),
-                                                actors.reward_safety.score.remote(pairs_ref)], "score")
+    calls = [lambda: actors.reference.logprobs.remote(batch_ref),
+             lambda: actors.reward_helpfulness.score.remote(pairs_ref),
+             lambda: actors.reward_safety.score.remote(pairs_ref)]
+    if serial:
+        ref, helpful, safety = (actors.call(call, "score") for call in calls)
+    else:
+        ref, helpful, safety = actors.call(lambda: [call() for call in calls], "score")
     return Rollouts(iteration, index, completions, ref, torch.tensor(helpful), torch.tensor(safety))
 
 
@@ -342,13 +347,16 @@ def read_values(loop: PPOLoop, refs: list[Any]) -> torch.Tensor:
 def start_prefetch(loop: PPOLoop, iteration: int) -> Future:
     """Generate iteration `iteration`'s rollouts and score them with the frozen models in a driver thread while
     this iteration trains. The generators keep the weights they hold (no refresh: sending weights would wait on
-    the training learners)."""
-    index = prompt_indices(len(loop.prompt_ids), loop.cfg.ppo.prompts_per_iteration, loop.prompt_position,
-                           loop.cfg.seed)
+    the training learners). `ppo.prefetch_scoring` serial (auto on CPU) scores one frozen model at a time: on
+    CPUs shared with the learner, three models at once beside it slow its training more than scoring one after
+    another lengthens the prefetch (bench/ppo_iteration.py)."""
+    ppo = loop.cfg.ppo
+    index = prompt_indices(len(loop.prompt_ids), ppo.prompts_per_iteration, loop.prompt_position, loop.cfg.seed)
+    serial = ppo.prefetch_scoring == "serial" or (ppo.prefetch_scoring == "auto" and loop.cfg.device == "cpu")
 
     def make() -> Rollouts:
         completions = generate(loop, index, iteration, refresh=False)
-        return score_frozen(loop, iteration, index, completions, rollout_batch(loop, index, completions))
+        return score_frozen(loop, iteration, index, completions, rollout_batch(loop, index, completions), serial)
 
     if loop.prefetcher is None:
         loop.prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ppo-prefetch")
