@@ -23,7 +23,8 @@ HF-layout checkpoint: the driver's "stage done"). Every call that runs a learner
 One-step-off-policy rollouts (`ppo.async_rollouts: true`, as AReaL / veRL's one-step-off mode): iteration k+1's
 rollouts are generated, and scored by the frozen models (reference log-probs, both reward models), in a driver
 thread while iteration k reads its values and trains, by the generators' weights of iteration k-1 (generators and
-frozen models are idle during training otherwise); the weight sync waits for them. So iteration k+1 trains on rollouts
+frozen models are idle during training otherwise); the weight sync waits for them. On CPU the prefetch scores with
+one frozen model at a time (`ppo.prefetch_scoring`), so that it takes one core beside the learner, not three. So iteration k+1 trains on rollouts
 one version behind the learner; the PPO ratio uses the behaviour policy's log-probs (what the generator recorded,
 as in the synchronous mode), and the KL penalty is KL(behaviour || reference). `rollout_lag` logs the gap (0 or 1).
 The log-prob drift monitor compares learner and generator only where they hold the same version (the first
