@@ -195,6 +195,9 @@ class RewardConfig:
     # preference mix) get policy_samples answers each from the SFT policy, and the gold annotator rates a pair of
     # them; these pairs join the world's written ones, so the RMs see the policy's own kinds of mistakes.
     policy_pairs: int = 0
+    # later rounds (LLaMA 2's RLHF-V2..V5 rated samples of the latest models): more policies (checkpoint paths or
+    # URIs, e.g. the last round's runs/<name>/ppo/model) whose samples give policy_pairs prompts' pairs each
+    policy_pairs_from: list[str] = field(default_factory=list)
     policy_samples: int = 4
     policy_temperature: float = 1.0
     optim: OptimConfig = field(
@@ -559,6 +562,9 @@ def validate(cfg: PipelineConfig) -> None:
         _check(0.0 <= o.final_lr_ratio <= 1.0, f"{name}.optim.final_lr_ratio {o.final_lr_ratio} must be in [0, 1]")
     _check(cfg.reward.margin in ("none", "small", "large"), f"reward.margin '{cfg.reward.margin}' is not none, small or large")
     _check(cfg.reward.policy_pairs >= 0, f"reward.policy_pairs {cfg.reward.policy_pairs} must be >= 0")
+    _check(not cfg.reward.policy_pairs_from or cfg.reward.policy_pairs > 0,
+           f"reward.policy_pairs_from lists {len(cfg.reward.policy_pairs_from)} policies but reward.policy_pairs is "
+           f"0; set reward.policy_pairs to the prompts per policy")
     _check(cfg.reward.policy_samples >= 2, f"reward.policy_samples {cfg.reward.policy_samples} must be >= 2 (a pair)")
     _check(cfg.reward.policy_temperature > 0, f"reward.policy_temperature {cfg.reward.policy_temperature} must be > 0")
     p = cfg.ppo

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -389,8 +390,10 @@ class Pipeline:
         self._record(stage, {"samples": [{"prompt": p[-1]["content"], "answer": a} for p, a in zip(prompts, answers)]})
 
     def _check_init_from(self, needs: dict) -> None:
-        """Every listed stage's init_from is a readable Llama checkpoint with a tokenizer that fits it; a stage
-        with init_from needs nothing from the stage before it (so that stage may be left out of stages)."""
+        """Every listed stage's init_from, and every reward.policy_pairs_from, is a readable Llama checkpoint (the
+        former with a tokenizer that fits it); a stage with init_from needs nothing from the stage before it (so
+        that stage may be left out of stages)."""
+        from rayllama import storage
         from rayllama.checkpoint import CheckpointError, read_model_config, verify
 
         run = self.run
@@ -416,6 +419,12 @@ class Pipeline:
                 needs[stage] = []
             if stage == "ppo":
                 needs["ppo"] = [(m, p) for m, p in needs["ppo"] if m != "sft"]
+        if "reward" in self.cfg.stages:
+            for i, uri in enumerate(self.cfg.reward.policy_pairs_from):
+                try:
+                    verify(storage.local_dir(uri))
+                except (CheckpointError, ValueError, OSError) as e:
+                    raise PipelineError(f"reward.policy_pairs_from[{i}] {uri}: {e}") from None
         if self.user_data:
             for stage in ("ppo", "rejection", "gatt"):
                 needs[stage] = [(m, self.reward_path("safety") if p == run.reward_model("safety") else p)
@@ -574,7 +583,9 @@ class Pipeline:
             self.fit_pairs()
         kinds = ("helpfulness", "safety") if not self.user_data else self.reward_kinds()
         todo = [k for k in kinds if not is_complete(self.run.reward_model(k))]
-        pairs = {k: self.pairs[k] + (self.policy_pairs(k, sft) if todo else []) for k in kinds}
+        policies = [sft, *self.cfg.reward.policy_pairs_from] if todo else []  # the SFT policy's pairs, then later rounds'
+        pairs = {k: self.pairs[k] + [p for i, policy in enumerate(policies) for p in self.policy_pairs(k, policy, i)]
+                 for k in kinds}
         for kind in kinds:
             out = self.run.reward_model(kind)
             if kind not in todo:
@@ -599,21 +610,28 @@ class Pipeline:
         log.info(f"safety RM prefers the refusal on {self.results['reward-safety']['rm_prefers_refusal_unsafe']:.3f} "
                  f"of held-out unsafe prompts")
 
-    def policy_pairs(self, kind: str, policy: Path) -> list:
+    def policy_pairs(self, kind: str, policy: Path | str, index: int = 0) -> list:
         """reward.policy_pairs preference pairs over `policy`'s own samples, rated by the gold annotator
-        (toyworld.policy_pairs), written once to data/pref_<kind>_policy.jsonl and read back after."""
+        (toyworld.policy_pairs), written once to data/pref_<kind>_policy.jsonl and read back after. `index` > 0:
+        the policy (path or URI) is reward.policy_pairs_from[index - 1]: its own prompts, and its own file named by
+        the path, so a changed list samples again."""
+        from rayllama import storage
+
         r = self.cfg.reward
-        path = self.run.data / f"pref_{kind}_policy.jsonl"
+        name = f"pref_{kind}_policy.jsonl" if index == 0 else \
+            f"pref_{kind}_policy-{hashlib.sha256(str(policy).encode()).hexdigest()[:12]}.jsonl"
+        path = self.run.data / name
         if r.policy_pairs == 0:
             return []
         if not path.exists():
             self.run.pull(path)  # sampled by an earlier driver of a run on an object store
         if not path.exists():
             t0 = time.time()
-            seed = self.cfg.world_seed * 7919 + (1 if kind == "helpfulness" else 2)
-            log.info(f"reward-{kind}: sampling {r.policy_pairs} prompts x {r.policy_samples} answers of the SFT "
-                     f"policy for policy pairs (one batched call)")
-            formats.write_jsonl(path, sample_policy_pairs(self.cfg, policy, kind, r.policy_pairs, seed))
+            seed = self.cfg.world_seed * 7919 + (1 if kind == "helpfulness" else 2) + 100 * index
+            log.info(f"reward-{kind}: sampling {r.policy_pairs} prompts x {r.policy_samples} answers of "
+                     f"{'the SFT policy' if index == 0 else policy} for policy pairs (one batched call)")
+            formats.write_jsonl(path, sample_policy_pairs(self.cfg, storage.local_dir(policy), kind, r.policy_pairs,
+                                                          seed))
             self.run.push(path)
             log.info(f"reward-{kind}: {r.policy_pairs} prompts x {r.policy_samples} policy samples rated into "
                      f"pairs in {time.time() - t0:.0f} s")

@@ -101,6 +101,8 @@ def test_missing_file_and_bad_yaml(tmp_path):
         ("vllm.max_model_len=0", "vllm.max_model_len 0 must be >= 1"),
         ("ppo.async_rollouts=true vllm.enable_sleep_mode=true", "set vllm.enable_sleep_mode=false"),
         ("ppo.prefetch_scoring=both", "ppo.prefetch_scoring 'both' is not auto, serial or parallel"),
+        ("reward.policy_pairs=0 reward.policy_pairs_from=[runs/r1/ppo/model]",
+         "reward.policy_pairs_from lists 1 policies but reward.policy_pairs is 0"),
     ],
 )
 def test_semantic_errors_name_the_key_and_the_fix(override, needle):

@@ -263,3 +263,17 @@ def test_the_driver_names_a_bad_init_from(tmp_path):
     cfg = ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=400, ffn_dim=64, max_seq_len=64)
     save_model(tmp_path / "ckpt", Transformer(cfg), cfg)  # no tokenizer.model
     assert "has no tokenizer.model" in run(tmp_path / "ckpt")
+
+
+def test_the_driver_names_a_bad_policy_pairs_from(tmp_path):
+    """reward.policy_pairs_from naming something that is not a checkpoint: one line naming the entry, before any
+    stage runs."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "rayllama.driver", "configs/ppo.yaml", f"run_dir={tmp_path / 'run'}",
+                           f"reward.policy_pairs_from=[{tmp_path / 'ppo-model'}]"], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stdout + proc.stderr
+    assert f"reward.policy_pairs_from[0] {tmp_path / 'ppo-model'}: " in proc.stderr and "does not exist" in proc.stderr

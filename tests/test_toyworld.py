@@ -533,7 +533,10 @@ def test_policy_pairs_rate_the_policy_samples_like_the_written_pairs():
 def test_pipeline_writes_policy_pairs_once_and_reads_them_back(tmp_path, monkeypatch):
     """Pipeline.policy_pairs samples reward.policy_samples answers per prompt from the policy (here a scripted
     stand-in for ChatModel: one right, one wrong answer), has the annotator rate them into
-    data/pref_<kind>_policy.jsonl, and reads that file on the next call instead of sampling again."""
+    data/pref_<kind>_policy.jsonl, and reads that file on the next call instead of sampling again; so for a later
+    round's policy (reward.policy_pairs_from)."""
+    from pathlib import Path
+
     import rayllama.chat
     from rayllama.config import load_config
     from rayllama.driver import RunDir
@@ -554,7 +557,9 @@ def test_pipeline_writes_policy_pairs_once_and_reads_them_back(tmp_path, monkeyp
             tasks = [tw.task_from_prompt(d[-1]["content"]) for d in dialogues]
             return [[tw.perfect_response(t), "I do not know."] for t in tasks]
 
-    monkeypatch.setattr(rayllama.chat.ChatModel, "from_checkpoint", classmethod(lambda cls, *a, **k: Scripted()))
+    opened = []
+    monkeypatch.setattr(rayllama.chat.ChatModel, "from_checkpoint",
+                        classmethod(lambda cls, path, *a, **k: opened.append(Path(path)) or Scripted()))
     pipeline = Pipeline(cfg, RunDir(cfg))
     pairs = pipeline.policy_pairs("helpfulness", tmp_path / "sft" / "model")
     assert calls == [(5, 2, 1.0)] and len(pairs) == 5
@@ -563,6 +568,13 @@ def test_pipeline_writes_policy_pairs_once_and_reads_them_back(tmp_path, monkeyp
     again = pipeline.policy_pairs("helpfulness", tmp_path / "sft" / "model")
     assert again == pairs and len(calls) == 1  # read back, not sampled again
     assert (tmp_path / "data" / "pref_helpfulness_policy.jsonl").exists()
+    # a later round's policy (reward.policy_pairs_from[0]): sampled from that checkpoint, on prompts of its own,
+    # into a file of its own, read back after
+    later = pipeline.policy_pairs("helpfulness", str(tmp_path / "r1-ppo"), 1)
+    assert len(calls) == 2 and opened[-1] == tmp_path / "r1-ppo" and len(later) == 5
+    assert [p.prompt for p in later] != [p.prompt for p in pairs]
+    assert pipeline.policy_pairs("helpfulness", str(tmp_path / "r1-ppo"), 1) == later and len(calls) == 2
+    assert len(list((tmp_path / "data").glob("pref_helpfulness_policy*.jsonl"))) == 2
     # the same sampling on held-out prompts (bench/reward_errors.py: the RMs on the policy's own answers)
     held = sample_policy_pairs(cfg, tmp_path / "sft" / "model", "helpfulness", 6, seed=5, split="dev")
     heldout = {tw.task_key(t) for ty in (*tw.SAFE_TYPES, "borderline") for t in tw.task_pool(ty, "dev")}
