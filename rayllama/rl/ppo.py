@@ -24,9 +24,10 @@ One-step-off-policy rollouts (`ppo.async_rollouts: true`, as AReaL / veRL's one-
 rollouts are generated, and scored by the frozen models (reference log-probs, both reward models), in a driver
 thread while iteration k reads its values and trains, by the generators' weights of iteration k-1 (generators and
 frozen models are idle during training otherwise); the weight sync waits for them. On CPU the prefetch scores with
-one frozen model at a time (`ppo.prefetch_scoring`), so that it takes one core beside the learner, not three. So iteration k+1 trains on rollouts
-one version behind the learner; the PPO ratio uses the behaviour policy's log-probs (what the generator recorded,
-as in the synchronous mode), and the KL penalty is KL(behaviour || reference). `rollout_lag` logs the gap (0 or 1).
+one frozen model at a time (`ppo.prefetch_scoring`), so that it takes one core beside the learner, not three. So
+iteration k+1 trains on rollouts one version behind the learner; the PPO ratio uses the behaviour policy's
+log-probs (what the generator recorded, as in the synchronous mode), and the KL penalty is KL(behaviour ||
+reference). `rollout_lag` logs the gap (0 or 1).
 The log-prob drift monitor compares learner and generator only where they hold the same version (the first
 iteration after a start or a recovery, every iteration in the synchronous mode). The prefetched rollouts are part of
 a checkpoint (`rollouts.json`), so a resumed run continues bit for bit. A generator that fails during a prefetch
