@@ -1,15 +1,17 @@
 """Evidence that RLHF works on the toy world: the make-run pipeline over several world seeds, judged on the sealed
 test split, each stage against SFT with paired intervals pooled over the seeds (LLaMA 2's stage-by-stage table).
 
-    .venv/bin/python bench/rlhf_evidence.py [--seeds 0 1 2] [--runs DIR] [--config configs/ppo.yaml]
+    .venv/bin/python bench/rlhf_evidence.py [--seeds 0 1 2] [--split test] [--runs DIR] [--config configs/ppo.yaml]
                                             [--stages tokenizer pretrain sft reward rejection ppo gatt]
                                             [--reuse SEED=RUN_DIR ...] [--out bench/results/rlhf_evidence]
                                             [key=value ...]
 
 For each seed, RUN_DIR is `--runs`/seed<N> (or the one `--reuse` names): a run whose eval.json already holds every
 listed evaluated stage is read as it is; otherwise the driver runs it (`python -m rayllama.driver CONFIG seed=N
-run_dir=RUN_DIR stages=[...] eval.split=test`, resuming whatever the run dir holds), its log in RUN_DIR.log. The
+run_dir=RUN_DIR stages=[...] eval.split=SPLIT`, resuming whatever the run dir holds), its log in RUN_DIR.log. The
 world seed follows the run seed, so every seed is another world (its own training data and test prompts).
+`--split dev` is the same table on the dev split, for choosing settings (runs in runs/evidence-dev by default);
+report the test split, which nothing was chosen on. A run judged on another split than `--split` is refused.
 
 Printed: per stage, each gold metric's mean over the seeds' test items with a 95% bootstrap interval (items
 resampled within each seed); then each later stage minus SFT, paired on the same items: per seed, and pooled over
@@ -50,7 +52,8 @@ def stratified_ci(groups: list[list[float]], reps: int = REPS, seed: int = 0) ->
     return sum(sum(g) for g in groups) / n, means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
 
 
-def run_seed(seed: int, run_dir: Path, config: str, stages: list[str], overrides: list[str]) -> dict:
+def run_seed(seed: int, run_dir: Path, config: str, stages: list[str], overrides: list[str],
+             split: str = "test") -> dict:
     """eval.json of the seed's run, running (or resuming) the pipeline when a listed stage is not evaluated yet."""
     wanted = [s for s in stages if s in EVALUATED]
     eval_path = run_dir / "eval.json"
@@ -59,7 +62,7 @@ def run_seed(seed: int, run_dir: Path, config: str, stages: list[str], overrides
         print(f"seed {seed}: reusing {run_dir} ({', '.join(wanted)} evaluated)", flush=True)
         return results
     cmd = [sys.executable, "-m", "rayllama.driver", config, f"seed={seed}", f"run_dir={run_dir}",
-           f"stages=[{','.join(stages)}]", "eval.split=test", "ray.include_dashboard=false", *overrides]
+           f"stages=[{','.join(stages)}]", f"eval.split={split}", "ray.include_dashboard=false", *overrides]
     log = run_dir.with_suffix(".log")
     print(f"seed {seed}: running {' '.join(cmd[2:])} (log {log})", flush=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -113,8 +116,8 @@ def _signed(x: dict) -> str:
     return f"{x['mean']:+.3f} [{x['lo']:+.3f}, {x['hi']:+.3f}]{star}"
 
 
-def table(result: dict, seeds: list[int]) -> str:
-    lines = [f"gold metrics on the test split, {len(seeds)} world seed(s) {seeds}: mean [95% interval]"]
+def table(result: dict, seeds: list[int], split: str = "test") -> str:
+    lines = [f"gold metrics on the {split} split, {len(seeds)} world seed(s) {seeds}: mean [95% interval]"]
     stages = list(result["levels"])
     metrics = [m for m in METRICS if any(m in result["levels"][s] for s in stages)]
     width = max(map(len, metrics)) + 2
@@ -124,7 +127,7 @@ def table(result: dict, seeds: list[int]) -> str:
                         for s in stages)
         lines.append(m.ljust(width) + cells)
     lines.append("")
-    lines.append("change vs SFT, paired on the same test items (* = interval excludes 0)")
+    lines.append(f"change vs SFT, paired on the same {split} items (* = interval excludes 0)")
     for stage, by_metric in result["changes_vs_sft"].items():
         for m, c in by_metric.items():
             seeds_txt = ", ".join(f"seed {s} {v['mean']:+.3f}" for s, v in c["per_seed"].items())
@@ -133,7 +136,7 @@ def table(result: dict, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, per_seed: dict[int, dict], path: Path) -> None:
+def plot(result: dict, per_seed: dict[int, dict], path: Path, split: str = "test") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,7 +156,7 @@ def plot(result: dict, per_seed: dict[int, dict], path: Path) -> None:
                     marker="o", capsize=3, label=m)
     ax.set_xticks(range(len(stages)), stages)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("test split, 95% intervals")
+    ax.set_title(f"{split} split, 95% intervals")
     ax.legend(fontsize=7)
     if gatt:
         ax = axes[0][1]
@@ -176,14 +179,21 @@ def plot(result: dict, per_seed: dict[int, dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "evidence")
+    ap.add_argument("--split", choices=("test", "dev"), default="test",
+                    help="the split the runs are judged on: test (to report) or dev (to choose settings on)")
+    ap.add_argument("--runs", type=Path, help="where the seeds' runs go (default runs/evidence, for dev "
+                                              "runs/evidence-dev)")
     ap.add_argument("--config", default="configs/ppo.yaml")
     ap.add_argument("--stages", nargs="+", default=["tokenizer", "pretrain", "sft", "reward", "rejection", "ppo",
                                                     "gatt"])
     ap.add_argument("--reuse", nargs="*", default=[], metavar="SEED=RUN_DIR")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "rlhf_evidence")
+    ap.add_argument("--out", type=Path, help="OUT.json and OUT.png (default bench/results/rlhf_evidence, for dev "
+                                             "rlhf_evidence-dev)")
     ap.add_argument("overrides", nargs="*", help="key=value for every seed's run")
     args = ap.parse_args(argv)
+    suffix = "" if args.split == "test" else "-dev"
+    runs = args.runs or ROOT / "runs" / f"evidence{suffix}"
+    out = args.out or ROOT / "bench" / "results" / f"rlhf_evidence{suffix}"
     if "sft" not in args.stages:
         ap.error("--stages must include sft: every change is measured against it")
     reuse = {}
@@ -192,21 +202,21 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not seed.isdigit():
             ap.error(f"--reuse {item!r}: write SEED=RUN_DIR, e.g. 0=runs/tiny")
         reuse[int(seed)] = Path(path).absolute()
-    per_seed = {s: run_seed(s, reuse.get(s, args.runs.absolute() / f"seed{s}"), args.config, args.stages,
-                            args.overrides) for s in args.seeds}
+    per_seed = {s: run_seed(s, reuse.get(s, runs.absolute() / f"seed{s}"), args.config, args.stages,
+                            args.overrides, args.split) for s in args.seeds}
     for s, r in per_seed.items():
         splits = {v.get("eval_split") for k, v in r.items() if isinstance(v, dict) and "scores" in v}
-        if splits != {"test"}:
-            print(f"rlhf_evidence: seed {s}'s run was judged on {sorted(map(str, splits))}, not the test split; "
-                  f"rerun it with eval.split=test", file=sys.stderr)
+        if splits != {args.split}:
+            print(f"rlhf_evidence: seed {s}'s run was judged on {sorted(map(str, splits))}, not the {args.split} "
+                  f"split; rerun it with eval.split={args.split} (or pass --split to match)", file=sys.stderr)
             return 2
     result = evidence(per_seed, args.stages)
-    print(table(result, args.seeds))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    out_json, out_png = args.out.with_suffix(".json"), args.out.with_suffix(".png")
-    out_json.write_text(json.dumps({"seeds": args.seeds, "stages": args.stages, "config": args.config,
-                                    "overrides": args.overrides, **result}, indent=1))
-    plot(result, per_seed, out_png)
+    print(table(result, args.seeds, args.split))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out_json, out_png = out.with_suffix(".json"), out.with_suffix(".png")
+    out_json.write_text(json.dumps({"seeds": args.seeds, "split": args.split, "stages": args.stages,
+                                    "config": args.config, "overrides": args.overrides, **result}, indent=1))
+    plot(result, per_seed, out_png, args.split)
     print(f"wrote {out_json} and {out_png}")
     return 0
 

@@ -59,3 +59,23 @@ def test_a_run_judged_on_dev_is_refused(tmp_path, capsys):
     (run / "eval.json").write_text(json.dumps(_eval_json([0.0, 1.0], [1.0, 1.0], split="dev")))
     rc = bench.main(["--seeds", "0", "--stages", "sft", "ppo", "--out", str(tmp_path / "o"), "--reuse", f"0={run}"])
     assert rc == 2 and "judged on ['dev'], not the test split" in capsys.readouterr().err
+
+
+def test_split_dev_reads_dev_runs_and_refuses_test_ones(tmp_path, capsys):
+    """--split dev: the same table on dev-judged runs (for choosing settings), named as dev; a test-judged run is
+    refused under it, as a dev-judged one is under the default."""
+    dev, test = tmp_path / "dev", tmp_path / "test"
+    for run, split in ((dev, "dev"), (test, "test")):
+        run.mkdir()
+        (run / "eval.json").write_text(json.dumps(_eval_json([0.0, 0.5], [0.5, 1.0], split=split)))
+    out = tmp_path / "o" / "evidence-dev"
+    assert bench.main(["--split", "dev", "--seeds", "0", "--stages", "sft", "ppo", "--out", str(out),
+                       "--reuse", f"0={dev}"]) == 0
+    printed = capsys.readouterr().out
+    assert "gold metrics on the dev split" in printed and "paired on the same dev items" in printed
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["split"] == "dev"
+    assert result["changes_vs_sft"]["ppo"]["gold_helpfulness"]["pooled"]["mean"] == pytest.approx(0.5)
+    rc = bench.main(["--split", "dev", "--seeds", "0", "--stages", "sft", "ppo", "--out", str(out),
+                     "--reuse", f"0={test}"])
+    assert rc == 2 and "judged on ['test'], not the dev split; rerun it with eval.split=dev" in capsys.readouterr().err
