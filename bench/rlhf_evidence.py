@@ -13,7 +13,7 @@ world seed follows the run seed, so every seed is another world (its own trainin
 `--split dev` is the same table on the dev split, for choosing settings (runs in runs/evidence-dev by default);
 report the test split, which nothing was chosen on. A run judged on another split than `--split` is refused.
 
-Printed: per stage, each gold metric's mean over the seeds' test items with a 95% bootstrap interval (items
+Printed: per stage, each gold metric's mean over the seeds' items of the split with a 95% bootstrap interval (items
 resampled within each seed); then each later stage minus SFT, paired on the same items: per seed, and pooled over
 the seeds (the mean of the per-item differences, a stratified paired bootstrap interval). A difference whose
 interval excludes 0 is marked `*`. Writes OUT.json and OUT.png (gold helpfulness, refusal of unsafe prompts and
