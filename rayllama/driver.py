@@ -60,6 +60,21 @@ def _setup_logging(run: RunDir, cfg: PipelineConfig) -> None:
     trace.propagate = False
 
 
+# With RAY_ENABLE_ZERO_COPY_TORCH_TENSORS Ray warns at every tensor it sends that zero-copy is on, and where a
+# received tensor wraps the object store's read-only buffer, that it is not writable: warnings about the setting
+# itself, not about the tensor, repeated in the console at every PPO checkpoint. Silenced in the driver and, through
+# the job's worker_process_setup_hook, in every worker.
+RAY_ZERO_COPY_NOTICES = ("Zero-copy tensor serialization is enabled", "The given NumPy array is not writable")
+
+
+def quiet_zero_copy_notices() -> None:
+    import re
+    import warnings
+
+    for text in RAY_ZERO_COPY_NOTICES:
+        warnings.filterwarnings("ignore", message=re.escape(text))
+
+
 def _start_ray(cfg: PipelineConfig, run: RunDir) -> None:
     import ray
 
@@ -74,7 +89,9 @@ def _start_ray(cfg: PipelineConfig, run: RunDir) -> None:
     # Workers import rayllama from the installed package; the run dir is absolute so every node sees one path.
     # log_to_driver: worker errors and the Ray Train rank-0 progress bar (tqdm_ray) reach the console; Ray's own
     # INFO lines only with log_level debug (they stay in /tmp/ray/session_latest/logs)
-    kwargs: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": True,
+    quiet_zero_copy_notices()
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": "rayllama.driver.quiet_zero_copy_notices"}
+    kwargs: dict = {"runtime_env": runtime_env, "log_to_driver": True,
                     "logging_level": logging.INFO if cfg.log_level == "debug" else logging.WARNING}
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)

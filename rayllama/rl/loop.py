@@ -494,8 +494,8 @@ def run_loop(loop: RLLoop, evaluate: Callable[[RLActors, int], dict[str, float]]
             metrics = {**metrics, **loop.timings, "timing/iteration": time.perf_counter() - start}
             loop.iteration_done(metrics)
             writer.write(loop.iteration, metrics)
+            bar.set_postfix(loop.postfix(metrics), refresh=False)  # one redraw per iteration (update's)
             bar.update(1)
-            bar.set_postfix(loop.postfix(metrics))
         bar.close()
     finally:
         writer.close()
