@@ -83,11 +83,15 @@ def _start_ray(cfg: PipelineConfig, run: RunDir) -> None:
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(cfg.scaling.start_timeout_s))
     os.environ.setdefault("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    env = {k: os.environ[k] for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "HF_HUB_OFFLINE") if k in os.environ}
+    # Ray Train 2.58 routes a worker's print to the root logger and, because Ray has already wrapped sys.stdout,
+    # also to the original print: every line a Ray Train worker printed reached the console twice
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    env = {k: os.environ[k] for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "HF_HUB_OFFLINE",
+                                      "RAY_TRAIN_ENABLE_PRINT_PATCH") if k in os.environ}
     env["OMP_NUM_THREADS"] = str(cfg.threads_per_worker)
     env.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")  # Ray's own deprecation notes, once per actor
     # Workers import rayllama from the installed package; the run dir is absolute so every node sees one path.
-    # log_to_driver: worker errors and the Ray Train rank-0 progress bar (tqdm_ray) reach the console; Ray's own
+    # log_to_driver: worker errors and the Ray Train rank-0 progress lines reach the console; Ray's own
     # INFO lines only with log_level debug (they stay in /tmp/ray/session_latest/logs)
     quiet_zero_copy_notices()
     runtime_env = {"env_vars": env, "worker_process_setup_hook": "rayllama.driver.quiet_zero_copy_notices"}

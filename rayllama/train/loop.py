@@ -368,7 +368,6 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point (runs on every worker)."""
     import ray.train
     import ray.train.torch
-    from ray.experimental.tqdm_ray import tqdm
 
     from rayllama.dist import dcp
     from rayllama.dist.fsdp import clip_grad_norm, compute_context, effective_strategy, wrap_ddp
@@ -407,11 +406,12 @@ def train_loop_per_worker(config: dict) -> None:
     if writer and start_step:
         writer.write(start_step, {"resumed_from_step": start_step})
     compute = compute_context(model, getattr(torch, job.param_dtype), device)
-    bar = tqdm(total=job.total_steps, desc=job.stage, position=0) if rank == 0 else None
-    if bar:
-        bar.update(start_step)
+    # rank 0's progress: a line per tenth of the steps. Not a bar: Ray's tqdm_ray drew nothing on a terminal here
+    # (Ray 2.58) and, into a file, a line per redraw, twice per step
+    progress_every = max(1, job.total_steps // 10) if rank == 0 else 0
     last_eval: dict = {}
     t0, window_items = time.perf_counter(), 0
+    started = t0
 
     for step in range(start_step, job.total_steps):
         if streamed:
@@ -448,15 +448,17 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
         window_items += int(local_count) * world
         done = step + 1
-        if bar:
-            bar.update(1)
+        step_mean_loss = float(step_loss) / max(float(global_count), 1.0)  # the union batch's mean
+        if progress_every and (done % progress_every == 0 or done == job.total_steps):
+            print(f"{job.stage}: step {done}/{job.total_steps}, loss {step_mean_loss:.4f}, "
+                  f"{(done - start_step) / (time.perf_counter() - started):.2f} steps/s", flush=True)
 
         if writer and (done % job.log_every == 0 or done == job.total_steps):
             elapsed = time.perf_counter() - t0
             writer.write(
                 done,
                 {
-                    "loss": float(step_loss) / max(float(global_count), 1.0),  # the union batch's mean
+                    "loss": step_mean_loss,
                     "lr": lr,
                     "grad_norm": grad_norm,
                     "items_per_s": window_items / elapsed,
@@ -486,8 +488,6 @@ def train_loop_per_worker(config: dict) -> None:
         _export(job, model, model_cfg, job.total_steps, {"eval": last_eval, "tokens_seen": int(seen)})
     if writer:
         writer.close()
-    if bar:
-        bar.close()
     ray.train.report({"step": job.total_steps if finished else done, "finished": finished})
 
 
