@@ -9,8 +9,10 @@ Each training sequence packs items `COPY x1 .. xn SEP x1 .. xn END` (n = 2-5 ran
 clip 1.0), one torch thread. Every --eval-every steps, on 100 fresh prompts `... COPY a b c SEP` each: greedy
 accuracy of the first copied token, of the next two given the correct ones before them (induction: find the
 earlier copy of the current token, emit its successor), and of all three in a row; with ids from the training range
-and with ids 1800-1999, which no training sequence contains. The loss column has two reference points, printed
-above the table: what it is when the copies are guessed at random (no copying) and when they are copied exactly.
+and with ids 1800-1999, which no training sequence contains; "in context" is the probability the model puts, at
+those three positions, on any id of the prompt (seen ids; a model that copies the right one puts 1 there too).
+The loss column has two reference points, printed above the table: what it is when the copies are guessed at
+random (no copying) and when they are copied exactly.
 Deterministic for given arguments on one machine; ~0.6 s per step here.
 """
 
@@ -61,18 +63,22 @@ def reference_losses() -> tuple[float, float]:
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, rng: random.Random, ids: range, prompts: int = 100) -> dict[str, float]:
     first = later = exact = 0
+    context_mass = 0.0
     for _ in range(prompts):
         xs = [rng.choice(ids) for _ in range(3)]
         prefix = [BOS, *item(rng, SEEN), *item(rng, SEEN), COPY, *xs, SEP]
         logits = model(torch.tensor([prefix + xs[:2]]))[0]  # teacher-forced: the three copy positions at once
         guess = logits[-3:].argmax(-1).tolist()
+        context = sorted(set(prefix) - {BOS, COPY, SEP, END})
+        context_mass += float(logits[-3:].softmax(-1)[:, context].sum(-1).mean())
         first += guess[0] == xs[0]
         later += (guess[1] == xs[1]) + (guess[2] == xs[2])
         seq = list(prefix)
         for _ in range(3):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
         exact += seq[-3:] == xs
-    return {"first": first / prompts, "later": later / (2 * prompts), "exact": exact / prompts}
+    return {"first": first / prompts, "later": later / (2 * prompts), "exact": exact / prompts,
+            "context_mass": context_mass / prompts}
 
 
 def main() -> int:
@@ -98,7 +104,7 @@ def main() -> int:
     print(f"tiny preset, {args.layers} layers, lr {args.lr:g}, 16 x 128 tokens per step; loss without copying "
           f"{no_copy:.2f}, with exact copying {exact_copy:.2f}")
     header = (f"{'step':>6} {'loss':>6}   {'seen ids: first / later / exact':>32}   "
-              f"{'unseen ids: first / later / exact':>34} {'s/step':>7}")
+              f"{'unseen ids: first / later / exact':>34} {'in context':>10} {'s/step':>7}")
     print(header)
     rows, started, losses = [], time.perf_counter(), []
     for step in range(1, args.steps + 1):
@@ -122,7 +128,7 @@ def main() -> int:
             losses = []
             fmt = lambda a: f"{a['first']:.2f} / {a['later']:.2f} / {a['exact']:.2f}"  # noqa: E731
             print(f"{step:>6} {row['loss']:>6.3f}   {fmt(seen):>32}   {fmt(unseen):>34} "
-                  f"{row['seconds_per_step']:>7.2f}", flush=True)
+                  f"{seen['context_mass']:>10.2f} {row['seconds_per_step']:>7.2f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                     "loss_without_copying": no_copy, "loss_with_exact_copying": exact_copy,

@@ -43,7 +43,7 @@ def test_short_run_writes_its_table(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["step"] for r in rows] == [2, 4]
     for row in rows:
-        assert set(row["seen"]) == set(row["unseen"]) == {"first", "later", "exact"}
+        assert set(row["seen"]) == set(row["unseen"]) == {"first", "later", "exact", "context_mass"}
         assert all(0.0 <= v <= 1.0 for v in (*row["seen"].values(), *row["unseen"].values()))
         assert math.isfinite(row["loss"])
     assert "exact" in done.stdout
