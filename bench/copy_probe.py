@@ -11,8 +11,10 @@ accuracy of the first copied token, of the next two given the correct ones befor
 earlier copy of the current token, emit its successor), and of all three in a row; with ids from the training range
 and with ids 1800-1999, which no training sequence contains; "in context" is the probability the model puts, at
 those three positions, on any id of the prompt (seen ids; a model that copies the right one puts 1 there too).
-The loss column has two reference points, printed above the table: what it is when the copies are guessed at
-random (no copying) and when they are copied exactly.
+The loss column (training batches) has two reference points, printed above the table: what it is when the
+copies are guessed at random (no copying) and when they are copied exactly; "copy loss" is the loss of the copied
+tokens alone on 32 fresh training-like rows (first / later copied token, positions before 32 / from 32 on;
+ln 1700 = 7.44 is a uniform guess).
 Deterministic for given arguments on one machine; ~0.6 s per step here.
 """
 
@@ -47,6 +49,35 @@ def batch(rng: random.Random, size: int = 16, length: int = 128) -> torch.Tensor
             row += item(rng, SEEN)
         rows.append(row[:length + 1])
     return torch.tensor(rows)  # (B, T + 1)
+
+
+def token_roles(row: list[int]) -> list[int]:
+    """Per token of a packed row: 0 structure (BOS, COPY, SEP, END, a cut item's start), 1 original, 2 the first
+    copied token, 3 a later copied token."""
+    roles, state = [], 0
+    for token in row:
+        if token in (BOS, COPY, SEP, END):
+            roles.append(0)
+            state = {COPY: 1, SEP: 2}.get(token, 0)
+        else:
+            roles.append(state)
+            state = 3 if state in (2, 3) else state
+    return roles
+
+
+@torch.no_grad()
+def loss_by_role(model: torch.nn.Module, rng: random.Random, size: int = 32) -> dict[str, float]:
+    """Mean loss of the originals and of the copied tokens (first / later; at positions before 32, where the
+    accuracy prompts' copies are, and from 32 on) on a fresh batch of training-like rows."""
+    tokens = batch(rng, size)
+    target = tokens[:, 1:]
+    nll = F.cross_entropy(model(tokens[:, :-1]).transpose(1, 2), target, reduction="none")  # (B, T)
+    role = torch.tensor([token_roles(row) for row in tokens.tolist()])[:, 1:]
+    early = torch.arange(target.size(1)).expand_as(target) < 32
+    copied = role >= 2
+    return {"original": float(nll[role == 1].mean()), "copy_first": float(nll[role == 2].mean()),
+            "copy_later": float(nll[role == 3].mean()), "copy_before_32": float(nll[copied & early].mean()),
+            "copy_from_32": float(nll[copied & ~early].mean())}
 
 
 def reference_losses() -> tuple[float, float]:
@@ -99,12 +130,13 @@ def main() -> int:
     cfg.n_layers, cfg.max_seq_len = args.layers, 256
     model = Transformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
-    train_rng, eval_rng = random.Random(args.seed), random.Random(args.seed + 1)
+    train_rng, eval_rng, loss_rng = (random.Random(args.seed + k) for k in range(3))
     no_copy, exact_copy = reference_losses()
     print(f"tiny preset, {args.layers} layers, lr {args.lr:g}, 16 x 128 tokens per step; loss without copying "
           f"{no_copy:.2f}, with exact copying {exact_copy:.2f}")
     header = (f"{'step':>6} {'loss':>6}   {'seen ids: first / later / exact':>32}   "
-              f"{'unseen ids: first / later / exact':>34} {'in context':>10} {'s/step':>7}")
+              f"{'unseen ids: first / later / exact':>34} {'in context':>10}   "
+              f"{'copy loss: first / later / <32 / >=32':>37} {'s/step':>7}")
     print(header)
     rows, started, losses = [], time.perf_counter(), []
     for step in range(1, args.steps + 1):
@@ -121,14 +153,17 @@ def main() -> int:
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             seen, unseen = accuracy(model, eval_rng, SEEN), accuracy(model, eval_rng, UNSEEN)
+            roles = loss_by_role(model, loss_rng)
             model.train()
             row = {"step": step, "loss": sum(losses) / len(losses), "seen": seen, "unseen": unseen,
-                   "seconds_per_step": (time.perf_counter() - started) / step}
+                   "loss_by_role": roles, "seconds_per_step": (time.perf_counter() - started) / step}
             rows.append(row)
             losses = []
             fmt = lambda a: f"{a['first']:.2f} / {a['later']:.2f} / {a['exact']:.2f}"  # noqa: E731
             print(f"{step:>6} {row['loss']:>6.3f}   {fmt(seen):>32}   {fmt(unseen):>34} "
-                  f"{seen['context_mass']:>10.2f} {row['seconds_per_step']:>7.2f}", flush=True)
+                  f"{seen['context_mass']:>10.2f}   {roles['copy_first']:>11.2f} / {roles['copy_later']:.2f} / "
+                  f"{roles['copy_before_32']:.2f} / {roles['copy_from_32']:>5.2f} {row['seconds_per_step']:>7.2f}",
+                  flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                     "loss_without_copying": no_copy, "loss_with_exact_copying": exact_copy,

@@ -35,6 +35,13 @@ def test_unseen_ids_never_reach_training():
     assert used - {copy_probe.BOS, copy_probe.COPY, copy_probe.SEP, copy_probe.END} <= set(copy_probe.SEEN)
 
 
+def test_token_roles():
+    B, C, S, E = copy_probe.BOS, copy_probe.COPY, copy_probe.SEP, copy_probe.END
+    row = [B, C, 100, 101, 102, S, 100, 101, 102, E, C, 103, 104, S, 103]
+    assert copy_probe.token_roles(row) == [0, 0, 1, 1, 1, 0, 2, 3, 3, 0, 0, 1, 1, 0, 2]
+    assert copy_probe.token_roles([103, 104, S, 103, 104, E]) == [0, 0, 0, 2, 3, 0]  # a row cut inside an item
+
+
 def test_short_run_writes_its_table(tmp_path):
     out = tmp_path / "probe.json"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "copy_probe.py"), "--steps", "4", "--eval-every", "2",
@@ -46,4 +53,5 @@ def test_short_run_writes_its_table(tmp_path):
         assert set(row["seen"]) == set(row["unseen"]) == {"first", "later", "exact", "context_mass"}
         assert all(0.0 <= v <= 1.0 for v in (*row["seen"].values(), *row["unseen"].values()))
         assert math.isfinite(row["loss"])
+        assert set(row["loss_by_role"]) == {"original", "copy_first", "copy_later", "copy_before_32", "copy_from_32"}
     assert "exact" in done.stdout
