@@ -350,7 +350,9 @@ class ScalarHeadModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> values (B, T): score(trunk(tokens))."""
-        return self.score(self.model(tokens, attention_mask)).squeeze(-1)  # (B, T)
+        # a tensor of its own, not squeeze's view: FSDP2 warns at every forward of a sharded model that returns a
+        # view (an in-place op on one would skip its pre-backward hook)
+        return self.score(self.model(tokens, attention_mask)).squeeze(-1).clone()  # (B, T)
 
     def last_token_score(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B,) value at the last position whose attention_mask is 1 (right or left padding alike)."""
