@@ -448,12 +448,15 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
         window_items += int(local_count) * world
         done = step + 1
-        step_mean_loss = float(step_loss) / max(float(global_count), 1.0)  # the union batch's mean
-        if progress_every and (done % progress_every == 0 or done == job.total_steps):
+        progress_due = progress_every and (done % progress_every == 0 or done == job.total_steps)
+        log_due = writer and (done % job.log_every == 0 or done == job.total_steps)
+        # the union batch's mean, read only when printed or logged (global_count may live on the GPU: a sync)
+        step_mean_loss = float(step_loss) / max(float(global_count), 1.0) if progress_due or log_due else 0.0
+        if progress_due:
             print(f"{job.stage}: step {done}/{job.total_steps}, loss {step_mean_loss:.4f}, "
                   f"{(done - start_step) / (time.perf_counter() - started):.2f} steps/s", flush=True)
 
-        if writer and (done % job.log_every == 0 or done == job.total_steps):
+        if log_due:
             elapsed = time.perf_counter() - t0
             writer.write(
                 done,
