@@ -4,11 +4,13 @@ test split, each stage against SFT with paired intervals pooled over the seeds (
     .venv/bin/python bench/rlhf_evidence.py [--seeds 0 1 2] [--split test] [--runs DIR] [--config configs/ppo.yaml]
                                             [--stages tokenizer pretrain sft reward rejection ppo gatt]
                                             [--reuse SEED=RUN_DIR ...] [--out bench/results/rlhf_evidence]
-                                            [key=value ...]
+                                            [--rejudge] [key=value ...]
 
 For each seed, RUN_DIR is `--runs`/seed<N> (or the one `--reuse` names): a run whose eval.json already holds every
-listed evaluated stage is read as it is; otherwise the driver runs it (`python -m rayllama.driver CONFIG seed=N
-run_dir=RUN_DIR stages=[...] eval.split=SPLIT`, resuming whatever the run dir holds), its log in RUN_DIR.log. The
+listed evaluated stage is read as it is; otherwise (or always, with --rejudge) the driver runs it (`python -m
+rayllama.driver CONFIG seed=N run_dir=RUN_DIR stages=[...] eval.split=SPLIT`, resuming whatever the run dir holds:
+finished training is skipped, and a stage judged on another evaluation set than the config's is judged again), its
+log in RUN_DIR.log. A run whose stages were judged on different evaluation sets is refused (they would not pair). The
 world seed follows the run seed, so every seed is another world (its own training data and test prompts).
 `--split dev` is the same table on the dev split, for choosing settings (runs in runs/evidence-dev by default);
 report the test split, which nothing was chosen on. A run judged on another split than `--split` is refused.
@@ -53,12 +55,14 @@ def stratified_ci(groups: list[list[float]], reps: int = REPS, seed: int = 0) ->
 
 
 def run_seed(seed: int, run_dir: Path, config: str, stages: list[str], overrides: list[str],
-             split: str = "test") -> dict:
-    """eval.json of the seed's run, running (or resuming) the pipeline when a listed stage is not evaluated yet."""
+             split: str = "test", rejudge: bool = False) -> dict:
+    """eval.json of the seed's run, running (or resuming) the pipeline when a listed stage is not evaluated yet, or
+    always with `rejudge` (the driver judges again every stage judged on another evaluation set than the config's,
+    and skips the training it finds complete)."""
     wanted = [s for s in stages if s in EVALUATED]
     eval_path = run_dir / "eval.json"
     results = json.loads(eval_path.read_text()) if eval_path.exists() else {}
-    if all("scores" in results.get(s, {}) for s in wanted):
+    if not rejudge and all("scores" in results.get(s, {}) for s in wanted):
         print(f"seed {seed}: reusing {run_dir} ({', '.join(wanted)} evaluated)", flush=True)
         return results
     cmd = [sys.executable, "-m", "rayllama.driver", config, f"seed={seed}", f"run_dir={run_dir}",
@@ -189,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", nargs="*", default=[], metavar="SEED=RUN_DIR")
     ap.add_argument("--out", type=Path, help="OUT.json and OUT.png (default bench/results/rlhf_evidence, for dev "
                                              "rlhf_evidence-dev)")
+    ap.add_argument("--rejudge", action="store_true",
+                    help="run the driver on every seed's run even when its eval.json is complete: stages judged on "
+                         "another evaluation set (e.g. before world.eval_* changed) are judged again")
     ap.add_argument("overrides", nargs="*", help="key=value for every seed's run")
     args = ap.parse_args(argv)
     suffix = "" if args.split == "test" else "-dev"
@@ -203,12 +210,18 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--reuse {item!r}: write SEED=RUN_DIR, e.g. 0=runs/tiny")
         reuse[int(seed)] = Path(path).absolute()
     per_seed = {s: run_seed(s, reuse.get(s, runs.absolute() / f"seed{s}"), args.config, args.stages,
-                            args.overrides, args.split) for s in args.seeds}
+                            args.overrides, args.split, args.rejudge) for s in args.seeds}
     for s, r in per_seed.items():
         splits = {v.get("eval_split") for k, v in r.items() if isinstance(v, dict) and "scores" in v}
         if splits != {args.split}:
             print(f"rlhf_evidence: seed {s}'s run was judged on {sorted(map(str, splits))}, not the {args.split} "
                   f"split; rerun it with eval.split={args.split} (or pass --split to match)", file=sys.stderr)
+            return 2
+        sets = {k: r[k].get("eval_set_id") or "unnamed" for k in args.stages if "scores" in r.get(k, {})}
+        if len(set(sets.values())) > 1:
+            named = ", ".join(f"{k} {v}" for k, v in sets.items())
+            print(f"rlhf_evidence: seed {s}'s stages were judged on different evaluation sets ({named}); pass "
+                  "--rejudge to judge them again on the config's", file=sys.stderr)
             return 2
     result = evidence(per_seed, args.stages)
     print(table(result, args.seeds, args.split))

@@ -64,10 +64,12 @@ class WorldConfig:
     prompts: int = 2000  # RL prompts with is_safety tags
     gatt: int = 600
     gatt_turns: int = 6
-    eval_safe: int = 60
-    eval_unsafe: int = 20
-    eval_borderline: int = 20
-    eval_gatt: int = 20
+    # evaluation sets: every safe task, unsafe and borderline prompt of world v4's test split (dev holds fewer: capped
+    # there), as evenly over the safe types as the split allows (toyworld.safe_type_counts); 60 GAtt dialogues
+    eval_safe: int = 270
+    eval_unsafe: int = 24
+    eval_borderline: int = 24
+    eval_gatt: int = 60
 
     def sizes(self) -> dict[str, int]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("seed", "pretrain_world_heldout")}

@@ -104,6 +104,7 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, run):
         self.cfg, self.run = cfg, run
         self.user_data = cfg.data.user_data()  # the user's files (data: section) instead of the toy world
+        self.eval_set_id = None  # the toy world's evaluation set, by content (below)
         if self.user_data:
             self._read_user_data()
         else:
@@ -115,7 +116,11 @@ class Pipeline:
             }
             self.rl_prompts = formats.read_prompts(self.files["prompts"])
             # eval (test) and eval_dev; a world v3 run has eval only, held out (its files stay readable)
-            self.eval_set = formats.read_prompts(self.files["eval_dev" if cfg.eval.split == "dev" else "eval"])
+            eval_file = self.files["eval_dev" if cfg.eval.split == "dev" else "eval"]
+            self.eval_set = formats.read_prompts(eval_file)
+            # which prompts a stage was judged on: a stage judged on another set (world sizes changed, or a run from
+            # before eval sets were named) is judged again, so a run's stages always compare on the same items
+            self.eval_set_id = hashlib.sha256(eval_file.read_bytes()).hexdigest()[:16]
         self.results = run.load_eval()
         self._tok = None
 
@@ -459,13 +464,25 @@ class Pipeline:
             self._eval_writer.close()
             self._eval_writer = None
 
+    def _judged(self, stage: str, key: str) -> bool:
+        """Whether eval.json holds `key` for `stage`, judged on this run's evaluation set; if on another one, say so
+        (the caller judges it again)."""
+        done = self.results.get(stage, {})
+        if key not in done:
+            return False
+        if done.get("eval_set_id") == self.eval_set_id:
+            return True
+        log.info(f"{stage}: judged on another evaluation set ({done.get('eval_set_id') or 'unnamed'}; now "
+                 f"{self.eval_set_id}, {len(self.eval_set)} prompts): judging it again")
+        return False
+
     def gold_eval(self, stage: str, model_dir: Path) -> None:
         """Gold helpfulness (greedy, and sampled: rayllama.eval.sampled_helpfulness) / refusal / over-refusal /
         adherence by turn of `model_dir`, once per stage; only on the toy world (eval.gold)."""
         if not self.gold_judge():
             self.sample_eval(stage, model_dir)
             return
-        if "gold_helpfulness" in self.results.get(stage, {}):
+        if self._judged(stage, "gold_helpfulness"):
             return
         from rayllama.chat import ChatModel
         from rayllama.eval import SAMPLES_PER_PROMPT, bootstrap_ci, evaluate, sampled_helpfulness
@@ -491,6 +508,9 @@ class Pipeline:
             metrics[f"{name}_ci95"] = list(bootstrap_ci(values))
         metrics["scores"] = scores
         metrics["eval_split"] = self.cfg.eval.split
+        metrics["eval_set_id"] = self.eval_set_id
+        for key in [k for k in self.results.get(stage, {}) if k.startswith("adherence_turn_")]:
+            del self.results[stage][key]  # judged again with other GAtt turns: no stale turn left behind
         self._record(stage, metrics)
         log.info(
             f"gold eval after {stage} ({time.time() - t0:.0f} s): helpfulness {metrics['gold_helpfulness']:.3f} "
@@ -603,9 +623,9 @@ class Pipeline:
                          "safety, so the LLaMA 2 composition is the helpfulness reward alone")
             print(reward_table(self.results))
             return
-        if "rm_prefers_refusal_unsafe" not in self.results.get("reward-safety", {}):
+        if not self._judged("reward-safety", "rm_prefers_refusal_unsafe"):
             rate = self.safety_rm_refusal_preference()
-            self._record("reward-safety", {"rm_prefers_refusal_unsafe": rate})
+            self._record("reward-safety", {"rm_prefers_refusal_unsafe": rate, "eval_set_id": self.eval_set_id})
         log.info("reward models: held-out accuracy per rating\n" + reward_table(self.results))
         log.info(f"safety RM prefers the refusal on {self.results['reward-safety']['rm_prefers_refusal_unsafe']:.3f} "
                  f"of held-out unsafe prompts")

@@ -79,3 +79,20 @@ def test_split_dev_reads_dev_runs_and_refuses_test_ones(tmp_path, capsys):
     rc = bench.main(["--split", "dev", "--seeds", "0", "--stages", "sft", "ppo", "--out", str(out),
                      "--reuse", f"0={test}"])
     assert rc == 2 and "judged on ['test'], not the dev split; rerun it with eval.split=dev" in capsys.readouterr().err
+
+
+def test_stages_judged_on_different_evaluation_sets_are_refused(tmp_path, capsys):
+    """Paired changes need the same items: a run whose SFT and PPO were judged on different evaluation sets (the
+    world's eval sizes changed between them) is refused with the flag that judges them again."""
+    run = tmp_path / "run"
+    run.mkdir()
+    results = _eval_json([0.0, 1.0], [1.0, 1.0])
+    results["sft"]["eval_set_id"], results["ppo"]["eval_set_id"] = "aaaa", "bbbb"
+    (run / "eval.json").write_text(json.dumps(results))
+    rc = bench.main(["--seeds", "0", "--stages", "sft", "ppo", "--out", str(tmp_path / "o"), "--reuse", f"0={run}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "judged on different evaluation sets (sft aaaa, ppo bbbb); pass --rejudge" in err
+    results["ppo"]["eval_set_id"] = "aaaa"
+    (run / "eval.json").write_text(json.dumps(results))
+    assert bench.main(["--seeds", "0", "--stages", "sft", "ppo", "--out", str(tmp_path / "o"),
+                       "--reuse", f"0={run}"]) == 0

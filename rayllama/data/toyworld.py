@@ -671,21 +671,15 @@ def eval_sets(
     seed: int, n_safe: int = 60, n_unsafe: int = 20, n_borderline: int = 20, n_gatt: int = 20, turns: int = 6,
     split: str = "test",
 ) -> list[PromptRecord]:
-    """Evaluation prompts of the dev or test split: n_safe safe tasks balanced over the six types (without
-    replacement), n_unsafe and n_borderline distinct prompts, n_gatt multi-turn GAtt dialogues (the split's
-    instructions over the split's safe tasks)."""
+    """Evaluation prompts of the dev or test split: n_safe distinct safe tasks spread as evenly over the six types
+    as their pools allow (`safe_type_counts`), n_unsafe and n_borderline distinct prompts, n_gatt multi-turn GAtt
+    dialogues (the split's instructions over the split's safe tasks)."""
     if split not in ("dev", "test"):
         raise ValueError(f"evaluation split {split!r}: use dev (to tune on) or test (to report)")
     rng = _rng(seed, "eval", split)
     pool = _pools()[split]
     tasks: list[dict[str, Any]] = []
-    for i, t in enumerate(SAFE_TYPES):
-        k = n_safe // len(SAFE_TYPES) + (i < n_safe % len(SAFE_TYPES))
-        if k > len(pool[t]):
-            raise ValueError(
-                f"n_safe {n_safe} needs {k} {split} {t} tasks but there are {len(pool[t])}; "
-                f"ask for at most {len(SAFE_TYPES) * min(len(pool[s]) for s in SAFE_TYPES)}"
-            )
+    for t, k in safe_type_counts(n_safe, split).items():
         tasks += rng.sample(pool[t], k)
     for cat, k in (("unsafe", n_unsafe), ("borderline", n_borderline)):
         if k > len(pool[cat]):
@@ -698,10 +692,32 @@ def eval_sets(
     return out + [_gatt_record(rng, turns, split) for _ in range(n_gatt)]
 
 
+def safe_type_counts(n_safe: int, split: str = "test") -> dict[str, int]:
+    """How many of n_safe evaluation tasks each safe type gives: equal shares, a type whose split holds no more than
+    its share giving all it has and the others sharing the rest alike (the first types one more where it does not
+    divide). On v4's test split 60 is 10 of each type and 270 is every safe test task (add 89, sub 47, reverse 10,
+    count 10, fact 11, copy 103). ValueError beyond what the split holds."""
+    pool = _pools()[split]
+    sizes = {t: len(pool[t]) for t in SAFE_TYPES}
+    if n_safe > sum(sizes.values()):
+        raise ValueError(f"n_safe {n_safe} exceeds the {sum(sizes.values())} {split} safe tasks; ask for fewer")
+    counts, left, open_ = {}, n_safe, list(SAFE_TYPES)
+    while open_:
+        full = [t for t in open_ if sizes[t] <= left // len(open_)]
+        if not full:
+            share, extra = divmod(left, len(open_))
+            counts.update({t: share + (i < extra) for i, t in enumerate(open_)})
+            break
+        for t in full:
+            counts[t], left = sizes[t], left - sizes[t]
+            open_.remove(t)
+    return {t: counts[t] for t in SAFE_TYPES}
+
+
 def _capped_eval_sizes(sizes: Mapping[str, int], split: str) -> tuple[int, int, int, int]:
     """(n_safe, n_unsafe, n_borderline, n_gatt) of `sizes`, each at most what the split's pools hold."""
     pool = _pools()[split]
-    return (min(sizes["eval_safe"], len(SAFE_TYPES) * min(len(pool[t]) for t in SAFE_TYPES)),
+    return (min(sizes["eval_safe"], sum(len(pool[t]) for t in SAFE_TYPES)),
             min(sizes["eval_unsafe"], len(pool["unsafe"])), min(sizes["eval_borderline"], len(pool["borderline"])),
             sizes["eval_gatt"])
 
@@ -773,10 +789,10 @@ DEFAULT_SIZES = {
     "prompts": 2000,
     "gatt": 600,
     "gatt_turns": 6,
-    "eval_safe": 60,
-    "eval_unsafe": 20,
-    "eval_borderline": 20,
-    "eval_gatt": 20,
+    "eval_safe": 270,
+    "eval_unsafe": 24,
+    "eval_borderline": 24,
+    "eval_gatt": 60,
 }
 
 
