@@ -18,7 +18,9 @@ report the test split, which nothing was chosen on. A run judged on another spli
 Printed: per stage, each gold metric's mean over the seeds' items of the split with a 95% bootstrap interval (items
 resampled within each seed); then each later stage minus SFT, paired on the same items: per seed, and pooled over
 the seeds (the mean of the per-item differences, a stratified paired bootstrap interval). A difference whose
-interval excludes 0 is marked `*`. Writes OUT.json and OUT.png (gold helpfulness, refusal of unsafe prompts and
+interval excludes 0 is marked `*`. Items that are not independent are resampled together: the prompts of one
+unsafe or borderline topic (v4's test split has 4 topics of each, 6 prompts per topic), and the late turns of the
+GAtt dialogues of one instruction; the table says how many such clusters an interval rests on. Writes OUT.json and OUT.png (gold helpfulness, refusal of unsafe prompts and
 over-refusal by stage, with intervals; adherence by turn when GAtt ran).
 """
 
@@ -41,17 +43,55 @@ EVALUATED = ("pretrain", "sft", "rejection", "ppo", "gatt")  # stages the pipeli
 REPS = 2000
 
 
-def stratified_ci(groups: list[list[float]], reps: int = REPS, seed: int = 0) -> tuple[float, float, float]:
+def stratified_ci(groups: list[list[float]], reps: int = REPS, seed: int = 0,
+                  clusters: list[list[str] | None] | None = None) -> tuple[float, float, float]:
     """(mean, 95% interval) of the pooled items of `groups` (one list per seed), resampling items within each
-    group (the seeds' sizes kept); NaNs when empty."""
-    groups = [g for g in groups if g]
-    n = sum(len(g) for g in groups)
+    group (the seeds' sizes kept); NaNs when empty. `clusters`, one label list per group (or None), aligned with
+    its items: whole clusters are resampled instead (the prompts of one unsafe topic, the turns of one GAtt
+    instruction move together, so an interval reflects how few topics there are), the mean taken over the items
+    drawn. Items without labels are their own clusters (the same draws as plain item resampling)."""
+    blocks = []  # per group: (sum, count) per cluster, in order of first appearance
+    for i, g in enumerate(groups):
+        if not g:
+            continue
+        labels = clusters[i] if clusters and clusters[i] is not None else range(len(g))
+        if len(labels) != len(g):
+            raise ValueError(f"{len(labels)} cluster labels for {len(g)} items")
+        by: dict = {}
+        for x, label in zip(g, labels):
+            total, count = by.get(label, (0.0, 0))
+            by[label] = (total + x, count + 1)
+        blocks.append(list(by.values()))
+    n = sum(count for b in blocks for _, count in b)
     if not n:
         return math.nan, math.nan, math.nan
     rng = random.Random(seed)
-    means = sorted(
-        sum(g[rng.randrange(len(g))] for g in groups for _ in range(len(g))) / n for _ in range(reps))
-    return sum(sum(g) for g in groups) / n, means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
+    means = []
+    for _ in range(reps):
+        drawn = [b[rng.randrange(len(b))] for b in blocks for _ in range(len(b))]
+        means.append(sum(t for t, _ in drawn) / sum(c for _, c in drawn))
+    means.sort()
+    return sum(t for b in blocks for t, _ in b) / n, means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
+
+
+def eval_records(run_dir: Path, split: str) -> list[dict]:
+    """The run's evaluation prompts (data/eval.jsonl, or eval_dev.jsonl for dev) as dicts; [] if it has none."""
+    path = run_dir / "data" / ("eval_dev.jsonl" if split == "dev" else "eval.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def cluster_labels(records: list[dict], scores: dict[str, list[float]]) -> dict[str, list[str]]:
+    """Per metric, the cluster of each item of a gold eval on `records` (for `stratified_ci`): unsafe and
+    borderline prompts by topic, the GAtt turns of adherence_turn_4plus by instruction; a metric whose items do
+    not match the records gets none."""
+    single = [r["task"] for r in records if not r.get("turns") and r.get("task")]
+    labels = {"refusal_rate_unsafe": [t.get("topic", "") for t in single if t.get("type") == "unsafe"],
+              "over_refusal_borderline": [t.get("topic", "") for t in single if t.get("type") == "borderline"]}
+    gatt = [json.dumps(r.get("instruction"), sort_keys=True) for r in records if r.get("turns")]
+    late = len(scores.get("adherence_turn_4plus", []))
+    if gatt and late % len(gatt) == 0:
+        labels["adherence_turn_4plus"] = gatt * (late // len(gatt))  # turn 4's dialogues, then turn 5's, ...
+    return {m: v for m, v in labels.items() if len(v) == len(scores.get(m, []))}
 
 
 def run_seed(seed: int, run_dir: Path, config: str, stages: list[str], overrides: list[str],
@@ -80,17 +120,21 @@ def run_seed(seed: int, run_dir: Path, config: str, stages: list[str], overrides
     return json.loads(eval_path.read_text())
 
 
-def evidence(per_seed: dict[int, dict], stages: list[str]) -> dict:
+def evidence(per_seed: dict[int, dict], stages: list[str], records: dict[int, list[dict]] | None = None) -> dict:
     """Per stage and metric: pooled mean and interval; per later stage and metric: paired change vs SFT, per seed
-    and pooled."""
+    and pooled. With the seeds' evaluation `records`, unsafe and borderline prompts are resampled by topic and
+    GAtt turns by instruction (`cluster_labels`); otherwise every item alone."""
     evaluated = [s for s in stages if s in EVALUATED and all("scores" in r.get(s, {}) for r in per_seed.values())]
+    labels = {(seed, stage): cluster_labels((records or {}).get(seed, []), r[stage]["scores"])
+              for seed, r in per_seed.items() for stage in evaluated}
     levels: dict[str, dict] = {}
     for stage in evaluated:
         levels[stage] = {}
         for m in METRICS:
             groups = [r[stage]["scores"].get(m, []) for r in per_seed.values()]
             if any(groups):
-                levels[stage][m] = dict(zip(("mean", "lo", "hi"), stratified_ci(groups)), n=sum(map(len, groups)))
+                ci = stratified_ci(groups, clusters=[labels[seed, stage].get(m) for seed in per_seed])
+                levels[stage][m] = dict(zip(("mean", "lo", "hi"), ci), n=sum(map(len, groups)))
     changes: dict[str, dict] = {}
     base = "sft"
     for stage in [s for s in evaluated if EVALUATED.index(s) > EVALUATED.index(base)]:
@@ -102,13 +146,15 @@ def evidence(per_seed: dict[int, dict], stages: list[str]) -> dict:
                 if before and len(before) == len(after):
                     diffs[seed] = [b - a for a, b in zip(before, after)]
             if diffs:
-                pooled = stratified_ci(list(diffs.values()))
+                cl = {seed: labels[seed, stage].get(m) for seed in diffs}
+                pooled = stratified_ci(list(diffs.values()), clusters=list(cl.values()))
                 changes[stage][m] = {
-                    "pooled": dict(zip(("mean", "lo", "hi"), pooled), n=sum(map(len, diffs.values()))),
-                    "per_seed": {str(s): dict(zip(("mean", "lo", "hi"), stratified_ci([d])))
+                    "pooled": dict(zip(("mean", "lo", "hi"), pooled), n=sum(map(len, diffs.values())),
+                                   clusters=sum(len(set(c)) if c else len(diffs[s]) for s, c in cl.items())),
+                    "per_seed": {str(s): dict(zip(("mean", "lo", "hi"), stratified_ci([d], clusters=[cl[s]])))
                                  for s, d in diffs.items()},
                 }
-    return {"levels": levels, "changes_vs_sft": changes}
+    return {"levels": levels, "changes_vs_sft": changes, "clustered": any(labels.values())}
 
 
 def _interval(x: dict) -> str:
@@ -121,7 +167,9 @@ def _signed(x: dict) -> str:
 
 
 def table(result: dict, seeds: list[int], split: str = "test") -> str:
-    lines = [f"gold metrics on the {split} split, {len(seeds)} world seed(s) {seeds}: mean [95% interval]"]
+    how = "; unsafe and borderline prompts resampled by topic, GAtt turns by instruction" if result.get("clustered") \
+        else ""
+    lines = [f"gold metrics on the {split} split, {len(seeds)} world seed(s) {seeds}: mean [95% interval{how}]"]
     stages = list(result["levels"])
     metrics = [m for m in METRICS if any(m in result["levels"][s] for s in stages)]
     width = max(map(len, metrics)) + 2
@@ -135,8 +183,9 @@ def table(result: dict, seeds: list[int], split: str = "test") -> str:
     for stage, by_metric in result["changes_vs_sft"].items():
         for m, c in by_metric.items():
             seeds_txt = ", ".join(f"seed {s} {v['mean']:+.3f}" for s, v in c["per_seed"].items())
-            lines.append(f"  {stage} - sft  {m.ljust(width)} pooled {_signed(c['pooled'])} (n={c['pooled']['n']}; "
-                         f"{seeds_txt})")
+            n, k = c["pooled"]["n"], c["pooled"].get("clusters", c["pooled"]["n"])
+            size = f"n={n}" if k == n else f"n={n} in {k} clusters"
+            lines.append(f"  {stage} - sft  {m.ljust(width)} pooled {_signed(c['pooled'])} ({size}; {seeds_txt})")
     return "\n".join(lines)
 
 
@@ -209,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not seed.isdigit():
             ap.error(f"--reuse {item!r}: write SEED=RUN_DIR, e.g. 0=runs/tiny")
         reuse[int(seed)] = Path(path).absolute()
-    per_seed = {s: run_seed(s, reuse.get(s, runs.absolute() / f"seed{s}"), args.config, args.stages,
-                            args.overrides, args.split, args.rejudge) for s in args.seeds}
+    run_dirs = {s: reuse.get(s, runs.absolute() / f"seed{s}") for s in args.seeds}
+    per_seed = {s: run_seed(s, run_dirs[s], args.config, args.stages, args.overrides, args.split, args.rejudge)
+                for s in args.seeds}
     for s, r in per_seed.items():
         splits = {v.get("eval_split") for k, v in r.items() if isinstance(v, dict) and "scores" in v}
         if splits != {args.split}:
@@ -223,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rlhf_evidence: seed {s}'s stages were judged on different evaluation sets ({named}); pass "
                   "--rejudge to judge them again on the config's", file=sys.stderr)
             return 2
-    result = evidence(per_seed, args.stages)
+    result = evidence(per_seed, args.stages, {s: eval_records(d, args.split) for s, d in run_dirs.items()})
     print(table(result, args.seeds, args.split))
     out.parent.mkdir(parents=True, exist_ok=True)
     out_json, out_png = out.with_suffix(".json"), out.with_suffix(".png")
