@@ -65,14 +65,26 @@ def _setup_logging(run: RunDir, cfg: PipelineConfig) -> None:
 # itself, not about the tensor, repeated in the console at every PPO checkpoint. Silenced in the driver and, through
 # the job's worker_process_setup_hook, in every worker.
 RAY_ZERO_COPY_NOTICES = ("Zero-copy tensor serialization is enabled", "The given NumPy array is not writable")
+# Ray Train's PlacementGroupCleaner asks Ray's state API, which the dashboard serves, once a second whether the
+# stage's controller still lives; with ray.include_dashboard=false every ask fails with this warning (~200 console
+# lines per Ray Train stage). Silenced the same way.
+RAY_STATE_API_NOTICE = "Failed to query Ray Train Controller actor state"
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
-def quiet_zero_copy_notices() -> None:
+def quiet_ray_notices() -> None:
     import re
     import warnings
 
     for text in RAY_ZERO_COPY_NOTICES:
         warnings.filterwarnings("ignore", message=re.escape(text))
+    cleaner = logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER)
+    if not any(getattr(f, "rayllama", False) for f in cleaner.filters):
+        def no_state_api_notice(record: logging.LogRecord) -> bool:
+            return RAY_STATE_API_NOTICE not in record.getMessage()
+
+        no_state_api_notice.rayllama = True  # type: ignore[attr-defined]  # added once per process
+        cleaner.addFilter(no_state_api_notice)
 
 
 def _start_ray(cfg: PipelineConfig, run: RunDir) -> None:
@@ -93,8 +105,8 @@ def _start_ray(cfg: PipelineConfig, run: RunDir) -> None:
     # Workers import rayllama from the installed package; the run dir is absolute so every node sees one path.
     # log_to_driver: worker errors and the Ray Train rank-0 progress lines reach the console; Ray's own
     # INFO lines only with log_level debug (they stay in /tmp/ray/session_latest/logs)
-    quiet_zero_copy_notices()
-    runtime_env = {"env_vars": env, "worker_process_setup_hook": "rayllama.driver.quiet_zero_copy_notices"}
+    quiet_ray_notices()
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": "rayllama.driver.quiet_ray_notices"}
     kwargs: dict = {"runtime_env": runtime_env, "log_to_driver": True,
                     "logging_level": logging.INFO if cfg.log_level == "debug" else logging.WARNING}
     if cfg.ray.address:

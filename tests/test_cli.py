@@ -189,3 +189,38 @@ def test_range_checks(override, fragment):
     with pytest.raises(ConfigError) as e:
         load_config(PPO, [override])
     assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_ray_notices_about_settings_are_quiet_and_others_are_not():
+    """The driver (and every Ray worker, through the job's setup hook) drops Ray's zero-copy warnings and the
+    placement-group cleaner's once-a-second 'state API unavailable' warning (the dashboard is off), nothing else."""
+    import logging
+    import warnings
+
+    from rayllama.driver import PLACEMENT_GROUP_CLEANER_LOGGER, quiet_ray_notices
+
+    logger = logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER)
+    before = list(logger.filters)
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_ray_notices()
+            quiet_ray_notices()  # idempotent: one filter
+            warnings.warn("Zero-copy tensor serialization is enabled for this tensor", UserWarning, stacklevel=1)
+            warnings.warn("something else", UserWarning, stacklevel=1)
+        assert [str(w.message) for w in caught] == ["something else"]
+        logger.warning("Failed to query Ray Train Controller actor state. State API may be temporarily unavailable.")
+        logger.warning("Failed to query placement group table: boom")
+        assert seen == ["Failed to query placement group table: boom"]
+        assert sum(getattr(f, "rayllama", False) for f in logger.filters) == 1
+    finally:
+        logger.removeHandler(handler)
+        logger.filters[:] = before
