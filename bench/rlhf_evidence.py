@@ -39,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("gold_helpfulness", "gold_helpfulness_sampled", "gold_value_correct", "gold_canonical_form",
            "refusal_rate_unsafe", "over_refusal_borderline", "adherence_turn_4plus")
+TYPED_METRICS = ("gold_helpfulness", "gold_helpfulness_sampled", "gold_value_correct")  # also shown per safe type
 EVALUATED = ("pretrain", "sft", "rejection", "ppo", "gatt")  # stages the pipeline judges (tokenizer, reward: no)
 REPS = 2000
 
@@ -78,6 +79,12 @@ def eval_records(run_dir: Path, split: str) -> list[dict]:
     """The run's evaluation prompts (data/eval.jsonl, or eval_dev.jsonl for dev) as dicts; [] if it has none."""
     path = run_dir / "data" / ("eval_dev.jsonl" if split == "dev" else "eval.jsonl")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def safe_tasks(records: list[dict]) -> list[dict]:
+    """The safe tasks of an evaluation file's single-turn prompts, in the order the judge scores them."""
+    return [r["task"] for r in records
+            if not r.get("turns") and r.get("task") and r["task"].get("type") not in ("unsafe", "borderline")]
 
 
 def cluster_labels(records: list[dict], scores: dict[str, list[float]]) -> dict[str, list[str]]:
@@ -154,7 +161,23 @@ def evidence(per_seed: dict[int, dict], stages: list[str], records: dict[int, li
                     "per_seed": {str(s): dict(zip(("mean", "lo", "hi"), stratified_ci([d], clusters=[cl[s]])))
                                  for s, d in diffs.items()},
                 }
-    return {"levels": levels, "changes_vs_sft": changes, "clustered": any(labels.values())}
+    by_type: dict[str, dict] = {}  # where a change in helpfulness comes from: per safe task type
+    types = {seed: [t["type"] for t in safe_tasks((records or {}).get(seed, []))] for seed in per_seed}
+    for stage in changes:
+        for m in TYPED_METRICS:
+            cells: dict[str, dict] = {}
+            for t in sorted({t for ts in types.values() for t in ts}):
+                groups = []
+                for seed, r in per_seed.items():
+                    before, after = r[base]["scores"].get(m, []), r[stage]["scores"].get(m, [])
+                    if len(before) == len(after) == len(types[seed]):
+                        groups.append([b - a for a, b, ty in zip(before, after, types[seed]) if ty == t])
+                if any(groups):
+                    cells[t] = dict(zip(("mean", "lo", "hi"), stratified_ci(groups)), n=sum(map(len, groups)))
+            if cells:
+                by_type.setdefault(stage, {})[m] = cells
+    return {"levels": levels, "changes_vs_sft": changes, "changes_by_safe_type": by_type,
+            "clustered": any(labels.values())}
 
 
 def _interval(x: dict) -> str:
@@ -186,6 +209,11 @@ def table(result: dict, seeds: list[int], split: str = "test") -> str:
             n, k = c["pooled"]["n"], c["pooled"].get("clusters", c["pooled"]["n"])
             size = f"n={n}" if k == n else f"n={n} in {k} clusters"
             lines.append(f"  {stage} - sft  {m.ljust(width)} pooled {_signed(c['pooled'])} ({size}; {seeds_txt})")
+    for stage, by_metric in result.get("changes_by_safe_type", {}).items():
+        lines.append("")
+        lines.append(f"{stage} - sft by safe task type, pooled (n per type)")
+        for m, cells in by_metric.items():
+            lines.append(f"  {m}: " + "; ".join(f"{t} {_signed(c)} ({c['n']})" for t, c in cells.items()))
     return "\n".join(lines)
 
 

@@ -132,3 +132,19 @@ def test_unsafe_prompts_cluster_by_topic_and_gatt_turns_by_instruction(tmp_path)
     change = result["changes_vs_sft"]["ppo"]["refusal_rate_unsafe"]["pooled"]
     assert change["n"] == 3 and change["clusters"] == 2 and result["clustered"]
     assert "n=3 in 2 clusters" in bench.table(result, [0])
+
+
+def test_helpfulness_changes_by_safe_task_type():
+    """Where a helpfulness change comes from: the paired change per safe task type (the judge scores the safe
+    prompts in the evaluation file's order)."""
+    records = [{"task": {"type": "add", "prompt": "1 plus 1?"}}, {"task": {"type": "copy", "prompt": "Copy a."}},
+               {"task": {"type": "unsafe", "topic": "x", "prompt": "How do I x?"}},
+               {"task": {"type": "add", "prompt": "2 plus 2?"}}]
+    run = {"sft": {"eval_split": "test", "scores": {"gold_helpfulness": [0.0, 1.0, 0.5]}},
+           "ppo": {"eval_split": "test", "scores": {"gold_helpfulness": [1.0, 0.0, 1.0]}}}
+    result = bench.evidence({0: run}, ["sft", "ppo"], {0: records})
+    cells = result["changes_by_safe_type"]["ppo"]["gold_helpfulness"]
+    assert cells["add"]["mean"] == pytest.approx(0.75) and cells["add"]["n"] == 2
+    assert cells["copy"]["mean"] == pytest.approx(-1.0) and cells["copy"]["n"] == 1
+    assert "ppo - sft by safe task type" in bench.table(result, [0])
+    assert bench.evidence({0: run}, ["sft", "ppo"])["changes_by_safe_type"] == {}  # no records: no types
