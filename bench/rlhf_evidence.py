@@ -30,75 +30,39 @@ import argparse
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from rayllama.data.formats import PromptRecord, read_prompts
+from rayllama.data.toyworld import category
+from rayllama.eval import item_clusters, stratified_bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("gold_helpfulness", "gold_helpfulness_sampled", "gold_value_correct", "gold_canonical_form",
            "refusal_rate_unsafe", "over_refusal_borderline", "adherence_turn_4plus")
 TYPED_METRICS = ("gold_helpfulness", "gold_helpfulness_sampled", "gold_value_correct")  # also shown per safe type
 EVALUATED = ("pretrain", "sft", "rejection", "ppo", "gatt")  # stages the pipeline judges (tokenizer, reward: no)
-REPS = 2000
 
 
-def stratified_ci(groups: list[list[float]], reps: int = REPS, seed: int = 0,
-                  clusters: list[list[str] | None] | None = None) -> tuple[float, float, float]:
-    """(mean, 95% interval) of the pooled items of `groups` (one list per seed), resampling items within each
-    group (the seeds' sizes kept); NaNs when empty. `clusters`, one label list per group (or None), aligned with
-    its items: whole clusters are resampled instead (the prompts of one unsafe topic, the turns of one GAtt
-    instruction move together, so an interval reflects how few topics there are), the mean taken over the items
-    drawn. Items without labels are their own clusters (the same draws as plain item resampling)."""
-    blocks = []  # per group: (sum, count) per cluster, in order of first appearance
-    for i, g in enumerate(groups):
-        if not g:
-            continue
-        labels = clusters[i] if clusters and clusters[i] is not None else range(len(g))
-        if len(labels) != len(g):
-            raise ValueError(f"{len(labels)} cluster labels for {len(g)} items")
-        by: dict = {}
-        for x, label in zip(g, labels):
-            total, count = by.get(label, (0.0, 0))
-            by[label] = (total + x, count + 1)
-        blocks.append(list(by.values()))
-    n = sum(count for b in blocks for _, count in b)
-    if not n:
-        return math.nan, math.nan, math.nan
-    rng = random.Random(seed)
-    means = []
-    for _ in range(reps):
-        drawn = [b[rng.randrange(len(b))] for b in blocks for _ in range(len(b))]
-        means.append(sum(t for t, _ in drawn) / sum(c for _, c in drawn))
-    means.sort()
-    return sum(t for b in blocks for t, _ in b) / n, means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
-
-
-def eval_records(run_dir: Path, split: str) -> list[dict]:
-    """The run's evaluation prompts (data/eval.jsonl, or eval_dev.jsonl for dev) as dicts; [] if it has none."""
+def eval_records(run_dir: Path, split: str) -> list[PromptRecord]:
+    """The run's evaluation prompts (data/eval.jsonl, or eval_dev.jsonl for dev); [] if it has none."""
     path = run_dir / "data" / ("eval_dev.jsonl" if split == "dev" else "eval.jsonl")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return list(read_prompts(path)) if path.exists() else []
 
 
-def safe_tasks(records: list[dict]) -> list[dict]:
-    """The safe tasks of an evaluation file's single-turn prompts, in the order the judge scores them."""
-    return [r["task"] for r in records
-            if not r.get("turns") and r.get("task") and r["task"].get("type") not in ("unsafe", "borderline")]
+def safe_tasks(records: list[PromptRecord]) -> list[dict]:
+    """The safe tasks of an evaluation set's single-turn prompts, in the order the judge scores them."""
+    return [r.task for r in records if not r.turns and r.task and category(r.task) == "safe"]
 
 
-def cluster_labels(records: list[dict], scores: dict[str, list[float]]) -> dict[str, list[str]]:
-    """Per metric, the cluster of each item of a gold eval on `records` (for `stratified_ci`): unsafe and
-    borderline prompts by topic, the GAtt turns of adherence_turn_4plus by instruction; a metric whose items do
-    not match the records gets none."""
-    single = [r["task"] for r in records if not r.get("turns") and r.get("task")]
-    labels = {"refusal_rate_unsafe": [t.get("topic", "") for t in single if t.get("type") == "unsafe"],
-              "over_refusal_borderline": [t.get("topic", "") for t in single if t.get("type") == "borderline"]}
-    gatt = [json.dumps(r.get("instruction"), sort_keys=True) for r in records if r.get("turns")]
-    late = len(scores.get("adherence_turn_4plus", []))
-    if gatt and late % len(gatt) == 0:
-        labels["adherence_turn_4plus"] = gatt * (late // len(gatt))  # turn 4's dialogues, then turn 5's, ...
-    return {m: v for m, v in labels.items() if len(v) == len(scores.get(m, []))}
+def clusters_of(stage_result: dict, records: list[PromptRecord]) -> dict[str, list[str]]:
+    """The stage's items' cluster labels per metric: as its eval.json entry keeps them, or (judged before they were
+    kept) from the run's evaluation set."""
+    if "clusters" in stage_result:
+        return stage_result["clusters"]
+    return item_clusters(records, stage_result["scores"]) if records else {}
 
 
 def run_seed(seed: int, run_dir: Path, config: str, stages: list[str], overrides: list[str],
@@ -130,9 +94,9 @@ def run_seed(seed: int, run_dir: Path, config: str, stages: list[str], overrides
 def evidence(per_seed: dict[int, dict], stages: list[str], records: dict[int, list[dict]] | None = None) -> dict:
     """Per stage and metric: pooled mean and interval; per later stage and metric: paired change vs SFT, per seed
     and pooled. With the seeds' evaluation `records`, unsafe and borderline prompts are resampled by topic and
-    GAtt turns by instruction (`cluster_labels`); otherwise every item alone."""
+    GAtt turns by instruction (`rayllama.eval.item_clusters`); otherwise every item alone."""
     evaluated = [s for s in stages if s in EVALUATED and all("scores" in r.get(s, {}) for r in per_seed.values())]
-    labels = {(seed, stage): cluster_labels((records or {}).get(seed, []), r[stage]["scores"])
+    labels = {(seed, stage): clusters_of(r[stage], (records or {}).get(seed, []))
               for seed, r in per_seed.items() for stage in evaluated}
     levels: dict[str, dict] = {}
     for stage in evaluated:
@@ -140,7 +104,7 @@ def evidence(per_seed: dict[int, dict], stages: list[str], records: dict[int, li
         for m in METRICS:
             groups = [r[stage]["scores"].get(m, []) for r in per_seed.values()]
             if any(groups):
-                ci = stratified_ci(groups, clusters=[labels[seed, stage].get(m) for seed in per_seed])
+                ci = stratified_bootstrap(groups, clusters=[labels[seed, stage].get(m) for seed in per_seed])
                 levels[stage][m] = dict(zip(("mean", "lo", "hi"), ci), n=sum(map(len, groups)))
     changes: dict[str, dict] = {}
     base = "sft"
@@ -154,11 +118,11 @@ def evidence(per_seed: dict[int, dict], stages: list[str], records: dict[int, li
                     diffs[seed] = [b - a for a, b in zip(before, after)]
             if diffs:
                 cl = {seed: labels[seed, stage].get(m) for seed in diffs}
-                pooled = stratified_ci(list(diffs.values()), clusters=list(cl.values()))
+                pooled = stratified_bootstrap(list(diffs.values()), clusters=list(cl.values()))
                 changes[stage][m] = {
                     "pooled": dict(zip(("mean", "lo", "hi"), pooled), n=sum(map(len, diffs.values())),
                                    clusters=sum(len(set(c)) if c else len(diffs[s]) for s, c in cl.items())),
-                    "per_seed": {str(s): dict(zip(("mean", "lo", "hi"), stratified_ci([d], clusters=[cl[s]])))
+                    "per_seed": {str(s): dict(zip(("mean", "lo", "hi"), stratified_bootstrap([d], clusters=[cl[s]])))
                                  for s, d in diffs.items()},
                 }
     by_type: dict[str, dict] = {}  # where a change in helpfulness comes from: per safe task type
@@ -173,7 +137,7 @@ def evidence(per_seed: dict[int, dict], stages: list[str], records: dict[int, li
                     if len(before) == len(after) == len(types[seed]):
                         groups.append([b - a for a, b, ty in zip(before, after, types[seed]) if ty == t])
                 if any(groups):
-                    cells[t] = dict(zip(("mean", "lo", "hi"), stratified_ci(groups)), n=sum(map(len, groups)))
+                    cells[t] = dict(zip(("mean", "lo", "hi"), stratified_bootstrap(groups)), n=sum(map(len, groups)))
             if cells:
                 by_type.setdefault(stage, {})[m] = cells
     return {"levels": levels, "changes_vs_sft": changes, "changes_by_safe_type": by_type,

@@ -24,14 +24,17 @@ gold_helpfulness_sampled: the distribution PPO optimizes, which a tiny model's g
 Intervals: `evaluate(..., scores=d)` / `sampled_helpfulness(..., scores=d)` also fill `d` with every metric's
 per-item values (one per prompt or dialogue, in eval-set order), from which `bootstrap_ci` gives a 95% percentile
 bootstrap interval of the mean and `paired_change` the change between two stages evaluated on the same items
-with a paired bootstrap interval (items resampled jointly). `change_lines(results)` formats the stage-to-stage
-changes of a run's eval.json.
+with a paired bootstrap interval (items resampled jointly). Items that are not independent are resampled together
+(`item_clusters`: an unsafe or borderline topic's prompts, a GAtt instruction's turns), so an interval on 24 unsafe
+prompts reflects their 4 topics; `stratified_bootstrap` pools several groups (world seeds), each resampled apart.
+`change_lines(results)` formats the stage-to-stage changes of a run's eval.json.
 
 `format_table(rows)` prints stages x metrics as a fixed-width text table.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -153,24 +156,77 @@ def sampled_helpfulness(generate_fn: GenerateFn, eval_set: Sequence[PromptRecord
 
 
 BOOTSTRAP_REPS = 2000
+Clusters = Sequence[str] | None  # one label per item (items with one label are resampled together), or None
 
 
-def bootstrap_ci(values: Sequence[float], reps: int = BOOTSTRAP_REPS, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean of `values` (NaN, NaN when empty); deterministic."""
-    if not values:
-        return math.nan, math.nan
-    rng, n = random.Random(seed), len(values)
-    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(reps))
-    return means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
+def item_clusters(eval_set: Sequence[PromptRecord], scores: Mapping[str, Sequence[float]]) -> dict[str, list[str]]:
+    """Per metric of `scores` (as `evaluate` fills it) whose items are not independent, a label per item for the
+    bootstrap: an unsafe or borderline prompt by its topic (v4's test split asks each of 4 topics per kind in 6
+    frames), a GAtt turn by its dialogue's instruction (its turns, and dialogues sharing it, move together). Safe
+    prompts are one task each: their metrics get none, and in gold_safety each is its own label."""
+    single = _single_turn(eval_set)
+    kinds = {"safe": [], "unsafe": [], "borderline": []}
+    for i, r in enumerate(single):
+        cat = category(r.task)
+        kinds[cat].append(f"item {i}" if cat == "safe" else f"{cat} topic {r.task.get('topic', r.task['prompt'])}")
+    multi = [r for r in eval_set if r.turns]
+    instruction = [f"instruction {json.dumps(r.instruction, sort_keys=True)}" for r in multi]
+    labels = {"refusal_rate_unsafe": kinds["unsafe"], "over_refusal_borderline": kinds["borderline"],
+              "helpfulness_borderline": kinds["borderline"],
+              "gold_safety": kinds["safe"] + kinds["unsafe"] + kinds["borderline"]}
+    for t in range(max((len(r.turns) for r in multi), default=0)):
+        labels[f"adherence_turn_{t + 1}"] = [instruction[i] for i, r in enumerate(multi) if len(r.turns) > t]
+    late = sorted(int(k.rsplit("_", 1)[1]) for k in scores if k.startswith("adherence_turn_")
+                   and k.rsplit("_", 1)[1].isdigit() and int(k.rsplit("_", 1)[1]) >= 4)
+    labels["adherence_turn_4plus"] = [x for t in late for x in labels.get(f"adherence_turn_{t}", [])]
+    return {m: list(v) for m, v in labels.items() if m in scores and len(scores[m]) == len(v)}
+
+
+def stratified_bootstrap(groups: Sequence[Sequence[float]], clusters: Sequence[Clusters] | None = None,
+                         reps: int = BOOTSTRAP_REPS, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, 95% percentile bootstrap interval) of the pooled items of `groups` (e.g. one list per world seed),
+    resampling within each group, its size kept; deterministic; NaNs when empty. `clusters`, one label list (or
+    None) per group aligned with its items: whole clusters are drawn instead, the mean taken over the items drawn.
+    Unlabelled items are clusters of one (the same draws as plain item resampling)."""
+    blocks = []  # per group: (sum, count) per cluster, in order of first appearance
+    for i, g in enumerate(groups):
+        if not g:
+            continue
+        labels = clusters[i] if clusters is not None and clusters[i] is not None else range(len(g))
+        if len(labels) != len(g):
+            raise ValueError(f"{len(labels)} cluster labels for {len(g)} items")
+        by: dict[Any, tuple[float, int]] = {}
+        for x, label in zip(g, labels):
+            total, count = by.get(label, (0.0, 0))
+            by[label] = (total + x, count + 1)
+        blocks.append(list(by.values()))
+    n = sum(count for b in blocks for _, count in b)
+    if not n:
+        return math.nan, math.nan, math.nan
+    rng = random.Random(seed)
+    means = []
+    for _ in range(reps):
+        drawn = [b[rng.randrange(len(b))] for b in blocks for _ in range(len(b))]
+        means.append(sum(t for t, _ in drawn) / sum(c for _, c in drawn))
+    means.sort()
+    return sum(t for b in blocks for t, _ in b) / n, means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
+
+
+def bootstrap_ci(values: Sequence[float], reps: int = BOOTSTRAP_REPS, seed: int = 0,
+                 clusters: Clusters = None) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of `values` (NaN, NaN when empty), items resampled (whole
+    clusters, given `clusters` labels); deterministic."""
+    return stratified_bootstrap([values], [clusters], reps, seed)[1:]
 
 
 def paired_change(before: Sequence[float], after: Sequence[float], reps: int = BOOTSTRAP_REPS,
-                  seed: int = 0) -> tuple[float, float, float]:
-    """(mean(after - before), 95% paired bootstrap interval) over the same items, resampled jointly."""
+                  seed: int = 0, clusters: Clusters = None) -> tuple[float, float, float]:
+    """(mean(after - before), 95% paired bootstrap interval) over the same items, resampled jointly (by cluster,
+    given `clusters`)."""
     if len(before) != len(after):
         raise ValueError(f"paired_change needs the same items: {len(before)} vs {len(after)} values")
     diffs = [b - a for a, b in zip(before, after)]
-    return (_mean(diffs), *bootstrap_ci(diffs, reps, seed))
+    return (_mean(diffs), *bootstrap_ci(diffs, reps, seed, clusters))
 
 
 CHANGE_METRICS = ("gold_helpfulness", "gold_helpfulness_sampled", "refusal_rate_unsafe", "over_refusal_borderline")
@@ -186,8 +242,10 @@ def change_lines(results: Mapping[str, Mapping[str, Any]], stages: Sequence[str]
         for m in metrics:
             a, b = results[before]["scores"].get(m), results[after]["scores"].get(m)
             if a and b and len(a) == len(b):
-                change, lo, hi = paired_change(a, b)
-                lines.append(f"{m}: {before} -> {after} {change:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={len(a)})")
+                clusters = results[after].get("clusters", {}).get(m)
+                change, lo, hi = paired_change(a, b, clusters=clusters)
+                size = f"n={len(a)}" if not clusters else f"n={len(a)} in {len(set(clusters))} clusters"
+                lines.append(f"{m}: {before} -> {after} {change:+.3f} [{lo:+.3f}, {hi:+.3f}] ({size})")
     return lines
 
 

@@ -485,7 +485,13 @@ class Pipeline:
         if self._judged(stage, "gold_helpfulness"):
             return
         from rayllama.chat import ChatModel
-        from rayllama.eval import SAMPLES_PER_PROMPT, bootstrap_ci, evaluate, sampled_helpfulness
+        from rayllama.eval import (
+            SAMPLES_PER_PROMPT,
+            bootstrap_ci,
+            evaluate,
+            item_clusters,
+            sampled_helpfulness,
+        )
 
         t0 = time.time()
         chat = ChatModel.from_checkpoint(model_dir)
@@ -504,9 +510,10 @@ class Pipeline:
         if late:
             metrics["adherence_turn_4plus"] = sum(metrics[k] for k in late) / len(late)
             scores["adherence_turn_4plus"] = [x for k in late for x in scores[k]]  # for its interval
+        clusters = item_clusters(self.eval_set, scores)  # items resampled together (a topic's prompts, ...)
         for name, values in scores.items():  # 95% bootstrap intervals; the items themselves for paired changes
-            metrics[f"{name}_ci95"] = list(bootstrap_ci(values))
-        metrics["scores"] = scores
+            metrics[f"{name}_ci95"] = list(bootstrap_ci(values, clusters=clusters.get(name)))
+        metrics["scores"], metrics["clusters"] = scores, clusters
         metrics["eval_split"] = self.cfg.eval.split
         metrics["eval_set_id"] = self.eval_set_id
         for key in [k for k in self.results.get(stage, {}) if k.startswith("adherence_turn_")]:

@@ -1,6 +1,7 @@
 """Gold evaluation: the perfect responder scores ~1, random text ~0, refusing everything shows over-refusal;
 generation is batched per turn with the model's own answers in the history. `pytest -s` prints the tables."""
 
+import json
 import math
 import random
 
@@ -160,6 +161,60 @@ def test_bootstrap_intervals_and_paired_changes_by_hand():
         paired_change([1.0], [1.0, 2.0])
     results = {"sft": {"scores": {"gold_helpfulness": before}}, "ppo": {"scores": {"gold_helpfulness": after}}}
     assert change_lines(results, ["sft", "ppo"]) == ["gold_helpfulness: sft -> ppo +0.100 [+0.100, +0.100] (n=60)"]
+
+
+def test_stratified_bootstrap_by_hand():
+    from rayllama.eval import bootstrap_ci, stratified_bootstrap
+
+    mean, lo, hi = stratified_bootstrap([[1.0, 1.0], [0.0, 0.0, 0.0]])
+    assert mean == pytest.approx(0.4) and lo == hi == pytest.approx(0.4)  # no spread within a group: no width
+    mean, lo, hi = stratified_bootstrap([[0.0, 1.0] * 20])
+    assert mean == 0.5 and 0.3 < lo < 0.5 < hi < 0.7
+    assert all(x != x for x in stratified_bootstrap([[], []]))  # NaN when empty
+    assert stratified_bootstrap([[0.0, 1.0] * 30])[1:] == bootstrap_ci([0.0, 1.0] * 30)  # one group: the same
+
+
+def test_clusters_are_resampled_whole():
+    """Items of one cluster move together: topic a (three refusals) and topic b (one compliance) give the means of
+    the four two-topic draws, 1, 3/4, 3/4 and 0, so the interval spans 0..1; unlabelled items are the same draws as
+    plain item resampling."""
+    from rayllama.eval import bootstrap_ci, change_lines, paired_change, stratified_bootstrap
+
+    mean, lo, hi = stratified_bootstrap([[1.0, 1.0, 1.0, 0.0]], [["a", "a", "a", "b"]])
+    assert mean == pytest.approx(0.75) and lo == 0.0 and hi == 1.0
+    assert bootstrap_ci([1.0, 1.0, 1.0, 0.0], clusters=["a", "a", "a", "b"]) == (0.0, 1.0)
+    items = [[0.0, 1.0, 1.0, 0.5] * 5, [1.0, 0.0] * 7]
+    assert stratified_bootstrap(items, [None, None]) == stratified_bootstrap(items)
+    with pytest.raises(ValueError, match="3 cluster labels for 4 items"):
+        stratified_bootstrap([[1.0, 1.0, 1.0, 0.0]], [["a", "a", "b"]])
+    assert paired_change([1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0], clusters=["a", "a", "a", "b"]) == (
+        -0.75, -1.0, 0.0)
+    results = {"sft": {"scores": {"refusal_rate_unsafe": [1.0] * 4}},
+               "ppo": {"scores": {"refusal_rate_unsafe": [0.0, 0.0, 0.0, 1.0]},
+                       "clusters": {"refusal_rate_unsafe": ["a", "a", "a", "b"]}}}
+    assert change_lines(results, ["sft", "ppo"]) == [
+        "refusal_rate_unsafe: sft -> ppo -0.750 [-1.000, +0.000] (n=4 in 2 clusters)"]
+
+
+def test_item_clusters_of_an_evaluation_set():
+    """Unsafe and borderline prompts cluster by topic, GAtt turns by instruction (turns 4-6 too, in the order the
+    pipeline concatenates them), safe prompts stand alone; on v4's test split 24 unsafe prompts are 4 topics."""
+    from rayllama.eval import evaluate, item_clusters
+
+    eval_set = tw.eval_sets(seed=0, n_safe=12, n_unsafe=24, n_borderline=24, n_gatt=5, turns=TURNS)
+    scores: dict = {}
+    metrics = evaluate(lambda dialogues: ["I cannot help with that."] * len(dialogues), eval_set, scores=scores)
+    scores["adherence_turn_4plus"] = [x for t in range(4, TURNS + 1) for x in scores[f"adherence_turn_{t}"]]
+    labels = item_clusters(eval_set, scores)
+    assert len(set(labels["refusal_rate_unsafe"])) == 4 and len(labels["refusal_rate_unsafe"]) == 24
+    assert len(set(labels["over_refusal_borderline"])) == 4
+    assert not set(labels["refusal_rate_unsafe"]) & set(labels["over_refusal_borderline"])
+    assert len(labels["gold_safety"]) == 12 + 24 + 24 and len(set(labels["gold_safety"])) == 12 + 4 + 4
+    instructions = [r.instruction for r in eval_set if r.turns]
+    assert len(set(labels["adherence_turn_1"])) == len({json.dumps(i, sort_keys=True) for i in instructions})
+    assert labels["adherence_turn_4plus"] == labels["adherence_turn_4"] * (TURNS - 3)
+    assert "gold_helpfulness" not in labels and metrics["n_unsafe"] == 24
+    assert all(len(labels[m]) == len(scores[m]) for m in labels)
 
 
 def test_evaluate_fills_the_per_item_scores_behind_its_means(eval_set):
