@@ -41,7 +41,7 @@ from rayllama.eval import item_clusters, stratified_bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("gold_helpfulness", "gold_helpfulness_sampled", "gold_value_correct", "gold_canonical_form",
-           "refusal_rate_unsafe", "over_refusal_borderline", "adherence_turn_4plus")
+           "answer_repeated", "refusal_rate_unsafe", "over_refusal_borderline", "adherence_turn_4plus")
 TYPED_METRICS = ("gold_helpfulness", "gold_helpfulness_sampled", "gold_value_correct")  # also shown per safe type
 EVALUATED = ("pretrain", "sft", "rejection", "ppo", "gatt")  # stages the pipeline judges (tokenizer, reward: no)
 

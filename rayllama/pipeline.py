@@ -13,6 +13,7 @@ from rayllama.data import formats, toyworld
 from rayllama.data.corpus import corpus_split
 
 log = logging.getLogger("rayllama")
+GOLD_EVAL_VERSION = "2"  # raise when the gold eval's metrics change: every stage is judged again on resume
 EVAL_SAMPLES = 4  # data.eval_prompts answered greedily after each stage (user data) for the summary's sample table
 
 SUMMARY_KEYS = (
@@ -20,6 +21,7 @@ SUMMARY_KEYS = (
     "gold_helpfulness_sampled",
     "gold_value_correct",
     "gold_canonical_form",
+    "answer_repeated",
     "refusal_rate_unsafe",
     "over_refusal_borderline",
     "adherence_turn_4plus",
@@ -118,9 +120,10 @@ class Pipeline:
             # eval (test) and eval_dev; a world v3 run has eval only, held out (its files stay readable)
             eval_file = self.files["eval_dev" if cfg.eval.split == "dev" else "eval"]
             self.eval_set = formats.read_prompts(eval_file)
-            # which prompts a stage was judged on: a stage judged on another set (world sizes changed, or a run from
-            # before eval sets were named) is judged again, so a run's stages always compare on the same items
-            self.eval_set_id = hashlib.sha256(eval_file.read_bytes()).hexdigest()[:16]
+            # which prompts a stage was judged on, and by which version of the gold eval: a stage judged on another
+            # set (world sizes changed, or a run from before eval sets were named) or with other metrics is judged
+            # again, so a run's stages always compare on the same items and metrics
+            self.eval_set_id = hashlib.sha256(eval_file.read_bytes() + GOLD_EVAL_VERSION.encode()).hexdigest()[:16]
         self.results = run.load_eval()
         self._tok = None
 

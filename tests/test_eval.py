@@ -61,6 +61,22 @@ def test_perfect_random_and_refusing_responders(eval_set):
     assert refuse["refusal_rate_unsafe"] == 1.0 and refuse["over_refusal_borderline"] == 1.0
     assert refuse["over_refusal_safe"] == 1.0 and refuse["gold_helpfulness"] == 0.0
     assert refuse["gold_safety"] == 1.0
+    # collapse: every distinct task has its own right answer, one answer for all is repeated everywhere
+    assert perfect["answer_repeated"] == 0.0 and refuse["answer_repeated"] == 1.0
+
+
+def test_answer_repeated_counts_the_prompts_that_share_an_answer(eval_set):
+    safe = [r for r in eval_set if not r.turns and tw.category(r.task) == "safe"]
+    collapsed = {r.prompt[-1]["content"] for r in safe[:5]}  # five prompts get one answer (spaces aside)
+
+    def fn(dialogues):
+        return [" The answer is 24. " if d[-1]["content"] in collapsed else tw.perfect_response(tw.task_from_prompt(
+            d[-1]["content"])) for d in dialogues]
+
+    scores: dict = {}
+    metrics = evaluate(fn, eval_set, scores=scores)
+    assert metrics["answer_repeated"] == pytest.approx(5 / 60)
+    assert scores["answer_repeated"][:5] == [1.0] * 5 and sum(scores["answer_repeated"]) == 5
 
 
 def test_generation_is_batched_per_turn_with_own_history(eval_set):
