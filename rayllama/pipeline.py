@@ -468,15 +468,16 @@ class Pipeline:
             self._eval_writer = None
 
     def _judged(self, stage: str, key: str) -> bool:
-        """Whether eval.json holds `key` for `stage`, judged on this run's evaluation set; if on another one, say so
-        (the caller judges it again)."""
+        """Whether eval.json holds `key` for `stage`, judged on this run's evaluation set by this gold eval version;
+        if not, say so (the caller judges it again)."""
         done = self.results.get(stage, {})
         if key not in done:
             return False
         if done.get("eval_set_id") == self.eval_set_id:
             return True
-        log.info(f"{stage}: judged on another evaluation set ({done.get('eval_set_id') or 'unnamed'}; now "
-                 f"{self.eval_set_id}, {len(self.eval_set)} prompts): judging it again")
+        log.info(f"{stage}: judged on another evaluation set or by an older gold eval "
+                 f"({done.get('eval_set_id') or 'unnamed'}; now {self.eval_set_id}, {len(self.eval_set)} prompts): "
+                 "judging it again")
         return False
 
     def gold_eval(self, stage: str, model_dir: Path) -> None:
