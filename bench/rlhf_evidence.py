@@ -20,8 +20,9 @@ resampled within each seed); then each later stage minus SFT, paired on the same
 the seeds (the mean of the per-item differences, a stratified paired bootstrap interval). A difference whose
 interval excludes 0 is marked `*`. Items that are not independent are resampled together: the prompts of one
 unsafe or borderline topic (v4's test split has 4 topics of each, 6 prompts per topic), and the late turns of the
-GAtt dialogues of one instruction; the table says how many such clusters an interval rests on. Writes OUT.json and OUT.png (gold helpfulness, refusal of unsafe prompts and
-over-refusal by stage, with intervals; adherence by turn when GAtt ran).
+GAtt dialogues of one instruction; the table says how many such clusters an interval rests on. Last, each later
+stage's helpfulness change per safe task type. Writes OUT.json and OUT.png (gold helpfulness, refusal of unsafe
+prompts and over-refusal by stage, with intervals; adherence by turn when GAtt ran).
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def run_seed(seed: int, run_dir: Path, config: str, stages: list[str], overrides
     return json.loads(eval_path.read_text())
 
 
-def evidence(per_seed: dict[int, dict], stages: list[str], records: dict[int, list[dict]] | None = None) -> dict:
+def evidence(per_seed: dict[int, dict], stages: list[str],
+             records: dict[int, list[PromptRecord]] | None = None) -> dict:
     """Per stage and metric: pooled mean and interval; per later stage and metric: paired change vs SFT, per seed
     and pooled. With the seeds' evaluation `records`, unsafe and borderline prompts are resampled by topic and
     GAtt turns by instruction (`rayllama.eval.item_clusters`); otherwise every item alone."""

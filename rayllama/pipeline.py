@@ -510,10 +510,6 @@ class Pipeline:
             logged_calls(chat.sample_fn(temperature, seed=self.cfg.seed), f"gold eval after {stage} (sampled)"),
             self.eval_set, SAMPLES_PER_PROMPT, scores=scores
         )
-        late = [k for k in scores if k.startswith("adherence_turn_") and int(k.rsplit("_", 1)[1]) >= 4]
-        if late:
-            metrics["adherence_turn_4plus"] = sum(metrics[k] for k in late) / len(late)
-            scores["adherence_turn_4plus"] = [x for k in late for x in scores[k]]  # for its interval
         clusters = item_clusters(self.eval_set, scores)  # items resampled together (a topic's prompts, ...)
         for name, values in scores.items():  # 95% bootstrap intervals; the items themselves for paired changes
             metrics[f"{name}_ci95"] = list(bootstrap_ci(values, clusters=clusters.get(name)))

@@ -220,7 +220,10 @@ def test_item_clusters_of_an_evaluation_set():
     eval_set = tw.eval_sets(seed=0, n_safe=12, n_unsafe=24, n_borderline=24, n_gatt=5, turns=TURNS)
     scores: dict = {}
     metrics = evaluate(lambda dialogues: ["I cannot help with that."] * len(dialogues), eval_set, scores=scores)
-    scores["adherence_turn_4plus"] = [x for t in range(4, TURNS + 1) for x in scores[f"adherence_turn_{t}"]]
+    # evaluate joins turns 4 and later itself (their mean of means, their items in turn order)
+    assert scores["adherence_turn_4plus"] == [x for t in range(4, TURNS + 1) for x in scores[f"adherence_turn_{t}"]]
+    assert metrics["adherence_turn_4plus"] == pytest.approx(
+        sum(metrics[f"adherence_turn_{t}"] for t in range(4, TURNS + 1)) / (TURNS - 3))
     labels = item_clusters(eval_set, scores)
     assert len(set(labels["refusal_rate_unsafe"])) == 4 and len(labels["refusal_rate_unsafe"]) == 24
     assert len(set(labels["over_refusal_borderline"])) == 4
