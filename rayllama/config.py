@@ -200,6 +200,9 @@ class RewardConfig:
     # later rounds (LLaMA 2's RLHF-V2..V5 rated samples of the latest models): more policies (checkpoint paths or
     # URIs, e.g. the last round's runs/<name>/ppo/model) whose samples give policy_pairs prompts' pairs each
     policy_pairs_from: list[str] = field(default_factory=list)
+    # LLaMA 2 sampled a pair's two responses from two model variants: with this, each later policy's pairs set one
+    # of its answers against one of the SFT policy's on the same prompt (reward.policy_samples from each)
+    policy_pairs_with_sft: bool = False
     policy_samples: int = 4
     policy_temperature: float = 1.0
     optim: OptimConfig = field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from rayllama.checkpoint import is_complete
@@ -54,21 +55,28 @@ class PipelineError(RuntimeError):
     """A stage failed or cannot start; the message names the stage and the fix."""
 
 
-def sample_policy_pairs(cfg: PipelineConfig, policy: Path, kind: str, n: int, seed: int,
+def sample_policy_pairs(cfg: PipelineConfig, policy: Path | Sequence[Path], kind: str, n: int, seed: int,
                         split: str = "train") -> list:
     """Preference pairs over `policy`'s own samples: n prompts of the kind's preference mix from `split`,
     reward.policy_samples answers each at reward.policy_temperature, a pair per prompt rated by the gold annotator
-    (toyworld.policy_pairs; a prompt whose samples are all equally good gives none)."""
+    (toyworld.policy_pairs; a prompt whose samples are all equally good gives none). Several policies: each
+    samples that many answers of the same prompts, and a pair's two answers come from two different policies."""
     from rayllama.chat import ChatModel
     from rayllama.generation import SamplingParams
 
     r = cfg.reward
+    policies = [policy] if isinstance(policy, (str, Path)) else list(policy)
     prompts = toyworld.rl_prompts(n, seed, split, mix=toyworld.PREF_MIX[kind])
-    chat = ChatModel.from_checkpoint(policy, device=cfg.device)
-    params = SamplingParams(max_new_tokens=cfg.ppo.max_new_tokens, temperature=r.policy_temperature,
-                            n=r.policy_samples, stop_token_ids=(chat.tok.eos_id,), seed=seed)
-    responses = chat.respond([p.prompt for p in prompts], params)
-    return toyworld.policy_pairs(prompts, responses, kind, seed)
+    responses: list[list[str]] = [[] for _ in prompts]
+    models: list[list[int]] = [[] for _ in prompts]
+    for m, path in enumerate(policies):
+        chat = ChatModel.from_checkpoint(path, device=cfg.device)
+        params = SamplingParams(max_new_tokens=cfg.ppo.max_new_tokens, temperature=r.policy_temperature,
+                                n=r.policy_samples, stop_token_ids=(chat.tok.eos_id,), seed=seed + m)
+        for i, answers in enumerate(chat.respond([p.prompt for p in prompts], params)):
+            responses[i] += answers
+            models[i] += [m] * len(answers)
+    return toyworld.policy_pairs(prompts, responses, kind, seed, models if len(policies) > 1 else None)
 
 
 def write_world_once(data_dir: Path, cfg: PipelineConfig) -> dict[str, Path]:
@@ -611,7 +619,7 @@ class Pipeline:
         kinds = ("helpfulness", "safety") if not self.user_data else self.reward_kinds()
         todo = [k for k in kinds if not is_complete(self.run.reward_model(k))]
         policies = [sft, *self.cfg.reward.policy_pairs_from] if todo else []  # the SFT policy's pairs, then later rounds'
-        pairs = {k: self.pairs[k] + [p for i, policy in enumerate(policies) for p in self.policy_pairs(k, policy, i)]
+        pairs = {k: self.pairs[k] + [p for i, policy in enumerate(policies) for p in self.policy_pairs(k, policy, i, sft)]
                  for k in kinds}
         for kind in kinds:
             out = self.run.reward_model(kind)
@@ -637,30 +645,36 @@ class Pipeline:
         log.info(f"safety RM prefers the refusal on {self.results['reward-safety']['rm_prefers_refusal_unsafe']:.3f} "
                  f"of held-out unsafe prompts")
 
-    def policy_pairs(self, kind: str, policy: Path | str, index: int = 0) -> list:
+    def policy_pairs(self, kind: str, policy: Path | str, index: int = 0, sft: Path | str | None = None) -> list:
         """reward.policy_pairs preference pairs over `policy`'s own samples, rated by the gold annotator
         (toyworld.policy_pairs), written once to data/pref_<kind>_policy.jsonl and read back after. `index` > 0:
         the policy (path or URI) is reward.policy_pairs_from[index - 1]: its own prompts, and its own file named by
-        the path, so a changed list samples again."""
+        the path, so a changed list samples again. With reward.policy_pairs_with_sft, such a later policy's pairs
+        each set one of its answers against one of the SFT policy `sft`'s on the same prompt."""
         from rayllama import storage
 
         r = self.cfg.reward
+        against_sft = index > 0 and r.policy_pairs_with_sft
+        key = f"{policy} vs {sft}" if against_sft else str(policy)
         name = f"pref_{kind}_policy.jsonl" if index == 0 else \
-            f"pref_{kind}_policy-{hashlib.sha256(str(policy).encode()).hexdigest()[:12]}.jsonl"
+            f"pref_{kind}_policy-{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl"
         path = self.run.data / name
         if r.policy_pairs == 0:
             return []
         if not path.exists():
             self.run.pull(path)  # sampled by an earlier driver of a run on an object store
         if not path.exists():
+            if against_sft and sft is None:
+                raise ValueError("reward.policy_pairs_with_sft needs the SFT policy to pair against; pass sft")
             t0 = time.time()
             seed = self.cfg.world_seed * 7919 + (1 if kind == "helpfulness" else 2) + 100 * index
-            log.info(f"reward-{kind}: sampling {r.policy_pairs} prompts x {r.policy_samples} answers of "
-                     f"{'the SFT policy' if index == 0 else policy} for policy pairs (one batched call)")
-            formats.write_jsonl(path, sample_policy_pairs(self.cfg, storage.local_dir(policy), kind, r.policy_pairs,
-                                                          seed))
+            who = "the SFT policy" if index == 0 else f"{policy} and the SFT policy" if against_sft else policy
+            log.info(f"reward-{kind}: sampling {r.policy_pairs} prompts x {r.policy_samples} answers of {who} for "
+                     f"policy pairs (one batched call per policy)")
+            policies = [storage.local_dir(p) for p in ((policy, sft) if against_sft else (policy,))]
+            formats.write_jsonl(path, sample_policy_pairs(self.cfg, policies, kind, r.policy_pairs, seed))
             self.run.push(path)
-            log.info(f"reward-{kind}: {r.policy_pairs} prompts x {r.policy_samples} policy samples rated into "
+            log.info(f"reward-{kind}: {r.policy_pairs} prompts x {r.policy_samples} samples of {who} rated into "
                      f"pairs in {time.time() - t0:.0f} s")
         return formats.read_preferences(path)
 

@@ -577,6 +577,27 @@ def test_policy_pairs_rate_the_policy_samples_like_the_written_pairs():
         tw.policy_pairs([add], [], "helpfulness", seed=0)
 
 
+def test_policy_pairs_of_two_models_set_one_model_against_the_other():
+    """With `models`, a pair's answers come from two different models (LLaMA 2 sampled a pair from two model
+    variants): a prompt where only one model's answers differ gives no pair, and an answer both gave pairs with
+    either model's."""
+    add = next(r for r in tw.rl_prompts(40, seed=3, mix={"safe": 1.0}) if r.task["type"] == "add")
+    right, wrong = tw.perfect_response(add.task), "The answer is 0."
+    # prompt 0: model 0 gave right and wrong, model 1 wrong: only (right, wrong) across, as model 1's wrong
+    # prompt 1: model 0 gave right and wrong, model 1 nothing different from model 0's right: (right, wrong)
+    # prompt 2: both answers from model 0 alone: no pair
+    samples = [[right, wrong, wrong], [right, wrong, right], [right, wrong]]
+    models = [[0, 0, 1], [0, 0, 1], [0, 0]]
+    pairs = tw.policy_pairs([add] * 3, samples, "helpfulness", seed=0, models=models)
+    assert len(pairs) == 2 and all({p.chosen, p.rejected} == {right, wrong} for p in pairs)
+    assert tw.policy_pairs([add] * 3, samples, "helpfulness", seed=0) != pairs  # one model: prompt 2 pairs too
+    three = [[right, wrong, "blah blah."]]
+    across = tw.policy_pairs([add], three, "helpfulness", seed=1, models=[[0, 0, 1]])
+    assert len(across) == 1 and "blah blah." in (across[0].chosen, across[0].rejected)
+    with pytest.raises(ValueError, match="model lists"):
+        tw.policy_pairs([add], [[right]], "helpfulness", seed=0, models=[])
+
+
 def test_pipeline_writes_policy_pairs_once_and_reads_them_back(tmp_path, monkeypatch):
     """Pipeline.policy_pairs samples reward.policy_samples answers per prompt from the policy (here a scripted
     stand-in for ChatModel: one right, one wrong answer), has the annotator rate them into
@@ -622,6 +643,15 @@ def test_pipeline_writes_policy_pairs_once_and_reads_them_back(tmp_path, monkeyp
     assert [p.prompt for p in later] != [p.prompt for p in pairs]
     assert pipeline.policy_pairs("helpfulness", str(tmp_path / "r1-ppo"), 1) == later and len(calls) == 2
     assert len(list((tmp_path / "data").glob("pref_helpfulness_policy*.jsonl"))) == 2
+    # reward.policy_pairs_with_sft: the later policy and the SFT policy each answer the same prompts, and every
+    # pair sets one's answer against the other's, in a file of its own
+    pipeline.cfg.reward.policy_pairs_with_sft = True
+    both = pipeline.policy_pairs("helpfulness", str(tmp_path / "r1-ppo"), 1, sft=tmp_path / "sft" / "model")
+    assert len(calls) == 4 and opened[-2:] == [tmp_path / "r1-ppo", tmp_path / "sft" / "model"]
+    assert [p.prompt for p in both] == [p.prompt for p in later] and len(both) == 5
+    assert len(list((tmp_path / "data").glob("pref_helpfulness_policy*.jsonl"))) == 3
+    with pytest.raises(ValueError, match="needs the SFT policy"):
+        pipeline.policy_pairs("helpfulness", str(tmp_path / "r2-ppo"), 1)
     # the same sampling on held-out prompts (bench/reward_errors.py: the RMs on the policy's own answers)
     held = sample_policy_pairs(cfg, tmp_path / "sft" / "model", "helpfulness", 6, seed=5, split="dev")
     heldout = {tw.task_key(t) for ty in (*tw.SAFE_TYPES, "borderline") for t in tw.task_pool(ty, "dev")}

@@ -591,22 +591,31 @@ def _annotate(rng: random.Random, task: Mapping[str, Any], kind: str, rating: st
 
 
 def policy_pairs(records: Sequence[PromptRecord], responses: Sequence[Sequence[str]], kind: str,
-                 seed: int) -> list[PreferenceRecord]:
+                 seed: int, models: Sequence[Sequence[int]] | None = None) -> list[PreferenceRecord]:
     """Preference pairs over a policy's own samples, as LLaMA 2's annotators compared samples of the latest
     models: for each prompt, its distinct responses are scored by the gold judge, a rating is drawn uniformly
     among those its pairs reach, and one pair with that rating is recorded by the annotator (`_annotate`, with
-    its noise). A prompt whose samples are all equally good gives no pair. Extra field "source": "policy"."""
+    its noise). A prompt whose samples are all equally good gives no pair. Extra field "source": "policy".
+    `models[i][j]`, when given, is the model that sampled responses[i][j]; then a pair's two responses come from
+    two different models (LLaMA 2 sampled a pair's responses from two model variants; an answer both models
+    gave counts as either's)."""
     if kind not in PREF_MIX:
         raise ValueError(f"unknown preference kind {kind!r}; use helpfulness or safety")
-    if len(records) != len(responses):
-        raise ValueError(f"{len(records)} prompts but {len(responses)} response lists; give one list per prompt")
+    if len(records) != len(responses) or (models is not None and len(models) != len(responses)):
+        raise ValueError(f"{len(records)} prompts but {len(responses)} response lists"
+                         f"{'' if models is None else f' and {len(models)} model lists'}; give one list per prompt")
     rng = _rng(seed, f"policy-pref-{kind}", "train")
     out: list[PreferenceRecord] = []
-    for record, answers in zip(records, responses):
+    for i, (record, answers) in enumerate(zip(records, responses)):
         task = record.task or {}
-        scored = [(a, gold_scores(task, a)) for a in sorted(set(answers))]
+        sampled_by: dict[str, set[int]] = {}
+        for j, a in enumerate(answers):
+            sampled_by.setdefault(a, set()).add(0 if models is None else models[i][j])
+        scored = [(a, gold_scores(task, a)) for a in sorted(sampled_by)]
         by_rating: dict[str, list[tuple[Scored, Scored]]] = {}
         for p in combinations(scored, 2):
+            if models is not None and len(sampled_by[p[0][0]] | sampled_by[p[1][0]]) < 2:
+                continue  # both answers from one model only
             for x, y in (p, p[::-1]):
                 rating = pair_rating(kind, x[1], y[1])
                 if rating is not None:
