@@ -219,16 +219,17 @@ def _with_interval(value, ci95) -> object:
 
 def summary_table(results: dict, stages: list[str]) -> str:
     """The gold judge's and the reward models' headline metrics (pipeline.SUMMARY_KEYS, in that order), one row
-    per stage in `stages` order (reward: both models), then the stages of earlier runs of the run dir, each gold
-    metric with its 95% bootstrap interval; then each stage-to-stage change with its paired bootstrap interval
-    (rayllama.eval.change_lines)."""
+    per stage of `stages` (reward: both models) and of earlier runs of the run dir, in the pipeline's order
+    (config.STAGES), each gold metric with its 95% bootstrap interval; then each stage-to-stage change with its
+    paired bootstrap interval (rayllama.eval.change_lines), so a run that continues an earlier one's SFT model
+    (stages=[reward,ppo]) shows sft -> ppo."""
     from rayllama.config import STAGES
     from rayllama.eval import change_lines, format_table
     from rayllama.pipeline import SUMMARY_KEYS
 
     order = [x for s in stages for x in (("reward-helpfulness", "reward-safety") if s == "reward" else (s,))]
-    order += sorted((s for s in results if s not in order),
-                    key=lambda s: STAGES.index(s.split("-")[0]) if s.split("-")[0] in STAGES else len(STAGES))
+    order += [s for s in results if s not in order]
+    order.sort(key=lambda s: STAGES.index(s.split("-")[0]) if s.split("-")[0] in STAGES else len(STAGES))
     rows = {s: {k: _with_interval(v, results[s].get(f"{k}_ci95")) for k, v in results.get(s, {}).items()
                 if k in SUMMARY_KEYS} for s in order}
     rows = {s: r for s, r in rows.items() if r}

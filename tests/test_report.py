@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from rayllama.report import main as report_main
+from rayllama.report import summary_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PLOTS = ("loss.png", "ppo.png", "rm_accuracy.png", "best_of_k.png", "adherence.png")
@@ -223,3 +224,16 @@ assert main([str(run)]) == 0
     assert result.returncode == 0, result.stderr[-3000:]
     assert_png(tmp_path / "run" / "rejection" / "best_of_k.png")
     assert_png(tmp_path / "run" / "report" / "best_of_k.png")
+
+
+def test_the_summary_follows_the_pipeline_order_when_a_run_continues_an_earlier_one():
+    """A run of stages=[reward,ppo] on a run dir whose SFT stage an earlier driver judged (eval.json holds ppo
+    before sft when ppo was judged again): rows and changes in the pipeline's order, sft -> ppo."""
+    def judged(h):
+        return {"gold_helpfulness": h, "gold_helpfulness_ci95": [h - 0.1, h + 0.1], "scores": {"gold_helpfulness": [h] * 4}}
+
+    results = {"ppo": judged(0.2), "reward-helpfulness": {"rm_accuracy": 0.66}, "sft": judged(0.5)}
+    table = summary_table(results, ["reward", "ppo"])
+    rows = [line.split()[0] for line in table.splitlines()[2:] if line.strip() and not line.startswith(("-", "changes"))]
+    assert rows[:3] == ["sft", "reward-helpfulness", "ppo"], table
+    assert "gold_helpfulness: sft -> ppo -0.300" in table and "ppo -> sft" not in table
