@@ -570,6 +570,9 @@ def validate(cfg: PipelineConfig) -> None:
     _check(not cfg.reward.policy_pairs_from or cfg.reward.policy_pairs > 0,
            f"reward.policy_pairs_from lists {len(cfg.reward.policy_pairs_from)} policies but reward.policy_pairs is "
            f"0; set reward.policy_pairs to the prompts per policy")
+    _check(not cfg.reward.policy_pairs_with_sft or cfg.reward.policy_pairs_from,
+           "reward.policy_pairs_with_sft pairs later policies' answers against the SFT policy's, but "
+           "reward.policy_pairs_from is empty; list the later policies there or drop policy_pairs_with_sft")
     _check(cfg.reward.policy_samples >= 2, f"reward.policy_samples {cfg.reward.policy_samples} must be >= 2 (a pair)")
     _check(cfg.reward.policy_temperature > 0, f"reward.policy_temperature {cfg.reward.policy_temperature} must be > 0")
     p = cfg.ppo

@@ -103,6 +103,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
         ("ppo.prefetch_scoring=both", "ppo.prefetch_scoring 'both' is not auto, serial or parallel"),
         ("reward.policy_pairs=0 reward.policy_pairs_from=[runs/r1/ppo/model]",
          "reward.policy_pairs_from lists 1 policies but reward.policy_pairs is 0"),
+        ("reward.policy_pairs_with_sft=true", "reward.policy_pairs_from is empty; list the later policies there"),
     ],
 )
 def test_semantic_errors_name_the_key_and_the_fix(override, needle):
