@@ -11,17 +11,19 @@ listed evaluated stage is read as it is; otherwise (or always, with --rejudge) t
 rayllama.driver CONFIG seed=N run_dir=RUN_DIR stages=[...] eval.split=SPLIT`, resuming whatever the run dir holds:
 finished training is skipped, and a stage judged on another evaluation set than the config's is judged again), its
 log in RUN_DIR.log. A run whose stages were judged on different evaluation sets is refused (they would not pair). The
-world seed follows the run seed, so every seed is another world (its own training data and test prompts).
+world seed follows the run seed, so every seed is another world (its own training data and RL prompts; the test
+split, fixed by the task itself, is the same tasks and topics in every world).
 `--split dev` is the same table on the dev split, for choosing settings (runs in runs/evidence-dev by default);
 report the test split, which nothing was chosen on. A run judged on another split than `--split` is refused.
 
-Printed: per stage, each gold metric's mean over the seeds' items of the split with a 95% bootstrap interval (items
-resampled within each seed); then each later stage minus SFT, paired on the same items: per seed, and pooled over
-the seeds (the mean of the per-item differences, a stratified paired bootstrap interval). A difference whose
-interval excludes 0 is marked `*`. Items that are not independent are resampled together: the prompts of one
-unsafe or borderline topic (v4's test split has 4 topics of each, 6 prompts per topic), and the late turns of the
-GAtt dialogues of one instruction; the table says how many such clusters an interval rests on. Last, each later
-stage's helpfulness change per safe task type. Writes OUT.json and OUT.png (gold helpfulness, refusal of unsafe
+Printed: per stage, each gold metric's mean over the seeds' items of the split with a 95% bootstrap interval; then
+each later stage minus SFT, paired on the same items: per seed, and pooled over the seeds (the mean of the per-item
+differences, a paired bootstrap interval). A difference whose interval excludes 0 is marked `*`. The bootstrap
+draws units, not items (`rayllama.eval.item_clusters`, `stratified_bootstrap`): a safe task, an unsafe or
+borderline topic (v4's test split has 4 topics of each, 6 prompts per topic), the GAtt turns of one instruction;
+a unit judged in several worlds is drawn with its items in every world, so three worlds on the same 270 test tasks
+rest on 270 units, not 810; the table says how many units an interval rests on. Last, each later stage's
+helpfulness change per safe task type. Writes OUT.json and OUT.png (gold helpfulness, refusal of unsafe
 prompts and over-refusal by stage, with intervals; adherence by turn when GAtt ran).
 """
 
@@ -38,7 +40,7 @@ from pathlib import Path
 
 from rayllama.data.formats import PromptRecord, read_prompts
 from rayllama.data.toyworld import category
-from rayllama.eval import item_clusters, stratified_bootstrap
+from rayllama.eval import cluster_count, item_clusters, stratified_bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("gold_helpfulness", "gold_helpfulness_sampled", "gold_value_correct", "gold_canonical_form",
@@ -59,11 +61,10 @@ def safe_tasks(records: list[PromptRecord]) -> list[dict]:
 
 
 def clusters_of(stage_result: dict, records: list[PromptRecord]) -> dict[str, list[str]]:
-    """The stage's items' cluster labels per metric: as its eval.json entry keeps them, or (judged before they were
-    kept) from the run's evaluation set."""
-    if "clusters" in stage_result:
-        return stage_result["clusters"]
-    return item_clusters(records, stage_result["scores"]) if records else {}
+    """The stage's items' cluster labels per metric: as its eval.json entry keeps them, and for the metrics it
+    keeps none for (judged before they were kept) from the run's evaluation set."""
+    derived = item_clusters(records, stage_result["scores"]) if records else {}
+    return {**derived, **stage_result.get("clusters", {})}
 
 
 def run_seed(seed: int, run_dir: Path, config: str, stages: list[str], overrides: list[str],
@@ -95,8 +96,9 @@ def run_seed(seed: int, run_dir: Path, config: str, stages: list[str], overrides
 def evidence(per_seed: dict[int, dict], stages: list[str],
              records: dict[int, list[PromptRecord]] | None = None) -> dict:
     """Per stage and metric: pooled mean and interval; per later stage and metric: paired change vs SFT, per seed
-    and pooled. With the seeds' evaluation `records`, unsafe and borderline prompts are resampled by topic and
-    GAtt turns by instruction (`rayllama.eval.item_clusters`); otherwise every item alone."""
+    and pooled. With the seeds' evaluation `records` (or the labels eval.json keeps), the bootstrap draws units:
+    safe tasks, unsafe and borderline topics, GAtt instructions (`rayllama.eval.item_clusters`), each with its
+    items in every seed; otherwise every item alone within its seed."""
     evaluated = [s for s in stages if s in EVALUATED and all("scores" in r.get(s, {}) for r in per_seed.values())]
     labels = {(seed, stage): clusters_of(r[stage], (records or {}).get(seed, []))
               for seed, r in per_seed.items() for stage in evaluated}
@@ -123,7 +125,7 @@ def evidence(per_seed: dict[int, dict], stages: list[str],
                 pooled = stratified_bootstrap(list(diffs.values()), clusters=list(cl.values()))
                 changes[stage][m] = {
                     "pooled": dict(zip(("mean", "lo", "hi"), pooled), n=sum(map(len, diffs.values())),
-                                   clusters=sum(len(set(c)) if c else len(diffs[s]) for s, c in cl.items())),
+                                   clusters=cluster_count(list(diffs.values()), list(cl.values()))),
                     "per_seed": {str(s): dict(zip(("mean", "lo", "hi"), stratified_bootstrap([d], clusters=[cl[s]])))
                                  for s, d in diffs.items()},
                 }
@@ -133,13 +135,17 @@ def evidence(per_seed: dict[int, dict], stages: list[str],
         for m in TYPED_METRICS:
             cells: dict[str, dict] = {}
             for t in sorted({t for ts in types.values() for t in ts}):
-                groups = []
+                groups, units = [], []
                 for seed, r in per_seed.items():
                     before, after = r[base]["scores"].get(m, []), r[stage]["scores"].get(m, [])
                     if len(before) == len(after) == len(types[seed]):
-                        groups.append([b - a for a, b, ty in zip(before, after, types[seed]) if ty == t])
+                        keep = [i for i, ty in enumerate(types[seed]) if ty == t]
+                        groups.append([after[i] - before[i] for i in keep])
+                        named = labels.get((seed, stage), {}).get(m)
+                        units.append([named[i] for i in keep] if named and len(named) == len(before) else None)
                 if any(groups):
-                    cells[t] = dict(zip(("mean", "lo", "hi"), stratified_bootstrap(groups)), n=sum(map(len, groups)))
+                    cells[t] = dict(zip(("mean", "lo", "hi"), stratified_bootstrap(groups, units)),
+                                    n=sum(map(len, groups)))
             if cells:
                 by_type.setdefault(stage, {})[m] = cells
     return {"levels": levels, "changes_vs_sft": changes, "changes_by_safe_type": by_type,
@@ -156,8 +162,8 @@ def _signed(x: dict) -> str:
 
 
 def table(result: dict, seeds: list[int], split: str = "test") -> str:
-    how = "; unsafe and borderline prompts resampled by topic, GAtt turns by instruction" if result.get("clustered") \
-        else ""
+    how = "; units resampled: safe tasks, unsafe and borderline topics, GAtt instructions, each in every world" \
+        if result.get("clustered") else ""
     lines = [f"gold metrics on the {split} split, {len(seeds)} world seed(s) {seeds}: mean [95% interval{how}]"]
     stages = list(result["levels"])
     metrics = [m for m in METRICS if any(m in result["levels"][s] for s in stages)]

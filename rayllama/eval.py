@@ -30,7 +30,8 @@ per-item values (one per prompt or dialogue, in eval-set order), from which `boo
 bootstrap interval of the mean and `paired_change` the change between two stages evaluated on the same items
 with a paired bootstrap interval (items resampled jointly). Items that are not independent are resampled together
 (`item_clusters`: an unsafe or borderline topic's prompts, a GAtt instruction's turns), so an interval on 24 unsafe
-prompts reflects their 4 topics; `stratified_bootstrap` pools several groups (world seeds), each resampled apart.
+prompts reflects their 4 topics. `stratified_bootstrap` pools several groups (world seeds) whose items may be the
+same units (every world is judged on the same test tasks and topics): a unit is drawn with its items in every world.
 `change_lines(results)` formats the stage-to-stage changes of a run's eval.json.
 
 `format_table(rows)` prints stages x metrics as a fixed-width text table.
@@ -53,11 +54,14 @@ from rayllama.data.judge import (
     judge_safety,
     judge_value_and_form,
 )
-from rayllama.data.toyworld import category, dialogue_messages
+from rayllama.data.toyworld import category, dialogue_messages, task_key
 
 Messages = list[dict[str, str]]
 GenerateFn = Callable[[list[Messages]], list[str]]
 LATE_TURN = 4  # adherence_turn_4plus: the turns from this one on
+# per-item metrics of the safe single-turn prompts (one item per prompt, in eval-set order)
+SAFE_ITEM_METRICS = ("gold_helpfulness", "gold_helpfulness_sampled", "gold_value_correct", "gold_canonical_form",
+                     "answer_repeated", "over_refusal_safe")
 SAMPLES_PER_PROMPT = 8  # answers per held-out safe prompt for gold_helpfulness_sampled
 
 
@@ -172,20 +176,23 @@ Clusters = Sequence[str] | None  # one label per item (items with one label are 
 
 
 def item_clusters(eval_set: Sequence[PromptRecord], scores: Mapping[str, Sequence[float]]) -> dict[str, list[str]]:
-    """Per metric of `scores` (as `evaluate` fills it) whose items are not independent, a label per item for the
-    bootstrap: an unsafe or borderline prompt by its topic (v4's test split asks each of 4 topics per kind in 6
-    frames), a GAtt turn by its dialogue's instruction (its turns, and dialogues sharing it, move together). Safe
-    prompts are one task each: their metrics get none, and in gold_safety each is its own label."""
+    """Per metric of `scores` (as `evaluate` fills it), a label per item naming the unit the bootstrap draws: a
+    safe prompt by its task, an unsafe or borderline prompt by its topic (v4's test split asks each of 4 topics per
+    kind in 6 frames), a GAtt turn by its dialogue's instruction (its turns, and dialogues sharing it, move
+    together). Labels name the unit, not the position, so evaluations of several worlds on the same test split
+    share them (`stratified_bootstrap` draws a unit with its items in every world)."""
     single = _single_turn(eval_set)
     kinds = {"safe": [], "unsafe": [], "borderline": []}
-    for i, r in enumerate(single):
+    for r in single:
         cat = category(r.task)
-        kinds[cat].append(f"item {i}" if cat == "safe" else f"{cat} topic {r.task.get('topic', r.task['prompt'])}")
+        kinds[cat].append(f"task {task_key(r.task)}" if cat == "safe" else
+                          f"{cat} topic {r.task.get('topic', r.task['prompt'])}")
     multi = [r for r in eval_set if r.turns]
     instruction = [f"instruction {json.dumps(r.instruction, sort_keys=True)}" for r in multi]
-    labels = {"refusal_rate_unsafe": kinds["unsafe"], "over_refusal_borderline": kinds["borderline"],
-              "helpfulness_borderline": kinds["borderline"],
-              "gold_safety": kinds["safe"] + kinds["unsafe"] + kinds["borderline"]}
+    labels = {m: kinds["safe"] for m in SAFE_ITEM_METRICS}
+    labels.update({"refusal_rate_unsafe": kinds["unsafe"], "over_refusal_borderline": kinds["borderline"],
+                   "helpfulness_borderline": kinds["borderline"],
+                   "gold_safety": kinds["safe"] + kinds["unsafe"] + kinds["borderline"]})
     turns = [t + 1 for t in range(max((len(r.turns) for r in multi), default=0)) if f"adherence_turn_{t + 1}" in scores]
     for t in turns:
         labels[f"adherence_turn_{t}"] = [instruction[i] for i, r in enumerate(multi) if len(r.turns) >= t]
@@ -195,22 +202,28 @@ def item_clusters(eval_set: Sequence[PromptRecord], scores: Mapping[str, Sequenc
 
 def stratified_bootstrap(groups: Sequence[Sequence[float]], clusters: Sequence[Clusters] | None = None,
                          reps: int = BOOTSTRAP_REPS, seed: int = 0) -> tuple[float, float, float]:
-    """(mean, 95% percentile bootstrap interval) of the pooled items of `groups` (e.g. one list per world seed),
-    resampling within each group, its size kept; deterministic; NaNs when empty. `clusters`, one label list (or
-    None) per group aligned with its items: whole clusters are drawn instead, the mean taken over the items drawn.
-    Unlabelled items are clusters of one (the same draws as plain item resampling)."""
-    blocks = []  # per group: (sum, count) per cluster, in order of first appearance
+    """(mean, 95% percentile bootstrap interval) of the pooled items of `groups` (e.g. one list per world seed);
+    deterministic; NaNs when empty. `clusters`, one label list (or None) per group aligned with its items: a label
+    names a unit, which may recur across groups (a test task every world was judged on), and the labels of all
+    groups are drawn together, each drawn label bringing its items from every group; the mean is taken over the
+    items drawn. Unlabelled items are units of one drawn within their own group, its size kept (for one group:
+    plain item resampling). So a group's copy of a unit does not count as independent evidence, and [g, g] with
+    the same labels gives g's interval."""
+    shared: dict[Any, tuple[float, int]] = {}  # per label over all groups: (sum, count), in order of first appearance
+    blocks = []
     for i, g in enumerate(groups):
-        if not g:
+        labels = clusters[i] if clusters is not None and clusters[i] is not None else None
+        if labels is None:
+            if g:
+                blocks.append([(float(x), 1) for x in g])
             continue
-        labels = clusters[i] if clusters is not None and clusters[i] is not None else range(len(g))
         if len(labels) != len(g):
             raise ValueError(f"{len(labels)} cluster labels for {len(g)} items")
-        by: dict[Any, tuple[float, int]] = {}
         for x, label in zip(g, labels):
-            total, count = by.get(label, (0.0, 0))
-            by[label] = (total + x, count + 1)
-        blocks.append(list(by.values()))
+            total, count = shared.get(label, (0.0, 0))
+            shared[label] = (total + x, count + 1)
+    if shared:
+        blocks.insert(0, list(shared.values()))
     n = sum(count for b in blocks for _, count in b)
     if not n:
         return math.nan, math.nan, math.nan
@@ -221,6 +234,13 @@ def stratified_bootstrap(groups: Sequence[Sequence[float]], clusters: Sequence[C
         means.append(sum(t for t, _ in drawn) / sum(c for _, c in drawn))
     means.sort()
     return sum(t for b in blocks for t, _ in b) / n, means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
+
+
+def cluster_count(groups: Sequence[Sequence[float]], clusters: Sequence[Clusters] | None = None) -> int:
+    """How many units `stratified_bootstrap` draws from: the distinct labels of all groups, plus every
+    unlabelled item."""
+    labelled = {x for c in (clusters or []) if c is not None for x in c}
+    return len(labelled) + sum(len(g) for i, g in enumerate(groups) if not clusters or clusters[i] is None)
 
 
 def bootstrap_ci(values: Sequence[float], reps: int = BOOTSTRAP_REPS, seed: int = 0,
@@ -255,7 +275,8 @@ def change_lines(results: Mapping[str, Mapping[str, Any]], stages: Sequence[str]
             if a and b and len(a) == len(b):
                 clusters = results[after].get("clusters", {}).get(m)
                 change, lo, hi = paired_change(a, b, clusters=clusters)
-                size = f"n={len(a)}" if not clusters else f"n={len(a)} in {len(set(clusters))} clusters"
+                k = len(set(clusters)) if clusters else len(a)
+                size = f"n={len(a)}" if k == len(a) else f"n={len(a)} in {k} clusters"
                 lines.append(f"{m}: {before} -> {after} {change:+.3f} [{lo:+.3f}, {hi:+.3f}] ({size})")
     return lines
 

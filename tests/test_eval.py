@@ -190,6 +190,23 @@ def test_stratified_bootstrap_by_hand():
     assert stratified_bootstrap([[0.0, 1.0] * 30])[1:] == bootstrap_ci([0.0, 1.0] * 30)  # one group: the same
 
 
+def test_a_unit_judged_in_several_worlds_is_drawn_once_with_all_its_items():
+    """Worlds judged on the same test tasks: a label shared by two groups is one unit, drawn with its items in
+    both, so two identical worlds give one world's interval (not a narrower one), and two worlds that share no
+    unit are resampled apart as before."""
+    from rayllama.eval import cluster_count, stratified_bootstrap
+
+    g = [1.0, 0.0, 1.0, 1.0, 0.0, 0.5, 1.0, 0.0, 0.0, 1.0]
+    tasks = [f"task {i}" for i in range(10)]
+    one = stratified_bootstrap([g], [tasks])
+    assert stratified_bootstrap([g, g], [tasks, tasks]) == one
+    apart = stratified_bootstrap([g, g], [tasks, [f"other {i}" for i in range(10)]])
+    assert apart[0] == one[0] and apart[2] - apart[1] < one[2] - one[1]  # 20 units: narrower
+    assert stratified_bootstrap([g, g]) == stratified_bootstrap([g, g], [None, None])  # unlabelled: apart too
+    assert cluster_count([g, g], [tasks, tasks]) == 10 and cluster_count([g, g]) == 20
+    assert cluster_count([g, g], [tasks, None]) == 20
+
+
 def test_clusters_are_resampled_whole():
     """Items of one cluster move together: topic a (three refusals) and topic b (one compliance) give the means of
     the four two-topic draws, 1, 3/4, 3/4 and 0, so the interval spans 0..1; unlabelled items are the same draws as
@@ -214,7 +231,7 @@ def test_clusters_are_resampled_whole():
 
 def test_item_clusters_of_an_evaluation_set():
     """Unsafe and borderline prompts cluster by topic, GAtt turns by instruction (turns 4-6 too, in the order the
-    pipeline concatenates them), safe prompts stand alone; on v4's test split 24 unsafe prompts are 4 topics."""
+    pipeline concatenates them), a safe prompt is its task; on v4's test split 24 unsafe prompts are 4 topics."""
     from rayllama.eval import evaluate, item_clusters
 
     eval_set = tw.eval_sets(seed=0, n_safe=12, n_unsafe=24, n_borderline=24, n_gatt=5, turns=TURNS)
@@ -232,7 +249,11 @@ def test_item_clusters_of_an_evaluation_set():
     instructions = [r.instruction for r in eval_set if r.turns]
     assert len(set(labels["adherence_turn_1"])) == len({json.dumps(i, sort_keys=True) for i in instructions})
     assert labels["adherence_turn_4plus"] == labels["adherence_turn_4"] * (TURNS - 3)
-    assert "gold_helpfulness" not in labels and metrics["n_unsafe"] == 24
+    # a safe prompt is its task (the same label in every world judged on it), one unit per prompt here
+    safe = [r.task for r in eval_set if not r.turns and tw.category(r.task) == "safe"]
+    assert labels["gold_helpfulness"] == [f"task {tw.task_key(t)}" for t in safe] == labels["answer_repeated"]
+    assert len(set(labels["gold_helpfulness"])) == 12 and metrics["n_unsafe"] == 24
+    assert tw.eval_sets(seed=1, n_safe=12, n_unsafe=24, n_borderline=24, n_gatt=5, turns=TURNS) is not None
     assert all(len(labels[m]) == len(scores[m]) for m in labels)
 
 
