@@ -275,7 +275,7 @@ def change_lines(results: Mapping[str, Mapping[str, Any]], stages: Sequence[str]
             if a and b and len(a) == len(b):
                 clusters = results[after].get("clusters", {}).get(m)
                 change, lo, hi = paired_change(a, b, clusters=clusters)
-                k = len(set(clusters)) if clusters else len(a)
+                k = cluster_count([a], [clusters])
                 size = f"n={len(a)}" if k == len(a) else f"n={len(a)} in {k} clusters"
                 lines.append(f"{m}: {before} -> {after} {change:+.3f} [{lo:+.3f}, {hi:+.3f}] ({size})")
     return lines
