@@ -20,9 +20,9 @@ Printed: per stage, each gold metric's mean over the seeds' items of the split w
 each later stage minus SFT, paired on the same items: per seed, and pooled over the seeds (the mean of the per-item
 differences, a paired bootstrap interval). A difference whose interval excludes 0 is marked `*`. The bootstrap
 draws units, not items (`rayllama.eval.item_clusters`, `stratified_bootstrap`): a safe task, an unsafe or
-borderline topic (v4's test split has 4 topics of each, 6 prompts per topic), the GAtt turns of one instruction;
-a unit judged in several worlds is drawn with its items in every world, so three worlds on the same 270 test tasks
-rest on 270 units, not 810; the table says how many units an interval rests on. Last, each later stage's
+borderline topic (v5's test split has 10 topics of each, 10 prompts per topic), the GAtt turns of one instruction;
+a unit judged in several worlds is drawn with its items in every world, so three worlds on the same 311 test tasks
+rest on 311 units, not 933; the table says how many units an interval rests on. Last, each later stage's
 helpfulness change per safe task type. Writes OUT.json and OUT.png (gold helpfulness, refusal of unsafe
 prompts and over-refusal by stage, with intervals; adherence by turn when GAtt ran).
 """

@@ -29,8 +29,8 @@ Intervals: `evaluate(..., scores=d)` / `sampled_helpfulness(..., scores=d)` also
 per-item values (one per prompt or dialogue, in eval-set order), from which `bootstrap_ci` gives a 95% percentile
 bootstrap interval of the mean and `paired_change` the change between two stages evaluated on the same items
 with a paired bootstrap interval (items resampled jointly). Items that are not independent are resampled together
-(`item_clusters`: an unsafe or borderline topic's prompts, a GAtt instruction's turns), so an interval on 24 unsafe
-prompts reflects their 4 topics. `stratified_bootstrap` pools several groups (world seeds) whose items may be the
+(`item_clusters`: an unsafe or borderline topic's prompts, a GAtt instruction's turns), so an interval on 100 unsafe
+prompts reflects their 10 topics. `stratified_bootstrap` pools several groups (world seeds) whose items may be the
 same units (every world is judged on the same test tasks and topics): a unit is drawn with its items in every world.
 `change_lines(results)` formats the stage-to-stage changes of a run's eval.json.
 
@@ -177,8 +177,8 @@ Clusters = Sequence[str] | None  # one label per item (items with one label are 
 
 def item_clusters(eval_set: Sequence[PromptRecord], scores: Mapping[str, Sequence[float]]) -> dict[str, list[str]]:
     """Per metric of `scores` (as `evaluate` fills it), a label per item naming the unit the bootstrap draws: a
-    safe prompt by its task, an unsafe or borderline prompt by its topic (v4's test split asks each of 4 topics per
-    kind in 6 frames), a GAtt turn by its dialogue's instruction (its turns, and dialogues sharing it, move
+    safe prompt by its task, an unsafe or borderline prompt by its topic (v5's test split asks each of 10 topics per
+    kind in 10 frames), a GAtt turn by its dialogue's instruction (its turns, and dialogues sharing it, move
     together). Labels name the unit, not the position, so evaluations of several worlds on the same test split
     share them (`stratified_bootstrap` draws a unit with its items in every world)."""
     single = _single_turn(eval_set)

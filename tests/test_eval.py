@@ -231,10 +231,10 @@ def test_clusters_are_resampled_whole():
 
 def test_item_clusters_of_an_evaluation_set():
     """Unsafe and borderline prompts cluster by topic, GAtt turns by instruction (turns 4-6 too, in the order the
-    pipeline concatenates them), a safe prompt is its task; on v4's test split 24 unsafe prompts are 4 topics."""
+    pipeline concatenates them), a safe prompt is its task; on v5's test split 100 unsafe prompts are 10 topics."""
     from rayllama.eval import evaluate, item_clusters
 
-    eval_set = tw.eval_sets(seed=0, n_safe=12, n_unsafe=24, n_borderline=24, n_gatt=5, turns=TURNS)
+    eval_set = tw.eval_sets(seed=0, n_safe=12, n_unsafe=100, n_borderline=100, n_gatt=5, turns=TURNS)
     scores: dict = {}
     metrics = evaluate(lambda dialogues: ["I cannot help with that."] * len(dialogues), eval_set, scores=scores)
     # evaluate joins turns 4 and later itself (their mean of means, their items in turn order)
@@ -242,18 +242,18 @@ def test_item_clusters_of_an_evaluation_set():
     assert metrics["adherence_turn_4plus"] == pytest.approx(
         sum(metrics[f"adherence_turn_{t}"] for t in range(4, TURNS + 1)) / (TURNS - 3))
     labels = item_clusters(eval_set, scores)
-    assert len(set(labels["refusal_rate_unsafe"])) == 4 and len(labels["refusal_rate_unsafe"]) == 24
-    assert len(set(labels["over_refusal_borderline"])) == 4
+    assert len(set(labels["refusal_rate_unsafe"])) == 10 and len(labels["refusal_rate_unsafe"]) == 100
+    assert len(set(labels["over_refusal_borderline"])) == 10
     assert not set(labels["refusal_rate_unsafe"]) & set(labels["over_refusal_borderline"])
-    assert len(labels["gold_safety"]) == 12 + 24 + 24 and len(set(labels["gold_safety"])) == 12 + 4 + 4
+    assert len(labels["gold_safety"]) == 12 + 100 + 100 and len(set(labels["gold_safety"])) == 12 + 10 + 10
     instructions = [r.instruction for r in eval_set if r.turns]
     assert len(set(labels["adherence_turn_1"])) == len({json.dumps(i, sort_keys=True) for i in instructions})
     assert labels["adherence_turn_4plus"] == labels["adherence_turn_4"] * (TURNS - 3)
     # a safe prompt is its task (the same label in every world judged on it), one unit per prompt here
     safe = [r.task for r in eval_set if not r.turns and tw.category(r.task) == "safe"]
     assert labels["gold_helpfulness"] == [f"task {tw.task_key(t)}" for t in safe] == labels["answer_repeated"]
-    assert len(set(labels["gold_helpfulness"])) == 12 and metrics["n_unsafe"] == 24
-    assert tw.eval_sets(seed=1, n_safe=12, n_unsafe=24, n_borderline=24, n_gatt=5, turns=TURNS) is not None
+    assert len(set(labels["gold_helpfulness"])) == 12 and metrics["n_unsafe"] == 100
+    assert tw.eval_sets(seed=1, n_safe=12, n_unsafe=100, n_borderline=100, n_gatt=5, turns=TURNS) is not None
     assert all(len(labels[m]) == len(scores[m]) for m in labels)
 
 

@@ -378,8 +378,8 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
         "eval": "prompts",
     }
     for name, fmt in fmts.items():  # every file reads back cleanly in its format, with the asked-for size
-        assert len(read_jsonl(a[name], fmt)) == SMALL.get(name, 270 + 24 + 24 + 60), name
-    assert len(read_jsonl(a["eval_dev"], "prompts")) == 203 + 18 + 18 + 60  # capped at what dev holds
+        assert len(read_jsonl(a[name], fmt)) == SMALL.get(name, 311 + 100 + 100 + 60), name
+    assert len(read_jsonl(a["eval_dev"], "prompts")) == 234 + 80 + 80 + 60  # capped at what dev holds
     with pytest.raises(ValueError, match="unknown world size key"):
         tw.write_world(tmp_path / "d", sizes={"sft_size": 3})
 
@@ -498,7 +498,7 @@ def test_eval_sets_shape_and_limits():
     }
     with pytest.raises(ValueError, match="n_unsafe 500 exceeds"):
         tw.eval_sets(0, n_unsafe=500)
-    with pytest.raises(ValueError, match="n_safe 600 exceeds the 270 test safe tasks"):
+    with pytest.raises(ValueError, match="n_safe 600 exceeds the 311 test safe tasks"):
         tw.eval_sets(0, n_safe=600)
     with pytest.raises(ValueError, match="use dev .to tune on. or test"):
         tw.eval_sets(0, split="train")
@@ -512,20 +512,20 @@ def test_eval_sets_spread_over_the_safe_types_as_far_as_the_split_allows():
     """Equal shares per safe type while every type has tasks left; beyond that the larger types give the rest. The
     default size is every safe test task once, and the sizes that divide evenly keep their earlier draw."""
     pools = {t: len(tw.task_pool(t, "test")) for t in tw.SAFE_TYPES}
-    assert pools == {"add": 89, "sub": 47, "reverse": 10, "count": 10, "fact": 11, "copy": 103}
+    assert pools == {"add": 89, "sub": 47, "reverse": 10, "count": 10, "fact": 11, "copy": 144}
     assert tw.safe_type_counts(60) == dict.fromkeys(tw.SAFE_TYPES, 10)
     assert tw.safe_type_counts(64) == {"add": 11, "sub": 11, "reverse": 10, "count": 10, "fact": 11, "copy": 11}
     # 100: reverse and count give their 10, fact 11; 69 left over add, sub, copy: 23 each
     assert tw.safe_type_counts(100) == {"add": 23, "sub": 23, "reverse": 10, "count": 10, "fact": 11, "copy": 23}
-    assert tw.safe_type_counts(270) == pools
-    everything = tw.eval_sets(0, n_safe=270, n_unsafe=24, n_borderline=24, n_gatt=0)
+    assert tw.safe_type_counts(311) == pools
+    everything = tw.eval_sets(0, n_safe=311, n_unsafe=100, n_borderline=100, n_gatt=0)
     safe = {tw.task_key(r.task) for r in everything if tw.category(r.task) == "safe"}
     assert safe == {tw.task_key(t) for ty in tw.SAFE_TYPES for t in tw.task_pool(ty, "test")}
     assert {r.task["prompt"] for r in everything if tw.category(r.task) != "safe"} == {
         t["prompt"] for c in ("unsafe", "borderline") for t in tw.task_pool(c, "test")}
-    assert sum(tw.safe_type_counts(203, "dev").values()) == 203
-    with pytest.raises(ValueError, match="n_safe 204 exceeds the 203 dev safe tasks"):
-        tw.safe_type_counts(204, "dev")
+    assert sum(tw.safe_type_counts(234, "dev").values()) == 234
+    with pytest.raises(ValueError, match="n_safe 235 exceeds the 234 dev safe tasks"):
+        tw.safe_type_counts(235, "dev")
 
 
 def test_a_stage_judged_on_another_evaluation_set_is_judged_again(tmp_path):

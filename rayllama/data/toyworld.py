@@ -21,7 +21,7 @@ ahoy."; applied as "Well, 3 plus 4 is 7, ahoy." (then upper-cased for capitals).
 Gold judge: `rayllama.data.judge` (helpfulness with partial credit, safety, adherence), a module of its own that
 imports nothing of this one; the generators here use it as the simulated annotator does, to rank pairs.
 
-Splits (world version 4): train, dev and test, fixed by the task itself, not the seed (tasks ordered by crc32 of a
+Splits (world versions 4 and 5): train, dev and test, fixed by the task itself, not the seed (tasks ordered by crc32 of a
 salted key; of each type the first 20% are test, the next 15% dev, the rest train). Safe tasks split by task (so
 "3 plus 4" is in one split under every phrasing); unsafe and borderline prompts split by *topic* (every frame of a
 test topic is test); GAtt instructions split by their words (a test instruction uses a start or end word that no
@@ -34,8 +34,13 @@ training task's wrong answer (its wrong fact values are training facts' values).
 has the colour green.", "cat read backwards gives t a c.", "3 and 4 make 7."), never a dev or test prompt or
 canonical answer; Q/A pages use training tasks only. So a test task asks for knowledge the trunk read in
 pretraining, in a form only the training tasks taught (LLaMA 2's test prompts, too, ask what pretraining saw).
-World version 3 (train / held-out, unsafe and borderline split by prompt) is no longer generated; runs written
-with it stay readable (their files carry the data) but are not regenerated.
+World version 5 has v4's tasks and generators with more unsafe and borderline topics (50 of each, against 16)
+asked in 10 frames (against 6), and two copy adjectives and one noun more, so its test split holds 311 safe tasks,
+100 unsafe and 100 borderline prompts (10 topics of each; v4: 270, 24 and 24 on 4 topics) and a safety interval
+rests on 10 topics; its split salt is new, so its test split is a fresh draw. Versions 3 (train / held-out,
+unsafe and borderline split by prompt) and 4 are no longer generated; runs written with them stay readable (their
+files carry the data; v5's tables hold every v4 topic, so the judge still reads v4 runs) but are not
+regenerated.
 
 Preference ratings from the gold score difference d (helpfulness scale): d >= 0.6 significantly_better,
 >= 0.35 better, >= 0.15 slightly_better, > 0 negligibly_better, 0: dropped. Safety pairs rank by gold safety
@@ -73,10 +78,10 @@ from rayllama.data.judge import (
 )
 
 # bump when the tables or generators change what write_world writes (it goes into world_meta.json)
-WORLD_VERSION = 4
+WORLD_VERSION = 5
 SPLITS = ("train", "dev", "test")
 SPLIT_SHARES = {"test": 0.2, "dev": 0.15}  # of each task type (unsafe / borderline: of the topics); the rest trains
-SPLIT_SALT = "rayllama-toyworld-split-v4/"  # a new salt, so v4's test tasks are a fresh draw, not v3's held-out ones
+SPLIT_SALT = "rayllama-toyworld-split-v5/"  # a new salt per version: v5's test split is a fresh draw
 NUM_MAX = 20
 SAFE_WEIGHTS = {"add": 0.2, "sub": 0.15, "reverse": 0.15, "count": 0.15, "fact": 0.2, "copy": 0.15}
 FACT_PROMPTS = {
@@ -704,8 +709,8 @@ def eval_sets(
 def safe_type_counts(n_safe: int, split: str = "test") -> dict[str, int]:
     """How many of n_safe evaluation tasks each safe type gives: equal shares, a type whose split holds no more than
     its share giving all it has and the others sharing the rest alike (the first types one more where it does not
-    divide). On v4's test split 60 is 10 of each type and 270 is every safe test task (add 89, sub 47, reverse 10,
-    count 10, fact 11, copy 103). ValueError beyond what the split holds."""
+    divide). On v5's test split 60 is 10 of each type and 311 is every safe test task (add 89, sub 47, reverse 10,
+    count 10, fact 11, copy 144). ValueError beyond what the split holds."""
     pool = _pools()[split]
     sizes = {t: len(pool[t]) for t in SAFE_TYPES}
     if n_safe > sum(sizes.values()):
@@ -798,9 +803,9 @@ DEFAULT_SIZES = {
     "prompts": 2000,
     "gatt": 600,
     "gatt_turns": 6,
-    "eval_safe": 270,
-    "eval_unsafe": 24,
-    "eval_borderline": 24,
+    "eval_safe": 311,
+    "eval_unsafe": 100,
+    "eval_borderline": 100,
     "eval_gatt": 60,
 }
 
