@@ -21,7 +21,7 @@ from rayllama.eval import evaluate
 from rayllama.model import ModelConfig, ScalarHeadModel, Transformer
 from rayllama.tokenizer import B_INST, B_SYS, E_INST, E_SYS, Tokenizer, train_tokenizer
 
-CAPS_AMEN = {"capitals": True, "start_with": None, "end_with": "amen"}
+CAPS_AHOY = {"capitals": True, "start_with": None, "end_with": "ahoy"}
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +48,9 @@ def _good(record: PromptRecord, t: int) -> str:
 
 
 def test_training_example_has_the_instruction_only_in_the_first_sys_block_and_loss_on_the_last_answer(tok):
-    record = _record(3, CAPS_AMEN)
+    record = _record(3, CAPS_AHOY)
     answers = [_good(record, t) for t in range(3)]
-    inst = "Always answer in capital letters. End every answer with the word amen."
+    inst = "Always answer in capital letters. End every answer with the word ahoy."
     users = [t["prompt"] for t in record.turns]
     ids, mask = gatt.encode_example(tok, gatt.training_messages(record, answers))
 
@@ -75,8 +75,8 @@ def test_training_example_has_the_instruction_only_in_the_first_sys_block_and_lo
 
 
 def test_sampling_view_joins_the_instruction_to_every_user_turn(tok):
-    record = _record(4, CAPS_AMEN)
-    inst = tw.instruction_text(CAPS_AMEN)
+    record = _record(4, CAPS_AHOY)
+    inst = tw.instruction_text(CAPS_AHOY)
     answers = [_good(record, t) for t in range(3)]
     view = gatt.sampling_messages(record, answers)
     assert [m["role"] for m in view] == ["system"] + ["user", "assistant"] * 3 + ["user"]
@@ -103,25 +103,25 @@ def test_reward_model_judge_needs_adherence_and_ranks_by_the_composed_reward():
     for safety-tagged tasks (unsafe, borderline) and below the 0.15 gate, s_helpful otherwise; a floor drops."""
     add, unsafe = tw.make_task("add", a=3, b=4), tw.eval_sets(0, 0, 1, 0, 0)[0].task
     assert tw.category(unsafe) == "unsafe"
-    caps = tw.apply_instruction("3 plus 4 is 7.", CAPS_AMEN)  # "3 PLUS 4 IS 7, AMEN."
-    raw = {caps: (0.8, 0.6), "HERE IS HOW, AMEN.": (0.9, 0.1), "I CANNOT, AMEN.": (0.3, 0.7)}
+    caps = tw.apply_instruction("3 plus 4 is 7.", CAPS_AHOY)  # "3 PLUS 4 IS 7, AHOY."
+    raw = {caps: (0.8, 0.6), "HERE IS HOW, AHOY.": (0.9, 0.1), "I CANNOT, AHOY.": (0.3, 0.7)}
     calls = []
 
     def score_pairs(pairs):
         calls.append(pairs)
         return [_logit(raw[a][0]) for _, a in pairs], [_logit(raw[a][1]) for _, a in pairs]
 
-    cands = [(add, CAPS_AMEN, caps),                     # safe task, s_safety 0.6 >= gate: s_helpful 0.8
-             (add, CAPS_AMEN, "3 plus 4 is 7, amen."),   # not in capitals: rejected, never scored
-             (add, CAPS_AMEN, "HERE IS HOW, AMEN."),     # s_safety 0.1 < gate: R_c = 0.1
-             (unsafe, CAPS_AMEN, "I CANNOT, AMEN.")]     # safety-tagged task: R_c = s_safety 0.7
+    cands = [(add, CAPS_AHOY, caps),                     # safe task, s_safety 0.6 >= gate: s_helpful 0.8
+             (add, CAPS_AHOY, "3 plus 4 is 7, ahoy."),   # not in capitals: rejected, never scored
+             (add, CAPS_AHOY, "HERE IS HOW, AHOY."),     # s_safety 0.1 < gate: R_c = 0.1
+             (unsafe, CAPS_AHOY, "I CANNOT, AHOY.")]     # safety-tagged task: R_c = s_safety 0.7
     got = gatt.reward_model_judge(score_pairs)(cands)
     assert got[1] is None and got[0:1] + got[2:] == pytest.approx([0.8, 0.1, 0.7])
-    assert len(calls) == 1 and [a for _, a in calls[0]] == [caps, "HERE IS HOW, AMEN.", "I CANNOT, AMEN."]
+    assert len(calls) == 1 and [a for _, a in calls[0]] == [caps, "HERE IS HOW, AHOY.", "I CANNOT, AHOY."]
     assert calls[0][0][0] == [{"role": "user", "content": add["prompt"]}]  # the turn's plain prompt
     floored = gatt.reward_model_judge(score_pairs, safety_gate=0.15, min_reward=0.5)(cands)
     assert floored[2] is None and floored[0] == pytest.approx(0.8)
-    assert gatt.reward_model_judge(score_pairs)([(add, CAPS_AMEN, "nope")]) == [None]
+    assert gatt.reward_model_judge(score_pairs)([(add, CAPS_AHOY, "nope")]) == [None]
     assert len(calls) == 2  # nothing adherent: no scoring call
 
 
@@ -131,7 +131,7 @@ def _adherent_then_helpful(candidates):
 
 
 def test_rejected_samples_are_dropped_and_counted_and_the_best_accepted_is_kept():
-    records = [_record(3, CAPS_AMEN, seed=s) for s in range(3)]
+    records = [_record(3, CAPS_AHOY, seed=s) for s in range(3)]
     calls = []
 
     def sample_fn(dialogues, n):
@@ -147,7 +147,7 @@ def test_rejected_samples_are_dropped_and_counted_and_the_best_accepted_is_kept(
                 out.append([tw.perfect_response(task), "hello"])  # neither obeys the instruction
             else:
                 value = judge._spec(task).display if task["type"] != "fact" else "x"
-                out.append([tw.apply_instruction(f"The answer is {value}.", CAPS_AMEN), _good(records[i], t)])
+                out.append([tw.apply_instruction(f"The answer is {value}.", CAPS_AHOY), _good(records[i], t)])
         return out
 
     s = gatt.sample_dialogues(records, sample_fn, 2, _adherent_then_helpful)
@@ -166,7 +166,7 @@ def test_rejected_samples_are_dropped_and_counted_and_the_best_accepted_is_kept(
 
 
 def test_example_tensors_right_pad_and_drop_too_long(tok):
-    record = _record(3, CAPS_AMEN)
+    record = _record(3, CAPS_AHOY)
     examples = gatt.build_examples([record], [[_good(record, t) for t in range(3)]])
     encoded = [gatt.encode_example(tok, e) for e in examples]
     lengths = [len(ids) for ids, _ in encoded]
@@ -319,7 +319,7 @@ def test_rounds_sample_from_the_previous_round_and_resume(tok, tmp_path, monkeyp
         yield (lambda dialogues, n: [[_good(records[firsts.index(d[1]["content"])], (len(d) - 2) // 2)] * n
                                      for d in dialogues]), _adherent_then_helpful
 
-    records = [_record(2, CAPS_AMEN, seed=s) for s in range(3)]
+    records = [_record(2, CAPS_AHOY, seed=s) for s in range(3)]
     firsts = [r.turns[0]["prompt"] for r in records]
     monkeypatch.setattr(loop, "run_train_job", fake_train)
     cfg = _small_config(dialogues=2, turns=2, samples=1)
