@@ -285,6 +285,7 @@ class ContinuousBatcher:
         self._waiting: deque[Request] = deque()
         self._rows: list[_Row] = []  # running rows; row i lives in cache slot i
         self._logits: Tensor | None = None  # (N, V) next-token logits of self._rows
+        self.stepped = 0  # rows that sampled a token in the last step (running, before its finished rows left)
         self._lock, self._step_lock = threading.Lock(), threading.Lock()
 
     # ------------------------------------------------------------------------------------------- queue
@@ -340,6 +341,7 @@ class ContinuousBatcher:
                 rows, logits = self._prefill(admitted)
                 self._rows += rows
                 self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
+            self.stepped = len(self._rows)
             if not self._rows:
                 return
             assert self._logits is not None

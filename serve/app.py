@@ -177,10 +177,12 @@ class ChatDeployment:
         with contextlib.suppress(Exception):
             self.engine.close()
 
-    def _on_step(self, running: int, waiting: int) -> None:
-        """After every engine step (the engine's reader thread): the batch gauges, at most every 50 ms (a Ray
-        metric update per step would cost the replica's event loop time it holds the GIL in)."""
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], running)
+    def _on_step(self, running: int, waiting: int, stepped: int) -> None:
+        """After every engine step (the engine's reader thread): the most rows one step sampled (`largest_batch`,
+        counted before the step's finished rows leave: a batch of one-token answers is a batch too) and the batch
+        gauges, at most every 50 ms (a Ray metric update per step would cost the replica's event loop time it holds
+        the GIL in)."""
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], stepped)
         now = time.monotonic()
         if now - self._gauges_at >= 0.05 or not running:
             self._gauges_at = now

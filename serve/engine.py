@@ -105,7 +105,7 @@ def load_batcher(model_dir: str, device: str, dtype: str, max_rows: int, tokeniz
 def _engine_core(build: Callable[[], ContinuousBatcher], threads: int, inbox: Any, outbox: Any) -> None:
     """The engine process: step the ContinuousBatcher while any request runs or waits; between steps take every
     message waiting (submit, abort), block on the inbox only when there is nothing to step. One message per step
-    back: each request's events of the step and the running rows. Exits when the replica
+    back: each request's events of the step, the running rows and the rows the step sampled. Exits when the replica
     closes the inbox (or dies)."""
     torch.set_num_threads(threads)
     try:
@@ -144,7 +144,7 @@ def _engine_core(build: Callable[[], ContinuousBatcher], threads: int, inbox: An
             continue
         for rid in [rid for rid, request in requests.items() if request.done]:
             del requests[rid]
-        outbox.send(("step", out, batcher.running))  # pickled here: the dict can be reused
+        outbox.send(("step", out, batcher.running, batcher.stepped))  # pickled here: the dict can be reused
         out.clear()
 
 
@@ -156,11 +156,11 @@ class TorchStreamer:
     the requests' asyncio queues (one wake-up of the loop per step)."""
 
     def __init__(self, build: Callable[[], ContinuousBatcher], max_waiting: int, retry_after_s: int, threads: int,
-                 on_step: Callable[[int, int], None] | None = None, start_timeout_s: float = 600.0) -> None:
+                 on_step: Callable[[int, int, int], None] | None = None, start_timeout_s: float = 600.0) -> None:
         import multiprocessing
 
         self.max_waiting, self.retry_after_s = max_waiting, retry_after_s
-        self._on_step = on_step  # (running rows, waiting requests) after every step: the gauges
+        self._on_step = on_step  # (running rows, waiting requests, rows the step sampled) after every step
         self._streams: dict[int, list] = {}  # request id -> [its event loop, its _Stream, rows not finished]
         self._unstarted: set[int] = set()  # submitted, no token yet: waiting for a slot (or their prefill)
         self._ids = itertools.count()
@@ -249,7 +249,7 @@ class TorchStreamer:
             if msg[0] == "failed":
                 self._fail(msg[1], RuntimeError(msg[2]))
                 continue
-            _, out, self.running = msg
+            _, out, self.running, stepped = msg
             by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, list[TokenEvent]]]] = {}
             for rid, events in out.items():
                 self._unstarted.discard(rid)
@@ -262,7 +262,7 @@ class TorchStreamer:
             for loop, deliveries in by_loop.items():
                 loop.call_soon_threadsafe(_deliver, deliveries)
             if self._on_step is not None:
-                self._on_step(self.running, self.waiting)
+                self._on_step(self.running, self.waiting, stepped)
 
     def _fail(self, rids: list[int], error: BaseException) -> None:
         for rid in rids:
