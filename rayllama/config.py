@@ -343,6 +343,7 @@ class RejectionConfig:
     top_p: float = 1.0
     safety_gate: float = 0.15
     finetune_epochs: float = 1.0
+    replay_share: float = 0.0  # share of each fine-tune's dialogues that are replayed SFT dialogues (against forgetting)
     batch_size: int = 32
     micro_batch_size: int = 16
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, schedule="constant"))
@@ -665,6 +666,7 @@ def validate_rejection(rej: RejectionConfig) -> None:
     _check(rej.max_new_tokens >= 1, f"rejection.max_new_tokens {rej.max_new_tokens} must be >= 1")
     _check(0.0 < rej.safety_gate < 1.0, f"rejection.safety_gate {rej.safety_gate} must be in (0, 1)")
     _check(rej.finetune_epochs > 0, f"rejection.finetune_epochs {rej.finetune_epochs} must be > 0")
+    _check(0.0 <= rej.replay_share < 1.0, f"rejection.replay_share {rej.replay_share} must be in [0, 1)")
     _check(rej.batch_size >= 1 and rej.micro_batch_size >= 1,
            f"rejection.batch_size {rej.batch_size} and micro_batch_size {rej.micro_batch_size} must be >= 1")
     _check(rej.optim.lr > 0, f"rejection.optim.lr {rej.optim.lr} must be > 0")
@@ -820,7 +822,7 @@ PIPELINE_RANGES: dict[str, str] = {
     "*.temperature_schedule": ">= 0",
     "*.top_p": "in (0, 1]",
     "*.safety_gate": "in (0, 1)",
-    "gatt.replay_share": "in [0, 1)",
+    "*.replay_share": "in [0, 1)",
     "gatt.min_reward": "in [0, 1)",
     "*_share": "in [0, 1]",
     "*.epochs": "> 0",

@@ -310,13 +310,6 @@ def example_tensors(examples: Sequence[Messages], tok: Tokenizer, max_len: int) 
     return pad_rows(rows, tok.pad_id), dropped
 
 
-def replay_count(n_gatt: int, share: float) -> int:
-    """SFT dialogues to mix in so that they make `share` of the fine-tune examples: share / (1 - share) * n."""
-    if not 0.0 <= share < 1.0:
-        raise GAttError(f"gatt.replay_share {share} must be in [0, 1)")
-    return round(share / (1.0 - share) * n_gatt)
-
-
 # ------------------------------------------------------------------------------------------------ the stage
 
 # the policy checkpoint of a round -> a context that yields that round's (SampleFn over the policy, Judge) and
@@ -369,11 +362,9 @@ def run_gatt(
 def _gatt_round(cfg: Any, run: RunDir, r: int, tok: Tokenizer, records: list[PromptRecord], policy: Path,
                 model_dir: Path, open_round: OpenRound, replay: Sequence[Messages]) -> dict[str, Any]:
     """One round: sample -> tensors -> fine-tune (see run_gatt); each step skipped when its output exists."""
-    import random
-
     from rayllama.checkpoint import is_complete
     from rayllama.data.formats import SFTRecord, write_jsonl
-    from rayllama.train.data import save_tensors
+    from rayllama.train.data import replay_sample, save_tensors
     from rayllama.train.loop import TrainJob, run_train_job
     from rayllama.train.stages import sharding
 
@@ -394,8 +385,7 @@ def _gatt_round(cfg: Any, run: RunDir, r: int, tok: Tokenizer, records: list[Pro
                 f"round {r}: no GAtt example (accepted {sampled.samples_accepted} of {sampled.samples} samples, "
                 f"{too_long} too long); raise gatt.samples_per_turn or gatt.max_seq_len, or start from a better policy"
             )
-        k = min(replay_count(len(rows), g.replay_share), len(replay))
-        picked = random.Random(cfg.seed * 1000 + r).sample(list(replay), k)
+        picked = replay_sample(replay, len(rows), g.replay_share, cfg.seed * 1000 + r)
         replay_rows, replay_long = encode_rows(picked, tok, max_len, gatt_mask=False)
         tensors = pad_rows(rows + replay_rows, tok.pad_id)  # one tensor file; the loop shuffles it per epoch
         stats = {**sampled.stats(), "examples": len(rows), "examples_too_long": too_long,

@@ -167,6 +167,8 @@ CLI_CASES: dict[str, tuple[Callable, str, int]] = {
                                   "rejection.samples_per_prompt 0 must be >= 1", 2),
     "override gatt replay share out of range": (overrides("gatt.replay_share=1.5"),
                                                 "gatt.replay_share 1.5 must be in [0, 1)", 2),
+    "override rejection replay share out of range": (overrides("rejection.replay_share=1"),
+                                                     "rejection.replay_share 1.0 must be in [0, 1)", 2),
     "dry run: tokenizer file missing": (overrides("--dry-run", "tokenizer.model_path=/nonexistent/sp.model"),
                                         "tokenizer.model_path '/nonexistent/sp.model' does not exist", 2),
     "dry run: temperature out of range": (overrides("--dry-run", "--ppo.temperature=-1"),

@@ -352,9 +352,6 @@ def test_run_gatt_mistakes_are_named_errors(tok, tmp_path):
     cfg.gatt.rounds = 0
     with pytest.raises(gatt.GAttError, match="gatt.rounds 0"):
         gatt.run_gatt(cfg, tmp_path, tok, [_record()], tmp_path, never)
-    with pytest.raises(gatt.GAttError, match=r"replay_share 1.0 must be in \[0, 1\)"):
-        gatt.replay_count(10, 1.0)
-    assert gatt.replay_count(10, 0.5) == 10 and gatt.replay_count(9, 0.25) == 3  # 0.25 / 0.75 * 9 = 3
     bad = PromptRecord(prompt=[{"role": "user", "content": "hi"}], is_safety=False)
     with pytest.raises(gatt.GAttError, match="dialogue 0 has no instruction"):
         gatt.sample_dialogues([bad], lambda d, n: [["x"] * n for _ in d], 1, _adherent_then_helpful)

@@ -31,7 +31,7 @@ from rayllama.rl.rejection import (
     select_best,
     update_pool,
 )
-from rayllama.train.data import sft_rows
+from rayllama.train.data import replay_sample, sft_rows
 
 
 def logit(p: float) -> float:
@@ -133,6 +133,18 @@ def test_sft_on_the_pool_raises_the_likelihood_of_the_pooled_answers(world):
         PolicyLearner(world.sft, None, None).sft_train(rows)
 
 
+def test_replay_sample_makes_its_share_of_the_fine_tune_data():
+    assert len(replay_sample(range(100), 10, 0.5, seed=0)) == 10  # 0.5 / 0.5 * 10
+    assert len(replay_sample(range(100), 9, 0.25, seed=0)) == 3  # 0.25 / 0.75 * 9
+    assert len(replay_sample(range(5), 10, 0.5, seed=0)) == 5  # never more than there are
+    assert replay_sample(range(100), 0, 0.5, seed=0) == [] and replay_sample(range(100), 10, 0.0, seed=0) == []
+    drawn = replay_sample(range(100), 30, 0.5, seed=3)
+    assert drawn == replay_sample(range(100), 30, 0.5, seed=3) and len(set(drawn)) == 30  # seeded, no repeats
+    assert drawn != replay_sample(range(100), 30, 0.5, seed=4)
+    with pytest.raises(ValueError, match=r"replay_share 1.0 must be in \[0, 1\)"):
+        replay_sample(range(100), 10, 1.0, seed=0)
+
+
 # ---------------------------------------------------------------------------------------------- the loop, locally
 
 
@@ -183,6 +195,20 @@ def test_loop_keeps_the_best_ever_sample_and_writes_its_outputs(world, tmp_path)
     assert curve["ks"] == [1, 2, 4] and [c["iteration"] for c in curve["iterations"]] == [1, 2, 3]
     assert (tmp_path / CURVE_PNG).read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter-0002", "iter-0003"]
+
+
+def test_replayed_sft_dialogues_join_every_fine_tune(world, tmp_path):
+    cfg = rej_config(iterations=2, replay_share=0.5)
+    actors = create_local_rejection_actors(cfg, world.sft, world.reward_helpfulness, world.reward_safety)
+    with pytest.raises(ValueError, match="rejection.replay_share 0.5 needs SFT dialogues to replay"):
+        run_rejection(cfg, actors, world.prompts, world.tokenizer, tmp_path)
+    replay = [[*p.prompt, {"role": "assistant", "content": f"answer {n}."}] for n, p in enumerate(world.prompts)]
+    run_rejection(cfg, actors, world.prompts, world.tokenizer, tmp_path, replay=replay)
+    metrics = read_metrics(tmp_path)
+    # 4 prompts per iteration: the pool holds 4, then 8 answers, and as many SFT dialogues join each fine-tune
+    assert [m["pool/size"] for m in metrics] == [4, 8]
+    assert [m["sft_rows_replayed"] for m in metrics] == [4, 8]
+    assert [m["sft_rows"] for m in metrics] == [8, 16]
 
 
 def test_the_real_reward_models_pick_the_best_sample_they_scored(world, tmp_path):

@@ -10,7 +10,8 @@ One iteration (`rejection_step`):
     4. select               s = sigmoid(raw RM score); R_c = s_safety if is_safety or s_safety < gate else s_helpful;
                             the best of the K samples by R_c; the pool keeps the best sample ever seen per prompt
                             (a later, worse sample never replaces a better one: the paper's fix for regressions)
-    5. fine-tune            the policy on the whole pool with the SFT loss on answer tokens (`sft_rows`)
+    5. fine-tune            the policy on the whole pool with the SFT loss on answer tokens (`sft_rows`), plus,
+                            with `replay_share` > 0, SFT dialogues drawn afresh each iteration (against forgetting)
     6. sync weights         the same path as PPO: a broadcast from the learner to every generator
     7. log                  metrics.jsonl + TensorBoard, the best-of-K curve (JSON + PNG), timing/<phase>
 
@@ -31,7 +32,8 @@ Metrics per iteration (out_dir/metrics.jsonl, TensorBoard under out_dir/tensorbo
     pool/size, pool/mean_reward         prompts in the pool and their mean best-ever R_c
     pool/added, pool/replaced, pool/kept
                                         this iteration's prompts new to the pool / improved / left as they were
-    sft_loss, sft_grad_norm, lr, sft_steps, sft_rows, sft_rows_dropped (longer than the model's max_seq_len)
+    sft_loss, sft_grad_norm, lr, sft_steps, sft_rows, sft_rows_dropped (longer than the model's max_seq_len),
+    sft_rows_replayed                   the replayed SFT dialogues among sft_rows
     temperature, response_length, response_stopped, iteration, prompt_position, weight_version
     timing/<phase>                      seconds: generate, score, select, train, sync, [evaluate], checkpoint,
                                         iteration
@@ -160,6 +162,7 @@ class RejectionLoop(RLLoop):
 
     pool: dict[int, PoolEntry] = field(default_factory=dict)  # prompt index -> best sample ever
     curves: list[dict[str, Any]] = field(default_factory=list)  # the best-of-K curve of every iteration
+    replay: Sequence[list[dict[str, str]]] = ()  # SFT dialogues to replay (rejection.replay_share)
 
     kind = "rejection"
     learner_save, learner_load = "save_sft", "load_sft"  # policy + SFT optimizer shards
@@ -293,19 +296,21 @@ def pool_dialogues(loop: RejectionLoop) -> list[list[dict[str, str]]]:
 
 
 def fine_tune(loop: RejectionLoop, iteration: int) -> dict[str, float]:
-    """The learner's `sft_train` on the pool (answers only), seeded by (seed, iteration)."""
-    from rayllama.train.data import sft_rows
+    """The learner's `sft_train` on the pool (answers only) and the replayed SFT dialogues, seeded by (seed,
+    iteration)."""
+    from rayllama.train.data import replay_sample, sft_rows
 
     rej, actors = loop.cfg.rejection, loop.actors
-    dialogues = pool_dialogues(loop)
-    rows, dropped = sft_rows(dialogues, loop.tokenizer, loop.max_seq_len)
     seed = loop.cfg.seed * 1_000_003 + iteration
+    dialogues = pool_dialogues(loop)
+    replayed = replay_sample(loop.replay, len(dialogues), rej.replay_share, seed)
+    rows, dropped = sft_rows(dialogues + replayed, loop.tokenizer, loop.max_seq_len)
     rows_ref = actors.put(rows)  # one object-store copy that every rank reads
     stats = actors.get_learners([learner.sft_train.remote(rows_ref, rej.finetune_epochs, rej.batch_size,
                                                           rej.micro_batch_size, seed)
                                  for learner in actors.learners], "learner sft_train")
     check_learners(stats, loop.weight_version + 1)
-    return {**stats[0], "sft_rows_dropped": float(dropped)}
+    return {**stats[0], "sft_rows_dropped": float(dropped), "sft_rows_replayed": float(len(replayed))}
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -362,17 +367,21 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def run_rejection(cfg: PipelineConfig, actors: RLActors, prompts: list[PromptRecord], tokenizer: Tokenizer,
-                  out_dir: Path, evaluate: Callable[[RLActors, int], dict[str, float]] | None = None) -> dict[str, Any]:
+                  out_dir: Path, evaluate: Callable[[RLActors, int], dict[str, float]] | None = None,
+                  replay: Sequence[list[dict[str, str]]] = ()) -> dict[str, Any]:
     """Run rejection sampling up to cfg.rejection.iterations, resuming from `out_dir/checkpoints`; checkpoint
     every iteration; write `out_dir/model` (policy + tokenizer.model) at the end.
 
     `actors`: learners[0] a policy-only PolicyLearner with sft_optim (`actors.group.create_rejection_actors`),
     both reward scorers, the generators; no reference. `evaluate(actors, iteration) -> metrics` runs after every
-    iteration's weight sync. Returns the last iteration's metrics plus `model_dir`, `iterations`,
+    iteration's weight sync. `replay`: the SFT dialogues that `rejection.replay_share` draws from. Returns the last iteration's metrics plus `model_dir`, `iterations`,
     `resumed_from`, `pool_size`, `pool_mean_reward`, `best_of_k` (the last curve) and `curve_json`/`curve_png`.
     """
     validate_rejection(cfg.rejection)  # configs from load_config are checked already; this is for built ones
-    loop, dropped = start_loop(RejectionLoop, cfg, actors, prompts, tokenizer, out_dir)
+    if cfg.rejection.replay_share > 0 and not replay:
+        raise ValueError(f"rejection.replay_share {cfg.rejection.replay_share} needs SFT dialogues to replay; pass "
+                         "replay= or set it to 0")
+    loop, dropped = start_loop(RejectionLoop, cfg, actors, prompts, tokenizer, out_dir, replay=replay)
     summary = run_loop(loop, evaluate, dropped)
     pool_rewards = [e.reward for e in loop.pool.values()]
     return {**summary, "pool_size": len(loop.pool), "pool_mean_reward": sum(pool_rewards) / max(1, len(pool_rewards)),

@@ -74,6 +74,16 @@ def sft_rows(dialogues: Iterable[list[dict]], tok: Tokenizer, max_len: int) -> t
     }, dropped
 
 
+def replay_sample(replay: Sequence, n_new: int, share: float, seed: int) -> list:
+    """The replayed SFT dialogues to mix with `n_new` new examples so that they make `share` of a fine-tune's data
+    (share / (1 - share) * n_new of them, at most all of `replay`), drawn without replacement by `seed`. Used
+    against forgetting by the rejection-sampling and GAtt fine-tunes (`*.replay_share`)."""
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"replay_share {share} must be in [0, 1)")
+    k = min(round(share / (1.0 - share) * n_new), len(replay))
+    return random.Random(seed).sample(list(replay), k)
+
+
 def preference_rows(pairs: Iterable, tok: Tokenizer, max_len: int, margins: dict[str, float]) -> tuple[dict, int]:
     """Each pair as two full dialogues (prompt + chosen answer, prompt + rejected answer); the reward model
     scores the last token of each. Pairs where either side exceeds max_len are dropped and counted."""
