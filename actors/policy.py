@@ -18,7 +18,9 @@ one seeded permutation) is cut into N contiguous shares, one per rank, and each 
 its share of the mini-batch's response tokens over all ranks (one all-reduce of the count) times N: FSDP
 reduce-scatters the mean of the ranks' gradients, so every step is exactly one learner's step on the whole
 mini-batch (the token mean), gradients clipped to ppo.optim.grad_clip per model by their global norm. The stats
-are all-reduced too: every rank returns the whole mini-batch's token means.
+are all-reduced too: every rank returns the whole mini-batch's token means. PPO-ptx (`ppo.ptx_coef` > 0, InstructGPT's
+replay against forgetting): every step also draws mini_batch_size replayed SFT dialogues, shared among the ranks
+the same way, and adds ptx_coef times their SFT loss (the draw's token mean) to the policy's loss.
 
 Collectives: `train`, `logprobs`, `values`, `send_weights`, `greedy`, `save`, `load` and `export_policy` run
 forwards or gather parameters, so the loop calls each on every rank of the group (rayllama.rl.ppo does). The
@@ -102,6 +104,14 @@ def optimizer_steps(ppo: PPOConfig) -> int:
     """Total optimizer steps of a PPO run: iterations x epochs x (rollouts per iteration / mini_batch_size)."""
     rollouts = ppo.prompts_per_iteration * ppo.samples_per_prompt
     return max(1, ppo.iterations * ppo.epochs_per_iteration * (rollouts // ppo.mini_batch_size))
+
+
+def ptx_draw(rows: dict[str, torch.Tensor], size: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """PPO-ptx's replay for one optimizer step: `rows` with min(size, N) of their indices drawn without replacement
+    by `seed` (the same on every rank, so each takes its share of one draw)."""
+    n = int(rows["tokens"].shape[0])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return rows, order[:min(size, n)]
 
 
 def free_address() -> str:
@@ -356,15 +366,22 @@ class PolicyLearner:
 
     # ------------------------------------------------------------------------------------------ training
 
-    def train(self, exp: Experience, seed: int = 0) -> dict[str, float]:
+    def train(self, exp: Experience, seed: int = 0, ptx_rows: dict[str, torch.Tensor] | None = None
+              ) -> dict[str, float]:
         """PPO update on the iteration's rollouts (every rank gets all of them): ppo.epochs_per_iteration passes,
         mini-batches of ppo.mini_batch_size rows (this rank trains on its 1/world share of each), one optimizer
-        step each. Returns the mean stats over the steps (the whole mini-batches', the same on every rank)."""
+        step each. With ppo.ptx_coef > 0 every step also draws ppo.mini_batch_size rows of `ptx_rows` (replayed
+        SFT dialogues, `rayllama.train.data.sft_rows`; seeded by (seed, step)) and adds ptx_coef times their SFT
+        loss (token mean over the draw) to the policy's loss. Returns the mean stats over the steps (the whole
+        mini-batches', the same on every rank)."""
         self._require_state("train")
         size = self.ppo.mini_batch_size
         if size % self.world:
             raise ValueError(f"ppo.mini_batch_size {size} is not a multiple of num_learners {self.world}; make it "
                              f"one")
+        if self.ppo.ptx_coef > 0 and (not ptx_rows or int(ptx_rows["tokens"].shape[0]) < self.world):
+            raise ValueError(f"ppo.ptx_coef {self.ppo.ptx_coef} needs at least {self.world} SFT rows to replay (one "
+                             f"per learner); pass ptx_rows or set it to 0")
         share = size // self.world
         self.policy.train()
         self.value.train()
@@ -372,7 +389,8 @@ class PolicyLearner:
         steps = 0
         for mini in mini_batches(exp, size, self.ppo.epochs_per_iteration, seed):
             mine = mini.select(slice(self.rank * share, (self.rank + 1) * share))
-            for key, value in self._step(mine, first=steps == 0).items():
+            ptx = ptx_draw(ptx_rows, size, seed * 1_000 + steps) if self.ppo.ptx_coef > 0 else None
+            for key, value in self._step(mine, first=steps == 0, ptx=ptx).items():
                 totals[key] += value
             steps += 1
         self.version += 1
@@ -381,10 +399,13 @@ class PolicyLearner:
         return {**stats, **{k: totals[k] for k in drift_keys}, "optimizer_steps": float(steps),
                 "version": float(self.version)}
 
-    def _step(self, mine: Experience, first: bool) -> dict[str, float]:
+    def _step(self, mine: Experience, first: bool,
+              ptx: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
         """One optimizer step on a mini-batch whose share `mine` is this rank's: micro-batch losses weighted by their
         share of the mini-batch's response tokens (summed over ranks) times the world size, so FSDP's mean of the
-        ranks' gradients is the gradient of the token mean over the whole mini-batch."""
+        ranks' gradients is the gradient of the token mean over the whole mini-batch. `ptx` (rows, drawn indices):
+        ppo.ptx_coef times the SFT loss of the drawn rows joins the policy's gradient, each rank taking its
+        contiguous share of the draw, normalised by the draw's answer tokens."""
         ppo = self.ppo
         n_tokens = self._sum_over_ranks([float(mine.action_mask.sum())])[0]
         sums: dict[str, float] = defaultdict(float)
@@ -411,6 +432,14 @@ class PolicyLearner:
             if first:  # before the first step the learner's weights are the generator's: pure numerical drift
                 sums["logprob_drift"] += share * float(drift)
                 drift_max = max(drift_max, float(gap.max()))
+        if ptx is not None:
+            rows, idx = ptx
+            n_answer = max(1, int(rows["loss_mask"][idx, 1:].sum()))  # answer tokens predicted in the whole draw
+            for micro in idx.tensor_split(self.world)[self.rank].split(self.micro_batch_size):  # this rank's share
+                with self._compute(self.policy):
+                    ce_sum, _ = lm_micro_loss(self.policy, rows, micro, self.device)
+                (ppo.ptx_coef * ce_sum / n_answer * self.world).backward()
+                sums["ptx_loss"] += float(ce_sum.detach()) / n_answer
         stats = dict(zip(sums, self._sum_over_ranks(list(sums.values())), strict=True))
         if first:
             stats["logprob_drift_max"] = drift_max  # this rank's; the loop takes the max over ranks

@@ -303,6 +303,9 @@ class PPOConfig:
     value_clip: float = 0.2
     value_coef: float = 1.0
     kl_beta: float = 0.01
+    # PPO-ptx (InstructGPT, Ouyang et al. 2022, eq. 2): gamma of the SFT loss on replayed SFT dialogues (a
+    # mini_batch_size draw of them) added to every PPO step's policy loss, against forgetting. 0: LLaMA 2's PPO
+    ptx_coef: float = 0.0
     kl_estimator: str = "k1"  # k1 | k3
     gamma: float = 1.0
     lam: float = 0.95
@@ -835,6 +838,7 @@ PIPELINE_RANGES: dict[str, str] = {
     "ppo.value_clip": "> 0",
     "ppo.value_coef": ">= 0",
     "ppo.kl_beta": ">= 0",
+    "ppo.ptx_coef": ">= 0",
     "ppo.gamma": "in [0, 1]",
     "ppo.lam": "in [0, 1]",
     "ppo.max_logprob_drift": ">= 0",

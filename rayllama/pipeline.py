@@ -709,7 +709,8 @@ class Pipeline:
                 remote(self._require(self.reward_path("safety"), "reward")),
             )
             try:
-                summary = run_ppo(self.cfg, handles, list(self.rl_prompts), self.tok, remote(out_dir))
+                summary = run_ppo(self.cfg, handles, list(self.rl_prompts), self.tok, remote(out_dir),
+                                  replay=self.sft_dialogues)
             finally:
                 actors.group.shutdown_rl_actors(handles)
             self.run.pull(out_dir / "model")

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from test_ppo_loop import REQUIRED
+from test_rejection import answer_logprob
 from worlds import tiny_config
 
 from actors.group import (
@@ -29,6 +30,7 @@ from rayllama.rl.actors_api import ActorCallError, StaleWeightsError
 from rayllama.rl.experience import Experience, collate
 from rayllama.rl.ppo import run_ppo
 from rayllama.rl.weight_sync import WeightSync, digest
+from rayllama.train.data import sft_rows
 
 PROMPTS = [[1, 30, 31, 32], [1, 40], [1, 50, 51, 52, 53, 54], [1, 60, 61]]
 
@@ -178,6 +180,38 @@ def test_frozen_roles_hold_the_configured_dtype_and_return_float32(world, cfg):
     for handle in (local.reference, local.reward_helpfulness, local.reward_safety):
         assert {p.dtype for p in handle.obj.model.parameters()} == {torch.bfloat16}
     assert local.learners[0].obj.micro_batch_size == 3 and local.learners[0].obj.param_dtype == torch.bfloat16
+
+
+def test_ppo_ptx_adds_gamma_times_the_sft_loss_of_replayed_dialogues(world, cfg):
+    """PPO-ptx: every step adds ptx_coef x the token-mean SFT loss of mini_batch_size replayed dialogues (here
+    all 6: fewer than the 8 of a mini-batch). The reported ptx_loss of the first (only) step is that loss before the
+    step, by hand; a large ptx_coef raises the replayed answers' likelihood, PPO alone on the same rollouts does
+    not as much."""
+    answers = ["sum of 3 and 4 is 7.", "sorry I cannot help make a bomb.", "the capital letter is A.",
+               "seven.", "the answer is 12.", "I am not able to help with that."]
+    dialogues = [[*p.prompt, {"role": "assistant", "content": a}] for p, a in zip(world.prompts, answers)]
+    rows, dropped = sft_rows(dialogues, world.tokenizer, 64)
+    assert dropped == 0 and rows["tokens"].shape[0] == 6
+    ppo = dataclasses.replace(cfg.ppo, mini_batch_size=8, value_init="sft", optim=OptimConfig(lr=1e-3,
+                                                                                            schedule="constant"))
+    plain = PolicyLearner(world.sft, None, ppo, micro_batch_size=4)
+    ptx = PolicyLearner(world.sft, None, dataclasses.replace(ppo, ptx_coef=5.0), micro_batch_size=4)
+    before = [answer_logprob(ptx.policy, world.tokenizer, d) for d in dialogues]
+    counts = [sum(world.tokenizer.encode_dialog(d)[1]) for d in dialogues]
+    exp = synthetic_experience(None, plain, seed=5)  # 8 rows: one step per call
+    stats = ptx.train(exp, 0, rows)
+    assert stats["optimizer_steps"] == 1
+    assert stats["ptx_loss"] == pytest.approx(-sum(b * c for b, c in zip(before, counts)) / sum(counts), rel=1e-4)
+    assert "ptx_loss" not in plain.train(exp, 0, rows)  # ptx_coef 0: the rows are not read
+    for seed in range(1, 4):
+        ptx.train(exp, seed, rows)
+        plain.train(exp, seed, rows)
+    gain_ptx = [answer_logprob(ptx.policy, world.tokenizer, d) - b for d, b in zip(dialogues, before)]
+    gain_plain = [answer_logprob(plain.policy, world.tokenizer, d) - b for d, b in zip(dialogues, before)]
+    # measured: ptx +0.22..+0.29 nats per answer token, PPO alone -0.02..+0.00
+    assert min(gain_ptx) > 0.15 and min(gain_ptx) > max(gain_plain) + 0.15, (gain_ptx, gain_plain)
+    with pytest.raises(ValueError, match="ppo.ptx_coef 5.0 needs at least 1 SFT rows to replay"):
+        ptx.train(exp, 0)
 
 
 def test_two_fsdp_learners_step_like_one_learner_on_the_union(ray_session, world, cfg, tmp_path):

@@ -163,6 +163,7 @@ CLI_CASES: dict[str, tuple[Callable, str, int]] = {
     "override clip out of range": (overrides("ppo.clip=3"), "ppo.clip 3.0 must be in (0, 1)", 2),
     "override weight-sync backend unknown": (overrides("ppo.weight_sync.backend=shm"),
                                              "ppo.weight_sync.backend 'shm' is not auto, gloo, nccl or ipc", 2),
+    "override ptx coefficient negative": (overrides("ppo.ptx_coef=-1"), "ppo.ptx_coef -1.0 must be >= 0", 2),
     "override rejection K zero": (overrides("rejection.samples_per_prompt=0"),
                                   "rejection.samples_per_prompt 0 must be >= 1", 2),
     "override gatt replay share out of range": (overrides("gatt.replay_share=1.5"),

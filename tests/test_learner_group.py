@@ -5,7 +5,7 @@ load into one learner.
 Oracles: a 1-learner run in this process (same seed; the 2 ranks' micro-batches are padded and summed
 differently, so metrics agree to float rounding, ~1e-6 relative) and, for the fault, the uninterrupted 2-rank run
 (the same sharding: bit for bit). Tiny models of tests/worlds.py, 3 PPO iterations of 16 rollouts (2 optimizer
-steps each), a checkpoint every iteration.
+steps each, PPO-ptx replaying SFT dialogues in each), a checkpoint every iteration.
 """
 
 from __future__ import annotations
@@ -33,15 +33,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ITERATIONS = 3
 PROMPTS = [[1, 30, 31, 32], [1, 40], [1, 50, 51, 52, 53, 54], [1, 60, 61]]
 LOSS_STATS = ("policy_loss", "value_loss", "entropy", "approx_kl", "ratio", "clip_fraction", "value_clip_fraction",
-              "grad_norm", "value_grad_norm")
+              "grad_norm", "value_grad_norm", "ptx_loss")
 
 
 def group_config():
-    return tiny_config(iterations=ITERATIONS, checkpoint_every=1, num_learners=2)
+    return tiny_config(iterations=ITERATIONS, checkpoint_every=1, num_learners=2, ptx_coef=0.5)
 
 
 def one_config():
-    return tiny_config(iterations=ITERATIONS, checkpoint_every=1)
+    return tiny_config(iterations=ITERATIONS, checkpoint_every=1, ptx_coef=0.5)
+
+
+def replay(world) -> list[list[dict]]:
+    """SFT dialogues for PPO-ptx (ptx_coef 0.5 in both runs: the ranks share each step's draw of 8 of them)."""
+    return [[*p.prompt, {"role": "assistant", "content": f"the answer is {n}."}] for n, p in enumerate(world.prompts)]
 
 
 def close(a: float, b: float) -> bool:
@@ -62,7 +67,7 @@ def grouped(ray_session, world, tmp_path_factory) -> dict[str, Any]:
         ranks = ray.get([h.__ray_call__.remote(lambda self: (self.rank, self.world, type(self.policy).__name__,
                                                              tuple(self.policy.lm_head.weight.to_local().shape)))
                          for h in group.learners], timeout=120)
-        summary = run_ppo(cfg, group, world.prompts, world.tokenizer, out)
+        summary = run_ppo(cfg, group, world.prompts, world.tokenizer, out, replay=replay(world))
         # greedy on the group (a copy gathered on rank 0) and on the generator, which holds the final weights
         eos = world.tokenizer.eos_id
         greedy = ray.get([h.greedy.remote(PROMPTS, 8, (eos,)) for h in group.learners], timeout=120)
@@ -79,7 +84,7 @@ def single(world, tmp_path_factory) -> dict[str, Any]:
     cfg = one_config()
     out = tmp_path_factory.mktemp("single")
     actors = local(cfg, world)
-    run_ppo(cfg, actors, world.prompts, world.tokenizer, out)
+    run_ppo(cfg, actors, world.prompts, world.tokenizer, out, replay=replay(world))
     return {"out": out, "learner": actors.learners[0].obj}
 
 
@@ -154,7 +159,7 @@ def test_a_rank_killed_mid_iteration_rebuilds_the_group_and_equals_the_uninterru
         before = [actor_pid(ray, group.names[name]) for name in names]
         faulty = dataclasses.replace(group, learners=[
             group.learners[0], KillDuring(ray, group.learners[1], names[1], "train", ITERATIONS, kills)])
-        summary = run_ppo(cfg, faulty, world.prompts, world.tokenizer, tmp_path)
+        summary = run_ppo(cfg, faulty, world.prompts, world.tokenizer, tmp_path, replay=replay(world))
         after = [actor_pid(ray, group.names[name]) for name in names]
         alive = [ray.get(h.__ray_call__.remote(lambda self: (self.rank, self.world, self.version)), timeout=60)
                  for h in faulty.learners]
@@ -193,7 +198,7 @@ def test_a_checkpoint_of_two_ranks_loads_into_one_learner(grouped, single, world
     out = tmp_path / "resumed"
     shutil.copytree(grouped["out"] / "checkpoints" / "iter-0002", out / "checkpoints" / "iter-0002")
     resumed = local(cfg, world)
-    summary = run_ppo(cfg, resumed, world.prompts, world.tokenizer, out)
+    summary = run_ppo(cfg, resumed, world.prompts, world.tokenizer, out, replay=replay(world))
     assert summary["resumed_from"] == 2 and summary["iterations"] == ITERATIONS
     third = iteration_rows(out)[-1]
     expected = iteration_rows(single["out"])[-1]

@@ -9,7 +9,9 @@ One iteration (`ppo_step`):
                             R = whiten(logit(R_c)); r_t = R [last token] - beta * KL_t; GAE(gamma, lambda);
                             whitened advantages
     5. train                every rank of the learner group (FSDP2) gets the rollouts and trains on its share of
-                            each mini-batch; one gradient step per mini-batch, equal to one learner's
+                            each mini-batch; one gradient step per mini-batch, equal to one learner's; with
+                            ppo.ptx_coef > 0 each step adds ptx_coef x the SFT loss of replayed SFT dialogues
+                            (PPO-ptx, InstructGPT eq. 2)
     6. sync weights         the ranks gather the new policy one parameter at a time; rank 0 broadcasts it in
                             buckets to every generator over the weight-sync group (rayllama.rl.weight_sync: gloo
                             on CPU, NCCL on GPU; version-labelled, blake2b-verified every verify_weights_every)
@@ -85,7 +87,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +150,7 @@ class PPOLoop(RLLoop):
 
     pending: Rollouts | None = None  # async: the next iteration's rollouts, made during this one
     prefetcher: ThreadPoolExecutor | None = None  # async: the driver thread that waits for the prefetch
+    ptx_rows: Any = None  # PPO-ptx: the replayed SFT dialogues' rows (an object-store ref), None when ptx_coef is 0
 
     kind = "ppo"
 
@@ -266,7 +269,7 @@ def learn(loop: PPOLoop, iteration: int, rollouts: Rollouts, batch: SequenceBatc
     exp = actors.put(Experience(batch.sequences, batch.attention_mask, mask, logprobs, values, advantages, returns))
     seed = loop.cfg.seed * 1_000_003 + iteration
     with loop.timed("train"):
-        stats = actors.get_learners([learner.train.remote(exp, seed) for learner in actors.learners],
+        stats = actors.get_learners([learner.train.remote(exp, seed, loop.ptx_rows) for learner in actors.learners],
                                     "learner train")
     check_learners(stats, loop.weight_version + 1)
     loop.iteration = iteration
@@ -416,12 +419,21 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def run_ppo(cfg: PipelineConfig, actors: RLActors, prompts: list[PromptRecord], tokenizer: Tokenizer,
-            out_dir: Path, evaluate: Callable[[RLActors, int], dict[str, float]] | None = None) -> dict[str, Any]:
+            out_dir: Path, evaluate: Callable[[RLActors, int], dict[str, float]] | None = None,
+            replay: Sequence[list[dict[str, str]]] = ()) -> dict[str, Any]:
     """Run PPO up to cfg.ppo.iterations, resuming from `out_dir/checkpoints`; write `out_dir/model` at the end.
 
     `evaluate(actors, iteration) -> metrics` runs every cfg.ppo.eval_every iterations (0: never) after the weight
     sync, so the generators hold the new policy. A lost learner is recovered from (module docstring, "Faults").
-    Returns the last iteration's metrics plus `model_dir`, `iterations`, `resumed_from` and `recoveries`.
+    `replay`: the SFT dialogues PPO-ptx replays (needed when cfg.ppo.ptx_coef > 0; dialogues longer than the
+    model's context are left out). Returns the last iteration's metrics plus `model_dir`, `iterations`,
+    `resumed_from` and `recoveries`.
     """
+    from rayllama.train.data import sft_rows
+
+    if cfg.ppo.ptx_coef > 0 and not replay:
+        raise ValueError(f"ppo.ptx_coef {cfg.ppo.ptx_coef} needs SFT dialogues to replay; pass replay= or set it to 0")
     loop, dropped = start_loop(PPOLoop, cfg, actors, prompts, tokenizer, out_dir)
+    if cfg.ppo.ptx_coef > 0:
+        loop.ptx_rows = actors.put(sft_rows(replay, tokenizer, loop.max_seq_len)[0])  # one copy every rank reads
     return run_loop(loop, evaluate, dropped)
