@@ -72,6 +72,35 @@ RAY_STATE_API_NOTICE = "Failed to query Ray Train Controller actor state"
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
+# Ray Train 2.58's controller starts a PreemptionWatcher actor per stage, and its core worker logs (at ERROR, from
+# C++) that the actor's constructor arguments live in the object store while max_restarts > 0: a note to Ray's own
+# developers (ray-project/ray#53727), one console line per Ray Train stage. Dropped from what workers print to the
+# driver's console unless log_level=debug; it stays in the Ray logs (/tmp/ray/session_latest/logs).
+RAY_WORKER_NOTICES = ("Actor with class name: 'PreemptionWatcher'",)
+
+
+def quiet_worker_notices() -> None:
+    """Replace the driver's printer of worker log lines (Ray's `ray_print_logs` handler, what log_to_driver adds)
+    with one that drops the lines holding a RAY_WORKER_NOTICES text and prints the rest as Ray does."""
+    import functools
+
+    from ray._private import worker
+
+    dispatcher = worker.global_worker_stdstream_dispatcher
+    if not any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
+        return  # log_to_driver off, or a ray:// client (it prints worker lines its own way)
+    printer = functools.partial(worker.print_to_stdstream,
+                                ignore_prefix=worker.global_worker.job_logging_config is not None)
+
+    def print_worker_lines(data: dict) -> None:
+        lines = [line for line in data.get("lines", []) if not any(n in line for n in RAY_WORKER_NOTICES)]
+        if lines:
+            printer({**data, "lines": lines})
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", print_worker_lines)
+
+
 def quiet_ray_notices() -> None:
     import re
     import warnings
@@ -127,6 +156,8 @@ def _start_ray(cfg: PipelineConfig, run: RunDir) -> None:
         )
         if cfg.ray.include_dashboard:
             log.info(f"Ray dashboard: http://{context.dashboard_url}")
+    if cfg.log_level != "debug":
+        quiet_worker_notices()
     node = getattr(ray._private.worker.global_worker, "node", None)  # None for a ray:// client
     if node is not None:  # where this node's rayllama_* gauges are scraped (rayllama.trackers.RayMetrics)
         log.info(f"Ray metrics (Prometheus): http://{node.node_ip_address}:{node.metrics_export_port}/metrics")

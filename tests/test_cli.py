@@ -191,6 +191,36 @@ def test_range_checks(override, fragment):
     assert fragment in str(e.value) and "\n" not in str(e.value)
 
 
+def test_ray_worker_notices_leave_the_console_and_other_worker_lines_do_not(capsys):
+    """After `quiet_worker_notices` the driver's printer of worker lines (Ray's log_to_driver handler) drops Ray
+    Train's PreemptionWatcher note (ERROR from C++, once per stage) and prints every other line as Ray does."""
+    from ray._private import worker
+
+    from rayllama.driver import quiet_worker_notices
+
+    dispatcher = worker.global_worker_stdstream_dispatcher
+    before = list(dispatcher.handlers)
+    try:
+        dispatcher.handlers = [h for h in before if h[0] != "ray_print_logs"]
+        quiet_worker_notices()  # nothing to replace: log_to_driver is off, nothing is added
+        assert not any(name == "ray_print_logs" for name, _ in dispatcher.handlers)
+        dispatcher.add_handler("ray_print_logs", lambda data: None)  # what ray.init(log_to_driver=True) adds
+        quiet_worker_notices()
+        assert [name for name, _ in dispatcher.handlers].count("ray_print_logs") == 1
+        notice = ("[2026-12-05 23:14:32,049 E 7388 7433] core_worker.cc:2330: Actor with class name: "
+                  "'PreemptionWatcher' and ID: 'ab1b85e4' has constructor arguments in the object store and "
+                  "max_restarts > 0.")
+        data = {"ip": "127.0.0.1", "localhost": "127.0.0.1", "pid": 7388, "job": "01000000", "is_err": True,
+                "actor_name": "TrainController", "task_name": ""}
+        dispatcher.emit({**data, "lines": [notice, "rank 0: step 3 loss 1.25"]})
+        dispatcher.emit({**data, "lines": [notice]})
+        err = capsys.readouterr().err
+        assert "rank 0: step 3 loss 1.25" in err and "TrainController pid=7388" in err
+        assert "PreemptionWatcher" not in err
+    finally:
+        dispatcher.handlers = before
+
+
 def test_ray_notices_about_settings_are_quiet_and_others_are_not():
     """The driver (and every Ray worker, through the job's setup hook) drops Ray's zero-copy warnings and the
     placement-group cleaner's once-a-second 'state API unavailable' warning (the dashboard is off), nothing else."""
