@@ -72,6 +72,8 @@ Metrics per iteration (out_dir/metrics.jsonl, TensorBoard under out_dir/tensorbo
     value_grad_norm, lr, logprob_drift  means over the optimizer steps of the whole mini-batches' token means
                                         (the same on every rank; logprob_drift: mean |log pi_learner -
                                         log pi_generator| before the first step, ~0 if synced)
+    ptx_loss                            ppo.ptx_coef > 0: the replayed SFT dialogues' token-mean SFT loss, mean
+                                        over the steps
     response_length, response_stopped, value_mean, iteration, prompt_position, weight_version
     rollout_lag                         updates between the weights that made the rollouts and the learner's
                                         (0; async: 1 where they were prefetched)
