@@ -106,12 +106,15 @@ def optimizer_steps(ppo: PPOConfig) -> int:
     return max(1, ppo.iterations * ppo.epochs_per_iteration * (rollouts // ppo.mini_batch_size))
 
 
-def ptx_draw(rows: dict[str, torch.Tensor], size: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """PPO-ptx's replay for one optimizer step: `rows` with min(size, N) of their indices drawn without replacement
+def ptx_draw(rows: dict[str, torch.Tensor], size: int, seed: int, world: int = 1
+             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """PPO-ptx's replay for one optimizer step: `rows` with min(size, N) of their indices, less the remainder over
+    `world` (every rank takes an equal share, so the ranks run as many backward passes), drawn without replacement
     by `seed` (the same on every rank, so each takes its share of one draw)."""
     n = int(rows["tokens"].shape[0])
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return rows, order[:min(size, n)]
+    k = min(size, n)
+    return rows, order[:k - k % world]
 
 
 def free_address() -> str:
@@ -389,7 +392,7 @@ class PolicyLearner:
         steps = 0
         for mini in mini_batches(exp, size, self.ppo.epochs_per_iteration, seed):
             mine = mini.select(slice(self.rank * share, (self.rank + 1) * share))
-            ptx = ptx_draw(ptx_rows, size, seed * 1_000 + steps) if self.ppo.ptx_coef > 0 else None
+            ptx = ptx_draw(ptx_rows, size, seed * 1_000 + steps, self.world) if self.ppo.ptx_coef > 0 else None
             for key, value in self._step(mine, first=steps == 0, ptx=ptx).items():
                 totals[key] += value
             steps += 1
@@ -479,6 +482,7 @@ class PolicyLearner:
         if b < self.world:  # a rank without rows would skip the backward, and FSDP's gradient reduction with it
             raise ValueError(f"a fine-tuning batch of {b} rows cannot give each of the {self.world} learners a row; "
                              f"make rejection.batch_size and prompts_per_iteration at least num_learners")
+        b -= b % self.world  # equal shares: every rank runs as many backward passes (each one is a collective)
         steps = max(1, math.ceil(epochs * n / b))
         order = example_order(n, b, steps, seed)  # (steps * b,)
         params = [p for p in self.policy.parameters() if p.requires_grad]

@@ -241,3 +241,26 @@ def test_a_two_rank_rejection_learner_fine_tunes_like_one(ray_session, world, tm
     final, expected = policy_state(tmp_path / "group" / "model"), single.learners[0].obj.policy.state_dict()
     for name in final:
         torch.testing.assert_close(final[name], expected[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_two_ranks_fine_tune_on_a_batch_they_cannot_halve(ray_session, world):
+    """A fine-tuning batch of 3 rows over 2 ranks with micro-batches of 1 row: shares of 2 and 1 would run 2 and 1
+    backward passes, and rank 0 would wait in its second gradient reduction for a peer that never comes. The batch
+    is cut to 2 rows (equal shares), so both ranks finish the same steps (ceil(2 epochs x 3 rows / 2) = 3)."""
+    ray = ray_session
+    from actors.group import start_learners
+    from rayllama.config import OptimConfig
+    from rayllama.train.data import sft_rows
+
+    dialogues = [[*p.prompt, {"role": "assistant", "content": a}]
+                 for p, a in zip(world.prompts, ["seven.", "the answer is 12.", "sorry, I cannot help with that."])]
+    rows, _ = sft_rows(dialogues, world.tokenizer, 64)
+    pair = start_learners(2, lambda i: dict(name=f"lg-odd-{i}", num_cpus=0.25), world.sft, None, None, threads=1,
+                          sft_optim=OptimConfig(lr=1e-3, schedule="constant"), timeout_s=60.0)
+    try:
+        ray.get([learner.__ray_ready__.remote() for learner in pair], timeout=300)
+        stats = ray.get([learner.sft_train.remote(rows, 2.0, 3, 1, 0) for learner in pair], timeout=120)
+        assert [s["sft_steps"] for s in stats] == [3.0, 3.0] and stats[0]["sft_loss"] == stats[1]["sft_loss"]
+    finally:
+        for learner in pair:
+            ray.kill(learner)
