@@ -660,6 +660,11 @@ def validate_data(cfg: PipelineConfig) -> None:
         _check(not d.user_data() or name not in cfg.stages or getattr(d, name if name != "reward" else "preference"),
                f"stage '{name}' is listed but data.{name if name != 'reward' else 'preference'} is empty; add a "
                f"source or remove the stage (start the next one from a checkpoint with init_from)")
+    for stage, key, value in (("ppo", "ppo.ptx_coef", cfg.ppo.ptx_coef),
+                              ("rejection", "rejection.replay_share", cfg.rejection.replay_share),
+                              ("gatt", "gatt.replay_share", cfg.gatt.replay_share)):
+        _check(not d.user_data() or stage not in cfg.stages or value == 0 or d.sft,
+               f"{key} {value} replays SFT dialogues and data.sft is empty; add a data.sft source or set {key}=0")
 
 
 def validate_rejection(rej: RejectionConfig) -> None:

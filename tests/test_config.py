@@ -232,3 +232,18 @@ def test_the_world_seed_follows_the_run_seed_unless_set():
     assert load_config(None).world_seed == 0
     assert load_config(None, ["seed=5"]).world_seed == 5
     assert load_config(None, ["seed=5", "world.seed=2"]).world_seed == 2
+
+
+@pytest.mark.parametrize("stage,key", [("ppo", "ppo.ptx_coef"), ("rejection", "rejection.replay_share"),
+                                       ("gatt", "gatt.replay_share")])
+def test_replaying_sft_dialogues_needs_some_in_the_users_data(stage, key):
+    """With a data: section that lists no SFT source, a listed stage that replays SFT dialogues is refused before
+    Ray starts, naming the key and the fix; set to 0 it runs (the toy world always has SFT dialogues)."""
+    prompts = "data.prompts=[{path: tests/fixtures/data/prompts.jsonl, format: prompts}]"
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [prompts, f"stages=[{stage}]", f"{key}=0.5"])
+    assert f"{key} 0.5 replays SFT dialogues and data.sft is empty; add a data.sft source or set {key}=0" == \
+        _one_line(e.value)
+    assert getattr(getattr(load_config(None, [prompts, f"stages=[{stage}]", f"{key}=0"]), stage),
+                   key.split(".")[1]) == 0
+    assert load_config(None, [f"stages=[{stage}]", f"{key}=0.5"]).stages == [stage]  # the toy world

@@ -27,7 +27,7 @@ from actors.group import create_local_rejection_actors, create_rl_actors, shutdo
 from actors.policy import PolicyLearner
 from rayllama.checkpoint import is_complete, load_model, save_model
 from rayllama.config import PipelineConfig
-from rayllama.data.formats import PromptRecord, read_prompts, write_jsonl
+from rayllama.data.formats import PromptRecord, read_prompts, read_sft, write_jsonl
 from rayllama.rl.actors_api import ActorCallError, LearnerLostError, LocalHandle, RLActors
 from rayllama.rl.ppo import latest_checkpoint, run_ppo
 from rayllama.rl.rejection import POOL_JSONL, run_rejection
@@ -521,7 +521,8 @@ def test_driver_killed_in_ppo_then_rerun_equals_an_uninterrupted_run(tmp_path):
     tok = Tokenizer(run_dir / "tokenizer" / "tokenizer.model")
     sft, rh, rs = (run_dir / "sft" / "model", run_dir / "reward" / "helpfulness" / "model",
                    run_dir / "reward" / "safety" / "model")
-    run_ppo(cfg, create_local_rl_actors(cfg, sft, sft, rh, rs), prompts, tok, tmp_path / "ppo")
+    replay = [r.messages for r in read_sft(run_dir / "data" / "sft.jsonl")]  # what the driver's PPO-ptx replays
+    run_ppo(cfg, create_local_rl_actors(cfg, sft, sft, rh, rs), prompts, tok, tmp_path / "ppo", replay=replay)
     assert_same_weights(policy_state(run_dir / "ppo" / "model"), policy_state(tmp_path / "ppo" / "model"))
 
 
