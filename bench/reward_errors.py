@@ -74,9 +74,9 @@ def main() -> int:
     if not args.policy_prompts:
         del sources["policy"]
     seen = set()  # every comparison either RM trained on (the safety RM also trains on helpfulness pairs)
-    for name in ("pref_helpfulness", "pref_helpfulness_policy", "pref_safety", "pref_safety_policy"):
-        if (run / "data" / f"{name}.jsonl").exists():
-            seen |= {p.comparison() for p in formats.read_preferences(run / "data" / f"{name}.jsonl")}
+    for path in (run / "data").glob("pref_*.jsonl"):  # the written pairs and every policy's (not the held-out ones)
+        if not path.stem.endswith("_heldout"):
+            seen |= {p.comparison() for p in formats.read_preferences(path)}
     results: dict = {}
     for kind, model in models.items():
         scorer = RewardScorer(kind, model, threads=cfg.threads_per_worker or None)

@@ -4,10 +4,10 @@ the same SFT trunk and the same pairs, held-out accuracy per rating level.
     .venv/bin/python bench/reward_margin.py RUN_DIR [key=value ...] [--margins none small] [--out DIR]
 
 RUN_DIR is a finished run (`runs/tiny` after `make run`): its config.yaml, tokenizer, sft/model and data/ are
-read (the world's pairs plus data/pref_helpfulness_policy.jsonl when reward.policy_pairs wrote it); each margin's
-RM is trained with the run's reward settings into OUT/<margin>/ (default bench/results/reward_margin; data tensors
-there too; a complete model there is reused), then the table is printed and OUT.json written. key=value overrides
-apply to the config (give them before --margins).
+read (the world's pairs plus the SFT policy's pairs, data/pref_helpfulness_policy-sft-<id>.jsonl, when
+reward.policy_pairs wrote them); each margin's RM is trained with the run's reward settings into OUT/<margin>/
+(default bench/results/reward_margin; data tensors there too; a complete model there is reused), then the table is
+printed and OUT.json written. key=value overrides apply to the config (give them before --margins).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def main() -> int:
     from rayllama.config import load_config
     from rayllama.data import formats
     from rayllama.data.formats import RATINGS
+    from rayllama.pipeline import sft_pairs_file
     from rayllama.tokenizer import Tokenizer
     from rayllama.train.stages import run_reward
 
@@ -45,7 +46,7 @@ def main() -> int:
             return 2
     tok = Tokenizer(run / "tokenizer" / "tokenizer.model")
     pairs = formats.read_preferences(run / "data" / "pref_helpfulness.jsonl")
-    policy = run / "data" / "pref_helpfulness_policy.jsonl"
+    policy = sft_pairs_file(run / "data", "helpfulness", run / "sft" / "model")
     if policy.exists():
         pairs += formats.read_preferences(policy)
     heldout = formats.read_preferences(run / "data" / "pref_helpfulness_heldout.jsonl")

@@ -357,6 +357,24 @@ def _weight_files(d: Path) -> list[Path]:
                           f"the save did not finish, re-save it")
 
 
+def weights_fingerprint(path: str | Path, samples: int = 16, window: int = 1 << 16) -> str:
+    """A 12-hex-digit identity of the checkpoint's weights, read in O(samples) rather than O(size): per weight
+    file its name, size and `samples` evenly spaced `window`-byte reads (SHA-256 over all). Retraining changes
+    essentially every weight byte, so two trainings of one architecture never share it; copies of one checkpoint
+    always do. For caches derived from a model (a policy's rated samples) that must not outlive the model."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in _weight_files(resolve(path)):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            for i in range(samples):
+                fh.seek(max(0, size - window) * i // max(1, samples - 1))
+                h.update(fh.read(window))
+    return h.hexdigest()[:12]
+
+
 def _read_config(d: Path) -> dict[str, Any]:
     if not (d / CONFIG).is_file():
         raise CheckpointError(f"{d} has no {CONFIG}; it is not a (complete) checkpoint, re-save it")

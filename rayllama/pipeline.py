@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from rayllama.checkpoint import is_complete
+from rayllama.checkpoint import is_complete, weights_fingerprint
 from rayllama.config import PipelineConfig
 from rayllama.data import formats, toyworld
 from rayllama.data.corpus import corpus_split
@@ -53,6 +53,13 @@ def logged_calls(fn, label: str, min_seconds: float = 2.0):
 
 class PipelineError(RuntimeError):
     """A stage failed or cannot start; the message names the stage and the fix."""
+
+
+def sft_pairs_file(data_dir: Path, kind: str, sft_model: Path) -> Path:
+    """Where the reward stage keeps reward.policy_pairs' pairs over the SFT model `sft_model`'s own samples: named
+    by the model's weights, so an SFT model trained again is sampled again rather than its predecessor's pairs
+    reused."""
+    return Path(data_dir) / f"pref_{kind}_policy-sft-{weights_fingerprint(sft_model)}.jsonl"
 
 
 def sample_policy_pairs(cfg: PipelineConfig, policy: Path | Sequence[Path], kind: str, n: int, seed: int,
@@ -647,18 +654,19 @@ class Pipeline:
 
     def policy_pairs(self, kind: str, policy: Path | str, index: int = 0, sft: Path | str | None = None) -> list:
         """reward.policy_pairs preference pairs over `policy`'s own samples, rated by the gold annotator
-        (toyworld.policy_pairs), written once to data/pref_<kind>_policy.jsonl and read back after. `index` > 0:
-        the policy (path or URI) is reward.policy_pairs_from[index - 1]: its own prompts, and its own file named by
-        the path, so a changed list samples again. With reward.policy_pairs_with_sft, such a later policy's pairs
-        each set one of its answers against one of the SFT policy `sft`'s on the same prompt."""
+        (toyworld.policy_pairs), written once to data/pref_<kind>_policy-<id>.jsonl and read back after. `index` 0:
+        the run's SFT policy, the file named by its weights (checkpoint.weights_fingerprint), so an SFT model
+        trained again samples again instead of reusing the old model's pairs. `index` > 0: the policy (path or URI)
+        is reward.policy_pairs_from[index - 1]: its own prompts, and its own file named by the path, so a changed
+        list samples again. With reward.policy_pairs_with_sft, such a later policy's pairs each set one of its
+        answers against one of the SFT policy `sft`'s on the same prompt."""
         from rayllama import storage
 
         r = self.cfg.reward
         against_sft = index > 0 and r.policy_pairs_with_sft
         key = f"{policy} vs {sft}" if against_sft else str(policy)
-        name = f"pref_{kind}_policy.jsonl" if index == 0 else \
-            f"pref_{kind}_policy-{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl"
-        path = self.run.data / name
+        path = sft_pairs_file(self.run.data, kind, storage.local_dir(policy)) if index == 0 else \
+            self.run.data / f"pref_{kind}_policy-{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl"
         if r.policy_pairs == 0:
             return []
         if not path.exists():

@@ -17,6 +17,7 @@ from rayllama.checkpoint import (
     load_model,
     load_train_state,
     save_model,
+    weights_fingerprint,
 )
 from rayllama.model import ModelConfig, ScalarHeadModel, Transformer
 from rayllama.tokenizer import train_tokenizer
@@ -141,6 +142,34 @@ def test_import_pytorch_bin_and_sharded_index(tmp_path) -> None:
     for path in (d, s):
         loaded, _, _ = load_model(path)
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items()), path
+
+
+def test_weights_fingerprint_follows_the_weights_not_the_path(tmp_path) -> None:
+    """Copies of one checkpoint share the fingerprint; a model trained again (other weights) at the same path does
+    not; a sharded checkpoint reads every shard."""
+    import shutil
+
+    a = save_model(tmp_path / "a", make(0), CFG)
+    shutil.copytree(a, tmp_path / "copy")
+    fp = weights_fingerprint(a)
+    assert len(fp) == 12 and weights_fingerprint(tmp_path / "copy") == fp
+    save_model(a, make(1), CFG)  # retrained in place
+    assert weights_fingerprint(a) != fp
+    state = make(2).state_dict()
+    from safetensors.torch import save_file
+    s = tmp_path / "sharded"
+    s.mkdir()
+    keys = list(state)
+    for name, ks in {"a.safetensors": keys[:3], "b.safetensors": keys[3:]}.items():
+        save_file({k: state[k].contiguous() for k in ks}, s / name)
+    (s / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "a.safetensors" if i < 3 else
+                                                                               "b.safetensors"
+                                                                               for i, k in enumerate(keys)}}))
+    before = weights_fingerprint(s)
+    save_file({k: torch.zeros_like(state[k]) for k in keys[3:]}, s / "b.safetensors")  # the second shard changed
+    assert weights_fingerprint(s) != before
+    with pytest.raises(CheckpointError, match="does not exist"):
+        weights_fingerprint(tmp_path / "missing")
 
 
 def test_errors_name_the_path(tmp_path) -> None:

@@ -601,8 +601,9 @@ def test_policy_pairs_of_two_models_set_one_model_against_the_other():
 def test_pipeline_writes_policy_pairs_once_and_reads_them_back(tmp_path, monkeypatch):
     """Pipeline.policy_pairs samples reward.policy_samples answers per prompt from the policy (here a scripted
     stand-in for ChatModel: one right, one wrong answer), has the annotator rate them into
-    data/pref_<kind>_policy.jsonl, and reads that file on the next call instead of sampling again; so for a later
-    round's policy (reward.policy_pairs_from)."""
+    data/pref_<kind>_policy-sft-<weights id>.jsonl, and reads that file on the next call instead of sampling again,
+    until the SFT model is trained again (other weights: sampled again); so for a later round's policy
+    (reward.policy_pairs_from)."""
     from pathlib import Path
 
     import rayllama.chat
@@ -629,13 +630,16 @@ def test_pipeline_writes_policy_pairs_once_and_reads_them_back(tmp_path, monkeyp
     monkeypatch.setattr(rayllama.chat.ChatModel, "from_checkpoint",
                         classmethod(lambda cls, path, *a, **k: opened.append(Path(path)) or Scripted()))
     pipeline = Pipeline(cfg, RunDir(cfg))
+    sft = tmp_path / "sft" / "model"
+    sft.mkdir(parents=True)  # the pairs file is named by the weights' bytes (the scripted policy reads none)
+    (sft / "model.safetensors").write_bytes(bytes(range(256)) * 1000)
     pairs = pipeline.policy_pairs("helpfulness", tmp_path / "sft" / "model")
     assert calls == [(5, 2, 1.0)] and len(pairs) == 5
     assert all(p.extra["source"] == "policy" and p.kind == "helpfulness" for p in pairs)
     assert all({p.chosen, p.rejected} == {tw.perfect_response(p.extra["task"]), "I do not know."} for p in pairs)
     again = pipeline.policy_pairs("helpfulness", tmp_path / "sft" / "model")
     assert again == pairs and len(calls) == 1  # read back, not sampled again
-    assert (tmp_path / "data" / "pref_helpfulness_policy.jsonl").exists()
+    assert len(list((tmp_path / "data").glob("pref_helpfulness_policy-sft-*.jsonl"))) == 1
     # a later round's policy (reward.policy_pairs_from[0]): sampled from that checkpoint, on prompts of its own,
     # into a file of its own, read back after
     later = pipeline.policy_pairs("helpfulness", str(tmp_path / "r1-ppo"), 1)
@@ -656,6 +660,12 @@ def test_pipeline_writes_policy_pairs_once_and_reads_them_back(tmp_path, monkeyp
     held = sample_policy_pairs(cfg, tmp_path / "sft" / "model", "helpfulness", 6, seed=5, split="dev")
     heldout = {tw.task_key(t) for ty in (*tw.SAFE_TYPES, "borderline") for t in tw.task_pool(ty, "dev")}
     assert len(held) == 6 and all(tw.task_key(p.extra["task"]) in heldout for p in held)
+    # the SFT model trained again (other weights, same path): sampled again, not the old model's pairs read back
+    n = len(calls)
+    (sft / "model.safetensors").write_bytes(bytes(range(255, -1, -1)) * 1000)
+    assert len(pipeline.policy_pairs("helpfulness", sft)) == 5 and len(calls) == n + 1
+    assert len(list((tmp_path / "data").glob("pref_helpfulness_policy-sft-*.jsonl"))) == 2
+    assert len(pipeline.policy_pairs("helpfulness", sft)) == 5 and len(calls) == n + 1
 
 
 def test_the_gold_judge_imports_only_the_standard_library():
