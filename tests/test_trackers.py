@@ -191,6 +191,10 @@ def test_report_to_mistakes_are_one_line(tmp_path, monkeypatch):
                                           r"install 'rayllama\[trackers\]'"):
         check_files(load_config(None, ["report_to=[tensorboard,wandb]"]))
 
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "vllm" else find_spec(name))
+    with pytest.raises(ConfigError, match=r"^ppo.engine is vllm, but vLLM is not installed; run `make setup`"):
+        check_files(load_config(None, ["stages=[ppo]", "ppo.engine=vllm"]))
+    check_files(load_config(None, ["stages=[ppo]", "ppo.engine=torch"]))  # the torch engine needs no vLLM
     with pytest.raises(ConfigError, match="report_to lists 'comet'; accepted: tensorboard, wandb, mlflow"):
         load_config(None, ["report_to=[comet]"])
     with pytest.raises(ConfigError, match="tracking.wandb_mode 'cloud' is not offline or online"):
