@@ -22,6 +22,7 @@ it lands between the two renames, the loaders here find the complete `.old-` cop
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -362,8 +363,6 @@ def weights_fingerprint(path: str | Path, samples: int = 16, window: int = 1 << 
     file its name, size and `samples` evenly spaced `window`-byte reads (SHA-256 over all). Retraining changes
     essentially every weight byte, so two trainings of one architecture never share it; copies of one checkpoint
     always do. For caches derived from a model (a policy's rated samples) that must not outlive the model."""
-    import hashlib
-
     h = hashlib.sha256()
     for f in _weight_files(resolve(path)):
         size = f.stat().st_size

@@ -664,11 +664,11 @@ class Pipeline:
 
         r = self.cfg.reward
         against_sft = index > 0 and r.policy_pairs_with_sft
+        if r.policy_pairs == 0:
+            return []
         key = f"{policy} vs {sft}" if against_sft else str(policy)
         path = sft_pairs_file(self.run.data, kind, storage.local_dir(policy)) if index == 0 else \
             self.run.data / f"pref_{kind}_policy-{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl"
-        if r.policy_pairs == 0:
-            return []
         if not path.exists():
             self.run.pull(path)  # sampled by an earlier driver of a run on an object store
         if not path.exists():
