@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import socket
+import statistics
 import threading
 import time
 
@@ -202,10 +203,11 @@ def test_wrong_key_is_rejected_by_openai_client(server):
 
 
 def test_first_streamed_token_arrives_early(client, checkpoint):
-    """A long streamed answer arrives token by token, not replayed at the end: its first content chunk comes in the
-    first half of the stream's own duration (a replayed answer's chunks all arrive together: a ratio near 1). The
-    stream is compared with itself, so HTTP overhead and a loaded machine, which slow every request alike, do not
-    decide it (comparing with a separate unstreamed request did: 0.22 under CI load, with the answer streamed)."""
+    """A 128-token answer streams token by token: its first content chunk arrives before 20% of the same request's
+    unstreamed time (the issue's ratio), and within the first half of the stream's own duration (a replayed
+    answer's chunks all arrive together: a ratio near 1). Five rounds, each the unstreamed request and then the
+    streamed one back to back; the medians are compared, so one stalled step on the shared CPUs, in either
+    request, decides nothing (a single pair gave 0.22 under CI load once; medians under load here: about 0.15)."""
     _, tok = checkpoint
     messages = [{"role": "system", "content": "."}, {"role": "user", "content": "Hi"}]
     max_tokens = min(128, 150 - len(tok.encode_prompt(messages)))
@@ -213,8 +215,11 @@ def test_first_streamed_token_arrives_early(client, checkpoint):
     kwargs = dict(model=NAME, messages=messages, max_tokens=max_tokens, temperature=0)
     whole = client.chat.completions.create(**kwargs)  # also warms up
     assert whole.usage.completion_tokens == max_tokens
-    ratios = []
-    for _ in range(3):  # the best of three: the CPUs are shared, one stalled step must not decide
+    unstreamed, firsts, self_ratios = [], [], []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        assert client.chat.completions.create(**kwargs).choices[0].message.content == whole.choices[0].message.content
+        unstreamed.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         first, last, pieces = None, None, []
         for c in client.chat.completions.create(**kwargs, stream=True):
@@ -222,9 +227,12 @@ def test_first_streamed_token_arrives_early(client, checkpoint):
                 last = time.perf_counter() - t0
                 first = first or last
                 pieces.append(c.choices[0].delta.content)
-        ratios.append(first / last)
+        firsts.append(first)
+        self_ratios.append(first / last)
         assert "".join(pieces) == whole.choices[0].message.content and len(pieces) > max_tokens // 4
-    assert min(ratios) < 0.5, ratios
+    ratio = statistics.median(firsts) / statistics.median(unstreamed)
+    assert ratio < 0.2, (firsts, unstreamed)
+    assert statistics.median(self_ratios) < 0.5, self_ratios
 
 
 def test_greedy_answers_equal_the_engine_alone_and_in_a_busy_batch(client, server, oracle):
