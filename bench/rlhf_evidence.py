@@ -4,13 +4,16 @@ test split, each stage against SFT with paired intervals pooled over the seeds (
     .venv/bin/python bench/rlhf_evidence.py [--seeds 0 1 2] [--split test] [--runs DIR] [--config configs/ppo.yaml]
                                             [--stages tokenizer pretrain sft reward rejection ppo gatt]
                                             [--reuse SEED=RUN_DIR ...] [--out bench/results/rlhf_evidence]
-                                            [--rejudge] [key=value ...]
+                                            [--rejudge] [--chain] [key=value ...]
 
 For each seed, RUN_DIR is `--runs`/seed<N> (or the one `--reuse` names): a run whose eval.json already holds every
 listed evaluated stage is read as it is; otherwise (or always, with --rejudge) the driver runs it (`python -m
 rayllama.driver CONFIG seed=N run_dir=RUN_DIR stages=[...] eval.split=SPLIT`, resuming whatever the run dir holds:
 finished training is skipped, and a stage judged on another evaluation set than the config's is judged again), its
-log in RUN_DIR.log. A run whose stages were judged on different evaluation sets is refused (they would not pair). The
+log in RUN_DIR.log. Rejection sampling and PPO each start from SFT (two driver runs: the pipeline starts a stage
+from the one listed before it; GAtt runs after PPO); `--chain` runs them as listed, LLaMA 2's chain, PPO from the
+rejection-sampling model. Every RL stage's eval.json entry says what it started from, and a run whose stage
+started elsewhere than these stages ask is refused. A run whose stages were judged on different evaluation sets is refused (they would not pair). The
 world seed follows the run seed, so every seed is another world (its own training data and RL prompts; the test
 split, fixed by the task itself, is the same tasks and topics in every world).
 `--split dev` is the same table on the dev split, for choosing settings (runs in runs/evidence-dev by default);
@@ -67,30 +70,77 @@ def clusters_of(stage_result: dict, records: list[PromptRecord]) -> dict[str, li
     return {**derived, **stage_result.get("clusters", {})}
 
 
+def driver_runs(stages: list[str], chain: bool = False) -> list[list[str]]:
+    """The `stages=[...]` of each driver run a seed needs. By default rejection sampling and PPO each start from
+    SFT, so each column is a change from SFT: PPO (and GAtt after it) in one run, rejection sampling in another (the
+    pipeline starts a stage from the one listed before it). With `chain`, one run as listed: LLaMA 2's chain,
+    PPO from the rejection-sampling model."""
+    if chain or not {"rejection", "ppo"} <= set(stages):
+        return [stages]
+    core = [s for s in stages if s not in ("rejection", "ppo", "gatt")]
+    return [[s for s in stages if s != "rejection"], [*core, "rejection"]]
+
+
+def expected_starts(runs: list[list[str]]) -> dict[str, str]:
+    """The policy each RL stage starts from in `runs` (the pipeline's rule: the stage listed before it among sft,
+    rejection and ppo)."""
+    starts = {}
+    for stages in runs:
+        for i, stage in enumerate(stages):
+            if stage in ("rejection", "ppo", "gatt"):
+                starts[stage] = next((p for p in reversed(stages[:i]) if p in ("sft", "rejection", "ppo")), "sft")
+    return starts
+
+
+def check_starts(seed: int, results: dict, expected: dict[str, str]) -> list[str]:
+    """Stop when an evaluated RL stage of the run started from another policy than `expected` says (a run dir
+    that trained PPO after rejection sampling, read as PPO from SFT); returns the stages whose start the run did
+    not record (runs from before the pipeline recorded it)."""
+    unrecorded = []
+    for stage, start in expected.items():
+        if "scores" not in results.get(stage, {}):
+            continue
+        got = results[stage].get("started_from")
+        if got is None:
+            unrecorded.append(stage)
+        elif got != start:
+            raise SystemExit(f"rlhf_evidence: seed {seed}'s {stage} started from {got}, not {start} as these stages "
+                             f"ask; use another --runs directory (or --chain for LLaMA 2's rejection -> ppo chain)")
+    return unrecorded
+
+
 def run_seed(seed: int, run_dir: Path, config: str, stages: list[str], overrides: list[str],
-             split: str = "test", rejudge: bool = False) -> dict:
-    """eval.json of the seed's run, running (or resuming) the pipeline when a listed stage is not evaluated yet, or
-    always with `rejudge` (the driver judges again every stage judged on another evaluation set than the config's,
-    and skips the training it finds complete)."""
-    wanted = [s for s in stages if s in EVALUATED]
+             split: str = "test", rejudge: bool = False, chain: bool = False) -> dict:
+    """eval.json of the seed's run, running (or resuming) the pipeline's `driver_runs` whose stages are not all
+    evaluated yet, or always with `rejudge` (the driver judges again every stage judged on another evaluation set
+    than the config's, and skips the training it finds complete)."""
     eval_path = run_dir / "eval.json"
-    results = json.loads(eval_path.read_text()) if eval_path.exists() else {}
-    if not rejudge and all("scores" in results.get(s, {}) for s in wanted):
-        print(f"seed {seed}: reusing {run_dir} ({', '.join(wanted)} evaluated)", flush=True)
-        return results
-    cmd = [sys.executable, "-m", "rayllama.driver", config, f"seed={seed}", f"run_dir={run_dir}",
-           f"stages=[{','.join(stages)}]", f"eval.split={split}", "ray.include_dashboard=false", *overrides]
-    log = run_dir.with_suffix(".log")
-    print(f"seed {seed}: running {' '.join(cmd[2:])} (log {log})", flush=True)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    with open(log, "a") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode
-    if rc != 0:
-        raise SystemExit(f"rlhf_evidence: seed {seed}'s run failed (exit {rc}); see {log}")
-    print(f"seed {seed}: done in {time.time() - t0:.0f} s", flush=True)
-    return json.loads(eval_path.read_text())
+    runs = driver_runs(stages, chain)
+    for run in runs:
+        wanted = [s for s in run if s in EVALUATED]
+        results = json.loads(eval_path.read_text()) if eval_path.exists() else {}
+        if not rejudge and all("scores" in results.get(s, {}) for s in wanted):
+            print(f"seed {seed}: reusing {run_dir} ({', '.join(wanted)} evaluated)", flush=True)
+            continue
+        check_starts(seed, results, expected_starts([run]))  # before training on top of a run of another chain
+        cmd = [sys.executable, "-m", "rayllama.driver", config, f"seed={seed}", f"run_dir={run_dir}",
+               f"stages=[{','.join(run)}]", f"eval.split={split}", "ray.include_dashboard=false", *overrides]
+        log = run_dir.with_suffix(".log")
+        print(f"seed {seed}: running {' '.join(cmd[2:])} (log {log})", flush=True)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        with open(log, "a") as f:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode
+        if rc != 0:
+            raise SystemExit(f"rlhf_evidence: seed {seed}'s run failed (exit {rc}); see {log}")
+        print(f"seed {seed}: done in {time.time() - t0:.0f} s", flush=True)
+    results = json.loads(eval_path.read_text())
+    unrecorded = check_starts(seed, results, expected_starts(runs))
+    if unrecorded:
+        print(f"seed {seed}: the run did not record where {', '.join(unrecorded)} started (trained before the "
+              "pipeline recorded it); read as these stages ask", flush=True)
+    return results
 
 
 def evidence(per_seed: dict[int, dict], stages: list[str],
@@ -245,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rejudge", action="store_true",
                     help="run the driver on every seed's run even when its eval.json is complete: stages judged on "
                          "another evaluation set (e.g. before world.eval_* changed) are judged again")
+    ap.add_argument("--chain", action="store_true",
+                    help="PPO from the rejection-sampling model, as listed (LLaMA 2's chain); default: rejection "
+                         "sampling and PPO each from SFT")
     ap.add_argument("overrides", nargs="*", help="key=value for every seed's run")
     args = ap.parse_args(argv)
     suffix = "" if args.split == "test" else "-dev"
@@ -259,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--reuse {item!r}: write SEED=RUN_DIR, e.g. 0=runs/tiny")
         reuse[int(seed)] = Path(path).absolute()
     run_dirs = {s: reuse.get(s, runs.absolute() / f"seed{s}") for s in args.seeds}
-    per_seed = {s: run_seed(s, run_dirs[s], args.config, args.stages, args.overrides, args.split, args.rejudge)
-                for s in args.seeds}
+    per_seed = {s: run_seed(s, run_dirs[s], args.config, args.stages, args.overrides, args.split, args.rejudge,
+                            args.chain) for s in args.seeds}
     for s, r in per_seed.items():
         splits = {v.get("eval_split") for k, v in r.items() if isinstance(v, dict) and "scores" in v}
         if splits != {args.split}:
@@ -277,7 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table(result, args.seeds, args.split))
     out.parent.mkdir(parents=True, exist_ok=True)
     out_json, out_png = out.with_suffix(".json"), out.with_suffix(".png")
+    starts = expected_starts(driver_runs(args.stages, args.chain))
+    print("started from: " + ", ".join(f"{k} {v}" for k, v in starts.items()))
     out_json.write_text(json.dumps({"seeds": args.seeds, "split": args.split, "stages": args.stages,
+                                    "started_from": starts,
                                     "config": args.config, "overrides": args.overrides, **result}, indent=1))
     plot(result, per_seed, out_png, args.split)
     print(f"wrote {out_json} and {out_png}")

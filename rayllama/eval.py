@@ -265,11 +265,14 @@ CHANGE_METRICS = ("gold_helpfulness", "gold_helpfulness_sampled", "refusal_rate_
 
 def change_lines(results: Mapping[str, Mapping[str, Any]], stages: Sequence[str],
                  metrics: Sequence[str] = CHANGE_METRICS) -> list[str]:
-    """One line per metric and pair of consecutive evaluated stages (in `stages` order): the change and its
-    paired 95% interval, from the per-item `scores` each stage's eval.json entry holds."""
+    """One line per metric and evaluated stage after the first (in `stages` order): the change from the stage it
+    started from (its entry's `started_from`, when that stage was evaluated; else the evaluated stage before it)
+    and its paired 95% interval, from the per-item `scores` each stage's eval.json entry holds."""
     evaluated = [s for s in stages if isinstance(results.get(s, {}).get("scores"), Mapping)]
     lines = []
-    for before, after in zip(evaluated, evaluated[1:]):
+    for i, after in enumerate(evaluated[1:], 1):
+        start = results[after].get("started_from")
+        before = start if start in evaluated[:i] else evaluated[i - 1]
         for m in metrics:
             a, b = results[before]["scores"].get(m), results[after]["scores"].get(m)
             if a and b and len(a) == len(b):

@@ -191,18 +191,6 @@ class Pipeline:
             raise PipelineError(f"stage needs {path}, which is missing; add '{stage}' to stages before it")
         return path
 
-    def policy_dir(self) -> Path:
-        """The newest policy: the last complete RL/SFT stage output."""
-        for stage in ("gatt", "ppo", "rejection", "sft", "pretrain"):
-            if stage in self.cfg.stages and is_complete(self.run.model(stage)):
-                latest = self.run.model(stage)
-                # the order in cfg.stages decides between rejection and ppo
-                if stage in ("ppo", "rejection"):
-                    done = [s for s in self.cfg.stages if s in ("ppo", "rejection") and is_complete(self.run.model(s))]
-                    latest = self.run.model(done[-1])
-                return latest
-        return self._require(self.run.model("sft"), "sft")
-
     # ------------------------------------------------------------------------------------------- user data, init_from
 
     def _read_user_data(self) -> None:
@@ -709,7 +697,9 @@ class Pipeline:
         if is_complete(out_dir / "model"):
             log.info("ppo: complete, skipped")
         else:
-            start = self.init_dir("ppo") or self._policy_before("ppo")
+            init = self.init_dir("ppo")
+            before, start = ("init_from", init) if init else self._policy_before("ppo")
+            self._record("ppo", {"started_from": before})  # which policy its column is a change from (the bench checks)
             remote = self.run.remote  # the actors open the run's storage, wherever they run
             handles = actors.group.create_rl_actors(
                 self.cfg, remote(start), remote(self.init_dir("ppo") or self._require(self.run.model("sft"), "sft")),
@@ -734,8 +724,10 @@ class Pipeline:
             log.info("rejection: complete, skipped")
         else:
             remote = self.run.remote  # the actors open the run's storage, wherever they run
+            before, start = self._policy_before("rejection")
+            self._record("rejection", {"started_from": before})
             handles = actors.group.create_rejection_actors(
-                self.cfg, remote(self._policy_before("rejection")),
+                self.cfg, remote(start),
                 remote(self._require(self.run.reward_model("helpfulness"), "reward")),
                 remote(self._require(self.reward_path("safety"), "reward")),
             )
@@ -761,8 +753,7 @@ class Pipeline:
         import actors.group  # the driver is the composition root (see stage_ppo)
         from rayllama.gatt import actor_sampler, actor_scorer, adherence_table, reward_model_judge, run_gatt
 
-        start, g = self._policy_before("gatt"), self.cfg.gatt
-        before = start.parent.name  # the stage whose model GAtt starts from (its gold eval has adherence by turn)
+        (before, start), g = self._policy_before("gatt"), self.cfg.gatt  # before: its gold eval has adherence by turn
         out = self.run.model("gatt")
         if is_complete(out):
             log.info("gatt: complete, skipped")
@@ -780,6 +771,7 @@ class Pipeline:
                 finally:
                     actors.group.shutdown_rl_actors(handles)
 
+            self._record("gatt", {"started_from": before})
             gatt_prompts = formats.read_prompts(self.files["gatt"])
             stats = run_gatt(self.cfg, self.run, self.tok, gatt_prompts, start, open_round,
                              replay=self.sft_dialogues)
@@ -787,13 +779,14 @@ class Pipeline:
         self.gold_eval("gatt", out)
         log.info("adherence by turn, before and after GAtt\n" + adherence_table(self.results, [before, "gatt"]))
 
-    def _policy_before(self, stage: str) -> Path:
-        """The policy a stage starts from: the output of the stage before it among sft/rejection/ppo."""
+    def _policy_before(self, stage: str) -> tuple[str, Path]:
+        """(name, model directory) of the policy a stage starts from: the output of the stage listed before it among
+        sft/rejection/ppo (stages=[..., rejection, ppo] is LLaMA 2's chain: PPO from the rejection model), else SFT's."""
         idx = self.cfg.stages.index(stage)
         for prev in reversed(self.cfg.stages[:idx]):
             if prev in ("rejection", "ppo", "sft"):
-                return self._require(self.run.model(prev), prev)
-        return self._require(self.run.model("sft"), "sft")
+                return prev, self._require(self.run.model(prev), prev)
+        return "sft", self._require(self.run.model("sft"), "sft")
 
     # ------------------------------------------------------------------------------------------- the run
 

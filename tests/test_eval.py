@@ -177,6 +177,16 @@ def test_bootstrap_intervals_and_paired_changes_by_hand():
         paired_change([1.0], [1.0, 2.0])
     results = {"sft": {"scores": {"gold_helpfulness": before}}, "ppo": {"scores": {"gold_helpfulness": after}}}
     assert change_lines(results, ["sft", "ppo"]) == ["gold_helpfulness: sft -> ppo +0.100 [+0.100, +0.100] (n=60)"]
+    # each stage is set against the policy it started from: rejection and PPO both from SFT, not PPO from rejection
+    worse = [b - 0.05 for b in before]
+    results["rejection"] = {"scores": {"gold_helpfulness": worse}, "started_from": "sft"}
+    results["ppo"]["started_from"] = "sft"
+    assert change_lines(results, ["sft", "rejection", "ppo"]) == [
+        "gold_helpfulness: sft -> rejection -0.050 [-0.050, -0.050] (n=60)",
+        "gold_helpfulness: sft -> ppo +0.100 [+0.100, +0.100] (n=60)"]
+    results["ppo"]["started_from"] = "rejection"  # LLaMA 2's chain
+    assert change_lines(results, ["sft", "rejection", "ppo"])[1] == \
+        "gold_helpfulness: rejection -> ppo +0.150 [+0.150, +0.150] (n=60)"
 
 
 def test_stratified_bootstrap_by_hand():

@@ -153,3 +153,33 @@ def test_worlds_judged_on_the_same_test_tasks_pool_as_shared_units():
     assert "n=24 in 8 clusters" in bench.table(three, [0, 1, 2])
     typed = three["changes_by_safe_type"]["ppo"]["gold_helpfulness"]["add"]
     assert (typed["lo"], typed["hi"]) == (one["pooled"]["lo"], one["pooled"]["hi"]) and typed["n"] == 24
+
+
+def test_rejection_and_ppo_each_start_from_sft_unless_chained():
+    """The pipeline starts a stage from the one listed before it, so the bench runs rejection sampling apart from
+    PPO (and GAtt after PPO): each column is a change from SFT; --chain keeps LLaMA 2's rejection -> ppo."""
+    listed = ["tokenizer", "pretrain", "sft", "reward", "rejection", "ppo", "gatt"]
+    runs = bench.driver_runs(listed)
+    assert runs == [["tokenizer", "pretrain", "sft", "reward", "ppo", "gatt"],
+                    ["tokenizer", "pretrain", "sft", "reward", "rejection"]]
+    assert bench.expected_starts(runs) == {"ppo": "sft", "gatt": "ppo", "rejection": "sft"}
+    assert bench.driver_runs(listed, chain=True) == [listed]
+    assert bench.expected_starts([listed]) == {"rejection": "sft", "ppo": "rejection", "gatt": "ppo"}
+    assert bench.driver_runs(["sft", "ppo"]) == [["sft", "ppo"]]
+
+
+def test_a_run_whose_ppo_started_after_rejection_is_refused_as_ppo_from_sft(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    results = _eval_json([0.0, 1.0], [1.0, 1.0])
+    results["rejection"] = {**results["sft"], "started_from": "sft"}
+    results["ppo"]["started_from"] = "rejection"
+    (run / "eval.json").write_text(json.dumps(results))
+    args = ["--seeds", "0", "--stages", "sft", "rejection", "ppo", "--out", str(tmp_path / "o"), "--reuse", f"0={run}"]
+    with pytest.raises(SystemExit, match="seed 0's ppo started from rejection, not sft"):
+        bench.main(args)
+    assert bench.main([*args, "--chain"]) == 0
+    results["ppo"]["started_from"] = "sft"
+    (run / "eval.json").write_text(json.dumps(results))
+    assert bench.main(args) == 0
+    assert "started from: ppo sft, rejection sft" in capsys.readouterr().out
