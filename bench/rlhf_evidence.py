@@ -13,9 +13,10 @@ finished training is skipped, and a stage judged on another evaluation set than 
 log in RUN_DIR.log. Rejection sampling and PPO each start from SFT (two driver runs: the pipeline starts a stage
 from the one listed before it; GAtt runs after PPO); `--chain` runs them as listed, LLaMA 2's chain, PPO from the
 rejection-sampling model. Every RL stage's eval.json entry says what it started from, and a run whose stage
-started elsewhere than these stages ask is refused. A run whose stages were judged on different evaluation sets is refused (they would not pair). The
-world seed follows the run seed, so every seed is another world (its own training data and RL prompts; the test
-split, fixed by the task itself, is the same tasks and topics in every world).
+started elsewhere than these stages ask is refused. A run whose stages were judged on different evaluation sets is
+refused (they would not pair). The world seed follows the run seed, so every seed is another world (its own
+training data and RL prompts; the test split, fixed by the task itself, is the same tasks and topics in every
+world).
 `--split dev` is the same table on the dev split, for choosing settings (runs in runs/evidence-dev by default);
 report the test split, which nothing was chosen on. A run judged on another split than `--split` is refused.
 
