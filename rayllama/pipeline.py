@@ -699,7 +699,6 @@ class Pipeline:
         else:
             init = self.init_dir("ppo")
             before, start = ("init_from", init) if init else self._policy_before("ppo")
-            self._record("ppo", {"started_from": before})  # which policy its column is a change from (the bench checks)
             remote = self.run.remote  # the actors open the run's storage, wherever they run
             handles = actors.group.create_rl_actors(
                 self.cfg, remote(start), remote(self.init_dir("ppo") or self._require(self.run.model("sft"), "sft")),
@@ -712,7 +711,9 @@ class Pipeline:
             finally:
                 actors.group.shutdown_rl_actors(handles)
             self.run.pull(out_dir / "model")
-            self._record("ppo", {k: v for k, v in summary.items() if isinstance(v, int | float)})
+            # started_from: which policy its changes are measured from (the summary and the bench read it)
+            self._record("ppo", {**{k: v for k, v in summary.items() if isinstance(v, int | float)},
+                                 "started_from": before})
         self.gold_eval("ppo", out_dir / "model")
 
     def stage_rejection(self) -> None:
@@ -725,7 +726,6 @@ class Pipeline:
         else:
             remote = self.run.remote  # the actors open the run's storage, wherever they run
             before, start = self._policy_before("rejection")
-            self._record("rejection", {"started_from": before})
             handles = actors.group.create_rejection_actors(
                 self.cfg, remote(start),
                 remote(self._require(self.run.reward_model("helpfulness"), "reward")),
@@ -739,7 +739,8 @@ class Pipeline:
             self.run.pull(out_dir / "model")
             for name in ("best_of_k.json", "best_of_k.png"):
                 self.run.pull(out_dir / name)
-            self._record("rejection", {k: v for k, v in summary.items() if isinstance(v, int | float)})
+            self._record("rejection", {**{k: v for k, v in summary.items() if isinstance(v, int | float)},
+                                       "started_from": before})
             curve = summary.get("best_of_k", {})
             if curve:
                 log.info(f"rejection: best-of-K curve (max composed reward by K) {curve}")
@@ -771,11 +772,11 @@ class Pipeline:
                 finally:
                     actors.group.shutdown_rl_actors(handles)
 
-            self._record("gatt", {"started_from": before})
             gatt_prompts = formats.read_prompts(self.files["gatt"])
             stats = run_gatt(self.cfg, self.run, self.tok, gatt_prompts, start, open_round,
                              replay=self.sft_dialogues)
-            self._record("gatt", {k: v for k, v in stats.items() if isinstance(v, int | float)})
+            self._record("gatt", {**{k: v for k, v in stats.items() if isinstance(v, int | float)},
+                                  "started_from": before})
         self.gold_eval("gatt", out)
         log.info("adherence by turn, before and after GAtt\n" + adherence_table(self.results, [before, "gatt"]))
 
