@@ -42,6 +42,7 @@ import sys
 import time
 from pathlib import Path
 
+from rayllama.config import policy_before
 from rayllama.data.formats import PromptRecord, read_prompts
 from rayllama.data.toyworld import category
 from rayllama.eval import cluster_count, item_clusters, stratified_bootstrap
@@ -83,14 +84,9 @@ def driver_runs(stages: list[str], chain: bool = False) -> list[list[str]]:
 
 
 def expected_starts(runs: list[list[str]]) -> dict[str, str]:
-    """The policy each RL stage starts from in `runs` (the pipeline's rule: the stage listed before it among sft,
-    rejection and ppo)."""
-    starts = {}
-    for stages in runs:
-        for i, stage in enumerate(stages):
-            if stage in ("rejection", "ppo", "gatt"):
-                starts[stage] = next((p for p in reversed(stages[:i]) if p in ("sft", "rejection", "ppo")), "sft")
-    return starts
+    """The policy each RL stage starts from in `runs` (the pipeline's rule, `rayllama.config.policy_before`)."""
+    return {stage: policy_before(stages, stage) for stages in runs for stage in stages
+            if stage in ("rejection", "ppo", "gatt")}
 
 
 def check_starts(seed: int, results: dict, expected: dict[str, str]) -> list[str]:

@@ -13,6 +13,14 @@ from pathlib import Path
 from typing import Any
 
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "rejection", "ppo", "gatt")
+POLICY_STAGES = ("sft", "rejection", "ppo")  # stages whose model a later RL stage may start from
+
+
+def policy_before(stages: list[str] | tuple[str, ...], stage: str) -> str:
+    """The stage whose policy `stage` starts from: the one listed before it among POLICY_STAGES, else sft
+    (stages=[..., rejection, ppo] is LLaMA 2's chain: PPO from the rejection-sampling model)."""
+    idx = list(stages).index(stage)
+    return next((s for s in reversed(stages[:idx]) if s in POLICY_STAGES), "sft")
 
 
 class ConfigError(ValueError):

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rayllama.checkpoint import is_complete, weights_fingerprint
-from rayllama.config import PipelineConfig
+from rayllama.config import PipelineConfig, policy_before
 from rayllama.data import formats, toyworld
 from rayllama.data.corpus import corpus_split
 
@@ -701,7 +701,7 @@ class Pipeline:
             before, start = ("init_from", init) if init else self._policy_before("ppo")
             remote = self.run.remote  # the actors open the run's storage, wherever they run
             handles = actors.group.create_rl_actors(
-                self.cfg, remote(start), remote(self.init_dir("ppo") or self._require(self.run.model("sft"), "sft")),
+                self.cfg, remote(start), remote(init or self._require(self.run.model("sft"), "sft")),
                 remote(self._require(self.run.reward_model("helpfulness"), "reward")),
                 remote(self._require(self.reward_path("safety"), "reward")),
             )
@@ -711,9 +711,7 @@ class Pipeline:
             finally:
                 actors.group.shutdown_rl_actors(handles)
             self.run.pull(out_dir / "model")
-            # started_from: which policy its changes are measured from (the summary and the bench read it)
-            self._record("ppo", {**{k: v for k, v in summary.items() if isinstance(v, int | float)},
-                                 "started_from": before})
+            self._record_training("ppo", summary, before)
         self.gold_eval("ppo", out_dir / "model")
 
     def stage_rejection(self) -> None:
@@ -739,8 +737,7 @@ class Pipeline:
             self.run.pull(out_dir / "model")
             for name in ("best_of_k.json", "best_of_k.png"):
                 self.run.pull(out_dir / name)
-            self._record("rejection", {**{k: v for k, v in summary.items() if isinstance(v, int | float)},
-                                       "started_from": before})
+            self._record_training("rejection", summary, before)
             curve = summary.get("best_of_k", {})
             if curve:
                 log.info(f"rejection: best-of-K curve (max composed reward by K) {curve}")
@@ -775,19 +772,20 @@ class Pipeline:
             gatt_prompts = formats.read_prompts(self.files["gatt"])
             stats = run_gatt(self.cfg, self.run, self.tok, gatt_prompts, start, open_round,
                              replay=self.sft_dialogues)
-            self._record("gatt", {**{k: v for k, v in stats.items() if isinstance(v, int | float)},
-                                  "started_from": before})
+            self._record_training("gatt", stats, before)
         self.gold_eval("gatt", out)
         log.info("adherence by turn, before and after GAtt\n" + adherence_table(self.results, [before, "gatt"]))
 
     def _policy_before(self, stage: str) -> tuple[str, Path]:
-        """(name, model directory) of the policy a stage starts from: the output of the stage listed before it among
-        sft/rejection/ppo (stages=[..., rejection, ppo] is LLaMA 2's chain: PPO from the rejection model), else SFT's."""
-        idx = self.cfg.stages.index(stage)
-        for prev in reversed(self.cfg.stages[:idx]):
-            if prev in ("rejection", "ppo", "sft"):
-                return prev, self._require(self.run.model(prev), prev)
-        return "sft", self._require(self.run.model("sft"), "sft")
+        """(name, model directory) of the policy `stage` starts from (`config.policy_before`)."""
+        name = policy_before(self.cfg.stages, stage)
+        return name, self._require(self.run.model(name), name)
+
+    def _record_training(self, stage: str, summary: dict, started_from: str) -> None:
+        """A finished RL stage's numeric summary and the policy it started from (its changes are measured from
+        that policy: the driver's summary and bench/rlhf_evidence.py read it); a stage that fails records nothing."""
+        self._record(stage, {**{k: v for k, v in summary.items() if isinstance(v, int | float)},
+                             "started_from": started_from})
 
     # ------------------------------------------------------------------------------------------- the run
 
