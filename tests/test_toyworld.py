@@ -435,12 +435,15 @@ def test_the_test_split_never_reaches_training_data_or_the_tokenizer(tmp_path, m
     tuning = Pipeline(load_config("configs/ppo.yaml", [f"run_dir={tmp_path}", "eval.split=dev"]), RunDir(cfg))
     dev_prompts = {x["prompt"] for t in tw.TASK_TYPES for x in tw.task_pool(t, "dev")}
     assert {r.prompt[-1]["content"] for r in tuning.eval_set} <= dev_prompts  # eval.split=dev: dev prompts only
+    # every test safe task's canonical answer as a whole phrase, all in one pattern (one pass over each text)
+    answers = {tw.canonical_answer(t).lower().rstrip("."): t for t in test_tasks if t["type"] in tw.SAFE_TYPES}
+    any_answer = re.compile(rf"(?<![a-z0-9])({'|'.join(map(re.escape, sorted(answers, key=len, reverse=True)))})"
+                            rf"(?![a-z0-9])")
     for name, text in training.items():
         for task in test_tasks:
             assert task["prompt"].lower() not in text, (name, task)
-            if task["type"] in tw.SAFE_TYPES:
-                answer = re.escape(tw.canonical_answer(task).lower().rstrip("."))
-                assert not re.search(rf"(?<![a-z0-9]){answer}(?![a-z0-9])", text), (name, task)
+        leak = any_answer.search(text)
+        assert leak is None, (name, answers[leak.group(1)])
         for instruction in tw.instruction_pool("test"):
             assert tw.instruction_text(instruction).lower() not in text, (name, instruction)
         if name not in ("pretrain_world", "pretrain_heldout", "tokenizer"):  # knowledge names every topic
