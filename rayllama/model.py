@@ -206,26 +206,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # (B, K, S, D)
-        if t == 1 and mask is not None:
-            out = self._decode_attention(q, k, v, mask)
-        else:
-            # GQA without materialising repeated K/V: SDPA maps query head h to KV head h // (H / K)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                 enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
+        # GQA without materialising repeated K/V: SDPA maps query head h to KV head h // (H / K)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, E)
-
-    def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          mask: torch.Tensor) -> torch.Tensor:
-        """One query position per row (decoding with a cache): q (B, H, 1, D), k/v (B, K, S, D), mask (B, 1, 1, S)
-        boolean -> (B, H, 1, D). The G = H / K query heads of a KV head form one (G, D) x (D, S) product, so K and
-        V are read once, in place (SDPA's CPU kernel is about twice as slow here: a strided cache slice, per-head
-        work of one query row)."""
-        b, s = q.shape[0], k.shape[2]
-        g = self.n_heads // self.n_kv_heads
-        scores = torch.matmul(q.view(b, self.n_kv_heads, g, self.head_dim), k.transpose(-1, -2))  # (B, K, G, S)
-        scores = (scores * self.head_dim ** -0.5).masked_fill(~mask.view(b, 1, 1, s), float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-        return torch.matmul(probs, v).view(b, self.n_heads, 1, self.head_dim)  # (B, H, 1, D)
 
 
 class FeedForward(nn.Module):
