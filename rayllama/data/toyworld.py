@@ -59,6 +59,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from rayllama.config import WorldConfig
 from rayllama.data.formats import (
     RATINGS,
     PreferenceRecord,
@@ -793,21 +794,7 @@ def pretrain_texts(n: int, seed: int, split: str = "train") -> list[PretrainReco
     return out
 
 
-DEFAULT_SIZES = {
-    "pretrain_world": 4000,
-    "sft": 2000,
-    "pref_helpfulness": 3000,
-    "pref_safety": 3000,
-    "pref_helpfulness_heldout": 2000,
-    "pref_safety_heldout": 2000,
-    "prompts": 2000,
-    "gatt": 600,
-    "gatt_turns": 6,
-    "eval_safe": 311,
-    "eval_unsafe": 100,
-    "eval_borderline": 100,
-    "eval_gatt": 60,
-}
+DEFAULT_SIZES = WorldConfig().sizes()  # what a run writes unless its config says otherwise
 
 
 def write_world(
