@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from rayllama.config import policy_before
+from rayllama.config import RL_STAGES, policy_before
 from rayllama.data.formats import PromptRecord, read_prompts
 from rayllama.data.toyworld import category
 from rayllama.eval import cluster_count, item_clusters, stratified_bootstrap
@@ -79,14 +79,14 @@ def driver_runs(stages: list[str], chain: bool = False) -> list[list[str]]:
     PPO from the rejection-sampling model."""
     if chain or not {"rejection", "ppo"} <= set(stages):
         return [stages]
-    core = [s for s in stages if s not in ("rejection", "ppo", "gatt")]
+    core = [s for s in stages if s not in RL_STAGES]
     return [[s for s in stages if s != "rejection"], [*core, "rejection"]]
 
 
 def expected_starts(runs: list[list[str]]) -> dict[str, str]:
     """The policy each RL stage starts from in `runs` (the pipeline's rule, `rayllama.config.policy_before`)."""
     return {stage: policy_before(stages, stage) for stages in runs for stage in stages
-            if stage in ("rejection", "ppo", "gatt")}
+            if stage in RL_STAGES}
 
 
 def check_starts(seed: int, results: dict, expected: dict[str, str]) -> list[str]:

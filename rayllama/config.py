@@ -14,6 +14,7 @@ from typing import Any
 
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "rejection", "ppo", "gatt")
 POLICY_STAGES = ("sft", "rejection", "ppo")  # stages whose model a later RL stage may start from
+RL_STAGES = ("rejection", "ppo", "gatt")  # stages that start from an earlier stage's policy (policy_before)
 
 
 def policy_before(stages: list[str] | tuple[str, ...], stage: str) -> str:
