@@ -5,16 +5,18 @@ weight update. `TorchEngine` implements it with `rayllama.model.Transformer` and
 step-level scheduler with a slot KV cache (one slot = one sequence's keys/values, at its own length; running
 row i lives in slot i, so a decode step attends through a view of the first N slots, no copy):
 
-    every step: drop aborted requests -> admit waiting requests whose rows fit (prefill their prompts once into
-    the slots after the running ones, copy each prompt's cache into its n sample slots) -> sample one token for
-    every running row with its own request's settings -> finish rows (stop token, stop string, max_new_tokens)
-    and fill their slots with the last running rows -> one decode forward for the rows that go on.
+    every step: drop aborted requests -> admit waiting requests whose rows fit -> one forward over every running
+    row's last token and the admitted prompts (packed into one batch of single tokens, so they share each
+    matmul, as vLLM's chunked prefill does; the prompts go into the slots after the running ones, then each
+    prompt's cache is copied into its n sample slots) -> sample one token for every row with its own request's
+    settings -> finish rows (stop token, stop string, max_new_tokens) and fill their slots with the last
+    running rows.
 
 So requests join and leave the running batch at every step. `TorchEngine.generate` (rollouts) submits its
 prompts and steps until they are done; the chat endpoint drives the same batcher from its engine thread and
 streams each step's tokens.
 
-Shape symbols: B rows in a forward, N running rows, P padded prompt length, S attended length, V vocabulary,
+Shape symbols: N running rows, P admitted prompts, p_len padded prompt length, S attended length, V vocabulary,
 R cache slots, L cache positions per slot.
 """
 
@@ -31,7 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from rayllama.model import Transformer, rope_cos_sin
+from rayllama.model import Transformer, attend, rope_cos_sin
 
 
 @dataclass
@@ -241,28 +243,38 @@ class _SlotCache:
         self.v[:, dst] = self.v[:, src]
 
 
-class _SlotView:
-    """The `cache` argument of the attention layers for one forward over the rows in slots first..first+B-1.
+class _StepView:
+    """The `cache` argument of the attention layers for one step's forward, which packs two kinds of token as
+    rows of length one (T == 1): first one token for each of the B running rows, at its own position starts[b]
+    of slot b (attending to positions 0..starts[b] of its slot); then the right-padded prompts of the admitted
+    requests, P prompts x p_len tokens, prompt i at positions 0..p_len-1 of slot B + i (causal attention within
+    the prompt). Running rows and prompts share every linear layer's one matmul; attention is per kind."""
 
-    Prefill (starts None): tokens at positions 0..T-1 of each slot; attention sees only this call's keys.
-    Decode (T == 1, first 0): the token goes at position starts[b]; attention sees positions 0..S-1 of each
-    slot, a view of the cache (masked per row by the caller)."""
+    def __init__(self, cache: _SlotCache, starts: Tensor, prompts: int, p_len: int) -> None:
+        self.cache, self.starts, self.prompts, self.p_len = cache, starts, prompts, p_len
+        self.attended = int(starts.max()) + 1 if len(starts) else 0
+        # key j is visible to row b iff j <= starts[b] (its prompt, its tokens so far, and itself)
+        self.mask = (torch.arange(self.attended, device=starts.device)[None, :] <= starts[:, None])[:, None, None]
 
-    def __init__(self, cache: _SlotCache, first: int, starts: Tensor | None, attended: int) -> None:
-        self.cache, self.first, self.starts, self.attended = cache, first, starts, attended
-
-    def update(self, layer_id: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        b = k.shape[0]
-        ck = self.cache.k[layer_id, self.first:self.first + b]  # (B, K, L, D) view
-        cv = self.cache.v[layer_id, self.first:self.first + b]
-        if self.starts is None:  # prefill: k (B, K, P, D)
-            ck[:, :, :k.shape[2]] = k
-            cv[:, :, :k.shape[2]] = v
-            return k, v
-        rows = torch.arange(b, device=k.device)
-        ck[rows, :, self.starts] = k[:, :, 0]  # (B, K, D) at each row's own position
-        cv[rows, :, self.starts] = v[:, :, 0]
-        return ck[:, :, :self.attended], cv[:, :, :self.attended]  # (B, K, S, D)
+    def attention(self, layer_id: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """q (B + P * p_len, H, 1, D), k, v (B + P * p_len, K, 1, D) -> (B + P * p_len, H, 1, D)."""
+        b, outs = len(self.starts), []
+        if b:
+            ck = self.cache.k[layer_id, :b]  # (B, K, L, D) view
+            cv = self.cache.v[layer_id, :b]
+            rows = torch.arange(b, device=k.device)
+            ck[rows, :, self.starts] = k[:b, :, 0]  # (B, K, D) at each row's own position
+            cv[rows, :, self.starts] = v[:b, :, 0]
+            outs.append(attend(q[:b], ck[:, :, :self.attended], cv[:, :, :self.attended], self.mask))  # (B, H, 1, D)
+        if self.prompts:
+            n, t = self.prompts, self.p_len
+            qp, kp, vp = (x[b:].view(n, t, x.shape[1], x.shape[3]).transpose(1, 2) for x in (q, k, v))  # (P, ., t, D)
+            self.cache.k[layer_id, b:b + n, :, :t] = kp
+            self.cache.v[layer_id, b:b + n, :, :t] = vp
+            # causal: a real token never sees the padding after it, so right padding needs no mask
+            out = attend(qp, kp, vp, None)  # (P, H, t, D)
+            outs.append(out.transpose(1, 2).reshape(n * t, out.shape[1], 1, out.shape[3]))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 class ContinuousBatcher:
@@ -284,7 +296,6 @@ class ContinuousBatcher:
         self.version = 0  # weight version stamped on the Completions
         self._waiting: deque[Request] = deque()
         self._rows: list[_Row] = []  # running rows; row i lives in cache slot i
-        self._logits: Tensor | None = None  # (N, V) next-token logits of self._rows
         self.stepped = 0  # rows that sampled a token in the last step (running, before its finished rows left)
         self._lock, self._step_lock = threading.Lock(), threading.Lock()
 
@@ -323,7 +334,7 @@ class ContinuousBatcher:
             for r in [*self._waiting, *(row.request for row in self._rows)]:
                 r.aborted = True
             self._waiting.clear()
-        self._rows, self._logits = [], None
+        self._rows = []
 
     def run_until_done(self, requests: Sequence[Request]) -> None:
         while not all(r.done for r in requests):
@@ -333,27 +344,20 @@ class ContinuousBatcher:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One scheduling step: admit, sample one token per running row, finish rows, decode forward."""
+        """One scheduling step: admit, one forward (each running row's last token and the admitted prompts), sample
+        one token per row, finish rows."""
         with self._step_lock:
             self._drop_aborted()
             admitted = self._admit()
-            if admitted:
-                rows, logits = self._prefill(admitted)
-                self._rows += rows
-                self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
-            self.stepped = len(self._rows)
-            if not self._rows:
+            if not self._rows and not admitted:
+                self.stepped = 0
                 return
-            assert self._logits is not None
-            tokens, finished = self._sample(self._rows, self._logits)
-            order = self._compact(finished)
-            self._logits = None
-            if order:
-                self._logits = self._decode(self._rows, tokens[torch.tensor(order, device=tokens.device)])
+            logits = self._forward(admitted)
+            self.stepped = len(self._rows)
+            self._compact(self._sample(self._rows, logits))
 
-    def _compact(self, gone: list[bool]) -> list[int]:
-        """Remove the rows flagged in `gone`: the last running rows move into their slots. Returns, for each new
-        row position, the old position it came from."""
+    def _compact(self, gone: list[bool]) -> None:
+        """Remove the rows flagged in `gone`: the last running rows move into their slots."""
         keep = len(gone) - sum(gone)
         holes = [i for i in range(keep) if gone[i]]
         movers = [i for i in range(keep, len(gone)) if not gone[i]]
@@ -363,15 +367,13 @@ class ContinuousBatcher:
         for hole, mover in zip(holes, movers, strict=True):
             order[hole] = mover
         self._rows = [self._rows[i] for i in order]
-        return order
 
     def _drop_aborted(self) -> None:
         with self._lock:
             self._waiting = deque(r for r in self._waiting if not r.aborted)
         gone = [r.request.aborted for r in self._rows]
         if any(gone):
-            order = self._compact(gone)
-            self._logits = self._logits[order] if order else None  # type: ignore[index]
+            self._compact(gone)
 
     def _admit(self) -> list[Request]:
         admitted, used = [], len(self._rows)
@@ -387,57 +389,49 @@ class ContinuousBatcher:
             self.cache.ensure(max(used, self.max_rows), longest)
         return admitted
 
-    def _forward(self, tokens: Tensor, positions: Tensor, mask: Tensor | None, view: _SlotView) -> Tensor:
-        """tokens, positions (B, T) -> logits at the last position (B, V), writing keys/values through `view`."""
-        model = self.model.model
-        h = model.embed_tokens(tokens)  # (B, T, E)
-        cos, sin = rope_cos_sin(positions, self.model.cfg.head_dim, self.model.cfg.rope_theta, h.dtype)
-        for layer in model.layers:
-            h = layer(h, cos, sin, mask, view)  # (B, T, E)
-        return h  # (B, T, E) before the final norm
-
-    def _prefill(self, requests: list[Request]) -> tuple[list[_Row], Tensor]:
-        """Prefill every prompt of `requests` in one right-padded forward, then copy each prompt's cache into
-        the slots of its other n - 1 samples. Returns the new rows and their next-token logits (rows, V)."""
-        prompts = [(r, i, p) for r in requests for i, p in enumerate(r.prompts)]
-        p_len = max(len(p) for _, _, p in prompts)
-        tokens = torch.zeros(len(prompts), p_len, dtype=torch.long, device=self.device)  # (B, P) right-padded
+    def _forward(self, admitted: list[Request]) -> Tensor:
+        """One forward over the running rows' last sampled tokens (each at its row's next position) and the prompts
+        of `admitted` (right-padded, into the slots after the running rows), packed as rows of one token so they
+        share each matmul; then each admitted prompt's cache is copied into its n sample slots and its rows join
+        the batch. Returns next-token logits (N, V) of the running rows, the new ones last."""
+        running = len(self._rows)
+        prompts = [(r, i, p) for r in admitted for i, p in enumerate(r.prompts)]
+        p_len = max((len(p) for _, _, p in prompts), default=0)
+        padded = torch.zeros(len(prompts), p_len, dtype=torch.long)  # (P, p_len)
         for b, (_, _, p) in enumerate(prompts):
-            tokens[b, :len(p)] = torch.tensor(p, dtype=torch.long)
-        first = len(self._rows)  # the prompts go to the slots after the running rows
-        positions = torch.arange(p_len, device=self.device).expand(len(prompts), p_len)  # (B, P)
-        view = _SlotView(self.cache, first, None, p_len)
-        # causal attention: a real token never sees the padding after it, so right padding needs no mask
-        hidden = self._forward(tokens, positions, None, view)  # (B, P, E)
-        last = torch.tensor([len(p) - 1 for _, _, p in prompts], device=self.device)
-        hidden = hidden[torch.arange(len(prompts), device=self.device), last]  # (B, E)
-        logits = self.model.lm_head(self.model.model.norm(hidden))  # (B, V)
-        # prompt b sits in slot first + b; its n samples go to slots first + (rows so far) .. in prompt-major
-        # order, so rearrange: row r of the new block copies prompt take[r] (from the back, so a prompt's own
-        # slot is read before a later row overwrites it)
+            padded[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+        starts = torch.tensor([r.length for r in self._rows], dtype=torch.long)  # (N,)
+        tokens = torch.cat([torch.tensor([r.tokens[-1] for r in self._rows], dtype=torch.long), padded.flatten()])
+        positions = torch.cat([starts, torch.arange(p_len).repeat(len(prompts))])  # (N + P * p_len,)
+        tokens, positions, starts = tokens.to(self.device), positions.to(self.device), starts.to(self.device)
+        view = _StepView(self.cache, starts, len(prompts), p_len)
+        model = self.model.model
+        h = model.embed_tokens(tokens[:, None])  # (N + P * p_len, 1, E)
+        cos, sin = rope_cos_sin(positions[:, None], self.model.cfg.head_dim, self.model.cfg.rope_theta, h.dtype)
+        for layer in model.layers:
+            h = layer(h, cos, sin, None, view)
+        last = [running + b * p_len + len(p) - 1 for b, (_, _, p) in enumerate(prompts)]  # each prompt's last token
+        hidden = h[torch.tensor(list(range(running)) + last, device=self.device), 0]  # (N + P, E)
+        logits = self.model.lm_head(model.norm(hidden))  # (N + P, V)
+        for r in self._rows:
+            r.length += 1
+        if not prompts:
+            return logits
+        # prompt b sits in slot running + b; its n samples go to slots running + (rows so far) .. in prompt-major
+        # order, so rearrange: new row j copies prompt take[j] (from the back, so a prompt's own slot is read
+        # before a later row overwrites it)
         take = [b for b, (req, _, _) in enumerate(prompts) for _ in range(req.params.n)]
         if len(take) > len(prompts):
-            self.cache.ensure(first + len(take), 0)
-            for r in reversed(range(len(take))):
-                if take[r] != r:
-                    self.cache.copy_slots([first + take[r]], [first + r])
-        rows = [_Row(req, i * req.params.n + j, len(p)) for req, i, p in prompts for j in range(req.params.n)]
-        return rows, logits[torch.tensor(take, device=self.device)]  # (N_new, V)
+            self.cache.ensure(running + len(take), 0)
+            for j in reversed(range(len(take))):
+                if take[j] != j:
+                    self.cache.copy_slots([running + take[j]], [running + j])
+        self._rows += [_Row(req, i * req.params.n + j, len(p)) for req, i, p in prompts for j in range(req.params.n)]
+        keep = torch.tensor(list(range(running)) + [running + b for b in take], device=self.device)
+        return logits[keep]  # (N, V)
 
-    def _decode(self, rows: list[_Row], tokens: Tensor) -> Tensor:
-        """One token per row (tokens (B,)) at each row's own position -> next-token logits (B, V)."""
-        starts = torch.tensor([r.length for r in rows], device=self.device)  # (B,)
-        attended = int(starts.max()) + 1
-        # key j is visible to row b iff j <= starts[b] (its prompt, its tokens so far, and itself)
-        mask = torch.arange(attended, device=self.device)[None, :] <= starts[:, None]  # (B, S)
-        view = _SlotView(self.cache, 0, starts, attended)
-        hidden = self._forward(tokens[:, None], starts[:, None], mask[:, None, None, :], view)[:, -1]  # (B, E)
-        for r in rows:
-            r.length += 1
-        return self.model.lm_head(self.model.model.norm(hidden))  # (B, V)
-
-    def _sample(self, rows: list[_Row], logits: Tensor) -> tuple[Tensor, list[bool]]:
-        """Next token of every row with its request's settings; records it; returns (tokens (N,), finished)."""
+    def _sample(self, rows: list[_Row], logits: Tensor) -> list[bool]:
+        """Next token of every row with its request's settings; records it; returns which rows finished."""
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)  # (N,)
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
@@ -489,7 +483,7 @@ class ContinuousBatcher:
             req = rows[members[0]].request
             if req.on_event is not None:
                 req.on_event(events[req.id])
-        return tokens, finished
+        return finished
 
     def _hit_stop_string(self, row: _Row) -> bool:
         stops = row.request.params.stop

@@ -132,6 +132,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotate_half(x) * sin[:, None]  # (B, H, T, D)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(D) + mask) V: q (B, H, T, D), k, v (B, K, S, D), boolean mask broadcastable to
+    (B, H, T, S) (None: causal) -> (B, H, T, D). GQA without materialising repeated K/V: SDPA maps query head h
+    to KV head h // (H / K)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
 class KVCache:
     """Preallocated keys and values for incremental decoding, passed into `Transformer.forward`.
 
@@ -170,6 +178,12 @@ class KVCache:
         self.v[layer_id, :, :, self.length:end] = v
         return self.k[layer_id, :, :, :end], self.v[layer_id, :, :, :end]
 
+    def attention(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        """Write this call's keys/values, then attend over every position so far: (B, H, T, D)."""
+        k, v = self.update(layer_id, k, v)  # (B, K, L+T, D)
+        return attend(q, k, v, mask)
+
     def advance(self, n: int) -> None:
         self.length += n
 
@@ -204,11 +218,10 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_id, k, v)  # (B, K, S, D)
-        # GQA without materialising repeated K/V: SDPA maps query head h to KV head h // (H / K)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
+        if cache is None:
+            out = attend(q, k, v, mask)  # (B, H, T, D)
+        else:  # the cache writes this call's keys/values and attends over what it holds
+            out = cache.attention(self.layer_id, q, k, v, mask)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, E)
 
 

@@ -90,8 +90,9 @@ def test_prefill_once_then_one_token_per_step(model):
         TorchEngine(model).generate(PROMPTS[:2], SamplingParams(max_new_tokens=4, n=3, seed=0, stop_token_ids=()))
     finally:
         hook.remove()
-    # one prefill of 2 prompts padded to 5, then 3 decode steps of 2 prompts x 3 samples, one token each
-    assert seen == [(2, 5), (6, 1), (6, 1), (6, 1)]
+    # one prefill of 2 prompts padded to 5 (packed as 10 single-token rows), then 3 decode steps of 2 prompts x 3
+    # samples, one token each
+    assert seen == [(10, 1), (6, 1), (6, 1), (6, 1)]
 
 
 def test_stop_token_ends_rows_independently(model):
