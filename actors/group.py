@@ -301,7 +301,8 @@ def _learner_kwargs(cfg: PipelineConfig, res: RLResources) -> dict[str, Any]:
     device = _device(cfg, res.learner)
     return dict(seed=cfg.seed, device=device, threads=cfg.threads_per_worker,
                 param_dtype=param_dtype(cfg.train, device),
-                activation_checkpointing=cfg.train.activation_checkpointing, timeout_s=res.call_timeout_s)
+                activation_checkpointing=cfg.train.activation_checkpointing,
+                reshard_after_forward=cfg.train.reshard_after_forward, timeout_s=res.call_timeout_s)
 
 
 def create_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir: str | Path,

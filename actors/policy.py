@@ -180,7 +180,8 @@ class PolicyLearner:
                  seed: int = 0, device: str = "cpu", threads: int | None = None, micro_batch_size: int = 16,
                  max_batch_size: int = 64, sft_optim: OptimConfig | None = None, rank: int = 0, world_size: int = 1,
                  init_method: str | None = None, param_dtype: torch.dtype | None = None,
-                 activation_checkpointing: bool = False, timeout_s: float = 600.0) -> None:
+                 activation_checkpointing: bool = False, reshard_after_forward: bool = True,
+                 timeout_s: float = 600.0) -> None:
         """ppo_cfg None: a policy-only learner (no value model, no PPO optimizers); sft_optim: the AdamW settings
         of `sft_train` (rejection-sampling fine-tuning). world_size > 1: join the process group at `init_method`
         as `rank` (every rank of the group is constructed at once) before the sharded models are built."""
@@ -191,6 +192,7 @@ class PolicyLearner:
         self.micro_batch_size, self.max_batch_size = micro_batch_size, max_batch_size
         self.param_dtype = param_dtype or torch.float32
         self.activation_checkpointing = activation_checkpointing
+        self.reshard_after_forward = reshard_after_forward
         self.rank, self.world = rank, world_size
         if world_size > 1:
             join_group("policy-learner", rank, world_size, init_method, self.device, timeout_s)
@@ -219,7 +221,8 @@ class PolicyLearner:
     def _build(self, kind: str, cfg: Any, init: str | Path) -> torch.nn.Module:
         """`kind` model of shape `cfg` from checkpoint `init`, FSDP2-sharded over the group (plain without one)."""
         return build_model(kind, cfg, device=self.device, strategy="fsdp", param_dtype=self.param_dtype,
-                           activation_checkpointing=self.activation_checkpointing, init=init, seed=self.seed)
+                           activation_checkpointing=self.activation_checkpointing,
+                           reshard_after_forward=self.reshard_after_forward, init=init, seed=self.seed)
 
     def _require_state(self, what: str) -> None:
         """Refuse `what` on a learner that Ray restarted after a crash: it holds fresh SFT weights, not the run's."""

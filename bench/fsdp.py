@@ -1,4 +1,5 @@
-"""FSDP2 vs DDP at N ranks (gloo on CPU, NCCL on GPU): per-rank training-state bytes and tokens/s, in one run.
+"""FSDP2 vs DDP at N ranks (gloo on CPU, NCCL on GPU): per-rank training-state bytes and tokens/s, in one run;
+also FSDP2 with every block kept gathered from its forward to its backward (`train.reshard_after_forward: false`).
 
     .venv/bin/python bench/fsdp.py [--ranks 2] [--layers 4] [--dim 256] [--batch 8] [--seq 128] [--steps 6]
 
@@ -28,6 +29,8 @@ from rayllama.dist.fsdp import build_model, clip_grad_norm, wrap_ddp
 from rayllama.model import ModelConfig
 from rayllama.train.optim import build_optimizer
 
+STRATEGIES = ("ddp", "fsdp", "fsdp-kept")
+
 
 def _local_bytes(t: torch.Tensor | None) -> int:
     if t is None:
@@ -56,8 +59,9 @@ def _worker(rank: int, world: int, args: argparse.Namespace, out: str, port: int
     tokens = torch.randint(3, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
     mine = tokens.tensor_split(world)[rank]
     setups = {}
-    for strategy in ("fsdp", "ddp"):
-        model = build_model("causal", cfg, strategy=strategy, seed=0)
+    for strategy in STRATEGIES:  # fsdp-kept: FSDP2 without resharding after forward (train.reshard_after_forward)
+        model = build_model("causal", cfg, strategy=strategy.removesuffix("-kept"), seed=0,
+                            reshard_after_forward=not strategy.endswith("-kept"))
         opt = build_optimizer(model, OptimConfig(lr=1e-4))
         setups[strategy] = (model, wrap_ddp(model, torch.device("cpu")) if strategy == "ddp" else model, opt)
     times: dict[str, list[float]] = {s: [] for s in setups}
@@ -101,25 +105,27 @@ def main() -> None:
     measured = json.loads(raw.read_text())
     raw.unlink()
     rows = []
-    for strategy in ("ddp", "fsdp"):
+    for strategy in STRATEGIES:
         size = measured["sizes"][strategy]
         sec = sorted(measured["times"][strategy])[len(measured["times"][strategy]) // 2]
         rows.append({"strategy": strategy, **{f"{k}_bytes": v for k, v in size.items()},
                      "state_bytes": sum(size.values()), "ms_per_step": 1000 * sec,
                      "tokens_per_s": args.batch * args.seq / sec})
-    ddp, fsdp = rows
+    ddp, fsdp, kept = rows
     ratios = {"state_fsdp_over_ddp": fsdp["state_bytes"] / ddp["state_bytes"],
-              "tokens_per_s_fsdp_over_ddp": fsdp["tokens_per_s"] / ddp["tokens_per_s"]}
+              "tokens_per_s_fsdp_over_ddp": fsdp["tokens_per_s"] / ddp["tokens_per_s"],
+              "tokens_per_s_fsdp_kept_over_fsdp": kept["tokens_per_s"] / fsdp["tokens_per_s"]}
     print(f"model: {measured['params'] / 1e6:.2f}M params (layers={args.layers} dim={args.dim} vocab={args.vocab}); "
           f"{args.ranks} ranks (gloo, CPU), union batch {args.batch} x {args.seq} tokens, {args.threads} thread(s)/rank")
-    print(f"{'strategy':<10}{'params MiB':>12}{'grads MiB':>11}{'AdamW MiB':>11}{'state MiB':>11}{'ms/step':>10}"
+    print(f"{'strategy':<11}{'params MiB':>12}{'grads MiB':>11}{'AdamW MiB':>11}{'state MiB':>11}{'ms/step':>10}"
           f"{'tokens/s':>10}")
     for r in rows:
-        print(f"{r['strategy']:<10}{r['params_bytes'] / 2**20:>12.2f}{r['grads_bytes'] / 2**20:>11.2f}"
+        print(f"{r['strategy']:<11}{r['params_bytes'] / 2**20:>12.2f}{r['grads_bytes'] / 2**20:>11.2f}"
               f"{r['optimizer_bytes'] / 2**20:>11.2f}{r['state_bytes'] / 2**20:>11.2f}{r['ms_per_step']:>10.1f}"
               f"{r['tokens_per_s']:>10.0f}")
     print(f"per-rank state FSDP / DDP: {ratios['state_fsdp_over_ddp']:.3f}x (1/{args.ranks} = {1 / args.ranks:.3f}); "
-          f"tokens/s FSDP / DDP: {ratios['tokens_per_s_fsdp_over_ddp']:.2f}x")
+          f"tokens/s FSDP / DDP: {ratios['tokens_per_s_fsdp_over_ddp']:.2f}x; blocks kept gathered from forward to "
+          f"backward / resharded: {ratios['tokens_per_s_fsdp_kept_over_fsdp']:.3f}x")
     Path(args.out).write_text(json.dumps({"args": vars(args), "params": measured["params"], "rows": rows,
                                           "ratios": ratios}, indent=2))
 

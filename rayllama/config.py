@@ -141,6 +141,10 @@ class TrainSection:
 
     param_dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16; gradients reduce in fp32
     activation_checkpointing: bool = False  # recompute each transformer block in backward (less activation memory)
+    # FSDP2: true frees each block's gathered parameters after its forward and gathers them again in backward (the
+    # memory-safe default); false keeps them until backward: one all-gather per block per step instead of two, at
+    # the cost of holding every block unsharded from forward to backward
+    reshard_after_forward: bool = True
 
 
 @dataclass

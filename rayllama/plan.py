@@ -23,8 +23,9 @@ c bytes per compute element: 2 in bfloat16, 4 in float32; train.param_dtype, aut
       norm, head), which is not resharded between forward and backward, with its unsharded gradients (c bytes)
       through backward, and two blocks (the one computing, the one prefetched) plus one block's unsharded gradient
       in c bytes and its fp32 reduce-scatter copy: root * 2c + block * (3c + 4) (every model's root, the largest
-      block). DDP: its gradient buckets, 4 B per parameter. A sharded frozen role (no backward): root * c +
-      2 * block * c.
+      block); with train.reshard_after_forward false every block stays gathered from its forward to its backward:
+      root * 2c + L * block * c + block * (c + 4) (every model's blocks). DDP: its gradient buckets, 4 B per
+      parameter. A sharded frozen role (no backward): root * c + 2 * block * c.
   activations  Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models" (eq. 1,
       t = 1): a layer keeps s*b*h*(34 + 5*a*s/h) bytes in 16-bit for backward. The 5*a*s^2*b term is the s x s
       attention scores, which SDPA's flash / memory-efficient kernels never materialise: dropped, so 34*s*b*h per
@@ -223,11 +224,15 @@ def _logits(m: ModelConfig, rows: int, c: int, head: str = "lm") -> int:
 
 
 def _gathered(cfg: PipelineConfig, m: ModelConfig, heads: tuple[str, ...], c: int) -> int:
-    """FSDP2 (the roots of every model, the largest block): roots * 2c + block * (3c + 4); DDP: 4 B/param."""
+    """FSDP2 (the roots of every model, the largest block): roots * 2c + block * (3c + 4), or without resharding
+    after forward roots * 2c + (every model's blocks) * c + block * (c + 4); DDP: 4 B/param."""
     if cfg.scaling.strategy == "ddp":
         return sum(4 * numel(param_shapes(m, h)) for h in heads)
     units = [_units(m, h) for h in heads]
-    return sum(root for root, _ in units) * 2 * c + max(block for _, block in units) * (3 * c + 4)
+    roots, block = sum(root for root, _ in units), max(block for _, block in units)
+    if cfg.train.reshard_after_forward:
+        return roots * 2 * c + block * (3 * c + 4)
+    return roots * 2 * c + m.n_layers * sum(b for _, b in units) * c + block * (c + 4)
 
 
 def _fixes(cfg: PipelineConfig, more: str, micro_key: str) -> str:
@@ -237,6 +242,8 @@ def _fixes(cfg: PipelineConfig, more: str, micro_key: str) -> str:
         out.append("train.param_dtype=bfloat16")
     if not cfg.train.activation_checkpointing:
         out.append("train.activation_checkpointing=true")
+    if not cfg.train.reshard_after_forward and cfg.scaling.strategy == "fsdp":
+        out.append("train.reshard_after_forward=true")
     return ", ".join(out) + f" or a smaller micro-batch ({micro_key})"
 
 

@@ -1,5 +1,5 @@
 """FSDP2 in the Ray Train loop: 2 sharded ranks (gloo, CPU) equal one plain process on the union batch, for
-pretraining, SFT and reward training; activation checkpointing changes nothing; bf16 stays near fp32; sharded
+pretraining, SFT (blocks kept gathered from forward to backward) and reward training; activation checkpointing changes nothing; bf16 stays near fp32; sharded
 checkpoints resume on 1 or 2 ranks; the final model is a complete HF directory, sharded past the size limit."""
 
 from __future__ import annotations
@@ -128,8 +128,9 @@ def test_fsdp_pretraining_on_two_ranks_equals_one_process_over_20_steps(ray_sess
 
 
 def test_fsdp_sft_from_a_checkpoint_on_two_ranks_equals_one_process_over_20_steps(ray_session, tmp_path, init_dir):
+    """Without resharding after forward (tiny.yaml's train.reshard_after_forward: false; the other tests reshard)."""
     data = _lm_data(48, 12, seed=2, answer_only=True)
-    job = _job(tmp_path, "lm", data, init=init_dir)
+    job = _job(tmp_path, "lm", data, init=init_dir, reshard_after_forward=False)
     run_train_job(job, FSDP2)
     _assert_equal_runs(job, data)
 

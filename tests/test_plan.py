@@ -81,6 +81,22 @@ def test_7b_stages_on_one_8x80gb_node():
     assert two.fits and len(two.stages[-1].used_gpus) == 16
 
 
+def test_without_resharding_after_forward_every_block_stays_gathered():
+    """train.reshard_after_forward=false (tiny.yaml's choice) keeps all L blocks gathered in bf16 from forward to
+    backward instead of two at a time: +13 GB on a 7B trainer rank (32 blocks of 202M elements), twice that on a
+    PPO learner (policy + value), which then no longer fits beside a generator, and the fix names the key."""
+    m = preset("llama2-7b")
+    block = sum(math.prod(p.shape) for n, p in _meta(m, "lm").named_parameters() if n.startswith("model.layers.0."))
+    sharded, kept = (build_plan(load_config(CONFIGS / "llama2-7b.yaml", [f"train.reshard_after_forward={v}"]))
+                     for v in ("true", "false"))
+    for a, b in zip(sharded.stages[:3], kept.stages[:3], strict=True):  # pretrain, sft, reward: one model each
+        assert b.roles[0].gathered - a.roles[0].gathered == (m.n_layers - 2) * block * 2
+    learner, learner_kept = sharded.stages[-1].roles[0], kept.stages[-1].roles[0]
+    assert learner_kept.gathered - learner.gathered == (2 * m.n_layers - 2) * block * 2
+    assert sharded.fits and not kept.fits
+    assert "train.reshard_after_forward=true" in kept.stages[-1].problem
+
+
 def test_13b_ppo_fits_two_nodes_with_a_smaller_learner_micro_batch():
     """8 learners a GPU each on node 0, the reference, reward scorers and generators a GPU each on node 1; 16
     learners would put a 32-42 GB frozen process beside every learner on node 0."""

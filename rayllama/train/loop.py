@@ -65,6 +65,7 @@ class TrainJob:
     strategy: str = "fsdp"  # fsdp (FSDP2 shards) | ddp (whole replicas); scaling.strategy
     param_dtype: str = "float32"  # compute dtype (FSDP mixed precision; parameters and AdamW state stay fp32)
     activation_checkpointing: bool = False
+    reshard_after_forward: bool = True  # FSDP2: gather each block again in backward (train.reshard_after_forward)
     stop_after: int | None = None  # stop (without the final save) after this many steps: fault-injection tests
 
 
@@ -304,7 +305,8 @@ def _build_model(job: TrainJob, device: torch.device):
     cfg = job.model if init is None else read_model_config(init)
     kind = "scalar" if job.objective == "reward" else "causal"
     model = build_model(kind, cfg, device=device, strategy=job.strategy, param_dtype=getattr(torch, job.param_dtype),
-                        activation_checkpointing=job.activation_checkpointing, init=init, seed=job.seed)
+                        activation_checkpointing=job.activation_checkpointing,
+                        reshard_after_forward=job.reshard_after_forward, init=init, seed=job.seed)
     return model, cfg
 
 

@@ -31,7 +31,8 @@ HELDOUT_ROWS = 64  # held-out perplexity over 64 x seq_len tokens: a stable esti
 def sharding(cfg: PipelineConfig) -> dict:
     """The TrainJob fields that say how the trainer holds the model (scaling.strategy, train.*)."""
     return {"strategy": cfg.scaling.strategy, "param_dtype": str(param_dtype(cfg.train, cfg.device)).removeprefix("torch."),
-            "activation_checkpointing": cfg.train.activation_checkpointing}
+            "activation_checkpointing": cfg.train.activation_checkpointing,
+            "reshard_after_forward": cfg.train.reshard_after_forward}
 
 
 def _tensors(run: RunDir, name: str, tok: Tokenizer, build, *inputs) -> Path:
