@@ -139,9 +139,19 @@ def sample_tokens(logits: Tensor, temperature: float, top_p: float,
     if top_p < 1:
         probs, order = probs.sort(dim=-1, descending=True)  # (N, V)
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # (N, V)
-        choice = torch.multinomial(probs, 1, generator=generator)  # (N, 1)
-        return order.gather(-1, choice).squeeze(-1)  # (N,)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (N,)
+        return order.gather(-1, draw(probs, generator)[:, None]).squeeze(-1)  # (N,)
+    return draw(probs, generator)  # (N,)
+
+
+def draw(weights: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One index per row of `weights` (N, V) (non-negative, any total), with probability weight / row total: by
+    inverting the cumulative sum at one uniform draw per row. torch.multinomial draws an exponential variate per
+    vocabulary entry instead: 2.7 ms for 64 rows of 2000 entries on one CPU thread against 0.15 ms here, 47 ms
+    against 2 ms at Llama 2's 32000."""
+    cdf = weights.cumsum(-1)  # (N, V)
+    u = torch.rand(weights.shape[0], 1, generator=generator, device=weights.device, dtype=cdf.dtype)  # (N, 1)
+    # the first index whose cumulative weight exceeds u * total: an index of zero weight is never chosen
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=weights.shape[-1] - 1).squeeze(-1)
 
 
 def check_request(prompts: Sequence[Sequence[int]], params: SamplingParams, cfg: Any) -> None:
@@ -431,26 +441,31 @@ class ContinuousBatcher:
         return logits[keep]  # (N, V)
 
     def _sample(self, rows: list[_Row], logits: Tensor) -> list[bool]:
-        """Next token of every row with its request's settings; records it; returns which rows finished."""
+        """Next token of every row with its request's settings; records it; returns which rows finished.
+
+        Greedy rows without penalties take one argmax together; sampled rows without penalties draw together per
+        (generator, temperature, top_p): the requests of one `TorchEngine.generate` call share a generator; a
+        request with penalties draws alone. Within a draw, rows go in (request, row) order, so a request's draws
+        never depend on where its rows sit in the cache."""
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)  # (N,)
-        groups: dict[int, list[int]] = {}
+        groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
-            groups.setdefault(r.request.id, []).append(i)
-        plain_greedy = []  # rows of greedy requests without penalties: one argmax for all of them
-        for members in groups.values():
-            req = rows[members[0]].request
-            if req.params.temperature == 0 and not req.params.penalized:
-                plain_greedy += members
-                continue
-            members.sort(key=lambda i: rows[i].index)  # the request's rows in prompt-major order (one RNG)
+            p, gen = r.request.params, r.request.generator
+            key = (("greedy",) if p.temperature == 0 and not p.penalized else ("request", r.request.id)
+                   if p.penalized else ("draw", None if gen is None else id(gen), p.temperature, p.top_p))
+            groups.setdefault(key, []).append(i)
+        for key, members in groups.items():
+            if key[0] != "greedy":
+                members.sort(key=lambda i: (rows[i].request.id, rows[i].index))
             idx = torch.tensor(members, device=logits.device)
+            if key[0] == "greedy":
+                tokens[idx] = logits[idx].argmax(-1)
+                continue
+            req = rows[members[0]].request
             group_logits = logits[idx]  # (G, V)
             if req.params.penalized:
                 group_logits = apply_penalties(group_logits, [rows[i].tokens for i in members], req.params)
             tokens[idx] = sample_tokens(group_logits, req.params.temperature, req.params.top_p, req.generator)
-        if plain_greedy:
-            idx = torch.tensor(plain_greedy, device=logits.device)
-            tokens[idx] = logits[idx].argmax(-1)
         logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V) raw: what PPO needs as log pi_old
         chosen = logp.gather(-1, tokens[:, None]).squeeze(-1).tolist()  # (N,)
         k = max(r.request.params.top_logprobs for r in rows)
@@ -479,10 +494,10 @@ class ContinuousBatcher:
                     prompt_index=r.request.first_index + r.index // n, token_ids=r.tokens, logprobs=r.logprobs,
                     finish_reason=reason, weight_version=self.version,  # type: ignore[arg-type]
                     top_logprobs=r.top if params.top_logprobs else None)
-        for members in groups.values():
-            req = rows[members[0]].request
-            if req.on_event is not None:
-                req.on_event(events[req.id])
+        requests = {r.request.id: r.request for r in rows}
+        for rid, request_events in events.items():
+            if requests[rid].on_event is not None:
+                requests[rid].on_event(request_events)
         return finished
 
     def _hit_stop_string(self, row: _Row) -> bool:
@@ -510,10 +525,11 @@ def apply_penalties(logits: Tensor, generated: list[list[int]], params: Sampling
 class TorchEngine(GenerationEngine):
     """Continuous-batching KV-cache generation with a `Transformer` in this process (CPU or one GPU).
 
-    `generate` submits prompts in requests of at most max(1, max_batch_size // n) prompts (one RNG for the
-    call), so at most max_batch_size rows are decoded at once (a request always holds one prompt, even when
-    n > max_batch_size). Results for a seed depend on that split, i.e. on max_batch_size and the order of the
-    prompts. Greedy results do not depend on what else is in the batch (each row attends to its own slot only).
+    `generate` submits one request per prompt (one RNG for the call), and at most max_batch_size rows are
+    decoded at once (a prompt whose n exceeds it runs alone): a prompt's samples start as soon as n slots are
+    free. Sampled results for a seed depend on max_batch_size and the order of the prompts (which rows draw
+    together at each step). Greedy results do not depend on what else is in the batch (each row attends to its
+    own slot only).
     """
 
     def __init__(self, model: Transformer, device: str | torch.device = "cpu", max_batch_size: int = 64,
@@ -566,9 +582,9 @@ class TorchEngine(GenerationEngine):
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        per_request = max(1, self.max_batch_size // params.n)
-        requests = [self.batcher.submit(Request([list(p) for p in prompts[start:start + per_request]], params,
-                                                generator, first_index=start))
-                    for start in range(0, len(prompts), per_request)]
+        # one request per prompt, so a prompt's samples join the batch as soon as n slots are free (continuous
+        # batching, not a chunk at a time); all of them draw from one generator
+        requests = [self.batcher.submit(Request([list(p)], params, generator, first_index=i))
+                    for i, p in enumerate(prompts)]
         self.batcher.run_until_done(requests)
         return [samples for r in requests for samples in r.results()]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rayllama.generation import Completion, SamplingParams, TorchEngine, sample_tokens
+from rayllama.generation import Completion, SamplingParams, TorchEngine, draw, sample_tokens
 from rayllama.model import ModelConfig, Transformer
 
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, ffn_dim=64, max_seq_len=48)
@@ -151,6 +151,19 @@ def test_sample_tokens_follows_temperature_and_top_p():
     freq = torch.bincount(sample_tokens(logits, 0.5, 1.0, g), minlength=4).float() / 20000
     torch.testing.assert_close(freq, torch.tensor([0.6849, 0.2466, 0.0616, 0.0068]), atol=0.015, rtol=0)
     assert torch.equal(sample_tokens(logits[:3], 0.0, 1.0), torch.zeros(3, dtype=torch.long))
+
+
+def test_draw_follows_unnormalised_weights_and_never_picks_a_zero():
+    g = torch.Generator().manual_seed(1)
+    weights = torch.tensor([0.0, 2.0, 0.0, 1.0, 1.0, 0.0]).expand(40000, 6)  # total 4, zeros first, inside and last
+    freq = torch.bincount(draw(weights, g), minlength=6).float() / 40000
+    torch.testing.assert_close(freq, torch.tensor([0.0, 0.5, 0.0, 0.25, 0.25, 0.0]), atol=0.01, rtol=0)
+    assert freq[[0, 2, 5]].sum() == 0
+    one_hot = torch.eye(5)[torch.tensor([4, 0, 2])]  # a row with all its weight on one index always draws it
+    assert draw(one_hot, g).tolist() == [4, 0, 2]
+    # reproducible from the generator's seed
+    assert torch.equal(draw(weights[:50], torch.Generator().manual_seed(7)),
+                       draw(weights[:50], torch.Generator().manual_seed(7)))
 
 
 def test_load_weights_changes_output_and_records_version(model):
