@@ -255,10 +255,11 @@ class _SlotCache:
 
 class _StepView:
     """The `cache` argument of the attention layers for one step's forward, which packs two kinds of token as
-    rows of length one (T == 1): first one token for each of the B running rows, at its own position starts[b]
+    rows of length one (T == 1): first one token for each of the N running rows, at its own position starts[b]
     of slot b (attending to positions 0..starts[b] of its slot); then the right-padded prompts of the admitted
-    requests, P prompts x p_len tokens, prompt i at positions 0..p_len-1 of slot B + i (causal attention within
-    the prompt). Running rows and prompts share every linear layer's one matmul; attention is per kind."""
+    requests, P prompts x p_len tokens, prompt i at positions 0..p_len-1 of slot N + i (causal attention within
+    the prompt). Running rows and prompts share every linear layer's one matmul; attention is per kind. `mask`
+    (the layers' argument) is unused: each kind's mask is known here."""
 
     def __init__(self, cache: _SlotCache, starts: Tensor, prompts: int, p_len: int) -> None:
         self.cache, self.starts, self.prompts, self.p_len = cache, starts, prompts, p_len
@@ -267,15 +268,15 @@ class _StepView:
         self.mask = (torch.arange(self.attended, device=starts.device)[None, :] <= starts[:, None])[:, None, None]
 
     def attention(self, layer_id: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """q (B + P * p_len, H, 1, D), k, v (B + P * p_len, K, 1, D) -> (B + P * p_len, H, 1, D)."""
+        """q (N + P * p_len, H, 1, D), k, v (N + P * p_len, K, 1, D) -> (N + P * p_len, H, 1, D)."""
         b, outs = len(self.starts), []
         if b:
-            ck = self.cache.k[layer_id, :b]  # (B, K, L, D) view
+            ck = self.cache.k[layer_id, :b]  # (N, K, L, D) view
             cv = self.cache.v[layer_id, :b]
             rows = torch.arange(b, device=k.device)
-            ck[rows, :, self.starts] = k[:b, :, 0]  # (B, K, D) at each row's own position
+            ck[rows, :, self.starts] = k[:b, :, 0]  # (N, K, D) at each row's own position
             cv[rows, :, self.starts] = v[:b, :, 0]
-            outs.append(attend(q[:b], ck[:, :, :self.attended], cv[:, :, :self.attended], self.mask))  # (B, H, 1, D)
+            outs.append(attend(q[:b], ck[:, :, :self.attended], cv[:, :, :self.attended], self.mask))  # (N, H, 1, D)
         if self.prompts:
             n, t = self.prompts, self.p_len
             qp, kp, vp = (x[b:].view(n, t, x.shape[1], x.shape[3]).transpose(1, 2) for x in (q, k, v))  # (P, ., t, D)
