@@ -187,7 +187,11 @@ def test_three_iterations_log_metrics_and_write_the_model(world, tmp_path):
         assert m["logprob_drift"] < 1e-4
         assert 1 <= m["response_length"] <= cfg.ppo.max_new_tokens
     assert abs(metrics[0]["kl"]) < 1e-4  # iteration 1 samples from pi == pi_ref
-    assert abs(metrics[1]["kl"]) > 1e-3  # one lr-1e-3 step later the policy has moved away
+    # one lr-1e-3 step later the policy has moved away: the same statistic now lies outside the bound that held it
+    # at pi == pi_ref. It is a sampled estimate of a KL of ~1e-2 that crosses zero with the draw (seeds 0-7 of this
+    # config: |kl| 4.2e-4 to 4.3e-2, either sign; at iteration 1 at most 6e-7), so no larger bound holds for every
+    # draw
+    assert abs(metrics[1]["kl"]) > 1e-4
     assert [m["prompt_position"] for m in metrics] == [8, 16, 24]
     assert summary["iterations"] == 3 and is_complete(tmp_path / "model")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter-0002", "iter-0003"]  # keep 2
