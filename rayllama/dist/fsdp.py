@@ -16,8 +16,8 @@ Strategies (`scaling.strategy`): "fsdp" shards parameters, gradients and AdamW s
 (DistributedDataParallel); without a process group the model is a plain module (autocast for bf16).
 Activation checkpointing recomputes each transformer block in backward (`LlamaTrunk.activation_checkpointing`).
 `train.reshard_after_forward` false keeps each block's gathered parameters from its forward to its backward
-(torchtitan's "never" policy): the same numbers, one all-gather per block per step instead of two (5-6% faster
-steps on 2 CPU ranks over gloo), every block unsharded at the forward/backward turn.
+(torchtitan's "never" policy): the same numbers, one all-gather per block per step instead of two (bench/fsdp.py on
+2 CPU ranks over gloo: 1.04-1.08x), every block unsharded at the forward/backward turn.
 
 FSDP2 reduce-scatters the mean of the ranks' gradients, as DDP all-reduces it, so a loss normalised by the union
 batch's target count and multiplied by the world size gives exactly the union batch's gradient on every rank.
