@@ -421,8 +421,11 @@ class ContinuousBatcher:
         cos, sin = rope_cos_sin(positions[:, None], self.model.cfg.head_dim, self.model.cfg.rope_theta, h.dtype)
         for layer in model.layers:
             h = layer(h, cos, sin, None, view)
-        last = [running + b * p_len + len(p) - 1 for b, (_, _, p) in enumerate(prompts)]  # each prompt's last token
-        hidden = h[torch.tensor(list(range(running)) + last, device=self.device), 0]  # (N + P, E)
+        if prompts:  # the running rows, then each prompt's last token
+            last = [running + b * p_len + len(p) - 1 for b, (_, _, p) in enumerate(prompts)]
+            hidden = h[torch.tensor(list(range(running)) + last, device=self.device), 0]  # (N + P, E)
+        else:  # a decode-only step: every row, no gather
+            hidden = h[:, 0]  # (N, E)
         logits = self.model.lm_head(model.norm(hidden))  # (N + P, V)
         for r in self._rows:
             r.length += 1
