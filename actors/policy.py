@@ -96,7 +96,7 @@ from rayllama.rl.experience import (
     to_device,
 )
 from rayllama.rl.weight_sync import SyncMember, open_store, place_of, send, stream_state, wire_dtype
-from rayllama.train.loop import example_order, lm_micro_loss
+from rayllama.train.loop import example_order, lm_micro_loss, rank_micro_batches
 from rayllama.train.optim import build_optimizer, build_scheduler, lr_factor
 
 
@@ -471,8 +471,8 @@ class PolicyLearner:
         persist across calls, the lr follows sft_optim's schedule within each call (warm-up, then cosine or
         constant). Returns mean loss, grad norm, lr, steps, rows and the new version.
 
-        Collective over a learner group: every rank gets all rows and trains on its contiguous share of each
-        batch, its loss normalised by the whole batch's answer tokens and scaled by the world size, so FSDP's mean
+        Collective over a learner group: every rank gets all rows and trains on its share of each batch (as many
+        micro-batches on every rank, balanced by padded tokens: `rank_micro_batches`), its loss normalised by the whole batch's answer tokens and scaled by the world size, so FSDP's mean
         of the ranks' gradients is the one learner's gradient."""
         self._require_state("sft_train")
         if self.sft_opt is None or self.sft_optim is None:
@@ -498,7 +498,7 @@ class PolicyLearner:
                 group["lr"] = lr
             n_tokens = max(1, int(rows["loss_mask"][idx, 1:].sum()))  # answer tokens predicted in this batch
             loss_sum = 0.0
-            for micro in idx.tensor_split(self.world)[self.rank].split(micro_batch_size):  # this rank's share
+            for micro in rank_micro_batches(idx, rows["lengths"], micro_batch_size, self.rank, self.world):
                 with self._compute(self.policy):
                     ce_sum, _ = lm_micro_loss(self.policy, rows, micro, self.device)
                 (ce_sum / n_tokens * self.world).backward()

@@ -47,7 +47,8 @@ c bytes per compute element: 2 in bfloat16, 4 in float32; train.param_dtype, aut
   context  1 GB per process on a GPU (CUDA context, cuBLAS and NCCL workspaces).
 
 Micro-batches: pretrain/sft/gatt.micro_batch_size rows, reward 2 x reward.micro_batch_size (chosen and rejected
-in one forward); the PPO learner min(ppo.micro_batch_size, ppo.mini_batch_size / ppo.num_learners) rows of
+in one forward), counted as full-width rows (rayllama.train.loop.rank_micro_batches puts more short rows in one
+micro-batch, never more padded tokens than that); the PPO learner min(ppo.micro_batch_size, ppo.mini_batch_size / ppo.num_learners) rows of
 max_seq_len tokens (actors.policy.PolicyLearner's micro-batch within its share of a mini-batch; policy and value
 both forward before one backward, so both keep activations), the reference 16, a reward scorer 32 rows.
 

@@ -49,11 +49,14 @@ def replay(world) -> list[list[dict]]:
     return [[*p.prompt, {"role": "assistant", "content": f"the answer is {n}."}] for n, p in enumerate(world.prompts)]
 
 
-def close(a: float, b: float) -> bool:
+def close(a: float, b: float, key: str = "") -> bool:
     """Within 1e-5 relative, or 1e-7 absolute for the stats that are near-cancelling means of O(1) terms:
     policy_loss (~1e-4 here: whitened advantages) and approx_kl (~1e-5) differ by ~2e-8 absolute, ~2e-5 relative.
-    The O(1) quantities (rewards, value loss, entropy, ratio, grad norms) agree within ~1e-7 relative."""
-    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7)
+    The O(1) quantities (rewards, value loss, entropy, ratio, grad norms) agree within ~1e-7 relative. `kl`, the
+    mean of log pi - log pi_ref over response tokens whose log-probs are about -6 (420 pieces), gets 1e-6 absolute:
+    fp32 rounding of one such log-prob is ~6e-7; measured 1.2e-7 (iteration 2, kl -5.8e-3) on a machine where the
+    1e-7 bound failed, ~2e-8 on another."""
+    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6 if key == "kl" else 1e-7)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +101,7 @@ def test_two_fsdp_ranks_train_like_one_learner(grouped, single, world):
     assert [r["iteration"] for r in rows] == [r["iteration"] for r in oracle] == [1, 2, 3]
     for row, expected in zip(rows, oracle, strict=True):
         for key in ("reward/combined", "kl", *LOSS_STATS):
-            assert close(row[key], expected[key]), (row["iteration"], key, row[key], expected[key])
+            assert close(row[key], expected[key], key), (row["iteration"], key, row[key], expected[key])
         assert row["optimizer_steps"] == expected["optimizer_steps"] == 2
     assert abs(rows[-1]["kl"]) > 1e-3  # the policy moved: the comparison is not of untouched SFT weights
     final, expected = policy_state(grouped["out"] / "model"), single["learner"].policy.state_dict()
@@ -204,7 +207,7 @@ def test_a_checkpoint_of_two_ranks_loads_into_one_learner(grouped, single, world
     expected = iteration_rows(single["out"])[-1]
     assert third["iteration"] == 3
     for key in ("reward/combined", *LOSS_STATS):
-        assert close(third[key], expected[key]), (key, third[key], expected[key])
+        assert close(third[key], expected[key], key), (key, third[key], expected[key])
     for name, tensor in resumed.learners[0].obj.policy.state_dict().items():
         torch.testing.assert_close(tensor, single["learner"].policy.state_dict()[name], atol=1e-5, rtol=0, msg=name)
     assert os.path.isdir(out / "model")
@@ -235,7 +238,7 @@ def test_a_two_rank_rejection_learner_fine_tunes_like_one(ray_session, world, tm
     assert [r["iteration"] for r in rows] == [r["iteration"] for r in oracle] == [1, 2]
     for row, expected in zip(rows, oracle, strict=True):
         for key in ("reward/chosen", "pool/mean_reward", "sft_loss", "sft_grad_norm"):
-            assert close(row[key], expected[key]), (row["iteration"], key, row[key], expected[key])
+            assert close(row[key], expected[key], key), (row["iteration"], key, row[key], expected[key])
     assert (tmp_path / "group" / POOL_JSONL).read_text() == (tmp_path / "single" / POOL_JSONL).read_text()
     assert dcp.is_complete(tmp_path / "group" / "checkpoints" / "iter-0002" / "train_state")
     final, expected = policy_state(tmp_path / "group" / "model"), single.learners[0].obj.policy.state_dict()

@@ -37,11 +37,35 @@ def test_example_order_is_a_function_of_seed_and_step():
     assert len(a) == 24
     # every epoch is a permutation of all examples
     assert sorted(a[:10].tolist()) == list(range(10)) and sorted(a[10:20].tolist()) == list(range(10))
-    job = TrainJob(stage="t", objective="lm", data_path="", output="", log_dir="", optim=OptimConfig(),
-                   total_steps=6, batch_size=4, micro_batch_size=1)
-    shares = [rank_micro_batches(a, 2, job, r, 2) for r in range(2)]
+    same_width = torch.full((10,), 7)  # rows of one width (pretraining's): contiguous even shares
+    shares = [rank_micro_batches(a[8:12], same_width, 1, r, 2) for r in range(2)]
     assert [len(s) for s in shares] == [2, 2]
     assert torch.cat([torch.cat(s) for s in shares]).tolist() == a[8:12].tolist()
+
+
+def _padded_tokens(micro: list[torch.Tensor], widths: torch.Tensor) -> int:
+    return sum(len(m) * int(widths[m].max()) for m in micro)
+
+
+@pytest.mark.parametrize("world,batch,micro", [(2, 32, 16), (2, 32, 4), (3, 24, 3), (1, 16, 4)])
+def test_micro_batches_balance_padded_tokens_across_ranks(world, batch, micro):
+    """Each step's examples are used exactly once; every rank runs as many micro-batches as an even split (a
+    sharded forward is a collective); no micro-batch holds more padded tokens than micro_batch_size full-width
+    rows; and the busiest rank carries fewer padded tokens than under the even split."""
+    g = torch.Generator().manual_seed(world * 1000 + micro)
+    n, steps = 200, 20
+    widths = torch.cat([torch.randint(15, 40, (n - n // 5,), generator=g), torch.randint(60, 112, (n // 5,), generator=g)])
+    order = example_order(n, batch, steps, seed=3)
+    balanced = even = 0
+    for step in range(steps):
+        step_idx = order[step * batch : (step + 1) * batch]
+        shares = [rank_micro_batches(step_idx, widths, micro, r, world) for r in range(world)]
+        assert [len(s) for s in shares] == [math.ceil(batch / world / micro)] * world
+        assert all(len(m) > 0 and len(m) * int(widths[m].max()) <= micro * int(widths.max()) for s in shares for m in s)
+        assert sorted(torch.cat([torch.cat(s) for s in shares]).tolist()) == sorted(step_idx.tolist())
+        balanced += max(_padded_tokens(s, widths) for s in shares)
+        even += max(_padded_tokens(list(step_idx.view(world, -1)[r].split(micro)), widths) for r in range(world))
+    assert balanced < 0.85 * even, (balanced, even)
 
 
 def _lm_data(n: int, width: int, seed: int) -> dict:

@@ -83,12 +83,68 @@ def example_order(n: int, batch_size: int, total_steps: int, seed: int) -> torch
     return torch.cat(perms)[:needed]
 
 
-def rank_micro_batches(order: torch.Tensor, step: int, job: TrainJob, rank: int, world: int) -> list[torch.Tensor]:
-    """This rank's contiguous 1/world share of the step's examples, cut into micro-batches."""
-    step_idx = order[step * job.batch_size : (step + 1) * job.batch_size]
-    per_rank = job.batch_size // world
-    mine = step_idx[rank * per_rank : (rank + 1) * per_rank]
-    return list(mine.split(job.micro_batch_size))
+def example_widths(data: dict, objective: str) -> torch.Tensor:
+    """The padded width each example brings to a micro-batch: its length (lm), or the longer of its chosen and
+    rejected responses (reward: both go through one forward, trimmed to the longest row). (N,) long."""
+    if objective == "reward":
+        return torch.maximum(data["chosen_len"], data["rejected_len"])
+    return data["lengths"]
+
+
+def _contiguous_groups(widths: list[int], groups: int, capacity: int) -> list[int]:
+    """Cut `widths` (sorted longest first) into at most `groups` contiguous runs minimising the largest run's padded
+    tokens (rows x its first, longest width), each at most `capacity`; returns the runs' sizes. Binary search on
+    the bound, filling each run greedily (optimal for contiguous runs of a sorted list)."""
+
+    def fill(bound: int) -> list[int]:
+        sizes, i = [], 0
+        while i < len(widths):
+            take = max(1, min(bound // widths[i], len(widths) - i))
+            sizes.append(take)
+            i += take
+        return sizes
+
+    lo, hi = widths[0], max(capacity, widths[0])
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(fill(mid)) <= groups:
+            hi = mid
+        else:
+            lo = mid + 1
+    return fill(lo)
+
+
+def rank_micro_batches(step_idx: torch.Tensor, widths: torch.Tensor, micro_batch_size: int, rank: int,
+                       world: int) -> list[torch.Tensor]:
+    """This rank's micro-batches of a step's examples `step_idx` (indices into `widths`), balanced by padded tokens (a micro-batch is trimmed to its
+    longest row, so its cost is rows x that width).
+
+    Every rank runs the same number of micro-batches as an even split would give (ceil(len(step_idx) / world /
+    micro_batch_size): a sharded forward is a collective), but the step's examples are sorted by width and cut so
+    that the busiest rank carries as few padded tokens as possible: short rows go many to a micro-batch, long ones
+    few. A micro-batch never holds more padded tokens than micro_batch_size full-width rows (the memory an even
+    split could need). The loss is normalised by the step's global target count, so the gradient is the same
+    however the examples fall (up to float summation order)."""
+    per_rank = len(step_idx) // world
+    w = widths[step_idx]
+    if bool((w == w[0]).all()):  # nothing to balance (pretraining's full rows): contiguous even shares
+        return list(step_idx[rank * per_rank : (rank + 1) * per_rank].split(micro_batch_size))
+    per_rank_micro = math.ceil(per_rank / micro_batch_size)
+    n_groups = world * per_rank_micro
+    sorted_w, perm = torch.sort(w, descending=True, stable=True)
+    sorted_idx, sorted_w = step_idx[perm], sorted_w.tolist()
+    sizes = _contiguous_groups(sorted_w, n_groups, micro_batch_size * int(widths.max()))
+    while len(sizes) < n_groups:  # fewer runs than micro-batches: halve the run with the most rows
+        i = max(range(len(sizes)), key=lambda j: sizes[j])
+        sizes[i : i + 1] = [sizes[i] - sizes[i] // 2, sizes[i] // 2]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    cost = [sizes[i] * sorted_w[starts[i]] for i in range(len(sizes))]
+    load, mine = [0] * world, [[] for _ in range(world)]
+    for g in sorted(range(len(sizes)), key=lambda j: -cost[j]):  # the costliest first, to the least-loaded rank
+        r = min((r for r in range(world) if len(mine[r]) < per_rank_micro), key=lambda r: load[r])
+        load[r] += cost[g]
+        mine[r].append(sorted_idx[starts[g] : starts[g] + sizes[g]])
+    return mine[rank]
 
 
 # ----------------------------------------------------------------------------------------------- objectives
@@ -402,6 +458,7 @@ def train_loop_per_worker(config: dict) -> None:
     data = None if streamed else load_tensors(job.data_path)
     eval_data = load_tensors(job.eval_path) if job.eval_path else None  # every rank evaluates its share
     order = None if streamed else example_order(num_examples(data), job.batch_size, job.total_steps, job.seed)
+    widths = None if streamed else example_widths(data, job.objective)
     tokens_seen = 0  # real (unpadded) tokens of this rank's rows since start_step
     micro_loss = OBJECTIVES[job.objective]
     writer = MetricsWriter(job.log_dir, job.stage, job.total_steps) if rank == 0 else None
@@ -419,7 +476,8 @@ def train_loop_per_worker(config: dict) -> None:
         if streamed:
             data, micro = next(streamed)
         else:
-            micro = rank_micro_batches(order, step, job, rank, world)
+            micro = rank_micro_batches(order[step * job.batch_size : (step + 1) * job.batch_size], widths,
+                                       job.micro_batch_size, rank, world)
         if job.objective == "lm":
             tokens_seen += sum(int(data["lengths"][idx].sum()) for idx in micro)
         # Normalise by the step's global count of targets (tokens or pairs), so that the ranks' gradient average
