@@ -343,9 +343,12 @@ class Transformer(nn.Module):
         return self.model(tokens, attention_mask, cache)
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """tokens (B, T) long; attention_mask (B, S) 1 = token, 0 = pad, S = cache.length + T -> (B, T, V)."""
-        return self.lm_head(self.hidden_states(tokens, attention_mask, cache))  # (B, T, V)
+                cache: KVCache | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) long; attention_mask (B, S) 1 = token, 0 = pad, S = cache.length + T -> (B, T, V).
+        `logits_at` (B, T) bool: the LM head runs on those positions only -> (N, V), N = logits_at.sum(), in
+        row-major order (a loss that reads a few positions, e.g. SFT's answer tokens, skips the rest's head)."""
+        hidden = self.hidden_states(tokens, attention_mask, cache)  # (B, T, E)
+        return self.lm_head(hidden if logits_at is None else hidden[logits_at])  # (B, T, V) | (N, V)
 
 
 class ScalarHeadModel(nn.Module):

@@ -161,10 +161,13 @@ def lm_micro_loss(model, data: dict, idx: torch.Tensor, device) -> tuple[torch.T
     tokens = data["tokens"][idx, :width].to(device)  # (B, T)
     targets_mask = data["loss_mask"][idx, 1:width].to(device)  # (B, T-1)
     attn = _mask_from_lengths(lengths, width)[:, :-1]
-    logits = model(tokens[:, :-1], attention_mask=attn)  # (B, T-1, V)
-    ce = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
-    ce = ce.view_as(targets_mask) * targets_mask
-    return ce.sum(), int(targets_mask.sum())
+    if bool(targets_mask.all()):  # pretraining: every position is a target
+        logits = model(tokens[:, :-1], attention_mask=attn).flatten(0, 1)  # (B * (T-1), V)
+        targets = tokens[:, 1:].flatten()
+    else:  # the LM head on the target positions only (SFT: the answers)
+        logits = model(tokens[:, :-1], attention_mask=attn, logits_at=targets_mask)  # (N, V)
+        targets = tokens[:, 1:][targets_mask]
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets_mask.sum())
 
 
 def reward_scores(model, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
