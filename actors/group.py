@@ -162,6 +162,11 @@ def _device(cfg: PipelineConfig, r: ActorResources) -> str:
     return "cuda" if cfg.device == "cuda" and r.num_gpus > 0 else "cpu"
 
 
+def _threads(cfg: PipelineConfig, r: ActorResources) -> int:
+    """The role's torch intra-op threads: its `threads`, else threads_per_worker."""
+    return r.threads or cfg.threads_per_worker
+
+
 def _frozen_roles(name: str, res: FrozenResources, key: str) -> list[Role]:
     """A frozen role's bundles: one named `name`, or `name-<i>` per shard."""
     if res.shards == 1:
@@ -209,15 +214,16 @@ def _start_scorers_and_generators(cfg: PipelineConfig, res: RLResources, options
     from actors.reward import RewardScorerActor
     from actors.rollout import RolloutGeneratorActor
 
-    threads, reward_device, n = cfg.threads_per_worker, _device(cfg, res.reward), res.reward.shards
+    reward_device, n = _device(cfg, res.reward), res.reward.shards
     dtype = param_dtype(cfg.train, reward_device)
     reward_h, reward_s = (
         start_frozen(RewardScorerActor, n, options, first + i * n, kind, model_dir, device=reward_device,
-                     dtype=dtype, threads=threads, timeout_s=res.call_timeout_s)
+                     dtype=dtype, threads=_threads(cfg, res.reward), timeout_s=res.call_timeout_s)
         for i, (kind, model_dir) in enumerate((("helpfulness", reward_helpfulness_dir),
                                                ("safety", reward_safety_dir))))
     generators = [RolloutGeneratorActor.options(**options(first + 2 * n + i)).remote(
-        policy_dir, engine, device=_device(cfg, res.rollout), threads=threads, vllm=cfg.vllm) for i in range(count)]
+        policy_dir, engine, device=_device(cfg, res.rollout), threads=_threads(cfg, res.rollout), vllm=cfg.vllm)
+        for i in range(count)]
     return reward_h, reward_s, generators
 
 
@@ -299,7 +305,7 @@ def _learner_rebuilder(start: Callable[[], list[Any]], names: list[str]) -> Call
 
 def _learner_kwargs(cfg: PipelineConfig, res: RLResources) -> dict[str, Any]:
     device = _device(cfg, res.learner)
-    return dict(seed=cfg.seed, device=device, threads=cfg.threads_per_worker,
+    return dict(seed=cfg.seed, device=device, threads=_threads(cfg, res.learner),
                 param_dtype=param_dtype(cfg.train, device),
                 activation_checkpointing=cfg.train.activation_checkpointing,
                 reshard_after_forward=cfg.train.reshard_after_forward, timeout_s=res.call_timeout_s)
@@ -322,7 +328,6 @@ def create_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir:
     pg = _place_roles(roles, res, "ppo", f"{name_prefix}rl-actors")
     options = _role_options(roles, res, pg, name_prefix)
 
-    threads = cfg.threads_per_worker
     n, m = ppo.num_learners, ppo.num_generators
 
     def learners_now() -> list[Any]:
@@ -332,7 +337,8 @@ def create_rl_actors(cfg: PipelineConfig, policy_dir: str | Path, reference_dir:
     learners = learners_now()
     reference_device = _device(cfg, res.reference)
     reference = start_frozen(ReferenceModelActor, res.reference.shards, options, n, reference_dir,
-                             device=reference_device, dtype=param_dtype(cfg.train, reference_device), threads=threads,
+                             device=reference_device, dtype=param_dtype(cfg.train, reference_device),
+                             threads=_threads(cfg, res.reference),
                              timeout_s=res.call_timeout_s)
     reward_h, reward_s, generators = _start_scorers_and_generators(
         cfg, res, options, n + res.reference.shards, policy_dir, ppo.engine, m, reward_helpfulness_dir,

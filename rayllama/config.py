@@ -233,6 +233,7 @@ class ActorResources:
     num_cpus: float = 0.25
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources, e.g. {node_a: 0.1} to pin a role
+    threads: int | None = None  # torch intra-op threads of this role's actors (None: threads_per_worker)
 
 
 @dataclass
@@ -835,6 +836,7 @@ PIPELINE_RANGES: dict[str, str] = {
     "*.resources.*.num_gpus": ">= 0",
     "*.resources.*.resources.*": ">= 0",
     "*.resources.*.shards": ">= 1",
+    "*.resources.*.threads": ">= 1",
     "*.resources.placement_timeout_s": "> 0",
     "*.resources.max_restarts": ">= 0",
     "*.resources.call_timeout_s": "> 0",

@@ -247,3 +247,18 @@ def test_replaying_sft_dialogues_needs_some_in_the_users_data(stage, key):
     assert getattr(getattr(load_config(None, [prompts, f"stages=[{stage}]", f"{key}=0"]), stage),
                    key.split(".")[1]) == 0
     assert load_config(None, [f"stages=[{stage}]", f"{key}=0.5"]).stages == [stage]  # the toy world
+
+
+def test_a_role_threads_override_threads_per_worker():
+    """`<stage>.resources.<role>.threads` sets that role's torch threads; the others keep threads_per_worker
+    (tiny.yaml: PPO's and rejection sampling's learner take both cores while the other actors wait)."""
+    from actors.group import _learner_kwargs, _threads
+
+    cfg = load_config(ROOT / "configs" / "ppo.yaml", ["threads_per_worker=1"])
+    assert _learner_kwargs(cfg, cfg.ppo.resources)["threads"] == 2
+    assert _learner_kwargs(cfg, cfg.rejection.resources)["threads"] == 2
+    assert [_threads(cfg, r) for r in (cfg.ppo.resources.rollout, cfg.ppo.resources.reference)] == [1, 1]
+    cfg = load_config(ROOT / "configs" / "ppo.yaml", ["ppo.resources.learner.threads=3", "threads_per_worker=4"])
+    assert _learner_kwargs(cfg, cfg.ppo.resources)["threads"] == 3 and _threads(cfg, cfg.ppo.resources.rollout) == 4
+    with pytest.raises(ConfigError, match="ppo.resources.learner.threads"):
+        load_config(ROOT / "configs" / "ppo.yaml", ["ppo.resources.learner.threads=0"])
