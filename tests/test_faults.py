@@ -437,6 +437,9 @@ DRIVER_RUN = [
     "world.gatt_turns=2", "world.eval_safe=4", "world.eval_unsafe=2", "world.eval_borderline=2", "world.eval_gatt=1",
     "ppo.iterations=6", "ppo.prompts_per_iteration=4", "ppo.samples_per_prompt=2", "ppo.mini_batch_size=8",
     "ppo.max_new_tokens=8", "ppo.checkpoint_every=2", "ppo.optim.lr=1e-3",
+    # the in-process oracle runs one torch thread (the one_thread fixture): so must the driver's learner, whose bits
+    # depend on its thread count (tiny.yaml gives it 2)
+    "ppo.resources.learner.threads=1",
 ]
 
 
