@@ -116,8 +116,8 @@ def _contiguous_groups(widths: list[int], groups: int, capacity: int) -> list[in
 
 def rank_micro_batches(step_idx: torch.Tensor, widths: torch.Tensor, micro_batch_size: int, rank: int,
                        world: int) -> list[torch.Tensor]:
-    """This rank's micro-batches of a step's examples `step_idx` (indices into `widths`), balanced by padded tokens (a micro-batch is trimmed to its
-    longest row, so its cost is rows x that width).
+    """This rank's micro-batches of a step's examples `step_idx` (indices into `widths`), balanced by padded tokens
+    (a micro-batch is trimmed to its longest row, so its cost is rows x that width).
 
     Every rank runs the same number of micro-batches as an even split would give (ceil(len(step_idx) / world /
     micro_batch_size): a sharded forward is a collective), but the step's examples are sorted by width and cut so
