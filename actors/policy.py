@@ -472,7 +472,8 @@ class PolicyLearner:
         constant). Returns mean loss, grad norm, lr, steps, rows and the new version.
 
         Collective over a learner group: every rank gets all rows and trains on its share of each batch (as many
-        micro-batches on every rank, balanced by padded tokens: `rank_micro_batches`), its loss normalised by the whole batch's answer tokens and scaled by the world size, so FSDP's mean
+        micro-batches on every rank, balanced by padded tokens: `rank_micro_batches`), its loss normalised by the
+        whole batch's answer tokens and scaled by the world size, so FSDP's mean
         of the ranks' gradients is the one learner's gradient."""
         self._require_state("sft_train")
         if self.sft_opt is None or self.sft_optim is None:

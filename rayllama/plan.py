@@ -46,11 +46,12 @@ c bytes per compute element: 2 in bfloat16, 4 in float32; train.param_dtype, aut
       weights leave of that: it needs room for one max_seq_len row, and the plan reports how many rows run at once.
   context  1 GB per process on a GPU (CUDA context, cuBLAS and NCCL workspaces).
 
-Micro-batches: pretrain/sft/gatt.micro_batch_size rows, reward 2 x reward.micro_batch_size (chosen and rejected
-in one forward), counted as full-width rows (rayllama.train.loop.rank_micro_batches puts more short rows in one
-micro-batch, never more padded tokens than that); the PPO learner min(ppo.micro_batch_size, ppo.mini_batch_size / ppo.num_learners) rows of
-max_seq_len tokens (actors.policy.PolicyLearner's micro-batch within its share of a mini-batch; policy and value
-both forward before one backward, so both keep activations), the reference 16, a reward scorer 32 rows.
+Micro-batches: pretrain/sft/gatt.micro_batch_size rows, reward 2 x reward.micro_batch_size (chosen and rejected in
+one forward), counted as full-width rows (rayllama.train.loop.rank_micro_batches puts more short rows in one
+micro-batch, never more padded tokens than that); the PPO learner min(ppo.micro_batch_size, ppo.mini_batch_size /
+ppo.num_learners) rows of max_seq_len tokens (actors.policy.PolicyLearner's micro-batch within its share of a
+mini-batch; policy and value both forward before one backward, so both keep activations), the reference 16, a
+reward scorer 32 rows.
 
 Placement: stages run one after another, so each stage's processes get the cluster to themselves (GAtt: its
 sampling actors, then its fine-tune). Processes are placed in role order (learners, reference, reward scorers,

@@ -54,7 +54,8 @@ def test_micro_batches_balance_padded_tokens_across_ranks(world, batch, micro):
     rows; and the busiest rank carries fewer padded tokens than under the even split."""
     g = torch.Generator().manual_seed(world * 1000 + micro)
     n, steps = 200, 20
-    widths = torch.cat([torch.randint(15, 40, (n - n // 5,), generator=g), torch.randint(60, 112, (n // 5,), generator=g)])
+    widths = torch.cat([torch.randint(15, 40, (n - n // 5,), generator=g),  # most rows short, a fifth long
+                        torch.randint(60, 112, (n // 5,), generator=g)])
     order = example_order(n, batch, steps, seed=3)
     balanced = even = 0
     for step in range(steps):
