@@ -224,6 +224,9 @@ class RewardConfig:
     checkpoint_every: int = 50
     log_every: int = 5
     init_from: str | None = None  # a causal HF Llama directory (fresh scalar head) instead of this run's sft/model
+    # train the helpfulness and safety RMs at the same time, each its own Ray Train run, when the cluster has both
+    # worker groups free at once (else, and with false, one after the other)
+    concurrent: bool = True
 
 
 @dataclass

@@ -606,7 +606,8 @@ class Pipeline:
 
     def stage_reward(self) -> None:
         from rayllama.checkpoint import load_model
-        from rayllama.train.stages import run_reward
+        from rayllama.train.loop import run_train_jobs
+        from rayllama.train.stages import reward_job
 
         sft = self.init_source("reward") or self._require(self.run.model("sft"), "sft")
         if self.user_data:
@@ -617,12 +618,14 @@ class Pipeline:
         pairs = {k: self.pairs[k] + [p for i, policy in enumerate(policies) for p in self.policy_pairs(k, policy, i, sft)]
                  for k in kinds}
         for kind in kinds:
-            out = self.run.reward_model(kind)
             if kind not in todo:
                 log.info(f"reward-{kind}: complete, skipped")
-            else:
-                run_reward(self.cfg, self.run, self.tok, kind, pairs[kind], self.heldout_pairs[kind],
-                           pairs["helpfulness"], sft)
+        jobs = [reward_job(self.cfg, self.run, self.tok, kind, pairs[kind], self.heldout_pairs[kind],
+                           pairs["helpfulness"], sft) for kind in todo]
+        run_train_jobs(jobs, self.cfg.scaling, at_once=self.cfg.reward.concurrent)
+        for kind in kinds:
+            out = self.run.reward_model(kind)
+            if kind in todo:
                 self.run.pull(out)
             ev = load_model(out)[2].get("eval", {})
             self._record(f"reward-{kind}", {f"rm_{k}" if not k.startswith("rm_") else k: v for k, v in ev.items()})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -127,19 +128,33 @@ def test_fsdp_pretraining_on_two_ranks_equals_one_process_over_20_steps(ray_sess
     _assert_equal_runs(job, data)
 
 
-def test_fsdp_sft_from_a_checkpoint_on_two_ranks_equals_one_process_over_20_steps(ray_session, tmp_path, init_dir):
-    """Without resharding after forward (tiny.yaml's train.reshard_after_forward: false; the other tests reshard)."""
-    data = _lm_data(48, 12, seed=2, answer_only=True)
-    job = _job(tmp_path, "lm", data, init=init_dir, reshard_after_forward=False)
-    run_train_job(job, FSDP2)
-    _assert_equal_runs(job, data)
+def test_fsdp_sft_and_reward_jobs_at_once_each_equal_one_process_over_20_steps(ray_session, tmp_path, init_dir,
+                                                                              monkeypatch):
+    """SFT from a checkpoint without resharding after forward (tiny.yaml's train.reshard_after_forward: false; the
+    other tests reshard) and a reward model, each its own Ray Train run of 2 FSDP2 ranks, trained at once by
+    run_train_jobs (the reward stage's two RMs): each equals its one-process oracle."""
+    from rayllama.train import loop
 
+    sft_data, rm_data = _lm_data(48, 12, seed=2, answer_only=True), _pref_data(48, 12, seed=3)
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "rm").mkdir()
+    sft = _job(tmp_path / "sft", "lm", sft_data, init=init_dir, reshard_after_forward=False)
+    rm = _job(tmp_path / "rm", "reward", rm_data, init=init_dir)
+    spans = []  # (start, end) of each run_train_job call
 
-def test_fsdp_reward_model_on_two_ranks_equals_one_process_over_20_steps(ray_session, tmp_path, init_dir):
-    data = _pref_data(48, 12, seed=3)
-    job = _job(tmp_path, "reward", data, init=init_dir)
-    run_train_job(job, FSDP2)
-    _assert_equal_runs(job, data)
+    def timed(job, scaling):
+        start = time.monotonic()
+        result = run_train_job(job, scaling)
+        spans.append((start, time.monotonic()))
+        return result
+
+    monkeypatch.setattr(loop, "run_train_job", timed)
+    assert loop.holds_worker_groups(FSDP2, 2) and not loop.holds_worker_groups(FSDP2, 3)  # the session's 2 CPUs
+    loop.run_train_jobs([sft, rm], FSDP2)
+    (a0, a1), (b0, b1) = spans
+    assert a0 < b1 and b0 < a1, spans  # the two runs overlapped: not the one-after-the-other fallback
+    _assert_equal_runs(sft, sft_data)
+    _assert_equal_runs(rm, rm_data)
 
 
 def test_ddp_strategy_still_equals_one_process(ray_session, tmp_path):

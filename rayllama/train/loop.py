@@ -1,7 +1,8 @@
 """The one Ray Train (TorchTrainer) loop shared by pretraining, SFT and the reward models.
 
 Driver side: `run_train_job(job, scaling)` builds a TorchTrainer (a process group over gloo on CPU, NCCL on GPU)
-and blocks until it finishes. Worker side: `train_loop_per_worker` builds the model sharded with FSDP2
+and blocks until it finishes; `run_train_jobs` runs independent jobs (the two reward models) at once when the
+cluster holds their worker groups together. Worker side: `train_loop_per_worker` builds the model sharded with FSDP2
 (`scaling.strategy: fsdp`, rayllama.dist.fsdp; or DDP replicas), trains `job.objective` ("lm" or "reward") on the
 tensors at `job.data_path`, reports a Ray Train checkpoint every `checkpoint_every` steps (each rank's shards of
 the model and AdamW state through torch.distributed.checkpoint, plus scheduler, step and RNG; the data position is
@@ -628,6 +629,31 @@ def run_train_job(job: TrainJob, scaling: ScalingSection, datasets: dict | None 
             ) from e
         raise TrainJobError(f"{job.stage} failed: {first}") from e
     return dict(result.metrics or {})
+
+
+def holds_worker_groups(scaling: ScalingSection, groups: int) -> bool:
+    """Whether the Ray cluster has `groups` worker groups of `scaling` free at once (CPUs, and GPUs when used)."""
+    import ray
+
+    free = ray.available_resources()
+    need = {"CPU": groups * scaling.num_workers * scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        need["GPU"] = groups * scaling.num_workers * scaling.gpus_per_worker
+    return all(free.get(k, 0.0) >= v - 1e-9 for k, v in need.items())
+
+
+def run_train_jobs(jobs: list[TrainJob], scaling: ScalingSection, at_once: bool = True) -> list[dict]:
+    """Independent jobs (the two reward models), each its own Ray Train run: at once when `at_once` and the
+    cluster has all their worker groups free together (so none waits for placement), else one after the other.
+    Run at once, a failed job's error is raised after the others have ended (so those are complete)."""
+    if not (at_once and len(jobs) > 1 and holds_worker_groups(scaling, len(jobs))):
+        return [run_train_job(job, scaling) for job in jobs]
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(len(jobs), thread_name_prefix="train-job") as pool:
+        futures = [pool.submit(run_train_job, job, scaling) for job in jobs]
+        concurrent.futures.wait(futures)
+    return [f.result() for f in futures]
 
 
 def job_summary(job: TrainJob) -> dict:

@@ -111,7 +111,13 @@ def run_sft(cfg: PipelineConfig, run_dir: Path | RunDir, tok: Tokenizer, dialogu
 
 def run_reward(cfg: PipelineConfig, run_dir: Path | RunDir, tok: Tokenizer, kind: str, pairs: list,
                heldout_pairs: list, helpful_pairs: list, init: Path | str) -> dict:
-    """One reward model (kind = helpfulness | safety). The safety RM's data mixes in helpfulness pairs
+    """One reward model (kind = helpfulness | safety) on Ray Train."""
+    return run_train_job(reward_job(cfg, run_dir, tok, kind, pairs, heldout_pairs, helpful_pairs, init), cfg.scaling)
+
+
+def reward_job(cfg: PipelineConfig, run_dir: Path | RunDir, tok: Tokenizer, kind: str, pairs: list,
+               heldout_pairs: list, helpful_pairs: list, init: Path | str) -> TrainJob:
+    """The TrainJob of one reward model, its tensors built. The safety RM's data mixes in helpfulness pairs
     (reward.safety_helpfulness_share, LLaMA 2's 90/10)."""
     r, run = cfg.reward, as_run(run_dir)
     margins = MARGINS[r.margin]
@@ -124,14 +130,13 @@ def run_reward(cfg: PipelineConfig, run_dir: Path | RunDir, tok: Tokenizer, kind
     train = _tensors(run, tag, tok, rows, train_pairs, r.max_seq_len, margins)
     heldout = _tensors(run, f"{tag}_heldout", tok, rows, heldout_pairs, r.max_seq_len, margins)
     n = num_examples(torch.load(train))
-    job = TrainJob(
+    return TrainJob(
         stage=f"reward-{kind}", objective="reward", data_path=run.remote(train), eval_path=run.remote(heldout),
         optim=r.optim, total_steps=max(1, math.ceil(r.epochs * n / r.batch_size)),
         batch_size=r.batch_size, micro_batch_size=r.micro_batch_size,
         **_paths(run, tok, run.root / "reward" / kind, init), checkpoint_every=r.checkpoint_every, log_every=r.log_every,
         seed=cfg.seed, threads=cfg.threads_per_worker, device=cfg.device, **sharding(cfg),
     )
-    return run_train_job(job, cfg.scaling)
 
 
 def run_pretrain_stream(cfg: PipelineConfig, run_dir: Path | RunDir, tok: Tokenizer, dataset,
