@@ -15,10 +15,11 @@ from rayllama.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A very small model and world so that the whole test takes about a minute. A step takes ~0.03 s here, so the
-# run is long enough (~12 s of steps) that the kill lands mid-training even if Ray's workers outlive the driver by
-# a few seconds (with 60 steps they once finished the whole run before dying: killed_at == 60).
-STEPS = 400
+# A very small model and world so that the whole test takes about a minute. A step takes ~0.055 s here (2 ranks,
+# a checkpoint every 25 steps) and the kill lands near step 50, so ~150 steps (~8 s) remain: the kill lands
+# mid-training even if Ray's workers outlive the driver by a few seconds (with 60 steps they once finished the
+# whole run before dying: killed_at == 60).
+STEPS = 200
 SMALL_RUN = [
     "stages=[tokenizer,pretrain]",
     "ray.include_dashboard=false",
