@@ -208,27 +208,40 @@ def _last_per_step(job: TrainJob) -> dict[int, dict]:
     return {r["step"]: r for r in _logged(job)}  # a resumed run logs again the steps after its checkpoint
 
 
-@pytest.mark.parametrize("resume_workers", [1, 2])
-def test_checkpoint_of_two_ranks_resumes_on_any_number_of_ranks_with_the_same_losses(ray_session, tmp_path,
-                                                                                       resume_workers):
+def test_checkpoint_of_two_ranks_resumes_on_any_number_of_ranks_with_the_same_losses(ray_session, tmp_path):
+    """A run of 2 ranks stops after step 12 (checkpoints at 5 and 10); two copies of its run directory resume at
+    once, on 1 rank and on 2 ranks (DCP reshards): each logs the losses of an uninterrupted one-process run and ends
+    with its weights."""
+    import shutil
+    import threading
+
     data = _lm_data(48, 12, seed=6, answer_only=False)
     straight = _job(tmp_path / "straight", "lm", data)
     losses, norms, state = _plain_run(straight, data)
-    job = _job(tmp_path / "resumed", "lm", data, checkpoint_every=5, stop_after=12)
-    run_train_job(job, FSDP2)  # checkpoints at steps 5 and 10 (sharded, 2 ranks), stops after step 12
-    assert not (tmp_path / "resumed" / "model").exists()
-    job.stop_after = None
-    run_train_job(job, ScalingSection(num_workers=resume_workers, cpus_per_worker=0.5))
-    rows = [json.loads(x) for x in open(f"{job.log_dir}/metrics.jsonl")]
-    assert [r["resumed_from_step"] for r in rows if "resumed_from_step" in r] == [10]
-    logged = _last_per_step(job)
-    assert sorted(logged) == list(range(1, STEPS + 1))
-    for step in range(1, STEPS + 1):
-        assert logged[step]["loss"] == pytest.approx(losses[step - 1], rel=1e-5), f"step {step}"
-        assert logged[step]["grad_norm"] == pytest.approx(norms[step - 1], rel=1e-5), f"step {step}"
-    trained, _, _ = load_model(job.output)
-    for name, value in trained.state_dict().items():
-        torch.testing.assert_close(value, state[name], rtol=0, atol=1e-5, msg=f"{name} differs")
+    stopped = _job(tmp_path / "stopped", "lm", data, checkpoint_every=5, stop_after=12)
+    run_train_job(stopped, FSDP2)  # checkpoints at steps 5 and 10 (sharded, 2 ranks), stops after step 12
+    assert not (tmp_path / "stopped" / "model").exists()
+    jobs = {}
+    for workers in (1, 2):
+        shutil.copytree(tmp_path / "stopped", tmp_path / f"on-{workers}")
+        jobs[workers] = _job(tmp_path / f"on-{workers}", "lm", data, checkpoint_every=5)
+    runs = [threading.Thread(target=run_train_job, args=(job, ScalingSection(num_workers=n, cpus_per_worker=0.5)))
+            for n, job in jobs.items()]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(timeout=600)
+    for workers, job in jobs.items():
+        rows = [json.loads(x) for x in open(f"{job.log_dir}/metrics.jsonl")]
+        assert [r["resumed_from_step"] for r in rows if "resumed_from_step" in r] == [10], workers
+        logged = _last_per_step(job)
+        assert sorted(logged) == list(range(1, STEPS + 1)), workers
+        for step in range(1, STEPS + 1):
+            assert logged[step]["loss"] == pytest.approx(losses[step - 1], rel=1e-5), f"{workers} ranks, step {step}"
+            assert logged[step]["grad_norm"] == pytest.approx(norms[step - 1], rel=1e-5), f"{workers}: step {step}"
+        trained, _, _ = load_model(job.output)
+        for name, value in trained.state_dict().items():
+            torch.testing.assert_close(value, state[name], rtol=0, atol=1e-5, msg=f"{workers} ranks: {name} differs")
 
 
 def _train_worker_pids() -> list[int]:
