@@ -162,3 +162,40 @@ def test_stage_tensors_are_rebuilt_when_what_they_are_made_of_changes(tmp_path):
     assert len({first, other_len, other_text, other_tok}) == 4
     assert torch.load(other_len)["x"].tolist() == [0, 1, 2]
     assert not list(run.data.glob(".*tmp*"))  # written through a temp file and renamed
+
+
+def test_jobs_at_once_return_in_order_and_a_failure_is_raised_once_the_others_end(monkeypatch):
+    """run_train_jobs with Ray Train replaced by a stub: results in the jobs' order; a failed job's error is raised
+    only after the slower job ended; without room for both, the jobs run one after the other (a failure stops
+    the rest)."""
+    import time
+    from types import SimpleNamespace
+
+    from rayllama.train import loop
+
+    ended = []
+    slow, fast, bad = (SimpleNamespace(stage=name) for name in ("slow", "fast", "bad"))
+
+    def stub(job, scaling):
+        time.sleep(0.3 if job is slow else 0.0)
+        ended.append(job.stage)
+        if job is bad:
+            raise RuntimeError("bad job")
+        return {"job": job.stage}
+
+    monkeypatch.setattr(loop, "run_train_job", stub)
+    monkeypatch.setattr(loop, "holds_worker_groups", lambda scaling, groups: True)
+    assert loop.run_train_jobs([slow, fast], None) == [{"job": "slow"}, {"job": "fast"}]
+    assert ended == ["fast", "slow"]  # at once: the fast one ended first
+    ended.clear()
+    with pytest.raises(RuntimeError, match="bad job"):
+        loop.run_train_jobs([bad, slow], None)
+    assert ended == ["bad", "slow"]
+    ended.clear()
+    monkeypatch.setattr(loop, "holds_worker_groups", lambda scaling, groups: False)
+    with pytest.raises(RuntimeError, match="bad job"):
+        loop.run_train_jobs([bad, slow], None)
+    assert ended == ["bad"]
+    ended.clear()
+    assert loop.run_train_jobs([slow, fast], None, at_once=True) == [{"job": "slow"}, {"job": "fast"}]
+    assert ended == ["slow", "fast"]

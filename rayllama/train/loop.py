@@ -645,15 +645,31 @@ def holds_worker_groups(scaling: ScalingSection, groups: int) -> bool:
 def run_train_jobs(jobs: list[TrainJob], scaling: ScalingSection, at_once: bool = True) -> list[dict]:
     """Independent jobs (the two reward models), each its own Ray Train run: at once when `at_once` and the
     cluster has all their worker groups free together (so none waits for placement), else one after the other.
-    Run at once, a failed job's error is raised after the others have ended (so those are complete)."""
+    Run at once, a failed job's error is raised after the others have ended (so those are complete); the threads
+    are daemons, so Ctrl-C ends the driver at once (its Ray Train runs die with it and resume from their
+    checkpoints on the next run) instead of waiting for the jobs."""
     if not (at_once and len(jobs) > 1 and holds_worker_groups(scaling, len(jobs))):
         return [run_train_job(job, scaling) for job in jobs]
-    import concurrent.futures
+    import threading
 
-    with concurrent.futures.ThreadPoolExecutor(len(jobs), thread_name_prefix="train-job") as pool:
-        futures = [pool.submit(run_train_job, job, scaling) for job in jobs]
-        concurrent.futures.wait(futures)
-    return [f.result() for f in futures]
+    outcomes: list = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        try:
+            outcomes[i] = run_train_job(jobs[i], scaling)
+        except BaseException as e:  # raised on the driver's thread below
+            outcomes[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"train-{job.stage}", daemon=True)
+               for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return outcomes
 
 
 def job_summary(job: TrainJob) -> dict:
