@@ -261,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         trace.error("", exc_info=e)  # the traceback goes to driver.log only
         print(f"rayllama: error: {line} (details in {run.root / 'driver.log'})", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        print("rayllama: interrupted; the same command resumes from the last checkpoints", file=sys.stderr)
+        return 130
     finally:
         import ray
 

@@ -199,3 +199,59 @@ def test_jobs_at_once_return_in_order_and_a_failure_is_raised_once_the_others_en
     ended.clear()
     assert loop.run_train_jobs([slow, fast], None, at_once=True) == [{"job": "slow"}, {"job": "fast"}]
     assert ended == ["slow", "fast"]
+
+
+def test_ctrl_c_while_jobs_run_at_once_reaches_the_driver(monkeypatch):
+    """SIGINT while run_train_jobs waits on its threads raises KeyboardInterrupt on the main thread at once (the
+    driver then ends with one line, exit 130) instead of waiting for the jobs."""
+    import os
+    import signal
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from rayllama.train import loop
+
+    monkeypatch.setattr(loop, "run_train_job", lambda job, scaling: time.sleep(5.0))
+    monkeypatch.setattr(loop, "holds_worker_groups", lambda scaling, groups: True)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    start = time.monotonic()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        loop.run_train_jobs([SimpleNamespace(stage="a"), SimpleNamespace(stage="b")], None)
+    assert time.monotonic() - start < 3.0
+
+
+def test_a_ray_train_run_gives_the_sigint_handler_back(monkeypatch):
+    """TorchTrainer.fit on the main thread installs Ray Train's SIGINT handler and leaves it installed (Ray 2.58),
+    which swallowed a later Ctrl-C; run_train_job puts the driver's own back when the run ends, failed or not."""
+    import signal
+    from types import SimpleNamespace
+
+    import ray.train.torch
+
+    from rayllama.train.loop import TrainJobError
+
+    def ray_handler(signum, frame):  # what Ray Train installs: abort the run it belongs to
+        pass
+
+    class FakeTrainer:
+        def __init__(self, *args, **kwargs):
+            self.fail = kwargs["train_loop_config"]["job"].stage == "bad"
+
+        def fit(self):
+            signal.signal(signal.SIGINT, ray_handler)
+            if self.fail:
+                raise RuntimeError("worker died")
+            return SimpleNamespace(metrics={"step": 1})
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
+    before = signal.getsignal(signal.SIGINT)
+    job = TrainJob(stage="ok", objective="lm", data_path="x", output="o", log_dir="/tmp/rayllama-sigint-test",
+                   optim=OptimConfig(), total_steps=1, batch_size=1, micro_batch_size=1)
+    assert run_train_job(job, ScalingSection()) == {"step": 1}
+    assert signal.getsignal(signal.SIGINT) is before
+    job.stage = "bad"
+    with pytest.raises(TrainJobError, match="bad failed: worker died"):
+        run_train_job(job, ScalingSection())
+    assert signal.getsignal(signal.SIGINT) is before

@@ -618,6 +618,13 @@ def run_train_job(job: TrainJob, scaling: ScalingSection, datasets: dict | None 
             logging_config=LoggingConfig(log_level="INFO" if debug else "WARNING"),
         ),
     )
+    import signal
+    import threading
+
+    # fit() on the main thread installs Ray Train's SIGINT handler (abort this run) and leaves it installed after
+    # the run: a later Ctrl-C would then abort a finished run and be swallowed (Ray 2.58), so the driver's own
+    # handler comes back when the run ends
+    sigint = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; keep the first line and name the stage
@@ -628,6 +635,9 @@ def run_train_job(job: TrainJob, scaling: ScalingSection, datasets: dict | None 
                 f"lower scaling.num_workers or scaling.cpus_per_worker"
             ) from e
         raise TrainJobError(f"{job.stage} failed: {first}") from e
+    finally:
+        if sigint is not None:
+            signal.signal(signal.SIGINT, sigint)
     return dict(result.metrics or {})
 
 
