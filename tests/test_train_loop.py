@@ -214,12 +214,17 @@ def test_ctrl_c_while_jobs_run_at_once_reaches_the_driver(monkeypatch):
 
     monkeypatch.setattr(loop, "run_train_job", lambda job, scaling: time.sleep(5.0))
     monkeypatch.setattr(loop, "holds_worker_groups", lambda scaling, groups: True)
-    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
-    start = time.monotonic()
-    timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        loop.run_train_jobs([SimpleNamespace(stage="a"), SimpleNamespace(stage="b")], None)
-    assert time.monotonic() - start < 3.0
+    # the driver's handler (Python's own); earlier tests in this process may have left another one installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+        start = time.monotonic()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_train_jobs([SimpleNamespace(stage="a"), SimpleNamespace(stage="b")], None)
+        assert time.monotonic() - start < 3.0
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_ray_train_run_gives_the_sigint_handler_back(monkeypatch):
