@@ -54,7 +54,8 @@ mini-batch; policy and value both forward before one backward, so both keep acti
 reward scorer 32 rows.
 
 Placement: stages run one after another, so each stage's processes get the cluster to themselves (GAtt: its
-sampling actors, then its fine-tune). Processes are placed in role order (learners, reference, reward scorers,
+sampling actors, then its fine-tune); the two reward models train at once only on whole free GPUs of their own
+(rayllama.train.loop.holds_worker_groups), so each is planned as if alone. Processes are placed in role order (learners, reference, reward scorers,
 generators, as actors.group creates them), first fit node by node as Ray's PACK placement group packs bundles:
 num_gpus >= 1 takes that many whole GPUs on one node and uses the first (its torch device), a fraction shares a
 GPU whose fractions sum to <= 1, 0 runs on the CPU. Ray places by GPU fractions only; the plan checks the bytes.

@@ -260,3 +260,18 @@ def test_a_ray_train_run_gives_the_sigint_handler_back(monkeypatch):
     with pytest.raises(TrainJobError, match="bad failed: worker died"):
         run_train_job(job, ScalingSection())
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_worker_groups_at_once_need_free_resources_and_whole_gpus(monkeypatch):
+    """holds_worker_groups against a stubbed cluster: CPUs (and GPUs) for every group at once; workers of a
+    fraction of a GPU never run beside another group (they could share a GPU the memory plan counts once)."""
+    import ray
+
+    from rayllama.train.loop import holds_worker_groups
+
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 16.0, "GPU": 4.0})
+    assert holds_worker_groups(ScalingSection(num_workers=2, cpus_per_worker=4), 2)
+    assert not holds_worker_groups(ScalingSection(num_workers=2, cpus_per_worker=4.5), 2)
+    assert holds_worker_groups(ScalingSection(num_workers=2, use_gpu=True, gpus_per_worker=1, cpus_per_worker=1), 2)
+    assert not holds_worker_groups(ScalingSection(num_workers=4, use_gpu=True, gpus_per_worker=1, cpus_per_worker=1), 2)
+    assert not holds_worker_groups(ScalingSection(num_workers=2, use_gpu=True, gpus_per_worker=0.5, cpus_per_worker=1), 2)

@@ -642,9 +642,13 @@ def run_train_job(job: TrainJob, scaling: ScalingSection, datasets: dict | None 
 
 
 def holds_worker_groups(scaling: ScalingSection, groups: int) -> bool:
-    """Whether the Ray cluster has `groups` worker groups of `scaling` free at once (CPUs, and GPUs when used)."""
+    """Whether the Ray cluster has `groups` worker groups of `scaling` free at once (CPUs, and GPUs when used).
+    Workers of a fraction of a GPU never run beside another group: they could share a GPU, which the memory plan
+    (rayllama.plan), counting one stage's processes per GPU, would not see."""
     import ray
 
+    if scaling.use_gpu and scaling.gpus_per_worker < 1:
+        return False
     free = ray.available_resources()
     need = {"CPU": groups * scaling.num_workers * scaling.cpus_per_worker}
     if scaling.use_gpu:
