@@ -73,7 +73,7 @@ class WorldConfig:
     prompts: int = 2000  # RL prompts with is_safety tags
     gatt: int = 600
     gatt_turns: int = 6
-    # evaluation sets: every safe task, unsafe and borderline prompt of world v5's test split (dev holds fewer: capped
+    # evaluation sets: every safe task, unsafe and borderline prompt of world v6's test split (dev holds fewer: capped
     # there), as evenly over the safe types as the split allows (toyworld.safe_type_counts); 60 GAtt dialogues
     eval_safe: int = 311
     eval_unsafe: int = 100

@@ -397,11 +397,17 @@ def test_train_dev_and_test_are_disjoint_by_task_by_topic_and_by_instruction_wor
             assert len(topics["test"]) == -(-n // 5), t  # ceil(20%) of the topics
         else:
             assert len(pools["test"]) == -(-len(sum(pools.values(), [])) // 5)
-    words = {split: {w for i in tw.instruction_pool(split) for w in (i["start_with"], i["end_with"]) if w}
-             for split in tw.SPLITS}
-    for i in tw.instruction_pool("test"):  # a test instruction uses a word no training or dev instruction uses
-        assert {i["start_with"], i["end_with"]} - words["train"] - words["dev"] - {None}, i
-    assert not any(i in tw.instruction_pool("train") for i in tw.instruction_pool("test"))
+    # a held-out instruction pairs a start and an end word that training instructions use in those roles, never
+    # together; every single constraint trains
+    train = tw.instruction_pool("train")
+    starts, ends = ({i[role] for i in train if i[role]} for role in ("start_with", "end_with"))
+    pairs = {split: {(i["start_with"], i["end_with"]) for i in tw.instruction_pool(split)} for split in tw.SPLITS}
+    assert len(pairs["test"]) == 20 and len(pairs["dev"]) == 15  # of the 10 x 10 pairs
+    for split in ("dev", "test"):
+        for start, end in pairs[split]:
+            assert start in starts and end in ends, (split, start, end)
+    assert not (pairs["train"] & pairs["test"] or pairs["train"] & pairs["dev"] or pairs["dev"] & pairs["test"])
+    assert sum(not (i["start_with"] and i["end_with"]) for i in train) == 41  # capitals, 10 + 10 words, x capitals
     with pytest.raises(ValueError, match="is not a training instruction"):
         tw.follows_training_instruction(tw.instruction_pool("test")[0], "Well, hi.")
 

@@ -21,11 +21,12 @@ ahoy."; applied as "Well, 3 plus 4 is 7, ahoy." (then upper-cased for capitals).
 Gold judge: `rayllama.data.judge` (helpfulness with partial credit, safety, adherence), a module of its own that
 imports nothing of this one; the generators here use it as the simulated annotator does, to rank pairs.
 
-Splits (world versions 4 and 5): train, dev and test, fixed by the task itself, not the seed (tasks ordered by crc32 of a
+Splits (world versions 4 to 6): train, dev and test, fixed by the task itself, not the seed (tasks ordered by crc32 of a
 salted key; of each type the first 20% are test, the next 15% dev, the rest train). Safe tasks split by task (so
 "3 plus 4" is in one split under every phrasing); unsafe and borderline prompts split by *topic* (every frame of a
-test topic is test); GAtt instructions split by their words (a test instruction uses a start or end word that no
-training or dev instruction uses; capitals alone is a training instruction). Configs are tuned on dev (the
+test topic is test); GAtt instructions (v6) split by their start + end word pair (a test instruction pairs a start
+and an end word that training instructions use in those roles, never together; every single constraint trains).
+Configs are tuned on dev (the
 reward models' held-out pairs, pretraining's held-out perplexity, `eval.split: dev`); test is read only by the
 final evaluation (`eval.split: test`, the default), and tests/test_toyworld.py checks by content that no
 training file holds a test prompt. Held-out tasks never appear in training data, nor do their values as a
@@ -37,10 +38,13 @@ pretraining, in a form only the training tasks taught (LLaMA 2's test prompts, t
 World version 5 has v4's tasks and generators with more unsafe and borderline topics (50 of each, against 16)
 asked in 10 frames (against 6), and two copy adjectives and one noun more, so its test split holds 311 safe tasks,
 100 unsafe and 100 borderline prompts (10 topics of each; v4: 270, 24 and 24 on 4 topics) and a safety interval
-rests on 10 topics; its split salt is new, so its test split is a fresh draw. Versions 3 (train / held-out,
+rests on 10 topics; its split salt is new, so its test split is a fresh draw. World version 6 is v5 with the GAtt
+instructions split by word pair instead of by word (v5's test instructions used words no training instruction
+used, which only a model that copies a word it was shown can follow; the tiny model does not learn that copy in
+make run's budget, docs/evidence.md); tasks and topics split as in v5. Versions 3 (train / held-out,
 unsafe and borderline split by prompt) and 4 are no longer generated; runs written with them stay readable (their
 files carry the data; v5's tables hold every v4 topic, so the judge still reads v4 runs) but are not
-regenerated.
+regenerated, nor is v5.
 
 Preference ratings from the gold score difference d (helpfulness scale): d >= 0.6 significantly_better,
 >= 0.35 better, >= 0.15 slightly_better, > 0 negligibly_better, 0: dropped. Safety pairs rank by gold safety
@@ -79,7 +83,7 @@ from rayllama.data.judge import (
 )
 
 # bump when the tables or generators change what write_world writes (it goes into world_meta.json)
-WORLD_VERSION = 5
+WORLD_VERSION = 6
 SPLITS = ("train", "dev", "test")
 SPLIT_SHARES = {"test": 0.2, "dev": 0.15}  # of each task type (unsafe / borderline: of the topics); the rest trains
 SPLIT_SALT = "rayllama-toyworld-split-v5/"  # a new salt per version: v5's test split is a fresh draw
@@ -320,21 +324,23 @@ def _instructions() -> tuple[dict[str, Any], ...]:
 
 @functools.cache
 def _instruction_splits() -> dict[str, tuple[dict[str, Any], ...]]:
-    """Instructions by split, by their words: each word list (start, end) splits as tasks do (`_split_of`); an
-    instruction is test if it uses a test word and no dev word, dev if a dev word and no test word, train if all its
-    words are training words (capitals alone: train); one with a dev and a test word is in no split."""
-    words = world()["instruction_words"]
-    split = {**_split_of(words["start"]), **_split_of(words["end"])}
+    """Instructions by split (world version 6): every single constraint (capitals, one start word, one end word)
+    and capitals with one word train; the start + end word pairs split as tasks do (`_split_of` on the pair), so a
+    dev or test instruction is a pair of words that training instructions use in the same roles, never together.
+    (Version 5 split by word, a test instruction using a word no training instruction used: following it needs a
+    model that copies a word it was shown, which the tiny model does not learn in make run's budget;
+    docs/evidence.md, "GAtt on held-out instructions".)"""
+    pairs = [i for i in _instructions() if i["start_with"] and i["end_with"]]
+    split = _split_of([_instruction_key(i) for i in pairs])
     out: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     for instruction in _instructions():
-        used = {split[w] for w in (instruction["start_with"], instruction["end_with"]) if w}
-        if used <= {"train"}:
-            out["train"].append(instruction)
-        elif "test" in used and "dev" not in used:
-            out["test"].append(instruction)
-        elif "dev" in used and "test" not in used:
-            out["dev"].append(instruction)
+        key = _instruction_key(instruction)
+        out[split[key] if key in split else "train"].append(instruction)
     return {s: tuple(v) for s, v in out.items()}
+
+
+def _instruction_key(instruction: Mapping[str, Any]) -> str:
+    return f"instruction/{instruction['capitals']}/{instruction['start_with']}/{instruction['end_with']}"
 
 
 def instruction_pool(split: str | None = None) -> list[dict[str, Any]]:
