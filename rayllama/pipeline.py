@@ -799,12 +799,29 @@ class Pipeline:
                 raise PipelineError(f"stage '{stage}' is not available in this version; remove it from stages")
             t0 = time.time()
             log.info(f"== stage {stage}")
+            self._forget_results_of_untrained(stage)
             fn()
             if "seconds" not in self.results.get(stage, {}):
                 self._record(stage, {"seconds": round(time.time() - t0, 1)})
             if (self.run.root / "driver.log").exists():
                 self.run.push(self.run.root / "driver.log")  # a run on an object store: its log goes there too
         log.info("summary\n" + self.summary())  # console and driver.log
+
+    def _forget_results_of_untrained(self, stage: str) -> None:
+        """What eval.json holds for a stage whose model is not complete describes an earlier model (its directory
+        removed to train it again, or a run stopped mid-stage): drop it, so the stage trains and is judged anew
+        instead of keeping the earlier model's gold eval under the new one's name."""
+        if stage == "tokenizer":
+            return
+        models = ({f"reward-{k}": self.run.reward_model(k) for k in ("helpfulness", "safety")} if stage == "reward"
+                  else {stage: self.run.model(stage)})
+        stale = [name for name, path in models.items() if name in self.results and not is_complete(path)]
+        for name in stale:
+            log.info(f"{name}: its model is not complete; its earlier results in eval.json are dropped (it trains "
+                     "now and is judged again)")
+            del self.results[name]
+        if stale:
+            self.run.save_eval(self.results)
 
     def summary(self) -> str:
         from rayllama.report import summary_table  # the run report prints the same table

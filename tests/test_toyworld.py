@@ -564,6 +564,31 @@ def test_a_stage_judged_on_another_evaluation_set_is_judged_again(tmp_path):
     assert bigger.eval_set_id != first.eval_set_id and not bigger._judged("sft", "gold_helpfulness")
 
 
+def test_a_stage_trained_again_drops_the_earlier_models_results(tmp_path):
+    """A stage whose model directory was removed (to train it again) must not keep the earlier model's gold eval
+    under its name: the pipeline drops a stage's eval.json entry when its model is not complete, and keeps the
+    entries of complete models."""
+    from rayllama.checkpoint import save_model
+    from rayllama.config import load_config
+    from rayllama.driver import RunDir
+    from rayllama.model import ModelConfig, Transformer
+    from rayllama.pipeline import Pipeline
+
+    cfg = load_config("configs/tiny.yaml", [f"run_dir={tmp_path}", "world.pretrain_world=10", "world.sft=10",
+                                            "world.eval_safe=2", "world.eval_unsafe=2", "world.eval_borderline=2",
+                                            "world.eval_gatt=1"])
+    pipeline = Pipeline(cfg, RunDir(cfg))
+    small = ModelConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=8)
+    for path in (pipeline.run.model("sft"), pipeline.run.reward_model("helpfulness")):
+        save_model(path, Transformer(small), small)
+    judged = {"gold_helpfulness": 0.5, "eval_set_id": pipeline.eval_set_id}
+    pipeline.results = {name: dict(judged) for name in ("sft", "gatt", "reward-helpfulness", "reward-safety")}
+    for stage in ("sft", "reward", "gatt"):
+        pipeline._forget_results_of_untrained(stage)
+    assert sorted(pipeline.results) == ["reward-helpfulness", "sft"]
+    assert json.loads((tmp_path / "eval.json").read_text()) == pipeline.results
+
+
 def test_policy_pairs_rate_the_policy_samples_like_the_written_pairs():
     add = tw.rl_prompts(40, seed=3, mix={"safe": 1.0})
     add = next(r for r in add if r.task["type"] == "add")
