@@ -388,6 +388,7 @@ class GAttConfig:
     replay_share: float = 0.0  # share of the fine-tune examples that are replayed SFT dialogues (against forgetting)
     safety_gate: float = 0.15  # the LLaMA 2 reward composition (as in ppo / rejection) that ranks the samples
     min_reward: float = 0.0  # composed reward R_c in [0, 1] an adherent sample needs to be kept
+    reject_repetitive: bool = True  # never keep a sample that loops (rayllama.gatt.is_repetitive)
     epochs: float = 2.0
     batch_size: int = 32
     micro_batch_size: int = 16

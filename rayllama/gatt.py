@@ -12,8 +12,9 @@ Here, for a toy-world dialogue (an instruction, alone or combined, plus T user t
    the first user turn's ``<<SYS>>`` block) AND is joined in front of every later user turn
    (``"{instruction} {user}"``), so the instruction sits in every user turn the model answers.
 2. Sampling (`sample_dialogues`): turn by turn, every live dialogue of the turn in one batched call,
-   ``samples_per_turn`` answers each from the current policy; a `Judge` scores them and the best accepted answer
-   joins the history. The pipeline's judge (`reward_model_judge`) accepts an answer iff the instruction's program
+   ``samples_per_turn`` answers each from the current policy; a `Judge` scores the finished ones (an answer cut at
+   ``max_new_tokens`` is no answer to train on; nor, with ``reject_repetitive``, one that loops: `is_repetitive`)
+   and the best accepted answer joins the history. The pipeline's judge (`reward_model_judge`) accepts an answer iff the instruction's program
    check passes (`toyworld.follows_training_instruction`: capitals, the end word, ..., for training instructions only) and ranks the adherent answers by the
    two reward models composed as in PPO and rejection sampling (LLaMA 2's safety gate and `is_safety` tags). The
    gold judge's helpfulness and safety never select training data: they stay an independent evaluation. No gold
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -53,8 +55,8 @@ from rayllama.run_dir import RunDir
 from rayllama.tokenizer import Tokenizer
 
 Messages = list[dict[str, str]]
-# dialogues (each ending with a user turn), n -> n answers per dialogue
-SampleFn = Callable[[list[Messages], int], list[list[str]]]
+# dialogues (each ending with a user turn), n -> n answers per dialogue, None for an answer cut at max_new_tokens
+SampleFn = Callable[[list[Messages], int], list[list[str | None]]]
 Candidate = tuple[Mapping[str, Any], Mapping[str, Any], str]  # (task of the turn, instruction, answer)
 # candidates -> per candidate a score (higher is better) if accepted, None if rejected
 Judge = Callable[[Sequence[Candidate]], list[float | None]]
@@ -144,6 +146,21 @@ def reward_model_judge(score_pairs: PairScorer, safety_gate: float = 0.15, min_r
     return judge
 
 
+def is_repetitive(answer: str, max_span: int = 8) -> bool:
+    """Whether `answer` loops: some span of 1 or 2 words occurs 3 times in a row, or a span of 3 to `max_span` words
+    twice in a row (words: runs of letters and digits, case-insensitive, punctuation ignored), e.g. "folks, folks,
+    folks" or "I repeat: the cat, I repeat: the cat". A sampled answer that loops is no GAtt target, whatever it
+    starts and ends with: training on them made each round's samples loop more (world v6: 3 of 524 kept answers
+    in round 1, 104 of 754 in round 5)."""
+    words = [w.lower() for w in re.findall(r"[A-Za-z0-9]+", answer)]
+    for k in range(1, max_span + 1):
+        times = 3 if k <= 2 else 2
+        for i in range(len(words) - times * k + 1):
+            if all(words[i + j * k:i + (j + 1) * k] == words[i:i + k] for j in range(1, times)):
+                return True
+    return False
+
+
 @dataclass
 class GAttSamples:
     """Accepted answers per dialogue (a prefix of its turns: a dialogue stops at its first turn with no accepted
@@ -151,6 +168,8 @@ class GAttSamples:
 
     answers: list[list[str]]  # answers[i][t]: the kept answer of dialogue i at turn t + 1
     samples: int = 0  # answers sampled, all turns
+    samples_unfinished: int = 0  # of those, cut at max_new_tokens (never kept)
+    samples_repetitive: int = 0  # of the finished ones, looping (`is_repetitive`; never kept when rejected)
     samples_adherent: int = 0  # of those, obeying the instruction (follows_training_instruction)
     samples_accepted: int = 0  # of those, accepted by the judge
     turns_sampled: list[int] = field(default_factory=list)  # per turn: dialogues still alive, sampled
@@ -165,6 +184,8 @@ class GAttSamples:
             "turns_kept": kept,
             "turn_acceptance_rate": kept / sampled if sampled else math.nan,
             "samples": self.samples,
+            "samples_unfinished": self.samples_unfinished,
+            "samples_repetitive": self.samples_repetitive,
             "sample_adherence_rate": self.samples_adherent / self.samples if self.samples else math.nan,
             "sample_acceptance_rate": self.samples_accepted / self.samples if self.samples else math.nan,
             **{f"turns_kept_{t + 1}": k for t, k in enumerate(self.turns_kept)},
@@ -174,12 +195,13 @@ class GAttSamples:
 
 def sample_dialogues(
     records: Sequence[PromptRecord], sample_fn: SampleFn, samples_per_turn: int, judge: Judge,
-    max_turns: int | None = None,
+    max_turns: int | None = None, reject_repetitive: bool = True,
 ) -> GAttSamples:
     """Sample GAtt answers turn by turn: for turn t, all dialogues still alive in ONE `sample_fn` call on their
-    sampling views (`samples_per_turn` answers each) and one `judge` call on all their answers; keep the judge's
-    best-scoring accepted answer (ties: the first sampled); a dialogue without an accepted answer stops there
-    (its earlier turns stay)."""
+    sampling views (`samples_per_turn` answers each) and one `judge` call on all their finished answers (an answer
+    cut at max_new_tokens, None from `sample_fn`, is never kept; nor, with `reject_repetitive`, one that loops:
+    `is_repetitive`); keep the judge's best-scoring accepted answer (ties: the first sampled); a dialogue without
+    an accepted answer stops there (its earlier turns stay)."""
     if samples_per_turn < 1:
         raise GAttError(f"samples_per_turn {samples_per_turn} must be >= 1")
     for i, r in enumerate(records):
@@ -202,15 +224,23 @@ def sample_dialogues(
             )
         flat = [(records[i].turns[t], records[i].instruction, a) for i, answers in zip(alive, candidates)
                 for a in answers]
-        scores = judge(flat)
-        if len(scores) != len(flat):
-            raise GAttError(f"the judge returned {len(scores)} scores for {len(flat)} answers; one per answer")
+        judged = [j for j, (_, _, a) in enumerate(flat)
+                  if a is not None and not (reject_repetitive and is_repetitive(a))]
+        scores: list[float | None] = [None] * len(flat)
+        judged_scores = judge([flat[j] for j in judged]) if judged else []
+        if len(judged_scores) != len(judged):
+            raise GAttError(f"the judge returned {len(judged_scores)} scores for {len(judged)} answers; one per answer")
+        for j, score in zip(judged, judged_scores):
+            scores[j] = score
         survivors = []
         for d, (i, answers) in enumerate(zip(alive, candidates)):
             record = records[i]
             scored = list(zip(scores[d * samples_per_turn:(d + 1) * samples_per_turn], answers))
+            finished = [a for a in answers if a is not None]
             out.samples += len(answers)
-            out.samples_adherent += sum(follows_training_instruction(record.instruction, a) for a in answers)
+            out.samples_unfinished += len(answers) - len(finished)
+            out.samples_repetitive += sum(is_repetitive(a) for a in finished)
+            out.samples_adherent += sum(follows_training_instruction(record.instruction, a) for a in finished)
             accepted = [(s, -j, a) for j, (s, a) in enumerate(scored) if s is not None]
             out.samples_accepted += len(accepted)
             if accepted:
@@ -223,7 +253,8 @@ def sample_dialogues(
 
 
 def actor_sampler(actors: Any, tok: Tokenizer, g: Any, max_seq_len: int, seed: int) -> SampleFn:
-    """A `SampleFn` over the rollout generators of `actors` (an `RLActors`): dialogue j goes to generator j % M,
+    """A `SampleFn` over the rollout generators of `actors` (an `RLActors`; None for an answer that reached
+    g.max_new_tokens without a stop): dialogue j goes to generator j % M,
     prompts keep their last max_seq_len - g.max_new_tokens tokens; call c samples with seeds derived from
     (seed, c, generator), so a run is reproducible."""
     from rayllama.chat import completion_text
@@ -248,7 +279,8 @@ def actor_sampler(actors: Any, tok: Tokenizer, g: Any, max_seq_len: int, seed: i
         out: list[list[str]] = [[] for _ in dialogues]
         for k, per_shard in zip(busy, results):
             for j, completions in zip(shards[k], per_shard, strict=True):
-                out[j] = [completion_text(tok, c.token_ids) for c in completions]
+                out[j] = [completion_text(tok, c.token_ids) if c.finish_reason == "stop" else None
+                          for c in completions]
         return out
 
     return sample
@@ -377,7 +409,7 @@ def _gatt_round(cfg: Any, run: RunDir, r: int, tok: Tokenizer, records: list[Pro
             run.pull(path)
     if not (data_path.exists() and stats_path.exists()):
         with open_round(policy) as (sample_fn, judge):
-            sampled = sample_dialogues(records, sample_fn, g.samples_per_turn, judge, g.turns)
+            sampled = sample_dialogues(records, sample_fn, g.samples_per_turn, judge, g.turns, g.reject_repetitive)
         max_len = _max_len(g.max_seq_len, policy)
         rows, too_long = encode_rows(build_examples(records, sampled.answers), tok, max_len)
         if not rows:

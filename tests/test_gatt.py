@@ -165,6 +165,37 @@ def test_rejected_samples_are_dropped_and_counted_and_the_best_accepted_is_kept(
         gatt.sample_dialogues(records, lambda d, n: [["x"]] * len(d), 2, _adherent_then_helpful)
 
 
+def test_a_looping_answer_is_repetitive_and_a_plain_one_is_not():
+    for looping in ("LOOK, 5, 15, FOLKS, FOLKS, FOLKS,", "Friend, I repeat: the blue fish sleeps, I repeat: the blue "
+                    "fish sleeps, thanks.", "bird bird bird", "Okay, 15 minus 15 minus 15 minus 11, truly."):
+        assert gatt.is_repetitive(looping), looping
+    for plain in ("THE ANSWER IS 12, AHOY.", "frog backwards is g o r f, done.", "b a n a n a", "I repeat, I repeat, "
+                  "done.", "Alright, the answer is the lazy cat sleeps, amen.", ""):
+        assert not gatt.is_repetitive(plain), plain
+
+
+def test_unfinished_and_looping_samples_are_never_kept():
+    """An answer cut at max_new_tokens (None from the sampler) is never judged; a looping one is not judged either
+    (unless reject_repetitive is off), even where the judge would score it best; both are counted."""
+    record = _record(1, CAPS_AHOY)
+    good = _good(record, 0)
+    looping = good.replace(", AHOY.", ", AHOY, AHOY, AHOY.")
+    judged = []
+
+    def longest(candidates):
+        judged.append([a for _, _, a in candidates])
+        return [float(len(a)) if judge.judge_adherence(inst, a) else None for _, inst, a in candidates]
+
+    s = gatt.sample_dialogues([record], lambda d, n: [[None, looping, good]], 3, longest)
+    assert judged == [[good]] and s.answers == [[good]]
+    assert s.samples == 3 and s.samples_unfinished == 1 and s.samples_repetitive == 1 and s.samples_accepted == 1
+    assert s.stats()["samples_unfinished"] == 1 and s.stats()["samples_repetitive"] == 1
+    s = gatt.sample_dialogues([record], lambda d, n: [[None, looping, good]], 3, longest, reject_repetitive=False)
+    assert judged[-1] == [looping, good] and s.answers == [[looping]]
+    s = gatt.sample_dialogues([record], lambda d, n: [[None, None, None]], 3, longest)
+    assert s.answers == [[]] and s.samples_unfinished == 3 and len(judged) == 2  # nothing finished: no judge call
+
+
 def test_example_tensors_right_pad_and_drop_too_long(tok):
     record = _record(3, CAPS_AHOY)
     examples = gatt.build_examples([record], [[_good(record, t) for t in range(3)]])
@@ -214,11 +245,20 @@ def test_adherence_table_puts_turns_down_and_stages_across():
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-def _random_policy(tok: Tokenizer, path) -> Path:
+def _random_policy(tok: Tokenizer, path, eos_logit: float = 0.0) -> Path:
+    """A random policy; with eos_logit > 0 its answers stop: every embedding's first coordinate is 1 (~5.6 after
+    the final norm, the others ~0.1) and only </s>'s output row reads it, so </s> has about that logit more than
+    any other token at every step (4.7: about a third of the samples at T 0.7, over a 2000-piece vocabulary)."""
     mcfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, ffn_dim=64,
                        max_seq_len=256)
     torch.manual_seed(0)
-    return save_model(path, Transformer(mcfg), mcfg, tokenizer_model=tok.model_path)
+    model = Transformer(mcfg)
+    if eos_logit:
+        with torch.no_grad():
+            model.model.embed_tokens.weight[:, 0] = 1.0
+            model.lm_head.weight[:, 0] = 0.0
+            model.lm_head.weight[tok.eos_id, 0] = eos_logit / 5.6
+    return save_model(path, model, mcfg, tokenizer_model=tok.model_path)
 
 
 def _small_config(dialogues: int = 2, turns: int = 2, samples: int = 2) -> PipelineConfig:
@@ -246,7 +286,7 @@ def test_run_gatt_samples_through_actors_and_fine_tunes_a_complete_checkpoint(ra
     are relative to the driver's folder (the workers run in another one)."""
     from actors.group import create_gatt_actors, shutdown_rl_actors
 
-    init = _random_policy(tok, tmp_path / "sft")
+    init = _random_policy(tok, tmp_path / "sft", eos_logit=4.7)
     rewards = _random_reward_models(tok, tmp_path)
     cfg = _small_config()
     cfg.gatt.replay_share = 0.5
