@@ -14,8 +14,8 @@ Here, for a toy-world dialogue (an instruction, alone or combined, plus T user t
 2. Sampling (`sample_dialogues`): turn by turn, every live dialogue of the turn in one batched call,
    ``samples_per_turn`` answers each from the current policy; a `Judge` scores the finished ones (an answer cut at
    ``max_new_tokens`` is no answer to train on; nor, with ``reject_repetitive``, one that loops: `is_repetitive`)
-   and the best accepted answer joins the history. The pipeline's judge (`reward_model_judge`) accepts an answer iff the instruction's program
-   check passes (`toyworld.follows_training_instruction`: capitals, the end word, ..., for training instructions only) and ranks the adherent answers by the
+   and the best accepted answer joins the history. The pipeline's judge (`reward_model_judge`) accepts an answer
+   iff the instruction's program check passes (`toyworld.follows_training_instruction`: capitals, the end word, ..., for training instructions only) and ranks the adherent answers by the
    two reward models composed as in PPO and rejection sampling (LLaMA 2's safety gate and `is_safety` tags). The
    gold judge's helpfulness and safety never select training data: they stay an independent evaluation. No gold
    answer is ever substituted: a dialogue with no accepted answer at turn t is cut to its first t - 1 turns.
@@ -170,7 +170,7 @@ class GAttSamples:
     samples: int = 0  # answers sampled, all turns
     samples_unfinished: int = 0  # of those, cut at max_new_tokens (never kept)
     samples_repetitive: int = 0  # of the finished ones, looping (`is_repetitive`; never kept when rejected)
-    samples_adherent: int = 0  # of those, obeying the instruction (follows_training_instruction)
+    samples_adherent: int = 0  # of the finished ones, obeying the instruction (follows_training_instruction)
     samples_accepted: int = 0  # of those, accepted by the judge
     turns_sampled: list[int] = field(default_factory=list)  # per turn: dialogues still alive, sampled
     turns_kept: list[int] = field(default_factory=list)  # per turn: dialogues with an accepted answer
@@ -276,7 +276,7 @@ def actor_sampler(actors: Any, tok: Tokenizer, g: Any, max_seq_len: int, seed: i
             [tok.encode_prompt(dialogues[j])[-budget:] for j in shards[k]], params(k)) for k in busy],
             "GAtt sampling")
         calls[0] += 1
-        out: list[list[str]] = [[] for _ in dialogues]
+        out: list[list[str | None]] = [[] for _ in dialogues]
         for k, per_shard in zip(busy, results):
             for j, completions in zip(shards[k], per_shard, strict=True):
                 out[j] = [completion_text(tok, c.token_ids) if c.finish_reason == "stop" else None
