@@ -224,8 +224,8 @@ def sample_dialogues(
             )
         flat = [(records[i].turns[t], records[i].instruction, a) for i, answers in zip(alive, candidates)
                 for a in answers]
-        judged = [j for j, (_, _, a) in enumerate(flat)
-                  if a is not None and not (reject_repetitive and is_repetitive(a))]
+        looping = [a is not None and is_repetitive(a) for _, _, a in flat]
+        judged = [j for j, (_, _, a) in enumerate(flat) if a is not None and not (reject_repetitive and looping[j])]
         scores: list[float | None] = [None] * len(flat)
         judged_scores = judge([flat[j] for j in judged]) if judged else []
         if len(judged_scores) != len(judged):
@@ -239,7 +239,7 @@ def sample_dialogues(
             finished = [a for a in answers if a is not None]
             out.samples += len(answers)
             out.samples_unfinished += len(answers) - len(finished)
-            out.samples_repetitive += sum(is_repetitive(a) for a in finished)
+            out.samples_repetitive += sum(looping[d * samples_per_turn:(d + 1) * samples_per_turn])
             out.samples_adherent += sum(follows_training_instruction(record.instruction, a) for a in finished)
             accepted = [(s, -j, a) for j, (s, a) in enumerate(scored) if s is not None]
             out.samples_accepted += len(accepted)
