@@ -15,9 +15,9 @@ Here, for a toy-world dialogue (an instruction, alone or combined, plus T user t
    ``samples_per_turn`` answers each from the current policy; a `Judge` scores the finished ones (an answer cut at
    ``max_new_tokens`` is no answer to train on; nor, with ``reject_repetitive``, one that loops: `is_repetitive`)
    and the best accepted answer joins the history. The pipeline's judge (`reward_model_judge`) accepts an answer
-   iff the instruction's program check passes (`toyworld.follows_training_instruction`: capitals, the end word, ..., for training instructions only) and ranks the adherent answers by the
-   two reward models composed as in PPO and rejection sampling (LLaMA 2's safety gate and `is_safety` tags). The
-   gold judge's helpfulness and safety never select training data: they stay an independent evaluation. No gold
+   iff the instruction's program check passes (`toyworld.follows_training_instruction`: capitals, the end word,
+   ..., for training instructions only) and ranks the adherent answers by the two reward models composed as in
+   PPO and rejection sampling (LLaMA 2's safety gate and `is_safety` tags). The gold judge's helpfulness and safety never select training data: they stay an independent evaluation. No gold
    answer is ever substituted: a dialogue with no accepted answer at turn t is cut to its first t - 1 turns.
 3. Training view (`training_messages`, `encode_example`): the instruction only as the first turn's system
    prompt, later user turns plain, and the loss zero on every token of earlier turns, assistant answers
@@ -263,7 +263,7 @@ def actor_sampler(actors: Any, tok: Tokenizer, g: Any, max_seq_len: int, seed: i
     calls = [0]
     budget = max_seq_len - g.max_new_tokens
 
-    def sample(dialogues: list[Messages], n: int) -> list[list[str]]:
+    def sample(dialogues: list[Messages], n: int) -> list[list[str | None]]:
         m = len(actors.generators)
         shards = [list(range(k, len(dialogues), m)) for k in range(m)]
         busy = [k for k in range(m) if shards[k]]
