@@ -17,8 +17,9 @@ Here, for a toy-world dialogue (an instruction, alone or combined, plus T user t
    and the best accepted answer joins the history. The pipeline's judge (`reward_model_judge`) accepts an answer
    iff the instruction's program check passes (`toyworld.follows_training_instruction`: capitals, the end word,
    ..., for training instructions only) and ranks the adherent answers by the two reward models composed as in
-   PPO and rejection sampling (LLaMA 2's safety gate and `is_safety` tags). The gold judge's helpfulness and safety never select training data: they stay an independent evaluation. No gold
-   answer is ever substituted: a dialogue with no accepted answer at turn t is cut to its first t - 1 turns.
+   PPO and rejection sampling (LLaMA 2's safety gate and `is_safety` tags). The gold judge's helpfulness and
+   safety never select training data: they stay an independent evaluation. No gold answer is ever substituted: a
+   dialogue with no accepted answer at turn t is cut to its first t - 1 turns.
 3. Training view (`training_messages`, `encode_example`): the instruction only as the first turn's system
    prompt, later user turns plain, and the loss zero on every token of earlier turns, assistant answers
    included. One example per turn depth k (turns 1..k, loss on answer k and its ``</s>`` only), so each kept
