@@ -11,6 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Train V2 blocks ~2 s per report unless the controller polls faster (docs/architecture.md).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1")
+# Ray Train starts a PreemptionWatcher actor (one more Python process, ~1.5 s of a tiny fit here) per run to follow
+# node draining, which no test does; runs of the product keep it.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")
