@@ -83,7 +83,12 @@ HANDLE_BYTES = 4096  # an ipc bucket message: int64 byte offset, int32 length, t
 
 
 class WeightSyncError(RuntimeError):
-    """A weight update that did not reach every generator (a member died, stalled, or left the group)."""
+    """A weight update that did not reach every generator (a member died, stalled, or left the group).
+    `restarting`: whether a generator died or was killed, so the retry should give Ray time to restart it."""
+
+    def __init__(self, message: str, restarting: bool = True) -> None:
+        super().__init__(message)
+        self.restarting = restarting
 
 
 def place_of(device: str | torch.device) -> dict[str, Any]:
@@ -865,7 +870,7 @@ class WeightSync:
                     raise ActorCallError(f"generator weight update failed {attempt} time(s): {e}") from None
                 log.warning(f"{e}; forming the weight-sync group again and resending (retry {attempt} of "
                             f"{actors.retries})")
-                if not actors.local:
+                if e.restarting and not actors.local:
                     time.sleep(min(2.0 * attempt, self.timeout_s))  # let Ray restart a killed generator
 
     def _push_once(self, actors: RLActors) -> int:
@@ -896,12 +901,14 @@ class WeightSync:
         sent = results[0]
         lost: list[str] = []
         stalled: list[int] = []
+        died = False
         behind = {self.owners.get(r, r - 1) for r in sent.get("behind", [])}  # ranks -> generator indices
         for i, outcome in enumerate(outcomes):
             name = self._name(actors, i)
             if isinstance(outcome, StaleWeightsError | ValueError) and not isinstance(outcome, WeightChecksumError):
                 raise outcome
             if _is_death(outcome):
+                died = True
                 lost.append(f"{name} died during the weight update")
             elif outcome is None or (i in behind and not isinstance(outcome, Exception)):
                 lost.append(f"{name} died or stopped answering during the weight update (no message within "
@@ -916,7 +923,7 @@ class WeightSync:
             lost.append(f"the broadcast failed at message {sent['step']} ({sent['error']})")
         if lost:
             _kill(actors, stalled)
-            raise WeightSyncError("; ".join(lost))
+            raise WeightSyncError("; ".join(lost), restarting=died or bool(stalled))
         return int(sent["version"])
 
 
