@@ -15,8 +15,9 @@ export TOKENIZERS_PARALLELISM := false
 # Installs do not byte-compile (~33k files, of which a run imports ~9k): each module is compiled on its first import
 # and the .pyc cached under .venv/pycache, also where the environment sets PYTHONDONTWRITEBYTECODE (without a cache
 # every process would compile again: torch, Ray Train and transformers import in 12 s instead of 5 s). Ray's workers
-# inherit both settings. The packages most processes import (torch, Ray, vLLM, pandas) are compiled at setup on
-# every core instead (tools/precompile.py, ~20 s), so that the processes a run starts at once do not each compile them.
+# inherit both settings. The packages that many processes import (torch, Ray, vLLM and what they import, the Serve
+# replicas' web stack) are compiled at setup on every core instead (tools/precompile.py, ~30 s), so that the processes
+# a run starts at once do not each compile them.
 export PYTHONPYCACHEPREFIX := $(CURDIR)/$(VENV)/pycache
 unexport PYTHONDONTWRITEBYTECODE
 
@@ -25,7 +26,7 @@ unexport PYTHONDONTWRITEBYTECODE
 install = $(BIN)/pip install -q uv && $(BIN)/uv pip install -q --python $(BIN)/python \
 	$$($(BIN)/python tools/uv_flags.py) -e '$(1)' || $(BIN)/pip install -q --no-compile -e '$(1)'
 
-PRECOMPILE := torch ray vllm pandas
+PRECOMPILE := torch ray vllm pandas numpy transformers sympy networkx pydantic openai fastapi starlette uvicorn
 
 .PHONY: setup run test lint clean
 
