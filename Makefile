@@ -42,7 +42,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP) $(RUN_STAMP)
 
 # `make run` on a machine without a GPU needs the package alone (the tiny pipeline generates with the torch engine):
-# about 60 s to set up on a fresh machine against about 160 s with the test and vLLM extras, which `make setup` /
+# 37 s to set up on a fresh clone here against about 50 s with the test and vLLM extras, which `make setup` /
 # `make test` add (and `make run` on a GPU machine, whose configs generate with vLLM).
 $(RUN_STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
