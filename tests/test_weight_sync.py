@@ -377,3 +377,29 @@ def test_parameters_are_shared_only_where_dev_shm_has_room(monkeypatch):
     finally:
         roomy.unlink_mapped()
     assert not Path(files[0]).exists()  # the name goes once the members mapped it; nothing stays in /dev/shm
+
+
+@pytest.mark.parametrize("restarting", [False, True])
+def test_a_failed_update_waits_for_a_restart_only_when_a_generator_died(monkeypatch, restarting):
+    """The retry after a failed update waits for Ray to restart a generator only when one died or was killed (a
+    digest mismatch or a refused message is resent at once); the second try succeeds either way."""
+    import types
+
+    import rayllama.rl.weight_sync as ws
+
+    slept: list[float] = []
+    monkeypatch.setattr(ws.time, "sleep", slept.append)
+    sync = WeightSync(backend="gloo", timeout_s=30.0)
+    sync.generation = 1
+    monkeypatch.setattr(sync, "_generations", lambda actors: [1, 1])
+    tries: list[int] = []
+
+    def push_once(actors: Any) -> int:
+        tries.append(1)
+        if len(tries) == 1:
+            raise ws.WeightSyncError("rollout-0: bucket 0 of 3 hashes differently", restarting=restarting)
+        return 7
+
+    monkeypatch.setattr(sync, "_push_once", push_once)
+    assert sync.push(types.SimpleNamespace(retries=2, local=False)) == 7
+    assert len(tries) == 2 and slept == ([2.0] if restarting else [])
