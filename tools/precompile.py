@@ -14,17 +14,12 @@ import importlib.util
 import sys
 
 
-def precompile(names: list[str]) -> list[str]:
-    """Compile every .py under each installed package of `names`; returns the packages compiled."""
-    done = []
+def precompile(names: list[str]) -> None:
+    """Compile every .py under each installed package of `names` (names not installed are skipped)."""
     for name in names:
         spec = importlib.util.find_spec(name)
-        if spec is None or not spec.submodule_search_locations:
-            continue
-        for location in spec.submodule_search_locations:
+        for location in (spec.submodule_search_locations or []) if spec else []:
             compileall.compile_dir(location, quiet=2, workers=0)
-        done.append(name)
-    return done
 
 
 if __name__ == "__main__":
