@@ -38,7 +38,7 @@ class RayConfig:
 
 @dataclass
 class ModelSection:
-    """A preset (rayllama.model.PRESETS) plus optional per-field overrides; vocab_size comes from the tokenizer."""
+    """A preset (rayllama.model_config.PRESETS) plus optional per-field overrides; vocab_size comes from the tokenizer."""
 
     preset: str = "tiny"
     dim: int | None = None
@@ -555,7 +555,7 @@ def _check(cond: bool, msg: str) -> None:
 
 def validate(cfg: PipelineConfig) -> None:
     """Semantic checks the type system cannot express; each failure names the key and the fix."""
-    from rayllama.model import PRESETS
+    from rayllama.model_config import PRESETS
 
     for s in cfg.stages:
         _check(s in STAGES, f"unknown stage '{s}' in stages; accepted stages: {', '.join(STAGES)}")
@@ -729,7 +729,7 @@ def validate_gatt(g: GAttConfig) -> None:
 def model_config(cfg: PipelineConfig, vocab_size: int):
     """The ModelConfig for this pipeline: the preset, then per-field overrides (preset tiny only: a real preset sets
     every shape field, so an override of it is a ConfigError), then the tokenizer's vocab size."""
-    from rayllama.model import preset
+    from rayllama.model_config import preset
 
     base = preset(cfg.model.preset)
     changes = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "preset" and v is not None}
