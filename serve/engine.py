@@ -298,6 +298,9 @@ class VLLMStreamer:
 
     def close(self) -> None:
         self.llm.shutdown()
+        # dropped, so that AsyncLLM.__del__ (which shuts down again) runs now, not at interpreter exit, where it
+        # fails on vLLM's torn-down module globals ("TypeError: 'NoneType' object is not callable")
+        self.llm = None
 
     async def _generate(self, prompt: list[int], params: SamplingParams,
                         request_id: str) -> AsyncIterator[list[TokenEvent]]:

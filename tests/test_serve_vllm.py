@@ -37,9 +37,11 @@ def world(tmp_path_factory):
             if "norm" not in name:
                 p.normal_(0.0, 0.3)  # peaked: greedy argmaxes have clear winners
     model_dir = save_model(root / "policy", model, CFG)
-    llm = build_async_llm(model_dir, device="cpu", max_batch_size=8, cache_root=root / "vllm-cache")
-    yield model.eval(), TorchEngine(model), VLLMStreamer(llm, decode, max_waiting=16, retry_after_s=1)
-    llm.shutdown()
+    streamer = VLLMStreamer(build_async_llm(model_dir, device="cpu", max_batch_size=8, cache_root=root / "vllm-cache"),
+                            decode, max_waiting=16, retry_after_s=1)
+    yield model.eval(), TorchEngine(model), streamer
+    streamer.close()
+    LOOP.run_until_complete(asyncio.sleep(0.1))  # the output handler's cancellation runs
     LOOP.close()
 
 
