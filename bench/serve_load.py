@@ -92,7 +92,7 @@ def start_own_server(args: argparse.Namespace) -> tuple[str, str, str, dict]:
         http=HTTPConfig(port=_free_port()),
     )
     if "ingress" in {f.name for f in dataclasses.fields(HTTPConfig)}:
-        from serve.app import ingress_env
+        from serve.preflight import ingress_env
 
         cfg.http.ingress = args.ingress
         os.environ.update(ingress_env(cfg))  # before Ray starts: its Serve processes read them

@@ -1,7 +1,8 @@
 """`python -m rayllama.serve configs/serve.yaml [key=value ...]`: the OpenAI-compatible chat endpoint.
 
-A thin launcher: the app lives in the top-level `serve/` package (Ray Serve + FastAPI), imported only here
-inside `main`, so `rayllama` itself never imports `serve/` at load time. `--help`, `--print-config` and
+A thin launcher: the config and its checks (serve.config, serve.preflight: no Ray Serve or FastAPI, so a
+mistake is answered at once), then the app of the top-level `serve/` package (Ray Serve + FastAPI), imported only
+here inside `main`, so `rayllama` itself never imports `serve/` at load time. `--help`, `--print-config` and
 `--dry-run` work as for the driver (rayllama.cli).
 """
 
@@ -27,29 +28,25 @@ def main(argv: list[str] | None = None) -> int:
 
         print(cli.help_text("rayllama.serve", SUMMARY, ServeConfig, "the checkpoint, auth token and port"))
         return 0 if args.help else 2
-    if not (args.print_config or args.dry_run):
-        from serve.app import main as serve_main
-
-        return serve_main(argv)
-    from serve.app import ServeError, check_checkpoint, check_port_free, ingress_env
-    from serve.config import load_serve_config, resolve_auth_token
+    from serve.config import load_serve_config
+    from serve.preflight import ServeError, preflight
 
     try:
         cfg = load_serve_config(args.config, args.overrides)
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        check_checkpoint(cfg)  # the checks serve.app.main makes before Ray starts
-        resolve_auth_token(cfg)
-        if not cfg.ray.address:
-            check_port_free(cfg.http.host, cfg.http.port)
-            ingress_env(cfg)  # http.ingress=haproxy without an HAProxy binary
+        ray_env = preflight(cfg)  # checkpoint, tokenizer, auth token, port, ingress: before Ray starts
     except (ConfigError, ServeError) as e:
         print(f"rayllama.serve: error: {e}", file=sys.stderr)
         return 2
-    print(f"rayllama.serve: dry run OK: {args.config} ('{cfg.model_name}' from {cfg.model_dir}, engine {cfg.engine}, "
-          f"http://{cfg.http.host}:{cfg.http.port})")
-    return 0
+    if args.dry_run:
+        print(f"rayllama.serve: dry run OK: {args.config} ('{cfg.model_name}' from {cfg.model_dir}, engine "
+              f"{cfg.engine}, http://{cfg.http.host}:{cfg.http.port})")
+        return 0
+    from serve.app import run
+
+    return run(cfg, ray_env)
 
 
 if __name__ == "__main__":

