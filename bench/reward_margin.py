@@ -46,7 +46,7 @@ def main() -> int:
             return 2
     tok = Tokenizer(run / "tokenizer" / "tokenizer.model")
     pairs = formats.read_preferences(run / "data" / "pref_helpfulness.jsonl")
-    policy = sft_pairs_file(run / "data", "helpfulness", run / "sft" / "model")
+    policy = sft_pairs_file(run / "data", "helpfulness", run / "sft" / "model", load_config(str(run / "config.yaml")))
     if policy.exists():
         pairs += formats.read_preferences(policy)
     heldout = formats.read_preferences(run / "data" / "pref_helpfulness_heldout.jsonl")

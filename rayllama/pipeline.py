@@ -55,11 +55,20 @@ class PipelineError(RuntimeError):
     """A stage failed or cannot start; the message names the stage and the fix."""
 
 
-def sft_pairs_file(data_dir: Path, kind: str, sft_model: Path) -> Path:
+def policy_pairs_settings(cfg: PipelineConfig) -> str:
+    """A short id of the settings that decide which policy pairs are sampled (reward.policy_pairs, policy_samples,
+    policy_temperature, ppo.max_new_tokens, the world seed): part of a pairs file's name, so a changed setting
+    samples again rather than reading pairs sampled under the old one."""
+    r = cfg.reward
+    key = [r.policy_pairs, r.policy_samples, r.policy_temperature, cfg.ppo.max_new_tokens, cfg.world_seed]
+    return hashlib.sha256(repr(key).encode()).hexdigest()[:8]
+
+
+def sft_pairs_file(data_dir: Path, kind: str, sft_model: Path, cfg: PipelineConfig) -> Path:
     """Where the reward stage keeps reward.policy_pairs' pairs over the SFT model `sft_model`'s own samples: named
-    by the model's weights, so an SFT model trained again is sampled again rather than its predecessor's pairs
-    reused."""
-    return Path(data_dir) / f"pref_{kind}_policy-sft-{weights_fingerprint(sft_model)}.jsonl"
+    by the model's weights and the sampling settings, so an SFT model trained again, or other settings, sample
+    again rather than reuse the earlier pairs."""
+    return Path(data_dir) / f"pref_{kind}_policy-sft-{weights_fingerprint(sft_model)}-{policy_pairs_settings(cfg)}.jsonl"
 
 
 def sample_policy_pairs(cfg: PipelineConfig, policy: Path | Sequence[Path], kind: str, n: int, seed: int,
@@ -645,7 +654,8 @@ class Pipeline:
 
     def policy_pairs(self, kind: str, policy: Path | str, index: int = 0, sft: Path | str | None = None) -> list:
         """reward.policy_pairs preference pairs over `policy`'s own samples, rated by the gold annotator
-        (toyworld.policy_pairs), written once to data/pref_<kind>_policy-<id>.jsonl and read back after. `index` 0:
+        (toyworld.policy_pairs), written once to data/pref_<kind>_policy-<id>.jsonl and read back after (the id covers the sampling
+        settings, policy_pairs_settings). `index` 0:
         the run's SFT policy, the file named by its weights (checkpoint.weights_fingerprint), so an SFT model
         trained again samples again instead of reusing the old model's pairs. `index` > 0: the policy (path or URI)
         is reward.policy_pairs_from[index - 1]: its own prompts, and its own file named by the path, so a changed
@@ -657,8 +667,8 @@ class Pipeline:
         against_sft = index > 0 and r.policy_pairs_with_sft
         if r.policy_pairs == 0:
             return []
-        key = f"{policy} vs {sft}" if against_sft else str(policy)
-        path = sft_pairs_file(self.run.data, kind, storage.local_dir(policy)) if index == 0 else \
+        key = (f"{policy} vs {sft}" if against_sft else str(policy)) + policy_pairs_settings(self.cfg)
+        path = sft_pairs_file(self.run.data, kind, storage.local_dir(policy), self.cfg) if index == 0 else \
             self.run.data / f"pref_{kind}_policy-{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl"
         if not path.exists():
             self.run.pull(path)  # sampled by an earlier driver of a run on an object store

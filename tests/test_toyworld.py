@@ -635,8 +635,9 @@ def test_policy_pairs_of_two_models_set_one_model_against_the_other():
 def test_pipeline_writes_policy_pairs_once_and_reads_them_back(tmp_path, monkeypatch):
     """Pipeline.policy_pairs samples reward.policy_samples answers per prompt from the policy (here a scripted
     stand-in for ChatModel: one right, one wrong answer), has the annotator rate them into
-    data/pref_<kind>_policy-sft-<weights id>.jsonl, and reads that file on the next call instead of sampling again,
-    until the SFT model is trained again (other weights: sampled again); so for a later round's policy
+    data/pref_<kind>_policy-sft-<weights id>-<settings id>.jsonl, and reads that file on the next call instead of
+    sampling again, until the SFT model is trained again (other weights) or the sampling settings change; so for a
+    later round's policy
     (reward.policy_pairs_from)."""
     from pathlib import Path
 
@@ -700,6 +701,15 @@ def test_pipeline_writes_policy_pairs_once_and_reads_them_back(tmp_path, monkeyp
     assert len(pipeline.policy_pairs("helpfulness", sft)) == 5 and len(calls) == n + 1
     assert len(list((tmp_path / "data").glob("pref_helpfulness_policy-sft-*.jsonl"))) == 2
     assert len(pipeline.policy_pairs("helpfulness", sft)) == 5 and len(calls) == n + 1
+    # other sampling settings (more pairs, other temperature): sampled again into a file of their own, never the
+    # pairs sampled under the old ones read back
+    pipeline.cfg.reward.policy_pairs = 7
+    assert len(pipeline.policy_pairs("helpfulness", sft)) == 7 and calls[-1] == (7, 2, 1.0)
+    pipeline.cfg.reward.policy_temperature = 0.7
+    assert len(pipeline.policy_pairs("helpfulness", sft)) == 7 and calls[-1] == (7, 2, 0.7)
+    assert len(list((tmp_path / "data").glob("pref_helpfulness_policy-sft-*.jsonl"))) == 4
+    assert len(pipeline.policy_pairs("helpfulness", str(tmp_path / "r1-ppo"), 1, sft=sft)) == 7  # a later round's too
+    assert len(calls) == n + 5  # (that one samples both policies)
 
 
 def test_the_gold_judge_imports_only_the_standard_library():
