@@ -654,12 +654,11 @@ class Pipeline:
 
     def policy_pairs(self, kind: str, policy: Path | str, index: int = 0, sft: Path | str | None = None) -> list:
         """reward.policy_pairs preference pairs over `policy`'s own samples, rated by the gold annotator
-        (toyworld.policy_pairs), written once to data/pref_<kind>_policy-<id>.jsonl and read back after (the id covers the sampling
-        settings, policy_pairs_settings). `index` 0:
-        the run's SFT policy, the file named by its weights (checkpoint.weights_fingerprint), so an SFT model
-        trained again samples again instead of reusing the old model's pairs. `index` > 0: the policy (path or URI)
-        is reward.policy_pairs_from[index - 1]: its own prompts, and its own file named by the path, so a changed
-        list samples again. With reward.policy_pairs_with_sft, such a later policy's pairs each set one of its
+        (toyworld.policy_pairs), written once to data/pref_<kind>_policy-<id>.jsonl and read back after (the id
+        covers the sampling settings: policy_pairs_settings). `index` 0: the run's SFT policy, the file named by its
+        weights (checkpoint.weights_fingerprint), so an SFT model trained again samples again instead of reusing the
+        old model's pairs. `index` > 0: the policy (path or URI) is reward.policy_pairs_from[index - 1]: its own
+        prompts, and its own file named by the path, so a changed list samples again. With reward.policy_pairs_with_sft, such a later policy's pairs each set one of its
         answers against one of the SFT policy `sft`'s on the same prompt."""
         from rayllama import storage
 
