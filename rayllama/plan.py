@@ -79,7 +79,7 @@ from rayllama.config import (
     load_config,
     model_config,
 )
-from rayllama.model import ModelConfig
+from rayllama.model_config import ModelConfig
 
 GB = 1e9
 CONTEXT = int(1e9)  # per process on a GPU
