@@ -38,7 +38,8 @@ class RayConfig:
 
 @dataclass
 class ModelSection:
-    """A preset (rayllama.model_config.PRESETS) plus optional per-field overrides; vocab_size comes from the tokenizer."""
+    """A preset (rayllama.model_config.PRESETS) plus optional per-field overrides; vocab_size comes from the
+    tokenizer."""
 
     preset: str = "tiny"
     dim: int | None = None

@@ -68,7 +68,8 @@ def sft_pairs_file(data_dir: Path, kind: str, sft_model: Path, cfg: PipelineConf
     """Where the reward stage keeps reward.policy_pairs' pairs over the SFT model `sft_model`'s own samples: named
     by the model's weights and the sampling settings, so an SFT model trained again, or other settings, sample
     again rather than reuse the earlier pairs."""
-    return Path(data_dir) / f"pref_{kind}_policy-sft-{weights_fingerprint(sft_model)}-{policy_pairs_settings(cfg)}.jsonl"
+    name = f"pref_{kind}_policy-sft-{weights_fingerprint(sft_model)}-{policy_pairs_settings(cfg)}.jsonl"
+    return Path(data_dir) / name
 
 
 def sample_policy_pairs(cfg: PipelineConfig, policy: Path | Sequence[Path], kind: str, n: int, seed: int,
@@ -658,8 +659,9 @@ class Pipeline:
         covers the sampling settings: policy_pairs_settings). `index` 0: the run's SFT policy, the file named by its
         weights (checkpoint.weights_fingerprint), so an SFT model trained again samples again instead of reusing the
         old model's pairs. `index` > 0: the policy (path or URI) is reward.policy_pairs_from[index - 1]: its own
-        prompts, and its own file named by the path, so a changed list samples again. With reward.policy_pairs_with_sft, such a later policy's pairs each set one of its
-        answers against one of the SFT policy `sft`'s on the same prompt."""
+        prompts, and its own file named by the path, so a changed list samples again. With
+        reward.policy_pairs_with_sft, such a later policy's pairs each set one of its answers against one of the SFT
+        policy `sft`'s on the same prompt."""
         from rayllama import storage
 
         r = self.cfg.reward
