@@ -149,12 +149,12 @@ def test_generator_refuses_stale_versions_and_corrupt_buckets(world):
     def update(version: int, corrupt: bool = False) -> int:
         learner.version = version
         assert learner.send_weights(1, 0.01, "float32", True)["ok"]  # 10 KB buckets: several of them
-        if corrupt:
-            channel.messages[3].view(-1)[0] += 1e-6  # message 3: the second bucket
+        if corrupt:  # message 2: the second bucket (after the preamble; the header is the last update's, not resent)
+            channel.messages[2].view(-1)[0] += 1e-6
         return gen.receive_weights(1)
 
     assert update(5) == 5 and gen.version() == 5
-    assert len(channel.messages) > 4  # header size, header, >= 2 buckets, digests
+    assert len(channel.messages) > 4  # preamble, header, >= 2 buckets, digests
     with pytest.raises(StaleWeightsError, match="older"):
         update(4)
     assert gen.version() == 5

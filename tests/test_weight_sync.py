@@ -146,6 +146,27 @@ def test_one_learner_rank_hands_its_parameters_over_unpacked(ray_session, policy
     def packed_slots(self):
         return [slot is not None for slot in self._weight_sync._ring]
 
+    def count_messages(self):
+        """From now on count this sender's broadcasts (preamble, header, bucket messages) and acknowledgements."""
+        member = self._weight_sync
+        member.counted = {"broadcasts": 0, "acks": 0}
+        send, acknowledge = member._send, member.acknowledge
+
+        def counted_send(pg, tensor):
+            member.counted["broadcasts"] += 1
+            send(pg, tensor)
+
+        def counted_acknowledge():
+            member.counted["acks"] += 1
+            acknowledge()
+
+        member._send, member.acknowledge = counted_send, counted_acknowledge
+
+    def counted(self):
+        counts = dict(self._weight_sync.counted)
+        self._weight_sync.counted.update(broadcasts=0, acks=0)
+        return counts
+
     try:
         assert sync.push(actors) == 0
         check_generators_follow_the_learner(ray, actors, 0)
@@ -153,12 +174,18 @@ def test_one_learner_rank_hands_its_parameters_over_unpacked(ray_session, policy
         for _ in range(3):
             ray.get(learner.__ray_call__.remote(adamw_step))
         perturb(ray, actors, 3)  # in place, as the optimizer: the parameters stay in the shared buffer
+        ray.get(learner.__ray_call__.remote(count_messages))
         assert sync.push(actors) == 4
+        # the header is the group's last one and says where every bucket lies: a preamble and the digests
+        # (verify_weights_every 1), one acknowledgement for all ~25 buckets
+        assert ray.get(learner.__ray_call__.remote(counted)) == {"broadcasts": 2, "acks": 1}
         check_generators_follow_the_learner(ray, actors, 4)
         assert [c[0].token_ids for c in ray.get(actors.generators[0].generate.remote(PROMPTS, GREEDY))] != before
         assert ray.get(learner.__ray_call__.remote(packed_slots)) == [False, False]  # nothing was packed
         ray.get(learner.__ray_call__.remote(replace_first))
         assert sync.push(actors) == 5
+        counts = ray.get(learner.__ray_call__.remote(counted))  # preamble, a new header, a message per bucket
+        assert counts["broadcasts"] > 20 and counts["acks"] == counts["broadcasts"] - 3, counts  # and digests
         check_generators_follow_the_learner(ray, actors, 5)
         assert ray.get(learner.__ray_call__.remote(packed_slots))[0]  # the replaced parameter's bucket was packed
         assert sync.forms == 1
@@ -226,6 +253,33 @@ def test_a_generator_killed_during_an_update_is_restarted_and_sent_the_weights(r
         assert armed.killed is not None
         assert "ws-kill-rollout-1" in caplog.text and "forming the weight-sync group again" in caplog.text
         assert elapsed < 10.0 + 60.0, elapsed  # a timeout and a restart at most
+        assert sync.forms == 2
+        check_generators_follow_the_learner(ray, actors, 1)
+    finally:
+        shutdown(ray, actors)
+
+
+def test_a_generator_restarted_between_updates_is_found_by_the_next_update_at_once(ray_session, policy_dir, caplog):
+    """A generator killed while idle (Ray restarts it): no generation round trip precedes an update over gloo, so
+    the update's first message finds the dead process's closed connection at once (not after the timeout), the
+    restarted generator refuses an update of a group it is not in, and the resend goes to a group formed again."""
+    ray = ray_session
+    actors = group(ray, policy_dir, 1, ["torch", "torch"], "ws-idle-kill-")
+    sync = WeightSync(backend="auto", bucket_mb=0.05, timeout_s=60.0)
+    caplog.set_level(logging.WARNING, logger="rayllama")
+    pid_of = lambda self: os.getpid()  # noqa: E731
+    try:
+        assert sync.push(actors) == 0
+        pid = ray.get(actors.generators[1].__ray_call__.remote(pid_of))
+        os.kill(pid, signal.SIGKILL)
+        assert ray.get(actors.generators[1].__ray_call__.remote(pid_of), timeout=120) != pid  # restarted
+        perturb(ray, actors, 1)
+        start = time.monotonic()
+        assert sync.push(actors) == 1
+        elapsed = time.monotonic() - start
+        assert elapsed < 15.0, elapsed  # the timeout is 60 s
+        assert "ws-idle-kill-rollout-1: " in caplog.text and "forming the weight-sync group again" in caplog.text
+        assert "ws-idle-kill-rollout-0" not in caplog.text  # its connection closed after the other's failure
         assert sync.forms == 2
         check_generators_follow_the_learner(ray, actors, 1)
     finally:
@@ -390,8 +444,9 @@ def test_a_failed_update_waits_for_a_restart_only_when_a_generator_died(monkeypa
     slept: list[float] = []
     monkeypatch.setattr(ws.time, "sleep", slept.append)
     sync = WeightSync(backend="gloo", timeout_s=30.0)
-    sync.generation = 1
-    monkeypatch.setattr(sync, "_generations", lambda actors: [1, 1])
+    sync.generation, sync.resolved = 1, "gloo"
+    formed: list[int] = []
+    monkeypatch.setattr(sync, "form", lambda actors: formed.append(1))
     tries: list[int] = []
 
     def push_once(actors: Any) -> int:
@@ -403,3 +458,4 @@ def test_a_failed_update_waits_for_a_restart_only_when_a_generator_died(monkeypa
     monkeypatch.setattr(sync, "_push_once", push_once)
     assert sync.push(types.SimpleNamespace(retries=2, local=False)) == 7
     assert len(tries) == 2 and slept == ([2.0] if restarting else [])
+    assert formed == [1]  # the resend went to a group formed again

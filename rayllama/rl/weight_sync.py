@@ -30,10 +30,14 @@ local actors, tests): the sender runs first and the receivers read what it wrote
 
 One update, every message a broadcast from rank 0:
 
-    1. header size          int64[1]
-    2. header               uint8 JSON: version, names, shapes, wire dtype, buckets (index ranges), verify
-    3. bucket 0 .. B-1      one flat tensor of the wire dtype each: the bucket's tensors, flattened, in order
+    1. preamble             int64[3]: header bytes (0: the same header as this group's last update), version, verify
+    2. header (if new)      uint8 JSON: names, shapes, wire dtype, buckets (index ranges), where shared buckets lie
+    3. bucket 0 .. B-1      one flat tensor of the wire dtype each: the bucket's tensors, flattened, in order (ipc:
+                            its handle message; none when the header says where every bucket lies)
     4. digests (if verify)  uint8[16 * B]: blake2b-128 of every bucket's bytes
+
+So an update of a model whose parameters rank 0 shares (one CPU rank, every member mapping them) is one preamble and
+one acknowledgement, whatever its number of buckets.
 
 Every learner rank iterates the policy's full state (`iter_full_state`: one FSDP all-gather per parameter); rank 0
 packs the tensors into buckets of ~`ppo.weight_sync.bucket_mb` MB and broadcasts each. A generator copies each
@@ -46,7 +50,10 @@ Faults: a member that died or stalled fails rank 0's broadcast within the timeou
 at once instead of waiting out the timeout) and reports which ranks fell behind: each receiver writes its progress
 into the store after every message. `WeightSync` (the driver's side) names those generators in one line, kills a
 stalled one (Ray restarts it), forms a new group and sends again, `retries` times; a restarted generator refuses
-to generate until it is sent weights (`ActorRestartedError`).
+to generate until it is sent weights (`ActorRestartedError`), and refuses an update of a group it is not in. Over
+gloo a generator that restarted between updates needs no check before each update: its old process's connections
+closed with it, so the update's first broadcast fails at once. Where the control messages go over NCCL, which waits
+out the timeout on a peer that is gone, the driver first asks every member its group generation.
 """
 
 from __future__ import annotations
@@ -80,6 +87,7 @@ DIGEST_BYTES = 16
 RING = 2  # bucket buffers per member: bucket b reuses bucket b-2's once its digest (if any) is done
 BACKENDS = ("gloo", "nccl", "ipc", "local")
 HANDLE_BYTES = 4096  # an ipc bucket message: int64 byte offset, int32 length, the pickled handle of a buffer
+PREAMBLE = 3  # an update's first message, int64s: header bytes (0: this group's last header again), version, verify
 
 
 class WeightSyncError(RuntimeError):
@@ -345,6 +353,8 @@ class SyncMember:
         self.wire_pg: Any = None  # the bucket bytes' group: the control group itself when nobody maps buffers
         self.store: Any = None
         self.step = 0  # messages of the current update so far
+        self.updates = 0  # updates begun in this group (progress reports name theirs: an old one's is no news)
+        self.header: bytes | None = None  # this group's last header (rank 0 sends one only when it changes)
         self._ring: list[torch.Tensor | None] = [None] * RING  # bucket buffers, reused across buckets and updates
         if backend == "local":
             self.channel, self._cursor = address, 0
@@ -408,36 +418,43 @@ class SyncMember:
         self.params = SharedParams(buffer, handle)
         self._unlink += [path] if path else []
 
-    def send_bucket(self, bucket: int, buffer: torch.Tensor, message: torch.Tensor | None = None) -> None:
+    def send_bucket(self, bucket: int, buffer: torch.Tensor, message: torch.Tensor | None = None,
+                    tell_mapped: bool = True) -> None:
         """Rank 0: bucket number `bucket`, packed in `self.bucket(bucket, ...)` (or lying in the shared parameters:
         its `message` given), to every member: its bytes over the wire group, then the handle message to the
-        members that map it (one message of the update)."""
+        members that map it (one message of the update; none when the header told them where every bucket is,
+        `tell_mapped` False)."""
         if self.on_wire:
             self._send(self.wire_pg, buffer)
-        if self.shares:
+        if self.shares and tell_mapped:
             if buffer.device.type == "cuda":
                 torch.cuda.synchronize(buffer.device)  # packed before the mapping receivers read it
             self._send(self.pg, self._messages[bucket % RING] if message is None else message)
         self._progress()
 
-    def receive_bucket(self, bucket: int, numel: int, dtype: torch.dtype, reuse: bool) -> torch.Tensor:
+    def receive_bucket(self, bucket: int, numel: int, dtype: torch.dtype, reuse: bool,
+                       shared: tuple[bytes, int] | None = None) -> torch.Tensor:
         """A receiver: bucket number `bucket` as a flat tensor. Over the wire: received into a ring slot when
         `reuse` (its tensors are copied out before the bucket after next), else into a fresh buffer. Mapped: rank
-        0's buffer itself when `reuse`, else a copy of it."""
+        0's buffer itself when `reuse`, else a copy of it; where it lies comes in a message, or, when the header
+        said (`shared`: rank 0's parameter buffer, the bucket's offset in it), without one."""
         if not self.mapped:
             buffer = self.bucket(bucket, numel, dtype) if reuse else torch.empty(numel, dtype=dtype,
                                                                                    device=self.device)
             self._send(self.wire_pg, buffer)
-            if self.shares:  # the handle message the mapping members read
+            if self.shares and shared is None:  # the handle message the mapping members read
                 self._send(self.pg, self._scratch)
             self._progress()
             return buffer
-        message = self._scratch
-        self._send(self.pg, message)
+        if shared is not None:
+            handle, offset = shared
+        else:
+            message = self._scratch
+            self._send(self.pg, message)
+            offset = int(message[:8].view(torch.int64).item())
+            length = int(message[8:12].view(torch.int32).item())
+            handle = bytes(message[12:12 + length].numpy().tobytes())
         self._progress()
-        offset = int(message[:8].view(torch.int64).item())
-        length = int(message[8:12].view(torch.int32).item())
-        handle = bytes(message[12:12 + length].numpy().tobytes())
         if handle not in self._opened:
             if len(self._opened) >= 2 * RING:  # rank 0 re-allocated its buffers: drop the oldest mappings
                 self._opened.pop(next(iter(self._opened)))
@@ -473,6 +490,7 @@ class SyncMember:
     def begin(self) -> None:
         """Start an update: the local channel's receivers read from its first message."""
         self.step = 0
+        self.updates += 1
         if self.channel is not None:
             if self.rank == 0:
                 self.channel.messages.clear()
@@ -497,17 +515,19 @@ class SyncMember:
     def _progress(self) -> None:
         self.step += 1
         if self.rank and self.store is not None:  # progress, read by rank 0 when an update fails
-            self.store.set(f"progress/{self.rank}", str(self.step))
+            self.store.set(f"progress/{self.rank}", f"{self.updates}:{self.step}")
 
     def behind(self, step: int) -> list[int]:
-        """Receiver ranks that did not report message `step` (1-based) done: the ones that failed an update."""
+        """Receiver ranks that did not report message `step` (1-based) of this update done: the ones that failed
+        it (a rank that restarted since the last update reports nothing, its old process the last update's)."""
         if self.store is None:
             return []
         late = []
         for rank in range(1, self.size):
             key = f"progress/{rank}"
-            done = int(self.store.get(key)) if self.store.check([key]) else 0
-            if done < step:
+            report = self.store.get(key).decode() if self.store.check([key]) else "0:0"
+            update, done = (int(v) for v in report.split(":"))
+            if update != self.updates or done < step:
                 late.append(rank)
         return late
 
@@ -533,49 +553,68 @@ def _next_named(tensors: Iterator[tuple[str, torch.Tensor]], name: str, k: int) 
 def send(member: SyncMember, names: Sequence[str], shapes: Sequence[Sequence[int]],
          tensors: Iterator[tuple[str, torch.Tensor]], version: int, dtype: torch.dtype, bucket_bytes: int,
          verify: bool) -> dict[str, Any]:
-    """Rank 0: header, the buckets packed from `tensors` (consumed in `names` order), digests. Returns
+    """Rank 0: preamble and header, the buckets packed from `tensors` (consumed in `names` order), digests. Returns
     {"version", "ok", "bytes", "buckets"}, or on a failed broadcast {"ok": False, "step", "behind", "error"}:
-    the caller drains `tensors` (other learner ranks gather with it) and drops the group."""
+    the caller drains `tensors` (other learner ranks gather with it) and drops the group.
+
+    When rank 0 shares its parameters (`share_params`) and every bucket lies in them as it is, the header says where
+    (`"shared"`: the buffer's handle and each bucket's byte offset): the members that map it copy every bucket out
+    without a message, and acknowledge once, at the end (nothing is packed, so no buffer is refilled)."""
     element = torch.empty((), dtype=dtype).element_size()
     buckets = plan_buckets(shapes, element, bucket_bytes)
-    header = json.dumps({"version": int(version), "names": list(names), "shapes": [list(s) for s in shapes],
-                         "dtype": str(dtype).removeprefix("torch."), "buckets": buckets,
-                         "verify": bool(verify)}).encode()
+    shared, places, where = member.params, None, None
+    if shared is not None:  # one rank (no gather): every tensor at hand, so the header can say where each bucket is
+        every = [_next_named(tensors, names[k], k) for k in range(len(names))]
+        tensors = iter(zip(names, every))
+        found = [shared.bucket(every[start:end], dtype) for start, end in buckets]
+        if all(p is not None for p in found):  # else a parameter was replaced since: bucket by bucket
+            places = [p for p in found if p is not None]
+            where = {"handle": shared.handle.hex(), "offsets": [offset for offset, _ in places]}
+    header = json.dumps({"names": list(names), "shapes": [list(s) for s in shapes],
+                         "dtype": str(dtype).removeprefix("torch."), "buckets": buckets, "shared": where}).encode()
     pool = ThreadPoolExecutor(1) if verify else None
     futures: list[Future[bytes]] = []
     member.begin()
     sent = 0
     try:
-        member.broadcast(torch.tensor([len(header)], dtype=torch.int64, device=member.control))
-        member.broadcast(torch.frombuffer(bytearray(header), dtype=torch.uint8).to(member.control))
+        fresh = header != member.header
+        member.broadcast(torch.tensor([len(header) if fresh else 0, int(version), int(verify)], dtype=torch.int64,
+                                      device=member.control))
+        if fresh:
+            member.broadcast(torch.frombuffer(bytearray(header), dtype=torch.uint8).to(member.control))
+            member.header = header
         for b, (start, end) in enumerate(buckets):
             numels = [_numel(shapes[k]) for k in range(start, end)]
-            if b >= RING:
-                if futures:
-                    futures[b - RING].result()  # its digest read the slot this bucket packs into
-                member.acknowledge()  # ipc: every receiver is done with bucket b - RING, which used this slot
-            shared, place = member.params, None
-            if shared is not None:  # shared parameters: the bucket may lie in them as it is
-                listed = [_next_named(tensors, names[k], k) for k in range(start, end)]
-                place = shared.bucket(listed, dtype)
-                source: Iterator[torch.Tensor] = iter(listed)
-            else:  # gathered one at a time (FSDP) as they are packed
-                source = (_next_named(tensors, names[k], k) for k in range(start, end))
-            if shared is not None and place is not None:
-                offset, nbytes = place
+            if shared is not None and places is not None:  # in the shared parameters: a message to the wire only
+                offset, nbytes = places[b]
                 buffer = shared.buffer[offset:offset + nbytes].view(dtype)
-                member.send_bucket(b, buffer, _handle_message(shared.handle, offset))
+                member.send_bucket(b, buffer, tell_mapped=False)
             else:
-                buffer = member.bucket(b, sum(numels), dtype)
-                offset = 0
-                for tensor, numel in zip(source, numels, strict=True):
-                    buffer[offset:offset + numel].copy_(tensor.reshape(-1))
-                    offset += numel
-                member.send_bucket(b, buffer)
+                if b >= RING:
+                    if futures:
+                        futures[b - RING].result()  # its digest read the slot this bucket packs into
+                    member.acknowledge()  # ipc: every receiver is done with bucket b - RING, which used this slot
+                if shared is not None:  # the bucket may lie in the shared parameters as it is
+                    listed = [_next_named(tensors, names[k], k) for k in range(start, end)]
+                    place = shared.bucket(listed, dtype)
+                    source: Iterator[torch.Tensor] = iter(listed)
+                else:  # gathered one at a time (FSDP) as they are packed
+                    place = None
+                    source = (_next_named(tensors, names[k], k) for k in range(start, end))
+                if shared is not None and place is not None:
+                    buffer = shared.buffer[place[0]:place[0] + place[1]].view(dtype)
+                    member.send_bucket(b, buffer, _handle_message(shared.handle, place[0]))
+                else:
+                    buffer = member.bucket(b, sum(numels), dtype)
+                    offset = 0
+                    for tensor, numel in zip(source, numels, strict=True):
+                        buffer[offset:offset + numel].copy_(tensor.reshape(-1))
+                        offset += numel
+                    member.send_bucket(b, buffer)
             sent += buffer.numel() * element
             if pool is not None:
                 futures.append(pool.submit(digest, buffer))
-        for _ in range(min(RING, len(buckets))):
+        for _ in range(1 if places is not None else min(RING, len(buckets))):
             member.acknowledge()  # ipc: the receivers are done with the last buckets
         member.unlink_mapped()
         if pool is not None:
@@ -635,14 +674,17 @@ class Incoming:
         start, end = self.header["buckets"][b]
         shapes = self.header["shapes"]
         numel, dtype = sum(_numel(shapes[k]) for k in range(start, end)), wire_dtype(self.header["dtype"])
-        buffer = self.member.receive_bucket(b, numel, dtype, reuse)
+        shared = self.header["shared"]
+        where = (bytes.fromhex(shared["handle"]), int(shared["offsets"][b])) if shared else None
+        buffer = self.member.receive_bucket(b, numel, dtype, reuse, where)
         done = b - RING + 1  # the consumer has moved on to bucket b, so it is done with every bucket before it
         if done >= 0:
             if self._digests:
                 self._digests[done].result()  # its digest read the slot (ipc: rank 0's buffer) it was in
-            # ipc: rank 0 waits for this before packing bucket done + RING: acknowledged now, as soon as bucket b
-            # arrived, rank 0 packs that bucket while this member copies b out (the two copies overlap)
-            self.member.acknowledge()
+            if not shared:  # (rank 0 refills nothing when every bucket lies in its parameters: one ack, at the end)
+                # ipc: rank 0 waits for this before packing bucket done + RING: acknowledged now, as soon as bucket
+                # b arrived, rank 0 packs that bucket while this member copies b out (the two copies overlap)
+                self.member.acknowledge()
         if self.header["verify"]:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1)
@@ -675,7 +717,8 @@ class Incoming:
             while self._next_bucket < len(self.header["buckets"]):
                 self._receive_bucket(reuse=True)  # drained: nobody keeps these
             got = b"".join(f.result() for f in self._digests)
-            for _ in range(min(RING - 1, len(self.header["buckets"]))):
+            last = 1 if self.header["shared"] else min(RING - 1, len(self.header["buckets"]))
+            for _ in range(last):
                 self.member.acknowledge()  # ipc: done with the last buckets (the earlier ones were acknowledged)
             if not self.header["verify"]:
                 return
@@ -694,13 +737,18 @@ class Incoming:
 
 
 def receive(member: SyncMember) -> Incoming:
-    """Start receiving an update: its header."""
+    """Start receiving an update: its preamble, and its header unless it is the group's last one again."""
     member.begin()
-    size = torch.empty(1, dtype=torch.int64, device=member.control)
-    member.broadcast(size)
-    raw = torch.empty(int(size.item()), dtype=torch.uint8, device=member.control)
-    member.broadcast(raw)
-    return Incoming(member, json.loads(raw.cpu().numpy().tobytes().decode()))
+    preamble = torch.empty(PREAMBLE, dtype=torch.int64, device=member.control)
+    member.broadcast(preamble)
+    size, version, verify = (int(v) for v in preamble.cpu().tolist())
+    if size:
+        raw = torch.empty(size, dtype=torch.uint8, device=member.control)
+        member.broadcast(raw)
+        member.header = bytes(raw.cpu().numpy().tobytes())
+    elif member.header is None:
+        raise RuntimeError("weight sync: the learner sent no header and this member has none from this group")
+    return Incoming(member, {**json.loads(member.header.decode()), "version": version, "verify": bool(verify)})
 
 
 def check_header(incoming: Incoming, expected: dict[str, tuple[int, ...]], current_version: int) -> None:
@@ -856,15 +904,26 @@ class WeightSync:
 
     # ------------------------------------------------------------------ updates
 
+    def _asks_generations(self, actors: RLActors) -> bool:
+        """Whether a push first asks every member its group generation (one Ray call each): where the group's
+        control messages go over NCCL, which waits out the timeout on a member that is gone, and for local
+        members. Over gloo a restarted member's old process is gone, and with it its connections: the first
+        broadcast of the update fails at once, and the retry forms the group again."""
+        return actors.local or self.resolved == "nccl"
+
     def push(self, actors: RLActors) -> int:
         """Send the learners' current weights to every generator; returns their version."""
         attempt = 0
         while True:
             try:
-                if self.generation == 0 or any(g != self.generation for g in self._generations(actors)):
+                if self.generation == 0 or (self._asks_generations(actors)
+                                            and any(g != self.generation for g in self._generations(actors))):
                     self.form(actors)
                 return self._push_once(actors)
-            except WeightSyncError as e:
+            except BaseException as e:
+                self.generation = 0  # whatever failed, the next try forms the group again
+                if not isinstance(e, WeightSyncError):
+                    raise
                 attempt += 1
                 if attempt > actors.retries:
                     raise ActorCallError(f"generator weight update failed {attempt} time(s): {e}") from None
@@ -900,6 +959,7 @@ class WeightSync:
     def _check(self, actors: RLActors, results: list[dict[str, Any]], outcomes: list[Any]) -> int:
         sent = results[0]
         lost: list[str] = []
+        after: list[str] = []  # errors that may only follow another member's failure (a connection it closed)
         stalled: list[int] = []
         died = False
         behind = {self.owners.get(r, r - 1) for r in sent.get("behind", [])}  # ranks -> generator indices
@@ -915,10 +975,13 @@ class WeightSync:
                             f"{self.timeout_s:g} s)")
                 stalled.append(i)
             elif isinstance(outcome, Exception):
-                if sent["ok"] or i in behind:
+                if sent["ok"] or isinstance(outcome, WeightSyncError):  # e.g. restarted, so not in the group
                     lost.append(f"{name}: {_one_line(outcome)}")
+                elif i in behind:
+                    after.append(f"{name}: {_one_line(outcome)}")
             elif outcome != sent["version"]:
                 lost.append(f"{name} took version {outcome}, the learner sent {sent['version']}")
+        lost = lost or after
         if not sent["ok"] and not lost:
             lost.append(f"the broadcast failed at message {sent['step']} ({sent['error']})")
         if lost:
