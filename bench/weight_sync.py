@@ -19,7 +19,10 @@ For each model size (millions of parameters) and generator count, a `PolicyLearn
     memcpy each   the same for --generators times the bytes: every generator holds its own copy of the weights,
                   so a sync into N generators writes N copies, whatever carries them
 
-Reported: median seconds per update and the ratios to memcpy. Writes bench/results/weight_sync.json.
+Both memcpys run right after every timed update, so each update has its floor measured in the same moment (this
+machine's memory bandwidth moves by up to 2x between seconds). Reported (ms): median time per update, the median
+memcpy, and each path's ratio to memcpy as the median of the per-update ratios. Writes
+bench/results/weight_sync.json.
 """
 
 from __future__ import annotations
@@ -48,16 +51,18 @@ SHAPES = {  # ~10M and ~100M parameters (count_params below prints the exact num
 }
 
 
-def memcpy_seconds(nbytes: int, reps: int) -> float:
-    src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)  # fault the pages in first
-    times = []
-    for _ in range(reps):
+class Memcpy:
+    """`np.copyto` of the first `n` bytes of a buffer into another (both faulted in once, up front)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+        self.dst = np.empty_like(self.src)
+        np.copyto(self.dst, self.src)
+
+    def seconds(self, n: int) -> float:
         start = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        np.copyto(self.dst[:n], self.src[:n])
+        return time.perf_counter() - start
 
 
 def _object_store_weights(self) -> Any:
@@ -97,32 +102,45 @@ def bench_size(ray, size: int, reps: int, n_generators: int, bucket_mb: float, r
     actors = RLActors(learners=[learner], reference=None, reward_helpfulness=None, reward_safety=None,
                       generators=gens, call_timeout_s=600.0)
 
-    def timed(fn) -> float:
-        times = []
-        for _ in range(reps + 1):  # the first run warms up (group formation, object store pages)
+    nbytes = 4 * count_params(cfg)
+    memcpy = Memcpy(n_generators * nbytes)
+    copies: list[float] = []
+    copies_each: list[float] = []
+    row: dict[str, Any] = {"params": count_params(cfg), "bytes": nbytes, "generators": n_generators,
+                           "bucket_mb": bucket_mb}
+
+    def timed(name: str, fn) -> None:
+        """Row `name`_s: median seconds of `fn`; `name`_per_memcpy: the median of each run's ratio to a memcpy
+        of its bytes timed right after it (and _per_memcpy_each: to the memcpy of every generator's bytes)."""
+        times, ratios, ratios_each = [], [], []
+        for rep in range(reps + 1):  # the first run warms up (group formation, object store pages)
             start = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times[1:])
+            took = time.perf_counter() - start
+            copy, copy_each = memcpy.seconds(nbytes), memcpy.seconds(n_generators * nbytes)
+            if rep:
+                times.append(took)
+                copies.append(copy)
+                copies_each.append(copy_each)
+                ratios.append(took / copy)
+                ratios_each.append(took / copy_each)
+        row.update({f"{name}_s": statistics.median(times), f"{name}_per_memcpy": statistics.median(ratios),
+                    f"{name}_per_memcpy_each": statistics.median(ratios_each)})
 
-    seconds = {}
     for backend in ("gloo", "ipc"):
         for verify in (0, 1):
             sync = WeightSync(backend=backend, bucket_mb=bucket_mb, timeout_s=120.0, verify_every=verify)
-            seconds[f"{backend}{'_verified' if verify else ''}_s"] = timed(lambda sync=sync: sync.push(actors))
+            timed(f"{backend}{'_verified' if verify else ''}", lambda sync=sync: sync.push(actors))
 
     def object_store() -> None:
         ref, _ = ray.get(learner.__ray_call__.remote(_object_store_weights))
         ray.get([g.__ray_call__.remote(_object_store_load, ref) for g in gens])
         del ref
 
-    object_store_s = timed(object_store)
+    timed("object_store", object_store)
     for a in [learner, *gens]:
         ray.kill(a)
-    nbytes = 4 * count_params(cfg)
-    return {"params": count_params(cfg), "bytes": nbytes, "generators": n_generators, "bucket_mb": bucket_mb,
-            **seconds, "object_store_s": object_store_s,
-            "memcpy_s": memcpy_seconds(nbytes, reps), "memcpy_each_s": memcpy_seconds(n_generators * nbytes, reps)}
+    return {**row, "memcpy_s": statistics.median(copies), "memcpy_each_s": statistics.median(copies_each)}
 
 
 def main() -> None:
@@ -144,15 +162,16 @@ def main() -> None:
     finally:
         ray.shutdown()
     print(f"\nweight update, learner -> generators, fp32, {args.bucket_mb:g} MB buckets (median of {args.reps}, "
-          f"seconds)")
-    print(f"{'params':>8}{'MiB':>8}{'gens':>6}{'gloo':>8}{'+verify':>9}{'ipc':>8}{'+verify':>9}{'obj store':>11}{'memcpy':>9}"
-          f"{'ipc/memcpy':>12}{'gloo/memcpy':>13}{'store/memcpy':>14}{'memcpy each':>13}{'ipc/each':>10}")
+          f"ms; a ratio is the median of the per-update ratios to a memcpy timed right after the update)")
+    print(f"{'params':>8}{'MiB':>6}{'gens':>5}{'gloo':>8}{'+verify':>9}{'ipc':>7}{'+verify':>9}{'obj store':>10}"
+          f"{'memcpy':>8}{'ipc/memcpy':>11}{'gloo/memcpy':>12}{'store/memcpy':>13}{'memcpy each':>12}{'ipc/each':>9}")
     for r in rows:
-        print(f"{r['params'] / 1e6:>7.1f}M{r['bytes'] / 2**20:>8.0f}{r['generators']:>6}{r['gloo_s']:>8.3f}{r['gloo_verified_s']:>9.3f}"
-              f"{r['ipc_s']:>8.3f}{r['ipc_verified_s']:>9.3f}{r['object_store_s']:>11.3f}{r['memcpy_s']:>9.3f}"
-              f"{r['ipc_s'] / r['memcpy_s']:>12.1f}{r['gloo_s'] / r['memcpy_s']:>13.1f}"
-              f"{r['object_store_s'] / r['memcpy_s']:>14.1f}{r['memcpy_each_s']:>13.3f}"
-              f"{r['ipc_s'] / r['memcpy_each_s']:>10.1f}")
+        ms = {k: 1000 * v for k, v in r.items() if k.endswith("_s")}
+        print(f"{r['params'] / 1e6:>7.1f}M{r['bytes'] / 2**20:>6.0f}{r['generators']:>5}{ms['gloo_s']:>8.1f}"
+              f"{ms['gloo_verified_s']:>9.1f}{ms['ipc_s']:>7.1f}{ms['ipc_verified_s']:>9.1f}"
+              f"{ms['object_store_s']:>10.1f}{ms['memcpy_s']:>8.1f}{r['ipc_per_memcpy']:>11.1f}"
+              f"{r['gloo_per_memcpy']:>12.1f}{r['object_store_per_memcpy']:>13.1f}{ms['memcpy_each_s']:>12.1f}"
+              f"{r['ipc_per_memcpy_each']:>9.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2) + "\n")
 
