@@ -321,6 +321,26 @@ def test_a_generator_that_stops_answering_mid_update_is_named_within_the_timeout
         shutdown(ray, actors)
 
 
+def test_a_generation_round_trip_precedes_an_update_only_where_a_lost_member_could_go_unnoticed():
+    """Over gloo with every rank in its generator's process, a restarted generator fails the first broadcast (its
+    connections closed with its old process): no Ray call per update. Over NCCL (which waits out the timeout on a
+    peer that is gone), with vLLM tensor-parallel workers (processes of their own), and for local members, the
+    driver asks every member its group generation first."""
+    import types
+
+    def asks(resolved: Any, owners: dict[int, int], local: bool = False) -> bool:
+        sync = WeightSync()
+        sync.resolved, sync.owners = resolved, owners
+        return sync._asks_generations(types.SimpleNamespace(local=local, generators=[object(), object()]))
+
+    one_rank_each = {1: 0, 2: 1}
+    assert not asks("gloo", one_rank_each) and not asks("ipc", one_rank_each)
+    assert not asks({"wire": "nccl", "ipc": [1]}, one_rank_each)  # control messages over gloo
+    assert asks("nccl", one_rank_each)
+    assert asks("ipc", {1: 0, 2: 0, 3: 1, 4: 1})  # two tensor-parallel workers per generator
+    assert asks("local", one_rank_each, local=True)
+
+
 def test_the_backend_follows_where_the_members_are():
     """auto: members that can map the learner's buffers do (its machine on CPU, its GPU on CUDA), the others get the
     bytes over gloo / NCCL; a layout nothing serves is a one-line error naming the members."""
@@ -456,6 +476,6 @@ def test_a_failed_update_waits_for_a_restart_only_when_a_generator_died(monkeypa
         return 7
 
     monkeypatch.setattr(sync, "_push_once", push_once)
-    assert sync.push(types.SimpleNamespace(retries=2, local=False)) == 7
+    assert sync.push(types.SimpleNamespace(retries=2, local=False, generators=[object()])) == 7
     assert len(tries) == 2 and slept == ([2.0] if restarting else [])
     assert formed == [1]  # the resend went to a group formed again

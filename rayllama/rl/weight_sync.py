@@ -53,7 +53,8 @@ stalled one (Ray restarts it), forms a new group and sends again, `retries` time
 to generate until it is sent weights (`ActorRestartedError`), and refuses an update of a group it is not in. Over
 gloo a generator that restarted between updates needs no check before each update: its old process's connections
 closed with it, so the update's first broadcast fails at once. Where the control messages go over NCCL, which waits
-out the timeout on a peer that is gone, the driver first asks every member its group generation.
+out the timeout on a peer that is gone, or a generator's ranks are processes of their own (vLLM's tensor-parallel
+workers), the driver first asks every member its group generation.
 """
 
 from __future__ import annotations
@@ -906,10 +907,12 @@ class WeightSync:
 
     def _asks_generations(self, actors: RLActors) -> bool:
         """Whether a push first asks every member its group generation (one Ray call each): where the group's
-        control messages go over NCCL, which waits out the timeout on a member that is gone, and for local
-        members. Over gloo a restarted member's old process is gone, and with it its connections: the first
-        broadcast of the update fails at once, and the retry forms the group again."""
-        return actors.local or self.resolved == "nccl"
+        control messages go over NCCL, which waits out the timeout on a member that is gone; where a generator's
+        ranks live in processes of their own (vLLM's tensor-parallel workers, which may outlive a killed generator
+        for a while, their connections open); and for local members. Otherwise (gloo, every rank in its
+        generator's own process) a restarted generator's old process is gone, and with it its connections: the
+        update's first broadcast fails at once, and the retry forms the group again."""
+        return actors.local or self.resolved == "nccl" or len(self.owners) > len(actors.generators)
 
     def push(self, actors: RLActors) -> int:
         """Send the learners' current weights to every generator; returns their version."""
