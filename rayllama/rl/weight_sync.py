@@ -19,8 +19,9 @@ handle (opened once per buffer, cached); a receiver reads the tensors straight f
 rank 0 packs bucket b into the buffer bucket b-2 used, every member acknowledges (an all-reduce) that it is done
 with b-2: as soon as bucket b-1 has arrived, so rank 0 packs b while the members copy b-1 out. A learner of one rank
 on CPU goes further (`SyncMember.share_params`): its parameters move into one shared buffer when the group forms,
-and a bucket that lies in it is handed over as (handle, offset) without being packed, so a generator copies straight
-out of the learner's parameters: one copy per update where packing made two. `ppo.weight_sync.backend: auto` decides
+and when every bucket lies in it the header says where (handle, offsets): nothing is packed, and a generator copies
+straight out of the learner's parameters: one copy per update where packing made two (a parameter replaced since, its
+storage no longer the shared one, has the update packed as usual). `ppo.weight_sync.backend: auto` decides
 per member (`resolve_backend`): the members on the learner's machine (CPU, when /dev/shm has room) or on its GPU map
 its buffers; the others get the bucket bytes over a second group, gloo on CPU or NCCL across GPUs, in the same
 update (a generator Ray places beside learner rank 0 by CUDA IPC, the rest by NCCL).
@@ -87,7 +88,7 @@ log = logging.getLogger("rayllama")
 DIGEST_BYTES = 16
 RING = 2  # bucket buffers per member: bucket b reuses bucket b-2's once its digest (if any) is done
 BACKENDS = ("gloo", "nccl", "ipc", "local")
-HANDLE_BYTES = 4096  # an ipc bucket message: int64 byte offset, int32 length, the pickled handle of a buffer
+HANDLE_BYTES = 4096  # an ipc bucket message: int32 length, then the pickled handle of a ring buffer
 PREAMBLE = 3  # an update's first message, int64s: header bytes (0: this group's last header again), version, verify
 
 
@@ -270,22 +271,21 @@ def _shared_buffer(nbytes: int, device: torch.device, tag: str) -> tuple[torch.T
     return buffer, pickle.dumps(("cuda", *reduce_tensor(buffer))), None
 
 
-def _handle_message(handle: bytes, offset: int = 0) -> torch.Tensor:
-    """The HANDLE_BYTES bucket message of a buffer handle: int64 byte offset of the bucket in the buffer, int32
+def _handle_message(handle: bytes) -> torch.Tensor:
+    """The HANDLE_BYTES bucket message of a ring buffer's handle (the bucket starts at its first byte): int32
     length of the handle, then the handle."""
-    if len(handle) > HANDLE_BYTES - 12:
-        raise RuntimeError(f"weight sync: a buffer handle of {len(handle)} bytes exceeds {HANDLE_BYTES - 12}")
+    if len(handle) > HANDLE_BYTES - 4:
+        raise RuntimeError(f"weight sync: a buffer handle of {len(handle)} bytes exceeds {HANDLE_BYTES - 4}")
     message = torch.zeros(HANDLE_BYTES, dtype=torch.uint8)
-    message[:8] = torch.tensor([offset], dtype=torch.int64).view(torch.uint8)
-    message[8:12] = torch.tensor([len(handle)], dtype=torch.int32).view(torch.uint8)
-    message[12:12 + len(handle)] = torch.frombuffer(bytearray(handle), dtype=torch.uint8)
+    message[:4] = torch.tensor([len(handle)], dtype=torch.int32).view(torch.uint8)
+    message[4:4 + len(handle)] = torch.frombuffer(bytearray(handle), dtype=torch.uint8)
     return message
 
 
 @dataclass
 class SharedParams:
-    """Rank 0's parameters moved into one buffer the mapping members can open (`SyncMember.share_params`): a
-    bucket whose tensors lie in it in order, in the wire dtype, is handed over as (handle, offset), unpacked."""
+    """Rank 0's parameters moved into one buffer the mapping members can open (`SyncMember.share_params`): when
+    every bucket's tensors lie in it in order, in the wire dtype, the header gives each bucket's offset in it."""
 
     buffer: torch.Tensor  # flat uint8, every parameter a view into it
     handle: bytes
@@ -392,8 +392,8 @@ class SyncMember:
 
     def share_params(self, module: torch.nn.Module) -> None:
         """Rank 0 on CPU, when members map its buffers and /dev/shm has room: move `module`'s parameters
-        (state-dict order) into one buffer they can map, so that `send` hands over the buckets lying in it
-        unpacked (the receivers copy straight out of the parameters: one copy per update instead of two). The
+        (state-dict order) into one buffer they can map, so that `send` tells where each bucket lies in it
+        instead of packing (the receivers copy straight out of the parameters: one copy per update, not two). The
         parameters stay the same objects (their `.data` moves), so optimizers keep working on them. Nothing
         otherwise, nor for tied, non-parameter or mixed-dtype state (packed as usual)."""
         if not self.shares or self.rank != 0 or self.device.type != "cpu":
@@ -419,18 +419,16 @@ class SyncMember:
         self.params = SharedParams(buffer, handle)
         self._unlink += [path] if path else []
 
-    def send_bucket(self, bucket: int, buffer: torch.Tensor, message: torch.Tensor | None = None,
-                    tell_mapped: bool = True) -> None:
-        """Rank 0: bucket number `bucket`, packed in `self.bucket(bucket, ...)` (or lying in the shared parameters:
-        its `message` given), to every member: its bytes over the wire group, then the handle message to the
-        members that map it (one message of the update; none when the header told them where every bucket is,
-        `tell_mapped` False)."""
+    def send_bucket(self, bucket: int, buffer: torch.Tensor, tell_mapped: bool = True) -> None:
+        """Rank 0: bucket number `bucket`, packed in `self.bucket(bucket, ...)` (or lying in the shared parameters,
+        `tell_mapped` False: the header told the mapping members where), to every member: its bytes over the wire
+        group, then the ring buffer's handle message to the members that map it."""
         if self.on_wire:
             self._send(self.wire_pg, buffer)
         if self.shares and tell_mapped:
             if buffer.device.type == "cuda":
                 torch.cuda.synchronize(buffer.device)  # packed before the mapping receivers read it
-            self._send(self.pg, self._messages[bucket % RING] if message is None else message)
+            self._send(self.pg, self._messages[bucket % RING])
         self._progress()
 
     def receive_bucket(self, bucket: int, numel: int, dtype: torch.dtype, reuse: bool,
@@ -452,9 +450,8 @@ class SyncMember:
         else:
             message = self._scratch
             self._send(self.pg, message)
-            offset = int(message[:8].view(torch.int64).item())
-            length = int(message[8:12].view(torch.int32).item())
-            handle = bytes(message[12:12 + length].numpy().tobytes())
+            offset, length = 0, int(message[:4].view(torch.int32).item())
+            handle = bytes(message[4:4 + length].numpy().tobytes())
         self._progress()
         if handle not in self._opened:
             if len(self._opened) >= 2 * RING:  # rank 0 re-allocated its buffers: drop the oldest mappings
@@ -568,7 +565,7 @@ def send(member: SyncMember, names: Sequence[str], shapes: Sequence[Sequence[int
         every = [_next_named(tensors, names[k], k) for k in range(len(names))]
         tensors = iter(zip(names, every))
         found = [shared.bucket(every[start:end], dtype) for start, end in buckets]
-        if all(p is not None for p in found):  # else a parameter was replaced since: bucket by bucket
+        if all(p is not None for p in found):  # else a parameter was replaced since: every bucket is packed
             places = [p for p in found if p is not None]
             where = {"handle": shared.handle.hex(), "offsets": [offset for offset, _ in places]}
     header = json.dumps({"names": list(names), "shapes": [list(s) for s in shapes],
@@ -590,28 +587,17 @@ def send(member: SyncMember, names: Sequence[str], shapes: Sequence[Sequence[int
                 offset, nbytes = places[b]
                 buffer = shared.buffer[offset:offset + nbytes].view(dtype)
                 member.send_bucket(b, buffer, tell_mapped=False)
-            else:
+            else:  # packed into a ring slot (gathered one at a time under FSDP as they are packed)
                 if b >= RING:
                     if futures:
                         futures[b - RING].result()  # its digest read the slot this bucket packs into
                     member.acknowledge()  # ipc: every receiver is done with bucket b - RING, which used this slot
-                if shared is not None:  # the bucket may lie in the shared parameters as it is
-                    listed = [_next_named(tensors, names[k], k) for k in range(start, end)]
-                    place = shared.bucket(listed, dtype)
-                    source: Iterator[torch.Tensor] = iter(listed)
-                else:  # gathered one at a time (FSDP) as they are packed
-                    place = None
-                    source = (_next_named(tensors, names[k], k) for k in range(start, end))
-                if shared is not None and place is not None:
-                    buffer = shared.buffer[place[0]:place[0] + place[1]].view(dtype)
-                    member.send_bucket(b, buffer, _handle_message(shared.handle, place[0]))
-                else:
-                    buffer = member.bucket(b, sum(numels), dtype)
-                    offset = 0
-                    for tensor, numel in zip(source, numels, strict=True):
-                        buffer[offset:offset + numel].copy_(tensor.reshape(-1))
-                        offset += numel
-                    member.send_bucket(b, buffer)
+                buffer = member.bucket(b, sum(numels), dtype)
+                offset = 0
+                for k, numel in zip(range(start, end), numels, strict=True):
+                    buffer[offset:offset + numel].copy_(_next_named(tensors, names[k], k).reshape(-1))
+                    offset += numel
+                member.send_bucket(b, buffer)
             sent += buffer.numel() * element
             if pool is not None:
                 futures.append(pool.submit(digest, buffer))
