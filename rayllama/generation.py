@@ -549,7 +549,6 @@ class TorchEngine(GenerationEngine):
     def weight_version(self) -> int:
         return self.batcher.version
 
-
     def load_weights_stream(self, tensors: Iterable[tuple[str, Tensor]], version: int, count: int) -> None:
         if hasattr(tensors, "copies"):  # weight_sync.BucketStream: each tensor is copied before the next is taken
             tensors.copies = True  # type: ignore[attr-defined]
