@@ -473,7 +473,7 @@ class SyncMember:
         A member sends rank 0 a message and goes on (its send returns once written, not once read); rank 0
         receives one from every member, each within the timeout (a member that died fails it at once), and may
         refill that buffer after. Nothing otherwise. (An all-reduce made the member that finished last wait a round
-        trip more: ~1 ms of a 10 ms update on two CPU cores.)"""
+        trip more: 0.68 against 0.23 ms inside a 7.7 ms update on two CPU cores, bench/weight_sync_breakdown.py.)"""
         if not self.shares:
             return
         if self.device.type == "cuda":
