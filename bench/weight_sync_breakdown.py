@@ -34,7 +34,7 @@ from weight_sync import SHAPES, Memcpy  # noqa: E402
 from rayllama.config import PPOConfig  # noqa: E402
 from rayllama.model import Transformer, count_params  # noqa: E402
 
-STEPS = {  # name: (what it measures, from, to); timestamps: driver t0/t1, learner l.*, generator g.*
+STEPS = {  # printed name: (from, to) timestamps: the driver's t0 / t1, the learner's l.*, the generator's g.*
     "generator call starts": ("t0", "g.receive"),
     "learner call starts": ("t0", "l.call"),
     "learner before its send": ("l.call", "l.send"),
