@@ -84,12 +84,13 @@ def _object_store_load(self, state: dict) -> int:
     return self.engine.weight_version
 
 
-def bench_size(ray, size: int, reps: int, n_generators: int, bucket_mb: float, root: Path) -> dict:
+def start_actors(ray, size: int, n_generators: int, root: Path) -> Any:
+    """A `PolicyLearnerActor` over a random model of `size` M parameters and `n_generators`
+    `RolloutGeneratorActor`s (half a CPU and one torch thread each), ready, as the loops' `RLActors`."""
     from actors.policy import PolicyLearnerActor
     from actors.rollout import RolloutGeneratorActor
     from rayllama.checkpoint import save_model
     from rayllama.rl.actors_api import RLActors
-    from rayllama.rl.weight_sync import WeightSync
 
     cfg = SHAPES[size]
     torch.manual_seed(0)
@@ -99,9 +100,16 @@ def bench_size(ray, size: int, reps: int, n_generators: int, bucket_mb: float, r
     gens = [RolloutGeneratorActor.options(num_cpus=0.5).remote(str(model_dir), threads=1)
             for _ in range(n_generators)]
     ray.get([a.__ray_ready__.remote() for a in [learner, *gens]])
-    actors = RLActors(learners=[learner], reference=None, reward_helpfulness=None, reward_safety=None,
-                      generators=gens, call_timeout_s=600.0)
+    return RLActors(learners=[learner], reference=None, reward_helpfulness=None, reward_safety=None,
+                    generators=gens, call_timeout_s=600.0)
 
+
+def bench_size(ray, size: int, reps: int, n_generators: int, bucket_mb: float, root: Path) -> dict:
+    from rayllama.rl.weight_sync import WeightSync
+
+    actors = start_actors(ray, size, n_generators, root)
+    learner, gens = actors.learners[0], actors.generators
+    cfg = SHAPES[size]
     nbytes = 4 * count_params(cfg)
     memcpy = Memcpy(n_generators * nbytes)
     copies: list[float] = []

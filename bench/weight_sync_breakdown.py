@@ -24,15 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 os.environ.setdefault("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from weight_sync import SHAPES, Memcpy  # noqa: E402
+from weight_sync import SHAPES, Memcpy, start_actors  # noqa: E402
 
-from rayllama.config import PPOConfig  # noqa: E402
-from rayllama.model import Transformer, count_params  # noqa: E402
+from rayllama.model import count_params  # noqa: E402
 
 STEPS = {  # printed name: (from, to) timestamps: the driver's t0 / t1, the learner's l.*, the generator's g.*
     "generator call starts": ("t0", "g.receive"),
@@ -108,10 +105,6 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    from actors.policy import PolicyLearnerActor
-    from actors.rollout import RolloutGeneratorActor
-    from rayllama.checkpoint import save_model
-    from rayllama.rl.actors_api import RLActors
     from rayllama.rl.weight_sync import WeightSync
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
@@ -120,14 +113,8 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = SHAPES[args.size]
-            torch.manual_seed(0)
-            model_dir = save_model(Path(tmp) / "policy", Transformer(cfg), cfg)
-            learner = PolicyLearnerActor.options(num_cpus=0.5).remote(
-                str(model_dir), None, PPOConfig(value_init="sft"), threads=1)
-            generator = RolloutGeneratorActor.options(num_cpus=0.5).remote(str(model_dir), threads=1)
-            ray.get([learner.__ray_ready__.remote(), generator.__ray_ready__.remote()])
-            actors = RLActors(learners=[learner], reference=None, reward_helpfulness=None, reward_safety=None,
-                              generators=[generator], call_timeout_s=600.0)
+            actors = start_actors(ray, args.size, 1, Path(tmp))
+            learner, generator = actors.learners[0], actors.generators[0]
             sync = WeightSync(backend=args.backend, bucket_mb=64.0, timeout_s=120.0, verify_every=0)
             for _ in range(2):  # forms the group, maps the buffers
                 sync.push(actors)
